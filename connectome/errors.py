@@ -1,0 +1,39 @@
+"""One hierarchy of errors: every failure a user can cause names the input and the fix."""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConnectomeError",
+    "ExtractionError",
+    "EmptyGraphError",
+    "ExportError",
+    "BadFileError",
+    "DataError",
+]
+
+
+class ConnectomeError(Exception):
+    """Base class: something about the user's input is wrong, and the message says what to do.
+
+    The CLI prints the message on one line and exits with status 2.
+    """
+
+
+class ExtractionError(ConnectomeError):
+    """The model cannot be turned into a unit graph (untraceable, unsupported op, bad shape)."""
+
+
+class EmptyGraphError(ConnectomeError):
+    """An operation left no nodes or no edges where some are needed."""
+
+
+class ExportError(ConnectomeError):
+    """A graph cannot be written where or how it was asked."""
+
+
+class BadFileError(ConnectomeError):
+    """A file is not what it claims to be (not a connectome, truncated, wrong version)."""
+
+
+class DataError(ConnectomeError):
+    """Images, labels or targets that cannot be used (empty, undecodable, out of range)."""
