@@ -188,14 +188,14 @@ class Connectome:
             if v.shape[0] != n:
                 raise ConnectomeError(f"node attribute {k!r} has {v.shape[0]} values for {n} nodes")
         # Canonical edge order (dst, src) makes equality, blocks and files deterministic.
-        order = np.lexsort((src, dst))
-        if src.size and not np.all(order == np.arange(order.size)):
-            src, dst, weight = src[order], dst[order], weight[order]
+        key = dst * max(n, 1) + src
+        if key.size > 1 and not np.all(key[1:] > key[:-1]):
+            order = np.argsort(key, kind="stable")
+            src, dst, weight, key = src[order], dst[order], weight[order], key[order]
             edge_attrs = {k: v[order] for k, v in edge_attrs.items()}
-        if src.size > 1:
-            key_same = (src[1:] == src[:-1]) & (dst[1:] == dst[:-1])
-            if key_same.any():
-                i = int(np.flatnonzero(key_same)[0])
+            same = key[1:] == key[:-1]
+            if same.any():
+                i = int(np.flatnonzero(same)[0])
                 raise ConnectomeError(
                     f"duplicate edge {self._id_from(layers, offsets, units, int(src[i]))} -> "
                     f"{self._id_from(layers, offsets, units, int(dst[i]))}; sum duplicates before building"

@@ -1,0 +1,117 @@
+"""Unit activations: the value each unit passes on, per image."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from connectome.errors import ConnectomeError
+from connectome.extract._model import check_model, eval_mode, model_dtype, model_on, resolve_device
+from connectome.extract.build import graph_layers
+from connectome.extract.data import make_loader, unpack_batch
+from connectome.extract.trace import UnitGraph, run_nodes, trace_units
+
+__all__ = ["activations", "Activations"]
+
+
+class Activations(dict):
+    """``layer name -> array``: shape (n_images, units) or, with ``spatial=True``,
+    (n_images, units, H, W) for conv-like layers. ``.labels`` holds the images' labels
+    (or None) and ``.layers`` the graph layers in order."""
+
+    labels: np.ndarray | None = None
+    layers: list[Any] = []
+
+
+def _resolve_layers(ug: UnitGraph, names: Sequence[str] | None) -> list[int]:
+    graph_names = [l.name for l in graph_layers(ug)]
+    if names is None:
+        return list(range(len(ug.layers)))
+    out = []
+    for n in names:
+        hits = [i for i, (g, s) in enumerate(zip(graph_names, ug.layers)) if n in (g, s.name, s.module)]
+        if not hits:
+            raise ConnectomeError(f"no layer {n!r} in the model's unit graph; layers are {graph_names[:8]}...")
+        out.append(hits[0])
+    return out
+
+
+def activations(
+    model: nn.Module,
+    images: Any,
+    layers: Sequence[str] | None = None,
+    *,
+    spatial: bool = False,
+    device: Any = None,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> Activations:
+    """Each unit's activation (the value it passes on, after BatchNorm and nonlinearity).
+
+    Parameters
+    ----------
+    model : nn.Module
+        Runs in eval mode under ``torch.inference_mode``; left as found.
+    images : Tensor (N, C, H, W), (images, labels) pair, Dataset, DataLoader or ImageFolder path
+    layers : sequence of str, optional
+        Graph layer names (``"layer1.0.conv1"``, ``"logits"``); default all.
+    spatial : bool, default False
+        Keep the spatial maps instead of the per-image spatial mean.
+    device : optional
+        ``None``: CUDA when available.
+
+    Returns
+    -------
+    Activations
+        ``dict`` of layer name -> numpy array, in graph layer order.
+
+    Examples
+    --------
+    >>> acts = activations(model, torch.randn(2, 3, 32, 32))        # doctest: +SKIP
+    >>> acts["logits"].shape                                         # doctest: +SKIP
+    (2, 10)
+    """
+    check_model(model)
+    dev = resolve_device(device)
+    if isinstance(images, torch.Tensor) and images.dim() == 3:
+        images = images[None]
+    info = make_loader(images, batch_size=batch_size)
+    m = model_on(model, dev)
+    dtype = model_dtype(m)
+    chunks: dict[str, list[np.ndarray]] = {}
+    labels: list[np.ndarray] = []
+    out = Activations()
+    with eval_mode(m), torch.inference_mode():
+        ug = None
+        for batch in info.loader:
+            x, y, _ = unpack_batch(batch)
+            if x is None:
+                continue
+            x = x.to(dev, dtype=dtype, non_blocking=True)
+            if ug is None:
+                ug = trace_units(m, x[:1])
+                glayers = graph_layers(ug)
+                picks = _resolve_layers(ug, layers)
+                keep = {ug.layers[i].out_node if ug.layers[i].kind != "input" else ug.layers[i].node for i in picks}
+            _, kept = run_nodes(ug.gm, (x,), keep=keep)
+            for i in picks:
+                s = ug.layers[i]
+                v = kept[s.node if s.kind == "input" else s.out_node]
+                n = v.shape[0]
+                if spatial and v.dim() > 2:
+                    arr = v
+                else:
+                    arr = v.reshape(n, s.size, -1).mean(-1)
+                chunks.setdefault(glayers[i].name, []).append(arr.float().cpu().numpy())
+            if y is not None:
+                labels.append(np.asarray(y.cpu()))
+    if ug is None:
+        raise ConnectomeError("no images to run; pass at least one image")
+    for name, parts in chunks.items():
+        out[name] = np.concatenate(parts)
+    out.labels = np.concatenate(labels) if labels else None
+    out.layers = [glayers[i] for i in picks]
+    return out

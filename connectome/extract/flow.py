@@ -1,0 +1,713 @@
+"""Attribution flows: exact functional connectomes from one forward and one backward pass.
+
+For a target scalar ``T`` (a class logit) and a piecewise-linear network in eval mode, the
+contribution of unit ``i`` to unit ``j`` through the kernel ``W[j, i]``, summed over
+positions and images, is ``E[j, i] = sum_k W[j,i,k] * dT/dW[j,i,k]``: every edge of every
+layer comes out of one backward pass (``W * dW``, reduced over the kernel). Identity edges
+(residual adds, concats) carry ``x_i * dT/dx_i`` of the operand they copy.
+
+Node attributes, summed over images and positions:
+
+- ``attribution``: ``A * dT/dA``, with ``A`` the value the unit passes on (after BatchNorm
+  and the nonlinearity); for the input layer ``A`` is the image;
+- ``bias_attribution``: the bias (conv/linear bias + folded BatchNorm shift) times
+  ``dT/db``, plus the constant part of clipped activations (ReLU6, hardtanh, clamp) times
+  their gradient, so that ``sum(in E) + bias_attribution == attribution == sum(out E)``
+  and ``sum(input attribution) + sum(bias_attribution) == sum(T)``.
+
+Ops that are not piecewise linear (SiLU, GELU, sigmoid ...) break these identities; the
+gap is reported as ``meta["completeness_residual"]``, never hidden.
+
+References
+----------
+Olah et al. (2020), "Zoom In: An Introduction to Circuits", Distill.
+Selvaraju et al. (2017), "Grad-CAM" (gradient x activation as channel importance).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import Subset
+
+from connectome.errors import ConnectomeError, DataError
+from connectome.extract._model import check_model, eval_mode, model_dtype, model_on, no_inplace, resolve_device
+from connectome.extract.build import assemble, graph_layers
+from connectome.extract.data import dataset_targets, make_loader, unpack_batch, warn_skipped
+from connectome.extract.trace import LayerSpec, UnitGraph, trace_units
+from connectome.graph import Connectome
+
+__all__ = ["attribution", "attribution_by_category", "FlowAccumulator"]
+
+# Positional index of the `inplace` argument of functional ops, to switch it off.
+_INPLACE_POS = {F.relu: 1, F.relu6: 1, F.hardtanh: 3, F.leaky_relu: 2, F.dropout: 3, F.elu: 2,
+                F.silu: 1, F.hardswish: 1, F.hardsigmoid: 1, F.selu: 1, F.celu: 2, F.mish: 1}
+_PER_SAMPLE_BUDGET = 1 << 26  # elements of scratch per chunk (~256 MB in float32)
+
+
+def _channel_sum(t: torch.Tensor, units: int) -> torch.Tensor:
+    """Sum over batch and positions per unit, in float64: (N, C, ...) or flattened (N, C*P) -> (C,)."""
+    return t.reshape(t.shape[0], units, -1).sum(dim=(0, 2), dtype=torch.float64)
+
+
+def _per_image_channel_sum(t: torch.Tensor, units: int) -> torch.Tensor:
+    return t.reshape(t.shape[0], units, -1).sum(dim=2, dtype=torch.float64)
+
+
+class FlowAccumulator:
+    """Runs batches through a traced model and accumulates flows on the device.
+
+    Everything stays on the device in float64 until :meth:`to_graph`: no host sync in the
+    batch loop. Usable directly for custom loops (e.g. distributed runs that all-reduce
+    :meth:`state` before :meth:`to_graph`).
+    """
+
+    def __init__(self, ug: UnitGraph, device: torch.device, dtype: torch.dtype, per_sample: bool = False,
+                 amp: bool = False):
+        self.ug, self.device, self.dtype = ug, device, dtype
+        self.per_sample, self.amp = per_sample, amp
+        self.modules = dict(ug.gm.named_modules())
+        self.spec_of = {s.node: (i, s) for i, s in enumerate(ug.layers)}
+        keep: set[str] = set()
+        grad: list[str] = []
+        for li, s in enumerate(ug.layers):
+            if s.kind != "input":
+                keep.add(s.out_node)
+                grad.append(s.out_node)
+            if s.kind in ("residual", "concat"):
+                keep.add(s.node)
+                grad.append(s.node)
+                keep.update(op.node for op in s.operands)
+            if s.kind in ("conv", "linear") and per_sample:
+                keep.add(s.node)
+                grad.append(s.node)
+                keep.add(s.operands[0].node)
+            for op in s.bias_ops:
+                if op.kind in ("bn", "shift", "clamp"):
+                    keep.add(op.node)
+                    grad.append(op.node)
+                if op.kind == "clamp":
+                    keep.add(op.input_node)
+        self.keep = keep
+        self.grad_nodes = list(dict.fromkeys(grad))
+        L = len(ug.layers)
+        z = lambda n: torch.zeros(n, dtype=torch.float64, device=device)  # noqa: E731
+        self.edges: dict[int, Any] = {}
+        self.abs_edges: dict[int, Any] = {}
+        self.attr = [z(s.size) for s in ug.layers]
+        self.bias = [z(s.size) for s in ug.layers]
+        self.act_sum = [z(s.size) for s in ug.layers]
+        self.act_sq = [z(s.size) for s in ug.layers]
+        self.act_max = [torch.full((s.size,), -math.inf, dtype=torch.float64, device=device) for s in ug.layers]
+        self.active = [z(s.size) for s in ug.layers]
+        self.target_total = z(1)
+        self.n_images = 0
+        self._bn_shift = {op.node: op.params[1].to(device=device, dtype=torch.float64)
+                          for s in ug.layers for op in s.bias_ops if op.kind == "bn"}
+        del L
+
+    # ------------------------------------------------------------------ running
+    def _override(self, leaves: dict[int, tuple[torch.Tensor, torch.Tensor | None]]):
+        spec_of, modules = self.spec_of, self.modules
+
+        def override(node: fx.Node, args: list[Any], kwargs: dict[str, Any]) -> Any:
+            hit = spec_of.get(node.name)
+            if hit is not None and hit[1].kind in ("conv", "linear"):
+                li, spec = hit
+                if node.op == "call_module":
+                    m = modules[node.target]
+                    w = m.weight.detach().requires_grad_(True)
+                    b = m.bias.detach().requires_grad_(True) if m.bias is not None else None
+                    leaves[li] = (w, b)
+                    if isinstance(m, nn.Conv2d):
+                        return m._conv_forward(args[0], w, b)
+                    return F.linear(args[0], w, b)
+                args = list(args)
+                kwargs = dict(kwargs)
+                if len(args) > 1:
+                    args[1] = args[1].detach().requires_grad_(True)
+                    w = args[1]
+                else:
+                    kwargs["weight"] = kwargs["weight"].detach().requires_grad_(True)
+                    w = kwargs["weight"]
+                b = None
+                if len(args) > 2 and isinstance(args[2], torch.Tensor):
+                    args[2] = args[2].detach().requires_grad_(True)
+                    b = args[2]
+                elif isinstance(kwargs.get("bias"), torch.Tensor):
+                    kwargs["bias"] = kwargs["bias"].detach().requires_grad_(True)
+                    b = kwargs["bias"]
+                leaves[li] = (w, b)
+                return node.target(*args, **kwargs)
+            # Saved values must not be overwritten: run in-place ops out of place.
+            if node.op == "call_function":
+                if kwargs.get("inplace"):
+                    return node.target(*args, **{**kwargs, "inplace": False})
+                pos = _INPLACE_POS.get(node.target)
+                if pos is not None and len(args) > pos and args[pos] is True:
+                    args = list(args)
+                    args[pos] = False
+                    return node.target(*args, **kwargs)
+            elif node.op == "call_method" and isinstance(node.target, str) and node.target.endswith("_") \
+                    and not node.target.startswith("_"):
+                return getattr(args[0], node.target[:-1])(*args[1:], **kwargs)
+            return NotImplemented
+
+        return override
+
+    def step(self, x: torch.Tensor, target_fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Accumulate the flows of one batch of images ``x`` for the targets ``target_fn(logits)``."""
+        ug = self.ug
+        x = x.to(self.device, dtype=self.dtype, non_blocking=True).detach().requires_grad_(True)
+        leaves: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.amp else nullcontext()
+        with torch.enable_grad():
+            with amp:
+                out, kept = _run(ug, x, self._override(leaves), self.keep)
+            logits = out[0] if isinstance(out, (tuple, list)) else out
+            t = target_fn(logits)
+            if t.shape != (logits.shape[0],):
+                raise ConnectomeError(
+                    f"the target must give one value per image, shape ({logits.shape[0]},); got {tuple(t.shape)}"
+                )
+            total = t.sum()
+        wrt: list[torch.Tensor] = [x]
+        slots: list[tuple[str, Any]] = [("input", None)]
+        for li, (w, b) in leaves.items():
+            wrt.append(w)
+            slots.append(("w", li))
+            if b is not None:
+                wrt.append(b)
+                slots.append(("b", li))
+        for name in self.grad_nodes:
+            v = kept.get(name)
+            if isinstance(v, torch.Tensor) and v.requires_grad:
+                wrt.append(v)
+                slots.append(("node", name))
+        grads = torch.autograd.grad(total, wrt, allow_unused=True)
+        g_node: dict[str, torch.Tensor] = {}
+        g_x = None
+        with torch.no_grad():
+            for (kind, key), tensor, gr in zip(slots, wrt, grads):
+                if gr is None:
+                    continue
+                if kind == "input":
+                    g_x = gr
+                elif kind == "w":
+                    spec = ug.layers[key]
+                    prod = tensor * gr
+                    if spec.kind == "linear":
+                        e = prod.reshape(prod.shape[0], -1, spec.operands[0].group).sum(-1, dtype=torch.float64)
+                    else:
+                        e = prod.reshape(prod.shape[0], prod.shape[1], -1).sum(-1, dtype=torch.float64)
+                    self.edges[key] = e if key not in self.edges else self.edges[key] + e
+                elif kind == "b":
+                    self.bias[key] += tensor.double() * gr.double()
+                else:
+                    g_node[key] = gr
+            self._nodes(x, g_x, kept, g_node)
+            self.target_total += t.detach().sum(dtype=torch.float64)
+            self.n_images += int(x.shape[0])
+
+    def _nodes(self, x: torch.Tensor, g_x: torch.Tensor | None, kept: dict[str, Any], g: dict[str, torch.Tensor]) -> None:
+        ug = self.ug
+        n = x.shape[0]
+        for li, s in enumerate(ug.layers):
+            A = x if s.kind == "input" else kept[s.out_node]
+            gA = g_x if s.kind == "input" else g.get(s.out_node)
+            if gA is not None:
+                self.attr[li] += _channel_sum(A * gA, s.size)
+            # activation statistics: spatial mean per image
+            m = A.detach().reshape(n, s.size, -1).mean(-1, dtype=torch.float64)
+            self.act_sum[li] += m.sum(0)
+            self.act_sq[li] += (m * m).sum(0)
+            self.act_max[li] = torch.maximum(self.act_max[li], m.max(0).values)
+            self.active[li] += (m > 0).sum(0, dtype=torch.float64)
+            on_chain = set(s.chain)
+            for op in s.bias_ops:
+                gv = g.get(op.node)
+                if gv is None or op.kind == "scale":
+                    continue
+                if op.kind == "bn":
+                    term = self._bn_shift[op.node] * _channel_sum(gv, s.size)
+                elif op.kind == "shift":
+                    term = op.params[0] * _channel_sum(gv, s.size)
+                else:  # clamp: where the op saturates, its output is the constant bound
+                    u = kept[op.input_node]
+                    lo, hi = op.params
+                    const = torch.zeros_like(u)
+                    if hi is not None:
+                        const = torch.where(u > hi, torch.full_like(u, hi), const)
+                    if lo is not None:
+                        const = torch.where(u < lo, torch.full_like(u, lo), const)
+                    term = _channel_sum(const * gv, s.size)
+                self.bias[li] += term
+                if op.node not in on_chain:
+                    # Constant parts after the unit's branch point reach its consumers too.
+                    self.attr[li] += term
+            if s.kind in ("residual", "concat"):
+                go = g.get(s.node)
+                vals, absv = [], []
+                for op in s.operands:
+                    xo = kept[op.node]
+                    c = xo.shape[1]
+                    if go is None:
+                        vals.append(torch.zeros(c, dtype=torch.float64, device=self.device))
+                        absv.append(vals[-1])
+                        continue
+                    gs = go[:, op.offset : op.offset + c]
+                    per = _per_image_channel_sum(xo * gs, c)
+                    vals.append(per.sum(0))
+                    absv.append(per.abs().sum(0))
+                self._add_identity(li, vals, absv)
+            elif s.kind in ("conv", "linear") and self.per_sample:
+                gz = g.get(s.node)
+                if gz is not None:
+                    e = self._per_sample_abs(li, s, kept[s.operands[0].node], gz)
+                    self.abs_edges[li] = e if li not in self.abs_edges else self.abs_edges[li] + e
+
+    def _add_identity(self, li: int, vals: list[torch.Tensor], absv: list[torch.Tensor]) -> None:
+        if li not in self.edges:
+            self.edges[li] = vals
+            self.abs_edges[li] = absv
+        else:
+            self.edges[li] = [a + b for a, b in zip(self.edges[li], vals)]
+            self.abs_edges[li] = [a + b for a, b in zip(self.abs_edges[li], absv)]
+
+    def _weight(self, s: LayerSpec) -> torch.Tensor:
+        from connectome.extract.trace import layer_weight
+
+        w, _ = layer_weight(self.ug, s)
+        return w.to(self.device)
+
+    def _per_sample_abs(self, li: int, s: LayerSpec, x: torch.Tensor, gz: torch.Tensor) -> torch.Tensor:
+        """sum over images of |E_n| for a conv/linear layer, chunked to bound memory."""
+        w = self._weight(s).to(gz.dtype)
+        n = x.shape[0]
+        x = x.to(gz.dtype)
+        if s.kind == "linear":
+            grp = s.operands[0].group
+            o = w.shape[0]
+            c = w.shape[1] // grp
+            wv = w.reshape(o, c, grp)
+            per = max(1, _PER_SAMPLE_BUDGET // max(1, o * c))
+            out = torch.zeros(o, c, dtype=torch.float64, device=self.device)
+            for a in range(0, n, per):
+                xs = x[a : a + per].reshape(-1, c, grp)
+                e = torch.einsum("ncs,ocs->noc", xs, wv) * gz[a : a + per, :, None]
+                out += e.abs().sum(0, dtype=torch.float64)
+            return out
+        call = s.call
+        groups = call["groups"]
+        k = tuple(call["kernel_size"])
+        pad, stride, dil = call["padding"], call["stride"], call["dilation"]
+        if call.get("padding_mode", "zeros") != "zeros" or isinstance(pad, str):
+            x, pad = _explicit_pad(x, call, k)
+        o, cg = w.shape[0], w.shape[1]
+        og = o // groups
+        K = int(np.prod(k))
+        L = gz.shape[2] * gz.shape[3]
+        per_img = o * cg * K + x.shape[1] * K * L
+        per = max(1, _PER_SAMPLE_BUDGET // per_img)
+        wv = w.reshape(groups, og, cg, K)
+        out = torch.zeros(groups, og, cg, dtype=torch.float64, device=self.device)
+        for a in range(0, n, per):
+            xs = x[a : a + per]
+            b = xs.shape[0]
+            U = F.unfold(xs, k, dilation=dil, padding=pad, stride=stride).reshape(b, groups, cg * K, L)
+            G = gz[a : a + per].reshape(b, groups, og, L)
+            P = torch.einsum("ngol,ngkl->ngok", G, U).reshape(b, groups, og, cg, K)
+            E = (P * wv).sum(-1)
+            out += E.abs().sum(0, dtype=torch.float64)
+        return out.reshape(o, cg)
+
+    # ------------------------------------------------------------------ results
+    def state(self) -> list[torch.Tensor]:
+        """The accumulators as a flat list of tensors (for all-reduce across processes)."""
+        out: list[torch.Tensor] = []
+        for li in sorted(self.edges):
+            v = self.edges[li]
+            out.extend(v if isinstance(v, list) else [v])
+        for li in sorted(self.abs_edges):
+            v = self.abs_edges[li]
+            out.extend(v if isinstance(v, list) else [v])
+        return out + self.attr + self.bias + self.act_sum + self.act_sq + self.active + [self.target_total]
+
+    def to_graph(self, labels: Sequence[str] | None, meta: dict[str, Any]) -> Connectome:
+        ug = self.ug
+        if self.n_images == 0:
+            raise DataError("no images were processed; the data is empty (or every image failed to decode)")
+        cpu = lambda t: t.detach().cpu().numpy()  # noqa: E731
+        values: dict[int, Any] = {}
+        absv: dict[int, Any] = {}
+        for li, s in enumerate(ug.layers):
+            if s.kind == "input":
+                continue
+            if s.kind in ("conv", "linear"):
+                if li in self.edges:
+                    values[li] = cpu(self.edges[li])
+                else:  # the layer got no gradient (it does not reach the target)
+                    w = self._weight(s)
+                    shape = (w.shape[0], w.shape[1] // s.operands[0].group if s.kind == "linear" else w.shape[1])
+                    values[li] = np.zeros(shape)
+                absv[li] = cpu(self.abs_edges[li]) if li in self.abs_edges else np.zeros_like(values[li])
+            else:
+                if li in self.edges:
+                    values[li] = [cpu(v) for v in self.edges[li]]
+                    absv[li] = [cpu(v) for v in self.abs_edges[li]]
+                else:
+                    values[li] = [np.zeros(ug.layers[op.layer].size) for op in s.operands]
+                    absv[li] = values[li]
+        n = self.n_images
+        cat = lambda xs: np.concatenate([cpu(v) for v in xs])  # noqa: E731
+        mean = cat(self.act_sum) / n
+        var = np.maximum(cat(self.act_sq) / n - mean**2, 0.0)
+        attribution = cat(self.attr)
+        bias = cat(self.bias)
+        input_total = float(attribution[: ug.layers[0].size].sum())
+        total = float(cpu(self.target_total)[0])
+        residual = total - (input_total + float(bias.sum()))
+        node_attrs = {
+            "attribution": attribution,
+            "bias_attribution": bias,
+            "activation_mean": mean,
+            "activation_std": np.sqrt(var),
+            "activation_max": cat(self.act_max),
+            "frequency": cat(self.active) / n,
+        }
+        nonlinear = sorted({op for s in ug.layers for op in s.nonlinear})
+        meta = {
+            **meta,
+            "method": "attribution",
+            "n_images": n,
+            "target_total": total,
+            "completeness_residual": residual,
+            "completeness_relative": abs(residual) / max(abs(total), 1e-300),
+            "exact": not nonlinear,
+            "nonlinear_ops": nonlinear,
+            "per_sample": self.per_sample,
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+        }
+        extra = {"abs_weight": absv} if self.per_sample else None
+        return assemble(ug, graph_layers(ug, labels), values, extra=extra, node_attrs=node_attrs, meta=meta)
+
+
+def _explicit_pad(x: torch.Tensor, call: dict[str, Any], k: tuple[int, ...]) -> tuple[torch.Tensor, int]:
+    pad = call["padding"]
+    dil = call["dilation"]
+    dil = (dil, dil) if isinstance(dil, int) else tuple(dil)
+    if pad == "valid":
+        return x, 0
+    if pad == "same":
+        tot = [d * (kk - 1) for d, kk in zip(dil, k)]
+        p = (tot[1] // 2, tot[1] - tot[1] // 2, tot[0] // 2, tot[0] - tot[0] // 2)
+    else:
+        pad = (pad, pad) if isinstance(pad, int) else tuple(pad)
+        p = (pad[1], pad[1], pad[0], pad[0])
+    mode = call.get("padding_mode", "zeros")
+    mode = "constant" if mode == "zeros" else mode
+    return F.pad(x, p, mode=mode), 0
+
+
+def _run(ug: UnitGraph, x: torch.Tensor, override: Any, keep: set[str]) -> tuple[Any, dict[str, Any]]:
+    from connectome.extract.trace import run_nodes
+
+    return run_nodes(ug.gm, (x,), override=override, keep=keep)
+
+
+# ----------------------------------------------------------------------------- targets
+def _target_fn(target: Any, n_out: int, classes: Sequence[str] | None) -> tuple[Callable[..., torch.Tensor], Any]:
+    """(fn(logits, labels) -> (N,), resolved class index or None)."""
+    if isinstance(target, str) and target == "label":
+        return (lambda logits, y: logits.gather(1, y[:, None]).squeeze(1)), None
+    if isinstance(target, str) and target == "predicted":
+        return (lambda logits, y: logits.gather(1, logits.detach().argmax(1, keepdim=True)).squeeze(1)), None
+    if isinstance(target, str):
+        names = list(classes) if classes else []
+        if target.lstrip("-").isdigit():
+            target = int(target)
+        elif target in names:
+            target = names.index(target)
+        else:
+            raise DataError(
+                f"target {target!r} is not 'label', 'predicted', a class index or a class name"
+                + (f" (classes: {names[:6]}...)" if names else "")
+            )
+    if isinstance(target, (int, np.integer)) and not isinstance(target, bool):
+        c = int(target)
+        if not 0 <= c < n_out:
+            raise DataError(f"target class {c} does not exist; the output layer has {n_out} units (0..{n_out - 1})")
+        return (lambda logits, y: logits[:, c]), c
+    if callable(target):
+        return (lambda logits, y: target(logits)), None
+    raise DataError(f"target must be 'label', 'predicted', an int class, a class name or a callable; got {target!r}")
+
+
+def _labels_for_output(labels: Sequence[str] | None, classes: Sequence[str] | None, n_out: int) -> list[str] | None:
+    if labels is not None:
+        labels = [str(s) for s in labels]
+        if len(labels) != n_out:
+            raise ValueError(f"labels has {len(labels)} names for {n_out} output units")
+        return labels
+    if classes is not None and len(classes) == n_out:
+        return [str(s) for s in classes]
+    return None
+
+
+# ----------------------------------------------------------------------------- public API
+def attribution(
+    model: nn.Module,
+    data: Any,
+    target: Any = "label",
+    *,
+    per_sample: bool = False,
+    layers: Sequence[str] | None = None,
+    device: Any = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    transform: Callable[[Any], Any] | None = None,
+    labels: Sequence[str] | None = None,
+    max_images: int | None = None,
+    amp: bool = False,
+    progress: bool = True,
+    name: str | None = None,
+    category: str | None = None,
+) -> Connectome:
+    """The attribution-flow connectome of a model for a set of images.
+
+    Parameters
+    ----------
+    model : nn.Module
+        An fx-traceable classifier. Runs in eval mode (a model in training mode is switched
+        for the run, with a warning, and restored); never moved: when ``device`` differs from
+        the model's, a copy runs there.
+    data : str, Path, Dataset, DataLoader, Tensor or (Tensor, Tensor)
+        ImageFolder directory, dataset/loader of ``(image, label)``, or tensors.
+    target : "label", "predicted", int, str or callable, default "label"
+        Per image: the logit of its own label, of the predicted class, of a fixed class
+        (index or class name), or ``callable(logits) -> (batch,)``.
+    per_sample : bool, default False
+        Also compute ``abs_weight`` per edge: the sum over images of ``|E|`` per image.
+    layers : sequence of str, optional
+        Contract the result onto these layers (module names), conserving flow.
+    device : str or torch.device, optional
+        ``None``: CUDA when available, else CPU.
+    batch_size, num_workers : int
+        DataLoader settings (ignored when ``data`` is a DataLoader).
+    transform : callable, optional
+        For ImageFolder data; default resize, center crop 224, ImageNet normalisation.
+    labels : sequence of str, optional
+        Class names of the output units (default: the dataset's classes when they match).
+    max_images : int, optional
+        Stop after this many images.
+    amp : bool, default False
+        Run the forward pass in bfloat16 autocast: faster on GPUs, but flows then hold only
+        to about 1e-2 relative (conservation and completeness are no longer exact).
+    progress : bool, default True
+        Show a progress bar (images/s) on stderr.
+    name, category : str, optional
+        ``meta["model"]`` and ``meta["category"]``.
+
+    Returns
+    -------
+    Connectome
+        Edge ``weight`` = flow ``E``; node attributes ``attribution``, ``bias_attribution``,
+        ``activation_mean``, ``activation_std``, ``activation_max``, ``frequency``; with
+        ``per_sample`` the edge column ``abs_weight``.
+
+    Raises
+    ------
+    DataError
+        Empty data, labels out of range, unknown target class, undecodable images only.
+    ConnectomeError
+        ``device="cuda"`` without a GPU; a batch that runs out of GPU memory.
+    ExtractionError
+        The model cannot be traced or mapped to units.
+    """
+    check_model(model)
+    info = make_loader(data, batch_size=batch_size, num_workers=num_workers, transform=transform,
+                       pin_memory=resolve_device(device).type == "cuda")
+    return _attribution(model, info, target, per_sample=per_sample, layers=layers, device=device, labels=labels,
+                        max_images=max_images, amp=amp, progress=progress, name=name, category=category)
+
+
+def _attribution(model: nn.Module, info: Any, target: Any = "label", *, per_sample: bool = False,
+                 layers: Sequence[str] | None = None, device: Any = None, labels: Sequence[str] | None = None,
+                 max_images: int | None = None, amp: bool = False, progress: bool = True,
+                 name: str | None = None, category: str | None = None) -> Connectome:
+    check_model(model)
+    dev = resolve_device(device)
+    acc, t_info = _accumulate(model, info, target, dev, per_sample, amp, progress, max_images, labels)
+    g = acc.to_graph(t_info["labels"], {
+        "model": name or type(model).__name__,
+        "target": target if isinstance(target, (str, int)) else getattr(target, "__name__", "callable"),
+        "target_class": t_info["target_class"],
+        "category": category,
+        "seconds": round(t_info["seconds"], 3),
+        "skipped_images": len(t_info["skipped"]),
+        "versions": _versions(),
+    })
+    if layers:
+        g = g.contract([_layer_name(g, l) for l in layers])
+    return g
+
+
+def _layer_name(g: Connectome, name: str) -> str:
+    for l in g.layers:
+        if l.name == name or l.module == name:
+            return l.name
+    raise ConnectomeError(f"no layer {name!r} to contract onto; layers are {g.layer_names[:8]}...")
+
+
+def _accumulate(model, info, target, dev, per_sample, amp, progress, max_images, labels,
+                batch_hook: Callable[[int], None] | None = None) -> tuple[FlowAccumulator, dict[str, Any]]:
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    m = model_on(model, dev)
+    dtype = model_dtype(m)
+    skipped: list[str] = []
+    total = info.n_images if max_images is None else min(info.n_images or max_images, max_images)
+    bar = tqdm(total=total, unit="img", desc="attribution", disable=not progress, leave=False, dynamic_ncols=True)
+    acc = None
+    t_info: dict[str, Any] = {"labels": None, "target_class": None}
+    try:
+        with eval_mode(m), no_inplace(m):
+            seen = 0
+            for bi, batch in enumerate(info.loader):
+                x, y, sk = unpack_batch(batch)
+                skipped.extend(sk)
+                if x is None:
+                    continue
+                if max_images is not None and seen + x.shape[0] > max_images:
+                    x = x[: max_images - seen]
+                    y = y[: max_images - seen] if y is not None else None
+                if acc is None:
+                    ug = trace_units(m, x[:1].to(dev, dtype=dtype))
+                    n_out = ug.layers[ug.output_layer].size
+                    t_info["labels"] = _labels_for_output(labels, info.classes, n_out)
+                    fn, t_info["target_class"] = _target_fn(target, n_out, t_info["labels"] or info.classes)
+                    acc = FlowAccumulator(ug, dev, dtype, per_sample=per_sample, amp=amp)
+                if target == "label":
+                    if y is None:
+                        raise DataError("target='label' needs labels; the data has images only (pass (images, labels) or target=<class>)")
+                    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= n_out):
+                        raise DataError(
+                            f"labels {int(y.min())}..{int(y.max())} are out of range of the output layer "
+                            f"({n_out} units); map dataset labels to output units first"
+                        )
+                yd = y.to(dev, non_blocking=True) if y is not None else None
+                try:
+                    acc.step(x, lambda logits: fn(logits, yd))
+                except torch.OutOfMemoryError:
+                    raise ConnectomeError(
+                        f"a batch of {x.shape[0]} images ran out of GPU memory; try batch_size={max(1, x.shape[0] // 2)}"
+                        + (" or per_sample=False" if per_sample else "")
+                    ) from None
+                seen += x.shape[0]
+                bar.update(x.shape[0])
+                if batch_hook is not None:
+                    batch_hook(bi)
+                if max_images is not None and seen >= max_images:
+                    break
+    finally:
+        bar.close()
+    warn_skipped(skipped)
+    if acc is None:
+        raise DataError(
+            "no images could be read" + (f": all {len(skipped)} files failed to decode" if skipped else "; the data is empty")
+        )
+    t_info["skipped"] = skipped
+    t_info["seconds"] = time.perf_counter() - t0
+    return acc, t_info
+
+
+def attribution_by_category(
+    model: nn.Module,
+    data: Any,
+    target: Any = "label",
+    *,
+    categories: Sequence[str] | None = None,
+    batch_size: int = 64,
+    transform: Callable[[Any], Any] | None = None,
+    progress: bool = True,
+    **kwargs: Any,
+) -> dict[str, Connectome]:
+    """One attribution graph per image category, named by class name.
+
+    Images are grouped by label (read from the dataset's ``targets`` without decoding
+    images when available) and each group runs through :func:`attribution`; every image
+    is read once.
+
+    Parameters
+    ----------
+    model, data, target, batch_size, transform, progress
+        As in :func:`attribution`.
+    categories : sequence of str, optional
+        Only these categories (class names).
+    **kwargs
+        Passed to :func:`attribution` (``per_sample``, ``device``, ``layers`` ...).
+
+    Returns
+    -------
+    dict of str -> Connectome
+        In class order; ``meta["category"]`` and ``meta["target_class"]`` set.
+    """
+    info = make_loader(data, batch_size=batch_size, transform=transform)
+    ds = info.dataset
+    targets = dataset_targets(ds)
+    if targets is None:
+        targets = []
+        for batch in info.loader:
+            _, y, _ = unpack_batch(batch)
+            if y is None:
+                raise DataError("attribution_by_category needs labels; the data has images only")
+            targets.extend(int(v) for v in y.tolist())
+    classes = info.classes or [str(c) for c in sorted(set(targets))]
+    by_label: dict[int, list[int]] = {}
+    for i, t in enumerate(targets):
+        by_label.setdefault(int(t), []).append(i)
+    names = {i: (classes[i] if i < len(classes) else str(i)) for i in by_label}
+    if categories is not None:
+        unknown = [c for c in categories if c not in names.values()]
+        if unknown:
+            raise DataError(f"categories {unknown} are not in the data; it has {sorted(names.values())}")
+    out: dict[str, Connectome] = {}
+    for label in sorted(by_label):
+        cname = names[label]
+        if categories is not None and cname not in categories:
+            continue
+        subset = Subset(ds, by_label[label])
+        from torch.utils.data import DataLoader
+
+        from connectome.extract.data import LoaderInfo
+
+        loader = DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=info.loader.collate_fn,
+                            num_workers=kwargs.get("num_workers", 0))
+        sub_info = LoaderInfo(loader, subset, info.classes, len(subset))
+        try:
+            g = _attribution(model, sub_info, target, progress=progress, category=cname,
+                             **{k: v for k, v in kwargs.items() if k != "num_workers"})
+        except DataError as exc:
+            raise DataError(f"category {cname!r}: {exc}") from None
+        if g.meta.get("target_class") is None and target == "label":
+            g = g.with_meta(target_class=int(label))
+        out[cname] = g
+    if not out:
+        raise DataError("no category had images")
+    return out
+
+
+def _versions() -> dict[str, str]:
+    import connectome
+
+    return {"connectome": connectome.__version__, "torch": torch.__version__}

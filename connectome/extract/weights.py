@@ -1,0 +1,154 @@
+"""The static connectome: edges are weights, BatchNorm folded in."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from connectome.errors import ExtractionError
+from connectome.extract._model import check_model, eval_mode, model_device, model_dtype
+from connectome.extract.build import assemble, graph_layers
+from connectome.extract.trace import LayerSpec, UnitGraph, layer_weight, trace_units
+from connectome.graph import Connectome
+
+__all__ = ["weights", "chain_scale"]
+
+_REDUCE = ("sum", "l1", "l2")
+
+
+def _check_shape(input_shape: Any) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in input_shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"input_shape must be a tuple of ints such as (3, 224, 224), got {input_shape!r}") from None
+    if not shape or any(s < 1 for s in shape):
+        raise ValueError(f"input_shape must be positive sizes without the batch, such as (3, 224, 224); got {input_shape!r}")
+    return shape
+
+
+def chain_scale(ug: UnitGraph, spec: LayerSpec) -> torch.Tensor | None:
+    """Per-unit factor of the ops between a layer and the value it passes on (BN scale, x*a)."""
+    scale = None
+    on_chain = set(spec.chain)
+    for op in spec.bias_ops:
+        if op.node not in on_chain:
+            continue
+        if op.kind == "bn":
+            s = op.params[0].double().cpu()
+        elif op.kind == "scale":
+            s = torch.full((spec.size,), op.params[0], dtype=torch.float64)
+        else:
+            continue
+        scale = s if scale is None else scale * s
+    return scale
+
+
+def weights(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    reduce: str = "sum",
+    labels: Sequence[str] | None = None,
+    name: str | None = None,
+) -> Connectome:
+    """The weight connectome of a model: units and the weights that wire them.
+
+    A conv edge ``j <- i`` is the kernel ``W[j, i]`` reduced over positions; a Linear that
+    reads a flattened ``C x H x W`` tensor gets one edge per channel, its weights reduced
+    over positions. BatchNorm (eval) that follows a layer is folded in: edges into unit ``j``
+    are multiplied by its scale ``gamma_j / sqrt(var_j + eps)``. Residual adds and concats
+    are identity edges (weight 1, scaled likewise).
+
+    Parameters
+    ----------
+    model : nn.Module
+        Any fx-traceable CNN or MLP (torchvision models included). Left as found.
+    input_shape : tuple of int
+        One input without the batch, e.g. ``(3, 224, 224)``.
+    reduce : {"sum", "l1", "l2"}, default "sum"
+        How a kernel becomes one number: signed sum, sum of |w|, or Euclidean norm.
+    labels : sequence of str, optional
+        Class names for the output units.
+    name : str, optional
+        Model name for ``meta["model"]`` (default: the class name).
+
+    Returns
+    -------
+    Connectome
+        ``meta["method"] == "weights"``; edge weights are float32.
+
+    Raises
+    ------
+    ExtractionError
+        The model is not an ``nn.Module``, cannot be traced, rejects ``input_shape``, uses
+        an op that mixes units, or has NaN/inf weights.
+
+    Examples
+    --------
+    >>> import torch.nn as nn
+    >>> g = weights(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)), (4,))
+    >>> [l.size for l in g.layers]
+    [4, 3, 2]
+    """
+    check_model(model)
+    if reduce not in _REDUCE:
+        raise ValueError(f"reduce must be one of {_REDUCE}, got {reduce!r}")
+    shape = _check_shape(input_shape)
+    t0 = time.perf_counter()
+    with eval_mode(model, warn=False), torch.inference_mode():
+        example = torch.zeros((1, *shape), dtype=model_dtype(model), device=model_device(model))
+        ug = trace_units(model, example)
+        values: dict[int, Any] = {}
+        for li, spec in enumerate(ug.layers):
+            if spec.kind == "input":
+                continue
+            scale = chain_scale(ug, spec)
+            if spec.kind in ("conv", "linear"):
+                w, _ = layer_weight(ug, spec)
+                op = spec.operands[0]
+                # Reduce in the model's dtype first: a float64 copy of every kernel costs more
+                # than the reduction (the graph stores float32 weights anyway).
+                w = w.detach().reshape(w.shape[0], -1, op.group) if spec.kind == "linear" else w.detach().reshape(w.shape[0], w.shape[1], -1)
+                if reduce == "sum":
+                    r = w.sum(-1)
+                elif reduce == "l1":
+                    r = w.abs().sum(-1)
+                else:
+                    r = w.pow(2).sum(-1).sqrt()
+                r = r.double().cpu()
+                if not torch.isfinite(r).all():
+                    raise ExtractionError(
+                        f"layer {spec.name!r} has NaN or inf weights; the model is broken (check training "
+                        "or the weights file)"
+                    )
+                if scale is not None:
+                    r = r * (scale if reduce == "sum" else scale.abs())[:, None]
+                values[li] = r.numpy()
+            else:
+                vals = []
+                for op in spec.operands:
+                    n = ug.layers[op.layer].size
+                    v = torch.full((n,), op.sign, dtype=torch.float64)
+                    if scale is not None:
+                        s = scale[op.offset : op.offset + n]
+                        v = v * (s if reduce == "sum" else s.abs())
+                    vals.append(v.numpy())
+                values[li] = vals
+    meta = {
+        "model": name or type(model).__name__,
+        "method": "weights",
+        "reduce": reduce,
+        "input_shape": list(shape),
+        "seconds": round(time.perf_counter() - t0, 3),
+        "versions": _versions(),
+    }
+    return assemble(ug, graph_layers(ug, labels), values, meta=meta, dtype=np.float32)
+
+
+def _versions() -> dict[str, str]:
+    import connectome
+
+    return {"connectome": connectome.__version__, "torch": torch.__version__}
