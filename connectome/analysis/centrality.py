@@ -17,8 +17,11 @@ Conventions
 
 from __future__ import annotations
 
+import contextlib
+import random
+import warnings
 import weakref
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
@@ -83,6 +86,22 @@ def _topology(g: Connectome) -> igraph.Graph:
         G = ig.Graph(n=g.num_nodes, edges=list(zip(g.src.tolist(), g.dst.tolist())), directed=True)
         _TOPOLOGY[g] = G
     return G
+
+
+@contextlib.contextmanager
+def _seeded_igraph(seed: int) -> Iterator[None]:
+    """igraph draws from a private ``random.Random(seed)`` inside the block.
+
+    python-igraph's default generator is the ``random`` module, restored afterwards; the
+    global ``random`` state is left untouched.
+    """
+    import igraph as ig
+
+    ig.set_random_number_generator(random.Random(seed))
+    try:
+        yield
+    finally:
+        ig.set_random_number_generator(random)
 
 
 def _check_nonempty(g: Connectome, what: str) -> None:
@@ -217,6 +236,10 @@ def centrality(
           per connected component only.
         - ``hub``, ``authority``: Kleinberg's HITS scores on ``|w|`` (igraph), scaled to
           max 1. A hub feeds many strong authorities; an authority is fed by strong hubs.
+          Input units have authority 0 and output units hub 0 by construction, so igraph's
+          warning about many zero scores is silenced; the scores are unique when the
+          leading eigenvalue of ``A A^T`` is simple (it is for connected random-like
+          graphs, not for, e.g., two identical disconnected blocks).
         - ``flow``: the node attribute ``attribution`` (a unit's total attribution flow).
 
         ``None`` computes ``strength, pagerank, betweenness`` and ``flow`` when the graph
@@ -231,7 +254,8 @@ def centrality(
         (seeded), scaled up to the full value; exact when None or >= the number of nodes.
         Each sampled source costs one Dijkstra pass, so time is linear in it.
     seed : int, default 0
-        Seed of the source sample.
+        Seed of the betweenness source sample, and of ARPACK's start vector (eigenvector,
+        hub, authority) so that degenerate cases are reproducible.
     damping : float, default 0.85
         PageRank damping factor.
 
@@ -320,11 +344,22 @@ def centrality(
         elif m == "pagerank":
             v = np.asarray(G.pagerank(directed=True, damping=damping, weights=wl), dtype=np.float64)
         elif m == "eigenvector":
-            v = np.asarray(G.eigenvector_centrality(directed=False, weights=wl), dtype=np.float64)
-        elif m == "hub":
-            v = np.asarray(G.hub_score(weights=wl), dtype=np.float64)
-        else:  # authority
-            v = np.asarray(G.authority_score(weights=wl), dtype=np.float64)
+            # python-igraph 1.0 rejects directed=False on a directed graph; mode="each" keeps
+            # edge e as edge e (a DAG has no reciprocal pairs to merge).
+            U = G.as_undirected(mode="each")
+            with _seeded_igraph(seed):
+                v = np.asarray(U.eigenvector_centrality(weights=wl), dtype=np.float64)
+        else:
+            # ARPACK starts from a random vector; seeded, a degenerate case is reproducible.
+            with warnings.catch_warnings(), _seeded_igraph(seed):
+                # Sources of a DAG have authority 0 and sinks hub 0, so igraph's "more than
+                # 30% zeros" warning fires on every layered graph.
+                warnings.filterwarnings("ignore", message="More than 30% of hub or authority scores are zeros")
+                score = G.hub_score if m == "hub" else G.authority_score
+                v = np.asarray(score(weights=wl), dtype=np.float64)
+        if m in ("eigenvector", "hub", "authority"):
+            # Perron vectors are >= 0; ARPACK leaves -0.0 and -1e-17 where 0 is meant.
+            v = np.where(v > 0, v, 0.0)
         out[m] = v
     if normalized_by_layer:
         out = {k: _normalize_by_layer(g, v) for k, v in out.items()}

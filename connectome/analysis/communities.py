@@ -20,13 +20,12 @@ of its directed Leiden uses another normalisation, so it is not used).
 from __future__ import annotations
 
 import itertools
-import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
-from connectome.analysis.centrality import _check_nonempty, _edge_values, _topology, strength
+from connectome.analysis.centrality import _check_nonempty, _edge_values, _seeded_igraph, _topology, strength
 from connectome.errors import ConnectomeError, EmptyGraphError
 from connectome.graph import Connectome
 
@@ -220,7 +219,7 @@ def _weights_for(g: Connectome, weights: str | np.ndarray) -> tuple[str, np.ndar
             return "positive", np.where(w > 0, w, 0.0)
         return "signed", w
     if isinstance(weights, str):
-        if weights not in g.edge_attrs:
+        if weights != "weight" and weights not in g.edge_attrs:
             raise ValueError(
                 f"weights must be one of {list(WEIGHT_MODES)}, an edge column or an array of "
                 f"shape (n_edges,); got {weights!r} (edge columns: {['weight', *g.edge_attrs]})"
@@ -239,24 +238,6 @@ def _weights_for(g: Connectome, weights: str | np.ndarray) -> tuple[str, np.ndar
             "'signed' (positive and negative edges as two layers)"
         )
     return label, w
-
-
-def _seeded_igraph(seed: int):
-    """Context manager: igraph's RNG is a private ``random.Random(seed)``, then ``random`` again."""
-    import contextlib
-
-    import igraph as ig
-
-    @contextlib.contextmanager
-    def cm():
-        ig.set_random_number_generator(random.Random(seed))
-        try:
-            yield
-        finally:
-            # python-igraph's default generator is the ``random`` module.
-            ig.set_random_number_generator(random)
-
-    return cm()
 
 
 def _edge_graph(G: igraph.Graph, keep: np.ndarray) -> igraph.Graph:
@@ -302,7 +283,8 @@ def communities(
         ``"abs"``: ``|w|``. ``"positive"``: negative edges dropped. ``"signed"``: positive
         and negative edges as two layers of one multiplex optimised together (layer weights
         ``+1`` and ``-1``, leidenalg), so negative edges push their ends apart. An edge
-        column or an array of shape (n_edges,) is used as given and must be non-negative.
+        column (``"weight"`` itself included) or an array of shape (n_edges,) is used as
+        given and must be non-negative.
     n_iterations : int, default -1
         Leiden iterations; negative runs until an iteration no longer improves the
         partition.

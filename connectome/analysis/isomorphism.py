@@ -263,6 +263,22 @@ def _search_lad(
     return found, None
 
 
+def _rank(found: list[tuple], n_p: int, pw: np.ndarray, hw: np.ndarray, host_edges) -> tuple[np.ndarray, np.ndarray]:
+    """Order of the matches (best score first, ties by host units) and their scores."""
+    if not found:
+        return np.zeros(0, np.int64), np.zeros(0)
+    M = np.asarray(found, dtype=np.int64).reshape(len(found), n_p)
+    if pw.size:
+        W = hw[host_edges(M)]
+        den = np.linalg.norm(pw) * np.linalg.norm(W, axis=1)
+        scores = np.divide(W @ pw, den, out=np.zeros(len(found)), where=den > 0)
+    else:
+        scores = np.full(len(found), np.nan)
+    key = np.where(np.isfinite(scores), -scores, np.inf)
+    order = np.lexsort(tuple(M[:, j] for j in range(n_p - 1, -1, -1)) + (key,))
+    return order, scores
+
+
 # ---------------------------------------------------------------------- find_analogous
 def find_analogous(
     pattern: Connectome,
@@ -270,7 +286,7 @@ def find_analogous(
     *,
     max_matches: int | None = 10,
     time_budget: float | None = 5.0,
-    method: str = "lad",
+    method: str = "vf2",
     require_sign: bool = True,
     induced: bool = False,
     layer_match: str = "auto",
@@ -304,12 +320,16 @@ def find_analogous(
     max_matches : int or None, default 10
         Stop after this many matches (None: all).
     time_budget : float or None, default 5.0
-        Stop after this many seconds (None: no limit). With ``method="lad"`` igraph is
-        interrupted by a timer signal in the main thread; in other threads the budget is
-        checked between LAD calls only, use ``"vf2"`` there for a hard limit.
-    method : {"lad", "vf2"}, default "lad"
-        igraph's LAD (with domains; several matches are enumerated by splitting the search
-        space) or VF2 (with vertex and edge colours, enumerated through a callback).
+        Stop after this many seconds (None: no limit). VF2 checks the clock at every
+        candidate pair. LAD is interrupted by a timer signal in the main thread; in other
+        threads its budget is checked between LAD calls only.
+    method : {"vf2", "lad"}, default "vf2"
+        igraph's VF2 (vertex colours for corresponding layers, edge colours for signs,
+        matches enumerated through a callback) or LAD (domains for corresponding layers,
+        edges subdivided to carry signs, matches enumerated by splitting the search space).
+        VF2 is the default because on layered graphs with large layers igraph's LAD is
+        orders of magnitude slower (17 s against 5 ms for a 19-unit pattern in a
+        1,100-unit host); LAD can win on small, dense, unlayered hosts.
     require_sign : bool, default True
         Edge signs (of ``weight``) must agree.
     induced : bool, default False
@@ -400,8 +420,9 @@ def find_analogous(
     h_order = np.argsort(h_key, kind="stable")
     h_key_sorted = h_key[h_order]
 
-    def host_edges(m: np.ndarray) -> np.ndarray:
-        k = m[pd] * n_h + m[ps]
+    def host_edges(M: np.ndarray) -> np.ndarray:
+        """Host edge of every pattern edge under each mapping (rows of ``M``)."""
+        k = M[:, pd] * n_h + M[:, ps]
         pos = np.searchsorted(h_key_sorted, k)
         return h_order[np.minimum(pos, h_key_sorted.size - 1)]
 
@@ -466,21 +487,11 @@ def find_analogous(
 
     p_ids = pattern.node_ids.tolist()
     h_ids = host.node_ids
-    results = []
-    p_norm = float(np.linalg.norm(pw))
-    for m in found:
-        marr = np.asarray(m, dtype=np.int64)
-        if pw.size:
-            w = hw[host_edges(marr)]
-            den = p_norm * float(np.linalg.norm(w))
-            score = float(pw @ w / den) if den > 0 else 0.0
-        else:
-            score = float("nan")
-        results.append((score, tuple(h_idx[marr].tolist())))
-    results.sort(key=lambda r: (-(r[0] if np.isfinite(r[0]) else -np.inf), r[1]))
+    order, scores = _rank(found, n_p, pw, hw, host_edges)
     if max_matches is not None:
-        results = results[: int(max_matches)]
+        order = order[: int(max_matches)]
+    M = h_idx[np.asarray(found, dtype=np.int64).reshape(len(found), n_p)] if found else np.zeros((0, n_p), np.int64)
     matches = [
-        Match(mapping={p: str(h_ids[h]) for p, h in zip(p_ids, hosts)}, score=score) for score, hosts in results
+        Match(mapping=dict(zip(p_ids, h_ids[M[i]].tolist())), score=float(scores[i])) for i in order.tolist()
     ]
     return MatchList(matches, complete=complete, stopped_by=stop, method=method, elapsed=elapsed)
