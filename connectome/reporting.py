@@ -1,0 +1,191 @@
+"""Reports: analysis + figures for one graph or a pair, as terminal text, JSON and HTML.
+
+The CLI's ``report`` and ``compare`` commands and the demo are thin layers over these.
+Graph analysis only: nothing here runs a model.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from connectome.graph import Connectome
+
+__all__ = ["ReportResult", "graph_report", "compare_report", "graph_sections", "table"]
+
+
+@dataclass
+class ReportResult:
+    text: str
+    data: dict[str, Any] = field(default_factory=dict)
+    path: str | None = None
+
+
+def table(rows: list[list[Any]], headers: list[str]) -> str:
+    """A plain-text table (right-aligned numbers, 4 significant digits)."""
+    def fmt(v: Any) -> str:
+        if isinstance(v, (float, np.floating)):
+            return f"{v:.4g}"
+        return str(v)
+
+    cells = [[fmt(v) for v in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
+    out = [line, "  ".join("-" * w for w in widths)]
+    for r in cells:
+        out.append("  ".join(c.rjust(w) if _numeric(c) else c.ljust(w) for c, w in zip(r, widths)))
+    return "\n".join(out)
+
+
+def _numeric(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def _has_target(g: Connectome) -> bool:
+    out = [l for l in g.layers if l.kind == "output"]
+    if not out:
+        return False
+    labels = out[-1].labels
+    return g.meta.get("target_class") is not None or (labels is not None and g.meta.get("category") in labels)
+
+
+def graph_sections(g: Connectome, top: int = 10, seed: int = 0, report: Any = None, prefix: str = "") -> dict[str, Any]:
+    """Hubs, communities, circuit and neuron groups of one graph; adds figures to ``report``.
+
+    Returns a JSON-able dict with the results and a ``text`` entry for the terminal.
+    """
+    from connectome import analysis as an
+
+    data: dict[str, Any] = {"graph": {"layers": [[l.name, l.kind, l.size] for l in g.layers],
+                                      "num_nodes": g.num_nodes, "num_edges": g.num_edges,
+                                      "meta": g.meta}}
+    text: list[str] = [repr(g), ""]
+    # hubs
+    measures = ["strength", "pagerank"] + (["flow"] if "attribution" in g.node_attrs else [])
+    c = an.centrality(g, measures)
+    key = "flow" if "flow" in c else "pagerank"
+    hidden = np.isin(g.node_layer, [i for i, l in enumerate(g.layers) if l.kind not in ("input", "output")])
+    scores = np.where(hidden, np.abs(c[key]), -np.inf)
+    hubs = an.top_nodes(g, scores, k=top)
+    pr = an.top_nodes(g, np.where(hidden, c["pagerank"], -np.inf), k=top)
+    data["hubs"] = {"by": key, "top": hubs, "pagerank": pr}
+    text.append(f"Top {top} hidden units by |{key}|:")
+    text.append(table([[n, s, p[0], p[1]] for (n, s), p in zip(hubs, pr)], [f"unit (|{key}|)", "score", "unit (pagerank)", "score"]))
+    # communities
+    p = an.communities(g, method="modularity", seed=seed)
+    data["communities"] = {"objective": p.objective, "quality": p.quality, "n": p.n_communities,
+                           "sizes": p.sizes().tolist()[:20]}
+    g_comm = p.to_node_attr(g)
+    text.append("")
+    text.append(f"Leiden communities: {p.n_communities} ({p.objective}, quality {p.quality:.4f}); "
+                f"largest sizes {p.sizes().tolist()[:8]}")
+    rows = []
+    for com in p.communities[: min(8, len(p.communities))]:
+        rows.append([getattr(com, "label", getattr(com, "index", "")), com.size, ", ".join(com.layers[:3]) + ("..." if len(com.layers) > 3 else ""),
+                     float(getattr(com, "internal_flow", float("nan"))), ", ".join(list(com.top_units)[:3])])
+    comm_table = (rows, ["community", "units", "layers", "internal flow", "top units"])
+    text.append(table(*comm_table))
+    # circuit
+    circ = groups = None
+    if _has_target(g):
+        circ = an.circuit(g_comm, mass=0.8)
+        sizes = {l.name: l.size for l in circ.layers}
+        data["circuit"] = {"mass": 0.8, "units": circ.num_nodes, "edges": circ.num_edges, "sizes": sizes}
+        text.append("")
+        text.append(f"Circuit carrying 80% of the flow into {circ.layers[-1].labels[0] if circ.layers[-1].labels else circ.node_ids[-1]}: "
+                    f"{circ.num_nodes} units, {circ.num_edges} edges")
+        text.append(table([[k, v, g.layer(k).size] for k, v in sizes.items()], ["layer", "circuit units", "of"]))
+        contrib = an.top_contributors(g, k=min(top, 10))
+        data["top_contributors"] = contrib
+        text.append("")
+        text.append("Previous-layer units that contributed most to the class:")
+        text.append(table([[n, v] for n, v in contrib], ["unit", "flow"]))
+        try:
+            groups = an.neuron_groups(circ)
+            data["neuron_groups"] = {k: v for k, v in groups.members.items()}
+        except Exception as exc:  # a circuit too small to group is not an error of the report
+            warnings.warn(f"neuron groups skipped: {exc}", stacklevel=2)
+    if report is not None:
+        from connectome import viz
+
+        name = g.meta.get("category") or g.meta.get("model") or "graph"
+        report.add_heading(f"{prefix}{name}", 2)
+        report.add_text(repr(g))
+        report.add_figure(viz.plot_hubs(g, scores if np.isfinite(scores).any() else c["pagerank"], k=5,
+                                        title=f"Top units by |{key}| per layer"),
+                          f"Hubs of {name}: the units with the largest |{key}| in each layer.", f"{prefix}hubs_{_slug(name)}")
+        report.add_table(*[[r for r in comm_table[0]]], headers=comm_table[1],
+                         caption=f"Leiden communities ({p.objective}, quality {p.quality:.3f})")
+        if circ is not None:
+            report.add_figure(viz.plot_circuit(circ, title=f"Circuit of {name} (80% of flow)"),
+                              f"The layered circuit of {name}: units sized by attribution, coloured by community; "
+                              "edges red for positive and blue for negative flow.", f"{prefix}circuit_{_slug(name)}")
+            if groups is not None:
+                report.add_figure(viz.plot_groups(groups.graph, groups.members, title=f"Neuron groups of {name}"),
+                                  "The circuit's units grouped per layer by where their flow goes and comes from; "
+                                  "arrows carry the summed flow between groups.", f"{prefix}groups_{_slug(name)}")
+    data["text"] = "\n".join(text)
+    data["_circuit"] = circ
+    data["_partition"] = p
+    return data
+
+
+def _slug(s: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in str(s))[:40]
+
+
+def graph_report(g: Connectome, top: int = 10, out: str | None = None, seed: int = 0) -> ReportResult:
+    """Analyse one graph; with ``out``, also write ``report.html`` and PNGs there."""
+    rep = None
+    if out is not None:
+        from connectome.viz import Report
+
+        rep = Report(f"connectome report: {g.meta.get('model', '')} {g.meta.get('category') or ''}".strip())
+    data = graph_sections(g, top=top, seed=seed, report=rep)
+    path = str(rep.write(out)) if rep is not None else None
+    text = data.pop("text")
+    data.pop("_circuit")
+    data.pop("_partition")
+    return ReportResult(text=text, data=data, path=path)
+
+
+def compare_report(ga: Connectome, gb: Connectome, top: int = 20, out: str | None = None) -> ReportResult:
+    """Compare two graphs of one model: overlaps per layer, shared units, analogous wiring."""
+    from connectome import analysis as an
+
+    cmp = an.compare(ga, gb, top=top)
+    d = cmp.to_dict()
+    text = [repr(cmp)]
+    na, nb = ga.meta.get("category") or "A", gb.meta.get("category") or "B"
+    analog = None
+    if _has_target(ga) and _has_target(gb):
+        pattern = an.circuit(ga, top_k=2)
+        host = gb.prune(top_k=8)
+        try:
+            analog = an.find_analogous(pattern, host, max_matches=5, time_budget=5.0)
+            d["analogous"] = [{"mapping": m.mapping, "score": m.score} for m in analog]
+            text.append("")
+            text.append(f"Analogous circuits: {len(analog)} placement(s) of {na}'s top-2 circuit "
+                        f"({pattern.num_nodes} units) in {nb}'s graph; best score "
+                        + (f"{analog[0].score:.3f}" if len(analog) else "n/a"))
+        except Exception as exc:
+            text.append(f"Analogous circuits: search skipped ({exc})")
+    path = None
+    if out is not None:
+        from connectome import viz
+
+        rep = viz.Report(f"connectome compare: {na} vs {nb}")
+        rep.add_text(repr(cmp))
+        if analog is not None and len(analog):
+            rep.add_text(f"Best analogous placement of {na}'s circuit in {nb} (score {analog[0].score:.3f}): "
+                         + ", ".join(f"{k}->{v}" for k, v in list(analog[0].mapping.items())[:12]))
+        path = str(rep.write(out))
+    return ReportResult(text="\n".join(text), data=d, path=path)
