@@ -657,30 +657,29 @@ class Connectome:
         from scipy import sparse
 
         keep_names = set(layer_names)
-        for n in keep_names:
-            self.layer_position(n)
+        for name in keep_names:
+            self.layer_position(name)
         keep_names |= {self.layers[0].name, self.layers[-1].name}
         n = self.num_nodes
         kept_mask = np.isin(self._node_layer, [self._layer_pos[k] for k in keep_names])
         kept_idx = np.flatnonzero(kept_mask)
-        col_of = -np.ones(n, dtype=np.int64)
+        col_of = np.full(n, -1, dtype=np.int64)
         col_of[kept_idx] = np.arange(kept_idx.size)
         bias = self.node_attrs.get("bias_attribution")
-        has_bias = bias is not None
-        # Per node: composition of its flow over kept sources (+1 column for passed-on bias).
-        ncols = kept_idx.size + 1
+        bias = np.zeros(n) if bias is None else np.asarray(bias, dtype=np.float64)
+        w = self.weight.astype(np.float64)
         outflow = np.zeros(n)
-        np.add.at(outflow, self.src, self.weight.astype(np.float64))
-        inc = sparse.csr_matrix(
-            (self.weight.astype(np.float64), (self.dst, self.src)), shape=(n, n)
-        )
-        comp: dict[int, sparse.csr_matrix] = {}  # per dropped layer: rows = units, cols = kept sources
+        np.add.at(outflow, self.src, w)
+        share = np.divide(1.0, outflow, out=np.zeros(n), where=outflow != 0)
+        inc = sparse.csr_matrix((w, (self.dst, self.src)), shape=(n, n))
+        ncols = kept_idx.size + 1  # kept sources, then one column of passed-on bias terms
+        # Per dropped layer: rows = its units, columns = where their flow came from.
+        comp: dict[int, sparse.csr_matrix] = {}
         rows, cols, vals = [], [], []
+        extra_bias = np.zeros(n)
         for li, l in enumerate(self.layers):
             s, e = int(self._offsets[li]), int(self._offsets[li + 1])
-            block = inc[s:e]
-            # Split the block into kept-source and dropped-source parts.
-            block = block.tocoo()
+            block = inc[s:e].tocoo()
             direct = kept_mask[block.col]
             contrib = sparse.csr_matrix(
                 (block.data[direct], (block.row[direct], col_of[block.col[direct]])), shape=(e - s, ncols)
@@ -689,57 +688,37 @@ class Connectome:
                 ls, le = int(self._offsets[lj]), int(self._offsets[lj + 1])
                 sub = inc[s:e, ls:le]
                 if sub.nnz:
-                    frac = np.divide(1.0, outflow[ls:le], out=np.zeros(le - ls), where=outflow[ls:le] != 0)
-                    contrib = contrib + sub @ sparse.diags(frac) @ cm
+                    contrib = contrib + sub @ sparse.diags(share[ls:le]) @ cm
             if l.name in keep_names:
                 c = contrib.tocoo()
-                m = c.col < kept_idx.size
-                rows.append(c.row[m] + s)
-                cols.append(kept_idx[c.col[m]])
-                vals.append(c.data[m])
+                edge = c.col < kept_idx.size
+                rows.append(c.row[edge] + s)
+                cols.append(kept_idx[c.col[edge]])
+                vals.append(c.data[edge])
+                np.add.at(extra_bias, c.row[~edge] + s, c.data[~edge])
             else:
-                if has_bias:
-                    b = sparse.csr_matrix(
-                        (np.asarray(bias[s:e], dtype=np.float64), (np.arange(e - s), np.full(e - s, ncols - 1))),
-                        shape=(e - s, ncols),
-                    )
-                    contrib = contrib + b
-                comp[li] = contrib.tocsr()
+                own = sparse.csr_matrix((bias[s:e], (np.arange(e - s), np.full(e - s, ncols - 1))), shape=(e - s, ncols))
+                comp[li] = (contrib + own).tocsr()
         src = np.concatenate(cols) if cols else np.zeros(0, np.int64)
         dst = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-        w = np.concatenate(vals) if vals else np.zeros(0)
-        nz = w != 0
-        src, dst, w = src[nz], dst[nz], w[nz]
-        # Merge parallel contributions (direct + through dropped layers) into one edge.
+        wv = np.concatenate(vals) if vals else np.zeros(0)
         key = dst * n + src
         uniq, inv = np.unique(key, return_inverse=True)
         wsum = np.zeros(uniq.size)
-        np.add.at(wsum, inv, w)
+        np.add.at(wsum, inv, wv)
         new_index = np.cumsum(kept_mask) - 1
         node_attrs = {k: v[kept_mask] for k, v in self.node_attrs.items()}
-        if has_bias:
-            # Bias of dropped units that reaches a kept unit joins that unit's bias term.
-            extra = np.zeros(n)
-            for li, l in enumerate(self.layers):
-                if l.name not in keep_names:
-                    continue
-                s, e = int(self._offsets[li]), int(self._offsets[li + 1])
-                for lj, cm in comp.items():
-                    ls, le = int(self._offsets[lj]), int(self._offsets[lj + 1])
-                    sub = inc[s:e, ls:le]
-                    if sub.nnz:
-                        frac = np.divide(1.0, outflow[ls:le], out=np.zeros(le - ls), where=outflow[ls:le] != 0)
-                        extra[s:e] += np.asarray((sub @ sparse.diags(frac) @ cm[:, ncols - 1]).todense()).ravel()
-            node_attrs["bias_attribution"] = (np.asarray(bias, dtype=np.float64) + extra)[kept_mask]
-        layers = tuple(l for l in self.layers if l.name in keep_names)
+        if "bias_attribution" in self.node_attrs:
+            # Bias terms of dropped units reach kept units with the flow that carries them.
+            node_attrs["bias_attribution"] = (bias + extra_bias)[kept_mask]
         return Connectome(
-            layers=layers,
+            layers=tuple(l for l in self.layers if l.name in keep_names),
             node_units=self.node_units[kept_mask],
             src=new_index[uniq % n],
             dst=new_index[uniq // n],
             weight=wsum.astype(self.weight.dtype),
             node_attrs=node_attrs,
-            meta={**self.meta, "contracted_to": [l.name for l in layers]},
+            meta={**self.meta, "contracted_to": [l.name for l in self.layers if l.name in keep_names]},
         )
 
     # ------------------------------------------------------------------ converters
