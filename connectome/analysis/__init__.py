@@ -1,8 +1,10 @@
 """Read a Connectome the way connectomics reads a brain.
 
 Graph functions (centrality, communities, nulls, circuits, comparison, isomorphism) take a
-Connectome and never import torch; the functions that run a model (ablation, unit
-matching, activation comparison) import it on first use.
+Connectome and never import torch; they are imported here directly (several share their
+module's name, and a lazily imported submodule would shadow its function). The functions
+that run a model (ablation, unit matching, activation comparison) import torch, so they load
+on first use.
 """
 
 from __future__ import annotations
@@ -10,33 +12,18 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_WHERE = {
-    # centrality.py
-    "centrality": "centrality",
-    "strength": "centrality",
-    "top_nodes": "centrality",
-    # communities.py
-    "communities": "communities",
-    "resolution_sweep": "communities",
-    "Partition": "communities",
-    # nulls.py
-    "null_models": "nulls",
-    "significance": "nulls",
-    "hub_roles": "nulls",
-    "rich_club": "nulls",
-    "motif_counts": "nulls",
-    # circuits.py
-    "circuit": "circuits",
-    "neuron_groups": "circuits",
-    "top_contributors": "circuits",
-    # compare.py
-    "compare": "compare",
-    "compare_categories": "compare",
-    # isomorphism.py
-    "find_analogous": "isomorphism",
+from connectome.analysis.centrality import centrality, strength, top_nodes
+from connectome.analysis.circuits import GroupGraph, circuit, neuron_groups, relative_depth, top_contributors
+from connectome.analysis.communities import Partition, communities, resolution_sweep
+from connectome.analysis.compare import CategoryCorrelation, Comparison, LayerComparison, compare, compare_categories
+from connectome.analysis.isomorphism import Match, MatchList, find_analogous
+from connectome.analysis.nulls import hub_roles, motif_counts, null_models, rich_club, significance
+
+_LAZY = {
     # matching.py (runs models)
     "match_units": "matching",
     "universality": "matching",
+    "UnitMatching": "matching",
     # ablation.py (runs models)
     "ablate": "ablation",
     "fidelity": "ablation",
@@ -44,12 +31,17 @@ _WHERE = {
     "compare_activations": "activations",
 }
 
-__all__ = sorted(_WHERE)
+__all__ = sorted([
+    "centrality", "strength", "top_nodes", "GroupGraph", "circuit", "neuron_groups", "relative_depth",
+    "top_contributors", "Partition", "communities", "resolution_sweep", "CategoryCorrelation", "Comparison",
+    "LayerComparison", "compare", "compare_categories", "Match", "MatchList", "find_analogous", "hub_roles",
+    "motif_counts", "null_models", "rich_club", "significance", *_LAZY,
+])
 
 
 def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        mod = importlib.import_module(f"connectome.analysis.{_WHERE[name]}")
+    if name in _LAZY:
+        mod = importlib.import_module(f"connectome.analysis.{_LAZY[name]}")
         return getattr(mod, name)
     raise AttributeError(f"module 'connectome.analysis' has no attribute {name!r}")
 

@@ -2,10 +2,12 @@
 
 Two engines optimise the same objectives on the *directed* graph:
 
-- ``"igraph"``: igraph's C implementation of Leiden (``Graph.community_leiden``), which
-  since igraph 1.0 optimises directed modularity (node out- and in-strengths as the two
-  node weights). About 10-20x faster than leidenalg on a ResNet-50-sized graph and, on
-  layered graphs, it also tends to reach higher modularity.
+- ``"igraph"``: igraph's C implementation of Leiden (``Graph.community_leiden``). Since
+  igraph 1.0 it takes separate node out- and in-weights; given out- and in-strengths (CPM
+  form, resolution divided by the total weight) it optimises exactly the directed
+  modularity. About 5x faster than leidenalg on a ResNet-50-sized graph, and on layered
+  graphs it reaches a higher modularity (leidenalg's directed runs stop in poorer local
+  optima there).
 - ``"leidenalg"``: the reference implementation (Traag), needed for the Constant Potts
   Model as leidenalg defines it and for signed graphs (a multiplex of a positive and a
   negative layer).
@@ -13,8 +15,8 @@ Two engines optimise the same objectives on the *directed* graph:
 ``engine="auto"`` picks igraph for ``method="modularity"`` with non-negative weights and
 leidenalg for ``method="cpm"`` and ``weights="signed"``. ``Partition.objective`` names what
 was optimised, and ``Partition.quality`` is that objective's value for the returned
-membership, recomputed the way igraph/leidenalg define it (igraph's own ``quality`` output
-of its directed Leiden uses another normalisation, so it is not used).
+membership, recomputed independently of the optimiser (``igraph.Graph.modularity`` or
+leidenalg's ``quality()``).
 """
 
 from __future__ import annotations
@@ -375,11 +377,20 @@ def communities(
     if engine == "igraph":
         keep = w > 0
         H, wk = _edge_graph(G, keep), w[keep]
+        n = g.num_nodes
+        # Directed modularity spelt out for igraph's Leiden: CPM with node out-weights
+        # k_out, in-weights k_in and resolution gamma / m has quality
+        # sum_ij (A_ij - gamma kout_i kin_j / m) delta = m * Q (Leicht-Newman). Its own
+        # objective_function="modularity" on a directed graph reports a quality that is not
+        # Graph.modularity(directed=True), and reached about half the directed modularity of
+        # this form on dense layered graphs.
         with _seeded_igraph(seed):
             raw = H.community_leiden(
-                objective_function="modularity",
+                objective_function="CPM",
                 weights=wk.tolist(),
-                resolution=resolution,
+                node_weights=np.bincount(g.src[keep], weights=wk, minlength=n).tolist(),
+                node_in_weights=np.bincount(g.dst[keep], weights=wk, minlength=n).tolist(),
+                resolution=resolution / wk.sum(),
                 n_iterations=n_iterations,
             ).membership
         membership = _relabel(raw)

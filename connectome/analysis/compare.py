@@ -337,8 +337,8 @@ def compare(
     --------
     >>> from connectome.analysis._toys import toy_attribution
     >>> c = compare(toy_attribution("cat"), toy_attribution("dog"), top=2)
-    >>> c.summary["jaccard"]
-    0.0
+    >>> c.shared_units, c.per_layer[1].only_a, c.per_layer[1].only_b
+    (('in:1',), ('h1:0', 'h1:1'), ('h1:2', 'h1:3'))
 
     References
     ----------

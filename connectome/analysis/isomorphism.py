@@ -14,8 +14,18 @@ with the host's edges, so prune both graphs first, e.g.::
     host = g_dog.prune(top_k=5)
     matches = find_analogous(pattern, host, max_matches=20, time_budget=10)
 
-The search always ends: after ``max_matches`` matches or ``time_budget`` seconds, whichever
-comes first; the returned list says whether it is complete.
+The search always ends: after ``max_matches`` matches (or ``max_candidates`` embeddings) or
+``time_budget`` seconds, whichever comes first; the returned list says whether it is
+complete. If one method runs out of time, the other may not: igraph's VF2 and LAD fail on
+different instances.
+
+Across models of different depth, corresponding layers are rarely adjacent in the host, so
+a pattern edge has no host edge to map to. Contract the host to the layers at the
+pattern's depths first (flow is conserved)::
+
+    dp, dh = relative_depth(pattern), relative_depth(host)
+    keep = [min(dh, key=lambda n: abs(dh[n] - d)) for d in dp.values()]
+    matches = find_analogous(pattern, host.contract(keep).prune(top_k=8))
 """
 
 from __future__ import annotations
@@ -77,7 +87,8 @@ class MatchList(list):
     complete : bool
         True when the search ran to the end, so the list holds every match.
     stopped_by : str or None
-        ``"max_matches"`` or ``"time_budget"`` when the search was cut short.
+        ``"max_matches"``, ``"max_candidates"`` or ``"time_budget"`` when the search was
+        cut short.
     method : str
         ``"lad"`` or ``"vf2"``.
     elapsed : float
@@ -286,6 +297,7 @@ def find_analogous(
     *,
     max_matches: int | None = 10,
     time_budget: float | None = 5.0,
+    max_candidates: int | None = None,
     method: str = "vf2",
     require_sign: bool = True,
     induced: bool = False,
@@ -308,7 +320,9 @@ def find_analogous(
 
     Matches are ranked by ``score``, the cosine similarity of the pattern edge weights and
     the host edge weights they map to (ties by host node order). The ranking covers the
-    matches found: when the search is cut short, a better one may remain unseen.
+    embeddings enumerated: up to ``max_candidates`` of them (default ``max_matches``),
+    strong host units first; raise ``max_candidates`` to rank more of them, since a
+    better match may remain unseen when the search is cut short.
 
     Parameters
     ----------
@@ -318,11 +332,14 @@ def find_analogous(
         The graph to look in; prune its edges first (``host.prune(top_k=5)``) since the
         number of embeddings grows quickly with the host's edges.
     max_matches : int or None, default 10
-        Stop after this many matches (None: all).
+        Return at most this many matches (None: all).
     time_budget : float or None, default 5.0
         Stop after this many seconds (None: no limit). VF2 checks the clock at every
         candidate pair. LAD is interrupted by a timer signal in the main thread; in other
         threads its budget is checked between LAD calls only.
+    max_candidates : int or None, optional
+        Stop after enumerating this many embeddings, and return the best ``max_matches`` of
+        them. Default: ``max_matches`` (stop as soon as that many are found).
     method : {"vf2", "lad"}, default "vf2"
         igraph's VF2 (vertex colours for corresponding layers, edge colours for signs,
         matches enumerated through a callback) or LAD (domains for corresponding layers,
@@ -377,6 +394,14 @@ def find_analogous(
         raise ValueError(f"method must be 'lad' or 'vf2', got {method!r}")
     if max_matches is not None and (isinstance(max_matches, bool) or int(max_matches) != max_matches or max_matches < 1):
         raise ValueError(f"max_matches must be a positive integer or None, got {max_matches!r}")
+    if max_candidates is not None and (
+        isinstance(max_candidates, bool) or int(max_candidates) != max_candidates or max_candidates < 1
+    ):
+        raise ValueError(f"max_candidates must be a positive integer or None, got {max_candidates!r}")
+    if max_candidates is None:
+        max_candidates = max_matches
+    elif max_matches is not None and max_candidates < max_matches:
+        raise ValueError(f"max_candidates ({max_candidates}) must be at least max_matches ({max_matches})")
     if time_budget is not None and not time_budget > 0:
         raise ValueError(f"time_budget must be positive seconds or None, got {time_budget!r}")
     if pattern.num_nodes == 0:
@@ -400,10 +425,17 @@ def find_analogous(
         )
         return MatchList(complete=True, method=method, elapsed=time.monotonic() - t0)
 
-    # Restrict the host to units of corresponding layers: smaller graphs for igraph.
+    # Restrict the host to units of corresponding layers: smaller graphs for igraph. Within
+    # a layer, strong units come first: both searches try candidates in vertex order, so
+    # embeddings through strong units, which tend to score well, are found early.
     p_layer = pattern.node_layer
     keep = allowed.any(axis=0)[host.node_layer]
+    a = np.abs(np.asarray(host.weight, dtype=np.float64))
+    strength = np.bincount(host.src, weights=a, minlength=host.num_nodes) + np.bincount(
+        host.dst, weights=a, minlength=host.num_nodes
+    )
     h_idx = np.flatnonzero(keep)
+    h_idx = h_idx[np.lexsort((h_idx, -strength[h_idx], host.node_layer[h_idx]))]
     local = -np.ones(host.num_nodes, dtype=np.int64)
     local[h_idx] = np.arange(h_idx.size)
     ek = keep[host.src] & keep[host.dst]
@@ -415,7 +447,7 @@ def find_analogous(
     pw = np.asarray(pattern.weight, dtype=np.float64)
     p_sign, h_sign = np.sign(pw).astype(np.int64) + 1, np.sign(hw).astype(np.int64) + 1
 
-    # Host edge lookup by key dst * n + src (sorted, since edges are sorted by (dst, src)).
+    # Host edge lookup: sorted keys dst * n + src, searched for all matches at once.
     h_key = hd * n_h + hs
     h_order = np.argsort(h_key, kind="stable")
     h_key_sorted = h_key[h_order]
@@ -439,7 +471,7 @@ def find_analogous(
         img = set(m)
         return sum(len(h_out[h] & img) for h in m) == pattern.num_edges
 
-    limit = None if max_matches is None else int(max_matches) + 1  # one more tells if there are more
+    limit = None if max_candidates is None else int(max_candidates) + 1  # one more tells if there are more
     if method == "vf2":
         H = ig.Graph(n=n_h, edges=np.column_stack([hs, hd]).tolist(), directed=True)
         P = ig.Graph(n=n_p, edges=np.column_stack([ps, pd]).tolist(), directed=True)
@@ -475,6 +507,8 @@ def find_analogous(
         found, stop = _search_lad(H, P, domains, n_p, lad_induced, limit, deadline, accept)
 
     complete = stop is None
+    if stop == "max_matches" and max_candidates != max_matches:
+        stop = "max_candidates"
     elapsed = time.monotonic() - t0
     if stop == "time_budget":
         warnings.warn(

@@ -18,13 +18,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
 from connectome.analysis.centrality import _check_nonempty, _edge_values, _topology
 from connectome.errors import ConnectomeError
 from connectome.graph import Connectome
+
+if TYPE_CHECKING:  # pragma: no cover
+    from connectome.analysis.communities import Partition
 
 __all__ = [
     "null_models",
@@ -471,7 +474,7 @@ def significance(
 
 
 # ----------------------------------------------------------------------------- hub roles
-def hub_roles(g: Connectome, partition) -> dict[str, np.ndarray]:
+def hub_roles(g: Connectome, partition: Partition | np.ndarray | Sequence[int]) -> dict[str, np.ndarray]:
     """Within-module degree z-score, participation coefficient and role of every unit.
 
     Computed on total ``|w|`` strength of the undirected view (in + out edges).

@@ -197,15 +197,16 @@ def test_labels_ordered_by_size_then_first_node(plant):
 
 
 def test_isolated_units_are_singletons_with_the_last_labels():
-    g = Connectome.from_edges(
-        [("a", "input", 3), ("b", "output", 3)],
-        [("a:0", "b:0", 1.0), ("a:1", "b:1", 1.0), ("a:0", "b:1", 1.0), ("a:1", "b:0", 1.0)],
-    )
+    edges = [(f"a:{i}", f"b:{j}", 1.0) for i in range(2) for j in range(2)]
+    edges += [(f"a:{i}", f"b:{j}", 1.0) for i in range(2, 4) for j in range(2, 4)]
+    g = Connectome.from_edges([("a", "input", 5), ("b", "output", 5)], edges)
     p = communities(g)
-    iso = [g.index_of("a:2"), g.index_of("b:2")]
-    assert p.membership.shape == (g.num_nodes,)
-    assert sorted(p.membership[iso].tolist()) == [p.n_communities - 2, p.n_communities - 1]
-    assert p.communities[-1].size == 1
+    assert p.sizes().tolist() == [4, 4, 1, 1]
+    assert p.membership[[g.index_of("a:4"), g.index_of("b:4")]].tolist() == [2, 3]
+    assert p.membership[[g.index_of("a:0"), g.index_of("a:2")]].tolist() == [0, 1]
+    q = communities(g, method="cpm", resolution=0.1)  # leidenalg
+    iso = q.membership[[g.index_of("a:4"), g.index_of("b:4")]].tolist()
+    assert iso == [q.n_communities - 2, q.n_communities - 1]
 
 
 # ----------------------------------------------------------------------- summaries, attrs, repr
@@ -227,6 +228,10 @@ def test_community_summaries_by_hand():
     assert cb.internal_flow == pytest.approx(4.0)
     assert ca.top_units == ("b:0", "c:0", "a:0")  # |attribution| 3.0, 1.0, 0.1
     assert cb.top_units == ("a:1", "b:1", "c:1")  # 5.0, 0.2, 0.0
+    # the same graph without attribution: ranked by |w| strength instead
+    h = Connectome(layers=g.layers, node_units=g.node_units, src=g.src, dst=g.dst, weight=g.weight)
+    plain = communities(h)
+    assert plain.communities[m["a:0"]].top_units == ("b:0", "a:0", "c:0")  # 3.01, 2.5, 1.5
 
 
 def test_to_node_attr_and_repr(plant):

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
 
 import networkx as nx
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from connectome.analysis._toys import random_layered_graph, toy_attribution
 from connectome.analysis.circuits import circuit
@@ -104,7 +105,7 @@ def test_sign_constraint_blocks_flipped_weights():
         assert unsigned[-1].n_same == 7
 
 
-def test_the_same_circuit_maps_onto_itself(cat=None):
+def test_the_same_circuit_maps_onto_itself():
     cat = toy_attribution("cat")
     c = circuit(cat)
     for method in METHODS:
@@ -139,14 +140,30 @@ def test_max_matches_ends_the_search(method):
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_max_candidates_ranks_more_embeddings(method):
+    pattern, host = _dense_case(width=6, depth=4)
+    everything = find_analogous(pattern, host, method=method, max_matches=None)
+    assert everything.complete and len(everything) == 6**4
+    few = find_analogous(pattern, host, method=method, max_matches=3)
+    many = find_analogous(pattern, host, method=method, max_matches=3, max_candidates=6**4)
+    assert many.complete and many.stopped_by is None
+    assert [m.mapping for m in many] == [m.mapping for m in everything[:3]]
+    assert few.stopped_by == "max_matches" and few[0].score <= many[0].score
+    part = find_analogous(pattern, host, method=method, max_matches=3, max_candidates=20)
+    assert len(part) == 3 and part.stopped_by == "max_candidates" and not part.complete
+    with pytest.raises(ValueError, match="at least max_matches"):
+        find_analogous(pattern, host, method=method, max_matches=3, max_candidates=2)
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_time_budget_ends_the_search_with_a_warning(method):
     pattern, host = _dense_case()
     t0 = time.monotonic()
     with pytest.warns(RuntimeWarning, match="time budget"):
-        found = find_analogous(pattern, host, method=method, max_matches=None, time_budget=0.3)
+        found = find_analogous(pattern, host, method=method, max_matches=5, max_candidates=10**9, time_budget=0.3)
     assert time.monotonic() - t0 < 3.0
     assert not found.complete and found.stopped_by == "time_budget"
-    assert len(found) > 0
+    assert len(found) == 5
 
 
 def test_hard_deadline_interrupts_igraph():
@@ -199,3 +216,29 @@ def test_bad_arguments(kw):
     g = toy_attribution("cat")
     with pytest.raises(ValueError):
         find_analogous(circuit(g), g, **kw)
+
+
+def _relabel(g: Connectome, perms: dict[str, np.ndarray]) -> tuple[Connectome, dict[str, str]]:
+    """The same graph with the units of each layer renumbered by ``perms``."""
+    new_id = {}
+    for l in g.layers:
+        for u in range(l.size):
+            new_id[f"{l.name}:{u}"] = f"{l.name}:{int(perms[l.name][u])}"
+    ids = g.node_ids.tolist()
+    edges = [(new_id[ids[s]], new_id[ids[d]], w) for s, d, w in zip(g.src.tolist(), g.dst.tolist(), g.weight.tolist())]
+    return Connectome.from_edges(g.layers, edges, meta=g.meta), new_id
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000), method=st.sampled_from(METHODS))
+def test_matches_are_permutation_equivariant(seed, method):
+    rng = np.random.default_rng(seed)
+    host = random_layered_graph([4, 5, 4, 2], p=0.5, seed=seed)
+    pattern = random_layered_graph([2, 2, 2, 1], p=0.7, seed=seed + 1)
+    moved, new_id = _relabel(host, {l.name: rng.permutation(l.size) for l in host.layers})
+    before = find_analogous(pattern, host, method=method, max_matches=None)
+    after = find_analogous(pattern, moved, method=method, max_matches=None)
+    assert before.complete and after.complete
+    expected = {frozenset((p, new_id[h]) for p, h in m.mapping.items()) for m in before}
+    assert {frozenset(m.mapping.items()) for m in after} == expected
+    assert sorted(m.score for m in after) == pytest.approx(sorted(m.score for m in before))

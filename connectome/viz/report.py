@@ -1,0 +1,284 @@
+"""A self-contained HTML report: headings, text, tables, code and figures.
+
+Figures are rendered to PNG when added (and closed, so a long report does not hold dozens
+of open figures); :meth:`Report.write` embeds each as base64 in ``report.html`` and also
+writes it beside the report as ``<name>.png``. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import os
+import re
+from numbers import Integral, Real
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from connectome.io import atomic_write
+
+__all__ = ["Report"]
+
+_CSS = """
+body { font-family: -apple-system, BlinkMacSystemFont, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
+       max-width: 1100px; margin: 2em auto; padding: 0 1.2em; color: #222; line-height: 1.5; }
+h1 { font-size: 1.8em; border-bottom: 2px solid #ddd; padding-bottom: .2em; }
+h2 { font-size: 1.4em; margin-top: 1.8em; border-bottom: 1px solid #eee; }
+h3 { font-size: 1.15em; margin-top: 1.4em; }
+figure { margin: 1.5em 0; text-align: center; }
+figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
+figcaption { color: #555; font-size: .92em; margin-top: .4em; }
+table { border-collapse: collapse; margin: 1em 0; font-size: .92em; }
+caption { caption-side: top; text-align: left; color: #555; padding-bottom: .3em; }
+th, td { border: 1px solid #ccc; padding: .3em .7em; }
+th { background: #f4f4f4; text-align: left; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+tr:nth-child(even) td { background: #fafafa; }
+pre { background: #f6f8fa; border: 1px solid #e1e4e8; padding: .8em; overflow-x: auto; font-size: .88em; }
+"""
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _cell(v: Any) -> tuple[str, bool]:
+    """Text of a table cell (floats to 4 significant digits) and whether it is numeric."""
+    if v is None:
+        return "", False
+    if isinstance(v, bool):
+        return str(v), False
+    if isinstance(v, Integral):
+        return str(int(v)), True
+    if isinstance(v, Real):
+        f = float(v)
+        if math.isnan(f):
+            return "nan", True
+        return f"{f:.4g}", True
+    if hasattr(v, "item") and getattr(v, "ndim", None) == 0:  # numpy scalars
+        return _cell(v.item())
+    return str(v), False
+
+
+def _safe_name(name: str) -> str:
+    stem = name[:-4] if name.lower().endswith(".png") else name
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.") or "figure"
+    return stem[:80]
+
+
+class Report:
+    """A self-contained HTML report built piece by piece.
+
+    Parameters
+    ----------
+    title : str
+        Page title and top heading.
+
+    Examples
+    --------
+    >>> rep = Report("toy")
+    >>> rep.add_heading("Summary")
+    >>> rep.add_text("Two units carry the flow.")
+    >>> rep.add_table([["h:0", 0.123456], ["h:1", 2]], headers=["unit", "flow"])
+    >>> "<table>" in rep.to_html()
+    True
+    """
+
+    def __init__(self, title: str) -> None:
+        self.title = str(title)
+        self._items: list[tuple[str, Any]] = []
+        self._names: set[str] = set()
+
+    # ------------------------------------------------------------------ building
+    def add_heading(self, text: str, level: int = 2) -> None:
+        """Add a heading; ``level`` 1 to 6 (1 is the report title's level)."""
+        level = int(level)
+        if not 1 <= level <= 6:
+            raise ValueError(f"heading level must be 1..6, got {level}")
+        self._items.append(("heading", (level, str(text))))
+
+    def add_text(self, text: str) -> None:
+        """Add text; blank lines separate paragraphs. The text is escaped, never read as HTML."""
+        paras = [p.strip() for p in re.split(r"\n\s*\n", str(text)) if p.strip()]
+        self._items.append(("text", paras))
+
+    def add_figure(self, fig: Any, caption: str = "", name: str | None = None, *, dpi: int = 110) -> str:
+        """Render ``fig`` to PNG, keep it for the report, and close the figure.
+
+        Parameters
+        ----------
+        fig : matplotlib.figure.Figure
+        caption : str
+            Shown under the image and used as its ``alt`` text.
+        name : str, optional
+            File name (without ``.png``) in the output folder; made safe and unique.
+        dpi : int, default 110
+
+        Returns
+        -------
+        str
+            The file name the PNG will have, ``"<name>.png"``.
+        """
+        if not hasattr(fig, "savefig"):
+            raise TypeError(f"add_figure expects a matplotlib Figure, got {type(fig).__name__}")
+        stem = _safe_name(name if name is not None else f"figure-{sum(k == 'figure' for k, _ in self._items) + 1}")
+        candidate, i = stem, 2
+        while candidate in self._names:
+            candidate, i = f"{stem}-{i}", i + 1
+        self._names.add(candidate)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", facecolor="white")
+        png = buf.getvalue()
+        self._close(fig)
+        file = f"{candidate}.png"
+        self._items.append(("figure", (file, str(caption), png)))
+        return file
+
+    @staticmethod
+    def _close(fig: Any) -> None:
+        import sys
+
+        if "matplotlib.pyplot" in sys.modules:
+            sys.modules["matplotlib.pyplot"].close(fig)
+
+    def add_table(self, rows: Iterable[Sequence[Any]], headers: Sequence[str] | None = None,
+                  caption: str | None = None) -> None:
+        """Add a table; floats are written with 4 significant digits.
+
+        Parameters
+        ----------
+        rows : iterable of sequences
+            One sequence of cell values per row.
+        headers : sequence of str, optional
+            Column names.
+        caption : str, optional
+        """
+        body = [[_cell(v) for v in row] for row in rows]
+        self._items.append(("table", ([str(h) for h in headers] if headers is not None else None, body,
+                                      None if caption is None else str(caption))))
+
+    def add_code(self, text: str) -> None:
+        """Add preformatted text (a command line, a repr, a JSON summary)."""
+        self._items.append(("code", str(text)))
+
+    # ------------------------------------------------------------------ output
+    def to_html(self) -> str:
+        """The whole page as a string, figures embedded as base64 PNG."""
+        e = html.escape
+        out = [
+            "<!DOCTYPE html>",
+            '<html lang="en">',
+            "<head>",
+            '<meta charset="utf-8">',
+            '<meta name="viewport" content="width=device-width, initial-scale=1">',
+            f"<title>{e(self.title)}</title>",
+            f"<style>{_CSS}</style>",
+            "</head>",
+            "<body>",
+            f"<h1>{e(self.title)}</h1>",
+        ]
+        for kind, item in self._items:
+            if kind == "heading":
+                level, text = item
+                out.append(f"<h{level}>{e(text)}</h{level}>")
+            elif kind == "text":
+                out.extend(f"<p>{e(p)}</p>" for p in item)
+            elif kind == "figure":
+                file, caption, png = item
+                data = base64.b64encode(png).decode("ascii")
+                out.append(
+                    f'<figure><img src="data:image/png;base64,{data}" alt="{e(caption)}" data-file="{e(file)}">'
+                    + (f"<figcaption>{e(caption)}</figcaption>" if caption else "")
+                    + "</figure>"
+                )
+            elif kind == "table":
+                headers, body, caption = item
+                out.append("<table>")
+                if caption:
+                    out.append(f"<caption>{e(caption)}</caption>")
+                if headers is not None:
+                    out.append("<thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in headers) + "</tr></thead>")
+                out.append("<tbody>")
+                for row in body:
+                    out.append("<tr>" + "".join(
+                        f'<td class="num">{e(t)}</td>' if num else f"<td>{e(t)}</td>" for t, num in row
+                    ) + "</tr>")
+                out.append("</tbody></table>")
+            elif kind == "code":
+                out.append(f"<pre><code>{e(item)}</code></pre>")
+        out += ["</body>", "</html>", ""]
+        return "\n".join(out)
+
+    def to_markdown(self) -> str:
+        """The report as Markdown; figures are linked as ``<name>.png`` (written by :meth:`write`)."""
+        out = [f"# {self.title}", ""]
+        for kind, item in self._items:
+            if kind == "heading":
+                level, text = item
+                out += ["#" * level + " " + text, ""]
+            elif kind == "text":
+                for p in item:
+                    out += [p, ""]
+            elif kind == "figure":
+                file, caption, _ = item
+                out += [f"![{caption.replace(']', ')')}]({file})", ""]
+                if caption:
+                    out += [f"*{caption}*", ""]
+            elif kind == "table":
+                headers, body, caption = item
+                if caption:
+                    out += [f"**{caption}**", ""]
+                width = max([len(headers or [])] + [len(r) for r in body])
+                hdr = list(headers or [""] * width) + [""] * (width - len(headers or [""] * width))
+                esc = lambda s: s.replace("|", "\\|").replace("\n", " ")  # noqa: E731
+                out.append("| " + " | ".join(esc(h) for h in hdr) + " |")
+                out.append("|" + "|".join("---:" if body and i < len(body[0]) and body[0][i][1] else "---"
+                                          for i in range(width)) + "|")
+                for row in body:
+                    cells = [esc(t) for t, _ in row] + [""] * (width - len(row))
+                    out.append("| " + " | ".join(cells) + " |")
+                out.append("")
+            elif kind == "code":
+                fence = "````" if "```" in item else "```"
+                out += [fence, item, fence, ""]
+        return "\n".join(out)
+
+    def write(self, out_dir: Any, *, markdown: bool = False) -> Path:
+        """Write ``report.html`` and one PNG per figure into ``out_dir``.
+
+        Parameters
+        ----------
+        out_dir : str or PathLike
+            Folder, created (with parents) if missing.
+        markdown : bool, default False
+            Also write ``report.md``.
+
+        Returns
+        -------
+        pathlib.Path
+            Path of ``report.html``.
+
+        Notes
+        -----
+        Each file goes to a temporary file in ``out_dir`` and is renamed into place; the PNGs
+        are written before the HTML that refers to them, so a reader never sees a report
+        whose images are missing.
+        """
+        out = Path(out_dir)
+        os.makedirs(out, exist_ok=True)
+        for kind, item in self._items:
+            if kind == "figure":
+                file, _, png = item
+                with atomic_write(out / file) as fh:
+                    fh.write(png)
+        if markdown:
+            with atomic_write(out / "report.md", "w") as fh:
+                fh.write(self.to_markdown())
+        path = out / "report.html"
+        with atomic_write(path, "w") as fh:
+            fh.write(self.to_html())
+        return path
+
+    def __repr__(self) -> str:
+        n_fig = sum(k == "figure" for k, _ in self._items)
+        return f"Report({self.title!r}, {len(self._items)} items, {n_fig} figures)"
