@@ -105,7 +105,7 @@ def _rewired(g: Connectome, rng: np.random.Generator, block: np.ndarray, rounds:
         ok &= ~_isin_sorted(k1, sorted_keys) & ~_isin_sorted(k2, sorted_keys)
         # Two accepted swaps must not create the same new edge.
         new = np.concatenate([k1[ok], k2[ok]])
-        uniq, inv, cnt = np.unique(new, return_inverse=True, return_counts=True)
+        _, inv, cnt = np.unique(new, return_inverse=True, return_counts=True)
         if (cnt > 1).any():
             dup = cnt[inv] > 1
             m = ok.sum()
