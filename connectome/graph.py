@@ -759,7 +759,8 @@ class Connectome:
         """
         import igraph as ig
 
-        G = ig.Graph(n=self.num_nodes, edges=np.column_stack([self.src, self.dst]).tolist(), directed=True)
+        # zip of two flat lists is several times faster than an (n, 2) nested list for igraph
+        G = ig.Graph(n=self.num_nodes, edges=list(zip(self.src.tolist(), self.dst.tolist())), directed=True)
         G.vs["name"] = self.node_ids.tolist()
         G.vs["layer"] = [self.layers[i].name for i in self._node_layer]
         G.vs["index"] = self.node_units.tolist()

@@ -12,12 +12,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from connectome.analysis.centrality import centrality, strength, top_nodes
+from connectome.analysis.centrality import MEASURES, centrality, strength, top_nodes
 from connectome.analysis.circuits import GroupGraph, circuit, neuron_groups, relative_depth, top_contributors
-from connectome.analysis.communities import Partition, communities, resolution_sweep
+from connectome.analysis.communities import Community, Partition, ResolutionSweep, SweepRow, communities, resolution_sweep
 from connectome.analysis.compare import CategoryCorrelation, Comparison, LayerComparison, compare, compare_categories
 from connectome.analysis.isomorphism import Match, MatchList, find_analogous
-from connectome.analysis.nulls import hub_roles, motif_counts, null_models, rich_club, significance
+from connectome.analysis.nulls import NullStat, Significance, hub_roles, motif_counts, null_models, rich_club, significance
 
 _LAZY = {
     # matching.py (runs models)
@@ -35,7 +35,8 @@ __all__ = sorted([
     "centrality", "strength", "top_nodes", "GroupGraph", "circuit", "neuron_groups", "relative_depth",
     "top_contributors", "Partition", "communities", "resolution_sweep", "CategoryCorrelation", "Comparison",
     "LayerComparison", "compare", "compare_categories", "Match", "MatchList", "find_analogous", "hub_roles",
-    "motif_counts", "null_models", "rich_club", "significance", *_LAZY,
+    "motif_counts", "null_models", "rich_club", "significance", "MEASURES", "Community", "ResolutionSweep",
+    "SweepRow", "NullStat", "Significance", *_LAZY,
 ])
 
 
