@@ -57,7 +57,8 @@ def _has_target(g: Connectome) -> bool:
     return g.meta.get("target_class") is not None or (labels is not None and g.meta.get("category") in labels)
 
 
-def graph_sections(g: Connectome, top: int = 10, seed: int = 0, report: Any = None, prefix: str = "") -> dict[str, Any]:
+def graph_sections(g: Connectome, top: int = 10, seed: int = 0, report: Any = None, prefix: str = "",
+                   mass: float = 0.8) -> dict[str, Any]:
     """Hubs, communities, circuit and neuron groups of one graph; adds figures to ``report``.
 
     Returns a JSON-able dict with the results and a ``text`` entry for the terminal.
@@ -89,18 +90,18 @@ def graph_sections(g: Connectome, top: int = 10, seed: int = 0, report: Any = No
                 f"largest sizes {p.sizes().tolist()[:8]}")
     rows = []
     for com in p.communities[: min(8, len(p.communities))]:
-        rows.append([getattr(com, "label", getattr(com, "index", "")), com.size, ", ".join(com.layers[:3]) + ("..." if len(com.layers) > 3 else ""),
-                     float(getattr(com, "internal_flow", float("nan"))), ", ".join(list(com.top_units)[:3])])
+        span = com.layers[0] if len(com.layers) == 1 else f"{com.layers[0]} .. {com.layers[-1]}"
+        rows.append([com.label, com.size, span, com.internal_flow, ", ".join(com.top_units[:3])])
     comm_table = (rows, ["community", "units", "layers", "internal flow", "top units"])
     text.append(table(*comm_table))
     # circuit
     circ = groups = None
     if _has_target(g):
-        circ = an.circuit(g_comm, mass=0.8)
+        circ = an.circuit(g_comm, mass=mass)
         sizes = {l.name: l.size for l in circ.layers}
-        data["circuit"] = {"mass": 0.8, "units": circ.num_nodes, "edges": circ.num_edges, "sizes": sizes}
+        data["circuit"] = {"mass": mass, "units": circ.num_nodes, "edges": circ.num_edges, "sizes": sizes}
         text.append("")
-        text.append(f"Circuit carrying 80% of the flow into {circ.layers[-1].labels[0] if circ.layers[-1].labels else circ.node_ids[-1]}: "
+        text.append(f"Circuit carrying {mass:.0%} of the flow per layer into {circ.layers[-1].labels[0] if circ.layers[-1].labels else circ.node_ids[-1]}: "
                     f"{circ.num_nodes} units, {circ.num_edges} edges")
         text.append(table([[k, v, g.layer(k).size] for k, v in sizes.items()], ["layer", "circuit units", "of"]))
         contrib = an.top_contributors(g, k=min(top, 10))
@@ -122,10 +123,10 @@ def graph_sections(g: Connectome, top: int = 10, seed: int = 0, report: Any = No
         report.add_figure(viz.plot_hubs(g, scores if np.isfinite(scores).any() else c["pagerank"], k=5,
                                         title=f"Top units by |{key}| per layer"),
                           f"Hubs of {name}: the units with the largest |{key}| in each layer.", f"{prefix}hubs_{_slug(name)}")
-        report.add_table(*[[r for r in comm_table[0]]], headers=comm_table[1],
+        report.add_table(comm_table[0], headers=comm_table[1],
                          caption=f"Leiden communities ({p.objective}, quality {p.quality:.3f})")
         if circ is not None:
-            report.add_figure(viz.plot_circuit(circ, title=f"Circuit of {name} (80% of flow)"),
+            report.add_figure(viz.plot_circuit(circ, title=f"Circuit of {name} ({mass:.0%} of flow per layer)"),
                               f"The layered circuit of {name}: units sized by attribution, coloured by community; "
                               "edges red for positive and blue for negative flow.", f"{prefix}circuit_{_slug(name)}")
             if groups is not None:
