@@ -36,6 +36,10 @@ def atomic_write(path: Any, mode: str = "wb") -> Iterator[IO[Any]]:
     if not folder.is_dir():
         raise ExportError(f"cannot write {str(path)!r}: folder {str(folder)!r} does not exist; create it first")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    # mkstemp makes the file 0600; give it the permissions a plain open() would.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
             yield fh

@@ -148,17 +148,21 @@ def plot_hubs(
             colours = [palette[int(ci) % 10] if np.isfinite(ci) and ci >= 0 else "0.7" for ci in c]
         else:
             colours = ["tab:blue" if vi >= 0 else "tab:gray" for vi in v]
-        ypos = np.arange(len(v))[::-1]
+        ypos = rows_k - 1 - np.arange(len(v))  # best at the top, short layers top-aligned
         ax.barh(ypos, v, color=colours, height=0.7)
         ax.set_yticks(ypos)
         ax.set_yticklabels(names, fontsize=8)
         ax.set_title(f"{l.name} ({l.kind})", fontsize=9)
         ax.axvline(0, color="0.5", lw=0.6)
-        hi = float(np.max(np.abs(v))) if v.size else 1.0
         for yy, vv in zip(ypos, v):
             ax.text(vv, yy, f" {vv:.3g} ", va="center", ha="left" if vv >= 0 else "right", fontsize=7)
-        lo_x = min(0.0, float(v.min()) * 1.3) if v.size else 0.0
-        ax.set_xlim(lo_x, max(hi * 1.35, 1e-12) if v.size and v.max() > 0 else max(-lo_x * 0.1, 1e-12))
+        lo = min(0.0, float(v.min())) if v.size else 0.0
+        hi = max(0.0, float(v.max())) if v.size else 0.0
+        span = hi - lo
+        if span > 0:
+            ax.set_xlim(lo - (0.3 * span if lo < 0 else 0.0), hi + (0.3 * span if hi > 0 else 0.05 * span))
+        else:
+            ax.set_xlim(0.0, 1.0)  # all scores 0
         ax.set_ylim(-0.6, max(rows_k, 1) - 0.4)
         ax.tick_params(axis="x", labelsize=7)
         for side in ("top", "right"):
@@ -275,6 +279,31 @@ def _display_image(img: Any) -> np.ndarray:
     return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
 
 
+def _upsample(m: np.ndarray, H: int, W: int) -> np.ndarray:
+    """Bilinear resize of a (h, w) map to (H, W), pixel centres aligned (as in ``F.interpolate``)."""
+    h, w = m.shape
+
+    def axis(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        pos = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0.0, n_in - 1.0)
+        i0 = np.floor(pos).astype(np.int64)
+        i1 = np.minimum(i0 + 1, n_in - 1)
+        return i0, i1, pos - i0
+
+    y0, y1, wy = axis(H, h)
+    x0, x1, wx = axis(W, w)
+    top = m[y0][:, x0] * (1 - wx) + m[y0][:, x1] * wx
+    bottom = m[y1][:, x0] * (1 - wx) + m[y1][:, x1] * wx
+    return top * (1 - wy)[:, None] + bottom * wy[:, None]
+
+
+def _heat_rgba(m: np.ndarray, lo: float, hi: float, cmap: Any) -> np.ndarray:
+    """Colour a map, opacity growing with the value: quiet regions leave the image visible."""
+    t = np.clip((np.where(np.isfinite(m), m, lo) - lo) / (hi - lo), 0.0, 1.0)
+    rgba = cmap(t)
+    rgba[..., 3] = 0.75 * np.sqrt(t)
+    return rgba
+
+
 def plot_image_comparison(
     image_a: Any,
     image_b: Any,
@@ -288,8 +317,8 @@ def plot_image_comparison(
 
     The top of the figure shows the two images; when ``maps`` is given, one row per layer
     shows each image with the chosen unit's spatial activation laid over it (upsampled to
-    the image with bilinear interpolation, one colour scale for both images, Grad-CAM
-    style). Below, one grouped bar chart per layer compares the activation of each top
+    the image size with bilinear interpolation, one colour scale for both images, more
+    opaque where the activation is higher, Grad-CAM style). Below, one grouped bar chart per layer compares the activation of each top
     unit on image A and on image B.
 
     Parameters
@@ -336,13 +365,15 @@ def plot_image_comparison(
         overlay.append((str(layer), unit, m))
     diffs = {str(k): list(v) for k, v in dict(diffs).items()}
 
-    plt_rows = max(len(overlay), 1)
     n_bar = len(diffs)
     bar_cols = min(max(n_bar, 1), 3)
     bar_rows = -(-n_bar // bar_cols) if n_bar else 0
     width = max(7.0, 3.4 * bar_cols)
-    img_h = 2.9 * plt_rows
+    img_h = 2.6 * (1 + len(overlay))
     bar_h = 2.7 * bar_rows
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
     from connectome.viz import _plt
 
     fig = _plt().figure(figsize=(width, img_h + bar_h + 0.6), layout="constrained")
@@ -352,34 +383,36 @@ def plot_image_comparison(
     else:
         top, bottom = fig, None
 
+    # Row 0: the images as they are; one row per map: the image in grey under the unit's
+    # activation, so the heat colours are not confused with the image's own colours. A
+    # narrow third column holds each row's colour bar and keeps the columns aligned.
+    grid = top.subplots(1 + len(overlay), 3, squeeze=False, gridspec_kw={"width_ratios": [1, 1, 0.05]})
+    grey = [im if im.ndim == 2 else im @ np.array([0.299, 0.587, 0.114]) for im in img]
+    for j in range(2):
+        ax = grid[0, j]
+        ax.imshow(img[j], cmap="gray" if img[j].ndim == 2 else None, vmin=0, vmax=1)
+        ax.set_title(names[j], fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    grid[0, 2].set_visible(False)
     cmap = matplotlib.colormaps["turbo"]
-    if overlay:
-        axes = top.subplots(len(overlay), 2, squeeze=False)
-        for row, (layer, unit, m) in zip(axes, overlay):
-            finite = m[np.isfinite(m)]
-            lo = min(0.0, float(finite.min())) if finite.size else 0.0
-            hi = float(finite.max()) if finite.size else 1.0
-            hi = hi if hi > lo else lo + 1.0
-            im = None
-            for j, ax in enumerate(row):
-                H, W = img[j].shape[:2]
-                ax.imshow(img[j], cmap="gray" if img[j].ndim == 2 else None, vmin=0, vmax=1)
-                im = ax.imshow(np.where(np.isfinite(m[j]), m[j], lo), cmap=cmap, vmin=lo, vmax=hi, alpha=0.5,
-                               extent=(-0.5, W - 0.5, H - 0.5, -0.5), interpolation="bilinear")
-                what = f"{layer} unit {unit}" if unit is not None else layer
-                ax.set_title(f"{names[j]}: {what}", fontsize=9)
-                ax.set_xticks([])
-                ax.set_yticks([])
-            cb = top.colorbar(im, ax=list(row), shrink=0.85, fraction=0.05)
-            cb.set_label("activation", fontsize=8)
-            cb.ax.tick_params(labelsize=7)
-    else:
-        axes = top.subplots(1, 2, squeeze=False)[0]
-        for j, ax in enumerate(axes):
-            ax.imshow(img[j], cmap="gray" if img[j].ndim == 2 else None, vmin=0, vmax=1)
-            ax.set_title(names[j], fontsize=9)
+    for row, (layer, unit, m) in zip(grid[1:], overlay):
+        finite = m[np.isfinite(m)]
+        lo = min(0.0, float(finite.min())) if finite.size else 0.0
+        hi = float(finite.max()) if finite.size else 1.0
+        hi = hi if hi > lo else lo + 1.0
+        what = f"{layer} unit {unit}" if unit is not None else layer
+        for j in range(2):
+            ax = row[j]
+            H, W = img[j].shape[:2]
+            ax.imshow(grey[j], cmap="gray", vmin=0, vmax=1)
+            ax.imshow(_heat_rgba(_upsample(m[j], H, W), lo, hi, cmap), interpolation="nearest")
+            ax.set_title(f"{names[j]}: {what}", fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])
+        cb = top.colorbar(ScalarMappable(Normalize(lo, hi), cmap), cax=row[2])
+        cb.set_label("activation", fontsize=8)
+        cb.ax.tick_params(labelsize=7)
 
     if bottom is not None:
         bax = bottom.subplots(bar_rows, bar_cols, squeeze=False).ravel()
@@ -574,7 +607,7 @@ def plot_curves(
         order = np.argsort(x, kind="stable")
         x, y = x[order], y[order]
         ax.plot(x, y, color=col, lw=1.8, marker="o" if x.size <= 25 else None, ms=3.5,
-                label=f"{name} (AUC={_auc(x, y):.3g})")
+                label=f"{name} (AUC={_auc(x, y):.3f})")
         if len(c) >= 3 and c[2] is not None:
             sd = np.asarray(c[2], dtype=np.float64).reshape(-1)[order]
             ax.fill_between(x, y - sd, y + sd, color=col, alpha=0.18, linewidth=0)

@@ -60,6 +60,18 @@ def _cell(v: Any) -> tuple[str, bool]:
     return str(v), False
 
 
+def _write(path: Path, data: bytes) -> None:
+    """Atomic write, readable by others like any file a user saves (temp files are 0600)."""
+    with atomic_write(path) as fh:
+        fh.write(data)
+    os.chmod(path, 0o644)
+
+
+def _md(text: str) -> str:
+    """Markdown text where ``<``/``>``/``&`` are literal, not HTML."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def _safe_name(name: str) -> str:
     stem = name[:-4] if name.lower().endswith(".png") else name
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.") or "figure"
@@ -211,14 +223,14 @@ class Report:
 
     def to_markdown(self) -> str:
         """The report as Markdown; figures are linked as ``<name>.png`` (written by :meth:`write`)."""
-        out = [f"# {self.title}", ""]
+        out = [f"# {_md(self.title)}", ""]
         for kind, item in self._items:
             if kind == "heading":
                 level, text = item
-                out += ["#" * level + " " + text, ""]
+                out += ["#" * level + " " + _md(text), ""]
             elif kind == "text":
                 for p in item:
-                    out += [p, ""]
+                    out += [_md(p), ""]
             elif kind == "figure":
                 file, caption, _ = item
                 out += [f"![{caption.replace(']', ')')}]({file})", ""]
@@ -269,14 +281,11 @@ class Report:
         for kind, item in self._items:
             if kind == "figure":
                 file, _, png = item
-                with atomic_write(out / file) as fh:
-                    fh.write(png)
+                _write(out / file, png)
         if markdown:
-            with atomic_write(out / "report.md", "w") as fh:
-                fh.write(self.to_markdown())
+            _write(out / "report.md", self.to_markdown().encode("utf-8"))
         path = out / "report.html"
-        with atomic_write(path, "w") as fh:
-            fh.write(self.to_html())
+        _write(path, self.to_html().encode("utf-8"))
         return path
 
     def __repr__(self) -> str:
