@@ -64,6 +64,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--image-size", type=int, default=None, help="resize/crop ImageFolder images to this size")
     e.add_argument("--categories", default=None, help="comma-separated category names (default: all)")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
+    e.add_argument("--num-workers", type=int, default=0,
+                   help="DataLoader worker processes decoding images (default 0: in the main process)")
+    e.add_argument("--checkpoint", default=None, metavar="DIR",
+                   help="folder for a resumable run: rerun the same command to continue after an interruption")
+    e.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
+                   help="batches between checkpoints (default 50)")
 
     r = add("report", "Analyse one graph: hubs, communities, circuit; print and write report.html.")
     r.add_argument("graph", metavar="GRAPH.npz")
@@ -133,6 +139,15 @@ def _check_out_file(path: str) -> None:
 
 
 def _cmd_extract(a: argparse.Namespace) -> int:
+    from connectome.extract.distributed import launched
+
+    # Under torchrun (WORLD_SIZE > 1) this starts the process group: every process computes
+    # its shard, all hold the combined graphs, and only rank 0 writes and prints.
+    with launched(a.device) as (rank, _):
+        return _extract(a, rank)
+
+
+def _extract(a: argparse.Namespace, rank: int) -> int:
     from connectome.extract import attribution_by_category
     from connectome.modelspec import load_data_spec, load_model_spec
 
@@ -146,13 +161,20 @@ def _cmd_extract(a: argparse.Namespace) -> int:
         transform = default_transform(size)
     if a.batch_size < 1:
         raise ConnectomeError(f"--batch-size must be >= 1, got {a.batch_size}")
+    if a.num_workers < 0:
+        raise ConnectomeError(f"--num-workers must be >= 0, got {a.num_workers}")
+    if a.checkpoint_every < 1:
+        raise ConnectomeError(f"--checkpoint-every must be >= 1 batch, got {a.checkpoint_every}")
     cats = [c.strip() for c in a.categories.split(",")] if a.categories else None
     target: Any = a.target
     graphs = attribution_by_category(
         spec.model, data, target, categories=cats, batch_size=a.batch_size, transform=transform,
         progress=not a.quiet, per_sample=a.per_sample, device=a.device, max_images=a.max_images,
-        name=spec.name, labels=spec.classes,
+        name=spec.name, labels=spec.classes, num_workers=a.num_workers, checkpoint=a.checkpoint,
+        checkpoint_every=a.checkpoint_every,
     )
+    if rank != 0:
+        return 0
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     index = {"model": spec.name, "data": a.data, "target": a.target, "categories": {}}

@@ -153,12 +153,12 @@ class Connectome:
             raise ConnectomeError(f"layer names must be unique; repeated: {dup}")
         object.__setattr__(self, "layers", layers)
         n = sum(l.size for l in layers)
-        units = np.asarray(self.node_units, dtype=np.int64).reshape(-1)
+        units = _owned(self.node_units, np.int64)
         if units.shape[0] != n:
             raise ConnectomeError(f"node_units has {units.shape[0]} entries for {n} nodes")
-        src = np.asarray(self.src, dtype=np.int64).reshape(-1)
-        dst = np.asarray(self.dst, dtype=np.int64).reshape(-1)
-        weight = np.asarray(self.weight)
+        src = _owned(self.src, np.int64)
+        dst = _owned(self.dst, np.int64)
+        weight = _owned(self.weight)
         if weight.dtype.kind not in "fiu":
             raise ConnectomeError(f"edge weights must be numeric, got dtype {weight.dtype}")
         if weight.dtype.kind != "f":
@@ -179,11 +179,11 @@ class Connectome:
                 f"edges must go forward in layer order; edge {bad} goes from layer "
                 f"{layers[node_layer[src[bad]]].name!r} to {layers[node_layer[dst[bad]]].name!r}"
             )
-        edge_attrs = {k: np.asarray(v).reshape(-1) for k, v in dict(self.edge_attrs).items()}
+        edge_attrs = {k: _owned(v) for k, v in dict(self.edge_attrs).items()}
         for k, v in edge_attrs.items():
             if v.shape != weight.shape:
                 raise ConnectomeError(f"edge attribute {k!r} has {v.shape[0]} values for {weight.shape[0]} edges")
-        node_attrs = {k: np.asarray(v).reshape(-1) for k, v in dict(self.node_attrs).items()}
+        node_attrs = {k: _owned(v) for k, v in dict(self.node_attrs).items()}
         for k, v in node_attrs.items():
             if v.shape[0] != n:
                 raise ConnectomeError(f"node attribute {k!r} has {v.shape[0]} values for {n} nodes")
@@ -329,7 +329,7 @@ class Connectome:
             layers.append(replace(l, size=len(ns), labels=labels))
         pos = {n: i for i, n in enumerate(ordered_nodes)}
         units = np.array([unit_of[n] for n in ordered_nodes], dtype=np.int64)
-        reserved = {"layer", "index", "label", "kind"}
+        reserved = {"layer", "index", "label", "kind", "name"}
         attr_names = sorted({k for _, d in nodes for k, v in d.items() if k not in reserved and _is_number(v)})
         node_attrs = {
             k: np.array([float(G.nodes[n].get(k, np.nan)) for n in ordered_nodes]) for k in attr_names
@@ -343,6 +343,13 @@ class Connectome:
         meta = G.graph.get("meta", {})
         if isinstance(meta, str):
             meta = json.loads(meta)
+        dtypes = G.graph.get("dtypes") or {}
+        if isinstance(dtypes, str):
+            dtypes = json.loads(dtypes)
+        if "weight" in dtypes:
+            weight = weight.astype(np.dtype(dtypes["weight"]))
+        node_attrs = {k: v.astype(np.dtype(dtypes[f"node:{k}"])) if f"node:{k}" in dtypes else v for k, v in node_attrs.items()}
+        edge_attrs = {k: v.astype(np.dtype(dtypes[f"edge:{k}"])) if f"edge:{k}" in dtypes else v for k, v in edge_attrs.items()}
         return cls(
             layers=tuple(layers),
             node_units=units,
@@ -735,6 +742,12 @@ class Connectome:
         G = nx.DiGraph()
         G.graph["layers"] = [l.to_dict() for l in self.layers]
         G.graph["meta"] = dict(self.meta)
+        # dtypes travel so that from_networkx restores float32 weights, int communities, bools
+        G.graph["dtypes"] = {
+            "weight": self.weight.dtype.str,
+            **{f"node:{k}": v.dtype.str for k, v in self.node_attrs.items()},
+            **{f"edge:{k}": v.dtype.str for k, v in self.edge_attrs.items()},
+        }
         ids = self.node_ids.tolist()
         labels = self.node_labels.tolist()
         cols = {k: v.tolist() for k, v in self.node_attrs.items()}
@@ -832,8 +845,17 @@ class Connectome:
         return self.num_nodes
 
 
+def _owned(a: Any, dtype: Any = None) -> np.ndarray:
+    """A flat array the graph owns: read-only arrays (another graph's) are shared, anything
+    the caller could still write to is copied, so the graph cannot change behind its back."""
+    arr = np.asarray(a, dtype=dtype).reshape(-1)
+    if arr.flags.writeable or (isinstance(a, np.ndarray) and a.flags.writeable):
+        arr = arr.copy()
+    return arr
+
+
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+    return isinstance(v, (int, float, bool, np.integer, np.floating, np.bool_))
 
 
 def _short_list(items: Sequence[str], n: int = 8) -> str:

@@ -13,13 +13,14 @@ import json
 import os
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 from typing import IO, Any, Iterator
 from xml.sax.saxutils import escape, quoteattr
 
 import numpy as np
 
-from connectome.errors import BadFileError, ExportError
+from connectome.errors import BadFileError, ConnectomeError, ExportError
 from connectome.graph import Connectome, Layer
 
 __all__ = ["save", "load", "write_graphml", "write_gexf", "layout", "node_colors", "atomic_write"]
@@ -106,8 +107,9 @@ def load(path: Any) -> Connectome:
             if "header" not in z.files:
                 raise BadFileError(f"{str(p)!r} is an .npz but not a connectome (no header); write graphs with Connectome.save")
             header = json.loads(str(z["header"]))
-            if header.get("format") != FORMAT:
-                raise BadFileError(f"{str(p)!r} is not a connectome file (format {header.get('format')!r})")
+            if not isinstance(header, dict) or header.get("format") != FORMAT:
+                found = header.get("format") if isinstance(header, dict) else type(header).__name__
+                raise BadFileError(f"{str(p)!r} is not a connectome file (format {found!r}); write graphs with Connectome.save")
             if header.get("version", 0) > FORMAT_VERSION:
                 raise BadFileError(
                     f"{str(p)!r} was written by a newer connectome (format v{header['version']}); upgrade torch-connectome"
@@ -115,7 +117,7 @@ def load(path: Any) -> Connectome:
             data = {k: z[k] for k in z.files}
     except BadFileError:
         raise
-    except (zipfile.BadZipFile, OSError, ValueError, KeyError, EOFError, json.JSONDecodeError) as exc:
+    except (zipfile.BadZipFile, zlib.error, OSError, ValueError, KeyError, EOFError, json.JSONDecodeError) as exc:
         raise BadFileError(
             f"{str(p)!r} is not a readable connectome file ({type(exc).__name__}: {exc}); it may be truncated "
             "or another kind of file - write it again with Connectome.save"
@@ -133,6 +135,8 @@ def load(path: Any) -> Connectome:
         )
     except KeyError as exc:
         raise BadFileError(f"{str(p)!r} is missing the array {exc}; the file is damaged") from None
+    except (ConnectomeError, TypeError, ValueError) as exc:
+        raise BadFileError(f"{str(p)!r} holds inconsistent arrays ({exc}); the file is damaged") from None
 
 
 # ---------------------------------------------------------------------------- layout and colour

@@ -271,6 +271,8 @@ class FlowAccumulator:
                         continue
                     gs = go[:, op.offset : op.offset + c]
                     per = _per_image_channel_sum(xo * gs, c)
+                    if op.sign != 1.0:  # the subtracted operand of a residual `a - b`
+                        per = per * op.sign
                     vals.append(per.sum(0))
                     absv.append(per.abs().sum(0))
                 self._add_identity(li, vals, absv)
@@ -487,6 +489,9 @@ def attribution(
     progress: bool = True,
     name: str | None = None,
     category: str | None = None,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 50,
+    _batch_hook: Callable[[int], None] | None = None,
 ) -> Connectome:
     """The attribution-flow connectome of a model for a set of images.
 
@@ -522,6 +527,14 @@ def attribution(
         Show a progress bar (images/s) on stderr.
     name, category : str, optional
         ``meta["model"]`` and ``meta["category"]``.
+    checkpoint : str or Path, optional
+        Folder for resumable runs: every ``checkpoint_every`` batches each process saves its
+        sums and position to ``rank{r}.pt`` (atomically). Started again with the same
+        arguments, a killed run skips the batches done and ends with exactly the result of
+        an uninterrupted run; a checkpoint of other arguments is refused. Kept, marked
+        complete, at the end (a rerun then returns at once; delete the folder to recompute).
+    checkpoint_every : int, default 50
+        Batches between checkpoints.
 
     Returns
     -------
@@ -538,22 +551,38 @@ def attribution(
         ``device="cuda"`` without a GPU; a batch that runs out of GPU memory.
     ExtractionError
         The model cannot be traced or mapped to units.
+    BadFileError
+        A checkpoint file that is corrupted or not a checkpoint.
+
+    Notes
+    -----
+    Under ``torchrun`` (an initialised default process group with several processes) each
+    process reads its shard of the data, ``range(n)[rank::world_size]``, on its own device
+    (``cuda:LOCAL_RANK`` for ``device=None`` or ``"cuda"``); the sums are combined once at the
+    end with ``all_reduce`` and every process returns the same Connectome. Such runs (and
+    checkpointed ones) read the dataset in its own order and ``max_images`` takes its first
+    items. See :mod:`connectome.extract.distributed`.
     """
     check_model(model)
     info = make_loader(data, batch_size=batch_size, num_workers=num_workers, transform=transform,
                        pin_memory=resolve_device(device).type == "cuda")
     return _attribution(model, info, target, per_sample=per_sample, layers=layers, device=device, labels=labels,
-                        max_images=max_images, amp=amp, progress=progress, name=name, category=category)
+                        max_images=max_images, amp=amp, progress=progress, name=name, category=category,
+                        checkpoint=checkpoint, checkpoint_every=checkpoint_every, _batch_hook=_batch_hook)
 
 
 def _attribution(model: nn.Module, info: Any, target: Any = "label", *, per_sample: bool = False,
                  layers: Sequence[str] | None = None, device: Any = None, labels: Sequence[str] | None = None,
                  max_images: int | None = None, amp: bool = False, progress: bool = True,
-                 name: str | None = None, category: str | None = None) -> Connectome:
+                 name: str | None = None, category: str | None = None, checkpoint: Any = None,
+                 checkpoint_every: int = 50, _batch_hook: Callable[[int], None] | None = None) -> Connectome:
+    from connectome.extract.distributed import rank_device, rank_world
+
     check_model(model)
-    dev = resolve_device(device)
+    dev = rank_device(resolve_device(device))
     acc, t_info = _accumulate(model, info, target, dev, per_sample, amp, progress, max_images, labels,
-                              category=category)
+                              batch_hook=_batch_hook, category=category, checkpoint=checkpoint,
+                              checkpoint_every=checkpoint_every)
     g = acc.to_graph(t_info["labels"], {
         "model": name or type(model).__name__,
         "target": target if isinstance(target, (str, int)) else getattr(target, "__name__", "callable"),
@@ -563,6 +592,9 @@ def _attribution(model: nn.Module, info: Any, target: Any = "label", *, per_samp
         "skipped_images": len(t_info["skipped"]),
         "versions": _versions(),
     })
+    world = rank_world()[1]
+    if world > 1:  # every process returns the same graph: no per-process device in it
+        g = g.with_meta(device=dev.type, world_size=world)
     if layers:
         g = g.contract([_layer_name(g, l) for l in layers])
     return g
@@ -576,35 +608,56 @@ def _layer_name(g: Connectome, name: str) -> str:
 
 
 def _accumulate(model, info, target, dev, per_sample, amp, progress, max_images, labels,
-                batch_hook: Callable[[int], None] | None = None, category: str | None = None) -> tuple[FlowAccumulator, dict[str, Any]]:
+                batch_hook: Callable[[int], None] | None = None, category: str | None = None,
+                checkpoint: Any = None, checkpoint_every: int = 50) -> tuple[FlowAccumulator, dict[str, Any]]:
     from tqdm.auto import tqdm
+
+    from connectome.extract.distributed import ShardedRun, SkippedNames, rank_world
 
     t0 = time.perf_counter()
     m = model_on(model, dev)
     dtype = model_dtype(m)
-    skipped: list[str] = []
+    skipped = SkippedNames()  # counts every file, keeps a few names: memory does not grow with the data
     total = info.n_images if max_images is None else min(info.n_images or max_images, max_images)
+    run = None  # this process's shard of a distributed run, and/or a run resumable from a checkpoint
+    if checkpoint is not None or rank_world()[1] > 1:
+        run = ShardedRun(info, m, dev, target=target, per_sample=per_sample, amp=amp, max_images=max_images,
+                         checkpoint=checkpoint, checkpoint_every=checkpoint_every, category=category)
+        skipped, total, max_images = run.skipped, run.n, None  # the shards already stop at max_images
+    scale = run.world if run is not None else 1  # rank 0's bar shows the whole job's images/s (about)
     desc = f"attribution {category}" if category else "attribution"
-    bar = tqdm(total=total, unit="img", desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    bar = tqdm(total=total, unit="img", desc=desc, disable=not progress or (run is not None and run.rank != 0),
+               leave=False, dynamic_ncols=True, initial=run.images_done if run is not None else 0)
     acc = None
+    error: BaseException | None = None
     t_info: dict[str, Any] = {"labels": None, "target_class": None}
+
+    def start(x: torch.Tensor) -> tuple[FlowAccumulator, Callable[..., torch.Tensor], int]:
+        ug = trace_units(m, x[:1].to(dev, dtype=dtype))
+        n_out = ug.layers[ug.output_layer].size
+        t_info["labels"] = _labels_for_output(labels, info.classes, n_out)
+        fn, t_info["target_class"] = _target_fn(target, n_out, t_info["labels"] or info.classes)
+        acc = FlowAccumulator(ug, dev, dtype, per_sample=per_sample, amp=amp)
+        if run is not None:
+            run.restore(acc)
+        return acc, fn, n_out
+
     try:
         with eval_mode(m), no_inplace(m):
             seen = 0
-            for bi, batch in enumerate(info.loader):
+            for bi, batch in enumerate(info.loader if run is None else run.loader,
+                                       start=0 if run is None else run.start_batch):
                 x, y, sk = unpack_batch(batch)
                 skipped.extend(sk)
                 if x is None:
+                    if run is not None:
+                        run.after_batch(acc, bi)
                     continue
                 if max_images is not None and seen + x.shape[0] > max_images:
                     x = x[: max_images - seen]
                     y = y[: max_images - seen] if y is not None else None
                 if acc is None:
-                    ug = trace_units(m, x[:1].to(dev, dtype=dtype))
-                    n_out = ug.layers[ug.output_layer].size
-                    t_info["labels"] = _labels_for_output(labels, info.classes, n_out)
-                    fn, t_info["target_class"] = _target_fn(target, n_out, t_info["labels"] or info.classes)
-                    acc = FlowAccumulator(ug, dev, dtype, per_sample=per_sample, amp=amp)
+                    acc, fn, n_out = start(x)
                 if target == "label":
                     if y is None:
                         raise DataError("target='label' needs labels; the data has images only (pass (images, labels) or target=<class>)")
@@ -622,20 +675,34 @@ def _accumulate(model, info, target, dev, per_sample, amp, progress, max_images,
                         + (" or per_sample=False" if per_sample else "")
                     ) from None
                 seen += x.shape[0]
-                bar.update(x.shape[0])
+                bar.update(x.shape[0] * scale)
+                if run is not None:
+                    run.after_batch(acc, bi)
                 if batch_hook is not None:
                     batch_hook(bi)
                 if max_images is not None and seen >= max_images:
                     break
+            if run is not None and acc is None:
+                # This shard is empty (or was done before a resume): trace on one image anyway,
+                # so that this process holds accumulators of the right shapes for all_reduce.
+                example = run.example()
+                if example is not None:
+                    acc, _, _ = start(example)
+    except BaseException as exc:
+        if run is None:
+            raise
+        error = exc  # raised below on every process, once they all know (none waits forever)
     finally:
         bar.close()
+    if run is not None:
+        t_info["seconds"] = run.finish(acc, error, time.perf_counter() - t0)
     warn_skipped(skipped)
     if acc is None:
         raise DataError(
             "no images could be read" + (f": all {len(skipped)} files failed to decode" if skipped else "; the data is empty")
         )
     t_info["skipped"] = skipped
-    t_info["seconds"] = time.perf_counter() - t0
+    t_info.setdefault("seconds", time.perf_counter() - t0)
     return acc, t_info
 
 
@@ -648,6 +715,8 @@ def attribution_by_category(
     batch_size: int = 64,
     transform: Callable[[Any], Any] | None = None,
     progress: bool = True,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 50,
     **kwargs: Any,
 ) -> dict[str, Connectome]:
     """One attribution graph per image category, named by class name.
@@ -662,6 +731,11 @@ def attribution_by_category(
         As in :func:`attribution`.
     categories : sequence of str, optional
         Only these categories (class names).
+    checkpoint : str or Path, optional
+        Folder for a resumable run: one sub-folder per category (``<label>-<name>``), as in
+        :func:`attribution`; categories finished before an interruption are not read again.
+    checkpoint_every : int, default 50
+        Batches between checkpoints.
     **kwargs
         Passed to :func:`attribution` (``per_sample``, ``device``, ``layers`` ...).
 
@@ -669,6 +743,11 @@ def attribution_by_category(
     -------
     dict of str -> Connectome
         In class order; ``meta["category"]`` and ``meta["target_class"]`` set.
+
+    Notes
+    -----
+    Under ``torchrun`` every process runs the categories in the same (class) order, each
+    split across the processes as in :func:`attribution`, and returns the same graphs.
     """
     info = make_loader(data, batch_size=batch_size, transform=transform)
     ds = info.dataset
@@ -709,7 +788,11 @@ def attribution_by_category(
                             num_workers=kwargs.get("num_workers", 0))
         sub_info = LoaderInfo(loader, subset, info.classes, len(subset))
         try:
-            g = _attribution(model, sub_info, target, progress=progress, category=cname,
+            from connectome.extract.distributed import category_folder
+
+            ck = None if checkpoint is None else Path(checkpoint) / category_folder(label, cname)
+            g = _attribution(model, sub_info, target, progress=progress, category=cname, checkpoint=ck,
+                             checkpoint_every=checkpoint_every,
                              **{k: v for k, v in kwargs.items() if k != "num_workers"})
         except DataError as exc:
             raise DataError(f"category {cname!r}: {exc}") from None

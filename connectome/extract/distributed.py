@@ -1,0 +1,588 @@
+"""Large attribution runs: dataset shards across processes, one all-reduce, resumable checkpoints.
+
+Nothing here is cluster code: ``torch.distributed`` does the communication (launched with
+``torchrun``; NCCL between GPUs, gloo between CPU processes). A run is *sharded* when a
+default process group with more than one process is initialised, or when a checkpoint
+folder is given:
+
+- every process (rank) reads ``indices[rank::world_size]`` of the dataset (no padding, so
+  no image is read twice and none is skipped when the count does not divide evenly) and
+  accumulates its flows on its own device;
+- the accumulators are summed once at the end with ``all_reduce`` (``act_max`` with MAX),
+  after which every rank holds the totals and builds the same Connectome;
+- with a checkpoint folder each rank saves its accumulators and its position (batches done)
+  to ``rank{r}.pt`` every N batches, atomically; a run started again with the same
+  arguments skips the batches already done without reading them and ends with exactly the
+  result of an uninterrupted run. A checkpoint written by different arguments is refused.
+
+:func:`connectome.extract.attribution` and
+:func:`connectome.extract.attribution_by_category` use this module; it is public for
+custom loops around :class:`~connectome.extract.flow.FlowAccumulator`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, IterableDataset, Sampler, Subset, TensorDataset
+
+from connectome.errors import BadFileError, ConnectomeError, DataError
+
+__all__ = [
+    "ShardSampler",
+    "SkippedNames",
+    "ShardedRun",
+    "Checkpoint",
+    "rank_world",
+    "rank_device",
+    "launched",
+    "agree",
+    "all_reduce_accumulator",
+    "fingerprint",
+    "category_folder",
+]
+
+CHECKPOINT_FORMAT = "connectome.attribution-checkpoint"
+CHECKPOINT_VERSION = 1
+_BUCKET = 1 << 24  # elements per all_reduce call (128 MB of float64): bounds the extra memory
+
+
+# ----------------------------------------------------------------------------- process group
+def rank_world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the default process group, ``(0, 1)`` when there is none."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _local_rank() -> int:
+    if "LOCAL_RANK" in os.environ:
+        return int(os.environ["LOCAL_RANK"])
+    rank, _ = rank_world()
+    return rank % max(1, torch.cuda.device_count())
+
+
+def rank_device(device: torch.device) -> torch.device:
+    """In a distributed run, ``cuda`` without an index means this process's GPU, ``cuda:LOCAL_RANK``."""
+    _, world = rank_world()
+    if world > 1 and device.type == "cuda" and device.index is None:
+        return torch.device("cuda", _local_rank())
+    return device
+
+
+@contextmanager
+def launched(device: Any = None) -> Iterator[tuple[int, int]]:
+    """Initialise the default process group when started by ``torchrun``; destroy it at the end.
+
+    Does something only when ``WORLD_SIZE`` > 1 and no group exists yet: then the backend
+    is NCCL (each process on ``cuda:LOCAL_RANK``) when CUDA is present and ``device`` is not
+    a CPU, else gloo. Yields ``(rank, world_size)``.
+    """
+    created = False
+    if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        cuda = torch.cuda.is_available() and not str(device or "cuda").startswith("cpu")
+        if cuda:
+            torch.cuda.set_device(_local_rank())
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        created = True
+    try:
+        yield rank_world()
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _comm_device(like: torch.device | None = None) -> torch.device:
+    """Where collective tensors live: the GPU for NCCL, the CPU for gloo."""
+    if "nccl" in str(dist.get_backend()).lower():
+        if like is not None and like.type == "cuda":
+            return like
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def agree(error: BaseException | None) -> None:
+    """Collective: when any rank failed, raise on every rank (none waits forever in a later collective).
+
+    The failing rank re-raises its own error; the others raise a :class:`ConnectomeError`
+    that points at it. Without a process group this only re-raises ``error``.
+    """
+    rank, world = rank_world()
+    if world > 1:
+        flag = torch.tensor([0.0 if error is None else float(rank + 1)], dtype=torch.float64, device=_comm_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        failed = int(flag.item())
+    else:
+        failed = 0
+    if error is not None:
+        raise error
+    if failed:
+        raise ConnectomeError(f"process {failed - 1} of the distributed run failed; its error message says why")
+
+
+# ----------------------------------------------------------------------------- sampling
+class ShardSampler(Sampler[int]):
+    """The indices of one rank's shard: ``range(n)[rank::world_size]``, from position ``start`` on.
+
+    Unlike ``DistributedSampler`` nothing is padded or dropped: over all ranks every index
+    ``0 .. n-1`` comes exactly once, and shards differ in size by at most one. ``start``
+    (a count of this rank's indices already done) resumes a run without reading them.
+
+    Example
+    -------
+    >>> [list(ShardSampler(7, r, 3)) for r in range(3)]
+    [[0, 3, 6], [1, 4], [2, 5]]
+    >>> list(ShardSampler(7, 0, 3, start=1))
+    [3, 6]
+    """
+
+    def __init__(self, n: int, rank: int = 0, world_size: int = 1, start: int = 0):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
+        self.indices = range(n)[rank::world_size][start:]  # a range: no memory per image
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class SkippedNames:
+    """Undecodable files: counts every one, keeps the first ``cap`` names (memory stays bounded).
+
+    ``len()`` is the count; iterating gives the names kept.
+    """
+
+    def __init__(self, names: Sequence[str] = (), count: int | None = None, cap: int = 100):
+        self.cap = cap
+        self.names = [str(s) for s in list(names)[:cap]]
+        self.count = len(names) if count is None else int(count)
+
+    def extend(self, names: Sequence[str]) -> None:
+        self.count += len(names)
+        room = self.cap - len(self.names)
+        if room > 0:
+            self.names.extend(str(s) for s in list(names)[:room])
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+
+# ----------------------------------------------------------------------------- all-reduce
+def _fill(acc: Any) -> None:
+    """Zero accumulators for every layer a rank has not touched, so all ranks hold the same tensors.
+
+    A rank with no images (or whose gradients never reached a layer) has no entry for it;
+    :meth:`FlowAccumulator.to_graph` treats a missing entry as zeros, so filling changes no value.
+    """
+    ug, dev = acc.ug, acc.device
+    z = lambda shape: torch.zeros(shape, dtype=torch.float64, device=dev)  # noqa: E731
+    for li, s in enumerate(ug.layers):
+        if s.kind in ("conv", "linear"):
+            if li not in acc.edges:
+                w = acc._weight(s)
+                acc.edges[li] = z((w.shape[0], w.shape[1] // s.operands[0].group if s.kind == "linear" else w.shape[1]))
+            if acc.per_sample and li not in acc.abs_edges:
+                acc.abs_edges[li] = torch.zeros_like(acc.edges[li])
+        elif s.kind in ("residual", "concat") and li not in acc.edges:
+            acc.edges[li] = [z(ug.layers[op.layer].size) for op in s.operands]
+            acc.abs_edges[li] = [z(ug.layers[op.layer].size) for op in s.operands]
+
+
+def _reduce(tensors: list[torch.Tensor], op: Any, comm: torch.device) -> None:
+    """In-place all_reduce of float64 tensors, flattened into a few large buffers (few calls)."""
+    i = 0
+    while i < len(tensors):
+        j, size = i, 0
+        while j < len(tensors) and (j == i or size + tensors[j].numel() <= _BUCKET):
+            size += tensors[j].numel()
+            j += 1
+        flat = torch.cat([t.reshape(-1).to(comm, torch.float64) for t in tensors[i:j]])
+        dist.all_reduce(flat, op=op)
+        o = 0
+        for t in tensors[i:j]:
+            t.copy_(flat[o : o + t.numel()].view(t.shape))
+            o += t.numel()
+        i = j
+
+
+def all_reduce_accumulator(acc: Any, extra_sum: Sequence[float] = (), extra_max: Sequence[float] = ()
+                           ) -> tuple[list[float], list[float]]:
+    """Combine the accumulators of all ranks in place: SUM for sums and counts, MAX for ``act_max``.
+
+    Every rank must call it (it is a collective) with an accumulator of the same traced
+    model; afterwards every rank holds the totals. ``extra_sum`` / ``extra_max`` are plain
+    numbers reduced alongside (counts, seconds) and returned reduced.
+
+    Raises
+    ------
+    ConnectomeError
+        The ranks hold accumulators of different shapes (different models or layers).
+    """
+    _, world = rank_world()
+    if world == 1:
+        return list(extra_sum), list(extra_max)
+    _fill(acc)
+    comm = _comm_device(acc.device)
+    sums = acc.state()
+    maxes = list(acc.act_max)
+    n = sum(t.numel() for t in sums) + sum(t.numel() for t in maxes)
+    # Different shapes would make all_reduce hang or mix numbers: check the sizes agree first.
+    check = torch.tensor([float(n), -float(n), float(len(sums))], dtype=torch.float64, device=comm)
+    dist.all_reduce(check, op=dist.ReduceOp.MAX)
+    if check[0].item() != -check[1].item():
+        raise ConnectomeError(
+            f"the processes hold accumulators of different sizes ({int(-check[1].item())} to {int(check[0].item())} "
+            "numbers); every process must run the same model on the same layers"
+        )
+    counts = torch.tensor([float(acc.n_images), *map(float, extra_sum)], dtype=torch.float64, device=acc.device)
+    _reduce(sums + [counts], dist.ReduceOp.SUM, comm)
+    tops = torch.tensor([float(v) for v in extra_max] or [0.0], dtype=torch.float64, device=acc.device)
+    _reduce(maxes + [tops], dist.ReduceOp.MAX, comm)
+    acc.n_images = int(counts[0].item())
+    return counts[1:].tolist(), tops[: len(extra_max)].tolist()
+
+
+# ----------------------------------------------------------------------------- fingerprints
+def _model_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
+    named = list(model.named_parameters()) + list(model.named_buffers())
+    structure = hashlib.sha256()
+    values = hashlib.sha256()
+    sums = []
+    with torch.no_grad():
+        for name, t in named:
+            structure.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+            if t.numel() == 0:
+                continue
+            flat = t.detach().reshape(-1)
+            # A strided sample of the exact values (device independent) plus sums that
+            # catch changes anywhere (compared with a tolerance: reduction order varies by device).
+            idx = torch.linspace(0, flat.numel() - 1, min(flat.numel(), 32), device=flat.device).long()
+            values.update(flat[idx].detach().to("cpu", torch.float64).numpy().tobytes())
+            f = flat.double()
+            sums.append(torch.stack([f.sum(), f.abs().sum()]))
+    total = torch.stack(sums).sum(0).cpu().tolist() if sums else [0.0, 0.0]
+    return {"model": structure.hexdigest()[:20], "model_values": values.hexdigest()[:20], "model_checksum": total}
+
+
+def _sample_id(ds: Any, i: int) -> str | None:
+    if isinstance(ds, Subset):
+        return _sample_id(ds.dataset, int(ds.indices[i]))
+    samples = getattr(ds, "samples", None)
+    if samples is not None:
+        path = Path(str(samples[i][0] if isinstance(samples[i], (tuple, list)) else samples[i]))
+        return "/".join(path.parts[-2:])  # category/file: independent of where the folder is mounted
+    if isinstance(ds, TensorDataset):
+        return hashlib.sha256(ds.tensors[0][i].detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:20]
+    return None
+
+
+def fingerprint(model: torch.nn.Module, dataset: Any, n_images: int, classes: Sequence[str] | None, *,
+                target: Any, per_sample: bool, amp: bool, batch_size: int, world_size: int,
+                category: str | None = None) -> dict[str, Any]:
+    """What must match for a checkpoint to be continued: plain values only (saved with the checkpoint).
+
+    Model: a hash of parameter/buffer names, shapes and dtypes, a hash of a strided sample
+    of the values and their sums. Data: the number of images, the class list and the ids of
+    the first and last sample (file names, or a hash of the tensors). The target, options,
+    batch size and number of processes.
+    """
+    fp = _model_fingerprint(model)
+    ids = [_sample_id(dataset, i) for i in (0, n_images - 1)] if n_images > 0 else []
+    if callable(target) and not isinstance(target, str):
+        target = f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', type(target).__name__)}"
+    fp.update({
+        "n_images": int(n_images),
+        "classes": hashlib.sha256("\n".join(map(str, classes)).encode()).hexdigest()[:20] if classes else None,
+        "sample_ids": None if any(i is None for i in ids) else hashlib.sha256("\n".join(ids).encode()).hexdigest()[:20],
+        "target": target if isinstance(target, (str, int)) else repr(target),
+        "category": category,
+        "per_sample": bool(per_sample),
+        "amp": bool(amp),
+        "batch_size": int(batch_size),
+        "world_size": int(world_size),
+    })
+    return fp
+
+
+_WHAT = {
+    "model": "model architecture (parameter names/shapes)",
+    "model_values": "model weights",
+    "model_checksum": "model weights",
+    "n_images": "number of images",
+    "classes": "class list",
+    "sample_ids": "images (first/last sample)",
+    "target": "target",
+    "category": "category",
+    "per_sample": "per_sample",
+    "amp": "amp",
+    "batch_size": "batch size",
+    "world_size": "number of processes",
+}
+
+
+def _differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    for key in now:
+        a, b = saved.get(key), now[key]
+        if key == "model_checksum" and isinstance(a, list) and len(a) == len(b):
+            same = all(math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12) for x, y in zip(a, b))
+        else:
+            same = a == b
+        if not same:
+            what = _WHAT.get(key, key)
+            if key in ("model", "model_values", "model_checksum", "classes", "sample_ids"):
+                text = what
+            else:
+                text = f"{what} (checkpoint {_short(a)}, now {_short(b)})"
+            if text not in out:
+                out.append(text)
+    return out
+
+
+def _short(v: Any) -> str:
+    s = repr(v)
+    return s if len(s) <= 40 else s[:37] + "..."
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _state(acc: Any) -> dict[str, Any]:
+    cpu = lambda t: t.detach().to("cpu", copy=True)  # noqa: E731
+    one = lambda v: [cpu(t) for t in v] if isinstance(v, list) else cpu(v)  # noqa: E731
+    return {
+        "edges": {int(k): one(v) for k, v in acc.edges.items()},
+        "abs_edges": {int(k): one(v) for k, v in acc.abs_edges.items()},
+        **{name: [cpu(t) for t in getattr(acc, name)] for name in ("attr", "bias", "act_sum", "act_sq", "act_max", "active")},
+        "target_total": cpu(acc.target_total),
+        "n_images": int(acc.n_images),
+        # to trace the model again on a resume without decoding an image
+        "input_shape": [int(v) for v in acc.ug.shapes.get(acc.ug.layers[0].node, ())],
+    }
+
+
+def _restore(acc: Any, state: dict[str, Any], path: Path) -> None:
+    """Load saved accumulators into a fresh accumulator of the same model, checking every shape."""
+    dev = acc.device
+
+    def bad(what: str) -> BadFileError:
+        return BadFileError(f"checkpoint {str(path)!r} does not fit the model ({what}); delete it to start over")
+
+    def take(saved: Any, like: torch.Tensor | None, what: str) -> torch.Tensor:
+        if not isinstance(saved, torch.Tensor) or saved.dtype != torch.float64 or (like is not None and saved.shape != like.shape):
+            raise bad(what)
+        return saved.to(dev)
+
+    try:
+        for name in ("attr", "bias", "act_sum", "act_sq", "act_max", "active"):
+            cur = getattr(acc, name)
+            vals = state[name]
+            if not isinstance(vals, list) or len(vals) != len(cur):
+                raise bad(f"{name}: {len(vals) if isinstance(vals, list) else '?'} layers, the model has {len(cur)}")
+            setattr(acc, name, [take(v, c, name) for v, c in zip(vals, cur)])
+        acc.target_total = take(state["target_total"], acc.target_total, "target_total")
+        layers = acc.ug.layers
+        for name in ("edges", "abs_edges"):
+            out: dict[int, Any] = {}
+            for k, v in state[name].items():
+                if not isinstance(k, int) or not 0 <= k < len(layers):
+                    raise bad(f"{name} of layer {k!r}")
+                if isinstance(v, list):
+                    if layers[k].kind not in ("residual", "concat") or len(v) != len(layers[k].operands):
+                        raise bad(f"{name} of layer {layers[k].name!r}")
+                    out[k] = [take(t, None, f"{name} of {layers[k].name!r}") for t in v]
+                else:
+                    if layers[k].kind not in ("conv", "linear"):
+                        raise bad(f"{name} of layer {layers[k].name!r}")
+                    out[k] = take(v, None, f"{name} of {layers[k].name!r}")
+            setattr(acc, name, out)
+        acc.n_images = int(state["n_images"])
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise bad(f"missing or malformed entry {exc}") from None
+
+
+class Checkpoint:
+    """One rank's checkpoint file ``FOLDER/rank{r}.pt``: accumulators, position, fingerprint.
+
+    Saved with ``torch.save`` (tensors and plain types only) to a temporary file that is
+    renamed over the old one, so a process killed at any moment leaves the previous or the
+    new checkpoint, never a mix; loaded with ``weights_only=True``. When the run finishes
+    the file is kept, marked ``complete``: running again with the same arguments returns
+    the result without reading images; delete the folder to compute afresh.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str], rank: int, fingerprint: dict[str, Any]):
+        self.folder = Path(folder)
+        if self.folder.exists() and not self.folder.is_dir():
+            raise ConnectomeError(f"checkpoint {str(self.folder)!r} is a file; give a folder (it is created if missing)")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.rank = rank
+        self.path = self.folder / f"rank{rank}.pt"
+        self.fingerprint = fingerprint
+
+    def load(self) -> dict[str, Any] | None:
+        """The saved payload, or None when there is none; refuses a corrupted or foreign one."""
+        if not self.path.exists():
+            return None
+        try:
+            payload = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # zip, pickle and EOF errors: all mean a damaged file
+            raise BadFileError(
+                f"checkpoint {str(self.path)!r} cannot be read ({type(exc).__name__}: {' '.join(str(exc).split())[:120]}); "
+                "it is corrupted or truncated: delete it to redo this process's images, or delete the folder to start over"
+            ) from None
+        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+            raise BadFileError(f"{str(self.path)!r} is not a connectome attribution checkpoint; "
+                               "use an empty folder for --checkpoint")
+        if payload.get("version") != CHECKPOINT_VERSION:
+            raise BadFileError(f"checkpoint {str(self.path)!r} has version {payload.get('version')!r}; this "
+                               f"connectome reads version {CHECKPOINT_VERSION}: delete it to start over")
+        diff = _differences(payload.get("fingerprint") or {}, self.fingerprint)
+        if diff:
+            raise ConnectomeError(
+                f"checkpoint {str(self.path)!r} was written by a run with different arguments: "
+                + "; ".join(diff) + ". Resume with the same arguments, or use another checkpoint folder "
+                "(or delete this one) to start over"
+            )
+        if payload.get("rank") != self.rank or not isinstance(payload.get("batches_done"), int):
+            raise BadFileError(f"checkpoint {str(self.path)!r} is malformed (rank or position); delete it to start over")
+        return payload
+
+    def save(self, acc: Any, batches_done: int, skipped: SkippedNames, complete: bool = False) -> None:
+        from connectome.io import atomic_write
+
+        payload = {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "fingerprint": self.fingerprint,
+            "rank": self.rank,
+            "batches_done": int(batches_done),
+            "complete": bool(complete),
+            "state": _state(acc),
+            "skipped": list(skipped.names),
+            "n_skipped": int(skipped.count),
+        }
+        with atomic_write(self.path, "wb") as fh:
+            torch.save(payload, fh)
+
+
+# ----------------------------------------------------------------------------- one sharded run
+class ShardedRun:
+    """The loop-side state of a sharded (distributed and/or checkpointed) attribution run.
+
+    Built by every rank before the batch loop: opens (and checks) this rank's checkpoint,
+    and makes a DataLoader over this rank's shard that starts after the batches already
+    done. The loop calls :meth:`restore` on the fresh accumulator, :meth:`after_batch`
+    after each batch, and :meth:`finish` at the end (save, agree, all-reduce).
+    """
+
+    def __init__(self, info: Any, model: torch.nn.Module, device: torch.device, *, target: Any,
+                 per_sample: bool, amp: bool, max_images: int | None, checkpoint: Any = None,
+                 checkpoint_every: int = 50, category: str | None = None):
+        self.rank, self.world = rank_world()
+        self.info = info
+        self.every = int(checkpoint_every)
+        self.skipped = SkippedNames()
+        self.start_batch = 0
+        self.batches_done = 0
+        self.images_done = 0
+        self.ckpt: Checkpoint | None = None
+        self._state: dict[str, Any] | None = None
+        error: BaseException | None = None
+        try:
+            if checkpoint is not None and self.every < 1:
+                raise ValueError(f"checkpoint_every must be >= 1 batch, got {checkpoint_every}")
+            ds, loader = info.dataset, info.loader
+            if ds is None or isinstance(ds, IterableDataset) or not hasattr(ds, "__len__"):
+                raise DataError("distributed or checkpointed runs need a map-style dataset with a length "
+                                "(an ImageFolder path, a Dataset or a DataLoader of one); got an iterable dataset")
+            if loader.batch_size is None:
+                raise DataError("distributed or checkpointed runs need a DataLoader with a batch_size "
+                                "(not a custom batch_sampler)")
+            self.batch_size = int(loader.batch_size)
+            self.n = len(ds) if max_images is None else min(len(ds), int(max_images))
+            if checkpoint is not None:
+                fp = fingerprint(model, ds, self.n, info.classes, target=target, per_sample=per_sample, amp=amp,
+                                 batch_size=self.batch_size, world_size=self.world, category=category)
+                self.ckpt = Checkpoint(checkpoint, self.rank, fp)
+                payload = self.ckpt.load()
+                if payload is not None:
+                    self.start_batch = self.batches_done = payload["batches_done"]
+                    self._state = payload["state"]
+                    self.skipped = SkippedNames(payload.get("skipped", []), payload.get("n_skipped", 0))
+                    self.images_done = int(self._state["n_images"]) * self.world  # for the progress bar
+        except BaseException as exc:  # noqa: BLE001 - re-raised by agree() on every rank
+            error = exc
+        agree(error)
+        workers = loader.num_workers
+        extra: dict[str, Any] = {"prefetch_factor": max(loader.prefetch_factor or 2, 4)} if workers > 0 else {}
+        self.loader = DataLoader(
+            ds, batch_size=self.batch_size, shuffle=False,
+            sampler=ShardSampler(self.n, self.rank, self.world, start=self.start_batch * self.batch_size),
+            num_workers=workers, collate_fn=loader.collate_fn, pin_memory=device.type == "cuda",
+            worker_init_fn=loader.worker_init_fn, **extra,
+        )
+
+    def example(self) -> torch.Tensor | None:
+        """One image to trace the model on a rank whose shard is empty or done before a resume.
+
+        Zeros of the checkpointed input shape when there is one (tracing needs only the
+        shape), else the first decodable image of the dataset.
+        """
+        from connectome.extract.data import unpack_batch
+
+        shape = (self._state or {}).get("input_shape")
+        if isinstance(shape, list) and len(shape) > 1 and all(isinstance(v, int) and v > 0 for v in shape):
+            return torch.zeros([1, *shape[1:]])
+        ds, collate = self.info.dataset, self.info.loader.collate_fn
+        for i in range(min(len(ds), 64)):
+            x, _, _ = unpack_batch(collate([ds[i]]))
+            if x is not None:
+                return x
+        return None
+
+    def restore(self, acc: Any) -> None:
+        """Put the checkpointed sums into a freshly built accumulator."""
+        if self._state is not None:
+            _restore(acc, self._state, self.ckpt.path if self.ckpt else Path("?"))
+
+    def after_batch(self, acc: Any, batch_index: int) -> None:
+        """Record the position; every ``checkpoint_every`` batches save (before any test hook runs)."""
+        self.batches_done = batch_index + 1
+        if self.ckpt is not None and acc is not None and self.batches_done % self.every == 0:
+            self.ckpt.save(acc, self.batches_done, self.skipped)
+
+    def finish(self, acc: Any, error: BaseException | None, seconds: float) -> float:
+        """End of the loop on every rank: mark the checkpoint complete, agree, all-reduce.
+
+        Returns the longest time any rank took. Raises on every rank if any rank failed.
+        """
+        if error is None and acc is None:
+            error = DataError("no images could be read"
+                              + (f": all {len(self.skipped)} files failed to decode" if len(self.skipped) else
+                                 "; the data is empty"))
+        if error is None and self.ckpt is not None:
+            try:
+                self.ckpt.save(acc, self.batches_done, self.skipped, complete=True)
+            except BaseException as exc:  # noqa: BLE001 - re-raised by agree()
+                error = exc
+        agree(error)
+        (n_skipped,), (seconds,) = all_reduce_accumulator(acc, [len(self.skipped)], [seconds])
+        self.skipped.count = int(n_skipped)
+        return seconds
+
+
+def category_folder(label: int, name: str) -> str:
+    """The checkpoint sub-folder of one category: ``<label>-<name>`` with unsafe characters replaced."""
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(name))
+    return f"{int(label)}-{safe}"
