@@ -34,8 +34,13 @@ def _log(msg: str, progress: bool) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def run_demo(out: str | Path = "demo_out", progress: bool = True) -> str:
-    """Run the demo and write ``out/report.html``; returns its path."""
+def run_demo(out: str | Path = "demo_out", progress: bool = True, n_per_class: int = N_PER_CLASS,
+             n_random: int = 20) -> str:
+    """Run the demo and write ``out/report.html``; returns its path.
+
+    ``n_per_class`` probe images per category and ``n_random`` random ablations per circuit
+    (smaller values make a quick smoke run).
+    """
     import torch
 
     from connectome import analysis as an
@@ -49,12 +54,12 @@ def run_demo(out: str | Path = "demo_out", progress: bool = True) -> str:
     (out / "gephi").mkdir(exist_ok=True)
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
     classes = list(zoo.SHAPE_CLASSES)
-    data = zoo.shapes(N_PER_CLASS, seed=PROBE_SEED, size=int(zoo.model_info(MAIN).get("image_size", 32)))
+    data = zoo.shapes(n_per_class, seed=PROBE_SEED, size=int(zoo.model_info(MAIN).get("image_size", 32)))
     models = {name: zoo.load_model(name) for name in (MAIN, *PAIR)}
-    summary: dict[str, Any] = {"classes": classes, "n_images_per_class": N_PER_CLASS}
+    summary: dict[str, Any] = {"classes": classes, "n_images_per_class": n_per_class}
     rep = viz.Report("connectome demo: the shapes zoo as a connectome")
     rep.add_text(
-        f"{len(classes)} categories of procedural shapes ({', '.join(classes)}), {N_PER_CLASS} probe images each "
+        f"{len(classes)} categories of procedural shapes ({', '.join(classes)}), {n_per_class} probe images each "
         f"(seed {PROBE_SEED}, never seen in training). Models: {', '.join(models)} (held-out accuracies "
         + ", ".join(f"{n} {zoo.model_info(n).get('accuracy', float('nan')):.3f}" for n in models) + ")."
     )
@@ -163,7 +168,8 @@ def run_demo(out: str | Path = "demo_out", progress: bool = True) -> str:
         sub_idx = [i for i, t in enumerate(data.targets) if int(t) == classes.index(cname)]
         xs = torch.stack([data[i][0] for i in sub_idx])
         ys = torch.tensor([classes.index(cname)] * len(sub_idx))
-        fid = an.fidelity(models[MAIN], circuits[cname], (xs, ys), n_random=20, seed=0, curves=cname == "circle")
+        fid = an.fidelity(models[MAIN], circuits[cname], (xs, ys), n_random=n_random, seed=0, curves=cname == "circle",
+                          device="cpu")
         frow.append([cname, fid.circuit_drop, fid.random_mean, fid.random_std, fid.complement_drop])
         if cname == "circle" and getattr(fid, "deletion_curve", None) is not None:
             curves = {"deletion": fid.deletion_curve, "insertion": fid.insertion_curve}

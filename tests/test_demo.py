@@ -1,0 +1,29 @@
+"""The demo end to end, small: every section runs and the report references its figures."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import connectome as cn
+from connectome.demo import run_demo
+
+
+def test_demo_writes_report_figures_and_gephi_files(tmp_path, capsys):
+    path = run_demo(tmp_path / "demo", progress=False, n_per_class=4, n_random=3)
+    out = tmp_path / "demo"
+    html = (out / "report.html").read_text()
+    files = re.findall(r'data-file="([^"]+)"', html)
+    assert {"category_similarity.png", "matching.png", "two_images.png", "fidelity.png"} <= set(files)
+    for f in files:
+        assert (out / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["completeness_relative_max"] < 1e-4
+    assert len(summary["fidelity"]) == 9
+    for cname in summary["classes"]:
+        g = cn.load(out / "gephi" / f"smallresnet_{cname}.npz")
+        assert g.meta["category"] == cname
+        assert (out / "gephi" / f"smallresnet_{cname}.graphml").is_file()
+        assert (out / "gephi" / f"smallresnet_{cname}.gexf").is_file()
+    assert "connectome demo finished" in capsys.readouterr().out
+    assert path.endswith("report.html")
