@@ -175,7 +175,8 @@ class FlowAccumulator:
         x = x.to(self.device, dtype=self.dtype, non_blocking=True).detach().requires_grad_(True)
         leaves: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.amp else nullcontext()
-        with torch.enable_grad():
+        # In-place activations would overwrite the values kept for the flows.
+        with torch.enable_grad(), no_inplace(ug.gm):
             with amp:
                 out, kept = _run(ug, x, self._override(leaves), self.keep)
             logits = out[0] if isinstance(out, (tuple, list)) else out
