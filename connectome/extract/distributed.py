@@ -104,7 +104,7 @@ def _comm_device(like: torch.device | None = None) -> torch.device:
     if "nccl" in str(dist.get_backend()).lower():
         if like is not None and like.type == "cuda":
             return like
-        return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cuda", _local_rank())  # not current_device(): it may be GPU 0 on every process
     return torch.device("cpu")
 
 
@@ -454,8 +454,10 @@ class Checkpoint:
                 + "; ".join(diff) + ". Resume with the same arguments, or use another checkpoint folder "
                 "(or delete this one) to start over"
             )
-        if payload.get("rank") != self.rank or not isinstance(payload.get("batches_done"), int):
-            raise BadFileError(f"checkpoint {str(self.path)!r} is malformed (rank or position); delete it to start over")
+        state = payload.get("state")
+        if payload.get("rank") != self.rank or not isinstance(payload.get("batches_done"), int) \
+                or not isinstance(state, dict) or not isinstance(state.get("n_images"), int):
+            raise BadFileError(f"checkpoint {str(self.path)!r} is malformed (rank, position or sums); delete it to start over")
         return payload
 
     def save(self, acc: Any, batches_done: int, skipped: SkippedNames, complete: bool = False) -> None:
@@ -524,6 +526,8 @@ class ShardedRun:
         except BaseException as exc:  # noqa: BLE001 - re-raised by agree() on every rank
             error = exc
         agree(error)
+        if self.world > 1 and device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)  # one GPU per process: pinned memory and NCCL go to this one
         workers = loader.num_workers
         extra: dict[str, Any] = {"prefetch_factor": max(loader.prefetch_factor or 2, 4)} if workers > 0 else {}
         self.loader = DataLoader(

@@ -72,8 +72,9 @@ class FlowAccumulator:
     """Runs batches through a traced model and accumulates flows on the device.
 
     Everything stays on the device in float64 until :meth:`to_graph`: no host sync in the
-    batch loop. Usable directly for custom loops (e.g. distributed runs that all-reduce
-    :meth:`state` before :meth:`to_graph`).
+    batch loop. Usable directly for custom loops; to combine accumulators of several
+    processes use :func:`connectome.extract.distributed.all_reduce_accumulator` (it also
+    takes the maximum of ``act_max`` and sums ``n_images``).
     """
 
     def __init__(self, ug: UnitGraph, device: torch.device, dtype: torch.dtype, per_sample: bool = False,
@@ -340,7 +341,7 @@ class FlowAccumulator:
 
     # ------------------------------------------------------------------ results
     def state(self) -> list[torch.Tensor]:
-        """The accumulators as a flat list of tensors (for all-reduce across processes)."""
+        """The summed accumulators as a flat list of tensors (``act_max`` and ``n_images`` aside)."""
         out: list[torch.Tensor] = []
         for li in sorted(self.edges):
             v = self.edges[li]
