@@ -207,19 +207,16 @@ def run_demo(out: str | Path = "demo_out", progress: bool = True, n_per_class: i
     return str(path)
 
 
-def _overlaps_by_pair(uni: Any, m: Any) -> dict[str, Any]:
-    per = getattr(uni, "per_layer", None)
-    if not per:
-        return {}
-    out = {}
+def _overlaps_by_pair(uni: Any, m: Any) -> dict[str, tuple[float, float]]:
+    """Per matched layer pair: circuit overlap through the matching vs chance, pooled over categories."""
     pair_of = dict(m.layer_pairs)
-    for row in per if isinstance(per, list) else per.values():
-        layer = row.get("layer") if isinstance(row, dict) else getattr(row, "layer", None)
-        obs = row.get("observed") if isinstance(row, dict) else getattr(row, "observed", None)
-        chance = row.get("chance_mean") if isinstance(row, dict) else getattr(row, "chance_mean", None)
-        if layer in pair_of and obs is not None:
-            out[f"{layer}->{pair_of[layer]}"] = (obs, chance)
-    return out
+    hits: dict[str, list[float]] = {}
+    for cat in uni.per_category:
+        for layer, row in cat.per_layer.items():
+            if layer in pair_of and row.get("overlap") is not None and np.isfinite(row["overlap"]):
+                hits.setdefault(layer, []).append((row["overlap"], row.get("random_mean", float("nan"))))
+    return {f"{layer}->{pair_of[layer]}": (float(np.mean([o for o, _ in v])), float(np.nanmean([c for _, c in v])))
+            for layer, v in hits.items()}
 
 
 def _image_comparison_figure(ca: Any, img_a: Any, img_b: Any, zoo: Any) -> Any:
