@@ -1,0 +1,234 @@
+"""Images in: ImageFolder paths, datasets, loaders and tensors; every bad input gets a clear error."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from connectome.errors import ConnectomeError, DataError
+from connectome.extract import attribution, attribution_by_category
+
+pytest.importorskip("torchvision")
+
+
+def tiny_model(classes: int = 2) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 6 * 6, classes)).double().eval()
+
+
+def transform8():
+    from torchvision import transforms
+
+    return transforms.Compose([transforms.Resize(8), transforms.CenterCrop(8), transforms.ToTensor()])
+
+
+def write_images(folder, n: int, seed: int = 0) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for k in range(n):
+        Image.fromarray(rng.integers(0, 256, size=(12, 10, 3), dtype=np.uint8)).save(folder / f"{k}.png")
+
+
+def one_line(exc: BaseException) -> str:
+    msg = str(exc)
+    assert "\n" not in msg
+    return msg
+
+
+def run(data, model=None, **kw):
+    kw.setdefault("progress", False)
+    return attribution(model if model is not None else tiny_model(), data, **kw)
+
+
+X = torch.randn(4, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+Y = torch.tensor([0, 1, 1, 0])
+
+
+# ---------------------------------------------------------------------- folders
+def test_missing_folder(tmp_path):
+    with pytest.raises(DataError, match="data folder .*missing.* does not exist") as info:
+        run(tmp_path / "missing", transform=transform8())
+    one_line(info.value)
+
+
+def test_path_is_a_file(tmp_path):
+    (tmp_path / "x.png").write_bytes(b"x")
+    with pytest.raises(DataError, match="is a file; pass an ImageFolder directory"):
+        run(tmp_path / "x.png", transform=transform8())
+
+
+def test_folder_without_class_subfolders(tmp_path):
+    write_images(tmp_path / "flat", 2)
+    with pytest.raises(DataError, match="has no class sub-folders") as info:
+        run(tmp_path / "flat", transform=transform8())
+    one_line(info.value)
+
+
+def test_folder_without_images(tmp_path):
+    (tmp_path / "root" / "cat").mkdir(parents=True)
+    (tmp_path / "root" / "cat" / "notes.txt").write_text("no images here")
+    with pytest.raises(DataError, match="holds no images with extensions"):
+        run(tmp_path / "root", transform=transform8())
+
+
+def test_undecodable_image_is_skipped_with_a_warning(tmp_path):
+    write_images(tmp_path / "root" / "a", 2)
+    write_images(tmp_path / "root" / "b", 2, seed=1)
+    (tmp_path / "root" / "a" / "x.png").write_bytes(b"these are not png bytes")
+    with pytest.warns(UserWarning, match=r"skipped 1 image\(s\) that could not be decoded: .*x\.png"):
+        g = run(tmp_path / "root", transform=transform8(), batch_size=2)
+    assert g.meta["skipped_images"] == 1 and g.meta["n_images"] == 4
+    with pytest.warns(UserWarning, match="x.png"):
+        graphs = attribution_by_category(tiny_model(), tmp_path / "root", transform=transform8(), progress=False)
+    assert {k: v.meta["skipped_images"] for k, v in graphs.items()} == {"a": 1, "b": 0}
+    assert {k: v.meta["n_images"] for k, v in graphs.items()} == {"a": 2, "b": 2}
+
+
+def test_category_whose_images_all_fail(tmp_path):
+    write_images(tmp_path / "root" / "a", 2)
+    (tmp_path / "root" / "b").mkdir()
+    (tmp_path / "root" / "b" / "x.png").write_bytes(b"garbage")
+    (tmp_path / "root" / "b" / "y.jpg").write_bytes(b"more garbage")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(DataError, match="category 'b': no images could be read: all 2 files failed to decode") as info:
+            attribution_by_category(tiny_model(), tmp_path / "root", transform=transform8(), progress=False)
+    one_line(info.value)
+
+
+def test_all_images_fail(tmp_path):
+    (tmp_path / "root" / "b").mkdir(parents=True)
+    (tmp_path / "root" / "b" / "x.png").write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match="x.png"):
+        with pytest.raises(DataError, match="all 1 files failed to decode"):
+            run(tmp_path / "root", transform=transform8())
+
+
+# ---------------------------------------------------------------------- tensors, datasets, loaders
+@pytest.mark.parametrize(
+    "data, phrase",
+    [
+        ((torch.zeros(0, 3, 8, 8), torch.zeros(0)), "the dataset is empty"),
+        (torch.zeros(0, 3, 8, 8), "the dataset is empty"),
+        (TensorDataset(torch.zeros(0, 3, 8, 8), torch.zeros(0)), "the dataset is empty"),
+        (DataLoader(TensorDataset(torch.zeros(0, 3, 8, 8))), "the DataLoader's dataset is empty"),
+        ((torch.zeros(2, 3, 8, 8), torch.zeros(3)), "2 images, 3 labels"),
+        (42, "cannot read images from a int"),
+        ([1, 2, 3], "cannot read images from a list"),
+    ],
+)
+def test_bad_data(data, phrase):
+    with pytest.raises(DataError, match=phrase) as info:
+        run(data)
+    one_line(info.value)
+
+
+def test_empty_iterable_dataset():
+    class Nothing(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(())
+
+    with pytest.raises(DataError, match="the data is empty"):
+        run(DataLoader(Nothing(), batch_size=2))
+
+
+@pytest.mark.parametrize("labels", [torch.tensor([0, 2, 1, 0]), torch.tensor([0, -1, 1, 0])])
+def test_labels_out_of_range(labels):
+    with pytest.raises(DataError, match=r"labels .* are out of range of the output layer \(2 units\)") as info:
+        run((X, labels))
+    one_line(info.value)
+
+
+@pytest.mark.parametrize("target, phrase", [(5, "target class 5 does not exist"), ("zebra", "target 'zebra'")])
+def test_target_class_that_does_not_exist(target, phrase):
+    with pytest.raises(DataError, match=phrase):
+        run((X, Y), target=target)
+
+
+def test_class_name_from_the_dataset(tmp_path):
+    write_images(tmp_path / "root" / "ant", 1)
+    write_images(tmp_path / "root" / "bee", 2, seed=1)
+    g = run(tmp_path / "root", transform=transform8(), target="bee")
+    assert g.meta["target_class"] == 1
+    assert g.layer("logits").labels == ("ant", "bee")
+    with pytest.raises(DataError, match=r"target 'cow' is not .*classes: \['ant', 'bee'\]"):
+        run(tmp_path / "root", transform=transform8(), target="cow")
+
+
+def test_images_without_labels():
+    with pytest.raises(DataError, match="target='label' needs labels") as info:
+        run(X)
+    one_line(info.value)
+    g = run(X, target=1)
+    assert g.meta["n_images"] == 4 and g.meta["target_class"] == 1
+    with pytest.raises(DataError, match="needs labels"):
+        attribution_by_category(tiny_model(), DataLoader(TensorDataset(X)), progress=False)
+
+
+def test_cuda_without_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ConnectomeError, match="no CUDA GPU is available; use device='cpu'") as info:
+        run((X, Y), device="cuda")
+    one_line(info.value)
+
+
+def test_bad_device():
+    with pytest.raises(ConnectomeError, match="not a torch device"):
+        run((X, Y), device="tpu")
+
+
+def test_batch_size_must_be_positive():
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        run((X, Y), batch_size=0)
+
+
+def test_model_in_training_mode_warns_and_is_restored():
+    m = tiny_model().train()
+    with pytest.warns(UserWarning, match="Sequential is in training mode.*restores training mode"):
+        g = run((X, Y), model=m)
+    assert m.training and all(s.training for s in m.modules())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # eval mode: no warning at all
+        g2 = run((X, Y), model=m.eval())
+    np.testing.assert_array_equal(g.weight, g2.weight)
+
+
+# ---------------------------------------------------------------------- every input form gives the same graph
+class DictImages(Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return {"image": X[i], "label": Y[i]}
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: (X, Y),
+        lambda: TensorDataset(X, Y),
+        lambda: DataLoader(TensorDataset(X, Y), batch_size=3),
+        lambda: DataLoader(DictImages(), batch_size=2),
+    ],
+    ids=["pair", "dataset", "loader", "dict-batches"],
+)
+def test_input_forms_agree(make):
+    ref = run((X, Y), batch_size=4)
+    g = run(make(), batch_size=2)
+    assert g.meta["n_images"] == 4
+    np.testing.assert_allclose(g.weight, ref.weight, rtol=1e-12, atol=1e-15)
+
+
+def test_max_images():
+    g = run((X, Y), max_images=3, batch_size=2)
+    ref = run((X[:3], Y[:3]))
+    assert g.meta["n_images"] == 3
+    np.testing.assert_allclose(g.weight, ref.weight, rtol=1e-12, atol=1e-15)

@@ -1,0 +1,379 @@
+"""Files: .npz save/load (exact, atomic, clear errors), GraphML and GEXF for Gephi."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import xml.etree.ElementTree as ET
+import zipfile
+
+import igraph as ig
+import networkx as nx
+import numpy as np
+import pytest
+
+import connectome as cn
+from connectome import io as cio
+from connectome.errors import BadFileError, ExportError
+from connectome.graph import Connectome, Layer
+
+
+def make_graph(seed: int = 0) -> Connectome:
+    """A small layered graph with every kind of content a file must carry."""
+    rng = np.random.default_rng(seed)
+    sizes = [3, 4, 2]
+    layers = (Layer("input", "input", 3), Layer("layer1.0.conv1", "conv", 4, module="layer1.0.conv1"),
+              Layer("logits", "output", 2, labels=("cat & <dog>", "ünï \"q\""), module="fc"))
+    src, dst = [], []
+    off = np.r_[0, np.cumsum(sizes)]
+    for a, b in [(0, 1), (1, 2), (0, 2)]:
+        m = rng.random((sizes[a], sizes[b])) < 0.7
+        i, j = np.nonzero(m)
+        src.append(i + off[a])
+        dst.append(j + off[b])
+    src, dst = np.concatenate(src), np.concatenate(dst)
+    w = rng.normal(size=src.size).astype(np.float32)
+    n = off[-1]
+    return Connectome(
+        layers=layers, node_units=np.concatenate([np.arange(s) for s in sizes]), src=src, dst=dst, weight=w,
+        edge_attrs={"abs_weight": np.abs(w).astype(np.float64) * 1.5},
+        node_attrs={"attribution": rng.normal(size=n), "community": np.arange(n) % 3,
+                    "activation_max": np.r_[np.nan, np.inf, rng.normal(size=n - 2)]},
+        meta={"model": "toy", "method": "attribution", "n_images": 3, "nested": {"a": [1, 2.5, None]}, "exact": True},
+    )
+
+
+@pytest.fixture
+def g() -> Connectome:
+    return make_graph()
+
+
+def listing(folder) -> list[str]:
+    return sorted(os.listdir(folder))
+
+
+# ---------------------------------------------------------------------- npz
+def test_save_load_round_trip_is_exact(g, tmp_path):
+    p = tmp_path / "g.npz"
+    g.save(p)
+    h = cn.load(p)
+    assert h.equals(g)
+    assert h.weight.dtype == np.float32 and h.node_attr("community").dtype == g.node_attr("community").dtype
+    assert h.layer("logits").labels == ("cat & <dog>", "ünï \"q\"") and h.layer("logits").module == "fc"
+    assert h.meta == g.meta
+    assert listing(tmp_path) == ["g.npz"]
+
+
+def test_save_load_edgeless_graph(tmp_path):
+    e = Connectome.from_edges([("input", "input", 2), ("logits", "output", 1)], meta={"x": 1})
+    e.save(tmp_path / "e.npz")
+    assert cn.load(str(tmp_path / "e.npz")).equals(e)
+
+
+def test_file_holds_no_pickle(g, tmp_path):
+    g.save(tmp_path / "g.npz")
+    with np.load(tmp_path / "g.npz", allow_pickle=False) as z:
+        assert "header" in z.files
+        for k in z.files:
+            assert z[k].dtype != object
+        assert json.loads(str(z["header"]))["format"] == "connectome-npz"
+
+
+def test_save_overwrites(g, tmp_path):
+    p = tmp_path / "g.npz"
+    make_graph(1).save(p)
+    g.save(p)
+    assert cn.load(p).equals(g)
+
+
+def test_failed_save_leaves_nothing(g, tmp_path, monkeypatch):
+    def broken(fh, **arrays):
+        fh.write(b"PK\x03\x04 half a zip")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(cio.np, "savez_compressed", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        g.save(tmp_path / "g.npz")
+    assert listing(tmp_path) == []
+
+
+def test_failed_overwrite_keeps_the_old_file(g, tmp_path, monkeypatch):
+    p = tmp_path / "g.npz"
+    g.save(p)
+    before = p.read_bytes()
+
+    def broken(fh, **arrays):
+        fh.write(b"garbage")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cio.np, "savez_compressed", broken)
+    with pytest.raises(KeyboardInterrupt):
+        make_graph(1).save(p)
+    assert p.read_bytes() == before
+    assert listing(tmp_path) == ["g.npz"]
+
+
+@pytest.mark.parametrize("writer", ["graphml", "gexf"])
+def test_failed_export_leaves_nothing(g, tmp_path, monkeypatch, writer):
+    calls = {"n": 0}
+    real = cio._fmt
+
+    def flaky(v):
+        calls["n"] += 1
+        if calls["n"] > 10:  # fail in the middle of the node list
+            raise OSError("disk full")
+        return real(v)
+
+    monkeypatch.setattr(cio, "_fmt", flaky)
+    with pytest.raises(OSError, match="disk full"):
+        getattr(cio, f"write_{writer}")(g, tmp_path / f"g.{writer}")
+    assert calls["n"] > 10
+    assert listing(tmp_path) == []
+
+
+def test_save_into_missing_folder(g, tmp_path):
+    with pytest.raises(ExportError, match="does not exist; create it first"):
+        g.save(tmp_path / "nope" / "g.npz")
+    assert listing(tmp_path) == []
+
+
+# ---------------------------------------------------------------------- bad files
+def _npz(path, **arrays):
+    with open(path, "wb") as fh:
+        np.savez(fh, **arrays)
+
+
+def _header(**over):
+    h = {"format": "connectome-npz", "version": 1, "layers": [{"name": "input", "kind": "input", "size": 2}],
+         "meta": {}, "node_attrs": [], "edge_attrs": []}
+    h.update(over)
+    return np.array(json.dumps(h))
+
+
+def _random_bytes(p):
+    p.write_bytes(np.random.default_rng(0).bytes(4096))
+
+
+def _truncated(p):
+    make_graph().save(p)
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+
+
+def _no_header(p):
+    _npz(p, weight=np.ones(3))
+
+
+def _other_format(p):
+    _npz(p, header=_header(format="something-else"))
+
+
+def _newer_version(p):
+    _npz(p, header=_header(version=99))
+
+
+def _missing_array(p):
+    _npz(p, header=_header(), node_units=np.arange(2), src=np.zeros(0, np.int64), dst=np.zeros(0, np.int64))
+
+
+def _pickled(p):
+    _npz(p, header=np.array([{"format": "connectome-npz"}], dtype=object))
+
+
+def _text(p):
+    p.write_text("source,target\na,b\n")
+
+
+@pytest.mark.parametrize(
+    "make, phrase",
+    [
+        (_random_bytes, "not a readable connectome file"),
+        (_truncated, "may be truncated"),
+        (_no_header, "no header"),
+        (_other_format, "not a connectome file"),
+        (_newer_version, "newer connectome"),
+        (_missing_array, "missing the array 'weight'"),
+        (_pickled, "not a readable connectome file"),
+        (_text, "not a readable connectome file"),
+    ],
+)
+def test_bad_files_raise_bad_file_error(tmp_path, make, phrase):
+    p = tmp_path / "bad.npz"
+    make(p)
+    with pytest.raises(BadFileError, match=phrase) as info:
+        cn.load(p)
+    msg = str(info.value)
+    assert "bad.npz" in msg and "\n" not in msg
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(BadFileError, match="no such file.*Connectome.save"):
+        cn.load(tmp_path / "missing.npz")
+    with pytest.raises(BadFileError, match="no such file"):
+        cn.load(tmp_path)  # a folder is not a file
+
+
+@pytest.mark.parametrize("member", ["header.npy", "node_units.npy", "weight.npy", "node.attribution.npy"])
+def test_corrupted_compressed_data(g, tmp_path, member):
+    p = tmp_path / "g.npz"
+    g.save(p)
+    data = bytearray(p.read_bytes())
+    # Flip bytes inside one member's deflate stream (after its 30-byte local header, name and extra):
+    # zipfile then raises zlib.error or a CRC error, never a clean read.
+    with zipfile.ZipFile(p) as z:
+        info = z.getinfo(member)
+    off = info.header_offset
+    name_len, extra_len = struct.unpack("<HH", bytes(data[off + 26 : off + 30]))  # the local header's own lengths
+    start = off + 30 + name_len + extra_len + 2
+    for k in range(start, start + min(16, info.compress_size - 4)):
+        data[k] ^= 0xFF
+    p.write_bytes(bytes(data))
+    with pytest.raises(BadFileError, match="g.npz") as exc:
+        cn.load(p)
+    assert "\n" not in str(exc.value)
+
+
+def test_inconsistent_arrays_in_file(tmp_path):
+    p = tmp_path / "bad.npz"
+    _npz(p, header=_header(), node_units=np.arange(5), src=np.zeros(0, np.int64), dst=np.zeros(0, np.int64),
+         weight=np.zeros(0))
+    with pytest.raises(BadFileError, match="bad.npz"):
+        cn.load(p)
+
+
+def test_json_list_header_is_a_bad_file(tmp_path):
+    p = tmp_path / "bad.npz"
+    _npz(p, header=np.array("[1, 2]"))
+    with pytest.raises(BadFileError, match="bad.npz"):
+        cn.load(p)
+
+
+# ---------------------------------------------------------------------- GraphML / GEXF
+def _expected_edges(g: Connectome) -> dict[tuple[str, str], float]:
+    ids = g.node_ids
+    return {(ids[s], ids[d]): float(w) for s, d, w in zip(g.src, g.dst, g.weight.astype(np.float64))}
+
+
+def test_graphml_read_back_by_networkx(g, tmp_path):
+    p = tmp_path / "g.graphml"
+    cio.write_graphml(g, p)
+    G = nx.read_graphml(p)
+    assert isinstance(G, nx.DiGraph)
+    assert list(G.nodes) == g.node_ids.tolist()
+    expected = _expected_edges(g)
+    assert set(G.edges) == set(expected)
+    for (s, d), w in expected.items():
+        e = G.edges[s, d]
+        assert e["weight"] == abs(w) and e["signed_weight"] == w
+        assert e["abs_weight"] == pytest.approx(1.5 * abs(w), rel=1e-7)
+    n = G.nodes["logits:0"]
+    assert n["label"] == "cat & <dog>" and n["layer"] == "logits" and n["kind"] == "output" and n["index"] == 0
+    for k in ("x", "y", "size", "r", "g", "b"):
+        assert k in n
+    got = np.array([G.nodes[i]["attribution"] for i in g.node_ids])
+    np.testing.assert_array_equal(got, g.node_attr("attribution"))
+    am = [G.nodes[i]["activation_max"] for i in g.node_ids[:2]]
+    assert np.isnan(am[0]) and am[1] == np.inf
+    assert json.loads(G.graph["meta"]) == g.meta
+
+
+def test_graphml_read_back_by_igraph(g, tmp_path):
+    p = tmp_path / "g.graphml"
+    cio.write_graphml(g, p)
+    G = ig.Graph.Read_GraphML(str(p))
+    assert G.is_directed() and G.vcount() == g.num_nodes and G.ecount() == g.num_edges
+    assert G.vs["id"] == g.node_ids.tolist()
+    got = {(G.vs[e.source]["id"], G.vs[e.target]["id"]): (e["weight"], e["signed_weight"]) for e in G.es}
+    assert got == {k: (abs(w), w) for k, w in _expected_edges(g).items()}
+    assert G.vs["label"] == g.node_labels.tolist()
+    np.testing.assert_array_equal(G.vs["community"], g.node_attr("community"))
+
+
+def test_graphml_gephi_keys(g, tmp_path):
+    p = tmp_path / "g.graphml"
+    cio.write_graphml(g, p)
+    ns = {"g": "http://graphml.graphdrawing.org/xmlns"}
+    keys = ET.parse(p).getroot().findall("g:key", ns)
+    node_keys = {k.get("attr.name"): k.get("attr.type") for k in keys if k.get("for") == "node"}
+    edge_keys = {k.get("attr.name"): k.get("attr.type") for k in keys if k.get("for") == "edge"}
+    for k in ("x", "y", "size"):
+        assert node_keys[k] in ("double", "float")
+    for k in ("r", "g", "b"):
+        assert node_keys[k] in ("int", "long")
+    assert node_keys["label"] == "string"
+    assert edge_keys["weight"] == "double" and edge_keys["signed_weight"] == "double"
+    G = nx.read_graphml(p)
+    for _, d in G.nodes(data=True):
+        assert all(0 <= d[c] <= 255 for c in "rgb") and d["size"] > 0
+    # Layers are laid out left to right.
+    xs = [G.nodes[f"{l}:0"]["x"] for l in g.layer_names]
+    assert xs == sorted(xs) and len(set(xs)) == len(xs)
+
+
+def test_gexf_read_back_by_networkx(g, tmp_path):
+    p = tmp_path / "g.gexf"
+    cio.write_gexf(g, p)
+    G = nx.read_gexf(p)
+    assert G.is_directed()
+    assert sorted(G.nodes) == sorted(g.node_ids.tolist())
+    expected = _expected_edges(g)
+    assert set(G.edges) == set(expected)
+    for (s, d), w in expected.items():
+        e = G.edges[s, d]
+        assert float(e["weight"]) == abs(w) and float(e["signed_weight"]) == w
+    n = G.nodes["logits:0"]
+    assert n["label"] == "cat & <dog>" and n["layer"] == "logits"
+    assert {"position", "color", "size"} <= set(n["viz"])
+    assert set(n["viz"]["color"]) >= {"r", "g", "b"}
+    got = np.array([float(G.nodes[i]["attribution"]) for i in g.node_ids])
+    np.testing.assert_array_equal(got, g.node_attr("attribution"))
+
+
+def test_export_into_missing_folder(g, tmp_path):
+    for writer in (cio.write_graphml, cio.write_gexf):
+        with pytest.raises(ExportError, match="does not exist"):
+            writer(g, tmp_path / "missing" / "g.xml")
+    assert listing(tmp_path) == []
+
+
+@pytest.mark.parametrize("name", ["x", "label", "size", "r"])
+def test_export_attribute_colliding_with_gephi_key(g, tmp_path, name):
+    h = g.with_node_attrs(**{name: np.ones(g.num_nodes)})
+    with pytest.raises(ExportError, match=f"'{name}' collides"):
+        cio.write_graphml(h, tmp_path / "g.graphml")
+    assert listing(tmp_path) == []
+
+
+def test_export_needs_a_connectome(tmp_path):
+    with pytest.raises(ExportError, match="expected a Connectome"):
+        cio.write_graphml({"not": "a graph"}, tmp_path / "g.graphml")
+
+
+def test_community_colours(g, tmp_path):
+    rgb = cio.node_colors(g)
+    assert rgb.shape == (g.num_nodes, 3) and rgb.min() >= 0 and rgb.max() <= 255
+    comm = g.node_attr("community")
+    for c in np.unique(comm):  # one colour per community
+        assert len({tuple(x) for x in rgb[comm == c]}) == 1
+    assert len({tuple(x) for x in rgb}) == len(np.unique(comm))
+
+
+# ---------------------------------------------------------------------- a real model
+@pytest.mark.slow
+def test_pruned_resnet50_round_trips(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    m = torchvision.models.resnet50(weights=None)
+    full = cn.extract.weights(m, (3, 64, 64))
+    g = full.prune(top_k=4)
+    assert g.num_nodes == full.num_nodes
+    # top_k=4 keeps min(4, in-degree) edges per unit.
+    indeg = np.bincount(full.dst, minlength=full.num_nodes)
+    assert g.num_edges == int(np.minimum(indeg, 4).sum())
+    g.save(tmp_path / "r50.npz")
+    assert cn.load(tmp_path / "r50.npz").equals(g)
+    cio.write_graphml(g, tmp_path / "r50.graphml")
+    G = ig.Graph.Read_GraphML(str(tmp_path / "r50.graphml"))
+    assert G.vcount() == g.num_nodes and G.ecount() == g.num_edges
+    assert G.vs["id"][:3] == g.node_ids[:3].tolist() and G.vs["id"][-1] == "logits:999"
+    np.testing.assert_array_equal(np.asarray(G.es["signed_weight"]), g.weight.astype(np.float64))
