@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
+# Imported eagerly: `activations` is both a module and the function it holds, and a lazily
+# imported submodule would shadow the function on the package.
+from connectome.extract.activations import activations
+from connectome.extract.flow import attribution, attribution_by_category
+from connectome.extract.trace import trace_units
 from connectome.extract.weights import weights
 
 __all__ = ["weights", "attribution", "attribution_by_category", "activations", "trace_units"]
-
-
-def __getattr__(name: str):
-    if name in ("attribution", "attribution_by_category"):
-        from connectome.extract import flow
-
-        return getattr(flow, name)
-    if name == "activations":
-        from connectome.extract.activations import activations
-
-        return activations
-    if name == "trace_units":
-        from connectome.extract.trace import trace_units
-
-        return trace_units
-    raise AttributeError(f"module 'connectome.extract' has no attribute {name!r}")

@@ -26,6 +26,21 @@ class Activations(dict):
     layers: list[Any] = []
 
 
+def _read_node(ug: UnitGraph, i: int, spatial: bool) -> str:
+    """Where a layer's activations are read: the value it passes on, or with ``spatial`` the
+    last value on its chain that still has positions (before a global pool or flatten)."""
+    s = ug.layers[i]
+    if s.kind == "input":
+        return s.node
+    if not spatial:
+        return s.out_node
+    best = s.node
+    for name in s.chain:
+        if len(ug.shapes.get(name, ())) > 2:
+            best = name
+    return best if len(ug.shapes.get(best, ())) > 2 else s.out_node
+
+
 def _resolve_layers(ug: UnitGraph, names: Sequence[str] | None) -> list[int]:
     graph_names = [l.name for l in graph_layers(ug)]
     if names is None:
@@ -66,7 +81,9 @@ def activations(
     Returns
     -------
     Activations
-        ``dict`` of layer name -> numpy array, in graph layer order.
+        ``dict`` of layer name -> numpy array, in the order of ``layers`` (default: graph
+        layer order). With ``spatial``, conv-like layers give their maps before any global
+        pooling or flatten that follows them.
 
     Examples
     --------
@@ -94,12 +111,13 @@ def activations(
             if ug is None:
                 ug = trace_units(m, x[:1])
                 glayers = graph_layers(ug)
-                picks = _resolve_layers(ug, layers)
-                keep = {ug.layers[i].out_node if ug.layers[i].kind != "input" else ug.layers[i].node for i in picks}
+                picks = list(dict.fromkeys(_resolve_layers(ug, layers)))
+                read = {i: _read_node(ug, i, spatial) for i in picks}
+                keep = set(read.values())
             _, kept = run_nodes(ug.gm, (x,), keep=keep)
             for i in picks:
                 s = ug.layers[i]
-                v = kept[s.node if s.kind == "input" else s.out_node]
+                v = kept[read[i]]
                 n = v.shape[0]
                 if spatial and v.dim() > 2:
                     arr = v

@@ -12,6 +12,9 @@ Each fx node that carries a tensor is assigned to the *unit layer* whose units i
   other elementwise activations, pooling, dropout, padding, flatten (the positions of a
   channel collapse into the channel: ``group`` counts positions per unit).
 
+Subclasses that compute their padding from the input's shape at run time (timm's
+``Conv2dSame``) cannot be traced by fx; fixed padding (``F.pad`` then ``F.conv2d``) can.
+
 Anything else (a product of two tensors, a softmax over channels, a permute) raises an
 :class:`~connectome.errors.ExtractionError` naming the op and its module.
 """
@@ -72,6 +75,7 @@ class Operand:
     group: int = 1  # positions per unit when the value was flattened
     offset: int = 0  # first unit of the destination this operand fills (concat)
     sign: float = 1.0  # residual sub gives -1
+    path: list[str] = field(default_factory=list)  # per-channel ops between the source's value and this read
 
 
 @dataclass
@@ -254,6 +258,12 @@ def _tensor_args(node: fx.Node, shapes: dict[str, tuple[int, ...]]) -> list[fx.N
     return [a for a in node.all_input_nodes if a.name in shapes and a.op != "get_attr"]
 
 
+def _tensor_operands(node: fx.Node, shapes: dict[str, tuple[int, ...]]) -> list[fx.Node]:
+    """Tensor operands in argument order, repeats kept (``a + a`` has two)."""
+    args = list(node.args) + [v for k, v in node.kwargs.items() if k in ("other", "input")]
+    return [a for a in args if isinstance(a, fx.Node) and a.name in shapes and a.op != "get_attr"]
+
+
 def _const(node: fx.Node, i: int, name: str, default: Any) -> Any:
     if len(node.args) > i:
         return node.args[i]
@@ -299,7 +309,7 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module], shapes: dict[str, tu
         if t in (F.linear,):
             return ("layer", "linear")
         if t in (operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub):
-            targs = _tensor_args(node, shapes)
+            targs = _tensor_operands(node, shapes)
             if len(targs) == 2 and shapes[targs[0].name] == shapes[targs[1].name] == shapes[node.name]:
                 neg = t in (operator.sub, operator.isub, torch.sub)
                 return ("residual", (1.0, -1.0 if neg else 1.0))
@@ -512,7 +522,7 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
             ))
             ref[node.name] = (len(layers) - 1, 1)
         elif what == "residual":
-            targs = _tensor_args(node, shapes)
+            targs = _tensor_operands(node, shapes)
             ops = []
             for a, sign in zip(targs, info):
                 li, group = source(node, a)
@@ -545,7 +555,7 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
             li, _ = source(node, targs[0])
             ref[node.name] = (li, _check_channels(node, targs[0], shapes, ref))
             if what == "nonlinear":
-                layers[li].nonlinear.append(node.name)
+                layers[li].nonlinear.append(str(node.target) if node.op == "call_module" else _where(node))
             elif info is not None:
                 info.input_node = targs[0].name
                 layers[li].bias_ops.append(info)
@@ -581,6 +591,20 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
         spec.chain = chain
         spec.out_node = cur.name
     layers[out_layer].out_node = out.name if out.name in [layers[out_layer].node, *layers[out_layer].chain] else layers[out_layer].out_node
+    # The ops a consumer's read passes through after its source's branch point (a BatchNorm
+    # on one branch only, as in pre-activation blocks): they scale that consumer's edges.
+    for spec in layers:
+        for op in spec.operands:
+            src_out = layers[op.layer].out_node
+            cur = by_name[op.node]
+            path: list[str] = []
+            while cur.name != src_out and kinds.get(cur.name, ("", None))[0] in ("chain", "nonlinear"):
+                path.append(cur.name)
+                nxt = _tensor_args(cur, shapes)
+                if len(nxt) != 1:
+                    break
+                cur = nxt[0]
+            op.path = path[::-1]
     return UnitGraph(gm=gm, layers=layers, ref=ref, output_layer=out_layer, output_node=out.name, shapes=shapes)
 
 

@@ -30,10 +30,14 @@ def _check_shape(input_shape: Any) -> tuple[int, ...]:
     return shape
 
 
-def chain_scale(ug: UnitGraph, spec: LayerSpec) -> torch.Tensor | None:
-    """Per-unit factor of the ops between a layer and the value it passes on (BN scale, x*a)."""
+def chain_scale(ug: UnitGraph, spec: LayerSpec, nodes: Any = None) -> torch.Tensor | None:
+    """Per-unit factor of a layer's per-channel ops (BN scale, x*a) on ``nodes``.
+
+    By default the ops between the layer and the value it passes on; with ``nodes``, the
+    ops on one consumer's read path after the branch point.
+    """
     scale = None
-    on_chain = set(spec.chain)
+    on_chain = set(spec.chain if nodes is None else nodes)
     for op in spec.bias_ops:
         if op.node not in on_chain:
             continue
@@ -126,6 +130,13 @@ def weights(
                     )
                 if scale is not None:
                     r = r * (scale if reduce == "sum" else scale.abs())[:, None]
+                src_scale = chain_scale(ug, ug.layers[op.layer], op.path) if op.path else None
+                if src_scale is not None:
+                    # column c of group k reads source unit k*Cg + c
+                    cg = r.shape[1]
+                    idx = (torch.arange(r.shape[0]) // (r.shape[0] // spec.groups))[:, None] * cg + torch.arange(cg)[None, :]
+                    s = src_scale[idx]
+                    r = r * (s if reduce == "sum" else s.abs())
                 values[li] = r.numpy()
             else:
                 vals = []
@@ -135,6 +146,9 @@ def weights(
                     if scale is not None:
                         s = scale[op.offset : op.offset + n]
                         v = v * (s if reduce == "sum" else s.abs())
+                    src_scale = chain_scale(ug, ug.layers[op.layer], op.path) if op.path else None
+                    if src_scale is not None:
+                        v = v * (src_scale if reduce == "sum" else src_scale.abs())
                     vals.append(v.numpy())
                 values[li] = vals
     meta = {

@@ -108,17 +108,11 @@ def test_model_left_as_found(model, x):
     np.testing.assert_allclose(acts["conv1"], activations(model, x)["conv1"])  # ran with running statistics
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="BUG: a layer asked for twice gets every batch twice "
-                   "(shape (2 * n_images, units))")
 def test_layer_asked_twice(model, x):
     acts = activations(model, x, layers=["conv1", "conv1"])
     assert acts["conv1"].shape == (3, 4)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="BUG: spatial=True loses the maps of a conv whose "
-                   "per-channel chain ends in a flatten, x.mean((2, 3)) or a global pool (the last conv of every "
-                   "classifier): the value 'passed on' is taken after them, so the result is (n, units) instead of "
-                   "(n, units, H, W)")
 @pytest.mark.parametrize("head", ["flatten", "mean"])
 def test_spatial_maps_before_flatten_or_global_pool(model, x, head):
     if head == "flatten":
@@ -128,9 +122,6 @@ def test_spatial_maps_before_flatten_or_global_pool(model, x, head):
         assert activations(model, x, spatial=True)["conv2"].shape == (3, 5, 6, 6)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="BUG: once connectome.extract.activations (the "
-                   "submodule) is imported, the package attribute `cn.extract.activations` is the module, not the "
-                   "function (the lazy __getattr__ only runs the first time)")
 def test_public_name_is_the_function():
     import connectome.extract.activations as _module  # any import of the submodule, e.g. by the CLI
 

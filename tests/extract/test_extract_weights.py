@@ -447,9 +447,6 @@ class OffChainBN(nn.Module):
         return self.fc(F.relu(a + b).mean((2, 3)))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="BUG: weights() drops a BatchNorm that is not on the "
-                   "unbranched chain after a layer (the tensor has several users): c1 -> c2 edges are raw kernel sums, "
-                   "not scaled by bn's gamma/sqrt(var+eps); silently affects every DenseNet norm1")
 def test_batchnorm_on_a_branch_is_folded():
     m = seeded(OffChainBN())
     g = weights(m, (2, 4, 4))
@@ -469,9 +466,6 @@ class Twice(nn.Module):
         return self.fc((a + a).mean((2, 3)))
 
 
-@pytest.mark.xfail(strict=True, raises=ExtractionError, reason="BUG: `a + a` is rejected as 'operands differ in "
-                   "shape (broadcasting)' because fx lists the node once in all_input_nodes; build.assemble is written "
-                   "to sum such parallel edges")
 def test_tensor_added_to_itself():
     g = weights(Twice(), (2, 4, 4))
     np.testing.assert_array_equal(np.diag(edges_of(g, "c", "add")), 2.0)
