@@ -205,8 +205,12 @@ def _cmd_report(a: argparse.Namespace) -> int:
     from connectome.reporting import graph_report
 
     g = load(a.graph)
-    result = graph_report(g, top=a.top, out=a.out, seed=a.seed)
-    if a.json:
+    return _emit(graph_report(g, top=a.top, out=a.out, seed=a.seed), a.json)
+
+
+def _emit(result: Any, as_json: bool) -> int:
+    """Print a report: tables for people, or JSON for machines; the HTML path to stderr."""
+    if as_json:
         print(json.dumps(result.data, indent=2, default=_json_default))
     else:
         print(result.text)
@@ -220,14 +224,7 @@ def _cmd_compare(a: argparse.Namespace) -> int:
     from connectome.reporting import compare_report
 
     ga, gb = load(a.a), load(a.b)
-    result = compare_report(ga, gb, top=a.top, out=a.out)
-    if a.json:
-        print(json.dumps(result.data, indent=2, default=_json_default))
-    else:
-        print(result.text)
-    if result.path:
-        print(f"report: {result.path}", file=sys.stderr)
-    return 0
+    return _emit(compare_report(ga, gb, top=a.top, out=a.out), a.json)
 
 
 def _cmd_export(a: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from connectome.analysis._util import nan_to_none as _nan_to_none
 from connectome.errors import ConnectomeError, EmptyGraphError
 from connectome.graph import Connectome
 
@@ -54,14 +55,6 @@ def _strength(g: Connectome) -> np.ndarray:
     return np.bincount(g.src, weights=a, minlength=g.num_nodes) + np.bincount(g.dst, weights=a, minlength=g.num_nodes)
 
 
-def _nan_to_none(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _nan_to_none(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_nan_to_none(v) for v in x]
-    return x
 
 
 def _jaccard(a: set, b: set) -> float:

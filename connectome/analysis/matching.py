@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from connectome.analysis._util import nan_to_none as _nan_to_none
 from connectome.analysis.ablation import _load_probe, _profile_node, _short, _traced, _Traced
 from connectome.errors import ConnectomeError, EmptyGraphError
 from connectome.extract.trace import run_nodes
@@ -39,14 +40,6 @@ __all__ = ["match_units", "universality", "UnitMatching", "UniversalityResult", 
 _HIDDEN_KINDS = ("conv", "linear", "residual", "concat")
 
 
-def _nan_to_none(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _nan_to_none(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_nan_to_none(v) for v in x]
-    return x
 
 
 def _fmt(x: float) -> str:
