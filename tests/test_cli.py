@@ -133,3 +133,33 @@ def test_help_has_an_example_for_every_command(capsys):
             main([cmd, "--help"])
         assert exc.value.code == 0
         assert "Example:" in capsys.readouterr().out
+
+
+def test_own_model_file_and_image_folder(tmp_path, capsys):
+    """The path a researcher takes after the demo: their model file and their images."""
+    from PIL import Image
+
+    (tmp_path / "mymodel.py").write_text(
+        "import torch.nn as nn\n"
+        "def build():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),\n"
+        "                         nn.Flatten(), nn.Linear(4, 2))\n"
+    )
+    rng = np.random.default_rng(0)
+    for cname in ("cats", "dogs"):
+        (tmp_path / "imgs" / cname).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "imgs" / cname / f"{i}.png")
+    out = tmp_path / "graphs"
+    rc = main(["extract", f"{tmp_path / 'mymodel.py'}:build", str(tmp_path / "imgs"), "--out", str(out),
+               "--image-size", "32", "--quiet", "--device", "cpu"])
+    assert rc == 0
+    index = json.loads((out / "index.json").read_text())
+    assert set(index["categories"]) == {"cats", "dogs"}
+    g = cn.load(out / "dogs.npz")
+    assert g.layers[-1].labels == ("cats", "dogs")
+    assert g.meta["target_class"] == 1 and g.meta["n_images"] == 3
+    assert main(["report", str(out / "dogs.npz"), "--json"]) == 0
+    capsys.readouterr()
+    assert main(["weights", f"{tmp_path / 'mymodel.py'}:build", "--out", str(tmp_path / "w.npz")]) == 2
+    assert "--input-shape" in capsys.readouterr().err
