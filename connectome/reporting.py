@@ -168,13 +168,15 @@ def compare_report(ga: Connectome, gb: Connectome, top: int = 20, out: str | Non
     na, nb = ga.meta.get("category") or "A", gb.meta.get("category") or "B"
     analog = None
     if _has_target(ga) and _has_target(gb):
-        pattern = an.circuit(ga, top_k=2)
-        host = gb.prune(top_k=8)
+        by = "abs_weight" if "abs_weight" in ga.edge_attrs and "abs_weight" in gb.edge_attrs else "weight"
+        # a sparse pattern (each circuit unit's strongest input) into a host that keeps more
+        pattern = an.circuit(ga, top_k=2).prune(top_k=1, by=by)
+        host = gb.prune(top_k=8, by=by)
         try:
             analog = an.find_analogous(pattern, host, max_matches=5, time_budget=5.0)
             d["analogous"] = [{"mapping": m.mapping, "score": m.score} for m in analog]
             text.append("")
-            text.append(f"Analogous circuits: {len(analog)} placement(s) of {na}'s top-2 circuit "
+            text.append(f"Analogous circuits: {len(analog)} placement(s) of the skeleton of {na}'s top-2 circuit "
                         f"({pattern.num_nodes} units) in {nb}'s graph; best score "
                         + (f"{analog[0].score:.3f}" if len(analog) else "n/a"))
         except Exception as exc:
