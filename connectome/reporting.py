@@ -72,7 +72,7 @@ def graph_sections(g: Connectome, top: int = 10, seed: int = 0, report: Any = No
     # hubs
     measures = ["strength", "pagerank"] + (["flow"] if "attribution" in g.node_attrs else [])
     c = an.centrality(g, measures)
-    key = "flow" if "flow" in c else "pagerank"
+    key = "flow" if "flow" in c else "strength"
     hidden = np.isin(g.node_layer, [i for i, l in enumerate(g.layers) if l.kind not in ("input", "output")])
     scores = np.where(hidden, np.abs(c[key]), -np.inf)
     hubs = an.top_nodes(g, scores, k=top)
