@@ -138,6 +138,11 @@ def _check_out_file(path: str) -> None:
         raise ConnectomeError(f"cannot write {path!r}: folder {str(parent)!r} does not exist")
 
 
+def _check_out_dir(path: str | None) -> None:
+    if path is not None and Path(path).exists() and not Path(path).is_dir():
+        raise ConnectomeError(f"--out {path!r} is a file; give a folder")
+
+
 def _cmd_extract(a: argparse.Namespace) -> int:
     from connectome.extract.distributed import launched
 
@@ -150,6 +155,8 @@ def _cmd_extract(a: argparse.Namespace) -> int:
 def _extract(a: argparse.Namespace, rank: int) -> int:
     from connectome.extract import attribution_by_category
     from connectome.modelspec import load_data_spec, load_model_spec
+
+    _check_out_dir(a.out)
 
     spec = load_model_spec(a.model, a.weights)
     size = a.image_size or (spec.input_shape[-1] if spec.input_shape else None)
@@ -204,6 +211,7 @@ def _cmd_report(a: argparse.Namespace) -> int:
     from connectome.io import load
     from connectome.reporting import graph_report
 
+    _check_out_dir(a.out)
     g = load(a.graph)
     return _emit(graph_report(g, top=a.top, out=a.out, seed=a.seed), a.json)
 
@@ -223,6 +231,7 @@ def _cmd_compare(a: argparse.Namespace) -> int:
     from connectome.io import load
     from connectome.reporting import compare_report
 
+    _check_out_dir(a.out)
     ga, gb = load(a.a), load(a.b)
     return _emit(compare_report(ga, gb, top=a.top, out=a.out), a.json)
 
@@ -243,6 +252,7 @@ def _cmd_export(a: argparse.Namespace) -> int:
 def _cmd_demo(a: argparse.Namespace) -> int:
     from connectome.demo import run_demo
 
+    _check_out_dir(a.out)
     path = run_demo(a.out, progress=not a.quiet)
     print(f"report: {path}")
     return 0
@@ -291,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConnectomeError as exc:
         print(f"connectome {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:  # argument mistakes; a path that is a file, a full disk
         print(f"connectome {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -650,7 +650,10 @@ class Connectome:
         Edges between kept layers stay as they are. The first and last layers of the graph
         are always kept. Node attributes of kept units stay; ``bias_attribution`` of
         dropped units is passed on in the same proportions so that conservation still
-        holds on the coarse graph.
+        holds on the coarse graph. Flows are signed: where a dropped unit's outgoing flows
+        nearly cancel, the proportions are large and single coarse edges can exceed every
+        fine edge, although sums stay exact. Edge columns other than ``weight`` (such as
+        ``abs_weight``) do not split this way and are dropped.
 
         Parameters
         ----------
@@ -808,7 +811,7 @@ class Connectome:
         """True when both graphs hold the same layers, nodes, edges, attributes and meta."""
         if not isinstance(other, Connectome):
             return False
-        if self.layers != other.layers or self.meta != other.meta:
+        if self.layers != other.layers or json.dumps(self.meta, sort_keys=True) != json.dumps(other.meta, sort_keys=True):
             return False
         if set(self.node_attrs) != set(other.node_attrs) or set(self.edge_attrs) != set(other.edge_attrs):
             return False

@@ -33,6 +33,8 @@ FORMAT_VERSION = 1
 def atomic_write(path: Any, mode: str = "wb") -> Iterator[IO[Any]]:
     """Open a temporary file beside ``path``; rename it onto ``path`` only if the block succeeds."""
     path = Path(path)
+    if path.is_dir():
+        raise ExportError(f"cannot write {str(path)!r}: it is a folder; give a file name")
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise ExportError(f"cannot write {str(path)!r}: folder {str(folder)!r} does not exist; create it first")
@@ -226,11 +228,12 @@ def _xml_type(arr: np.ndarray, flavour: str) -> str:
 
 
 def _fmt(v: Any) -> str:
+    """A value as XML text, unescaped (callers escape for element text or attributes)."""
     if isinstance(v, (float, np.floating)):
         return repr(float(v)) if np.isfinite(v) else ("NaN" if np.isnan(v) else ("INF" if v > 0 else "-INF"))
     if isinstance(v, (bool, np.bool_)):
         return "true" if v else "false"
-    return escape(str(v))
+    return str(v)
 
 
 def _check_writable(g: Connectome, path: Any) -> Path:
@@ -282,7 +285,7 @@ def write_graphml(g: Connectome, path: Any) -> None:
         for i, nid in enumerate(ids):
             parts = [f"    <node id={quoteattr(nid)}>"]
             for key, col in ncols:
-                parts.append(f'<data key="{key}">{_fmt(col[i])}</data>')
+                parts.append(f'<data key="{key}">{escape(_fmt(col[i]))}</data>')
             parts.append("</node>\n")
             fh.write("".join(parts))
         ecols = [(ekeys[k], v.tolist()) for k, v in edge_cols.items()]
@@ -290,7 +293,7 @@ def write_graphml(g: Connectome, path: Any) -> None:
         for e in range(g.num_edges):
             parts = [f"    <edge source={quoteattr(ids[src[e]])} target={quoteattr(ids[dst[e]])}>"]
             for key, col in ecols:
-                parts.append(f'<data key="{key}">{_fmt(col[e])}</data>')
+                parts.append(f'<data key="{key}">{escape(_fmt(col[e]))}</data>')
             parts.append("</edge>\n")
             fh.write("".join(parts))
         fh.write("  </graph>\n</graphml>\n")

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from connectome.errors import ConnectomeError
 from connectome.graph import Connectome
 
 __all__ = ["ReportResult", "graph_report", "compare_report", "graph_sections", "table"]
@@ -74,26 +75,33 @@ def graph_sections(g: Connectome, top: int = 10, seed: int = 0, report: Any = No
     c = an.centrality(g, measures)
     key = "flow" if "flow" in c else "strength"
     hidden = np.isin(g.node_layer, [i for i, l in enumerate(g.layers) if l.kind not in ("input", "output")])
-    scores = np.where(hidden, np.abs(c[key]), -np.inf)
+    # NaN marks units that are not hidden: top_nodes leaves NaN out
+    scores = np.where(hidden, np.abs(c[key]), np.nan)
     hubs = an.top_nodes(g, scores, k=top)
-    pr = an.top_nodes(g, np.where(hidden, c["pagerank"], -np.inf), k=top)
+    pr = an.top_nodes(g, np.where(hidden, c["pagerank"], np.nan), k=top)
     data["hubs"] = {"by": key, "top": hubs, "pagerank": pr}
     text.append(f"Top {top} hidden units by |{key}|:")
     text.append(table([[n, s, p[0], p[1]] for (n, s), p in zip(hubs, pr)], [f"unit (|{key}|)", "score", "unit (pagerank)", "score"]))
     # communities
-    p = an.communities(g, method="modularity", seed=seed)
-    data["communities"] = {"objective": p.objective, "quality": p.quality, "n": p.n_communities,
-                           "sizes": p.sizes().tolist()[:20]}
-    g_comm = p.to_node_attr(g)
-    text.append("")
-    text.append(f"Leiden communities: {p.n_communities} ({p.objective}, quality {p.quality:.4f}); "
-                f"largest sizes {p.sizes().tolist()[:8]}")
-    rows = []
-    for com in p.communities[: min(8, len(p.communities))]:
-        span = com.layers[0] if len(com.layers) == 1 else f"{com.layers[0]} .. {com.layers[-1]}"
-        rows.append([com.label, com.size, span, com.internal_flow, ", ".join(com.top_units[:3])])
-    comm_table = (rows, ["community", "units", "layers", "internal flow", "top units"])
-    text.append(table(*comm_table))
+    try:
+        p = an.communities(g, method="modularity", seed=seed)
+    except ConnectomeError as exc:  # e.g. a graph with no (non-zero) edges: report the rest
+        p = None
+        text.append(f"\nLeiden communities: skipped ({exc})")
+    g_comm, comm_table = g, None
+    if p is not None:
+        data["communities"] = {"objective": p.objective, "quality": p.quality, "n": p.n_communities,
+                               "sizes": p.sizes().tolist()[:20]}
+        g_comm = p.to_node_attr(g)
+        text.append("")
+        text.append(f"Leiden communities: {p.n_communities} ({p.objective}, quality {p.quality:.4f}); "
+                    f"largest sizes {p.sizes().tolist()[:8]}")
+        rows = []
+        for com in p.communities[: min(8, len(p.communities))]:
+            span = com.layers[0] if len(com.layers) == 1 else f"{com.layers[0]} .. {com.layers[-1]}"
+            rows.append([com.label, com.size, span, com.internal_flow, ", ".join(com.top_units[:3])])
+        comm_table = (rows, ["community", "units", "layers", "internal flow", "top units"])
+        text.append(table(*comm_table))
     # circuit
     circ = groups = None
     if _has_target(g):
@@ -120,11 +128,12 @@ def graph_sections(g: Connectome, top: int = 10, seed: int = 0, report: Any = No
         name = g.meta.get("category") or g.meta.get("model") or "graph"
         report.add_heading(f"{prefix}{name}", 2)
         report.add_text(repr(g))
-        report.add_figure(viz.plot_hubs(g, scores if np.isfinite(scores).any() else c["pagerank"], k=5,
+        report.add_figure(viz.plot_hubs(g, np.nan_to_num(scores, nan=0.0) if np.isfinite(scores).any() else c["pagerank"], k=5,
                                         title=f"Top units by |{key}| per layer"),
                           f"Hubs of {name}: the units with the largest |{key}| in each layer.", f"{prefix}hubs_{_slug(name)}")
-        report.add_table(comm_table[0], headers=comm_table[1],
-                         caption=f"Leiden communities ({p.objective}, quality {p.quality:.3f})")
+        if comm_table is not None:
+            report.add_table(comm_table[0], headers=comm_table[1],
+                             caption=f"Leiden communities ({p.objective}, quality {p.quality:.3f})")
         if circ is not None:
             report.add_figure(viz.plot_circuit(circ, title=f"Circuit of {name} ({mass:.0%} of flow per layer)"),
                               f"The layered circuit of {name}: units sized by attribution, coloured by community; "

@@ -163,3 +163,20 @@ def test_own_model_file_and_image_folder(tmp_path, capsys):
     capsys.readouterr()
     assert main(["weights", f"{tmp_path / 'mymodel.py'}:build", "--out", str(tmp_path / "w.npz")]) == 2
     assert "--input-shape" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cmd", ["extract", "report", "demo", "export", "weights"])
+def test_out_that_is_the_wrong_kind_of_path(cmd, extracted, tmp_path, capsys):
+    a_file = tmp_path / "taken"
+    a_file.write_text("x")
+    argv = {
+        "extract": ["extract", "zoo:simplecnn_a", "zoo:shapes:1", "--out", str(a_file)],
+        "report": ["report", str(extracted / "circle.npz"), "--out", str(a_file)],
+        "demo": ["demo", "--out", str(a_file)],
+        "export": ["export", str(extracted / "circle.npz"), "--format", "gexf", "--out", str(tmp_path)],
+        "weights": ["weights", "zoo:simplecnn_a", "--out", str(tmp_path)],
+    }[cmd]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and ("is a file" in err or "is a folder" in err), err
+    assert a_file.read_text() == "x"

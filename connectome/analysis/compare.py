@@ -342,8 +342,8 @@ def compare(
     if isinstance(top, bool) or int(top) != top or top < 1:
         raise ValueError(f"top must be a positive integer, got {top!r}")
     top = int(top)
-    name_a = str(g_a.meta.get("category", "a"))
-    name_b = str(g_b.meta.get("category", "b"))
+    name_a = str(g_a.meta.get("category") or "a")
+    name_b = str(g_b.meta.get("category") or "b")
     if name_a == name_b:
         name_a, name_b = f"{name_a} (a)", f"{name_b} (b)"
     _check_same_model({name_a: g_a, name_b: g_b})

@@ -88,7 +88,17 @@ def unpack_batch(batch: Any) -> tuple[torch.Tensor | None, torch.Tensor | None, 
         if len(batch) >= 2:
             y = batch[1]
             if not isinstance(y, torch.Tensor):
-                y = torch.as_tensor(y)
+                try:
+                    y = torch.as_tensor(y)
+                except (TypeError, ValueError, RuntimeError):
+                    raise DataError(
+                        f"labels must be integer class indices; the data gives {type(y).__name__} labels such as "
+                        f"{str(y)[:40]!r}"
+                    ) from None
+            if y.dim() != 1 or y.is_floating_point():
+                raise DataError(
+                    f"labels must be integer class indices of shape (batch,), got {y.dtype} of shape {tuple(y.shape)}"
+                )
             return batch[0], y, []
         if len(batch) == 1:
             return batch[0], None, []
@@ -170,6 +180,15 @@ def make_loader(
         data = TensorDataset(data)
     elif isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(d, torch.Tensor) for d in data):
         x, y = data
+        if x.dim() == 3:  # one image
+            x = x[None]
+        if y.dim() == 0:
+            y = y[None]
+        if y.dim() != 1 or y.is_floating_point():
+            raise DataError(
+                f"labels must be class indices of shape (N,), got a {y.dtype} tensor of shape {tuple(y.shape)}"
+                + (" (one-hot? use labels.argmax(1))" if y.dim() == 2 else "")
+            )
         if x.shape[0] != y.shape[0]:
             raise DataError(f"images and labels differ in length: {x.shape[0]} images, {y.shape[0]} labels")
         data = TensorDataset(x, y.long())

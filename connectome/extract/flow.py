@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from pathlib import Path
 from contextlib import nullcontext
 from typing import Any, Callable, Sequence
@@ -98,10 +99,10 @@ class FlowAccumulator:
                 grad.append(s.node)
                 keep.add(s.operands[0].node)
             for op in s.bias_ops:
-                if op.kind in ("bn", "shift", "clamp"):
+                if op.kind in ("bn", "shift", "clamp", "pad"):
                     keep.add(op.node)
                     grad.append(op.node)
-                if op.kind == "clamp":
+                if op.kind in ("clamp", "pad"):
                     keep.add(op.input_node)
         self.keep = keep
         self.grad_nodes = list(dict.fromkeys(grad))
@@ -245,17 +246,26 @@ class FlowAccumulator:
                 if gv is None or op.kind == "scale":
                     continue
                 if op.kind == "bn":
-                    term = self._bn_shift[op.node] * _channel_sum(gv, s.size)
+                    # per channel, or per feature for a BatchNorm1d over flattened positions
+                    shift = self._bn_shift[op.node].to(gv.dtype)
+                    term = _channel_sum(gv * shift.reshape(1, -1, *([1] * (gv.dim() - 2))), s.size)
+                elif op.kind == "pad":
+                    # the padded border holds the constant `value`
+                    pad, value = op.params
+                    border = F.pad(torch.zeros_like(kept[op.input_node]), pad, value=1.0)
+                    term = value * _channel_sum(border * gv, s.size)
                 elif op.kind == "shift":
                     term = op.params[0] * _channel_sum(gv, s.size)
                 else:  # clamp: where the op saturates, its output is the constant bound
                     u = kept[op.input_node]
                     lo, hi = op.params
                     const = torch.zeros_like(u)
+                    # torch's clamp backward passes no gradient at the bound itself, so a
+                    # value sitting exactly on a bound is constant too
                     if hi is not None:
-                        const = torch.where(u > hi, torch.full_like(u, hi), const)
+                        const = torch.where(u >= hi, torch.full_like(u, hi), const)
                     if lo is not None:
-                        const = torch.where(u < lo, torch.full_like(u, lo), const)
+                        const = torch.where(u <= lo, torch.full_like(u, lo), const)
                     term = _channel_sum(const * gv, s.size)
                 self.bias[li] += term
                 if op.node not in on_chain:
@@ -566,6 +576,8 @@ def attribution(
     items. See :mod:`connectome.extract.distributed`.
     """
     check_model(model)
+    if max_images is not None and (int(max_images) != max_images or max_images < 1):
+        raise ValueError(f"max_images must be a positive integer or None, got {max_images!r}")
     info = make_loader(data, batch_size=batch_size, num_workers=num_workers, transform=transform,
                        pin_memory=resolve_device(device).type == "cuda")
     return _attribution(model, info, target, per_sample=per_sample, layers=layers, device=device, labels=labels,
@@ -598,6 +610,9 @@ def _attribution(model: nn.Module, info: Any, target: Any = "label", *, per_samp
     if world > 1:  # every process returns the same graph: no per-process device in it
         g = g.with_meta(device=dev.type, world_size=world)
     if layers:
+        if "abs_weight" in g.edge_attrs:
+            warnings.warn("layers=: the contracted graph has no abs_weight (per-image |flow| does not split "
+                          "through dropped layers); contract the signed flows only", stacklevel=2)
         g = g.contract([_layer_name(g, l) for l in layers])
     return g
 

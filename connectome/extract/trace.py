@@ -22,6 +22,7 @@ Anything else (a product of two tensors, a softmax over channels, a permute) rai
 from __future__ import annotations
 
 import operator
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -310,13 +311,20 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module], shapes: dict[str, tu
             return ("layer", "linear")
         if t in (operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub):
             targs = _tensor_operands(node, shapes)
+            alpha = node.kwargs.get("alpha", node.args[2] if len(node.args) > 2 else 1)
+            if not isinstance(alpha, (int, float)):
+                return ("unsupported", "an add/sub whose alpha is a tensor")
+            neg = t in (operator.sub, operator.isub, torch.sub)
             if len(targs) == 2 and shapes[targs[0].name] == shapes[targs[1].name] == shapes[node.name]:
-                neg = t in (operator.sub, operator.isub, torch.sub)
-                return ("residual", (1.0, -1.0 if neg else 1.0))
+                return ("residual", (1.0, -float(alpha) if neg else float(alpha)))
+            if len(targs) == 1 and any(isinstance(a, fx.Node) and a.op == "get_attr" or
+                                       (isinstance(a, fx.Node) and a.name not in shapes) for a in node.args):
+                return ("unsupported", "arithmetic with a tensor of the model (a buffer or parameter) is not "
+                        "mapped yet; fold it into the neighbouring conv or BatchNorm")
             if len(targs) == 1:
-                other = [a for a in node.args if not isinstance(a, fx.Node)]
-                if other and isinstance(other[0], (int, float)) and node.kwargs.get("alpha", 1) == 1:
-                    c = float(other[0])
+                other = [a for a in node.args[:2] if not isinstance(a, fx.Node)]
+                if other and isinstance(other[0], (int, float)):
+                    c = float(other[0]) * (float(alpha) if node.args[0] is targs[0] else 1.0)
                     if t in (operator.sub, operator.isub, torch.sub):
                         c = -c if node.args[0] is targs[0] else c
                         if node.args[0] is not targs[0]:
@@ -346,10 +354,29 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module], shapes: dict[str, tu
             else:
                 lo, hi = _const(node, 1, "min", None), _const(node, 2, "max", None)
             return ("chain", ChainOp(node.name, "clamp", "", (lo, hi)))
+        if t is F.pad:
+            value = _const(node, 3, "value", None)
+            mode = _const(node, 2, "mode", "constant")
+            if mode == "constant" and value not in (None, 0, 0.0):
+                return ("chain", ChainOp(node.name, "pad", "", (tuple(_const(node, 1, "pad", ())), float(value))))
+            return ("chain", None)
+        if t is operator.getitem:
+            idx = node.args[1] if len(node.args) > 1 else None
+            idx = idx if isinstance(idx, tuple) else (idx,)
+            full = slice(None, None, None)
+            keeps_units = len(idx) >= 2 and idx[0] == full and idx[1] == full and not any(
+                isinstance(i, fx.Node) for i in idx[2:]) or (len(idx) == 1 and idx[0] == full)
+            if not keeps_units:
+                return ("unsupported", "indexing that selects or reorders channels (x[:, idx]) changes which unit "
+                        "is which")
+            return ("chain", None)
         if t in _PL_FUNCS:
             return ("chain", None)
         if t in _NONLINEAR_FUNCS:
             return ("nonlinear", None)
+        if t is torch.mean:
+            shadow = fx.Node(node.graph, node.name, "call_method", "mean", node.args, node.kwargs)
+            return _classify(shadow, modules, shapes)
         return ("unsupported", f"function {getattr(t, '__name__', t)!s} is not a per-channel op we can map")
     if node.op == "call_method":
         if t in _PL_METHODS:
@@ -417,6 +444,9 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
         The model is untraceable, fails on the example, or uses an op that mixes units.
     """
     gm = _trace(model)
+    if example.dim() >= 1 and example.shape[0] == 1:
+        # a batch of two, so that a squeeze() cannot be mistaken for a change of batch size
+        example = example.expand(2, *example.shape[1:])
     shapes = _shapes(gm, example)
     modules = dict(gm.named_modules())
     nodes = list(gm.graph.nodes)
@@ -564,6 +594,10 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
         raise ExtractionError("the traced model has no output")
     out = output_node.args[0]
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], fx.Node):
+        warnings.warn(
+            f"{type(model).__name__} returns {len(out)} outputs; connectome takes the first as the logits "
+            "(wrap the model so that forward returns the logits if that is wrong)", stacklevel=3,
+        )
         out = out[0]
     if not isinstance(out, fx.Node) or out.name not in ref:
         raise ExtractionError(

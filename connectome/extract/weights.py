@@ -43,6 +43,12 @@ def chain_scale(ug: UnitGraph, spec: LayerSpec, nodes: Any = None) -> torch.Tens
             continue
         if op.kind == "bn":
             s = op.params[0].double().cpu()
+            if s.numel() != spec.size:
+                raise ExtractionError(
+                    f"{op.node!r} normalises {s.numel()} flattened features of the {spec.size} units of layer "
+                    f"{spec.name!r}; a per-position BatchNorm cannot be folded into unit edges (attribution "
+                    "graphs handle it)"
+                )
         elif op.kind == "scale":
             s = torch.full((spec.size,), op.params[0], dtype=torch.float64)
         else:

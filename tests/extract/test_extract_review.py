@@ -1,0 +1,162 @@
+"""Regression tests for cases an independent review found: each once gave a wrong graph or a raw error."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import connectome as cn
+from connectome.errors import DataError, ExtractionError
+
+
+class Fn(nn.Module):
+    """A module whose forward is a function of (self, x), with submodules given by name."""
+
+    def __init__(self, f, **mods):
+        super().__init__()
+        self.f = f
+        for k, v in mods.items():
+            setattr(self, k, v)
+
+    def forward(self, x):
+        return self.f(self, x)
+
+
+def _flows(m: nn.Module, x: torch.Tensor, classes: int) -> cn.Connectome:
+    torch.manual_seed(1)
+    y = torch.randint(0, classes, (x.shape[0],))
+    return cn.extract.attribution(m.double().eval(), (x.double(), y), progress=False, device="cpu")
+
+
+def _assert_exact(g: cn.Connectome) -> None:
+    src, dst, w = g.edge_arrays()
+    a, b = g.node_attr("attribution"), g.node_attr("bias_attribution")
+    inflow, outflow = np.zeros(g.num_nodes), np.zeros(g.num_nodes)
+    np.add.at(inflow, dst, w)
+    np.add.at(outflow, src, w)
+    scale = max(1.0, np.abs(a).max())
+    hidden = (g.node_layer > 0) & (g.node_layer < len(g.layers) - 1)
+    np.testing.assert_allclose((inflow + b)[hidden], a[hidden], atol=1e-9 * scale)  # flows balance
+    np.testing.assert_allclose(outflow[hidden], a[hidden], atol=1e-9 * scale)
+    assert abs(g.meta["completeness_residual"]) <= 1e-9 * max(1.0, abs(g.meta["target_total"]))
+
+
+def test_clamps_with_values_exactly_on_the_bound():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU6(), nn.MaxPool2d(2), nn.ReLU6(), nn.Hardtanh(-1, 1),
+                      nn.Flatten(), nn.Linear(36, 3))
+    x = torch.randn(4, 3, 8, 8) * 20  # saturates often; max pool copies bound values exactly
+    _assert_exact(_flows(m, x, 3))
+
+
+def test_add_with_alpha():
+    torch.manual_seed(0)
+    m = Fn(lambda s, x: s.fc(torch.add(F.relu(s.a(x)), F.relu(s.b(x)), alpha=0.5).mean((2, 3))),
+           a=nn.Conv2d(3, 4, 3, padding=1), b=nn.Conv2d(3, 4, 3, padding=1), fc=nn.Linear(4, 3))
+    _assert_exact(_flows(m, torch.randn(3, 3, 6, 6), 3))
+    w = cn.extract.weights(m.float(), (3, 6, 6))
+    _, _, v = w.edge_block("b", "add")
+    np.testing.assert_allclose(v, 0.5)
+
+
+def test_constant_padding_value_is_a_bias_term():
+    torch.manual_seed(0)
+    m = Fn(lambda s, x: s.fc(s.b(F.pad(F.relu(s.a(x)), (1, 1, 1, 1), value=0.7)).mean((2, 3))),
+           a=nn.Conv2d(3, 4, 3), b=nn.Conv2d(4, 4, 3), fc=nn.Linear(4, 3))
+    _assert_exact(_flows(m, torch.randn(3, 3, 8, 8), 3))
+
+
+def test_channel_permutation_by_indexing_is_refused():
+    class Shuffle(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.fc = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.Linear(4, 2)
+            self.register_buffer("perm", torch.tensor([2, 0, 3, 1]))
+
+        def forward(self, x):
+            return self.fc(self.b(F.relu(self.a(x))[:, self.perm]).mean((2, 3)))
+
+    with pytest.raises(ExtractionError, match="reorders channels"):
+        cn.extract.weights(Shuffle(), (3, 8, 8))
+
+
+def test_spatial_slicing_keeps_units():
+    torch.manual_seed(0)
+    m = Fn(lambda s, x: s.fc(F.relu(s.a(x))[:, :, 1:, :-1].mean((2, 3))), a=nn.Conv2d(3, 4, 3), fc=nn.Linear(4, 2))
+    _assert_exact(_flows(m, torch.randn(2, 3, 8, 8), 2))
+
+
+def test_batchnorm1d_over_flattened_positions():
+    torch.manual_seed(0)
+    bn = nn.BatchNorm1d(4 * 16)
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+    bn.bias.data.uniform_(-1, 1)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), bn, nn.Linear(64, 3))
+    _assert_exact(_flows(m, torch.randn(3, 3, 6, 6), 3))
+    with pytest.raises(ExtractionError, match="per-position BatchNorm"):
+        cn.extract.weights(m.float(), (3, 6, 6))
+
+
+def test_squeeze_after_global_pool():
+    torch.manual_seed(0)
+    m = Fn(lambda s, x: s.fc(F.adaptive_avg_pool2d(F.relu(s.a(x)), 1).squeeze()), a=nn.Conv2d(3, 4, 3),
+           fc=nn.Linear(4, 2))
+    _assert_exact(_flows(m, torch.randn(3, 3, 6, 6), 2))
+
+
+def test_tuple_output_warns():
+    m = Fn(lambda s, x: (s.fc(x), x), fc=nn.Linear(5, 3))
+    with pytest.warns(UserWarning, match="first as the logits"):
+        cn.extract.weights(m, (5,))
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5])
+def test_max_images_must_be_positive(bad):
+    m = nn.Sequential(nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="max_images"):
+        cn.extract.attribution(m, (torch.randn(3, 4), torch.zeros(3, dtype=torch.long)), max_images=bad,
+                               progress=False, device="cpu")
+
+
+def test_one_image_and_scalar_label():
+    m = nn.Sequential(nn.Conv2d(3, 2, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 2))
+    g = cn.extract.attribution(m, (torch.randn(3, 8, 8), torch.tensor(1)), progress=False, device="cpu")
+    assert g.meta["n_images"] == 1
+
+
+def test_one_hot_labels_are_a_data_error():
+    m = nn.Sequential(nn.Linear(4, 2))
+    with pytest.raises(DataError, match="one-hot"):
+        cn.extract.attribution(m, (torch.randn(3, 4), torch.eye(2)[[0, 1, 0]]), progress=False, device="cpu")
+
+
+def test_string_labels_are_a_data_error():
+    class DS(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return torch.randn(4), "cat"
+
+    with pytest.raises(DataError, match="integer class indices"):
+        cn.extract.attribution(nn.Linear(4, 2), DS(), target=0, progress=False, device="cpu")
+
+
+def test_gexf_escapes_once(tmp_path):
+    import networkx as nx
+
+    g = cn.Connectome.from_edges([("in", "input", 1), ("a<&>b", "conv", 1)], [("in:0", "a<&>b:0", 1.0)])
+    cn.io.write_gexf(g, tmp_path / "g.gexf")
+    G = nx.read_gexf(tmp_path / "g.gexf")
+    assert {d["layer"] for _, d in G.nodes(data=True)} == {"in", "a<&>b"}
+
+
+def test_meta_with_nan_round_trips(tmp_path):
+    g = cn.Connectome.from_edges([("in", "input", 1), ("h", "linear", 1)], [("in:0", "h:0", 1.0)],
+                                 meta={"x": float("nan")})
+    g.save(tmp_path / "g.npz")
+    assert cn.load(tmp_path / "g.npz").equals(g)
