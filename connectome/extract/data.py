@@ -95,11 +95,12 @@ def unpack_batch(batch: Any) -> tuple[torch.Tensor | None, torch.Tensor | None, 
                         f"labels must be integer class indices; the data gives {type(y).__name__} labels such as "
                         f"{str(y)[:40]!r}"
                     ) from None
-            if y.dim() != 1 or y.is_floating_point():
+            if y.dim() != 1 or (y.is_floating_point() and not torch.equal(y, y.round())):
                 raise DataError(
                     f"labels must be integer class indices of shape (batch,), got {y.dtype} of shape {tuple(y.shape)}"
+                    + (" (one-hot? map them with argmax(1))" if y.dim() == 2 else "")
                 )
-            return batch[0], y, []
+            return batch[0], y.long(), []
         if len(batch) == 1:
             return batch[0], None, []
     if isinstance(batch, dict) and "image" in batch:
@@ -184,13 +185,15 @@ def make_loader(
             x = x[None]
         if y.dim() == 0:
             y = y[None]
-        if y.dim() != 1 or y.is_floating_point():
+        if y.dim() != 1:
             raise DataError(
-                f"labels must be class indices of shape (N,), got a {y.dtype} tensor of shape {tuple(y.shape)}"
+                f"labels must be class indices of shape (N,), got a tensor of shape {tuple(y.shape)}"
                 + (" (one-hot? use labels.argmax(1))" if y.dim() == 2 else "")
             )
         if x.shape[0] != y.shape[0]:
             raise DataError(f"images and labels differ in length: {x.shape[0]} images, {y.shape[0]} labels")
+        if y.is_floating_point() and not torch.equal(y, y.round()):
+            raise DataError("labels must be integer class indices; these are fractional (probabilities?)")
         data = TensorDataset(x, y.long())
     if isinstance(data, Dataset):
         n = len(data) if hasattr(data, "__len__") else None
