@@ -583,6 +583,8 @@ def resolution_sweep(
     >>> [r.nmi for r in sweep]
     [1.0, 1.0]
     """
+    if "seed" in kw:
+        raise ValueError("resolution_sweep runs one partition per seed: pass seeds=[...], not seed=")
     resolutions = [float(r) for r in np.asarray(resolutions, dtype=np.float64).reshape(-1)]
     seeds = tuple(int(s) for s in seeds)
     if not resolutions:

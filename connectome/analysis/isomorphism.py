@@ -10,9 +10,13 @@ must agree. The matches are ranked by how well their edge weights agree.
 Subgraph isomorphism is NP-complete and the number of matches can grow combinatorially
 with the host's edges, so prune both graphs first, e.g.::
 
-    pattern = circuit(g_cat, top_k=3).prune(top_k=3)
-    host = g_dog.prune(top_k=5)
+    pattern = circuit(g_cat, top_k=2).prune(top_k=1)     # a sparse skeleton
+    host = g_dog.prune(top_k=8)                           # keeps more than the pattern
     matches = find_analogous(pattern, host, max_matches=20, time_budget=10)
+
+Every pattern edge must exist in the host: a circuit's edges are the strongest *within the
+circuit*, not necessarily among a unit's strongest inputs overall, so prune the host much
+less than the pattern (with equal pruning a graph searched in itself can miss the identity).
 
 The search always ends: after ``max_matches`` matches (or ``max_candidates`` embeddings) or
 ``time_budget`` seconds, whichever comes first; the returned list says whether it is

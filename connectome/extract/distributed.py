@@ -276,16 +276,76 @@ def _model_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
     return {"model": structure.hexdigest()[:20], "model_values": values.hexdigest()[:20], "model_checksum": total}
 
 
-def _sample_id(ds: Any, i: int) -> str | None:
+def _item_hash(ds: Any, i: int) -> str:
+    """A hash of dataset item ``i`` as the model sees it (after the transform) and of its label."""
+    h = hashlib.sha256()
+    try:
+        item = ds[i]
+    except Exception as exc:  # an undecodable file still has a stable identity: its error
+        h.update(f"error:{type(exc).__name__}".encode())
+        return h.hexdigest()[:20]
+    parts = item if isinstance(item, (tuple, list)) else (item,)
+    for p in parts:
+        if isinstance(p, torch.Tensor):
+            h.update(str(tuple(p.shape)).encode())
+            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+        else:
+            h.update(repr(getattr(p, "path", p)).encode())
+    return h.hexdigest()[:20]
+
+
+def _data_fingerprint(ds: Any, n_images: int) -> str | None:
+    """Which images, transformed how, with which labels.
+
+    Every file name (ImageFolder) or every label (when the dataset lists them) is hashed,
+    plus the first, middle and last items as the model receives them (so the transform and
+    image size count, and a generic dataset is identified by its content).
+    """
+    from connectome.extract.data import dataset_targets
+
+    if n_images <= 0:
+        return None
+    h = hashlib.sha256()
+    base, idx = ds, None
     if isinstance(ds, Subset):
-        return _sample_id(ds.dataset, int(ds.indices[i]))
-    samples = getattr(ds, "samples", None)
+        base, idx = ds.dataset, [int(i) for i in ds.indices]
+    samples = getattr(base, "samples", None)
     if samples is not None:
-        path = Path(str(samples[i][0] if isinstance(samples[i], (tuple, list)) else samples[i]))
-        return "/".join(path.parts[-2:])  # category/file: independent of where the folder is mounted
-    if isinstance(ds, TensorDataset):
-        return hashlib.sha256(ds.tensors[0][i].detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:20]
-    return None
+        rows = samples if idx is None else [samples[i] for i in idx]
+        for r in rows:
+            path = Path(str(r[0] if isinstance(r, (tuple, list)) else r))
+            h.update("/".join(path.parts[-2:]).encode())  # category/file: independent of the mount point
+    targets = dataset_targets(ds)
+    if targets is not None:
+        h.update(",".join(map(str, targets)).encode())
+    for i in sorted({0, n_images // 2, n_images - 1}):
+        h.update(_item_hash(ds, i).encode())
+    return h.hexdigest()[:20]
+
+
+def _target_fingerprint(target: Any) -> Any:
+    """Plain targets as they are; a callable by its code, constants, defaults and closure."""
+    if isinstance(target, (str, int)) or not callable(target):
+        return target if isinstance(target, (str, int)) else repr(target)
+    import functools
+
+    if isinstance(target, functools.partial):
+        inner = _target_fingerprint(target.func)
+        return f"partial({inner},{target.args!r},{sorted(target.keywords.items())!r})"
+    code = getattr(target, "__code__", None)
+    if code is None:
+        code = getattr(getattr(target, "__call__", None), "__code__", None)
+    if code is None:
+        return f"{type(target).__module__}.{type(target).__qualname__}"
+    h = hashlib.sha256(code.co_code)
+    h.update(repr(code.co_consts).encode())
+    h.update(repr(getattr(target, "__defaults__", None)).encode())
+    for cell in getattr(target, "__closure__", None) or ():
+        try:
+            h.update(repr(cell.cell_contents).encode())
+        except ValueError:
+            pass
+    return f"{getattr(target, '__qualname__', 'callable')}:{h.hexdigest()[:16]}"
 
 
 def fingerprint(model: torch.nn.Module, dataset: Any, n_images: int, classes: Sequence[str] | None, *,
@@ -294,19 +354,17 @@ def fingerprint(model: torch.nn.Module, dataset: Any, n_images: int, classes: Se
     """What must match for a checkpoint to be continued: plain values only (saved with the checkpoint).
 
     Model: a hash of parameter/buffer names, shapes and dtypes, a hash of a strided sample
-    of the values and their sums. Data: the number of images, the class list and the ids of
-    the first and last sample (file names, or a hash of the tensors). The target, options,
-    batch size and number of processes.
+    of the values and their sums. Data: the number of images, the class list, every file
+    name or label the dataset lists, and the first, middle and last items as the model sees
+    them (transform and image size included). The target (a callable by its code and
+    captured values), options, batch size and number of processes.
     """
     fp = _model_fingerprint(model)
-    ids = [_sample_id(dataset, i) for i in (0, n_images - 1)] if n_images > 0 else []
-    if callable(target) and not isinstance(target, str):
-        target = f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', type(target).__name__)}"
     fp.update({
         "n_images": int(n_images),
         "classes": hashlib.sha256("\n".join(map(str, classes)).encode()).hexdigest()[:20] if classes else None,
-        "sample_ids": None if any(i is None for i in ids) else hashlib.sha256("\n".join(ids).encode()).hexdigest()[:20],
-        "target": target if isinstance(target, (str, int)) else repr(target),
+        "sample_ids": _data_fingerprint(dataset, n_images),
+        "target": _target_fingerprint(target),
         "category": category,
         "per_sample": bool(per_sample),
         "amp": bool(amp),
@@ -322,7 +380,7 @@ _WHAT = {
     "model_checksum": "model weights",
     "n_images": "number of images",
     "classes": "class list",
-    "sample_ids": "images (first/last sample)",
+    "sample_ids": "images (files, labels or content after the transform)",
     "target": "target",
     "category": "category",
     "per_sample": "per_sample",
@@ -511,6 +569,15 @@ class ShardedRun:
             if loader.batch_size is None:
                 raise DataError("distributed or checkpointed runs need a DataLoader with a batch_size "
                                 "(not a custom batch_sampler)")
+            from torch.utils.data import SequentialSampler
+
+            if not isinstance(loader.sampler, SequentialSampler) or loader.drop_last:
+                # the shard sampler replaces the loader's own: refuse rather than read other images
+                raise DataError(
+                    "distributed or checkpointed runs read every item of the dataset in order; this DataLoader "
+                    "has its own sampler or drop_last=True. Pass the dataset (or a torch.utils.data.Subset of "
+                    "the items you want) instead of the loader"
+                )
             self.batch_size = int(loader.batch_size)
             self.n = len(ds) if max_images is None else min(len(ds), int(max_images))
             if checkpoint is not None:

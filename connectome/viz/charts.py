@@ -100,6 +100,8 @@ def plot_hubs(
     ...                           edges=[("input:0", "fc:0", 1.0), ("input:2", "fc:1", -2.0)])
     >>> fig = plot_hubs(g, [1.0, 0.0, 2.0, 1.0, 2.0], k=2)
     """
+    if isinstance(scores, str):  # a node attribute name, as top_nodes accepts
+        scores = g.node_attr(scores)
     if not isinstance(g, Connectome):
         raise TypeError(f"plot_hubs expects a Connectome, got {type(g).__name__}")
     if isinstance(k, bool) or int(k) != k or k < 1:

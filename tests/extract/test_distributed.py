@@ -7,6 +7,8 @@ uninterrupted one; checkpoints of other arguments and damaged ones are refused.
 
 from __future__ import annotations
 
+import collections
+
 import os
 import socket
 import subprocess
@@ -214,7 +216,13 @@ def test_killed_run_by_category_resumes(tmp_path):
     assert sorted(os.listdir(tmp_path)) == [category_folder(0, "0"), category_folder(1, "1")]
     ds = Recorded(x, y)
     resumed = attribution_by_category(_model(), ds, checkpoint=tmp_path, checkpoint_every=1, **kw)
-    assert sorted(ds.read) == [2, 5]  # category 2 only: the finished ones are not read again
+    # The finished categories' batches are not read again: of their items only the (at most 3)
+    # probes that fingerprint the data are; category 2 is computed.
+    labels = y.tolist()
+    reads = collections.Counter(ds.read)
+    for c in (0, 1):
+        assert sum(reads[i] for i, t in enumerate(labels) if t == c) <= 3
+    assert all(reads[i] >= 1 for i, t in enumerate(labels) if t == 2)
     assert list(resumed) == list(full)
     for name in full:
         _assert_same(resumed[name], full[name], rtol=None)
