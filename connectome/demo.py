@@ -80,6 +80,10 @@ def run_demo(out: str | Path = "demo_out", progress: bool = True, n_per_class: i
                   caption="Attribution graphs: flows are exact, so input attribution + bias terms equal the class "
                           "logits up to float32 rounding.")
     for cname, g in main.items():
+        # Gephi files carry the analysis: centralities, Leiden community (node colour), circuit
+        g = an.annotate(g, centrality=an.centrality(g, ["strength", "pagerank", "flow"]),
+                        partition=an.communities(g, seed=0), circuit=an.circuit(g, mass=MASS))
+        main[cname] = g
         pruned = g.prune(top_k=8, by="abs_weight")
         io.write_graphml(pruned, out / "gephi" / f"{MAIN}_{cname}.graphml")
         io.write_gexf(pruned, out / "gephi" / f"{MAIN}_{cname}.gexf")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from connectome.analysis.annotate import annotate
 from connectome.analysis.centrality import MEASURES, centrality, strength, top_nodes
 from connectome.analysis.circuits import GroupGraph, circuit, neuron_groups, relative_depth, top_contributors
 from connectome.analysis.communities import Community, Partition, ResolutionSweep, SweepRow, communities, resolution_sweep
@@ -32,6 +33,7 @@ _LAZY = {
 }
 
 __all__ = sorted([
+    "annotate",
     "centrality", "strength", "top_nodes", "GroupGraph", "circuit", "neuron_groups", "relative_depth",
     "top_contributors", "Partition", "communities", "resolution_sweep", "CategoryCorrelation", "Comparison",
     "LayerComparison", "compare", "compare_categories", "Match", "MatchList", "find_analogous", "hub_roles",

@@ -291,3 +291,24 @@ def test_errors(plant):
         communities(g, resolution=-1)
     with pytest.raises(ValueError, match="seed"):
         communities(g, seed=-1)
+
+
+def test_annotate_carries_results_to_graphml(tmp_path):
+    import networkx as nx
+
+    import connectome as cn
+    from connectome import analysis as an
+
+    g = cn.Connectome.from_edges(
+        [("in", "input", 2), ("h", "conv", 3), ("out", "output", 1)],
+        [("in:0", "h:0", 1.0), ("in:1", "h:1", 2.0), ("in:1", "h:2", 0.5), ("h:0", "out:0", 1.0), ("h:1", "out:0", -1.0)],
+    )
+    c = an.centrality(g, ["pagerank"])
+    p = an.communities(g, seed=0)
+    g2 = an.annotate(g, centrality=c, partition=p, circuit=g.subgraph(["h:1", "out:0"]))
+    np.testing.assert_array_equal(g2.node_attr("centrality_pagerank"), c["pagerank"])
+    np.testing.assert_array_equal(g2.node_attr("community"), p.membership)
+    np.testing.assert_array_equal(g2.node_attr("in_circuit"), [0, 0, 0, 1, 0, 1])
+    cn.io.write_graphml(g2, tmp_path / "g.graphml")
+    G = nx.read_graphml(tmp_path / "g.graphml")
+    assert G.nodes["h:1"]["in_circuit"] == 1.0 and "centrality_pagerank" in G.nodes["h:1"]
