@@ -472,6 +472,37 @@ def _target_fn(target: Any, n_out: int, classes: Sequence[str] | None) -> tuple[
     raise DataError(f"target must be 'label', 'predicted', an int class, a class name or a callable; got {target!r}")
 
 
+def _norm_name(s: str) -> str:
+    return " ".join(str(s).replace("_", " ").split()).lower()
+
+
+def _label_map(classes: Sequence[str] | None, out_labels: Sequence[str] | None, n_out: int) -> torch.Tensor | None:
+    """Dataset label -> output unit, when the dataset's classes are not the output's units.
+
+    A folder of two ImageNet classes has labels 0 and 1, which are not the model's units 0
+    and 1: classes are matched to the output labels by name (case, spaces and underscores
+    ignored), or read as unit numbers when they are digits ("281"). ``None``: labels are
+    output units as they are.
+    """
+    if not classes:
+        return None
+    classes = [str(c) for c in classes]
+    if out_labels is not None and list(out_labels) != classes:
+        index = {_norm_name(s): i for i, s in enumerate(out_labels)}
+        found = [index.get(_norm_name(c)) for c in classes]
+        if all(i is not None for i in found):
+            return torch.tensor(found, dtype=torch.long)
+        if not all(c.isdigit() for c in classes):
+            missing = [c for c, i in zip(classes, found) if i is None]
+            raise DataError(
+                f"categories {missing[:5]} are not among the model's {len(out_labels)} class names; name the folders "
+                "after the output classes (or their unit numbers, e.g. '281')"
+            )
+    if len(classes) != n_out and all(c.isdigit() for c in classes):
+        return torch.tensor([int(c) for c in classes], dtype=torch.long)
+    return None
+
+
 def _labels_for_output(labels: Sequence[str] | None, classes: Sequence[str] | None, n_out: int) -> list[str] | None:
     if labels is not None:
         labels = [str(s) for s in labels]
@@ -600,7 +631,7 @@ def _attribution(model: nn.Module, info: Any, target: Any = "label", *, per_samp
     g = acc.to_graph(t_info["labels"], {
         "model": name or type(model).__name__,
         "target": target if isinstance(target, (str, int)) else getattr(target, "__name__", "callable"),
-        "target_class": t_info["target_class"],
+        "target_class": t_info["target_class"] if t_info["target_class"] is not None else t_info.get("category_unit"),
         "category": category,
         "seconds": round(t_info["seconds"], 3),
         "skipped_images": len(t_info["skipped"]),
@@ -654,6 +685,7 @@ def _accumulate(model, info, target, dev, per_sample, amp, progress, max_images,
         n_out = ug.layers[ug.output_layer].size
         t_info["labels"] = _labels_for_output(labels, info.classes, n_out)
         fn, t_info["target_class"] = _target_fn(target, n_out, t_info["labels"] or info.classes)
+        t_info["label_map"] = _label_map(info.classes, t_info["labels"], n_out)
         acc = FlowAccumulator(ug, dev, dtype, per_sample=per_sample, amp=amp)
         if run is not None:
             run.restore(acc)
@@ -675,9 +707,16 @@ def _accumulate(model, info, target, dev, per_sample, amp, progress, max_images,
                     y = y[: max_images - seen] if y is not None else None
                 if acc is None:
                     acc, fn, n_out = start(x)
+                lm = t_info.get("label_map")
+                if y is not None and lm is not None:
+                    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= len(lm)):
+                        raise DataError(f"labels {int(y.min())}..{int(y.max())} do not index the dataset's {len(lm)} classes")
+                    y = lm[y]
                 if target == "label":
                     if y is None:
                         raise DataError("target='label' needs labels; the data has images only (pass (images, labels) or target=<class>)")
+                    if category is not None and y.numel() and "category_unit" not in t_info:
+                        t_info["category_unit"] = int(y[0])
                     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= n_out):
                         raise DataError(
                             f"labels {int(y.min())}..{int(y.max())} are out of range of the output layer "

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+import connectome as cn
 from connectome.errors import ConnectomeError, DataError
 from connectome.extract import attribution, attribution_by_category
 
@@ -232,3 +233,51 @@ def test_max_images():
     ref = run((X[:3], Y[:3]))
     assert g.meta["n_images"] == 3
     np.testing.assert_allclose(g.weight, ref.weight, rtol=1e-12, atol=1e-15)
+
+
+def _folder(root, names, n=2):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in names:
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def _small(n_out):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 2, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, n_out)).eval()
+
+
+def test_folders_named_after_output_classes_target_those_units(tmp_path):
+    from torchvision import transforms
+
+    root = _folder(tmp_path / "imgs", ["tabby", "tiger_cat"])
+    labels = ["tench", "tiger cat", "goldfish", "Tabby", "shark"]
+    graphs = cn.extract.attribution_by_category(_small(5), root, labels=labels, transform=transforms.ToTensor(),
+                                                progress=False, device="cpu")
+    assert graphs["tabby"].meta["target_class"] == 3 and graphs["tiger_cat"].meta["target_class"] == 1
+    # the flow into the target unit is the category's logit total; other units get none
+    g = graphs["tabby"]
+    out = g.node_attr("attribution", layer="logits")
+    assert out[3] == pytest.approx(g.meta["target_total"], rel=1e-6) and np.count_nonzero(out) == 1
+
+
+def test_folders_named_by_unit_number(tmp_path):
+    from torchvision import transforms
+
+    root = _folder(tmp_path / "imgs", ["1", "3"])
+    graphs = cn.extract.attribution_by_category(_small(5), root, transform=transforms.ToTensor(),
+                                                progress=False, device="cpu")
+    assert graphs["3"].meta["target_class"] == 3 and graphs["1"].meta["target_class"] == 1
+
+
+def test_folders_not_among_output_classes(tmp_path):
+    from torchvision import transforms
+
+    root = _folder(tmp_path / "imgs", ["tabby", "zebra"])
+    with pytest.raises(DataError, match="zebra"):
+        cn.extract.attribution_by_category(_small(3), root, labels=["tabby", "a", "b"],
+                                           transform=transforms.ToTensor(), progress=False, device="cpu")
