@@ -305,8 +305,11 @@ class FlowAccumulator:
     def _weight(self, s: LayerSpec) -> torch.Tensor:
         from connectome.extract.trace import layer_weight
 
-        w, _ = layer_weight(self.ug, s)
-        return w.to(self.device)
+        cache = self.__dict__.setdefault("_weights", {})
+        if s.name not in cache:  # looked up once per run, not per batch
+            w, _ = layer_weight(self.ug, s)
+            cache[s.name] = w.detach().to(self.device)
+        return cache[s.name]
 
     def _per_sample_abs(self, li: int, s: LayerSpec, x: torch.Tensor, gz: torch.Tensor) -> torch.Tensor:
         """sum over images of |E_n| for a conv/linear layer, chunked to bound memory."""
