@@ -345,7 +345,12 @@ class FlowAccumulator:
         for a in range(0, n, per):
             xs = x[a : a + per]
             b = xs.shape[0]
-            U = F.unfold(xs, k, dilation=dil, padding=pad, stride=stride).reshape(b, groups, cg * K, L)
+            if K == 1 and _is_zero(pad):
+                # a 1x1 conv reads each position once: strided view instead of an im2col copy
+                st = (stride, stride) if isinstance(stride, int) else tuple(stride)
+                U = xs[:, :, :: st[0], :: st[1]].reshape(b, groups, cg, L)
+            else:
+                U = F.unfold(xs, k, dilation=dil, padding=pad, stride=stride).reshape(b, groups, cg * K, L)
             G = gz[a : a + per].reshape(b, groups, og, L)
             P = torch.einsum("ngol,ngkl->ngok", G, U).reshape(b, groups, og, cg, K)
             E = torch.einsum("ngock,gock->ngoc", P, wv)
@@ -422,6 +427,10 @@ class FlowAccumulator:
         }
         extra = {"abs_weight": absv} if self.per_sample else None
         return assemble(ug, graph_layers(ug, labels), values, extra=extra, node_attrs=node_attrs, meta=meta)
+
+
+def _is_zero(pad: Any) -> bool:
+    return pad == 0 or pad == "valid" or (isinstance(pad, (tuple, list)) and all(p == 0 for p in pad))
 
 
 def _explicit_pad(x: torch.Tensor, call: dict[str, Any], k: tuple[int, ...]) -> tuple[torch.Tensor, int]:

@@ -160,3 +160,15 @@ def test_meta_with_nan_round_trips(tmp_path):
                                  meta={"x": float("nan")})
     g.save(tmp_path / "g.npz")
     assert cn.load(tmp_path / "g.npz").equals(g)
+
+
+def test_per_sample_fast_path_for_1x1_convs_equals_per_image_sums():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 1, stride=2), nn.ReLU(), nn.Conv2d(8, 6, 1), nn.ReLU(),
+                      nn.Conv2d(6, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                      nn.Linear(4, 3)).double().eval()
+    x, y = torch.randn(5, 3, 9, 9, dtype=torch.float64), torch.randint(0, 3, (5,))
+    g = cn.extract.attribution(m, (x, y), per_sample=True, progress=False, device="cpu")
+    per_image = sum(np.abs(cn.extract.attribution(m, (x[i : i + 1], y[i : i + 1]), progress=False,
+                                                  device="cpu").weight) for i in range(5))
+    np.testing.assert_allclose(g.edge_attr("abs_weight"), per_image, rtol=1e-12, atol=1e-15)
