@@ -496,6 +496,9 @@ TORCHVISION = [
     pytest.param(_tv("googlenet", init_weights=False), id="googlenet", marks=pytest.mark.slow),
     pytest.param(_tv("mobilenet_v2"), id="mobilenet_v2", marks=pytest.mark.slow),  # float64 depthwise backward is slow on CPU
     pytest.param(_tv("vgg11"), id="vgg11", marks=pytest.mark.slow),
+    # beyond the list: grouped convolutions, and squeeze's ceil-mode pooling
+    pytest.param(_tv("regnet_x_400mf"), id="regnet_x_400mf", marks=pytest.mark.slow),
+    pytest.param(_tv("squeezenet1_0"), id="squeezenet1_0"),
 ]
 
 
