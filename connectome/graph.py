@@ -577,28 +577,38 @@ class Connectome:
         if threshold is not None:
             keep &= a >= threshold
         if (top_k is not None or mass is not None) and self.num_edges:
-            order = np.lexsort((-a, self.dst))  # by target, strongest first
-            d_sorted = self.dst[order]
-            starts = np.r_[0, np.flatnonzero(d_sorted[1:] != d_sorted[:-1]) + 1]
-            group_start = np.repeat(starts, np.diff(np.r_[starts, d_sorted.size]))
-            rank = np.arange(d_sorted.size) - group_start
-            sel = np.ones(d_sorted.size, dtype=bool)
-            if top_k is not None:
-                sel &= rank < top_k
-            if mass is not None:
-                a_sorted = a[order]
-                csum = np.cumsum(a_sorted)
-                before = csum - a_sorted - np.where(group_start > 0, csum[group_start - 1], 0.0)
-                total = np.add.reduceat(a_sorted, starts)
-                total = np.repeat(total, np.diff(np.r_[starts, d_sorted.size]))
-                # An edge is kept while the mass before it is still short of the goal.
-                sel &= (before < mass * total * (1 - 1e-12)) & (total > 0)
-            k2 = np.zeros(self.num_edges, dtype=bool)
-            k2[order[sel]] = True
-            keep &= k2
+            keep &= self._per_target_selection(a, top_k, mass)
         out = self._keep_edges(keep)
         crit = {k: v for k, v in (("top_k", top_k), ("threshold", threshold), ("mass", mass)) if v is not None}
         return out.with_meta(pruned={**crit, "by": by, "kept_edges": int(keep.sum()), "of_edges": self.num_edges})
+
+    def _per_target_selection(self, a: np.ndarray, top_k: int | None, mass: float | None) -> np.ndarray:
+        """Edges kept by ``top_k`` / ``mass`` among each target unit's inputs, ranked by ``a``.
+
+        Edges are stored sorted by target, so each unit's inputs are a contiguous run. Runs
+        of equal length (every unit of a conv layer has the same fan-in) are ranked together
+        as rows of one matrix: sorting many short rows is several times faster than one
+        global two-key sort. Ties keep source order.
+        """
+        n = self.num_edges
+        starts = np.r_[0, np.flatnonzero(self.dst[1:] != self.dst[:-1]) + 1]
+        sizes = np.diff(np.r_[starts, n])
+        keep = np.zeros(n, dtype=bool)
+        for d in np.unique(sizes):
+            idx = starts[sizes == d][:, None] + np.arange(d)[None, :]
+            vals = a[idx]
+            order = np.argsort(-vals, axis=1, kind="stable")
+            sel = np.ones(order.shape, dtype=bool)
+            if top_k is not None:
+                sel[:, top_k:] = False
+            if mass is not None:
+                s = np.take_along_axis(vals, order, axis=1)
+                csum = np.cumsum(s, axis=1)
+                total = csum[:, -1:]
+                # an edge is kept while the mass before it is still short of the goal
+                sel &= ((csum - s) < mass * total * (1 - 1e-12)) & (total > 0)
+            keep[np.take_along_axis(idx, order, axis=1)[sel]] = True
+        return keep
 
     def subgraph(self, node_ids: Iterable[str] | np.ndarray) -> Connectome:
         """The graph induced on ``node_ids`` (node ids stay as they are).
