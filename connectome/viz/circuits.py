@@ -576,7 +576,7 @@ def plot_groups(
         Line2D([], [], color=POSITIVE, lw=2.5, label="positive flow"),
         Line2D([], [], color=NEGATIVE, lw=2.5, label="negative flow"),
         Line2D([], [], ls="none", marker="o", ms=9, mfc="0.85", mec="0.2", label="circle: group (n members)"),
-    ], loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3, fontsize=8, frameon=False)
+    ], loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3, fontsize=8, frameon=False)
     sub = f"{g.num_nodes} groups in {n_layers} layers"
     if keep.size < g.num_edges:
         sub += f"; strongest {keep.size} of {g.num_edges} links shown"
