@@ -570,6 +570,7 @@ class Connectome:
             raise ValueError("prune needs top_k, threshold or mass")
         if top_k is not None and (int(top_k) != top_k or top_k < 1):
             raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+        top_k = int(top_k) if top_k is not None else None
         if mass is not None and not (0 < mass <= 1):
             raise ValueError(f"mass must be in (0, 1], got {mass!r}")
         a = np.abs(np.asarray(self.edge_attr(by), dtype=np.float64))

@@ -323,29 +323,51 @@ def _data_fingerprint(ds: Any, n_images: int) -> str | None:
     return h.hexdigest()[:20]
 
 
+def _stable_repr(v: Any) -> str:
+    """repr without memory addresses (they differ between processes and runs)."""
+    import re
+
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(v))
+
+
+def _code_hash(fn: Any, h: Any) -> bool:
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return False
+    h.update(code.co_code)
+    h.update(_stable_repr(code.co_consts).encode())
+    h.update(_stable_repr(getattr(fn, "__defaults__", None)).encode())
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            h.update(_stable_repr(cell.cell_contents).encode())
+        except ValueError:  # an empty cell
+            pass
+    # module-level values the function reads (`cls = 3` ... `lambda l: l[:, cls]`)
+    glb = getattr(fn, "__globals__", {})
+    for name in code.co_names:
+        v = glb.get(name)
+        if isinstance(v, (int, float, str, bool, tuple, list, dict)):
+            h.update(f"{name}={_stable_repr(v)}".encode())
+    return True
+
+
 def _target_fingerprint(target: Any) -> Any:
-    """Plain targets as they are; a callable by its code, constants, defaults and closure."""
+    """Plain targets as they are; a callable by its code, constants, defaults, captured and
+    global values it reads, and (for callable objects) their attributes."""
     if isinstance(target, (str, int)) or not callable(target):
         return target if isinstance(target, (str, int)) else repr(target)
     import functools
 
     if isinstance(target, functools.partial):
         inner = _target_fingerprint(target.func)
-        return f"partial({inner},{target.args!r},{sorted(target.keywords.items())!r})"
-    code = getattr(target, "__code__", None)
-    if code is None:
-        code = getattr(getattr(target, "__call__", None), "__code__", None)
-    if code is None:
-        return f"{type(target).__module__}.{type(target).__qualname__}"
-    h = hashlib.sha256(code.co_code)
-    h.update(repr(code.co_consts).encode())
-    h.update(repr(getattr(target, "__defaults__", None)).encode())
-    for cell in getattr(target, "__closure__", None) or ():
-        try:
-            h.update(repr(cell.cell_contents).encode())
-        except ValueError:
-            pass
-    return f"{getattr(target, '__qualname__', 'callable')}:{h.hexdigest()[:16]}"
+        return f"partial({inner},{_stable_repr(target.args)},{_stable_repr(sorted(target.keywords.items()))})"
+    h = hashlib.sha256()
+    if not _code_hash(target, h):
+        call = getattr(type(target), "__call__", None)
+        _code_hash(call, h)
+        h.update(_stable_repr(sorted(vars(target).items()) if hasattr(target, "__dict__") else target).encode())
+    name = getattr(target, "__qualname__", type(target).__qualname__)
+    return f"{name}:{h.hexdigest()[:16]}"
 
 
 def fingerprint(model: torch.nn.Module, dataset: Any, n_images: int, classes: Sequence[str] | None, *,

@@ -573,6 +573,10 @@ def attribution(
         For ImageFolder data; default resize, center crop 224, ImageNet normalisation.
     labels : sequence of str, optional
         Class names of the output units (default: the dataset's classes when they match).
+        Dataset labels index the dataset's ``classes`` (the torchvision convention); with
+        ``target="label"`` they are mapped to output units by class name when both lists are
+        known and differ (case, spaces and underscores ignored), or by number when the
+        classes are digits ("281"); otherwise label i is output unit i.
     max_images : int, optional
         Stop after this many images.
     amp : bool, default False
@@ -632,14 +636,15 @@ def _attribution(model: nn.Module, info: Any, target: Any = "label", *, per_samp
                  layers: Sequence[str] | None = None, device: Any = None, labels: Sequence[str] | None = None,
                  max_images: int | None = None, amp: bool = False, progress: bool = True,
                  name: str | None = None, category: str | None = None, checkpoint: Any = None,
-                 checkpoint_every: int = 50, _batch_hook: Callable[[int], None] | None = None) -> Connectome:
+                 checkpoint_every: int = 50, _batch_hook: Callable[[int], None] | None = None,
+                 category_label: int | None = None) -> Connectome:
     from connectome.extract.distributed import rank_device, rank_world
 
     check_model(model)
     dev = rank_device(resolve_device(device))
     acc, t_info = _accumulate(model, info, target, dev, per_sample, amp, progress, max_images, labels,
                               batch_hook=_batch_hook, category=category, checkpoint=checkpoint,
-                              checkpoint_every=checkpoint_every)
+                              checkpoint_every=checkpoint_every, category_label=category_label)
     g = acc.to_graph(t_info["labels"], {
         "model": name or type(model).__name__,
         "target": target if isinstance(target, (str, int)) else getattr(target, "__name__", "callable"),
@@ -669,6 +674,7 @@ def _layer_name(g: Connectome, name: str) -> str:
 
 def _accumulate(model, info, target, dev, per_sample, amp, progress, max_images, labels,
                 batch_hook: Callable[[int], None] | None = None, category: str | None = None,
+                category_label: int | None = None,
                 checkpoint: Any = None, checkpoint_every: int = 50) -> tuple[FlowAccumulator, dict[str, Any]]:
     from tqdm.auto import tqdm
 
@@ -697,7 +703,12 @@ def _accumulate(model, info, target, dev, per_sample, amp, progress, max_images,
         n_out = ug.layers[ug.output_layer].size
         t_info["labels"] = _labels_for_output(labels, info.classes, n_out)
         fn, t_info["target_class"] = _target_fn(target, n_out, t_info["labels"] or info.classes)
-        t_info["label_map"] = _label_map(info.classes, t_info["labels"], n_out)
+        # labels index the dataset's classes (the torchvision convention); map them to output units
+        t_info["label_map"] = _label_map(info.classes, t_info["labels"], n_out) if target == "label" else None
+        if category_label is not None and target == "label":
+            lm = t_info["label_map"]
+            t_info["category_unit"] = int(lm[category_label]) if lm is not None and category_label < len(lm) \
+                else int(category_label)
         acc = FlowAccumulator(ug, dev, dtype, per_sample=per_sample, amp=amp)
         if run is not None:
             run.restore(acc)
@@ -727,8 +738,6 @@ def _accumulate(model, info, target, dev, per_sample, amp, progress, max_images,
                 if target == "label":
                     if y is None:
                         raise DataError("target='label' needs labels; the data has images only (pass (images, labels) or target=<class>)")
-                    if category is not None and y.numel() and "category_unit" not in t_info:
-                        t_info["category_unit"] = int(y[0])
                     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= n_out):
                         raise DataError(
                             f"labels {int(y.min())}..{int(y.max())} are out of range of the output layer "
@@ -862,6 +871,7 @@ def attribution_by_category(
                 raise ConnectomeError(f"checkpoint {str(checkpoint)!r} is a file; give a folder for checkpoints")
             ck = None if checkpoint is None else Path(checkpoint) / category_folder(label, cname)
             g = _attribution(model, sub_info, target, progress=progress, category=cname, checkpoint=ck,
+                             category_label=int(label),
                              checkpoint_every=checkpoint_every,
                              **{k: v for k, v in kwargs.items() if k != "num_workers"})
         except DataError as exc:

@@ -259,9 +259,18 @@ def _tensor_args(node: fx.Node, shapes: dict[str, tuple[int, ...]]) -> list[fx.N
     return [a for a in node.all_input_nodes if a.name in shapes and a.op != "get_attr"]
 
 
+def _shadow(node: fx.Node, op: str, target: Any) -> Any:
+    """``node`` seen as another op (``x.add(y)`` as ``x + y``), without touching the graph:
+    a real fx.Node would register itself among its inputs' users."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(name=node.name, op=op, target=target, args=node.args, kwargs=node.kwargs,
+                           all_input_nodes=node.all_input_nodes, graph=node.graph)
+
+
 def _tensor_operands(node: fx.Node, shapes: dict[str, tuple[int, ...]]) -> list[fx.Node]:
-    """Tensor operands in argument order, repeats kept (``a + a`` has two)."""
-    args = list(node.args) + [v for k, v in node.kwargs.items() if k in ("other", "input")]
+    """Tensor operands in argument order (``input`` before ``other``), repeats kept (``a + a`` has two)."""
+    args = list(node.args) + [node.kwargs[k] for k in ("input", "other") if k in node.kwargs]
     return [a for a in args if isinstance(a, fx.Node) and a.name in shapes and a.op != "get_attr"]
 
 
@@ -322,12 +331,14 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module], shapes: dict[str, tu
                 return ("unsupported", "arithmetic with a tensor of the model (a buffer or parameter) is not "
                         "mapped yet; fold it into the neighbouring conv or BatchNorm")
             if len(targs) == 1:
-                other = [a for a in node.args[:2] if not isinstance(a, fx.Node)]
+                first = node.args[0] if node.args else node.kwargs.get("input")
+                other = [a for a in [*node.args[:2], node.kwargs.get("other")]
+                         if a is not None and not isinstance(a, fx.Node)]
                 if other and isinstance(other[0], (int, float)):
-                    c = float(other[0]) * (float(alpha) if node.args[0] is targs[0] else 1.0)
+                    c = float(other[0]) * (float(alpha) if first is targs[0] else 1.0)
                     if t in (operator.sub, operator.isub, torch.sub):
-                        c = -c if node.args[0] is targs[0] else c
-                        if node.args[0] is not targs[0]:
+                        c = -c if first is targs[0] else c
+                        if first is not targs[0]:
                             return ("unsupported", "constant minus tensor flips the sign of units")
                     return ("chain", ChainOp(node.name, "shift", "", (c,)))
             return ("unsupported", "an add/sub whose operands differ in shape (broadcasting) mixes units")
@@ -375,8 +386,7 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module], shapes: dict[str, tu
         if t in _NONLINEAR_FUNCS:
             return ("nonlinear", None)
         if t is torch.mean:
-            shadow = fx.Node(node.graph, node.name, "call_method", "mean", node.args, node.kwargs)
-            return _classify(shadow, modules, shapes)
+            return _classify(_shadow(node, "call_method", "mean"), modules, shapes)
         return ("unsupported", f"function {getattr(t, '__name__', t)!s} is not a per-channel op we can map")
     if node.op == "call_method":
         if t in _PL_METHODS:
@@ -394,8 +404,7 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module], shapes: dict[str, tu
             return ("nonlinear", None)
         if t in ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"):
             fn = {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.truediv}[t.rstrip("_")]
-            shadow = fx.Node(node.graph, node.name, "call_function", fn, node.args, node.kwargs)
-            return _classify(shadow, modules, shapes)
+            return _classify(_shadow(node, "call_function", fn), modules, shapes)
         return ("unsupported", f"method .{t}() is not a per-channel op we can map")
     return ("skip", None)
 
@@ -446,7 +455,7 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
     gm = _trace(model)
     if example.dim() >= 1 and example.shape[0] == 1:
         # a batch of two, so that a squeeze() cannot be mistaken for a change of batch size
-        example = example.expand(2, *example.shape[1:])
+        example = example.repeat(2, *([1] * (example.dim() - 1)))
     shapes = _shapes(gm, example)
     modules = dict(gm.named_modules())
     nodes = list(gm.graph.nodes)

@@ -57,3 +57,22 @@ def test_loader_with_its_own_sampler_is_refused(tmp_path):
     loader = DataLoader(td, batch_size=2, sampler=SubsetRandomSampler([0, 1, 2]))
     with pytest.raises(DataError, match="own sampler"):
         cn.extract.attribution(_model(), loader, checkpoint=tmp_path / "ck", progress=False, device="cpu")
+
+
+class _Target:
+    def __init__(self, c):
+        self.c = c
+
+    def __call__(self, logits):
+        return logits[:, self.c]
+
+
+def test_callable_objects_and_globals_are_told_apart():
+    from connectome.extract.distributed import _target_fingerprint
+
+    assert _target_fingerprint(_Target(3)) != _target_fingerprint(_Target(5))
+    assert _target_fingerprint(_Target(3)) == _target_fingerprint(_Target(3))
+    helper = _Target(1)
+    f = lambda logits: helper(logits)  # noqa: E731 - captures an object whose repr has an address
+    g = lambda logits: helper(logits)  # noqa: E731
+    assert _target_fingerprint(f) == _target_fingerprint(g)

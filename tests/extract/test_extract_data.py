@@ -281,3 +281,23 @@ def test_folders_not_among_output_classes(tmp_path):
     with pytest.raises(DataError, match="zebra"):
         cn.extract.attribution_by_category(_small(3), root, labels=["tabby", "a", "b"],
                                            transform=transforms.ToTensor(), progress=False, device="cpu")
+
+
+def test_label_map_is_not_needed_for_other_targets(tmp_path):
+    from torchvision import transforms
+
+    root = _folder(tmp_path / "imgs", ["cats", "dogs"])
+    g = cn.extract.attribution(_small(5), root, target=2, labels=["a", "b", "c", "d", "e"],
+                               transform=transforms.ToTensor(), progress=False, device="cpu")
+    assert g.meta["target_class"] == 2
+
+
+def test_target_class_of_categories_restored_from_a_checkpoint(tmp_path):
+    from torchvision import transforms
+
+    root = _folder(tmp_path / "imgs", ["1", "3"])
+    kw = dict(transform=transforms.ToTensor(), progress=False, device="cpu", checkpoint=tmp_path / "ck")
+    first = cn.extract.attribution_by_category(_small(5), root, **kw)
+    again = cn.extract.attribution_by_category(_small(5), root, **kw)  # answered by the finished checkpoints
+    assert {k: g.meta["target_class"] for k, g in again.items()} == {"1": 1, "3": 3}
+    assert {k: g.meta["target_class"] for k, g in first.items()} == {"1": 1, "3": 3}

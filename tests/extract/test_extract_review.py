@@ -172,3 +172,36 @@ def test_per_sample_fast_path_for_1x1_convs_equals_per_image_sums():
     per_image = sum(np.abs(cn.extract.attribution(m, (x[i : i + 1], y[i : i + 1]), progress=False,
                                                   device="cpu").weight) for i in range(5))
     np.testing.assert_allclose(g.edge_attr("abs_weight"), per_image, rtol=1e-12, atol=1e-15)
+
+
+def test_shadowed_method_forms_do_not_change_the_chain():
+    """torch.mean(x, dims) and x.mean(dims) give the same graph, activation statistics included."""
+    torch.manual_seed(0)
+    convs = dict(c1=nn.Conv2d(3, 4, 3), fc=nn.Linear(4, 2))
+    a = Fn(lambda s, x: s.fc(torch.clamp(torch.mean(F.relu(s.c1(x)), (2, 3)) + 0.3, max=1.0)), **convs)
+    b = Fn(lambda s, x: s.fc(torch.clamp(F.relu(s.c1(x)).mean((2, 3)) + 0.3, max=1.0)), **convs)
+    x = torch.randn(3, 3, 8, 8)
+    ga, gb = _flows(a, x, 2), _flows(b, x, 2)
+    np.testing.assert_allclose(ga.weight, gb.weight)
+    for attr in ("activation_mean", "frequency", "attribution"):
+        np.testing.assert_allclose(ga.node_attr(attr), gb.node_attr(attr))
+
+
+def test_inplace_op_on_the_input_traces():
+    torch.manual_seed(0)
+    m = Fn(lambda s, x: s.fc(F.relu(s.c(F.relu(x, inplace=True))).mean((2, 3))), c=nn.Conv2d(3, 4, 3),
+           fc=nn.Linear(4, 2))
+    _assert_exact(_flows(m, torch.randn(2, 3, 6, 6), 2))
+
+
+def test_sub_with_keyword_operands():
+    torch.manual_seed(0)
+    m = Fn(lambda s, x: s.fc(torch.sub(other=F.relu(s.b(x)), input=F.relu(s.a(x))).mean((2, 3))),
+           a=nn.Conv2d(3, 4, 3), b=nn.Conv2d(3, 4, 3), fc=nn.Linear(4, 2))
+    _assert_exact(_flows(m, torch.randn(2, 3, 6, 6), 2))
+
+
+def test_prune_accepts_integral_float_top_k():
+    g = cn.Connectome.from_edges([("in", "input", 3), ("h", "linear", 1)],
+                                 [("in:0", "h:0", 1.0), ("in:1", "h:0", 3.0), ("in:2", "h:0", 2.0)])
+    assert g.prune(top_k=2.0).num_edges == 2 and g.prune(top_k=np.float64(1)).num_edges == 1
