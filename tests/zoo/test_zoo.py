@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from collections import Counter
 
 import numpy as np
@@ -101,14 +100,6 @@ def test_normalisation_and_denormalize():
     # Rendered pixels lie in [0, 1], so the round trip is exact up to float error.
     expected = ds.images[0].numpy() * np.array(zoo.STD)[:, None, None] + np.array(zoo.MEAN)[:, None, None]
     np.testing.assert_allclose(single, np.moveaxis(expected, 0, -1), atol=1e-5)
-
-
-def test_generation_is_vectorised_fast():
-    zoo.shapes(2, seed=0)  # warm up
-    start = time.perf_counter()
-    zoo.shapes(112, seed=1)  # ~1000 images
-    # Generous bound for a shared CPU; a per-pixel Python loop takes minutes.
-    assert time.perf_counter() - start < 3.0
 
 
 # --- shipped models --------------------------------------------------------
