@@ -161,7 +161,7 @@ def test_time_budget_ends_the_search_with_a_warning(method):
     with pytest.warns(RuntimeWarning, match="time budget"):
         found = find_analogous(pattern, host, method=method, max_matches=5, max_candidates=10**9, time_budget=0.3)
     assert not found.complete and found.stopped_by == "time_budget"  # (no timed assertion: speed is benchmarked)
-    assert len(found) == 5
+    assert 1 <= len(found) <= 5  # as many as the budget allowed, at most max_matches
 
 
 def test_hard_deadline_interrupts_igraph():
