@@ -46,7 +46,7 @@ def run_demo(out: str | Path = "demo_out", progress: bool = True, n_per_class: i
     from connectome import analysis as an
     from connectome import io, viz, zoo
     from connectome.extract import attribution_by_category
-    from connectome.reporting import graph_sections, table
+    from connectome.reporting import graph_sections
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -184,7 +184,7 @@ def run_demo(out: str | Path = "demo_out", progress: bool = True, n_per_class: i
     rep.add_table(frow, headers=["category", "circuit ablation: prob. drop", "random sets: mean drop", "random std",
                                  "keep only circuit: drop"],
                   caption="Zeroing a category's circuit units versus the same number of random units per layer.")
-    rep.add_figure(viz.plot_bars({r[0]: (r[1], 0.0) for r in frow} | {}, title="Drop in class probability when the circuit is ablated",
+    rep.add_figure(viz.plot_bars({r[0]: (r[1], 0.0) for r in frow}, title="Drop in class probability when the circuit is ablated",
                                  xlabel="category"), "Fidelity: probability drop from ablating each circuit.", "fidelity")
     if curves:
         rep.add_figure(viz.plot_curves({k: (np.asarray(v[0]), np.asarray(v[1])) for k, v in curves.items()},

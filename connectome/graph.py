@@ -12,7 +12,6 @@ The object is immutable in spirit: every operation returns a new Connectome.
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
@@ -27,9 +26,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from connectome._typing import PathLike
 
 __all__ = ["Layer", "Connectome"]
-
-LAYER_KINDS = ("input", "conv", "linear", "residual", "concat", "output", "group", "other")
-
 
 @dataclass(frozen=True)
 class Layer:
@@ -885,7 +881,3 @@ def _unknown_node_message(g: Connectome, node_id: str) -> str:
         l = g.layer(lname)
         return f"no node {node_id!r}: layer {lname!r} has units {g.node_units[g.layer_slice(lname)][:1].tolist()}..{g.node_units[g.layer_slice(lname)][-1:].tolist()} ({l.size} present)"
     return f"no node {node_id!r}: node ids are '<layer>:<unit>' and the layers are {_short_list(g.layer_names)}"
-
-
-def warn_dropped(what: str) -> None:
-    warnings.warn(what, stacklevel=3)

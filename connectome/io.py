@@ -216,14 +216,14 @@ def _export_columns(g: Connectome) -> tuple[dict[str, np.ndarray], dict[str, np.
     return node_cols, edge_cols
 
 
-def _xml_type(arr: np.ndarray, flavour: str) -> str:
+def _xml_type(arr: np.ndarray) -> str:
     kind = arr.dtype.kind
     if kind in "US":
         return "string"
     if kind == "b":
         return "boolean"
     if kind in "iu":
-        return "long" if flavour == "graphml" else "long"
+        return "long"
     return "double"
 
 
@@ -272,12 +272,12 @@ def write_graphml(g: Connectome, path: Any) -> None:
         nkeys = {}
         for i, (k, v) in enumerate(node_cols.items()):
             nkeys[k] = f"n{i}"
-            fh.write(f'  <key id="n{i}" for="node" attr.name={quoteattr(k)} attr.type="{_xml_type(v, "graphml")}"/>\n')
+            fh.write(f'  <key id="n{i}" for="node" attr.name={quoteattr(k)} attr.type="{_xml_type(v)}"/>\n')
         ekeys = {}
         for i, (k, v) in enumerate(edge_cols.items()):
             ekeys[k] = f"e{i}"
-            fh.write(f'  <key id="e{i}" for="edge" attr.name={quoteattr(k)} attr.type="{_xml_type(v, "graphml")}"/>\n')
-        fh.write(f'  <key id="g0" for="graph" attr.name="meta" attr.type="string"/>\n')
+            fh.write(f'  <key id="e{i}" for="edge" attr.name={quoteattr(k)} attr.type="{_xml_type(v)}"/>\n')
+        fh.write('  <key id="g0" for="graph" attr.name="meta" attr.type="string"/>\n')
         fh.write('  <graph id="G" edgedefault="directed">\n')
         fh.write(f'    <data key="g0">{escape(json.dumps(g.meta))}</data>\n')
         ids = g.node_ids.tolist()
@@ -321,11 +321,11 @@ def write_gexf(g: Connectome, path: Any) -> None:
         fh.write('  <graph defaultedgetype="directed" mode="static">\n')
         fh.write('    <attributes class="node" mode="static">\n')
         for i, (k, v) in enumerate(n_attrs.items()):
-            fh.write(f'      <attribute id="{i}" title={quoteattr(k)} type="{gexf_type[_xml_type(v, "gexf")]}"/>\n')
+            fh.write(f'      <attribute id="{i}" title={quoteattr(k)} type="{gexf_type[_xml_type(v)]}"/>\n')
         fh.write("    </attributes>\n")
         fh.write('    <attributes class="edge" mode="static">\n')
         for i, (k, v) in enumerate(e_attrs.items()):
-            fh.write(f'      <attribute id="{i}" title={quoteattr(k)} type="{gexf_type[_xml_type(v, "gexf")]}"/>\n')
+            fh.write(f'      <attribute id="{i}" title={quoteattr(k)} type="{gexf_type[_xml_type(v)]}"/>\n')
         fh.write("    </attributes>\n")
         ids = g.node_ids.tolist()
         labels = node_cols["label"].tolist()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -51,11 +50,14 @@ def _numeric(s: str) -> bool:
 
 
 def _has_target(g: Connectome) -> bool:
-    out = [l for l in g.layers if l.kind == "output"]
-    if not out:
+    """Whether the graph names its class unit (the circuit's default target)."""
+    from connectome.analysis.circuits import _resolve_target
+
+    try:
+        _resolve_target(g, None)
+    except ConnectomeError:
         return False
-    labels = out[-1].labels
-    return g.meta.get("target_class") is not None or (labels is not None and g.meta.get("category") in labels)
+    return True
 
 
 def graph_sections(g: Connectome, top: int = 10, seed: int = 0, report: Any = None, prefix: str = "",

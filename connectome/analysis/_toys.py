@@ -160,7 +160,7 @@ def random_flow_graph(
     labels = tuple(f"c{i}" for i in range(sizes[-1]))
     layers = [(n, k, s) for n, k, s in zip(names[:-1], kinds[:-1], sizes[:-1])]
     layers.append((names[-1], kinds[-1], sizes[-1], labels))
-    attr = {f"logits:0": float(total)}
+    attr = {"logits:0": float(total)}
     edges: dict[tuple[str, str], float] = {}
     for li in range(len(sizes) - 1, 0, -1):
         for u in range(sizes[li]):

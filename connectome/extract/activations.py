@@ -22,8 +22,10 @@ class Activations(dict):
     (n_images, units, H, W) for conv-like layers. ``.labels`` holds the images' labels
     (or None) and ``.layers`` the graph layers in order."""
 
-    labels: np.ndarray | None = None
-    layers: list[Any] = []
+    def __init__(self) -> None:
+        super().__init__()
+        self.labels: np.ndarray | None = None
+        self.layers: list[Any] = []
 
 
 def _read_node(ug: UnitGraph, i: int, spatial: bool) -> str:

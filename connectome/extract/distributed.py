@@ -31,7 +31,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, IterableDataset, Sampler, Subset, TensorDataset
+from torch.utils.data import DataLoader, IterableDataset, Sampler, Subset
 
 from connectome.errors import BadFileError, ConnectomeError, DataError
 

@@ -44,7 +44,7 @@ from connectome.errors import ConnectomeError, DataError
 from connectome.extract._model import check_model, eval_mode, model_dtype, model_on, no_inplace, resolve_device
 from connectome.extract.build import assemble, graph_layers
 from connectome.extract.data import dataset_targets, make_loader, unpack_batch, warn_skipped
-from connectome.extract.trace import LayerSpec, UnitGraph, trace_units
+from connectome.extract.trace import LayerSpec, UnitGraph, run_nodes, trace_units
 from connectome.graph import Connectome
 
 __all__ = ["attribution", "attribution_by_category", "FlowAccumulator"]
@@ -106,7 +106,6 @@ class FlowAccumulator:
                     keep.add(op.input_node)
         self.keep = keep
         self.grad_nodes = list(dict.fromkeys(grad))
-        L = len(ug.layers)
         z = lambda n: torch.zeros(n, dtype=torch.float64, device=device)  # noqa: E731
         self.edges: dict[int, Any] = {}
         self.abs_edges: dict[int, Any] = {}
@@ -120,7 +119,6 @@ class FlowAccumulator:
         self.n_images = 0
         self._bn_shift = {op.node: op.params[1].to(device=device, dtype=torch.float64)
                           for s in ug.layers for op in s.bias_ops if op.kind == "bn"}
-        del L
 
     # ------------------------------------------------------------------ running
     def _override(self, leaves: dict[int, tuple[torch.Tensor, torch.Tensor | None]]):
@@ -180,7 +178,7 @@ class FlowAccumulator:
         # In-place activations would overwrite the values kept for the flows.
         with torch.enable_grad(), no_inplace(ug.gm):
             with amp:
-                out, kept = _run(ug, x, self._override(leaves), self.keep)
+                out, kept = run_nodes(ug.gm, (x,), override=self._override(leaves), keep=self.keep)
             logits = out[0] if isinstance(out, (tuple, list)) else out
             t = target_fn(logits)
             if t.shape != (logits.shape[0],):
@@ -448,12 +446,6 @@ def _explicit_pad(x: torch.Tensor, call: dict[str, Any], k: tuple[int, ...]) -> 
     mode = call.get("padding_mode", "zeros")
     mode = "constant" if mode == "zeros" else mode
     return F.pad(x, p, mode=mode), 0
-
-
-def _run(ug: UnitGraph, x: torch.Tensor, override: Any, keep: set[str]) -> tuple[Any, dict[str, Any]]:
-    from connectome.extract.trace import run_nodes
-
-    return run_nodes(ug.gm, (x,), override=override, keep=keep)
 
 
 # ----------------------------------------------------------------------------- targets
