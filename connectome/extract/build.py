@@ -3,8 +3,10 @@
 Both the weight graph and the attribution graph have the same edges (every structural
 connection of the model); only the values differ. Values come per layer:
 
-- conv/linear: an array of shape (out_units, in_units_per_group);
-- residual/concat: one array of shape (units,) per operand (identity edges).
+- dense kinds (conv/linear, see :mod:`connectome.kinds`): an array of shape
+  (out_units, in_channels_per_group); channel ``c`` is unit ``operand.cols[c]`` of the source
+  when the input was permuted or selected (a channel shuffle or split);
+- identity kinds (residual/concat): one array of shape (channels,) per operand.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 
 from connectome.extract.trace import UnitGraph
 from connectome.graph import Connectome, Layer
+from connectome.kinds import DENSE, IDENTITY, KINDS, Kind
 
 __all__ = ["graph_layers", "assemble"]
 
@@ -26,7 +29,7 @@ def graph_layers(ug: UnitGraph, labels: Sequence[str] | None = None) -> list[Lay
     for i, spec in enumerate(ug.layers):
         name, kind, lab = spec.name, spec.kind, None
         if i == ug.output_layer:
-            kind = "output"
+            kind = Kind.OUTPUT
             if "logits" not in names:
                 name = "logits"
             if labels is not None:
@@ -60,25 +63,27 @@ def assemble(
     src_parts, dst_parts, w_parts = [], [], []
     x_parts: dict[str, list[np.ndarray]] = {k: [] for k in extra}
     for li, spec in enumerate(ug.layers):
-        if spec.kind == "input":
-            continue
-        if spec.kind in ("conv", "linear"):
+        edges = KINDS[spec.kind].edges if spec.kind in KINDS else None
+        if edges == DENSE:
             op = spec.operands[0]
             vals = np.asarray(values[li])
             o, cg = vals.shape
             og = o // spec.groups
             dst = np.repeat(np.arange(o, dtype=np.int64), cg)
-            src = (np.arange(o, dtype=np.int64) // og)[:, None] * cg + np.arange(cg, dtype=np.int64)[None, :]
-            src_parts.append(src.ravel() + offsets[op.layer])
+            src = ((np.arange(o, dtype=np.int64) // og)[:, None] * cg + np.arange(cg, dtype=np.int64)[None, :]).ravel()
+            if op.cols is not None:  # channel c of the input is unit cols[c] of the source
+                src = np.asarray(op.cols, dtype=np.int64)[src]
+            src_parts.append(src + offsets[op.layer])
             dst_parts.append(dst + offsets[li])
             w_parts.append(vals.ravel())
             for k, per in extra.items():
                 x_parts[k].append(np.asarray(per[li]).ravel())
-        else:
+        elif edges == IDENTITY:
             for oi, op in enumerate(spec.operands):
                 vals = np.asarray(values[li][oi]).ravel()
                 c = np.arange(vals.size, dtype=np.int64)
-                src_parts.append(c + offsets[op.layer])
+                src = c if op.cols is None else np.asarray(op.cols, dtype=np.int64)
+                src_parts.append(src + offsets[op.layer])
                 dst_parts.append(c + op.offset + offsets[li])
                 w_parts.append(vals)
                 for k, per in extra.items():
