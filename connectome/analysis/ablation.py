@@ -23,119 +23,25 @@ Olah, C. et al. (2020). Zoom In: An Introduction to Circuits. Distill.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from connectome.errors import ConnectomeError, DataError, EmptyGraphError
-from connectome.extract._model import check_model, eval_mode, model_dtype, model_on, resolve_device
-from connectome.extract.build import graph_layers
-from connectome.extract.data import make_loader, unpack_batch, warn_skipped
-from connectome.extract.trace import UnitGraph, run_nodes, trace_units
-from connectome.graph import Connectome, Layer
+from connectome.errors import ConnectomeError, DataError, EmptyGraphError, short_list
+from connectome.extract.probe import IO_KINDS, Traced, load_probe, mask_units, traced
+from connectome.extract.trace import run_nodes
+from connectome.graph import Connectome
 
 __all__ = ["ablate", "fidelity", "AblationResult", "FidelityResult"]
 
-_SKIP_KINDS = ("input", "output")
-
-
-# ---------------------------------------------------------------------- shared machinery
-def _load_probe(data: Any, batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None, list[str] | None]:
-    """All images (and labels, when every batch has them) as CPU tensors: the probe set is small."""
-    if isinstance(data, torch.Tensor) and data.dim() == 3:
-        data = data[None]
-    info = make_loader(data, batch_size=batch_size)
-    xs: list[torch.Tensor] = []
-    ys: list[torch.Tensor] = []
-    skipped: list[str] = []
-    has_labels = True
-    for batch in info.loader:
-        x, y, sk = unpack_batch(batch)
-        skipped.extend(sk)
-        if x is None:
-            continue
-        xs.append(torch.as_tensor(x).detach().cpu())
-        if y is None:
-            has_labels = False
-        else:
-            ys.append(torch.as_tensor(y).detach().cpu().long().reshape(-1))
-    warn_skipped(skipped)
-    if not xs:
-        raise DataError("no images to run; pass at least one image")
-    x = torch.cat(xs)
-    y = torch.cat(ys) if has_labels and ys else None
-    return x, y, info.classes
-
-
-@dataclass
-class _Traced:
-    ug: UnitGraph
-    layers: list[Layer]  # graph layers, aligned with ug.layers
-    device: torch.device
-    dtype: torch.dtype
-
-    @property
-    def names(self) -> list[str]:
-        return [l.name for l in self.layers]
-
-    def index(self, name: str) -> int | None:
-        """Position of graph layer ``name`` (also accepts the traced layer name or module)."""
-        for i, (g, s) in enumerate(zip(self.layers, self.ug.layers)):
-            if name == g.name:
-                return i
-        for i, s in enumerate(self.ug.layers):
-            if name in (s.name, s.module):
-                return i
-        return None
-
-    def hidden_names(self) -> list[str]:
-        return [l.name for l in self.layers if l.kind not in _SKIP_KINDS]
-
-    @property
-    def n_classes(self) -> int:
-        return int(self.ug.layers[self.ug.output_layer].size)
-
-
-@contextlib.contextmanager
-def _traced(model: nn.Module, example: torch.Tensor, device: Any = None) -> Iterator[_Traced]:
-    """Trace ``model`` and keep it in eval mode under ``inference_mode`` for the block.
-
-    Nothing is attached to the model (masks are applied while running the traced graph),
-    and every submodule's ``training`` flag is restored on exit, also on error.
-    """
-    check_model(model)
-    dev = resolve_device(device)
-    m = model_on(model, dev)
-    dtype = model_dtype(m)
-    with eval_mode(m, warn=True), torch.inference_mode():
-        ug = trace_units(m, example[:1].to(dev, dtype=dtype))
-        yield _Traced(ug, graph_layers(ug), dev, dtype)
-
-
-def _profile_node(t: _Traced, li: int) -> str:
-    """The fx node whose value profiles layer ``li``: the unit's value after its BatchNorm and
-    nonlinearity, but before pooling or flattening changes its map (the last node of the
-    per-channel chain that keeps the defining node's shape)."""
-    s = t.ug.layers[li]
-    if s.kind == "input":
-        return s.node
-    shape = t.ug.shapes.get(s.node)
-    best = s.node
-    for n in s.chain:
-        if t.ug.shapes.get(n) != shape:
-            break
-        best = n
-    return best
-
-
+# ---------------------------------------------------------------------- running patterns
 def _run_patterns(
-    t: _Traced,
+    t: Traced,
     x: torch.Tensor,
     keep: Mapping[int, torch.Tensor],
     n_patterns: int,
@@ -163,8 +69,7 @@ def _run_patterns(
             m = cur.get(node.name)
             if m is None or not isinstance(v, torch.Tensor):
                 return v
-            # (N, C, H, W) and flattened (N, C*P) alike: each unit's block of features.
-            return (v.reshape(v.shape[0], m.shape[1], -1) * m[:, :, None]).reshape(v.shape)
+            return mask_units(v, m, unit_dim=1)
 
         _, kept = run_nodes(ug.gm, (x[img],), keep={out_name}, on_value=on_value)
         chunks.append(kept[out_name].reshape(r.shape[0], -1))
@@ -222,7 +127,7 @@ def _parse_id(s: str) -> tuple[str, int] | None:
         return None
 
 
-def _resolve_units(t: _Traced, units: Any) -> dict[int, np.ndarray]:
+def _resolve_units(t: Traced, units: Any) -> dict[int, np.ndarray]:
     """Units to silence as ``traced layer index -> sorted unique unit indices``.
 
     ``units`` is a node id, a sequence of node ids, a mapping ``layer -> unit indices``, or a
@@ -233,7 +138,7 @@ def _resolve_units(t: _Traced, units: Any) -> dict[int, np.ndarray]:
     if isinstance(units, Connectome):
         for l in units.layers:
             li = t.index(l.name)
-            if l.kind in _SKIP_KINDS or (li is not None and t.layers[li].kind in _SKIP_KINDS):
+            if l.kind in IO_KINDS or (li is not None and t.layers[li].kind in IO_KINDS):
                 continue
             for u in units.node_units[units.layer_slice(l.name)].tolist():
                 pairs.append((l.name, int(u), f"{l.name}:{u}"))
@@ -250,7 +155,7 @@ def _resolve_units(t: _Traced, units: Any) -> dict[int, np.ndarray]:
             if parsed is None:
                 raise ConnectomeError(
                     f"{s!r} is not a node id; units are '<layer>:<unit>' such as "
-                    f"{(valid[0] if valid else 'layer') + ':0'!r}, in layers {_short(valid)}"
+                    f"{(valid[0] if valid else 'layer') + ':0'!r}, in layers {short_list(valid)}"
                 )
             pairs.append((parsed[0], parsed[1], str(s)))
     unknown, io = [], []
@@ -260,28 +165,23 @@ def _resolve_units(t: _Traced, units: Any) -> dict[int, np.ndarray]:
         if li is None or not 0 <= u < t.ug.layers[li].size:
             unknown.append(given)
             continue
-        if t.layers[li].kind in _SKIP_KINDS:
+        if t.layers[li].kind in IO_KINDS:
             io.append(given)
             continue
         by_layer.setdefault(li, []).append(u)
     if unknown:
         raise ConnectomeError(
-            f"no unit(s) {_short(unknown)} in the model; valid layers (with their unit counts) are "
-            f"{_short([f'{n} ({t.ug.layers[t.index(n)].size})' for n in valid])}"
+            f"no unit(s) {short_list(unknown)} in the model; valid layers (with their unit counts) are "
+            f"{short_list([f'{n} ({t.ug.layers[t.index(n)].size})' for n in valid])}"
         )
     if io:
         raise ConnectomeError(
-            f"cannot ablate {_short(io)}: units of the input and output layers are never ablated "
-            f"(that would remove the image or the target itself); pass hidden units of {_short(valid)}"
+            f"cannot ablate {short_list(io)}: units of the input and output layers are never ablated "
+            f"(that would remove the image or the target itself); pass hidden units of {short_list(valid)}"
         )
     if not by_layer:
         raise EmptyGraphError("no hidden units to ablate; pass node ids of hidden layers or a circuit with hidden units")
     return {li: np.unique(np.asarray(us, dtype=np.int64)) for li, us in sorted(by_layer.items())}
-
-
-def _short(items: Sequence[str], n: int = 6) -> str:
-    items = list(items)
-    return repr(items) if len(items) <= n else repr(items[:n])[:-1] + f", ... ({len(items)} in all)]"
 
 
 def _fmt(x: float) -> str:
@@ -337,7 +237,7 @@ class AblationResult:
         )
 
 
-def _ids(t: _Traced, sel: Mapping[int, np.ndarray]) -> tuple[str, ...]:
+def _ids(t: Traced, sel: Mapping[int, np.ndarray]) -> tuple[str, ...]:
     return tuple(f"{t.layers[li].name}:{u}" for li, us in sel.items() for u in us.tolist())
 
 
@@ -391,8 +291,8 @@ def ablate(
     ----------
     Morcos, A. S. et al. (2018). On the importance of single directions for generalization. ICLR.
     """
-    x_cpu, y, classes = _load_probe(data, batch_size)
-    with _traced(model, x_cpu, device) as t:
+    x_cpu, y, classes = load_probe(data, batch_size)
+    with traced(model, x_cpu, device) as t:
         sel = _resolve_units(t, units)
         tgt = _target_index(target, y, t.n_classes, classes, x_cpu.shape[0])
         keep = {}
@@ -523,7 +423,7 @@ class FidelityResult:
         return "\n".join(lines)
 
 
-def _unit_order(t: _Traced, circuit: Any, sel: Mapping[int, np.ndarray]) -> list[tuple[int, int]]:
+def _unit_order(t: Traced, circuit: Any, sel: Mapping[int, np.ndarray]) -> list[tuple[int, int]]:
     """Circuit units, most important first: by |attribution| (node attribute of the circuit),
     else by degree in the circuit; ties (and plain node-id lists) keep layer-then-unit order."""
     units = [(li, int(u)) for li, us in sel.items() for u in us.tolist()]
@@ -629,8 +529,8 @@ def fidelity(
     if curves and (isinstance(steps, bool) or int(steps) != steps or steps < 1):
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     n_random, steps = int(n_random), int(steps)
-    x_cpu, y, classes = _load_probe(data, batch_size)
-    with _traced(model, x_cpu, device) as t:
+    x_cpu, y, classes = load_probe(data, batch_size)
+    with traced(model, x_cpu, device) as t:
         sel = _resolve_units(t, circuit)
         tgt = _target_index(target, y, t.n_classes, classes, x_cpu.shape[0])
         sizes = {li: t.ug.layers[li].size for li in sel}
