@@ -32,8 +32,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from connectome.errors import ConnectomeError, DataError, EmptyGraphError, short_list
+from connectome.errors import ConnectomeError, EmptyGraphError, short_list
 from connectome.extract.probe import IO_KINDS, Traced, load_probe, mask_units, traced
+from connectome.extract.targets import Target, check_labels, resolve_target
 from connectome.extract.trace import run_nodes
 from connectome.graph import Connectome
 
@@ -77,36 +78,22 @@ def _run_patterns(
     return logits.reshape(n_patterns, n, -1)
 
 
-def _target_index(target: Any, y: torch.Tensor | None, n_classes: int, classes: Sequence[str] | None,
-                  n: int) -> torch.Tensor:
-    """Target class per image, shape (n,)."""
-    if isinstance(target, str) and target == "label":
-        if y is None:
-            raise DataError(
-                "target='label' needs labels, but the data has images only; pass (images, labels) "
-                "or target=<class index>"
-            )
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= n_classes):
-            raise DataError(f"labels must be class indices in [0, {n_classes}), got range "
-                            f"[{int(y.min())}, {int(y.max())}]")
-        return y
-    if isinstance(target, str):
-        if classes is not None and target in classes:
-            target = list(classes).index(target)
-        else:
-            raise DataError(f"unknown target class {target!r}; pass 'label', a class index in [0, {n_classes})"
-                            + (f" or one of {list(classes)[:8]}" if classes else ""))
-    if isinstance(target, bool) or not isinstance(target, (int, np.integer)):
-        raise TypeError(f"target must be 'label', a class index or a class name, got {type(target).__name__}")
-    if not 0 <= int(target) < n_classes:
-        raise DataError(f"target class {int(target)} is out of range; the model has {n_classes} classes")
-    return torch.full((n,), int(target), dtype=torch.long)
+def _target(target: Any, y: torch.Tensor | None, t: Traced, classes: Sequence[str] | None, caller: str) -> Target:
+    """The resolved target, with labels checked now when it reads them (before any pattern runs)."""
+    spec = resolve_target(target, t.n_classes, classes, allow_callable=False, caller=caller)
+    if spec.kind == "label":
+        check_labels(y, t.n_classes)
+    return spec
 
 
-def _scores(logits: torch.Tensor, tgt: torch.Tensor, y: torch.Tensor | None) -> dict[str, np.ndarray]:
-    """Per pattern: mean target logit, mean target probability, accuracy (NaN without labels)."""
+def _scores(logits: torch.Tensor, target: Target, y: torch.Tensor | None) -> dict[str, np.ndarray]:
+    """Per pattern: mean target logit, mean target probability, accuracy (NaN without labels).
+
+    Pattern 0 is the intact model: ``"predicted"`` is each image's class there.
+    """
     L = logits.double()
     p, n, _ = L.shape
+    tgt = target.classes(L[0], y)
     idx = tgt.to(L.device)[None, :, None].expand(p, n, 1)
     logit = L.gather(2, idx)[..., 0].mean(1)
     prob = torch.softmax(L, dim=-1).gather(2, idx)[..., 0].mean(1)
@@ -198,7 +185,8 @@ class AblationResult:
     units : tuple of str
         The silenced units (node ids), in layer order.
     target : str or int
-        ``"label"`` (each image's own label) or a class index.
+        As passed: ``"label"``, ``"predicted"``, a class name or digit string, or a class
+        index.
     n_images : int
     logit_before, logit_after, logit_drop : float
         Mean target logit of the intact and the ablated model; ``drop = before - after``.
@@ -261,8 +249,11 @@ def ablate(
         Connectome (a circuit) whose nodes outside the input and output layers are silenced.
     data : Tensor, (Tensor, Tensor), Dataset, DataLoader or ImageFolder path
         The probe images (held in memory at once).
-    target : "label", int or str, default "label"
-        Each image's own label, or one class (index, or name when the data has classes).
+    target : "label", "predicted", int or str, default "label"
+        Each image's own label, the class the intact model predicts for each image, or one
+        class (an index, a digit string such as ``"281"``, or a name when the data has
+        classes): the same forms as :func:`~connectome.extract.attribution`, but for a
+        callable, which gives no class to score.
     device : optional
         ``None``: CUDA when available, else CPU (a copy of the model runs there).
     batch_size : int, default 64
@@ -279,7 +270,9 @@ def ablate(
         Units not in the model (the message names them and lists the valid layers), units of
         the input or output layer, or no units at all (:class:`EmptyGraphError`).
     DataError
-        No images, ``target="label"`` without labels, a target class out of range.
+        No images, ``target="label"`` without labels, a target class out of range, an
+        unknown class name, a callable or another type of target (the same messages as
+        :func:`~connectome.extract.attribution`).
 
     Examples
     --------
@@ -294,7 +287,7 @@ def ablate(
     x_cpu, y, classes = load_probe(data, batch_size)
     with traced(model, x_cpu, device) as t:
         sel = _resolve_units(t, units)
-        tgt = _target_index(target, y, t.n_classes, classes, x_cpu.shape[0])
+        tgt = _target(target, y, t, classes, "ablate")
         keep = {}
         for li, us in sel.items():
             m = torch.ones(2, t.ug.layers[li].size)
@@ -485,8 +478,8 @@ def fidelity(
         among all units of that layer (circuit units included).
     seed : int, default 0
         Seed of the random draws.
-    target : "label", int or str, default "label"
-        Each image's own label, or one class.
+    target : "label", "predicted", int or str, default "label"
+        As in :func:`ablate`.
     curves : bool, default True
         Compute deletion and insertion curves.
     steps : int, default 10
@@ -509,7 +502,7 @@ def fidelity(
     ConnectomeError
         Circuit units not in the model, or no hidden units (:class:`EmptyGraphError`).
     DataError
-        No images, ``target="label"`` without labels, a target out of range.
+        No images, or a target :func:`ablate` refuses.
 
     Examples
     --------
@@ -532,7 +525,7 @@ def fidelity(
     x_cpu, y, classes = load_probe(data, batch_size)
     with traced(model, x_cpu, device) as t:
         sel = _resolve_units(t, circuit)
-        tgt = _target_index(target, y, t.n_classes, classes, x_cpu.shape[0])
+        tgt = _target(target, y, t, classes, "fidelity")
         sizes = {li: t.ug.layers[li].size for li in sel}
         rng = np.random.default_rng(seed)
         n_curve = steps + 1 if curves else 0

@@ -21,8 +21,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from connectome.errors import ConnectomeError, short_list
-
 __all__ = ["compare_activations", "ActivationComparison", "LayerActivationDiff"]
 
 
@@ -230,10 +228,7 @@ def compare_activations(
         else:
             picks = []
             for name in layers:
-                i = t.index(str(name))
-                if i is None:
-                    raise ConnectomeError(f"no layer {name!r} in the model's unit graph; layers are {short_list(t.names, 10)}")
-                picks.append(i)
+                picks.append(t.resolve(name, where="in the model's unit graph"))
         nodes: dict[str, list[int]] = {}
         for i in picks:
             nodes.setdefault(profile_node(t, i), []).append(i)

@@ -200,11 +200,7 @@ def _given_pairs(ta: Traced, tb: Traced, layer_pairs: Sequence[tuple[str, str]])
         if isinstance(p, str) or len(p) != 2:
             raise ValueError(f"layer_pairs holds (layer_a, layer_b) tuples, got {p!r}")
         a, b = p
-        i, j = ta.index(str(a)), tb.index(str(b))
-        if i is None:
-            raise ConnectomeError(f"no layer {a!r} in model A; its layers are {short_list(ta.names, 10)}")
-        if j is None:
-            raise ConnectomeError(f"no layer {b!r} in model B; its layers are {short_list(tb.names, 10)}")
+        i, j = ta.resolve(a, where="in model A"), tb.resolve(b, where="in model B")
         if ta.layers[i].name in seen:
             raise ValueError(f"layer {a!r} of model A appears twice in layer_pairs; pair each layer of A once")
         seen.add(ta.layers[i].name)

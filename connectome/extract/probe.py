@@ -20,6 +20,7 @@ from connectome.errors import DataError
 from connectome.extract._model import check_model, eval_mode, model_dtype, model_on, resolve_device
 from connectome.extract.build import graph_layers
 from connectome.extract.data import make_loader, unpack_batch, warn_skipped
+from connectome.extract.targets import layer_position, resolve_layer
 from connectome.extract.trace import UnitGraph, trace_units
 from connectome.graph import Layer
 
@@ -108,14 +109,12 @@ class Traced:
         return [l.name for l in self.layers]
 
     def index(self, name: str) -> int | None:
-        """Position of graph layer ``name`` (also accepts the traced layer name or module)."""
-        for i, (g, s) in enumerate(zip(self.layers, self.ug.layers)):
-            if name == g.name:
-                return i
-        for i, s in enumerate(self.ug.layers):
-            if name in (s.name, s.module):
-                return i
-        return None
+        """Position of layer ``name`` (graph layer name, traced name or module path), or None."""
+        return layer_position(name, self.layers, self.ug.layers)
+
+    def resolve(self, name: str, where: str = "in the model") -> int:
+        """Position of layer ``name``, or a ConnectomeError naming it and the layers there are."""
+        return resolve_layer(name, self.layers, self.ug.layers, where=where)
 
     def hidden_names(self) -> list[str]:
         """Names of the layers other than input and output."""

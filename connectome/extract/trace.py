@@ -120,12 +120,9 @@ class UnitGraph:
     shapes: dict[str, tuple[int, ...]]
 
     def layer_index(self, name: str) -> int:
-        for i, l in enumerate(self.layers):
-            if l.name == name or l.module == name:
-                return i
-        raise ExtractionError(
-            f"no layer {name!r} in the traced model; layers are {[l.name for l in self.layers][:8]}..."
-        )
+        from connectome.extract.targets import resolve_layer
+
+        return resolve_layer(name, self.layers, where="in the traced model", error=ExtractionError)
 
 
 # ----------------------------------------------------------------------------- tracing
