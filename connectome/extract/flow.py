@@ -53,29 +53,10 @@ __all__ = ["attribution", "attribution_by_category", "FlowAccumulator"]
 # ----------------------------------------------------------------------------- targets
 def _target_fn(target: Any, n_out: int, classes: Sequence[str] | None) -> tuple[Callable[..., torch.Tensor], Any]:
     """(fn(logits, labels) -> (N,), resolved class index or None)."""
-    if isinstance(target, str) and target == "label":
-        return (lambda logits, y: logits.gather(1, y[:, None]).squeeze(1)), None
-    if isinstance(target, str) and target == "predicted":
-        return (lambda logits, y: logits.gather(1, logits.detach().argmax(1, keepdim=True)).squeeze(1)), None
-    if isinstance(target, str):
-        names = list(classes) if classes else []
-        if target.lstrip("-").isdigit():
-            target = int(target)
-        elif target in names:
-            target = names.index(target)
-        else:
-            raise DataError(
-                f"target {target!r} is not 'label', 'predicted', a class index or a class name"
-                + (f" (classes: {names[:6]}...)" if names else "")
-            )
-    if isinstance(target, (int, np.integer)) and not isinstance(target, bool):
-        c = int(target)
-        if not 0 <= c < n_out:
-            raise DataError(f"target class {c} does not exist; the output layer has {n_out} units (0..{n_out - 1})")
-        return (lambda logits, y: logits[:, c]), c
-    if callable(target):
-        return (lambda logits, y: target(logits)), None
-    raise DataError(f"target must be 'label', 'predicted', an int class, a class name or a callable; got {target!r}")
+    from connectome.extract.targets import resolve_target
+
+    t = resolve_target(target, n_out, classes)
+    return t.logit, t.index
 
 
 def _norm_name(s: str) -> str:
@@ -260,10 +241,9 @@ def _attribution(model: nn.Module, info: Any, target: Any = "label", *, per_samp
 
 
 def _layer_name(g: Connectome, name: str) -> str:
-    for l in g.layers:
-        if l.name == name or l.module == name:
-            return l.name
-    raise ConnectomeError(f"no layer {name!r} to contract onto; layers are {g.layer_names[:8]}...")
+    from connectome.extract.targets import resolve_layer
+
+    return g.layers[resolve_layer(name, g.layers, where="to contract onto")].name
 
 
 def _accumulate(model, info, target, dev, per_sample, amp, progress, max_images, labels,

@@ -182,12 +182,9 @@ class UnitGraph:
         return u.dims[0] if u is not None and len(u.dims) == 1 else 1
 
     def layer_index(self, name: str) -> int:
-        for i, l in enumerate(self.layers):
-            if l.name == name or l.module == name:
-                return i
-        raise ExtractionError(
-            f"no layer {name!r} in the traced model; layers are {[l.name for l in self.layers][:8]}..."
-        )
+        from connectome.extract.targets import resolve_layer
+
+        return resolve_layer(name, self.layers, where="in the traced model", error=ExtractionError)
 
 
 # ----------------------------------------------------------------------------- tracing
