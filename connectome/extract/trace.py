@@ -381,6 +381,8 @@ def _classify(node: Any, c: _Ctx) -> tuple[str, Any]:
     """What an fx node does to units: ('layer', kind) | ('residual', signs) | ('concat', dim)
     | ('chain', ChainOp or None) | ('layout', None) | ('skip', None) | ('unsupported', why)."""
     t = node.target
+    if node.name in c.values:
+        return ("skip", None)  # a plain value (a size, a tuple of sizes)
     if node.op == "call_function" and t in (torch.chunk, torch.split, operator.getitem) or \
             node.op == "call_method" and t in ("chunk", "split"):
         if node.name in c.data:
@@ -553,16 +555,28 @@ def _classify_sum(node: Any, c: _Ctx) -> tuple[str, Any]:
     return ("chain", ChainOp(node.name, "affine", "", (a, b)))
 
 
-def _derives_from(a: fx.Node, b: fx.Node, c: _Ctx, depth: int = 8) -> bool:
-    """Whether ``a`` is computed from ``b`` by element-wise single-input ops (``sigmoid(b)``)."""
-    cur = a
-    for _ in range(depth):
-        ins = [n for n in cur.all_input_nodes if c.is_data(n)]
-        if len(ins) != 1 or c.shapes.get(cur.name) != c.shapes.get(b.name):
-            return False
-        cur = ins[0]
-        if cur is b:
-            return True
+def _derives_from(a: fx.Node, b: fx.Node, c: _Ctx, elementwise: bool, limit: int = 400) -> bool:
+    """Whether ``a`` is computed from ``b``: through element-wise single-input ops only
+    (``sigmoid(b)``), or through any data ops (a squeeze-and-excitation branch of ``b``)."""
+    if elementwise:
+        cur = a
+        for _ in range(8):
+            ins = [n for n in cur.all_input_nodes if c.is_data(n)]
+            if len(ins) != 1 or c.shapes.get(cur.name) != c.shapes.get(b.name):
+                return False
+            cur = ins[0]
+            if cur is b:
+                return True
+        return False
+    seen, todo = set(), [a]
+    while todo and len(seen) < limit:
+        cur = todo.pop()
+        for n in cur.all_input_nodes:
+            if n is b:
+                return True
+            if n.name in c.data and n.name not in seen:
+                seen.add(n.name)
+                todo.append(n)
     return False
 
 
@@ -596,10 +610,13 @@ def _classify_product(node: Any, c: _Ctx) -> tuple[str, Any]:
         elif sb == out_shape and na < nb:
             gate = 0
         elif sa == sb == out_shape and a is not b:
-            # a self-gate such as x * sigmoid(x) (hand-written SiLU): the derived factor is the gate
-            if _derives_from(b, a, c):
+            # A self-gate such as x * sigmoid(x) (hand-written SiLU), or a squeeze-and-excitation
+            # gate on a 1x1 map (same shape as the signal, computed from it): the factor that is
+            # computed from the other operand is the gate.
+            pooled = all(v == 1 for v in out_shape[2:]) and len(out_shape) > 2
+            if _derives_from(b, a, c, elementwise=True) or (pooled and _derives_from(b, a, c, elementwise=False)):
                 gate = 1
-            elif _derives_from(a, b, c):
+            elif _derives_from(a, b, c, elementwise=True) or (pooled and _derives_from(a, b, c, elementwise=False)):
                 gate = 0
         if gate is not None:
             data = targs[1 - gate]
