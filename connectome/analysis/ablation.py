@@ -70,7 +70,7 @@ def _run_patterns(
             m = cur.get(node.name)
             if m is None or not isinstance(v, torch.Tensor):
                 return v
-            return mask_units(v, m, unit_dim=1)
+            return mask_units(v, m, unit_dim=ug.unit_dim(node.name))
 
         _, kept = run_nodes(ug.gm, (x[img],), keep={out_name}, on_value=on_value)
         chunks.append(kept[out_name].reshape(r.shape[0], -1))

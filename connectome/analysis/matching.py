@@ -229,7 +229,8 @@ def _profiles(t: Traced, x: torch.Tensor, needs: Mapping[int, set[str]], batch_s
     def on_value(node: Any, v: Any) -> Any:
         for li in by_node.get(node.name, ()):
             units = t.ug.layers[li].size
-            flat = v.reshape(v.shape[0], units, -1)
+            # units first (a channels-last value keeps them on its last dim)
+            flat = v.movedim(t.ug.unit_dim(node.name), 1).reshape(v.shape[0], units, -1)
             for mode in needs[li]:
                 if mode == "positions" and v.dim() > 2:
                     p = flat.transpose(1, 2).reshape(-1, units)

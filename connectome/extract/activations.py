@@ -114,7 +114,7 @@ def activations(
             _, kept = run_nodes(ug.gm, (x,), keep=keep)
             for i in picks:
                 s = ug.layers[i]
-                v = kept[read[i]]
+                v = kept[read[i]].movedim(ug.unit_dim(read[i]), 1)  # units on dim 1, also for channels-last
                 n = v.shape[0]
                 if spatial and v.dim() > 2:
                     arr = v

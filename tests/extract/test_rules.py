@@ -344,3 +344,27 @@ def test_unmapped_op_names_op_module_and_rule():
     with pytest.raises(ExtractionError, match=r"fx node 'softmax'.*mixes units.*attention rule") as info:
         cn.extract.weights(Soft(), (3, 4, 4))
     assert "\n" not in str(info.value)
+
+
+def test_ablating_a_channels_last_unit_zeroes_its_channel_everywhere():
+    # a unit of the Linear over an NHWC tensor is a channel of its last dim, at every position
+    torch.manual_seed(0)
+    m = Block().double().eval()
+    x, y = _data(10)
+    res = cn.analysis.ablate(m, ["up:3"], (x, y), device="cpu")
+
+    # by hand: zero channel 3 of the value `up` passes on (after its GELU)
+    hook = m.up.register_forward_hook(lambda mod, inp, out: _zero_after_gelu(out, 3))
+    try:
+        with torch.no_grad():
+            expect = m(x).gather(1, y[:, None]).mean().item()
+    finally:
+        hook.remove()
+    assert res.logit_after == pytest.approx(expect, rel=1e-10)
+
+
+def _zero_after_gelu(out, k):
+    # F.gelu(out) with channel k zeroed == F.gelu of out with channel k set to 0 (gelu(0) = 0)
+    out = out.clone()
+    out[..., k] = 0
+    return out
