@@ -9,6 +9,7 @@ __all__ = [
     "ExportError",
     "BadFileError",
     "DataError",
+    "UnsafeDependencyError",
 ]
 
 
@@ -37,3 +38,7 @@ class BadFileError(ConnectomeError):
 
 class DataError(ConnectomeError):
     """Images, labels or targets that cannot be used (empty, undecodable, out of range)."""
+
+
+class UnsafeDependencyError(ConnectomeError):
+    """An installed library is too old to read a file from someone else safely; upgrade it."""
