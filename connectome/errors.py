@@ -11,6 +11,7 @@ __all__ = [
     "ExportError",
     "BadFileError",
     "DataError",
+    "UnsafeDependencyError",
 ]
 
 
@@ -39,6 +40,10 @@ class BadFileError(ConnectomeError):
 
 class DataError(ConnectomeError):
     """Images, labels or targets that cannot be used (empty, undecodable, out of range)."""
+
+
+class UnsafeDependencyError(ConnectomeError):
+    """An installed library is too old to read a file from someone else safely; upgrade it."""
 
 
 def short_list(items: Any, n: int = 6) -> str:

@@ -33,7 +33,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, Sampler, Subset
 
-from connectome.errors import BadFileError, ConnectomeError, DataError
+from connectome._safety import safe_torch_load
+from connectome.errors import BadFileError, ConnectomeError, DataError, UnsafeDependencyError
 
 __all__ = [
     "ShardSampler",
@@ -440,7 +441,9 @@ class Checkpoint:
         if not self.path.exists():
             return None
         try:
-            payload = torch.load(self.path, map_location="cpu", weights_only=True)
+            payload = safe_torch_load(self.path, what="checkpoint")
+        except UnsafeDependencyError:
+            raise
         except Exception as exc:  # zip, pickle and EOF errors: all mean a damaged file
             raise BadFileError(
                 f"checkpoint {str(self.path)!r} cannot be read ({type(exc).__name__}: {' '.join(str(exc).split())[:120]}); "

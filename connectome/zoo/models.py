@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from connectome._safety import safe_torch_load
+
 from .shapes import SHAPE_CLASSES
 
 __all__ = [
@@ -317,7 +319,7 @@ def load_model(name: str, *, weights_dir: str | os.PathLike[str] | None = None) 
         raise FileNotFoundError(
             f"no weights for {name!r} at {path}; run connectome.zoo.train_all() to create them"
         )
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = safe_torch_load(path, what="zoo weights")
     model.load_state_dict(state)
     model.eval()
     return model
