@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
-
 import torch.nn as nn
 
 from connectome.errors import DataError
