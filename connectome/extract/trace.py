@@ -188,8 +188,26 @@ class UnitGraph:
 
 
 # ----------------------------------------------------------------------------- tracing
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """Multi-head attention of (batch, tokens, dim) tensors: ``softmax(q k^T / sqrt(d)) v`` per head.
+
+    One node in the traced graph (the attention rule of :mod:`.rules` linearises it), the
+    computation of ``nn.MultiheadAttention`` between its projections.
+    """
+    n, t, e = q.shape
+    d = e // heads
+    split = lambda z: z.reshape(z.shape[0], z.shape[1], heads, d).transpose(1, 2)  # noqa: E731
+    out = F.scaled_dot_product_attention(split(q), split(k), split(v))
+    return out.transpose(1, 2).reshape(n, t, v.shape[-1])
+
+
 class _Tracer(fx.Tracer):
-    """A tracer whose leaves are torch.nn modules that run their stock forward."""
+    """A tracer whose leaves are torch.nn modules that run their stock forward.
+
+    ``nn.MultiheadAttention`` is written out as its parts, so that each projection is a layer
+    of units: ``q``, ``k`` and ``v`` Linear maps (slices of the packed ``in_proj_weight``),
+    the attention itself (:func:`attend`) and ``out_proj``.
+    """
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, _CONV_MODULES):
@@ -197,6 +215,43 @@ class _Tracer(fx.Tracer):
             # F.conv2d call inside becomes the layer.
             return type(m).forward in (nn.Conv2d.forward, nn.Linear.forward)
         return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if isinstance(m, nn.MultiheadAttention):
+            return self._attention(m, self.path_of_module(m), args, kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def _attention(self, m: nn.MultiheadAttention, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        names = ("query", "key", "value")
+        qkv = [args[i] if len(args) > i else kwargs.get(n) for i, n in enumerate(names)]
+        extra = {k: v for k, v in kwargs.items() if k not in names and v is not None}
+        extra.pop("need_weights", None)
+        if extra or len(args) > 4 or not m.batch_first or m.bias_k is not None or m.add_zero_attn:
+            raise ExtractionError(
+                f"nn.MultiheadAttention {name!r}: only batch_first=True self- or cross-attention without masks, "
+                "bias_k or zero attention maps to units (the attention rule)"
+            )
+        e = m.embed_dim
+
+        def attr(target: str) -> Any:
+            return self.create_proxy("get_attr", f"{name}.{target}", (), {})
+
+        out = []
+        for i, (part, x) in enumerate(zip("qkv", qkv)):
+            if m._qkv_same_embed_dim:
+                w = attr("in_proj_weight")[i * e : (i + 1) * e]
+            else:
+                w = attr(f"{part}_proj_weight")
+            b = attr("in_proj_bias")[i * e : (i + 1) * e] if m.in_proj_bias is not None else None
+            y = self.create_proxy("call_function", F.linear, (x, w, b), {})
+            y.node.meta["connectome_name"] = f"{name}.{part}"
+            out.append(y)
+        a = self.create_proxy("call_function", attend, tuple(out), {"heads": m.num_heads})
+        a.node.meta["connectome_name"] = f"{name}.attention"
+        ob = attr("out_proj.bias") if m.out_proj.bias is not None else None
+        o = self.create_proxy("call_function", F.linear, (a, attr("out_proj.weight"), ob), {})
+        o.node.meta["connectome_name"] = f"{name}.out_proj"
+        return o, None
 
 
 def _trace(model: nn.Module) -> fx.GraphModule:
@@ -306,12 +361,12 @@ def _record(gm: fx.GraphModule, example: torch.Tensor) -> tuple[dict[str, tuple[
     shapes: dict[str, tuple[int, ...]] = {}
     values: dict[str, Any] = {}
     consts: dict[str, torch.Tensor] = {}
-    data: set[str] = set()
-    for node in gm.graph.nodes:
-        if node.op == "placeholder" or any(a.name in data for a in node.all_input_nodes):
-            data.add(node.name)
+    data: set[str] = set()  # tensors computed from the input (sizes read off it are plain values)
 
     def record(node: fx.Node, value: Any) -> Any:
+        from_data = node.op == "placeholder" or any(a.name in data for a in node.all_input_nodes)
+        if from_data and (isinstance(value, torch.Tensor) or _holds_tensor(value)):
+            data.add(node.name)
         if isinstance(value, torch.Tensor):
             shapes[node.name] = tuple(value.shape)
             if node.name not in data:
@@ -514,6 +569,11 @@ def _classify_function(node: Any, c: _Ctx) -> tuple[str, Any]:
         extra = [a for a in node.args[1:] if not isinstance(a, fx.Node)]
         return ("chain", ChainOp(node.name, "smooth", "", (_f0(lambda z: t(z, *extra, **{
             k: v for k, v in node.kwargs.items() if not isinstance(v, fx.Node) and k != "inplace"})),)))
+    if t is attend:
+        q, k, v = (node.args + (None, None, None))[:3]
+        if not all(c.is_data(a) for a in (q, k, v)):
+            return ("unsupported", "attention on constant queries, keys or values")
+        return ("chain", ChainOp(node.name, "attention", v.name, (q.name, k.name, int(node.kwargs["heads"]))))
     if t in (torch.softmax, F.softmax, torch.matmul, torch.bmm, F.scaled_dot_product_attention):
         return ("unsupported", f"{getattr(t, '__name__', t)} mixes units (attention needs the attention rule, "
                                "which is not implemented yet)")
@@ -624,6 +684,35 @@ def _classify_product(node: Any, c: _Ctx) -> tuple[str, Any]:
     return ("unsupported", "a product of two tensors of full size (attention, or a gate that is not broadcast "
                            "over positions) fits no rule: the gate rule needs one factor broadcast over positions, "
                            "attention needs the attention rule")
+
+
+def _const_cat(node: fx.Node, dim: int, c: _Ctx, units: dict[str, Units], layers: list[LayerSpec]) -> bool:
+    """``torch.cat`` of one data tensor with constants along a dim that does not hold its units
+    (a ViT's class token joined to the patch tokens): the data keeps its units and the constant
+    positions are a constant part of them (a bias term). Returns whether it was that case."""
+    parts = list(node.args[0])
+    data = [a for a in parts if c.is_data(a)]
+    if len(data) != 1 or data[0].name not in units or dim in units[data[0].name].dims:
+        return False
+    x = data[0]
+    batch = c.shapes[x.name][0]
+    pieces, offset = [], 0
+    for a in parts:
+        width = c.shapes[a.name][dim] if isinstance(a, fx.Node) and a.name in c.shapes else None
+        if width is None:
+            return False
+        if a is not x:
+            v = c.const(a)
+            if v is None:
+                return False
+            if v.dim() == len(c.shapes[x.name]) and v.shape[0] == batch:
+                v = v[:1]  # expanded over the batch when traced
+            pieces.append((offset, width, v))
+        offset += width
+    units[node.name] = units[x.name]
+    op = ChainOp(node.name, "const_cat", x.name, (dim, pieces))
+    layers[units[x.name].layer].bias_ops.append(op)
+    return True
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -843,7 +932,8 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                 if not isinstance(wnode, fx.Node):
                     raise ExtractionError(f"{_where(node)}: the weight is not a tensor of the model")
                 wshape = shapes.get(wnode.name) or tuple(_attr_value(gm, wnode).shape)
-                module_name = str(wnode.target).rsplit(".", 1)[0] if wnode.op == "get_attr" else (_scope(node) or node.name)
+                module_name = node.meta.get("connectome_name") or (
+                    str(wnode.target).rsplit(".", 1)[0] if wnode.op == "get_attr" else (_scope(node) or node.name))
                 if info == Kind.CONV:
                     groups = int(_const(node, 6, "groups", 1))
                     in_feat = wshape[1] * groups
@@ -868,12 +958,20 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                 )
             name = unique(module_name)
             dim_out = 1 if info == Kind.CONV else len(s_out) - 1
+            if wnode is not None and wnode.op != "get_attr":
+                bnode = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+                wv = ctx.const(wnode)
+                if wv is None:
+                    raise ExtractionError(f"{_where(node)}: the weight is computed from the data; no unit graph maps it")
+                call["weight_value"] = (wv, ctx.const(bnode) if isinstance(bnode, fx.Node) else None)
             layers.append(LayerSpec(
                 name=name, kind=info, size=s_out[dim_out], node=node.name, module=module_name,
                 operands=[Operand(layer=u.layer, node=x.name, group=group, cols=cols, width=idx.size // group)],
                 groups=groups, weight_node=wnode.name if wnode is not None else None, call=call, dim=dim_out,
             ))
             units[node.name] = Units(len(layers) - 1, (dim_out,), None)
+        elif what == "concat" and _const_cat(node, info, ctx, units, layers):
+            pass  # constants (a class token) joined to data along positions: a per-unit op
         elif what in ("residual", "concat"):
             targs = ctx.data_args(node) if what == "residual" else list(node.args[0])
             nd = len(shapes[node.name])
@@ -909,7 +1007,7 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                                     module=scope or None, operands=ops, dim=dim % nd))
             units[node.name] = Units(len(layers) - 1, (dim % nd,), None)
         else:  # chain: keeps the units of its data input
-            if isinstance(info, ChainOp) and info.kind == "gate":
+            if isinstance(info, ChainOp) and info.kind in ("gate", "attention"):
                 x = by_name[info.input_node]
             else:
                 targs = ctx.data_args(node) if node.op != "call_module" else [a for a in node.all_input_nodes if ctx.is_data(a)]
@@ -980,7 +1078,7 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                 path.append(cur.name)
                 nxt = [a for a in cur.all_input_nodes if ctx.is_data(a) or a.name in multi]
                 k = kinds[cur.name][1]
-                if isinstance(k, ChainOp) and k.kind == "gate":
+                if isinstance(k, ChainOp) and k.kind in ("gate", "attention"):
                     nxt = [by_name[k.input_node]]
                 if len(nxt) != 1:
                     break
@@ -1006,6 +1104,8 @@ def layer_weight(ug: UnitGraph, spec: LayerSpec) -> tuple[torch.Tensor, torch.Te
     wnode = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
     bnode = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
     if wnode.op != "get_attr":
+        if "weight_value" in spec.call:  # computed from parameters (a slice of a packed weight)
+            return spec.call["weight_value"]
         raise ExtractionError(f"{_where(node)}: the weight is computed in forward; the weight graph needs stored weights")
     w = _attr_value(ug.gm, wnode).detach()
     b = _attr_value(ug.gm, bnode).detach() if isinstance(bnode, fx.Node) and bnode.op == "get_attr" else None
