@@ -260,6 +260,8 @@ def _trace(model: nn.Module) -> fx.GraphModule:
     tracer = _Tracer()
     try:
         graph = tracer.trace(model)
+    except ExtractionError:
+        raise  # our own, from a module written out while tracing (attention)
     except Exception as exc:  # fx raises many kinds (TraceError, TypeError, RuntimeError ...)
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExtractionError(

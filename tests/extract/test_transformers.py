@@ -1,0 +1,159 @@
+"""Vision transformers: the attention rule against a hand-linearised copy of a torchvision ViT.
+
+The copy spells every rule out: the attention pattern ``softmax(q k^T / sqrt(d))`` and the
+LayerNorm statistics are detached, GELU goes by the identity rule. Its ``x * dT/dx`` per
+input channel must equal the graph's input attribution, every hidden unit must conserve
+flow, and the edges into the V projection of one block must equal a brute-force computation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import connectome as cn
+from connectome.errors import ExtractionError
+
+torchvision = pytest.importorskip("torchvision")
+from torchvision.models.vision_transformer import VisionTransformer  # noqa: E402
+
+
+def _vit(seed: int = 0) -> VisionTransformer:
+    torch.manual_seed(seed)
+    m = VisionTransformer(image_size=16, patch_size=8, num_layers=2, num_heads=2, hidden_dim=8, mlp_dim=12,
+                          num_classes=5)
+    with torch.no_grad():  # torchvision zero-initialises the head and biases: give every weight a value
+        for p in m.parameters():
+            p.normal_(0, 0.5)
+    return m.eval().double()
+
+
+def _ln(x, ln):
+    mu, var = x.mean(-1, keepdim=True).detach(), x.var(-1, unbiased=False, keepdim=True).detach()
+    return (x - mu) / torch.sqrt(var + ln.eps) * ln.weight + ln.bias
+
+
+def _gelu(x):
+    xd = x.detach()
+    r = torch.where(xd != 0, F.gelu(xd) / torch.where(xd != 0, xd, torch.ones_like(xd)), torch.zeros_like(xd))
+    return x * r
+
+
+def _attention(x, mha, keep: dict | None = None, name: str = ""):
+    e, h = mha.embed_dim, mha.num_heads
+    d = e // h
+    W, b = mha.in_proj_weight, mha.in_proj_bias
+    q, k, v = (F.linear(x, W[i * e:(i + 1) * e], b[i * e:(i + 1) * e]) for i in range(3))
+    if keep is not None:
+        v.retain_grad()
+        keep[name] = (x, v)
+    split = lambda z: z.reshape(z.shape[0], z.shape[1], h, d).transpose(1, 2)  # noqa: E731
+    pattern = torch.softmax(split(q) @ split(k).transpose(-1, -2) / math.sqrt(d), -1).detach()
+    out = (pattern @ split(v)).transpose(1, 2).reshape(x.shape)
+    return mha.out_proj(out)
+
+
+def _hand(m: VisionTransformer, x: torch.Tensor, keep: dict | None = None) -> torch.Tensor:
+    t = m._process_input(x)
+    t = torch.cat([m.class_token.expand(t.shape[0], -1, -1), t], dim=1) + m.encoder.pos_embedding
+    for i, blk in enumerate(m.encoder.layers):
+        a = _attention(_ln(t, blk.ln_1), blk.self_attention, keep, f"block{i}") + t
+        mlp = blk.mlp
+        t = a + mlp[3](_gelu(mlp[0](_ln(a, blk.ln_2))))
+    return m.heads(_ln(t, m.encoder.ln)[:, 0])
+
+
+def test_vit_attention_rule_against_hand_linearisation():
+    m = _vit()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 3, 16, 16, generator=gen, dtype=torch.float64)
+    y = torch.tensor([0, 3, 1])
+    g = cn.extract.attribution(m, (x, y), progress=False, device="cpu")
+    with torch.no_grad():
+        T = m(x).gather(1, y[:, None]).sum().item()
+    assert g.meta["exact"] is True
+    assert g.meta["target_total"] == pytest.approx(T, rel=1e-12)
+    assert any(r.startswith("attention") for r in g.meta["rules"])
+    # the hand copy: input attribution per channel
+    xr = x.clone().requires_grad_(True)
+    keep: dict = {}
+    Th = _hand(m, xr, keep).gather(1, y[:, None]).sum()
+    assert Th.item() == pytest.approx(T, rel=1e-12)
+    Th.backward()
+    expect = (xr * xr.grad).sum((0, 2, 3)).detach().numpy()
+    np.testing.assert_allclose(g.node_attr("attribution")[g.layer_slice("input")], expect, rtol=1e-10, atol=1e-12)
+    # conservation at every hidden unit; q and k carry no flow
+    w = g.weight.astype(np.float64)
+    inflow, outflow = np.bincount(g.dst, w, g.num_nodes), np.bincount(g.src, w, g.num_nodes)
+    a, b = g.node_attr("attribution"), g.node_attr("bias_attribution")
+    hidden = np.isin(g.node_layer, [i for i, l in enumerate(g.layers) if l.kind not in ("input", "output")])
+    scale = max(1.0, np.abs(a).max())
+    np.testing.assert_allclose((inflow + b)[hidden], a[hidden], atol=1e-10 * scale)
+    np.testing.assert_allclose(outflow[hidden], a[hidden], atol=1e-10 * scale)
+    for part in ("q", "k"):
+        assert np.all(a[g.layer_slice(f"encoder.layers.encoder_layer_1.self_attention.{part}")] == 0)
+    # brute force on the V projection of block 1: edge ln_1-input unit i -> v unit j
+    xin, v = keep["block1"]
+    gv = v.grad
+    e = m.encoder.layers[1].self_attention.embed_dim
+    Wv = m.encoder.layers[1].self_attention.in_proj_weight[2 * e:]
+    E = np.zeros((e, e))
+    for i in range(e):
+        xi = torch.zeros_like(xin)
+        xi[..., i] = xin[..., i]
+        E[:, i] = (gv * F.linear(xi, Wv)).sum((0, 1)).detach().numpy()
+    src = "encoder.layers.encoder_layer_0.add_1"  # the residual stream entering block 1
+    i, j, vals = g.edge_block(src, "encoder.layers.encoder_layer_1.self_attention.v")
+    got = np.zeros((e, e))
+    got[j, i] = vals
+    np.testing.assert_allclose(got, E, rtol=1e-9, atol=1e-12)
+
+
+def test_vit_weight_connectome_holds_the_projections():
+    m = _vit().float()
+    g = cn.extract.weights(m, (3, 16, 16))
+    e = 8
+    i, j, v = g.edge_block("encoder.layers.encoder_layer_0.self_attention.v",
+                           "encoder.layers.encoder_layer_0.self_attention.out_proj")
+    W = m.encoder.layers[0].self_attention.out_proj.weight.detach().double().numpy()
+    np.testing.assert_allclose(v, W[j, i], rtol=1e-6)
+    i, j, v = g.edge_block("encoder.layers.encoder_layer_0.ln_1" if "encoder.layers.encoder_layer_0.ln_1" in
+                           g.layer_names else "conv_proj", "encoder.layers.encoder_layer_0.self_attention.k")
+    Wk = m.encoder.layers[0].self_attention.in_proj_weight[e:2 * e].detach().double().numpy()
+    np.testing.assert_allclose(v, Wk[j, i], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_vit_b_16_extracts_exactly():
+    torch.manual_seed(0)
+    m = torchvision.models.vit_b_16(weights=None, num_classes=10).eval().double()
+    x = torch.randn(1, 3, 224, 224, dtype=torch.float64)
+    y = torch.tensor([3])
+    g = cn.extract.attribution(m, (x, y), progress=False, device="cpu")
+    with torch.no_grad():
+        T = m(x)[0, 3].item()
+    assert g.meta["exact"] is True and g.meta["completeness_relative"] <= 1e-9
+    assert g.meta["target_total"] == pytest.approx(T, rel=1e-12, abs=1e-12)
+
+
+def test_attention_with_a_mask_is_refused():
+    class Masked(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(3, 4)
+            self.mha = torch.nn.MultiheadAttention(4, 2, batch_first=True)
+            self.fc = torch.nn.Linear(4, 2)
+            self.register_buffer("mask", torch.ones(16, 16, dtype=torch.bool).triu(1))
+
+        def forward(self, x):
+            t = self.proj(x.flatten(2).transpose(1, 2))
+            a, _ = self.mha(t, t, t, attn_mask=self.mask)
+            return self.fc(a.mean(1))
+
+    with pytest.raises(ExtractionError, match="MultiheadAttention 'mha'.*masks") as info:
+        cn.extract.weights(Masked(), (3, 4, 4))
+    assert "\n" not in str(info.value)
