@@ -160,17 +160,40 @@ def _norm_forward(op: ChainOp, x: torch.Tensor, y: torch.Tensor, ctx: RunContext
 def attention_forward(op: ChainOp, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """The attention rule (CP-LRP; AttnLRP's conservative variant): the pattern
     ``softmax(q k^T / sqrt(d))`` held constant, so the output is linear in ``v``: each channel
-    of ``v`` is mixed over tokens by the constant pattern, and ``q``, ``k`` get no gradient."""
+    of ``v`` is mixed over tokens by the constant pattern, and ``q``, ``k`` get no gradient.
+
+    ``op.params[2]`` is the number of heads of (batch, tokens, dim) tensors
+    (:func:`connectome.extract.trace.attend`), or the keyword arguments of
+    ``F.scaled_dot_product_attention`` on (..., tokens, head_dim) tensors.
+    """
     from connectome.extract.trace import attend
 
-    heads = op.params[2]
-    n, t, e = q.shape
-    d = e // heads
-    split = lambda z: z.reshape(z.shape[0], z.shape[1], heads, d).transpose(1, 2)  # noqa: E731
-    pattern = torch.softmax(split(q.detach()) @ split(k.detach()).transpose(-1, -2) / math.sqrt(d), dim=-1).detach()
-    lin = (pattern @ split(v)).transpose(1, 2).reshape(n, t, v.shape[-1])
-    y = attend(q.detach(), k.detach(), v.detach(), heads)
+    how = op.params[2]
+    if isinstance(how, int):
+        heads = how
+        n, t, e = q.shape
+        d = e // heads
+        split = lambda z: z.reshape(z.shape[0], z.shape[1], heads, d).transpose(1, 2)  # noqa: E731
+        lin = (_pattern(split(q), split(k), None, False, None) @ split(v)).transpose(1, 2).reshape(n, t, v.shape[-1])
+        y = attend(q.detach(), k.detach(), v.detach(), heads)
+    else:
+        lin = _pattern(q, k, how["attn_mask"], how["is_causal"], how["scale"]) @ v
+        y = F.scaled_dot_product_attention(q.detach(), k.detach(), v.detach(), **{kk: vv for kk, vv in how.items()
+                                                                               if vv is not None})
     return y + (lin - lin.detach())
+
+
+def _pattern(q: torch.Tensor, k: torch.Tensor, mask: Any, causal: bool, scale: float | None) -> torch.Tensor:
+    """softmax(q k^T * scale + mask), computed from detached q and k: a constant."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = (q.detach() @ k.detach().transpose(-1, -2)) * scale
+    if causal:
+        keep = torch.ones(s.shape[-2], s.shape[-1], dtype=torch.bool, device=s.device).tril()
+        s = s.masked_fill(~keep, float("-inf"))
+    if mask is not None:
+        mask = mask.to(s.device)
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(s.dtype)
+    return torch.softmax(s, dim=-1).detach()
 
 
 # ----------------------------------------------------------------------------- the table

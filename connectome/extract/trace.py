@@ -75,10 +75,10 @@ _SMOOTH_METHODS = {"sigmoid", "tanh", "sigmoid_", "tanh_", "erf"}
 _CLAMP_METHODS = {"clamp", "clamp_", "clip", "clip_"}
 # Ops that move or select units; run on a tensor of unit numbers to see where each unit goes.
 _LAYOUT_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
-                   "chunk", "split", "narrow", "movedim", "mean", "unflatten", "expand_as", "swapaxes"}
+                   "chunk", "split", "narrow", "movedim", "mean", "unflatten", "expand_as", "swapaxes", "unbind"}
 _LAYOUT_FUNCS: set[Any] = {torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
                            torch.unsqueeze, torch.chunk, torch.split, torch.narrow, torch.movedim, torch.mean,
-                           operator.getitem, torch.swapaxes}
+                           operator.getitem, torch.swapaxes, torch.unbind}
 _LAYOUT_MODULES = (nn.Flatten, nn.Unflatten)
 _SHAPE_METHODS = {"size", "dim", "numel", "shape"}
 
@@ -104,13 +104,16 @@ class Units:
     layer: int
     dims: tuple[int, ...] = (1,)
     index: np.ndarray | None = None
+    batch: int = 0  # the batch dim (a layout op may move it for a while: timm's qkv permute)
 
     @property
     def natural(self) -> bool:
-        return self.index is None and len(self.dims) == 1
+        return self.index is None and len(self.dims) == 1 and self.batch == 0
 
     def along(self, dim: int, size: int, layer_size: int) -> np.ndarray | None:
         """Unit of each index of ``dim`` when units lie along that one dim, else None."""
+        if self.batch != 0:
+            return None
         if self.dims == ():
             return np.full(size, int(self.index), dtype=np.int64)
         if self.dims != (dim,):
@@ -440,8 +443,8 @@ def _classify(node: Any, c: _Ctx) -> tuple[str, Any]:
     t = node.target
     if node.name in c.values:
         return ("skip", None)  # a plain value (a size, a tuple of sizes)
-    if node.op == "call_function" and t in (torch.chunk, torch.split, operator.getitem) or \
-            node.op == "call_method" and t in ("chunk", "split"):
+    if node.op == "call_function" and t in (torch.chunk, torch.split, torch.unbind, operator.getitem) or \
+            node.op == "call_method" and t in ("chunk", "split", "unbind"):
         if node.name in c.data:
             return ("layout", None)  # may give a tuple of tensors: not in shapes
     if node.name not in c.shapes or node.name not in c.data:
@@ -576,7 +579,29 @@ def _classify_function(node: Any, c: _Ctx) -> tuple[str, Any]:
         if not all(c.is_data(a) for a in (q, k, v)):
             return ("unsupported", "attention on constant queries, keys or values")
         return ("chain", ChainOp(node.name, "attention", v.name, (q.name, k.name, int(node.kwargs["heads"]))))
-    if t in (torch.softmax, F.softmax, torch.matmul, torch.bmm, F.scaled_dot_product_attention):
+    if t is F.scaled_dot_product_attention:
+        q = _const(node, 0, "query", None)
+        k = _const(node, 1, "key", None)
+        v = _const(node, 2, "value", None)
+        if not all(c.is_data(a) for a in (q, k, v)):
+            return ("unsupported", "attention on constant queries, keys or values")
+        mask = _const(node, 3, "attn_mask", None)
+        if isinstance(mask, fx.Node):
+            if mask.name in c.values:
+                mask = c.values[mask.name]  # an optional argument left at None
+            elif c.const(mask) is not None:
+                mask = c.const(mask)
+            else:
+                return ("unsupported", "attention with a mask computed from the data")
+        dropout = _const(node, 4, "dropout_p", 0.0)
+        dropout = c.values.get(dropout.name, 1.0) if isinstance(dropout, fx.Node) else dropout
+        if dropout:
+            return ("unsupported", "attention dropout is on (the model must run in eval mode)")
+        plain = lambda a: c.values.get(a.name) if isinstance(a, fx.Node) else a  # noqa: E731  arguments left at defaults
+        kw = {"attn_mask": mask, "is_causal": bool(plain(_const(node, 5, "is_causal", False))),
+              "scale": plain(_const(node, 6, "scale", None))}
+        return ("chain", ChainOp(node.name, "attention", v.name, (q.name, k.name, kw)))
+    if t in (torch.softmax, F.softmax, torch.matmul, torch.bmm):
         return ("unsupported", f"{getattr(t, '__name__', t)} mixes units (attention needs the attention rule, "
                                "which is not implemented yet)")
     return ("unsupported", f"function {getattr(t, '__name__', t)!s} is not a per-unit op we can map "
@@ -719,23 +744,40 @@ def _const_cat(node: fx.Node, dim: int, c: _Ctx, units: dict[str, Units], layers
 
 # ----------------------------------------------------------------------------- layouts
 def _unit_tensor(u: Units, shape: tuple[int, ...], layer_size: int) -> torch.Tensor:
-    """A float64 tensor of ``shape`` whose every element is the number of its unit."""
+    """A float64 tensor of ``shape`` whose every element is the number of its unit, plus
+    ``layer_size`` times its image's index, so that the batch dim can be found again."""
     if u.dims == ():
-        return torch.full(shape, float(np.asarray(u.index)), dtype=torch.float64)
-    idx = torch.arange(layer_size, dtype=torch.float64) if u.index is None else torch.as_tensor(
-        np.asarray(u.index), dtype=torch.float64)
+        t = torch.full(shape, float(np.asarray(u.index)), dtype=torch.float64)
+    else:
+        idx = torch.arange(layer_size, dtype=torch.float64) if u.index is None else torch.as_tensor(
+            np.asarray(u.index), dtype=torch.float64)
+        view = [1] * len(shape)
+        for d, s in zip(u.dims, idx.shape):
+            view[d] = s
+        t = idx.reshape(view).expand(shape)
     view = [1] * len(shape)
-    for d, s in zip(u.dims, idx.shape):
-        view[d] = s
-    return idx.reshape(view).expand(shape)
+    view[u.batch] = shape[u.batch]
+    return t + float(layer_size) * torch.arange(shape[u.batch], dtype=torch.float64).reshape(view)
 
 
 def _units_from(U: torch.Tensor, layer: int, layer_size: int, batch: int, where: str) -> Units:
-    """Read back where the units went from a unit-number tensor that went through layout ops."""
+    """Read back where the units (and the batch) went from a tensor that went through layout ops."""
     shape = tuple(U.shape)
-    if len(shape) < 1 or shape[0] != batch or (batch > 1 and not torch.equal(U, U[:1].expand_as(U))):
-        raise ExtractionError(f"{where} moves the batch dimension; units cannot be followed")
-    varying = [d for d in range(1, len(shape)) if shape[d] > 1 and not torch.equal(U, U.narrow(d, 0, 1).expand_as(U))]
+    bdim = None
+    for d in range(len(shape)):
+        if shape[d] == batch and batch > 1 and torch.equal(U.narrow(d, 1, 1) - U.narrow(d, 0, 1),
+                                                            torch.full_like(U.narrow(d, 0, 1), float(layer_size))):
+            bdim = d
+            break
+    if bdim is None:
+        raise ExtractionError(f"{where} mixes the images of a batch; units cannot be followed")
+    view = [1] * len(shape)
+    view[bdim] = batch
+    U = U - float(layer_size) * torch.arange(batch, dtype=torch.float64).reshape(view)
+    if not torch.equal(U, U.narrow(bdim, 0, 1).expand_as(U)):
+        raise ExtractionError(f"{where} mixes the images of a batch; units cannot be followed")
+    varying = [d for d in range(len(shape)) if d != bdim and shape[d] > 1
+               and not torch.equal(U, U.narrow(d, 0, 1).expand_as(U))]
     base = U
     for d in range(len(shape) - 1, -1, -1):
         if d not in varying:
@@ -747,10 +789,10 @@ def _units_from(U: torch.Tensor, layer: int, layer_size: int, batch: int, where:
         raise ExtractionError(f"{where} averages over units (a mean or pooling across channels mixes units)")
     index = idx.to(torch.int64).numpy()
     if len(varying) == 1 and index.shape[0] == layer_size and np.array_equal(index, np.arange(layer_size)):
-        return Units(layer, (varying[0],), None)
+        return Units(layer, (varying[0],), None, bdim)
     if not varying:
-        return Units(layer, (), index.reshape(()))
-    return Units(layer, tuple(varying), index)
+        return Units(layer, (), index.reshape(()), bdim)
+    return Units(layer, tuple(varying), index, bdim)
 
 
 def _split_group(idx: np.ndarray, layer_size: int) -> tuple[int, np.ndarray | None]:
