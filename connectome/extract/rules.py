@@ -31,6 +31,7 @@ gate                 ``x * s`` with ``s`` data-dependent, broadcast   ``s`` (sig
 smooth               SiLU, GELU, sigmoid, tanh, ... element-wise      ``r = (f(x) - f(0)) / x``
 norm                 LayerNorm, GroupNorm                             mean and standard deviation
 attention            ``softmax(q k^T / sqrt(d)) v``                   the pattern (CP-LRP)
+pattern              hand-written ``softmax(...) @ v`` (einsum, bmm)  the pattern (CP-LRP)
 ==================== ================================================ ==========================
 
 References
@@ -218,6 +219,10 @@ RULES: dict[str, Rule] = {
              weight_note="element-wise, not folded"),
         Rule("attention", "attention: the pattern softmax(q k^T / sqrt(d)) held constant (CP-LRP)",
              weight_note="token mixing has no weights: V's units pass through"),
+        Rule("pattern", "attention: the pattern softmax(q k^T / sqrt(d)) held constant (CP-LRP)",
+             weight_note="token mixing has no weights: V's units pass through"),
+        Rule("window", "attention: the pattern softmax(q k^T / sqrt(d)) held constant (CP-LRP)",
+             weight_note="Swin's window attention: token mixing has no weights"),
         Rule("norm", "normalisation: mean and standard deviation held constant", constant=_stashed,
              forward=_norm_forward, weight_note="statistics depend on data: not folded"),
     )

@@ -219,6 +219,21 @@ class _Tracer(fx.Tracer):
             return type(m).forward in (nn.Conv2d.forward, nn.Linear.forward)
         return super().is_leaf_module(m, qualname)
 
+    def create_proxy(self, kind: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any], *a: Any, **kw: Any) -> Any:
+        from connectome.extract import windows
+
+        out = None
+        if kind == "call_function" and windows.is_swin_attention(target):
+            out = windows.expand(self, args, kwargs, self.module_stack and list(self.module_stack)[-1] or "")
+        elif kind == "call_function" and windows.is_patch_merging_pad(target):
+            out = windows.expand_patch_merging(self, args[0])
+        if out is not None:
+            # fx marks what a wrapped function returns as "is_wrapped" and its generated code would
+            # register the target (here torch.cat or ours) as a wrapped global: not ours to register
+            out.node.meta["connectome_expanded"] = True
+            return out
+        return super().create_proxy(kind, target, args, kwargs, *a, **kw)
+
     def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if isinstance(m, nn.MultiheadAttention):
             return self._attention(m, self.path_of_module(m), args, kwargs)
@@ -272,6 +287,9 @@ def _trace(model: nn.Module) -> fx.GraphModule:
             "data-dependent Python control flow (if/for on tensor values), or wrap the untraceable "
             "part in a module and register it with torch.fx.wrap"
         ) from None
+    for n in graph.nodes:
+        if n.meta.pop("connectome_expanded", False):
+            n.meta.pop("is_wrapped", None)
     name = type(model).__name__
     return fx.GraphModule(tracer.root, graph, name)
 
@@ -574,6 +592,14 @@ def _classify_function(node: Any, c: _Ctx) -> tuple[str, Any]:
         extra = [a for a in node.args[1:] if not isinstance(a, fx.Node)]
         return ("chain", ChainOp(node.name, "smooth", "", (_f0(lambda z: t(z, *extra, **{
             k: v for k, v in node.kwargs.items() if not isinstance(v, fx.Node) and k != "inplace"})),)))
+    from connectome.extract import windows
+
+    if t is windows.window_pad:
+        return ("chain", None)  # zero padding of positions
+    if t is windows.window_crop:
+        return ("layout", None)
+    if t is windows.window_attend:
+        return ("window", None)
     if t is attend:
         q, k, v = (node.args + (None, None, None))[:3]
         if not all(c.is_data(a) for a in (q, k, v)):
@@ -740,6 +766,48 @@ def _const_cat(node: fx.Node, dim: int, c: _Ctx, units: dict[str, Units], layers
     op = ChainOp(node.name, "const_cat", x.name, (dim, pieces))
     layers[units[x.name].layer].bias_ops.append(op)
     return True
+
+
+_SOFTMAX = {F.softmax, torch.softmax}
+_MATMUL = {torch.matmul, torch.bmm, operator.matmul, torch.einsum}
+
+
+def _is_softmax(n: fx.Node) -> bool:
+    return (n.op == "call_function" and n.target in _SOFTMAX) or (n.op == "call_method" and n.target == "softmax")
+
+
+def _attention_products(nodes: list[fx.Node], c: "_Ctx") -> tuple[dict[str, tuple[str, str]], set[str]]:
+    """Products ``softmax(...) @ v`` (matmul, bmm, einsum) of a hand-written attention, and the
+    nodes that only compute their patterns.
+
+    Returns ``{product: (pattern node, value node)}`` and the set of pattern-only nodes: the
+    attention rule holds the pattern constant, so those nodes need no units.
+    """
+    products: dict[str, tuple[str, str]] = {}
+    for n in nodes:
+        is_mm = (n.op == "call_function" and n.target in _MATMUL) or (n.op == "call_method" and n.target in ("matmul", "bmm"))
+        if not is_mm or n.name not in c.data:
+            continue
+        ops = [a for a in n.args if c.is_data(a)]
+        if len(ops) != 2:
+            continue
+        for s_, v_ in ((ops[0], ops[1]), (ops[1], ops[0])):
+            cur = s_
+            while cur.op in ("call_module", "call_function") and not _is_softmax(cur) and len(
+                    [a for a in cur.all_input_nodes if c.is_data(a)]) == 1 and (
+                    cur.op == "call_module" and isinstance(c.modules[cur.target], nn.Dropout)
+                    or cur.op == "call_function" and cur.target in (F.dropout,)):
+                cur = [a for a in cur.all_input_nodes if c.is_data(a)][0]
+            if _is_softmax(cur):
+                products[n.name] = (s_.name, v_.name)
+                break
+    pattern: set[str] = {p for p, _ in products.values()}
+    for n in reversed(nodes):
+        if n.name in pattern or n.name not in c.data or not n.users:
+            continue
+        if all(u.name in pattern or (u.name in products and products[u.name][0] == n.name) for u in n.users):
+            pattern.add(n.name)
+    return products, pattern
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -923,6 +991,7 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
 
     output_node = None
     kinds: dict[str, tuple[str, Any]] = {}
+    products, pattern = _attention_products(nodes, ctx)
     for node in nodes:
         if node.op == "placeholder":
             if node.name not in shapes:
@@ -938,7 +1007,13 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
             continue
         if node.op == "get_attr":
             continue
-        what, info = _classify(node, ctx)
+        if node.name in pattern:
+            continue  # computes an attention pattern, which the attention rule holds constant
+        if node.name in products:
+            pn, vn = products[node.name]
+            what, info = "chain", ChainOp(node.name, "pattern", vn, (pn,))
+        else:
+            what, info = _classify(node, ctx)
         kinds[node.name] = (what, info)
         if what == "skip":
             continue
@@ -1014,6 +1089,15 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                 groups=groups, weight_node=wnode.name if wnode is not None else None, call=call, dim=dim_out,
             ))
             units[node.name] = Units(len(layers) - 1, (dim_out,), None)
+        elif what == "window":
+            q = node.args[0]
+            u = source(node, q)
+            c3 = shapes[q.name][-1]
+            if not (u.natural and u.dims == (len(shapes[q.name]) - 1,)):
+                raise ExtractionError(f"{_where(node)} reads q, k, v that are not one Linear's units")
+            units[node.name] = Units(u.layer, u.dims, np.arange(2 * c3 // 3, c3, dtype=np.int64))
+            layers[u.layer].bias_ops.append(ChainOp(node.name, "window", q.name, ()))
+            rules.add("attention: the pattern softmax(q k^T / sqrt(d)) held constant (CP-LRP)")
         elif what == "concat" and _const_cat(node, info, ctx, units, layers):
             pass  # constants (a class token) joined to data along positions: a per-unit op
         elif what in ("residual", "concat"):
@@ -1051,7 +1135,7 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                                     module=scope or None, operands=ops, dim=dim % nd))
             units[node.name] = Units(len(layers) - 1, (dim % nd,), None)
         else:  # chain: keeps the units of its data input
-            if isinstance(info, ChainOp) and info.kind in ("gate", "attention"):
+            if isinstance(info, ChainOp) and info.kind in ("gate", "attention", "pattern"):
                 x = by_name[info.input_node]
             else:
                 targs = ctx.data_args(node) if node.op != "call_module" else [a for a in node.all_input_nodes if ctx.is_data(a)]
@@ -1122,7 +1206,7 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                 path.append(cur.name)
                 nxt = [a for a in cur.all_input_nodes if ctx.is_data(a) or a.name in multi]
                 k = kinds[cur.name][1]
-                if isinstance(k, ChainOp) and k.kind in ("gate", "attention"):
+                if isinstance(k, ChainOp) and k.kind in ("gate", "attention", "pattern"):
                     nxt = [by_name[k.input_node]]
                 if len(nxt) != 1:
                     break

@@ -157,3 +157,52 @@ def test_attention_with_a_mask_is_refused():
     with pytest.raises(ExtractionError, match="MultiheadAttention 'mha'.*masks") as info:
         cn.extract.weights(Masked(), (3, 4, 4))
     assert "\n" not in str(info.value)
+
+
+def _assert_exact(g: cn.Connectome, model, x, y) -> None:
+    with torch.no_grad():
+        T = model(x).gather(1, y[:, None]).sum().item()
+    assert g.meta["exact"] is True
+    assert g.meta["target_total"] == pytest.approx(T, rel=1e-12)
+    assert g.meta["completeness_relative"] <= 1e-10
+    w = g.weight.astype(np.float64)
+    inflow, outflow = np.bincount(g.dst, w, g.num_nodes), np.bincount(g.src, w, g.num_nodes)
+    a, b = g.node_attr("attribution"), g.node_attr("bias_attribution")
+    hidden = np.isin(g.node_layer, [i for i, l in enumerate(g.layers) if l.kind not in ("input", "output")])
+    scale = max(1.0, np.abs(a).max())
+    np.testing.assert_allclose((inflow + b)[hidden], a[hidden], atol=1e-10 * scale)
+    np.testing.assert_allclose(outflow[hidden], a[hidden], atol=1e-10 * scale)
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["swin", "swin_v2"])
+def test_swin_shifted_windows_and_patch_merging(v2):
+    from torchvision.models.swin_transformer import (PatchMergingV2, SwinTransformer, SwinTransformerBlockV2)
+
+    torch.manual_seed(0)
+    kw = dict(block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2) if v2 else {}
+    m = SwinTransformer(patch_size=[4, 4], embed_dim=8, depths=[2, 2], num_heads=[2, 2], window_size=[2, 2],
+                        num_classes=5, **kw).eval().double()
+    x = torch.randn(2, 3, 20, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(1))  # pads 5x5 maps
+    y = torch.tensor([1, 4])
+    g = cn.extract.attribution(m, (x, y), progress=False, device="cpu")
+    _assert_exact(g, m, x, y)
+    # patch merging joins four position groups of the same units: a concat of 4 x 8 units
+    merge = [l for l in g.layers if l.kind == "concat"]
+    assert merge and merge[0].size == 32
+    # q and k units of a window attention carry no flow; v units do
+    qkv = g.layer_slice("features.1.0.attn.qkv")
+    a = g.node_attr("attribution")[qkv]
+    assert np.all(a[:16] == 0) and np.any(a[16:] != 0)
+
+
+def test_maxvit_hand_written_attention():
+    from torchvision.models.maxvit import MaxVit
+
+    torch.manual_seed(0)
+    m = MaxVit(input_size=(32, 32), stem_channels=8, partition_size=2, block_channels=[8, 16], block_layers=[1, 1],
+               head_dim=4, stochastic_depth_prob=0.0, num_classes=5).eval().double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    y = torch.tensor([0, 3])
+    g = cn.extract.attribution(m, (x, y), progress=False, device="cpu")
+    _assert_exact(g, m, x, y)
+    assert any(r.startswith("attention") for r in g.meta["rules"]) and any(r.startswith("gate") for r in g.meta["rules"])
