@@ -263,6 +263,7 @@ class _Tracer(fx.Tracer):
             b = attr("in_proj_bias")[i * e : (i + 1) * e] if m.in_proj_bias is not None else None
             y = self.create_proxy("call_function", F.linear, (x, w, b), {})
             y.node.meta["connectome_name"] = f"{name}.{part}"
+            y.node.meta["connectome_heads"] = m.num_heads
             out.append(y)
         a = self.create_proxy("call_function", attend, tuple(out), {"heads": m.num_heads})
         a.node.meta["connectome_name"] = f"{name}.attention"
@@ -1089,6 +1090,9 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                 groups=groups, weight_node=wnode.name if wnode is not None else None, call=call, dim=dim_out,
             ))
             units[node.name] = Units(len(layers) - 1, (dim_out,), None)
+            if node.meta.get("connectome_heads"):  # q, k, v of nn.MultiheadAttention: heads side by side
+                h = int(node.meta["connectome_heads"])
+                layers[-1].call["head_of"] = {u: u // (layers[-1].size // h) for u in range(layers[-1].size)}
         elif what == "window":
             q = node.args[0]
             u = source(node, q)
@@ -1147,6 +1151,13 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
             if len(s_in) != len(s_out) or any(s_in[d] != s_out[d] for d in u.dims) or s_in[0] != s_out[0]:
                 raise ExtractionError(f"{_where(node)} changes the units' dims ({s_in} -> {s_out}) in a way that mixes units")
             units[node.name] = u
+            if isinstance(info, ChainOp) and info.kind == "attention" and isinstance(info.params[2], dict):
+                for a in (info.params[0], info.params[1], x.name):  # (batch, heads, tokens, head_dim)
+                    ua = units.get(a)
+                    if ua is not None and len(ua.dims) == 2 and ua.index is not None:
+                        heads = layers[ua.layer].call.setdefault("head_of", {})
+                        for hh, row in enumerate(np.asarray(ua.index)):
+                            heads.update({int(v): hh for v in np.ravel(row)})
             if info is not None:
                 info.input_node = x.name
                 layers[u.layer].bias_ops.append(info)

@@ -206,3 +206,31 @@ def test_maxvit_hand_written_attention():
     g = cn.extract.attribution(m, (x, y), progress=False, device="cpu")
     _assert_exact(g, m, x, y)
     assert any(r.startswith("attention") for r in g.meta["rules"]) and any(r.startswith("gate") for r in g.meta["rules"])
+
+
+def test_vit_per_sample_and_contraction():
+    m = _vit(3)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 3, 16, 16, generator=gen, dtype=torch.float64)
+    y = torch.tensor([1, 0, 4])
+    g = cn.extract.attribution(m, (x, y), progress=False, device="cpu", per_sample=True)
+    # per-sample |flow| of every edge is the sum over images of the per-image |flow|
+    ones = [cn.extract.attribution(m, (x[i:i + 1], y[i:i + 1]), progress=False, device="cpu") for i in range(3)]
+    expect = sum(np.abs(o.weight.astype(np.float64)) for o in ones)
+    np.testing.assert_allclose(g.edge_attr("abs_weight"), expect, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(g.weight, sum(o.weight for o in ones), rtol=1e-9, atol=1e-12)
+    # contraction onto the residual stream conserves the flow
+    keep = ["encoder.layers.encoder_layer_0.add_1", "encoder.layers.encoder_layer_1.add_1"]
+    c = cn.extract.attribution(m, (x, y), progress=False, device="cpu", layers=keep)
+    assert [l.name for l in c.layers] == ["input", *keep, "logits"]
+    A = c.node_attr("attribution")
+    assert A[c.layer_slice("input")].sum() + c.node_attr("bias_attribution").sum() == pytest.approx(
+        c.meta["target_total"], rel=1e-9)
+
+
+def test_vit_heads_are_a_node_attribute():
+    g = cn.extract.weights(_vit().float(), (3, 16, 16))
+    head = g.node_attr("head")
+    v = g.layer_slice("encoder.layers.encoder_layer_0.self_attention.v")
+    assert head[v].tolist() == [0, 0, 0, 0, 1, 1, 1, 1]  # 8 units, 2 heads of 4
+    assert np.all(head[g.layer_slice("conv_proj")] == -1)
