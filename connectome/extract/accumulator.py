@@ -154,6 +154,9 @@ class FlowAccumulator:
         self.add_state("act_max", [torch.full((s.size,), -math.inf, dtype=torch.float64, device=device)
                                    for s in ug.layers], "max")
         self.add_state("target_total", z(1), "sum")
+        # images with NaN/inf pixels or targets: counted on the device (no host sync per batch)
+        self.add_state("nonfinite", z(1), "sum")
+        self.add_state("first_nonfinite", torch.full((1,), -math.inf, dtype=torch.float64, device=device), "max")
         self.n_images = 0
 
     # ------------------------------------------------------------------ state
@@ -375,6 +378,11 @@ class FlowAccumulator:
                 else:
                     g_node[key] = gr
             self._nodes(x, g_x, kept, g_node, ctx)
+            bad = ~torch.isfinite(t.detach()) | ~torch.isfinite(x.detach()).reshape(x.shape[0], -1).all(1)
+            self.nonfinite += bad.sum(dtype=torch.float64)
+            where = torch.arange(x.shape[0], device=bad.device, dtype=torch.float64) + self.n_images
+            self.first_nonfinite = torch.maximum(
+                self.first_nonfinite, -torch.where(bad, where, torch.full_like(where, math.inf)).min().reshape(1))
             self.target_total += t.detach().sum(dtype=torch.float64)
             self.n_images += int(x.shape[0])
 
@@ -505,6 +513,14 @@ class FlowAccumulator:
                 return [cpu(t) for t in v]
             return None if v is None else v.detach().cpu().numpy()
 
+        bad = int(self.nonfinite.item())
+        if bad:
+            first = int(-self.first_nonfinite.item())
+            raise DataError(
+                f"{bad} of {self.n_images} images have NaN or inf pixels or give a non-finite target (the first is "
+                f"image {first} in the order read); their flows would make the graph non-finite. Remove or repair "
+                "them (for example torch.nan_to_num) and run again"
+            )
         values = {li: v for li, v in enumerate(cpu(self.edges)) if v is not None}
         n = self.n_images
         cat = lambda xs: np.concatenate([cpu(v) for v in xs])  # noqa: E731

@@ -222,3 +222,20 @@ def test_prune_accepts_integral_float_top_k():
     g = cn.Connectome.from_edges([("in", "input", 3), ("h", "linear", 1)],
                                  [("in:0", "h:0", 1.0), ("in:1", "h:0", 3.0), ("in:2", "h:0", 2.0)])
     assert g.prune(top_k=2.0).num_edges == 2 and g.prune(top_k=np.float64(1)).num_edges == 1
+
+
+def test_nan_pixel_is_a_data_error_not_a_poisoned_graph():
+    # one NaN pixel in one of 8 images once made almost every edge NaN, silently
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3)).eval()
+    x = torch.randn(8, 3, 8, 8)
+    x[5, 1, 2, 3] = float("nan")
+    y = torch.randint(0, 3, (8,))
+    with pytest.raises(DataError, match=r"1 of 8 images have NaN or inf.*the first is image 5") as info:
+        cn.extract.attribution(m, (x, y), progress=False, device="cpu", batch_size=3)
+    assert "\n" not in str(info.value)
+    x[5, 1, 2, 3] = 0.0
+    x[2, 0, 0, 0] = float("inf")
+    with pytest.raises(DataError, match="the first is image 2"):
+        cn.extract.attribution(m, (x, y), progress=False, device="cpu", batch_size=3)
+
