@@ -530,3 +530,24 @@ def test_equals(toy):
     assert not toy.equals(toy.with_weight(toy.weight + 1e-9))
     assert toy.equals(toy.with_weight(toy.weight + 1e-12), exact=False)
     assert not toy.equals("toy")
+
+
+class _CountingName(str):
+    """A layer name that counts its comparisons (to see how the duplicate check scales)."""
+
+    compared = 0
+
+    def __eq__(self, other):
+        type(self).compared += 1
+        return str.__eq__(self, other)
+
+    __hash__ = str.__hash__
+
+
+def test_duplicate_layer_check_is_linear():
+    n = 2000
+    layers = [Layer(_CountingName(f"l{i % (n // 2)}"), "conv", 0) for i in range(n)]
+    _CountingName.compared = 0
+    with pytest.raises(ConnectomeError, match="repeated: .*'l0'"):
+        Connectome(layers=tuple(layers), node_units=[], src=[], dst=[], weight=[])
+    assert _CountingName.compared < 10 * n  # names.count in a loop made it n**2 = 4,000,000
