@@ -94,6 +94,34 @@ def _short_name(name: str, limit: int = _TMP_NAME_BYTES) -> str:
     return os.fsdecode(os.fsencode(name)[:limit])
 
 
+STEM_BYTES = 100  # file-name stems from user text: room for a hash, a suffix and a temp prefix in 255
+
+
+def file_stem(name: str, max_bytes: int = STEM_BYTES, hashed: bool = False) -> str:
+    """A file name stem for ``name``: the name itself when it is a safe, short file name,
+    else its safe characters (cut to ``max_bytes``) and a hash of the whole name.
+
+    Safe characters are letters, digits, ``-``, ``_`` and ``.`` (not leading). Distinct names
+    give distinct stems (the hash), and a name always gives the same stem. ``hashed`` adds
+    the hash to safe names too (to tell apart names a case-insensitive file system merges).
+
+    Examples
+    --------
+    >>> file_stem("circle")
+    'circle'
+    >>> file_stem("a b") == file_stem("a?b")
+    False
+    """
+    safe = "".join(ch if (ch.isalnum() or ch in "-_.") and ch.isprintable() else "_" for ch in name)
+    if safe.startswith("."):
+        safe = "_" + safe[1:]
+    raw = name.encode("utf-8", "surrogatepass")
+    if safe == name and 0 < len(raw) <= max_bytes and not hashed:
+        return name
+    cut = safe.encode("utf-8", "surrogatepass")[:max_bytes].decode("utf-8", "ignore") or "_"
+    return f"{cut}-{hashlib.sha256(raw).hexdigest()[:10]}"
+
+
 @contextlib.contextmanager
 def atomic_write(path: Any, mode: str = "wb") -> Iterator[IO[Any]]:
     """Open a temporary file beside ``path``; rename it onto ``path`` only if the block succeeds.
