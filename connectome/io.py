@@ -144,7 +144,7 @@ def atomic_write(path: Any, mode: str = "wb") -> Iterator[IO[Any]]:
     target = Path(os.path.realpath(given))
     folder = target.parent
     if not folder.is_dir():
-        where = given.parent if str(given.parent) else Path(".")
+        where = folder if given.is_symlink() else (given.parent if str(given.parent) else Path("."))
         raise ExportError(f"cannot write {str(given)!r}: folder {str(where)!r} does not exist; create it first")
     _remove_stale_temps(folder)
     try:
@@ -554,19 +554,27 @@ class _Column:
         return [self._quote(v) for v in block.tolist()]
 
 
-def _rows(fh: IO[str], n: int, row: str, cols: list[Callable[[int, int], list[Any]]], block: int = 8192) -> None:
-    """Write ``n`` rows: ``row`` is a %-template with one slot per entry of ``cols``, each a
-    function giving the values of rows ``start..stop``. Formatting a block of rows in one
-    ``%`` keeps the per-row cost in C."""
-    m = len(cols)
-    full = row * block
+def _rows(fh: IO[str], n: int, row: str, cols: list[Callable[[int, int], list[str]]], block: int = 8192) -> None:
+    """Write ``n`` rows: ``row`` is a template with one ``%s`` per entry of ``cols``, each a
+    function giving the texts of rows ``start..stop``. A block of rows is one ``"".join`` of
+    the template's constant pieces interleaved with the columns: the per-row work stays in C."""
+    pieces: list[str | Callable[[int, int], list[str]]] = []
+    consts = row.split("%s")
+    if len(consts) != len(cols) + 1:
+        raise ValueError(f"row template has {len(consts) - 1} slots for {len(cols)} columns")
+    for j, const in enumerate(consts):
+        if const:
+            pieces.append(const)
+        if j < len(cols):
+            pieces.append(cols[j])
+    width = len(pieces)
     for start in range(0, n, block):
         stop = min(start + block, n)
         k = stop - start
-        flat: list[Any] = [None] * (k * m)
-        for j, col in enumerate(cols):
-            flat[j::m] = col(start, stop)
-        fh.write((full if k == block else row * k) % tuple(flat))
+        parts: list[str] = [""] * (k * width)
+        for j, piece in enumerate(pieces):
+            parts[j::width] = [piece] * k if isinstance(piece, str) else piece(start, stop)
+        fh.write("".join(parts))
 
 
 def _distinct(names: list[str], what: str) -> None:
@@ -733,10 +741,10 @@ def write_gexf(g: Connectome, path: Any) -> None:
         _rows(fh, g.num_nodes, row, [lambda a, b: ids[a:b].tolist(), v["label"].texts]
               + [c.texts for c in n_attrs.values()] + [v[k].texts for k in ("size", "x", "y", "r", "g", "b")])
         fh.write("    </nodes>\n    <edges>\n")
-        row = ('      <edge id="%d" source=%s target=%s weight="%s"><attvalues><attvalue for="0" value="%s%s"/>'
+        row = ('      <edge id="%s" source=%s target=%s weight="%s"><attvalues><attvalue for="0" value="%s%s"/>'
                + "".join(f'<attvalue for="{i}" value={c.slot}/>' for i, c in enumerate(edge_cols.values(), start=1))
                + "</attvalues></edge>\n")
-        _rows(fh, g.num_edges, row, [lambda a, b: list(range(a, b)), lambda a, b: ids[src[a:b]].tolist(),
+        _rows(fh, g.num_edges, row, [lambda a, b: _number_texts(np.arange(a, b)), lambda a, b: ids[src[a:b]].tolist(),
                                      lambda a, b: ids[dst[a:b]].tolist(), weights.magnitude, weights.sign,
                                      weights.magnitude] + [c.texts for c in edge_cols.values()])
         fh.write("    </edges>\n  </graph>\n</gexf>\n")
