@@ -182,6 +182,7 @@ def _extract(a: argparse.Namespace, rank: int) -> int:
     from connectome.extract import attribution_by_category
     from connectome.extract.distributed import agree
     from connectome.modelspec import load_data_spec, load_model_spec
+    from connectome.reporting import printable
 
     _check_out_dir(a.out)
     if a.batch_size < 1:
@@ -234,11 +235,11 @@ def _extract(a: argparse.Namespace, rank: int) -> int:
             "completeness_residual": g.meta["completeness_residual"],
         }
         _write_index(out, index, a.out)  # a run stopped here (full disk) lists what it wrote, as partial
-        print(f"{_printable(cname):>20}: {g.meta['n_images']:5d} images  {g.num_nodes} units  {g.num_edges} edges  "
+        print(f"{printable(cname):>20}: {g.meta['n_images']:5d} images  {g.num_nodes} units  {g.num_edges} edges  "
               f"completeness residual {g.meta['completeness_residual']:.2e}")
     index["complete"] = True
     _write_index(out, index, a.out)
-    print(f"wrote {len(graphs)} graphs and index.json to {_printable(str(out))}", file=sys.stderr)
+    print(f"wrote {len(graphs)} graphs and index.json to {printable(str(out))}", file=sys.stderr)
     return 0
 
 
@@ -275,11 +276,6 @@ def category_files(names: Sequence[str]) -> dict[str, str]:
     if len({s.casefold() for s in stems.values()}) != len(stems):
         raise ConnectomeError("two category names map to one file name even with their hashes; rename one category")
     return {n: f"{s}.npz" for n, s in stems.items()}
-
-
-def _printable(text: str) -> str:
-    """Text the terminal can print: bytes of a non-UTF-8 name as escapes, not an encoding error."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _cmd_report(a: argparse.Namespace) -> int:
