@@ -792,6 +792,11 @@ class ShardedRun:
 
 
 def category_folder(label: int, name: str) -> str:
-    """The checkpoint sub-folder of one category: ``<label>-<name>`` with unsafe characters replaced."""
+    """The checkpoint sub-folder of one category: ``<label>-<name>`` with unsafe characters replaced
+    (a name over 100 bytes cut there, with a hash of the whole name)."""
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(name))
+    raw = safe.encode("utf-8")
+    if len(raw) > 100:  # a file name holds at most 255 bytes: cut, and keep long names apart by a hash
+        digest = hashlib.sha256(str(name).encode("utf-8", "surrogatepass")).hexdigest()[:10]
+        safe = f"{raw[:100].decode('utf-8', 'ignore')}-{digest}"
     return f"{int(label)}-{safe}"

@@ -215,3 +215,26 @@ def test_tensor_digest_is_the_same_on_the_gpu():
     x = torch.randn(9, 3, 32, 32)
     assert _digest(x.cuda()) == _digest(x)
     assert _digest(x.cuda(), [1, 5, 8]) == _digest(x, [1, 5, 8])
+
+
+def test_checkpointed_run_with_a_category_name_at_the_file_name_limit(tmp_path):
+    """A 254-byte folder name is legal; its checkpoint folder (label prefix added) must be too."""
+    from PIL import Image
+
+    from connectome.extract.flow import attribution_by_category
+
+    rng = np.random.default_rng(0)
+    names = ["é" * 127, "short"]
+    for name in names:
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (6, 6, 3), dtype=np.uint8)).save(tmp_path / "imgs" / name / f"{i}.png")
+    kw = dict(batch_size=BATCH, device="cpu", progress=False, checkpoint=tmp_path / "ck",
+              transform=lambda im: torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) / 255)
+    graphs = attribution_by_category(_float_model(), str(tmp_path / "imgs"), **kw)
+    assert sorted(graphs) == sorted(names)
+    folders = os.listdir(tmp_path / "ck")
+    assert len(folders) == 2 and all(len(f.encode()) <= 120 for f in folders)
+    again = attribution_by_category(_float_model(), str(tmp_path / "imgs"), **kw)  # resumes from complete checkpoints
+    for name in names:
+        np.testing.assert_array_equal(again[name].weight, graphs[name].weight)
