@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -111,9 +113,33 @@ def _shape(text: str | None) -> tuple[int, ...] | None:
     if text is None:
         return None
     try:
-        return tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
+        shape = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
     except ValueError:
         raise ConnectomeError(f"--input-shape {text!r} is not C,H,W such as 3,224,224") from None
+    if not shape or any(v < 1 for v in shape):
+        raise ConnectomeError(f"--input-shape {text!r} needs positive sizes, such as 3,224,224")
+    _check_input_memory(f"--input-shape {text}", math.prod(shape), 1)
+    return shape
+
+
+def _memory_bytes() -> int | None:
+    """Physical memory of this machine, when the OS says it."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_input_memory(what: str, numel: int, batch: int) -> None:
+    """Refuse inputs whose batch of float32 images alone would not fit in this machine's memory
+    (the model's activations need more still): one line now instead of an allocation failure."""
+    need = 4 * numel * batch
+    limit = _memory_bytes() or (1 << 40)
+    if need > limit:
+        raise ConnectomeError(
+            f"{what} needs {need / 2**30:,.1f} GiB for a batch of {batch} image(s) before the model runs; this machine "
+            f"has {limit / 2**30:,.1f} GiB: use a smaller size" + (" or --batch-size" if batch > 1 else "")
+        )
 
 
 def _cmd_weights(a: argparse.Namespace) -> int:
@@ -154,9 +180,23 @@ def _cmd_extract(a: argparse.Namespace) -> int:
 
 def _extract(a: argparse.Namespace, rank: int) -> int:
     from connectome.extract import attribution_by_category
+    from connectome.extract.distributed import agree
     from connectome.modelspec import load_data_spec, load_model_spec
+    from connectome.reporting import printable
 
     _check_out_dir(a.out)
+    if a.batch_size < 1:
+        raise ConnectomeError(f"--batch-size must be >= 1, got {a.batch_size}")
+    if a.max_images is not None and a.max_images < 1:
+        raise ConnectomeError(f"--max-images must be >= 1 image per category, got {a.max_images}")
+    if a.image_size is not None:
+        if a.image_size < 1:
+            raise ConnectomeError(f"--image-size must be >= 1 pixel, got {a.image_size}")
+        _check_input_memory(f"--image-size {a.image_size}", 3 * a.image_size**2, a.batch_size)
+    if a.num_workers < 0:
+        raise ConnectomeError(f"--num-workers must be >= 0, got {a.num_workers}")
+    if a.checkpoint_every < 1:
+        raise ConnectomeError(f"--checkpoint-every must be >= 1 batch, got {a.checkpoint_every}")
 
     spec = load_model_spec(a.model, a.weights)
     size = a.image_size or (spec.input_shape[-1] if spec.input_shape else None)
@@ -166,14 +206,19 @@ def _extract(a: argparse.Namespace, rank: int) -> int:
         from connectome.extract.data import default_transform
 
         transform = default_transform(size)
-    if a.batch_size < 1:
-        raise ConnectomeError(f"--batch-size must be >= 1, got {a.batch_size}")
-    if a.num_workers < 0:
-        raise ConnectomeError(f"--num-workers must be >= 0, got {a.num_workers}")
-    if a.checkpoint_every < 1:
-        raise ConnectomeError(f"--checkpoint-every must be >= 1 batch, got {a.checkpoint_every}")
     cats = [c.strip() for c in a.categories.split(",")] if a.categories else None
     target: Any = a.target
+    out = Path(a.out)
+    index: dict[str, Any] = {"model": spec.name, "data": a.data, "target": a.target, "complete": False, "categories": {}}
+    # Hours of work must not end in a folder that cannot be written: write the (partial) index
+    # first. Every process takes part in agree(), so none waits for a failed rank 0.
+    error: BaseException | None = None
+    if rank == 0:
+        try:
+            _write_index(out, index, a.out)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by agree()
+            error = exc
+    agree(error)
     graphs = attribution_by_category(
         spec.model, data, target, categories=cats, batch_size=a.batch_size, transform=transform,
         progress=not a.quiet, per_sample=a.per_sample, device=a.device, max_images=a.max_images,
@@ -182,29 +227,55 @@ def _extract(a: argparse.Namespace, rank: int) -> int:
     )
     if rank != 0:
         return 0
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    index = {"model": spec.name, "data": a.data, "target": a.target, "categories": {}}
+    files = category_files(list(graphs))
     for cname, g in graphs.items():
-        fname = _safe_name(cname) + ".npz"
-        g.save(out / fname)
+        g.save(out / files[cname])
         index["categories"][cname] = {
-            "file": fname, "n_images": g.meta["n_images"],
+            "file": files[cname], "n_images": g.meta["n_images"],
             "completeness_residual": g.meta["completeness_residual"],
         }
-        print(f"{cname:>20}: {g.meta['n_images']:5d} images  {g.num_nodes} units  {g.num_edges} edges  "
+        _write_index(out, index, a.out)  # a run stopped here (full disk) lists what it wrote, as partial
+        print(f"{printable(cname):>20}: {g.meta['n_images']:5d} images  {g.num_nodes} units  {g.num_edges} edges  "
               f"completeness residual {g.meta['completeness_residual']:.2e}")
-    from connectome.io import atomic_write
-
-    with atomic_write(out / "index.json", "w") as fh:
-        json.dump(index, fh, indent=2)
-    print(f"wrote {len(graphs)} graphs and index.json to {out}", file=sys.stderr)
+    index["complete"] = True
+    _write_index(out, index, a.out)
+    print(f"wrote {len(graphs)} graphs and index.json to {printable(str(out))}", file=sys.stderr)
     return 0
 
 
-def _safe_name(name: str) -> str:
-    keep = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
-    return keep or "category"
+def _write_index(out: Path, index: dict[str, Any], given: str) -> None:
+    from connectome.io import atomic_write
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_write(out / "index.json", "w") as fh:
+            json.dump(index, fh, indent=2)
+    except OSError as exc:
+        raise ConnectomeError(f"cannot write to --out {given!r} ({exc.strerror or exc}); "
+                              "choose a folder you can write to") from None
+
+
+def category_files(names: Sequence[str]) -> dict[str, str]:
+    """One distinct ``.npz`` file name per category, stable from run to run.
+
+    A category whose name is a safe, short file name keeps it (``circle.npz``); any other
+    gets its safe characters, cut to a bounded length, and a hash of the full name
+    (``a_b-c8687a08aa.npz``). Names that only a case-insensitive file system would merge
+    (``Cat``, ``cat``) both get the hash.
+    """
+    from connectome.io import file_stem
+
+    stems = {n: file_stem(n) for n in names}
+    by_folded: dict[str, list[str]] = {}
+    for n, stem in stems.items():
+        by_folded.setdefault(stem.casefold(), []).append(n)
+    for group in by_folded.values():
+        if len(group) > 1:
+            for n in group:
+                stems[n] = file_stem(n, hashed=True)
+    if len({s.casefold() for s in stems.values()}) != len(stems):
+        raise ConnectomeError("two category names map to one file name even with their hashes; rename one category")
+    return {n: f"{s}.npz" for n, s in stems.items()}
 
 
 def _cmd_report(a: argparse.Namespace) -> int:

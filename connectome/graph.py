@@ -145,7 +145,10 @@ class Connectome:
         layers = tuple(_as_layer(l) for l in self.layers)
         names = [l.name for l in layers]
         if len(set(names)) != len(names):
-            dup = sorted({n for n in names if names.count(n) > 1})
+            counts: dict[str, int] = {}
+            for n in names:  # one pass: names.count in a loop is quadratic in the number of layers
+                counts[n] = counts.get(n, 0) + 1
+            dup = sorted(n for n, c in counts.items() if c > 1)
             raise ConnectomeError(f"layer names must be unique; repeated: {dup}")
         object.__setattr__(self, "layers", layers)
         n = sum(l.size for l in layers)

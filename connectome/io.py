@@ -1,21 +1,29 @@
 """Files: save/load ``.npz`` (no pickle), GraphML and GEXF for Gephi.
 
 Every writer goes to a temporary file beside the target and renames it into place, so a
-failure never leaves a half-written file. GraphML and GEXF are streamed element by element:
-a 1M-edge graph never exists as one string in memory.
+failure never leaves a half-written file. GraphML and GEXF are streamed in blocks of edges
+formatted from the arrays: neither the document nor a Python list of a whole column ever
+exists in memory. :func:`load` reads only the arrays the format defines and checks every
+declared shape and type against the header before it allocates anything.
 """
 
 from __future__ import annotations
 
 import colorsys
 import contextlib
+import hashlib
 import json
+import math
 import os
+import re
+import socket
+import stat
 import tempfile
+import time
 import zipfile
 import zlib
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Callable, Iterator
 from xml.sax.saxutils import escape, quoteattr
 
 import numpy as np
@@ -31,30 +39,148 @@ FORMAT = "connectome-npz"
 FORMAT_VERSION = 1
 
 
+# ---------------------------------------------------------------------------- atomic writes
+_TMP_MARK = "cntmp"
+# .<name, at most 80 bytes>.cntmp-<host hash>-<pid>.<mkstemp's 8 random chars>.tmp
+_TMP_RE = re.compile(r"\..*\.cntmp-([0-9a-f]{8})-([0-9]+)\.[a-z0-9_]+\.tmp", re.S)
+_TMP_NAME_BYTES = 80
+STALE_AFTER_S = 60.0  # a temp file untouched this long, whose writer has died, is garbage
+STALE_OTHER_HOST_S = 86400.0  # on a shared folder another host's writer cannot be asked: wait a day
+
+
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode("utf-8", "surrogateescape")).hexdigest()[:8]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, and belongs to someone else
+        return True
+    return True
+
+
+def _remove_stale_temps(folder: Path) -> None:
+    """Delete temporary files of our own naming whose writer was killed (``kill -9``, power loss).
+
+    A file is stale when its writer ran on this host and no longer exists, or it was written
+    on another host and has not changed for a day; and in both cases it has not changed for
+    :data:`STALE_AFTER_S` seconds. Files of live writers (other processes saving into the same
+    folder, such as the ranks of a distributed run) are never touched.
+    """
+    if os.name != "posix":  # os.kill(pid, 0) is not a probe elsewhere
+        return
+    host, me, now = _host_tag(), os.getpid(), time.time()
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        m = _TMP_RE.fullmatch(entry.name)
+        if m is None or (m.group(1) == host and int(m.group(2)) == me):
+            continue
+        try:
+            age = now - entry.stat(follow_symlinks=False).st_mtime
+            if not entry.is_file(follow_symlinks=False) or age < STALE_AFTER_S:
+                continue
+            if (m.group(1) == host and not _pid_alive(int(m.group(2)))) or age > STALE_OTHER_HOST_S:
+                os.unlink(entry.path)
+        except OSError:  # another process removed it first, or we may not: leave it
+            continue
+
+
+def _short_name(name: str, limit: int = _TMP_NAME_BYTES) -> str:
+    """``name`` cut to at most ``limit`` bytes in the file system's encoding."""
+    return os.fsdecode(os.fsencode(name)[:limit])
+
+
+STEM_BYTES = 100  # file-name stems from user text: room for a hash, a suffix and a temp prefix in 255
+
+
+def file_stem(name: str, max_bytes: int = STEM_BYTES, hashed: bool = False) -> str:
+    """A file name stem for ``name``: the name itself when it is a safe, short file name,
+    else its safe characters (cut to ``max_bytes``) and a hash of the whole name.
+
+    Safe characters are letters, digits, ``-``, ``_`` and ``.`` (not leading). Distinct names
+    give distinct stems (the hash), and a name always gives the same stem. ``hashed`` adds
+    the hash to safe names too (to tell apart names a case-insensitive file system merges).
+
+    Examples
+    --------
+    >>> file_stem("circle")
+    'circle'
+    >>> file_stem("a b") == file_stem("a?b")
+    False
+    """
+    safe = "".join(ch if (ch.isalnum() or ch in "-_.") and ch.isprintable() else "_" for ch in name)
+    if safe.startswith("."):
+        safe = "_" + safe[1:]
+    raw = name.encode("utf-8", "surrogatepass")
+    if safe == name and 0 < len(raw) <= max_bytes and not hashed:
+        return name
+    cut = safe.encode("utf-8", "surrogatepass")[:max_bytes].decode("utf-8", "ignore") or "_"
+    return f"{cut}-{hashlib.sha256(raw).hexdigest()[:10]}"
+
+
 @contextlib.contextmanager
 def atomic_write(path: Any, mode: str = "wb") -> Iterator[IO[Any]]:
-    """Open a temporary file beside ``path``; rename it onto ``path`` only if the block succeeds."""
-    path = Path(path)
-    if path.is_dir():
-        raise ExportError(f"cannot write {str(path)!r}: it is a folder; give a file name")
-    folder = path.parent if str(path.parent) else Path(".")
+    """Open a temporary file beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    The result is the old file or the new one, never a mix, whenever the process stops.
+    Overwriting keeps the existing file's permission bits; a new file gets those a plain
+    ``open()`` would give it. When ``path`` is a symbolic link the link's target is written,
+    as ``open()`` would, and the link stays. Temporary files left behind by a killed writer
+    in the folder are removed (see :func:`_remove_stale_temps`).
+
+    Raises
+    ------
+    ExportError
+        ``path`` is a folder, or its folder does not exist.
+    """
+    given = Path(path)
+    if given.is_dir():
+        raise ExportError(f"cannot write {str(given)!r}: it is a folder; give a file name")
+    # Through a symlink: replace the file it points to (renaming onto the link would replace the link).
+    target = Path(os.path.realpath(given))
+    folder = target.parent
     if not folder.is_dir():
-        raise ExportError(f"cannot write {str(path)!r}: folder {str(folder)!r} does not exist; create it first")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    # mkstemp makes the file 0600; give it the permissions a plain open() would.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+        where = folder if given.is_symlink() else (given.parent if str(given.parent) else Path("."))
+        raise ExportError(f"cannot write {str(given)!r}: folder {str(where)!r} does not exist; create it first")
+    _remove_stale_temps(folder)
+    try:
+        mode_bits = stat.S_IMODE(os.stat(target).st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode_bits = 0o666 & ~umask
+    prefix = f".{_short_name(target.name)}.{_TMP_MARK}-{_host_tag()}-{os.getpid()}."
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
+            os.chmod(tmp, mode_bits)  # mkstemp makes the file 0600
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    _fsync_folder(folder)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename itself durable (POSIX); best effort where folders cannot be opened."""
+    if os.name != "posix":
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 # ---------------------------------------------------------------------------- npz
@@ -95,52 +221,210 @@ def save(g: Connectome, path: Any) -> None:
         np.savez_compressed(fh, **arrays)
 
 
+# Deflate cannot expand data more than 1032:1 (zlib's "technical details"): a member that
+# declares more bytes than that from its compressed size is damaged or hostile.
+_MAX_DEFLATE_RATIO = 1032
+_MAX_UNITS = 1 << 40  # far beyond any model; keeps every size arithmetic exact
+_READ_CHUNK = 1 << 24
+_INT = "iu"
+_WEIGHT = "iuf"
+_ATTR = "biufcUS"  # attribute columns: numbers, bools and plain strings, never objects
+
+
+def _clip(v: Any, n: int = 40) -> str:
+    s = repr(v)
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def _one_line(exc: BaseException, n: int = 200) -> str:
+    s = " ".join(str(exc).split())
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def _bad_header(p: str, what: str) -> BadFileError:
+    return BadFileError(f"{p!r} has a damaged connectome header ({what}); write the graph again with Connectome.save")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_header(h: Any, p: str) -> list[Layer]:
+    """Validate a parsed header against the format's schema and return its layers.
+
+    One pass, linear in the number of layers and labels, before any array is read.
+    """
+    if not isinstance(h, dict) or h.get("format") != FORMAT:
+        found = h.get("format") if isinstance(h, dict) else type(h).__name__
+        raise BadFileError(f"{p!r} is not a connectome file (format {_clip(found)}); write graphs with Connectome.save")
+    version = h.get("version")
+    if not _is_int(version) or version < 1:
+        raise _bad_header(p, f"version {_clip(version)} is not a format version")
+    if version > FORMAT_VERSION:
+        raise BadFileError(f"{p!r} was written by a newer connectome (format v{version}); upgrade torch-connectome")
+    layers = h.get("layers")
+    if not isinstance(layers, list):
+        raise _bad_header(p, f"'layers' is a {type(layers).__name__}, not a list")
+    out: list[Layer] = []
+    seen: set[str] = set()
+    total = 0
+    for i, d in enumerate(layers):
+        if not isinstance(d, dict):
+            raise _bad_header(p, f"layer {i} is a {type(d).__name__}, not an object")
+        name, kind, size = d.get("name"), d.get("kind", "other"), d.get("size")
+        labels, module = d.get("labels"), d.get("module")
+        if not isinstance(name, str) or not name or ":" in name:
+            raise _bad_header(p, f"layer {i} has the name {_clip(name)}")
+        if name in seen:
+            raise _bad_header(p, f"layer name {_clip(name)} appears twice")
+        seen.add(name)
+        if not isinstance(kind, str):
+            raise _bad_header(p, f"layer {_clip(name)} has the kind {_clip(kind)}")
+        if not _is_int(size) or not 0 <= size <= _MAX_UNITS:
+            raise _bad_header(p, f"layer {_clip(name)} has the size {_clip(size)}")
+        total += size
+        if labels is not None and (not isinstance(labels, list) or len(labels) != size
+                                   or not all(isinstance(s, str) for s in labels)):
+            raise _bad_header(p, f"layer {_clip(name)} has labels that are not {size} strings")
+        if module is not None and not isinstance(module, str):
+            raise _bad_header(p, f"layer {_clip(name)} has the module {_clip(module)}")
+        out.append(Layer(name=name, kind=kind, size=size, labels=None if labels is None else tuple(labels),
+                         module=module))
+    if total > _MAX_UNITS:
+        raise _bad_header(p, f"{total} units in all")
+    if not isinstance(h.get("meta"), dict):
+        raise _bad_header(p, f"'meta' is a {type(h.get('meta')).__name__}, not an object")
+    for key in ("node_attrs", "edge_attrs"):
+        names = h.get(key)
+        if not isinstance(names, list) or not all(isinstance(s, str) for s in names) or len(set(names)) != len(names):
+            raise _bad_header(p, f"{key!r} is not a list of distinct names")
+    return out
+
+
+class _Members:
+    """The ``.npy`` members of one archive, each checked before memory is allocated for it.
+
+    A member must exist, have an allowed dtype and the shape the header implies, agree with
+    the zip directory about its size, and declare no more than deflate can produce from its
+    compressed bytes; the compressed bytes of all members read must fit in the file. So
+    reading costs at most what the header describes, and never more than the format's
+    arrays: other members are never opened.
+    """
+
+    def __init__(self, z: zipfile.ZipFile, p: str, file_bytes: int):
+        self.z, self.p, self.left = z, p, file_bytes
+
+    def _info(self, name: str) -> zipfile.ZipInfo:
+        try:
+            return self.z.getinfo(f"{name}.npy")
+        except KeyError:
+            raise BadFileError(f"{self.p!r} is missing the array {name!r}; the file is damaged") from None
+
+    def _bad(self, name: str, what: str) -> BadFileError:
+        return BadFileError(f"{self.p!r} is not a readable connectome file: its array {name!r} {what}; "
+                            "it is damaged or another kind of file - write it again with Connectome.save")
+
+    def _open_npy(self, name: str, fh: IO[bytes]) -> tuple[tuple[int, ...], np.dtype]:
+        version = np.lib.format.read_magic(fh)
+        read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read is None:
+            raise self._bad(name, f"has .npy version {version}")
+        shape, _, dtype = read(fh)
+        return tuple(shape), dtype
+
+    def length(self, name: str) -> int:
+        """The declared length of a 1-D member (without reading its data)."""
+        with self.z.open(self._info(name)) as fh:
+            shape, _ = self._open_npy(name, fh)
+        if len(shape) != 1:
+            raise self._bad(name, f"has the shape {_clip(shape)}, not one dimension")
+        return int(shape[0])
+
+    def read(self, name: str, length: int | None, kinds: str) -> np.ndarray:
+        """Member ``name``: 1-D of ``length`` (None: a 0-d value) with a dtype of ``kinds``."""
+        info = self._info(name)
+        self.left -= info.compress_size
+        if self.left < 0:
+            raise self._bad(name, "claims more compressed bytes than the file holds")
+        with self.z.open(info) as fh:
+            shape, dtype = self._open_npy(name, fh)
+            start = fh.tell()
+            if dtype.hasobject or dtype.kind not in kinds:
+                raise self._bad(name, f"has the type {dtype}")
+            want = () if length is None else (length,)
+            if shape != want:
+                raise self._bad(name, f"has the shape {_clip(shape)} where the header implies {want}")
+            nbytes = math.prod(shape) * dtype.itemsize
+            if info.file_size != start + nbytes:
+                raise self._bad(name, f"declares {nbytes} bytes of data where the archive holds {info.file_size - start}")
+            if nbytes > _MAX_DEFLATE_RATIO * max(info.compress_size, 1) + 4096:
+                raise self._bad(name, f"declares {nbytes} bytes from {info.compress_size} compressed bytes")
+            buf = np.empty(nbytes, dtype=np.uint8)
+            view, pos = memoryview(buf), 0
+            while pos < nbytes:
+                got = fh.readinto(view[pos : pos + _READ_CHUNK])
+                if not got:
+                    raise self._bad(name, "is truncated")
+                pos += got
+            if fh.read(1):  # reading to the end also makes zipfile check the member's CRC
+                raise self._bad(name, "is longer than it declares")
+        out = buf.view(dtype).reshape(want)
+        out.setflags(write=False)  # nothing else holds it: the Connectome may keep it without a copy
+        return out
+
+
 def load(path: Any) -> Connectome:
     """Read a graph written by :meth:`Connectome.save` (no pickle is ever loaded).
+
+    Only the arrays the format defines are read. The header is checked against the
+    format's schema first; every array's declared type and shape is checked against the
+    header before memory is allocated for it, so a damaged or hostile file costs at most
+    what the graph its header describes would (and never more than deflate's 1032:1 of the
+    file's size).
 
     Raises
     ------
     BadFileError
-        The file is missing, not an ``.npz``, truncated, or not a connectome.
+        The file is missing, not an ``.npz``, truncated, damaged, or not a connectome.
     """
     p = Path(path)
+    ps = str(p)
     if not p.is_file():
-        raise BadFileError(f"no such file: {str(p)!r}; pass the path of a .npz written by Connectome.save")
+        raise BadFileError(f"no such file: {ps!r}; pass the path of a .npz written by Connectome.save")
     try:
-        with np.load(p, allow_pickle=False) as z:
-            if "header" not in z.files:
-                raise BadFileError(f"{str(p)!r} is an .npz but not a connectome (no header); write graphs with Connectome.save")
-            header = json.loads(str(z["header"]))
-            if not isinstance(header, dict) or header.get("format") != FORMAT:
-                found = header.get("format") if isinstance(header, dict) else type(header).__name__
-                raise BadFileError(f"{str(p)!r} is not a connectome file (format {found!r}); write graphs with Connectome.save")
-            if header.get("version", 0) > FORMAT_VERSION:
-                raise BadFileError(
-                    f"{str(p)!r} was written by a newer connectome (format v{header['version']}); upgrade torch-connectome"
-                )
-            data = {k: z[k] for k in z.files}
+        with zipfile.ZipFile(p) as z:
+            if "header.npy" not in set(z.namelist()):
+                raise BadFileError(f"{ps!r} is an .npz but not a connectome (no header); write graphs with Connectome.save")
+            m = _Members(z, ps, p.stat().st_size)
+            try:
+                header = json.loads(str(m.read("header", None, "U")[()]))
+            except RecursionError:
+                raise _bad_header(ps, "nested too deeply") from None
+            layers = _check_header(header, ps)
+            n = sum(l.size for l in layers)
+            units = m.read("node_units", n, _INT)
+            node_attrs = {k: m.read(f"node.{k}", n, _ATTR) for k in header["node_attrs"]}
+            n_edges = m.length("src")
+            if n_edges > n * (n - 1) // 2:
+                raise BadFileError(f"{ps!r} declares {n_edges} edges among {n} units, more than one per pair; "
+                                   "the file is damaged")
+            src = m.read("src", n_edges, _INT)
+            dst = m.read("dst", n_edges, _INT)
+            weight = m.read("weight", n_edges, _WEIGHT)
+            edge_attrs = {k: m.read(f"edge.{k}", n_edges, _ATTR) for k in header["edge_attrs"]}
     except BadFileError:
         raise
-    except (zipfile.BadZipFile, zlib.error, OSError, ValueError, KeyError, EOFError, json.JSONDecodeError) as exc:
+    except (zipfile.BadZipFile, zlib.error, OSError, ValueError, KeyError, EOFError, UnicodeDecodeError,
+            NotImplementedError, SyntaxError, OverflowError) as exc:
         raise BadFileError(
-            f"{str(p)!r} is not a readable connectome file ({type(exc).__name__}: {exc}); it may be truncated "
+            f"{ps!r} is not a readable connectome file ({type(exc).__name__}: {_one_line(exc)}); it may be truncated "
             "or another kind of file - write it again with Connectome.save"
         ) from None
     try:
-        return Connectome(
-            layers=tuple(Layer.from_dict(d) for d in header["layers"]),
-            node_units=data["node_units"],
-            src=data["src"],
-            dst=data["dst"],
-            weight=data["weight"],
-            node_attrs={k: data[f"node.{k}"] for k in header["node_attrs"]},
-            edge_attrs={k: data[f"edge.{k}"] for k in header["edge_attrs"]},
-            meta=header["meta"],
-        )
-    except KeyError as exc:
-        raise BadFileError(f"{str(p)!r} is missing the array {exc}; the file is damaged") from None
+        return Connectome(layers=tuple(layers), node_units=units, src=src, dst=dst, weight=weight,
+                          node_attrs=node_attrs, edge_attrs=edge_attrs, meta=header["meta"])
     except (ConnectomeError, TypeError, ValueError) as exc:
-        raise BadFileError(f"{str(p)!r} holds inconsistent arrays ({exc}); the file is damaged") from None
+        raise BadFileError(f"{ps!r} holds inconsistent arrays ({_one_line(exc)}); the file is damaged") from None
 
 
 # ---------------------------------------------------------------------------- layout and colour
@@ -181,22 +465,145 @@ def node_sizes(g: Connectome, lo: float = 4.0, hi: float = 30.0) -> np.ndarray:
     if "attribution" in g.node_attrs:
         v = np.abs(np.asarray(g.node_attrs["attribution"], dtype=np.float64))
     else:
-        v = np.zeros(g.num_nodes)
         a = np.abs(g.weight.astype(np.float64))
-        np.add.at(v, g.src, a)
-        np.add.at(v, g.dst, a)
+        v = np.bincount(g.src, weights=a, minlength=g.num_nodes) + np.bincount(g.dst, weights=a, minlength=g.num_nodes)
     v = np.where(np.isfinite(v), v, 0.0)
     top = v.max() if v.size else 0.0
     return lo + (hi - lo) * (np.sqrt(v / top) if top > 0 else np.zeros_like(v))
 
 
-def _export_columns(g: Connectome) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+# ---------------------------------------------------------------------------- XML text
+# XML 1.0 cannot carry these characters, not even as character references: the C0 controls
+# other than tab, LF and CR; lone surrogates (Python's stand-ins for file-name bytes that are
+# not UTF-8); U+FFFE and U+FFFF. Writers put U+FFFD (the replacement character) in their place.
+_XML_ILLEGAL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def xml_safe(s: str) -> str:
+    """``s`` with each character that XML 1.0 forbids replaced by U+FFFD."""
+    return _XML_ILLEGAL.sub("\ufffd", s)
+
+
+def _text(v: Any) -> str:
+    """Element content; a CR as a reference, since parsers turn a literal one into LF."""
+    return escape(xml_safe(str(v)), {"\r": "&#13;"})
+
+
+def _attr(v: Any) -> str:
+    """A quoted attribute value (``quoteattr`` writes tab, LF and CR as references)."""
+    return quoteattr(xml_safe(str(v)))
+
+
+def _fmt(v: Any) -> str:
+    """A number as XML text (the spellings Gephi and networkx read for non-finite values)."""
+    if isinstance(v, (float, np.floating)):
+        return repr(float(v)) if np.isfinite(v) else ("NaN" if np.isnan(v) else ("INF" if v > 0 else "-INF"))
+    if isinstance(v, (bool, np.bool_)):
+        return "true" if v else "false"
+    return str(v)
+
+
+_BOOL_TEXT = np.array(["false", "true"], dtype=object)
+_NUMERIC = "biuf"
+
+
+def _number_texts(a: np.ndarray) -> list[str]:
+    """Text of each value of a numeric array, formatted in C in one call per block.
+
+    Floats take 17 significant digits, which read back as exactly the same double; that is
+    half the time of the shortest representation (``repr``).
+    """
+    if a.dtype.kind == "b":
+        return _BOOL_TEXT[a.astype(np.intp)].tolist()
+    if a.dtype.kind in "iu":
+        return (("%d\n" * a.size) % tuple(a.tolist())).split("\n")[:-1]
+    f = a.astype(np.float64, copy=False)
+    out = (("%.17g\n" * f.size) % tuple(f.tolist())).split("\n")[:-1]
+    bad = ~np.isfinite(f)
+    if bad.any():
+        for i in np.flatnonzero(bad).tolist():
+            out[i] = _fmt(f[i])
+    return out
+
+
+def _xml_type(arr: np.ndarray) -> str:
+    kind = arr.dtype.kind
+    if kind == "b":
+        return "boolean"
+    if kind in "iu":
+        return "long"
+    if kind == "f":
+        return "double"
+    return "string"
+
+
+class _Column:
+    """One attribute column of the export: how to spell a block of it, and its XML type."""
+
+    def __init__(self, values: np.ndarray, in_attribute: bool):
+        self.values = values
+        self.type = _xml_type(values)
+        self.numeric = values.dtype.kind in _NUMERIC
+        quote = _attr if in_attribute else _text
+        self._quote = quote
+        # numbers need no escaping; in an attribute they still need their quotes
+        self.slot = '"%s"' if (self.numeric and in_attribute) else "%s"
+
+    def texts(self, start: int, stop: int) -> list[str]:
+        block = self.values[start:stop]
+        if self.numeric:
+            return _number_texts(block)
+        return [self._quote(v) for v in block.tolist()]
+
+
+def _rows(fh: IO[str], n: int, row: str, cols: list[Callable[[int, int], list[str]]], block: int = 8192) -> None:
+    """Write ``n`` rows: ``row`` is a template with one ``%s`` per entry of ``cols``, each a
+    function giving the texts of rows ``start..stop``. A block of rows is one ``"".join`` of
+    the template's constant pieces interleaved with the columns: the per-row work stays in C."""
+    pieces: list[str | Callable[[int, int], list[str]]] = []
+    consts = row.split("%s")
+    if len(consts) != len(cols) + 1:
+        raise ValueError(f"row template has {len(consts) - 1} slots for {len(cols)} columns")
+    for j, const in enumerate(consts):
+        if const:
+            pieces.append(const)
+        if j < len(cols):
+            pieces.append(cols[j])
+    width = len(pieces)
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        k = stop - start
+        parts: list[str] = [""] * (k * width)
+        for j, piece in enumerate(pieces):
+            parts[j::width] = [piece] * k if isinstance(piece, str) else piece(start, stop)
+        fh.write("".join(parts))
+
+
+def _distinct(names: list[str], what: str) -> None:
+    seen: dict[str, str] = {}
+    for name in names:
+        safe = xml_safe(name)
+        if safe in seen and seen[safe] != name:
+            raise ExportError(
+                f"{what} {seen[safe]!r} and {name!r} differ only in characters XML 1.0 cannot carry; rename one"
+            )
+        seen[safe] = name
+
+
+def _export_columns(g: Connectome, in_attribute: bool) -> tuple[dict[str, _Column], dict[str, _Column]]:
+    """Node columns (Gephi's keys first, then every node attribute) and further edge columns."""
+    if not isinstance(g, Connectome):
+        raise ExportError(f"expected a Connectome, got {type(g).__name__}")
+    _distinct([l.name for l in g.layers], "layers")
+    _distinct(list(g.node_attrs), "node attributes")
+    _distinct(list(g.edge_attrs), "edge attributes")
     x, y = layout(g)
     rgb = node_colors(g)
+    sizes = np.array([l.size for l in g.layers])
     node_cols: dict[str, np.ndarray] = {
         "label": g.node_labels,
-        "layer": np.array([g.layers[i].name for i in g.node_layer], dtype=str),
-        "kind": np.array([g.layers[i].kind for i in g.node_layer], dtype=str),
+        "layer": np.repeat(np.array([l.name for l in g.layers], dtype=object), sizes),
+        "kind": np.repeat(np.array([l.kind for l in g.layers], dtype=object), sizes),
         "index": g.node_units,
         "x": x,
         "y": y,
@@ -209,39 +616,39 @@ def _export_columns(g: Connectome) -> tuple[dict[str, np.ndarray], dict[str, np.
         if k in node_cols:
             raise ExportError(f"node attribute {k!r} collides with a Gephi key; rename it with with_node_attrs")
         node_cols[k] = v
-    w = g.weight.astype(np.float64)
-    edge_cols: dict[str, np.ndarray] = {"weight": np.abs(w), "signed_weight": w}
-    for k, v in g.edge_attrs.items():
-        if k in edge_cols:
+    for k in g.edge_attrs:
+        if k in ("weight", "signed_weight"):
             raise ExportError(f"edge attribute {k!r} collides with a reserved key")
-        edge_cols[k] = v
-    return node_cols, edge_cols
+    return ({k: _Column(v, in_attribute) for k, v in node_cols.items()},
+            {k: _Column(v, in_attribute) for k, v in g.edge_attrs.items()})
 
 
-def _xml_type(arr: np.ndarray) -> str:
-    kind = arr.dtype.kind
-    if kind in "US":
-        return "string"
-    if kind == "b":
-        return "boolean"
-    if kind in "iu":
-        return "long"
-    return "double"
+class _Weights:
+    """``|w|`` and ``w`` of a block of edges from one formatting pass: ``w`` is a sign and ``|w|``."""
+
+    _SIGN = np.array(["", "-"], dtype=object)
+
+    def __init__(self, g: Connectome):
+        self.w = g.weight
+        self._cache: tuple[int, list[str], list[str]] | None = None
+
+    def _block(self, start: int, stop: int) -> tuple[list[str], list[str]]:
+        if self._cache is None or self._cache[0] != start:
+            w = self.w[start:stop].astype(np.float64)
+            neg = np.signbit(w) & ~np.isnan(w)
+            self._cache = (start, _number_texts(np.abs(w)), self._SIGN[neg.astype(np.intp)].tolist())
+        return self._cache[1], self._cache[2]
+
+    def magnitude(self, start: int, stop: int) -> list[str]:
+        return self._block(start, stop)[0]
+
+    def sign(self, start: int, stop: int) -> list[str]:
+        return self._block(start, stop)[1]
 
 
-def _fmt(v: Any) -> str:
-    """A value as XML text, unescaped (callers escape for element text or attributes)."""
-    if isinstance(v, (float, np.floating)):
-        return repr(float(v)) if np.isfinite(v) else ("NaN" if np.isnan(v) else ("INF" if v > 0 else "-INF"))
-    if isinstance(v, (bool, np.bool_)):
-        return "true" if v else "false"
-    return str(v)
-
-
-def _check_writable(g: Connectome, path: Any) -> Path:
-    if not isinstance(g, Connectome):
-        raise ExportError(f"expected a Connectome, got {type(g).__name__}")
-    return Path(path)
+def _ids(g: Connectome) -> np.ndarray:
+    """Each node id as a quoted attribute value, ready to be picked by edge endpoints."""
+    return np.array([_attr(i) for i in g.node_ids.tolist()], dtype=object)
 
 
 def write_graphml(g: Connectome, path: Any) -> None:
@@ -251,6 +658,11 @@ def write_graphml(g: Connectome, path: Any) -> None:
     colour; ``layer``, ``kind``, ``index`` and every node attribute travel too. Edge ``weight``
     is ``|w|`` (Gephi wants positive weights); the signed value is ``signed_weight``.
 
+    The file is always well-formed XML 1.0: characters XML cannot carry (C0 controls other
+    than tab, LF and CR, lone surrogates, U+FFFE, U+FFFF) are written as U+FFFD, and CR is
+    written as a character reference so that it survives reading. Floats are written with
+    17 significant digits and read back exactly.
+
     Parameters
     ----------
     g : Connectome
@@ -259,10 +671,13 @@ def write_graphml(g: Connectome, path: Any) -> None:
     Raises
     ------
     ExportError
-        The folder does not exist, or an attribute name collides with a Gephi key.
+        The folder does not exist, an attribute name collides with a Gephi key, or two layer
+        or attribute names differ only in characters XML cannot carry.
     """
-    path = _check_writable(g, path)
-    node_cols, edge_cols = _export_columns(g)
+    node_cols, edge_cols = _export_columns(g, in_attribute=False)
+    ids = _ids(g)
+    weights = _Weights(g)
+    src, dst = g.src, g.dst
     with atomic_write(path, "w") as fh:
         fh.write('<?xml version="1.0" encoding="UTF-8"?>\n')
         fh.write(
@@ -271,33 +686,22 @@ def write_graphml(g: Connectome, path: Any) -> None:
             'xsi:schemaLocation="http://graphml.graphdrawing.org/xmlns '
             'http://graphml.graphdrawing.org/xmlns/1.0/graphml.xsd">\n'
         )
-        nkeys = {}
-        for i, (k, v) in enumerate(node_cols.items()):
-            nkeys[k] = f"n{i}"
-            fh.write(f'  <key id="n{i}" for="node" attr.name={quoteattr(k)} attr.type="{_xml_type(v)}"/>\n')
-        ekeys = {}
-        for i, (k, v) in enumerate(edge_cols.items()):
-            ekeys[k] = f"e{i}"
-            fh.write(f'  <key id="e{i}" for="edge" attr.name={quoteattr(k)} attr.type="{_xml_type(v)}"/>\n')
+        for i, (k, c) in enumerate(node_cols.items()):
+            fh.write(f'  <key id="n{i}" for="node" attr.name={_attr(k)} attr.type="{c.type}"/>\n')
+        fh.write('  <key id="e0" for="edge" attr.name="weight" attr.type="double"/>\n')
+        fh.write('  <key id="e1" for="edge" attr.name="signed_weight" attr.type="double"/>\n')
+        for i, (k, c) in enumerate(edge_cols.items(), start=2):
+            fh.write(f'  <key id="e{i}" for="edge" attr.name={_attr(k)} attr.type="{c.type}"/>\n')
         fh.write('  <key id="g0" for="graph" attr.name="meta" attr.type="string"/>\n')
         fh.write('  <graph id="G" edgedefault="directed">\n')
-        fh.write(f'    <data key="g0">{escape(json.dumps(g.meta))}</data>\n')
-        ids = g.node_ids.tolist()
-        ncols = [(nkeys[k], v.tolist()) for k, v in node_cols.items()]
-        for i, nid in enumerate(ids):
-            parts = [f"    <node id={quoteattr(nid)}>"]
-            for key, col in ncols:
-                parts.append(f'<data key="{key}">{escape(_fmt(col[i]))}</data>')
-            parts.append("</node>\n")
-            fh.write("".join(parts))
-        ecols = [(ekeys[k], v.tolist()) for k, v in edge_cols.items()]
-        src, dst = g.src.tolist(), g.dst.tolist()
-        for e in range(g.num_edges):
-            parts = [f"    <edge source={quoteattr(ids[src[e]])} target={quoteattr(ids[dst[e]])}>"]
-            for key, col in ecols:
-                parts.append(f'<data key="{key}">{escape(_fmt(col[e]))}</data>')
-            parts.append("</edge>\n")
-            fh.write("".join(parts))
+        fh.write(f'    <data key="g0">{_text(json.dumps(g.meta))}</data>\n')
+        row = "    <node id=%s>" + "".join(f'<data key="n{i}">%s</data>' for i in range(len(node_cols))) + "</node>\n"
+        _rows(fh, g.num_nodes, row, [lambda a, b: ids[a:b].tolist()] + [c.texts for c in node_cols.values()])
+        row = ('    <edge source=%s target=%s><data key="e0">%s</data><data key="e1">%s%s</data>'
+               + "".join(f'<data key="e{i}">%s</data>' for i in range(2, 2 + len(edge_cols))) + "</edge>\n")
+        _rows(fh, g.num_edges, row, [lambda a, b: ids[src[a:b]].tolist(), lambda a, b: ids[dst[a:b]].tolist(),
+                                     weights.magnitude, weights.sign, weights.magnitude]
+              + [c.texts for c in edge_cols.values()])
         fh.write("  </graph>\n</graphml>\n")
 
 
@@ -305,51 +709,44 @@ def write_gexf(g: Connectome, path: Any) -> None:
     """Write GEXF 1.2 with ``viz:position``, ``viz:color`` and ``viz:size`` for Gephi.
 
     Carries the same attributes as :func:`write_graphml`; edge ``weight`` is ``|w|`` and the
-    signed value is the ``signed_weight`` attribute.
+    signed value is the ``signed_weight`` attribute. Text is made XML-safe as there.
     """
-    path = _check_writable(g, path)
-    node_cols, edge_cols = _export_columns(g)
-    viz = {"label", "x", "y", "size", "r", "g", "b"}
-    n_attrs = {k: v for k, v in node_cols.items() if k not in viz}
-    e_attrs = {k: v for k, v in edge_cols.items() if k != "weight"}
-    gexf_type = {"string": "string", "boolean": "boolean", "long": "long", "double": "double"}
+    node_cols, edge_cols = _export_columns(g, in_attribute=True)
+    viz = ("label", "x", "y", "size", "r", "g", "b")
+    n_attrs = {k: c for k, c in node_cols.items() if k not in viz}
+    ids = _ids(g)
+    weights = _Weights(g)
+    src, dst = g.src, g.dst
     with atomic_write(path, "w") as fh:
         fh.write('<?xml version="1.0" encoding="UTF-8"?>\n')
         fh.write(
             '<gexf xmlns="http://www.gexf.net/1.2draft" xmlns:viz="http://www.gexf.net/1.2draft/viz" '
             'version="1.2">\n'
         )
-        fh.write(f"  <meta><description>{escape(json.dumps(g.meta))}</description></meta>\n")
+        fh.write(f"  <meta><description>{_text(json.dumps(g.meta))}</description></meta>\n")
         fh.write('  <graph defaultedgetype="directed" mode="static">\n')
         fh.write('    <attributes class="node" mode="static">\n')
-        for i, (k, v) in enumerate(n_attrs.items()):
-            fh.write(f'      <attribute id="{i}" title={quoteattr(k)} type="{gexf_type[_xml_type(v)]}"/>\n')
+        for i, (k, c) in enumerate(n_attrs.items()):
+            fh.write(f'      <attribute id="{i}" title={_attr(k)} type="{c.type}"/>\n')
         fh.write("    </attributes>\n")
         fh.write('    <attributes class="edge" mode="static">\n')
-        for i, (k, v) in enumerate(e_attrs.items()):
-            fh.write(f'      <attribute id="{i}" title={quoteattr(k)} type="{gexf_type[_xml_type(v)]}"/>\n')
+        fh.write('      <attribute id="0" title="signed_weight" type="double"/>\n')
+        for i, (k, c) in enumerate(edge_cols.items(), start=1):
+            fh.write(f'      <attribute id="{i}" title={_attr(k)} type="{c.type}"/>\n')
         fh.write("    </attributes>\n")
-        ids = g.node_ids.tolist()
-        labels = node_cols["label"].tolist()
-        xs, ys, sz = node_cols["x"].tolist(), node_cols["y"].tolist(), node_cols["size"].tolist()
-        rs, gs, bs = node_cols["r"].tolist(), node_cols["g"].tolist(), node_cols["b"].tolist()
-        ncols = [v.tolist() for v in n_attrs.values()]
         fh.write("    <nodes>\n")
-        for i, nid in enumerate(ids):
-            vals = "".join(f'<attvalue for="{a}" value={quoteattr(_fmt(col[i]))}/>' for a, col in enumerate(ncols))
-            fh.write(
-                f"      <node id={quoteattr(nid)} label={quoteattr(str(labels[i]))}><attvalues>{vals}</attvalues>"
-                f'<viz:size value="{sz[i]!r}"/><viz:position x="{xs[i]!r}" y="{ys[i]!r}" z="0.0"/>'
-                f'<viz:color r="{rs[i]}" g="{gs[i]}" b="{bs[i]}"/></node>\n'
-            )
+        v = node_cols
+        row = ("      <node id=%s label=%s><attvalues>"
+               + "".join(f'<attvalue for="{i}" value={c.slot}/>' for i, c in enumerate(n_attrs.values()))
+               + f'</attvalues><viz:size value={v["size"].slot}/><viz:position x={v["x"].slot} y={v["y"].slot} '
+               f'z="0.0"/><viz:color r={v["r"].slot} g={v["g"].slot} b={v["b"].slot}/></node>\n')
+        _rows(fh, g.num_nodes, row, [lambda a, b: ids[a:b].tolist(), v["label"].texts]
+              + [c.texts for c in n_attrs.values()] + [v[k].texts for k in ("size", "x", "y", "r", "g", "b")])
         fh.write("    </nodes>\n    <edges>\n")
-        ecols = [v.tolist() for v in e_attrs.values()]
-        wabs = edge_cols["weight"].tolist()
-        src, dst = g.src.tolist(), g.dst.tolist()
-        for e in range(g.num_edges):
-            vals = "".join(f'<attvalue for="{a}" value={quoteattr(_fmt(col[e]))}/>' for a, col in enumerate(ecols))
-            fh.write(
-                f'      <edge id="{e}" source={quoteattr(ids[src[e]])} target={quoteattr(ids[dst[e]])} '
-                f'weight="{wabs[e]!r}"><attvalues>{vals}</attvalues></edge>\n'
-            )
+        row = ('      <edge id="%s" source=%s target=%s weight="%s"><attvalues><attvalue for="0" value="%s%s"/>'
+               + "".join(f'<attvalue for="{i}" value={c.slot}/>' for i, c in enumerate(edge_cols.values(), start=1))
+               + "</attvalues></edge>\n")
+        _rows(fh, g.num_edges, row, [lambda a, b: _number_texts(np.arange(a, b)), lambda a, b: ids[src[a:b]].tolist(),
+                                     lambda a, b: ids[dst[a:b]].tolist(), weights.magnitude, weights.sign,
+                                     weights.magnitude] + [c.texts for c in edge_cols.values()])
         fh.write("    </edges>\n  </graph>\n</gexf>\n")

@@ -42,6 +42,11 @@ def _load_weights(model: Any, weights: str) -> None:
         raise ConnectomeError(f"weights file {weights!r} does not fit the model: {first}") from None
 
 
+def _line(exc: BaseException, n: int = 300) -> str:
+    s = " ".join(str(exc).split())
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
 def load_model_spec(spec: str, weights: str | None = None) -> ModelSpec:
     """Build the model a spec names.
 
@@ -116,16 +121,23 @@ def load_model_spec(spec: str, weights: str | None = None) -> ModelSpec:
         try:
             mspec.loader.exec_module(module)  # type: ignore[union-attr]
         except Exception as exc:
-            raise ConnectomeError(f"importing {module_name!r} failed: {type(exc).__name__}: {exc}") from None
+            raise ConnectomeError(f"importing {module_name!r} failed: {type(exc).__name__}: {_line(exc)}") from None
     else:
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:
             raise ConnectomeError(f"cannot import module {module_name!r} ({exc}); check the spec module.path:factory") from None
+        except Exception as exc:  # the module's own code failed while it was imported
+            raise ConnectomeError(f"importing {module_name!r} failed: {type(exc).__name__}: {_line(exc)}") from None
     fn = getattr(module, factory, None)
     if fn is None or not callable(fn):
         raise ConnectomeError(f"{module_name!r} has no callable {factory!r}")
-    model = fn()
+    try:
+        model = fn()
+    except Exception as exc:  # the user's factory: say whose code failed, in one line
+        raise ConnectomeError(
+            f"the model factory {spec!r} raised {type(exc).__name__}: {_line(exc)}; fix the factory or its arguments"
+        ) from None
     import torch.nn as nn
 
     if not isinstance(model, nn.Module):

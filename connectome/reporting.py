@@ -7,8 +7,9 @@ Graph analysis only: nothing here runs a model.
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -51,6 +52,48 @@ def _numeric(s: str) -> bool:
         return False
 
 
+def printable(text: str) -> str:
+    """``text`` safe to print, draw and encode as UTF-8.
+
+    Names read from a file system that are not valid UTF-8 reach Python as lone surrogates,
+    which neither a UTF-8 terminal, the HTML file nor matplotlib's fonts accept: each such
+    byte becomes U+FFFD.
+    """
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # a surrogate that no file-name decoding produced
+        return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _printable_json(v: Any) -> Any:
+    if isinstance(v, str):
+        return printable(v)
+    if isinstance(v, dict):
+        return {k: _printable_json(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_printable_json(x) for x in v]
+    return v
+
+
+def for_display(g: Connectome) -> Connectome:
+    """``g`` with unit labels and ``meta`` made :func:`printable` (names from non-UTF-8 folders)."""
+    for l in g.layers:
+        if l.labels is not None and any(printable(s) != s for s in l.labels):
+            g = g.with_labels(l.name, [printable(s) for s in l.labels])
+    meta = {k: _printable_json(v) for k, v in g.meta.items()}
+    return g if meta == g.meta else g.with_meta(**meta)
+
+
+@contextmanager
+def _plain_text() -> Iterator[None]:
+    """Matplotlib text drawn as written: a category called ``$\\foo$`` is a name, not mathtext
+    (which would fail to parse, or silently draw something else)."""
+    import matplotlib
+
+    with matplotlib.rc_context({"text.parse_math": False}):
+        yield
+
+
 def _has_target(g: Connectome) -> bool:
     """Whether the graph names its class unit (the circuit's default target)."""
     from connectome.analysis.circuits import target_node
@@ -70,6 +113,7 @@ def graph_sections(g: Connectome, top: int = 10, seed: int = 0, report: Any = No
     """
     from connectome import analysis as an
 
+    g = for_display(g)
     data: dict[str, Any] = {"graph": {"layers": [[l.name, l.kind, l.size] for l in g.layers],
                                       "num_nodes": g.num_nodes, "num_edges": g.num_edges,
                                       "meta": g.meta}}
@@ -132,20 +176,22 @@ def graph_sections(g: Connectome, top: int = 10, seed: int = 0, report: Any = No
         name = g.meta.get("category") or g.meta.get("model") or "graph"
         report.add_heading(f"{prefix}{name}", 2)
         report.add_text(repr(g))
-        report.add_figure(viz.plot_hubs(g, np.nan_to_num(scores, nan=0.0) if np.isfinite(scores).any() else c["pagerank"], k=5,
-                                        title=f"Top units by |{key}| per layer"),
-                          f"Hubs of {name}: the units with the largest |{key}| in each layer.", f"{prefix}hubs_{_slug(name)}")
+        with _plain_text():
+            report.add_figure(viz.plot_hubs(g, np.nan_to_num(scores, nan=0.0) if np.isfinite(scores).any() else c["pagerank"], k=5,
+                                            title=f"Top units by |{key}| per layer"),
+                              f"Hubs of {name}: the units with the largest |{key}| in each layer.", f"{prefix}hubs_{_slug(name)}")
         if comm_table is not None:
             report.add_table(comm_table[0], headers=comm_table[1],
                              caption=f"Leiden communities ({p.objective}, quality {p.quality:.3f})")
         if circ is not None:
-            report.add_figure(viz.plot_circuit(circ, title=f"Circuit of {name} ({mass:.0%} of flow per layer)"),
-                              f"The layered circuit of {name}: units sized by attribution, coloured by community; "
-                              "edges red for positive and blue for negative flow.", f"{prefix}circuit_{_slug(name)}")
-            if groups is not None:
-                report.add_figure(viz.plot_groups(groups.graph, groups.members, title=f"Neuron groups of {name}"),
-                                  "The circuit's units grouped per layer by where their flow goes and comes from; "
-                                  "arrows carry the summed flow between groups.", f"{prefix}groups_{_slug(name)}")
+            with _plain_text():
+                report.add_figure(viz.plot_circuit(circ, title=f"Circuit of {name} ({mass:.0%} of flow per layer)"),
+                                  f"The layered circuit of {name}: units sized by attribution, coloured by community; "
+                                  "edges red for positive and blue for negative flow.", f"{prefix}circuit_{_slug(name)}")
+                if groups is not None:
+                    report.add_figure(viz.plot_groups(groups.graph, groups.members, title=f"Neuron groups of {name}"),
+                                      "The circuit's units grouped per layer by where their flow goes and comes from; "
+                                      "arrows carry the summed flow between groups.", f"{prefix}groups_{_slug(name)}")
     data["text"] = "\n".join(text)
     data["_circuit"] = circ
     data["_partition"] = p
@@ -158,6 +204,7 @@ def _slug(s: str) -> str:
 
 def graph_report(g: Connectome, top: int = 10, out: str | None = None, seed: int = 0) -> ReportResult:
     """Analyse one graph; with ``out``, also write ``report.html`` and PNGs there."""
+    g = for_display(g)
     rep = None
     if out is not None:
         from connectome.viz import Report
@@ -175,6 +222,7 @@ def compare_report(ga: Connectome, gb: Connectome, top: int = 20, out: str | Non
     """Compare two graphs of one model: overlaps per layer, shared units, analogous wiring."""
     from connectome import analysis as an
 
+    ga, gb = for_display(ga), for_display(gb)
     cmp = an.compare(ga, gb, top=top)
     d = cmp.to_dict()
     text = [repr(cmp)]

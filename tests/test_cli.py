@@ -180,3 +180,190 @@ def test_out_that_is_the_wrong_kind_of_path(cmd, extracted, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and ("is a file" in err or "is a folder" in err), err
     assert a_file.read_text() == "x"
+
+
+# ---------------------------------------------------------------------- nothing lost, nothing silently wrong
+def _image_folder(root: Path, names: list[str], n: int = 2) -> str:
+    """An ImageFolder with one folder per name and a model file with one output per name."""
+    import os
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in names:
+        d = os.path.join(os.fsencode(root / "imgs"), os.fsencode(name))
+        os.makedirs(d)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(os.path.join(d, b"%d.png" % i))
+    (root / "m.py").write_text(
+        "import torch.nn as nn\n"
+        "def build():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),\n"
+        f"                         nn.Flatten(), nn.Linear(4, {len(names)}))\n"
+    )
+    return f"{root / 'm.py'}:build"
+
+
+def _extract(tmp_path, names, *extra) -> tuple[int, Path]:
+    model = _image_folder(tmp_path, names)
+    out = tmp_path / "graphs"
+    rc = main(["extract", model, str(tmp_path / "imgs"), "--out", str(out), "--image-size", "8", "--quiet",
+               "--device", "cpu", *extra])
+    return rc, out
+
+
+def test_categories_that_look_alike_get_their_own_files(tmp_path, capsys):
+    names = ["a b", "a?b", "a_b", "a\tb"]
+    rc, out = _extract(tmp_path, names)
+    assert rc == 0, capsys.readouterr().err
+    index = json.loads((out / "index.json").read_text())
+    assert index["complete"] is True
+    files = {c: e["file"] for c, e in index["categories"].items()}
+    assert sorted(files) == sorted(names)
+    assert len(set(files.values())) == len(names)  # one file each: before, all four were a_b.npz
+    assert files["a_b"] == "a_b.npz"  # a safe name keeps its name
+    for cname, f in files.items():
+        assert cn.load(out / f).meta["category"] == cname
+    assert sorted(p.name for p in out.iterdir()) == sorted([*files.values(), "index.json"])
+
+
+def test_long_category_names_stay_within_file_name_limits(tmp_path, capsys):
+    names = ["x" * 250, "é" * 120]  # 250 bytes and 240 bytes: legal folder names
+    rc, out = _extract(tmp_path, names)
+    assert rc == 0, capsys.readouterr().err
+    index = json.loads((out / "index.json").read_text())
+    for cname, entry in index["categories"].items():
+        assert len(entry["file"].encode()) <= 120
+        assert cn.load(out / entry["file"]).meta["category"] == cname
+
+
+def test_category_files_are_distinct_stable_and_bounded():
+    from connectome.cli import category_files
+
+    names = ["circle", "Circle", "a b", "a?b", "a_b", "", ".hidden", "x" * 300, "ü" * 200, "bad\udcffname", "index"]
+    files = category_files(names)
+    assert len(set(f.casefold() for f in files.values())) == len(names)  # distinct even where case is not
+    assert category_files(names) == files and category_files(["a b"]) == {"a b": files["a b"]}
+    for f in files.values():
+        assert f.endswith(".npz") and not f.startswith(".") and len(f.encode("utf-8", "surrogateescape")) <= 120
+        assert "/" not in f and "\x00" not in f
+    assert files["a_b"] == "a_b.npz" and files["index"] == "index.npz"
+
+
+def test_report_of_a_graph_extracted_for_a_fixed_target(tmp_path, capsys):
+    """--target cats: the dogs graph holds the flows into 'cats', and its report follows them."""
+    rc, out = _extract(tmp_path, ["cats", "dogs"], "--target", "cats")
+    assert rc == 0
+    index = json.loads((out / "index.json").read_text())
+    g = cn.load(out / index["categories"]["dogs"]["file"])
+    assert g.meta["category"] == "dogs" and g.meta["target_class"] == 0
+    capsys.readouterr()
+    assert main(["report", str(out / index["categories"]["dogs"]["file"]), "--json"]) == 0, capsys.readouterr().err
+    data = json.loads(capsys.readouterr().out)
+    assert data["circuit"]["units"] > 1
+    assert main(["compare", str(out / "dogs.npz"), str(out / "cats.npz")]) == 0, capsys.readouterr().err
+    assert main(["report", str(out / "dogs.npz")]) == 0
+    assert "into cats" in capsys.readouterr().out
+
+
+def test_extract_checks_the_output_folder_before_any_work(tmp_path, monkeypatch, capsys):
+    import connectome.extract
+
+    calls = []
+    monkeypatch.setattr(connectome.extract, "attribution_by_category", lambda *a, **k: calls.append(1))
+    (tmp_path / "afile").write_text("x")
+    model = _image_folder(tmp_path, ["cats", "dogs"])
+    rc = main(["extract", model, str(tmp_path / "imgs"), "--out", str(tmp_path / "afile" / "graphs"),
+               "--image-size", "8", "--quiet", "--device", "cpu"])
+    assert rc == 2 and not calls  # refused before the first batch
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot write to --out" in err, err
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() == 0,
+                    reason="root writes into read-only folders")
+def test_extract_refuses_a_read_only_output_folder_before_any_work(tmp_path, monkeypatch, capsys):
+    import os
+
+    import connectome.extract
+
+    calls = []
+    monkeypatch.setattr(connectome.extract, "attribution_by_category", lambda *a, **k: calls.append(1))
+    model = _image_folder(tmp_path, ["cats", "dogs"])
+    (tmp_path / "ro").mkdir()
+    os.chmod(tmp_path / "ro", 0o555)
+    try:
+        rc = main(["extract", model, str(tmp_path / "imgs"), "--out", str(tmp_path / "ro"), "--image-size", "8",
+                   "--quiet", "--device", "cpu"])
+    finally:
+        os.chmod(tmp_path / "ro", 0o755)
+    assert rc == 2 and not calls
+    assert "cannot write to --out" in capsys.readouterr().err
+
+
+def test_a_run_stopped_while_writing_is_marked_partial(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from connectome.graph import Connectome
+
+    real, saved = Connectome.save, []
+
+    def save_then_disk_full(self, path):
+        if saved:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        saved.append(path)
+        return real(self, path)
+
+    monkeypatch.setattr(Connectome, "save", save_then_disk_full)
+    rc, out = _extract(tmp_path, ["ants", "bees", "cats"])
+    assert rc == 2
+    assert "No space left" in capsys.readouterr().err
+    index = json.loads((out / "index.json").read_text())
+    assert index["complete"] is False
+    assert list(index["categories"]) == ["ants"]  # exactly what was written
+    assert (out / index["categories"]["ants"]["file"]).is_file()
+
+
+@pytest.mark.parametrize(
+    "argv, phrase",
+    [
+        (["extract", "zoo:simplecnn_a", "zoo:shapes:1", "--out", "o", "--max-images", "0"], "--max-images"),
+        (["extract", "zoo:simplecnn_a", "zoo:shapes:1", "--out", "o", "--image-size", "100000"], "--image-size"),
+        (["extract", "zoo:simplecnn_a", "zoo:shapes:1", "--out", "o", "--image-size", "0"], "--image-size"),
+        (["weights", "zoo:simplecnn_a", "--input-shape", "3,99999999,99999999", "--out", "x.npz"], "--input-shape"),
+        (["weights", "zoo:simplecnn_a", "--input-shape", "3,0,32", "--out", "x.npz"], "--input-shape"),
+    ],
+)
+def test_impossible_sizes_are_one_line_and_exit_2(argv, phrase, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and phrase in err, err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("body", ["    raise ValueError('no such variant')\n", "    return 1 / 0\n"])
+def test_a_failing_model_factory_is_one_line_and_exit_2(tmp_path, capsys, body):
+    (tmp_path / "bad.py").write_text("def build():\n" + body)
+    assert main(["weights", f"{tmp_path / 'bad.py'}:build", "--input-shape", "3,8,8",
+                 "--out", str(tmp_path / "w.npz")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "bad.py:build" in err and "raised" in err, err
+
+
+@pytest.mark.parametrize("name", ["$\\foo$", "bad\udcffname"])
+def test_report_on_any_category_name(extracted, tmp_path, capsys, name):
+    """Names from folders: mathtext in titles and bytes that are not UTF-8 are drawn as text."""
+    g = cn.load(extracted / "circle.npz")
+    out_layer = g.layers[-1]
+    labels = [name if l == "circle" else l for l in out_layer.labels]
+    g = g.with_meta(category=name).with_labels(out_layer.name, labels)
+    g.save(tmp_path / "g.npz")
+    assert main(["report", str(tmp_path / "g.npz"), "--out", str(tmp_path / "rep")]) == 0, capsys.readouterr().err
+    text = capsys.readouterr().out
+    assert "Circuit" in text
+    html = (tmp_path / "rep" / "report.html").read_text(encoding="utf-8")
+    assert "report" in html
+    assert main(["report", str(tmp_path / "g.npz"), "--json"]) == 0
+    json.loads(capsys.readouterr().out)
+    assert main(["compare", str(tmp_path / "g.npz"), str(extracted / "ring.npz"), "--out", str(tmp_path / "cmp")]) == 0

@@ -586,3 +586,24 @@ def test_contract_signed_flows_by_hand(keep):
         # one path sum written out: in:0 -> h1:0 (total -1) -> h2:0 (total -0.75) / h2:1 (total -1.5) -> out:0
         hand = 1.5 * (2.0 / -1.0 * (-1.0 / -0.75) + -3.0 / -1.0 * (0.5 / -1.5))
         assert got[("in:0", "out:0")] == pytest.approx(hand, rel=1e-12)
+
+
+class _CountingName(str):
+    """A layer name that counts its comparisons (to see how the duplicate check scales)."""
+
+    compared = 0
+
+    def __eq__(self, other):
+        type(self).compared += 1
+        return str.__eq__(self, other)
+
+    __hash__ = str.__hash__
+
+
+def test_duplicate_layer_check_is_linear():
+    n = 2000
+    layers = [Layer(_CountingName(f"l{i % (n // 2)}"), "conv", 0) for i in range(n)]
+    _CountingName.compared = 0
+    with pytest.raises(ConnectomeError, match="repeated: .*'l0'"):
+        Connectome(layers=tuple(layers), node_units=[], src=[], dst=[], weight=[])
+    assert _CountingName.compared < 10 * n  # names.count in a loop made it n**2 = 4,000,000

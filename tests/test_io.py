@@ -117,18 +117,18 @@ def test_failed_overwrite_keeps_the_old_file(g, tmp_path, monkeypatch):
 @pytest.mark.parametrize("writer", ["graphml", "gexf"])
 def test_failed_export_leaves_nothing(g, tmp_path, monkeypatch, writer):
     calls = {"n": 0}
-    real = cio._fmt
+    real = cio._number_texts
 
     def flaky(v):
         calls["n"] += 1
-        if calls["n"] > 10:  # fail in the middle of the node list
+        if calls["n"] > 3:  # fail in the middle of the node list, after the header was written
             raise OSError("disk full")
         return real(v)
 
-    monkeypatch.setattr(cio, "_fmt", flaky)
+    monkeypatch.setattr(cio, "_number_texts", flaky)
     with pytest.raises(OSError, match="disk full"):
         getattr(cio, f"write_{writer}")(g, tmp_path / f"g.{writer}")
-    assert calls["n"] > 10
+    assert calls["n"] > 3
     assert listing(tmp_path) == []
 
 
@@ -377,3 +377,293 @@ def test_pruned_resnet50_round_trips(tmp_path):
     assert G.vcount() == g.num_nodes and G.ecount() == g.num_edges
     assert G.vs["id"][:3] == g.node_ids[:3].tolist() and G.vs["id"][-1] == "logits:999"
     np.testing.assert_array_equal(np.asarray(G.es["signed_weight"]), g.weight.astype(np.float64))
+
+
+# ---------------------------------------------------------------------- hostile and damaged files
+def _npy_bytes(arr: np.ndarray, shape=None) -> bytes:
+    """An .npy member; with ``shape`` its header declares that shape whatever data follows."""
+    import io as _io
+
+    buf = _io.BytesIO()
+    np.save(buf, arr)
+    data = buf.getvalue()
+    if shape is None:
+        return data
+    buf = _io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": np.lib.format.dtype_to_descr(arr.dtype),
+                                                "fortran_order": False, "shape": shape})
+    return buf.getvalue() + data[len(data) - arr.nbytes:]
+
+
+def _zip(path, members: dict[str, bytes]) -> None:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+
+
+def _graph_members(g: Connectome, tmp_path) -> dict[str, bytes]:
+    """The members Connectome.save writes, as bytes (to be tampered with)."""
+    g.save(tmp_path / "orig.npz")
+    with zipfile.ZipFile(tmp_path / "orig.npz") as z:
+        out = {name: z.read(name) for name in z.namelist()}
+    os.unlink(tmp_path / "orig.npz")
+    return out
+
+
+def test_load_reads_only_the_arrays_the_format_defines(g, tmp_path):
+    """A small file with a large extra member must not cost the extra member's memory."""
+    import tracemalloc
+
+    members = _graph_members(g, tmp_path)
+    members["junk.npy"] = _npy_bytes(np.zeros(64 << 20, np.uint8))  # 64 MB, compresses to ~64 kB
+    p = tmp_path / "g.npz"
+    _zip(p, members)
+    assert p.stat().st_size < 1 << 20
+    tracemalloc.start()
+    try:
+        h = cn.load(p)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert h.equals(g)
+    assert peak < 8 << 20, peak
+
+
+@pytest.mark.parametrize("member, shape", [("node_units.npy", (10**12,)), ("src.npy", (10**12,)),
+                                           ("weight.npy", (10**6, 10**6)), ("node.attribution.npy", (10**11,))])
+def test_load_checks_declared_shapes_before_allocating(g, tmp_path, member, shape):
+    members = _graph_members(g, tmp_path)
+    arr = np.load(__import__("io").BytesIO(members[member]))
+    members[member] = _npy_bytes(arr, shape=shape)
+    p = tmp_path / "g.npz"
+    _zip(p, members)
+    with pytest.raises(BadFileError, match="g.npz") as exc:
+        cn.load(p)
+    assert "\n" not in str(exc.value)
+
+
+def test_load_refuses_a_header_implying_more_than_the_file_can_hold(tmp_path):
+    """A header may describe a huge graph; the arrays must then really be in the file."""
+    big = 10**11
+    header = np.array(json.dumps({"format": "connectome-npz", "version": 1,
+                                  "layers": [{"name": "input", "kind": "input", "size": big}],
+                                  "meta": {}, "node_attrs": [], "edge_attrs": []}))
+    p = tmp_path / "big.npz"
+    _zip(p, {"header.npy": _npy_bytes(header), "node_units.npy": _npy_bytes(np.zeros(4, np.int64), shape=(big,))})
+    with pytest.raises(BadFileError, match="big.npz"):
+        cn.load(p)
+
+
+def _plain_npy(p):
+    np.save(p.with_suffix(".npy"), np.arange(5))
+    p.with_suffix(".npy").rename(p)
+
+
+def _deep_header(p):
+    _npz(p, header=np.array('{"format": "connectome-npz", "x": ' + "[" * 100_000 + "]" * 100_000 + "}"))
+
+
+def _header_text(text):
+    def make(p):
+        _npz(p, header=np.array(text), node_units=np.arange(2), src=np.zeros(0, np.int64), dst=np.zeros(0, np.int64),
+             weight=np.zeros(0))
+    return make
+
+
+def _header_with(**over):
+    def make(p):
+        _npz(p, header=_header(**over), node_units=np.arange(2), src=np.zeros(0, np.int64), dst=np.zeros(0, np.int64),
+             weight=np.zeros(0))
+    return make
+
+
+_INPUT = {"name": "input", "kind": "input", "size": 2}
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        _plain_npy,
+        _deep_header,
+        _header_with(version="2"),
+        _header_with(version=True),
+        _header_with(layers={"name": "input"}),
+        _header_with(layers=["input"]),
+        _header_text('{"format": "connectome-npz", "version": 1, "layers": [{"name": "input", "size": Infinity}], '
+                     '"meta": {}, "node_attrs": [], "edge_attrs": []}'),
+        _header_with(layers=[{**_INPUT, "size": 2.5}]),
+        _header_with(layers=[{**_INPUT, "size": -1}]),
+        _header_with(layers=[{**_INPUT, "name": 7}]),
+        _header_with(layers=[{**_INPUT, "labels": "ab"}]),
+        _header_with(layers=[{**_INPUT, "labels": [1, 2]}]),
+        _header_with(layers=[_INPUT, _INPUT]),
+        _header_with(meta=[1, 2]),
+        _header_with(node_attrs="attribution"),
+        _header_with(edge_attrs=[1]),
+        _header_with(node_attrs=["a", "a"]),
+    ],
+    ids=["plain-npy", "deep", "version-str", "version-bool", "layers-object", "layer-str", "size-infinity",
+         "size-float", "size-negative", "name-int", "labels-str", "labels-int", "duplicate-layer", "meta-list",
+         "node-attrs-str", "edge-attrs-int", "node-attrs-duplicate"],
+)
+def test_damaged_headers_are_bad_files(tmp_path, make):
+    p = tmp_path / "bad.npz"
+    make(p)
+    with pytest.raises(BadFileError, match="bad.npz") as exc:
+        cn.load(p)
+    assert "\n" not in str(exc.value)
+
+
+def test_many_duplicate_layer_names_are_refused(tmp_path):
+    layers = [{"name": f"l{i % 50_000}", "kind": "conv", "size": 0} for i in range(100_000)]
+    p = tmp_path / "dup.npz"
+    _npz(p, header=_header(layers=layers), node_units=np.zeros(0, np.int64), src=np.zeros(0, np.int64),
+         dst=np.zeros(0, np.int64), weight=np.zeros(0))
+    with pytest.raises(BadFileError, match="'l0' appears twice"):
+        cn.load(p)
+
+
+# ---------------------------------------------------------------------- XML-safe text
+_NASTY = "a\x00b\x01\x08\x0b\x0c\x0e\x1f\ufffe\uffff\udcff|\t\n\r\r\n<&>\"'"
+
+
+def _nasty_graph() -> Connectome:
+    return Connectome.from_edges(
+        [Layer("in\x01put", "input", 2, labels=(_NASTY, "plain")), Layer("fc\udcff", "linear", 1),
+         Layer("logits", "output", 2, labels=("x\uffffy", "carriage\rreturn"))],
+        edges=[("in\x01put:0", "fc\udcff:0", 0.5), ("in\x01put:1", "fc\udcff:0", -1.0), ("fc\udcff:0", "logits:0", 2.0),
+               ("fc\udcff:0", "logits:1", -0.25)],
+        meta={"category": "c\x00\udcff\r"},
+        node_attrs={"note\x02": np.arange(5.0)},
+    )
+
+
+def _expected_text(s: str) -> str:
+    return cio.xml_safe(s)
+
+
+@pytest.mark.parametrize("writer", ["graphml", "gexf"])
+def test_export_is_well_formed_whatever_the_names(tmp_path, writer):
+    g = _nasty_graph()
+    p = tmp_path / f"g.{writer}"
+    getattr(cio, f"write_{writer}")(g, p)
+    root = ET.parse(p).getroot()  # a strict XML 1.0 parser: refuses any forbidden character
+    text = "".join(root.itertext()) + "".join(v for el in root.iter() for v in el.attrib.values())
+    assert "\ufffd" in text
+    G = nx.read_graphml(p) if writer == "graphml" else nx.read_gexf(p)
+    ids = [cio.xml_safe(i) for i in g.node_ids.tolist()]
+    assert sorted(G.nodes) == sorted(ids)
+    # CR, LF, tab, '<&>' and quotes travel unchanged; only what XML cannot carry became U+FFFD
+    assert G.nodes[ids[0]]["label"] == _expected_text(_NASTY)
+    assert G.nodes[ids[-1]]["label"] == "carriage\rreturn"
+    assert G.nodes[ids[-2]]["label"] == "x\ufffdy"
+    assert G.number_of_edges() == 4
+
+
+def test_graphml_meta_survives_with_control_characters(tmp_path):
+    g = _nasty_graph()
+    cio.write_graphml(g, tmp_path / "g.graphml")
+    G = nx.read_graphml(tmp_path / "g.graphml")
+    assert json.loads(G.graph["meta"]) == g.meta  # JSON escapes them itself
+
+
+def test_export_refuses_names_that_would_merge(tmp_path):
+    g = Connectome.from_edges([Layer("a\x01", "input", 1), Layer("a\x02", "output", 1)], edges=[("a\x01:0", "a\x02:0", 1.0)])
+    with pytest.raises(ExportError, match="differ only in characters XML"):
+        cio.write_graphml(g, tmp_path / "g.graphml")
+    assert listing(tmp_path) == []
+
+
+# ---------------------------------------------------------------------- temp files, permissions, links
+def _kill_during_write(path) -> None:
+    """Start a writer in another process and kill -9 it in the middle of the write."""
+    import subprocess
+    import sys
+
+    code = ("import os, signal, sys\n"
+            "from connectome.io import atomic_write\n"
+            "with atomic_write(sys.argv[1]) as fh:\n"
+            "    fh.write(b'half a file'); fh.flush()\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True)
+    assert r.returncode == -9, r.stderr
+
+
+def _age(folder, seconds: float) -> None:
+    for f in os.listdir(folder):
+        st = os.stat(folder / f)
+        os.utime(folder / f, (st.st_atime - seconds, st.st_mtime - seconds))
+
+
+@pytest.mark.skipif(os.name != "posix", reason="kill -9 and process probes are POSIX")
+def test_stale_temp_files_of_killed_writers_are_removed(g, tmp_path):
+    for _ in range(2):
+        _kill_during_write(tmp_path / "g.npz")
+    left = listing(tmp_path)
+    assert len(left) == 2 and all(f.startswith(".g.npz.") and f.endswith(".tmp") for f in left), left
+    _age(tmp_path, 2 * cio.STALE_AFTER_S)
+    (tmp_path / ".mine.tmp").write_text("not ours")  # a file we did not name is never touched
+    g.save(tmp_path / "other.npz")  # any later write into the folder cleans up
+    assert listing(tmp_path) == [".mine.tmp", "other.npz"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="process probes are POSIX")
+def test_temp_file_of_a_live_writer_is_kept(g, tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from connectome.io import atomic_write\n"
+            "with atomic_write(sys.argv[1]) as fh:\n"
+            "    fh.write(b'data'); fh.flush()\n"
+            "    print('writing', flush=True); sys.stdin.readline()\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "slow.npz")], env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+        _age(tmp_path, 2 * cio.STALE_AFTER_S)  # old, but its writer is alive
+        g.save(tmp_path / "g.npz")
+        assert len([f for f in listing(tmp_path) if f.startswith(".slow.npz.")]) == 1
+    finally:
+        proc.communicate("go\n", timeout=60)
+    assert proc.returncode == 0
+    assert listing(tmp_path) == ["g.npz", "slow.npz"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_overwrite_keeps_permissions(g, tmp_path):
+    p = tmp_path / "g.npz"
+    make_graph(1).save(p)
+    os.chmod(p, 0o640)
+    g.save(p)
+    assert (os.stat(p).st_mode & 0o777) == 0o640
+    cio.write_graphml(g, tmp_path / "g.graphml")
+    os.chmod(tmp_path / "g.graphml", 0o604)
+    cio.write_graphml(g, tmp_path / "g.graphml")
+    assert (os.stat(tmp_path / "g.graphml").st_mode & 0o777) == 0o604
+
+
+@pytest.mark.skipif(os.name != "posix", reason="symbolic links")
+def test_writing_through_a_symlink_writes_its_target(g, tmp_path):
+    (tmp_path / "real").mkdir()
+    target = tmp_path / "real" / "g.npz"
+    make_graph(1).save(target)
+    link = tmp_path / "link.npz"
+    link.symlink_to(target)
+    g.save(link)
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert cn.load(target).equals(g)
+    dangling = tmp_path / "dangling.npz"
+    dangling.symlink_to(tmp_path / "real" / "new.npz")
+    g.save(dangling)  # like open(): the link's target is created
+    assert dangling.is_symlink() and cn.load(tmp_path / "real" / "new.npz").equals(g)
+    assert listing(tmp_path / "real") == ["g.npz", "new.npz"]
+
+
+def test_long_file_names_within_the_limit_can_be_written(g, tmp_path):
+    name = "a" * 250 + ".npz"  # 254 bytes: a legal name, but too long to prefix and suffix for a temp file
+    g.save(tmp_path / name)
+    assert listing(tmp_path) == [name]
+    assert cn.load(tmp_path / name).equals(g)

@@ -57,7 +57,8 @@ def target_node(g: Connectome, target: Any) -> int:
     g : Connectome
     target : str, int or None
         A node id, a class label or a unit index of the output layer; ``None``: the unit of
-        ``meta['category']``, else of ``meta['target_class']``.
+        ``meta['target_class']`` (the target the flows were computed for), else of
+        ``meta['category']``.
 
     Returns
     -------
@@ -77,9 +78,8 @@ def target_node(g: Connectome, target: Any) -> int:
     li = _output_layer(g)
     out = g.layers[li]
     if target is None:
-        cat = g.meta.get("category")
-        if cat is not None and out.labels is not None and str(cat) in out.labels:
-            return g.layer_slice(out.name).start + out.labels.index(str(cat))
+        # the unit the flows were computed for comes first: a --target run's graph of category
+        # 'dog' holds the flows into 'cat', and the circuit into 'dog' would be empty
         tc = g.meta.get("target_class")
         if tc is not None and not isinstance(tc, bool):
             try:
@@ -88,6 +88,9 @@ def target_node(g: Connectome, target: Any) -> int:
                 idx = None
             if idx is not None:
                 return idx
+        cat = g.meta.get("category")
+        if cat is not None and out.labels is not None and str(cat) in out.labels:
+            return g.layer_slice(out.name).start + out.labels.index(str(cat))
         raise ConnectomeError(
             "no default target: meta has no 'category' matching a label of the output layer "
             f"{out.name!r} and no 'target_class' among its units (meta category="
@@ -157,8 +160,8 @@ def circuit(
         An attribution graph (flows) or a weight graph (``|w|`` is used as flow).
     target : str or int, optional
         A node id (``"logits:3"``), a class label of the output layer (``"cat"``), or a unit
-        index of the output layer. Default: the output unit labelled ``meta["category"]``,
-        else unit ``meta["target_class"]``.
+        index of the output layer. Default: unit ``meta["target_class"]`` (the target the
+        flows were computed for), else the output unit labelled ``meta["category"]``.
     mass : float in (0, 1], default 0.8
         Fraction of each layer's flow into the kept units that the kept units of that layer
         must hold. Ignored when ``top_k`` is given.
@@ -291,8 +294,8 @@ def top_contributors(
     node_id : str or int, optional
         A node id, a class label or an output unit index (as ``target`` of :func:`circuit`).
         Default: the top class, i.e. the output unit with the largest non-zero
-        ``attribution``; without attribution, the unit of ``meta["category"]`` /
-        ``meta["target_class"]``.
+        ``attribution``; without attribution, unit ``meta["target_class"]``, else the
+        unit of ``meta["category"]``.
     k : int, default 10
         How many inputs to return (fewer if the unit has fewer non-zero inputs).
     attr : str, default "weight"

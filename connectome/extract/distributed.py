@@ -51,7 +51,7 @@ __all__ = [
 ]
 
 CHECKPOINT_FORMAT = "connectome.attribution-checkpoint"
-CHECKPOINT_VERSION = 2  # 2: edges of every layer stored as a list (accumulator.state_dict)
+CHECKPOINT_VERSION = 2  # 2: edges of every layer as lists (accumulator.state_dict), a checksum of the payload
 _BUCKET = 1 << 24  # elements per all_reduce call (128 MB of float64): bounds the extra memory
 
 
@@ -274,12 +274,64 @@ def _item_hash(ds: Any, i: int) -> str:
     return h.hexdigest()[:20]
 
 
-def _data_fingerprint(ds: Any, n_images: int) -> str | None:
-    """Which images, transformed how, with which labels.
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64, 16: torch.int64}
+_DIGEST_CHUNK = 1 << 22  # elements per block of items: bounds the extra memory of the content hash
+_SAMPLES_PER_ITEM = 16
 
-    Every file name (ImageFolder) or every label (when the dataset lists them) is hashed,
-    plus the first, middle and last items as the model receives them (so the transform and
-    image size count, and a generic dataset is identified by its content).
+
+def _tensor_digest(t: torch.Tensor, idx: Sequence[int] | None, h: Any) -> None:
+    """Add every item (row) of ``t`` to ``h``: per item the sum and the position-weighted sum of
+    its values' bit patterns as integers (exact, and the same on every device and in any
+    reduction order: integer sums wrap the same everywhere), plus a strided sample of exact values.
+
+    Any change to one value changes the item's sums; swapping values changes the weighted sum.
+    One pass over the data, on the tensor's own device, a bounded block of items at a time.
+    """
+    h.update(f"{t.dtype}{tuple(t.shape[1:])};".encode())
+    n = t.shape[0] if t.dim() else 1
+    rows_of = (lambda a, b: t[a:b]) if idx is None else (
+        lambda a, b: t.index_select(0, torch.as_tensor(list(idx[a:b]), dtype=torch.long, device=t.device)))
+    count = n if idx is None else len(idx)
+    per = max(1, t[0].numel() if t.dim() and n else 1)
+    block = max(1, _DIGEST_CHUNK // per)
+    as_int = _INT_OF_SIZE.get(t.element_size())
+    for a in range(0, count, block):
+        b = min(count, a + block)
+        rows = (t.reshape(1, -1) if not t.dim() else rows_of(a, b)).reshape(b - a, -1).contiguous()
+        if rows.dtype == torch.bool:
+            rows = rows.to(torch.uint8)
+        words = rows.view(as_int).to(torch.int64) if as_int is not None else rows.to(torch.float64)
+        pos = torch.arange(1, words.shape[1] + 1, dtype=torch.int64, device=words.device)
+        sums = torch.stack([words.sum(1), (words * pos).sum(1)], 1)
+        step = max(1, rows.shape[1] // _SAMPLES_PER_ITEM)
+        h.update(sums.cpu().numpy().tobytes())
+        h.update(rows[:, ::step].cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def _file_digest(paths: Sequence[str], h: Any) -> None:
+    """Name (category/file), size and modification time of every file: one ``stat`` each,
+    no image decoded. Copying files to another machine without keeping their times (``cp -p``,
+    ``rsync -t``) counts as a change."""
+    for path in paths:
+        p = Path(str(path))
+        try:
+            st = os.stat(p)
+            h.update(f"{'/'.join(p.parts[-2:])}|{st.st_size}|{st.st_mtime_ns};".encode("utf-8", "surrogateescape"))
+        except OSError:
+            h.update(f"{'/'.join(p.parts[-2:])}|missing;".encode("utf-8", "surrogateescape"))
+
+
+def _data_fingerprint(ds: Any, n_images: int) -> str | None:
+    """Which images, with which content and labels, transformed how: every item, cheaply.
+
+    - an ImageFolder (anything with ``samples``): the name (category/file), size and
+      modification time of every file;
+    - tensors (a ``TensorDataset`` or anything with ``tensors``): the content of every item
+      (see :func:`_tensor_digest`);
+    - every label, when the dataset lists them;
+    - for every dataset, the first, middle and last items as the model receives them (so the
+      transform and image size count). A dataset of another kind is identified by these
+      three items, its labels and its length only.
     """
     from connectome.extract.data import dataset_targets
 
@@ -289,15 +341,22 @@ def _data_fingerprint(ds: Any, n_images: int) -> str | None:
     base, idx = ds, None
     if isinstance(ds, Subset):
         base, idx = ds.dataset, [int(i) for i in ds.indices]
+    if idx is None and n_images < len(ds):
+        idx = list(range(n_images))
+    elif idx is not None:
+        idx = idx[:n_images]
     samples = getattr(base, "samples", None)
+    tensors = getattr(base, "tensors", None)
     if samples is not None:
         rows = samples if idx is None else [samples[i] for i in idx]
-        for r in rows:
-            path = Path(str(r[0] if isinstance(r, (tuple, list)) else r))
-            h.update("/".join(path.parts[-2:]).encode())  # category/file: independent of the mount point
+        _file_digest([r[0] if isinstance(r, (tuple, list)) else r for r in rows], h)
+    elif isinstance(tensors, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in tensors):
+        with torch.no_grad():
+            for t in tensors:
+                _tensor_digest(t, idx, h)
     targets = dataset_targets(ds)
     if targets is not None:
-        h.update(",".join(map(str, targets)).encode())
+        h.update(",".join(map(str, targets[:n_images])).encode())
     for i in sorted({0, n_images // 2, n_images - 1}):
         h.update(_item_hash(ds, i).encode())
     return h.hexdigest()[:20]
@@ -356,10 +415,11 @@ def fingerprint(model: torch.nn.Module, dataset: Any, n_images: int, classes: Se
     """What must match for a checkpoint to be continued: plain values only (saved with the checkpoint).
 
     Model: a hash of parameter/buffer names, shapes and dtypes, a hash of a strided sample
-    of the values and their sums. Data: the number of images, the class list, every file
-    name or label the dataset lists, and the first, middle and last items as the model sees
-    them (transform and image size included). The target (a callable by its code and
-    captured values), options, batch size and number of processes.
+    of the values and their sums. Data: the number of images, the class list and every
+    item (see :func:`_data_fingerprint`: file names, sizes and modification times of an
+    ImageFolder, the content of tensors, every label, and the first, middle and last items
+    as the model sees them). The target (a callable by its code and captured values),
+    options, batch size and number of processes.
     """
     fp = _model_fingerprint(model)
     fp.update({
@@ -382,7 +442,7 @@ _WHAT = {
     "model_checksum": "model weights",
     "n_images": "number of images",
     "classes": "class list",
-    "sample_ids": "images (files, labels or content after the transform)",
+    "sample_ids": "images (file names, sizes or modification times; tensor contents; labels; the transform)",
     "target": "target",
     "category": "category",
     "per_sample": "per_sample",
@@ -455,6 +515,12 @@ class Checkpoint:
         if payload.get("version") != CHECKPOINT_VERSION:
             raise BadFileError(f"checkpoint {str(self.path)!r} has version {payload.get('version')!r}; this "
                                f"connectome reads version {CHECKPOINT_VERSION}: delete it to start over")
+        # torch.load does not check the zip's CRCs: a flipped byte in a tensor would resume silently
+        if payload.get("checksum") != _payload_checksum(payload):
+            raise BadFileError(
+                f"checkpoint {str(self.path)!r} is damaged (its contents do not match their checksum); delete it to "
+                "redo this process's images, or delete the folder to start over"
+            )
         diff = _differences(payload.get("fingerprint") or {}, self.fingerprint)
         if diff:
             raise ConnectomeError(
@@ -466,7 +532,28 @@ class Checkpoint:
         if payload.get("rank") != self.rank or not isinstance(payload.get("batches_done"), int) \
                 or not isinstance(state, dict) or not isinstance(state.get("n_images"), int):
             raise BadFileError(f"checkpoint {str(self.path)!r} is malformed (rank, position or sums); delete it to start over")
+        self._check_position(payload)
         return payload
+
+    def _check_position(self, payload: dict[str, Any]) -> None:
+        """The saved position must be one this run can reach: batches done within this rank's
+        shard, and the images summed plus those skipped exactly the images of those batches."""
+        fp = self.fingerprint
+        shard = len(range(int(fp["n_images"]))[self.rank :: int(fp["world_size"])])
+        bs = int(fp["batch_size"])
+        total = -(-shard // bs)
+        done, n_img, n_skip = payload["batches_done"], payload["state"]["n_images"], payload.get("n_skipped", 0)
+        problem = None
+        if not 0 <= done <= total:
+            problem = f"batches_done={done}, outside 0..{total} for {shard} images in batches of {bs}"
+        elif not isinstance(n_skip, int) or n_skip < 0 or n_img < 0 or n_img + n_skip != min(done * bs, shard):
+            problem = (f"{n_img} images summed and {n_skip!r} skipped after {done} batches of {bs}, "
+                       f"which hold {min(done * bs, shard)}")
+        elif payload.get("complete") and done != total:
+            problem = f"marked complete after {done} of {total} batches"
+        if problem:
+            raise BadFileError(f"checkpoint {str(self.path)!r} holds an impossible position ({problem}); "
+                               "delete it to start over")
 
     def save(self, acc: Any, batches_done: int, skipped: SkippedNames, complete: bool = False) -> None:
         from connectome.io import atomic_write
@@ -482,6 +569,7 @@ class Checkpoint:
             "skipped": list(skipped.names),
             "n_skipped": int(skipped.count),
         }
+        payload["checksum"] = _payload_checksum(payload)
         with atomic_write(self.path, "wb") as fh:
             torch.save(payload, fh)
 
@@ -604,6 +692,11 @@ class ShardedRun:
 
 
 def category_folder(label: int, name: str) -> str:
-    """The checkpoint sub-folder of one category: ``<label>-<name>`` with unsafe characters replaced."""
+    """The checkpoint sub-folder of one category: ``<label>-<name>`` with unsafe characters replaced
+    (a name over 100 bytes cut there, with a hash of the whole name)."""
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(name))
+    raw = safe.encode("utf-8")
+    if len(raw) > 100:  # a file name holds at most 255 bytes: cut, and keep long names apart by a hash
+        digest = hashlib.sha256(str(name).encode("utf-8", "surrogatepass")).hexdigest()[:10]
+        safe = f"{raw[:100].decode('utf-8', 'ignore')}-{digest}"
     return f"{int(label)}-{safe}"

@@ -61,10 +61,9 @@ def _cell(v: Any) -> tuple[str, bool]:
 
 
 def _write(path: Path, data: bytes) -> None:
-    """Atomic write, readable by others like any file a user saves (temp files are 0600)."""
+    """Atomic write, with the permissions a plain ``open()`` gives (an overwritten file keeps its own)."""
     with atomic_write(path) as fh:
         fh.write(data)
-    os.chmod(path, 0o644)
 
 
 def _md(text: str) -> str:

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 
 import connectome as cn
 from connectome.errors import BadFileError, ConnectomeError
-from connectome.extract.distributed import ShardSampler, SkippedNames, category_folder
+from connectome.extract.distributed import ShardSampler, SkippedNames, _payload_checksum, category_folder
 from connectome.extract.flow import attribution, attribution_by_category
 
 N_IMAGES = 7  # divides by neither 2 nor 3 processes
@@ -261,6 +261,7 @@ def test_checkpoint_of_another_world_size_is_refused(finished):
     path = finished / "rank0.pt"
     payload = torch.load(path, weights_only=True)
     payload["fingerprint"]["world_size"] = 4
+    payload["checksum"] = _payload_checksum(payload)  # a sound checkpoint, of another run
     torch.save(payload, path)
     with pytest.raises(ConnectomeError, match="number of processes"):
         _run(_data(), checkpoint=finished)
