@@ -477,6 +477,34 @@ def _short(v: Any) -> str:
 
 
 # ----------------------------------------------------------------------------- checkpoints
+def _digest_into(v: Any, h: Any) -> None:
+    """Feed a checkpoint payload (tensors, dicts, lists and plain values) to ``h`` canonically."""
+    if isinstance(v, torch.Tensor):
+        t = v.detach().to("cpu").contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(v, dict):
+        h.update(b"{")
+        for k in sorted(v, key=repr):
+            _digest_into(k, h)
+            _digest_into(v[k], h)
+        h.update(b"}")
+    elif isinstance(v, (list, tuple)):
+        h.update(b"[")
+        for x in v:
+            _digest_into(x, h)
+        h.update(b"]")
+    else:  # str, int, float, bool, None: repr tells them apart and is exact
+        h.update(f"{type(v).__name__}:{v!r};".encode("utf-8", "surrogatepass"))
+
+
+def _payload_checksum(payload: dict[str, Any]) -> str:
+    """SHA-256 of everything in a checkpoint payload but the checksum itself."""
+    h = hashlib.sha256()
+    _digest_into({k: v for k, v in payload.items() if k != "checksum"}, h)
+    return h.hexdigest()
+
+
 class Checkpoint:
     """One rank's checkpoint file ``FOLDER/rank{r}.pt``: accumulators, position, fingerprint.
 
