@@ -35,6 +35,7 @@ __all__ = [
     "analysis",
     "viz",
     "zoo",
+    "patches",
     "ConnectomeError",
     "ExtractionError",
     "EmptyGraphError",
@@ -44,7 +45,7 @@ __all__ = [
     "__version__",
 ]
 
-_LAZY = {"extract", "analysis", "viz", "zoo", "io", "cli"}
+_LAZY = {"extract", "analysis", "viz", "zoo", "io", "cli", "patches"}
 
 
 def __getattr__(name: str) -> Any:

@@ -1,7 +1,8 @@
 """The flow accumulator: runs batches through a traced model and sums flows on the device.
 
 It owns its state: every field is declared once with :meth:`FlowAccumulator.add_state`
-together with how it combines across processes (``"sum"`` or ``"max"``), as torchmetrics'
+together with how it combines across processes (``"sum"``, ``"max"``, or ``"topk"`` for the
+optional dataset examples of :mod:`connectome.extract.dataset_examples`), as torchmetrics'
 ``Metric.add_state(..., dist_reduce_fx=)`` does; :meth:`state_dict`,
 :meth:`load_state_dict` and :meth:`tensors` iterate over that record, so checkpoints and
 ``all_reduce`` (:mod:`connectome.extract.distributed`) never list the fields.
@@ -40,7 +41,7 @@ __all__ = ["FlowAccumulator", "edge_shapes"]
 _INPLACE_POS = {F.relu: 1, F.relu6: 1, F.hardtanh: 3, F.leaky_relu: 2, F.dropout: 3, F.elu: 2,
                 F.silu: 1, F.hardswish: 1, F.hardsigmoid: 1, F.selu: 1, F.celu: 2, F.mish: 1}
 _PER_SAMPLE_BUDGET = 1 << 26  # elements of scratch per chunk (~256 MB in float32)
-_REDUCTIONS = ("sum", "max")
+_REDUCTIONS = ("sum", "max", "topk")
 
 
 def edge_shapes(ug: UnitGraph) -> list[Any]:
@@ -108,7 +109,7 @@ class FlowAccumulator:
     """
 
     def __init__(self, ug: UnitGraph, device: torch.device, dtype: torch.dtype, per_sample: bool = False,
-                 amp: bool = False):
+                 amp: bool = False, examples: int = 0):
         self.ug, self.device, self.dtype = ug, device, dtype
         self.per_sample, self.amp = per_sample, amp
         self.modules = dict(ug.gm.named_modules())
@@ -158,6 +159,13 @@ class FlowAccumulator:
         self.add_state("nonfinite", z(1), "sum")
         self.add_state("first_nonfinite", torch.full((1,), -math.inf, dtype=torch.float64, device=device), "max")
         self.n_images = 0
+        self.examples = None
+        if examples:  # top-k images per unit (dataset_examples.py): off by default
+            from connectome.extract.dataset_examples import ExampleTracker
+
+            self.examples = ExampleTracker(ug, device, examples)
+            self.add_state("examples_act", self.examples.empty(), "topk")
+            self.add_state("examples_attr", self.examples.empty(), "topk")
 
     # ------------------------------------------------------------------ state
     def add_state(self, name: str, default: Any, reduce: str) -> None:
@@ -324,8 +332,13 @@ class FlowAccumulator:
 
         return override
 
-    def step(self, x: torch.Tensor, target_fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Accumulate the flows of one batch of images ``x`` for the targets ``target_fn(logits)``."""
+    def step(self, x: torch.Tensor, target_fn: Callable[[torch.Tensor], torch.Tensor],
+             index: torch.Tensor | None = None) -> None:
+        """Accumulate the flows of one batch of images ``x`` for the targets ``target_fn(logits)``.
+
+        ``index``: the dataset index of each image, for the dataset examples (default: the
+        count of images accumulated before).
+        """
         ug = self.ug
         x = x.to(self.device, dtype=self.dtype, non_blocking=True).detach().requires_grad_(True)
         leaves: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
@@ -377,7 +390,10 @@ class FlowAccumulator:
                     self.bias[key] += tensor.double() * gr.double()
                 else:
                     g_node[key] = gr
-            self._nodes(x, g_x, kept, g_node, ctx)
+            if self.examples is not None:
+                index = (torch.arange(x.shape[0], device=self.device, dtype=torch.float64) + self.n_images
+                         if index is None else index.to(self.device, torch.float64))
+            self._nodes(x, g_x, kept, g_node, ctx, index)
             bad = ~torch.isfinite(t.detach()) | ~torch.isfinite(x.detach()).reshape(x.shape[0], -1).all(1)
             self.nonfinite += bad.sum(dtype=torch.float64)
             where = torch.arange(x.shape[0], device=bad.device, dtype=torch.float64) + self.n_images
@@ -387,7 +403,7 @@ class FlowAccumulator:
             self.n_images += int(x.shape[0])
 
     def _nodes(self, x: torch.Tensor, g_x: torch.Tensor | None, kept: dict[str, Any], g: dict[str, torch.Tensor],
-               ctx: RunContext) -> None:
+               ctx: RunContext, index: torch.Tensor | None = None) -> None:
         ug = self.ug
         for li, s in enumerate(ug.layers):
             node = s.node if s.kind == Kind.INPUT else s.out_node
@@ -395,7 +411,12 @@ class FlowAccumulator:
             gA = g_x if s.kind == Kind.INPUT else g.get(s.out_node)
             view = self._view(node)
             if gA is not None:
-                self.attr[li] += view.sum(A * gA)
+                prod = A * gA
+                self.attr[li] += view.sum(prod)
+                if self.examples is not None:
+                    self.examples.observe(self.examples_attr, li, view, prod, index, by_sum=True)
+            if self.examples is not None:
+                self.examples.observe(self.examples_act, li, view, A, index)
             # activation statistics: spatial mean per image
             m = view.per_image_mean(A.detach())
             self.act_sum[li] += m.sum(0)
@@ -554,6 +575,11 @@ class FlowAccumulator:
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
         }
+        if self.examples is not None:
+            node_attrs.update(self.examples.columns(self.examples_act, "activation"))
+            node_attrs.update(self.examples.columns(self.examples_attr, "attribution"))
+            meta["examples"] = {**self.examples.meta(), "lists": ["activation", "attribution"],
+                                **meta.get("examples", {})}
         extra = None
         if self.per_sample:
             extra = {"abs_weight": {li: v for li, v in enumerate(cpu(self.abs_edges)) if v is not None}}

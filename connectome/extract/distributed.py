@@ -198,9 +198,24 @@ def _reduce(tensors: list[torch.Tensor], op: Any, comm: torch.device) -> None:
         i = j
 
 
+def _merge_topk(tensors: list[torch.Tensor], comm: torch.device, world: int) -> None:
+    """Top-k lists ``(rows, k, 3)`` of every rank merged in place: one all_gather, then the k best."""
+    from connectome.extract.dataset_examples import topk_merge
+
+    flat = torch.cat([t.reshape(-1).to(comm, torch.float64) for t in tensors])
+    parts = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(parts, flat)
+    o = 0
+    for t in tensors:
+        cand = torch.cat([p[o : o + t.numel()].view(t.shape) for p in parts], 1)
+        t.copy_(topk_merge(cand, t.shape[1]))
+        o += t.numel()
+
+
 def all_reduce_accumulator(acc: Any, extra_sum: Sequence[float] = (), extra_max: Sequence[float] = ()
                            ) -> tuple[list[float], list[float]]:
-    """Combine the accumulators of all ranks in place: SUM for sums and counts, MAX for ``act_max``.
+    """Combine the accumulators of all ranks in place: SUM for sums and counts, MAX for ``act_max``,
+    a top-k merge (all_gather) for the dataset examples.
 
     Every rank must call it (it is a collective) with an accumulator of the same traced
     model; afterwards every rank holds the totals. ``extra_sum`` / ``extra_max`` are plain
@@ -217,7 +232,8 @@ def all_reduce_accumulator(acc: Any, extra_sum: Sequence[float] = (), extra_max:
     comm = _comm_device(acc.device)
     sums = acc.tensors("sum")  # the accumulator declares its fields and how they combine
     maxes = acc.tensors("max")
-    n = sum(t.numel() for t in sums) + sum(t.numel() for t in maxes)
+    topk = acc.tensors("topk")  # dataset examples, when asked for
+    n = sum(t.numel() for t in sums) + sum(t.numel() for t in maxes) + sum(t.numel() for t in topk)
     # Different shapes would make all_reduce hang or mix numbers: check the sizes agree first.
     check = torch.tensor([float(n), -float(n), float(len(sums))], dtype=torch.float64, device=comm)
     dist.all_reduce(check, op=dist.ReduceOp.MAX)
@@ -230,6 +246,8 @@ def all_reduce_accumulator(acc: Any, extra_sum: Sequence[float] = (), extra_max:
     _reduce(sums + [counts], dist.ReduceOp.SUM, comm)
     tops = torch.tensor([float(v) for v in extra_max] or [0.0], dtype=torch.float64, device=acc.device)
     _reduce(maxes + [tops], dist.ReduceOp.MAX, comm)
+    if topk:
+        _merge_topk(topk, comm, world)
     acc.n_images = int(counts[0].item())
     return counts[1:].tolist(), tops[: len(extra_max)].tolist()
 

@@ -36,6 +36,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.data import Subset
@@ -120,6 +121,7 @@ def attribution(
     category: str | None = None,
     checkpoint: str | Path | None = None,
     checkpoint_every: int = 50,
+    examples: int = 0,
     _batch_hook: Callable[[int], None] | None = None,
 ) -> Connectome:
     """The attribution-flow connectome of a model for a set of images.
@@ -168,13 +170,19 @@ def attribution(
         complete, at the end (a rerun then returns at once; delete the folder to recompute).
     checkpoint_every : int, default 50
         Batches between checkpoints.
+    examples : int, default 0
+        Also keep each unit's top ``examples`` images by maximum activation and by
+        attribution (a streaming top-k on the device, see
+        :mod:`connectome.extract.dataset_examples`): node attributes ``example_index_j``,
+        ``example_value_j``, ``example_pos_j``, ``example_attr_*_j`` and ``meta["examples"]``
+        (read them with :mod:`connectome.patches`).
 
     Returns
     -------
     Connectome
         Edge ``weight`` = flow ``E``; node attributes ``attribution``, ``bias_attribution``,
         ``activation_mean``, ``activation_std``, ``activation_max``, ``frequency``; with
-        ``per_sample`` the edge column ``abs_weight``.
+        ``per_sample`` the edge column ``abs_weight``; with ``examples`` the example columns.
 
     Raises
     ------
@@ -203,7 +211,8 @@ def attribution(
                        pin_memory=resolve_device(device).type == "cuda")
     return _attribution(model, info, target, per_sample=per_sample, layers=layers, device=device, labels=labels,
                         max_images=max_images, amp=amp, progress=progress, name=name, category=category,
-                        checkpoint=checkpoint, checkpoint_every=checkpoint_every, _batch_hook=_batch_hook)
+                        checkpoint=checkpoint, checkpoint_every=checkpoint_every, _batch_hook=_batch_hook,
+                        examples=examples)
 
 
 def _attribution(model: nn.Module, info: Any, target: Any = "label", *, per_sample: bool = False,
@@ -211,14 +220,15 @@ def _attribution(model: nn.Module, info: Any, target: Any = "label", *, per_samp
                  max_images: int | None = None, amp: bool = False, progress: bool = True,
                  name: str | None = None, category: str | None = None, checkpoint: Any = None,
                  checkpoint_every: int = 50, _batch_hook: Callable[[int], None] | None = None,
-                 category_label: int | None = None) -> Connectome:
+                 category_label: int | None = None, examples: int = 0) -> Connectome:
     from connectome.extract.distributed import rank_device, rank_world
 
     check_model(model)
     dev = rank_device(resolve_device(device))
     acc, t_info = _accumulate(model, info, target, dev, per_sample, amp, progress, max_images, labels,
                               batch_hook=_batch_hook, category=category, checkpoint=checkpoint,
-                              checkpoint_every=checkpoint_every, category_label=category_label)
+                              checkpoint_every=checkpoint_every, category_label=category_label,
+                              examples=examples)
     g = acc.to_graph(t_info["labels"], {
         "model": name or type(model).__name__,
         "target": target if isinstance(target, (str, int)) else getattr(target, "__name__", "callable"),
@@ -228,6 +238,11 @@ def _attribution(model: nn.Module, info: Any, target: Any = "label", *, per_samp
         "skipped_images": len(t_info["skipped"]),
         "versions": _versions(),
     })
+    if examples:  # what a stored image index means: dataset order, and the files of an ImageFolder
+        from connectome.patches import example_arrays
+
+        used = np.concatenate([example_arrays(g, by)[0].ravel() for by in ("activation", "attribution")])
+        g = g.with_meta(examples={**g.meta["examples"], **t_info["order"].describe(used)})
     world = rank_world()[1]
     if world > 1:  # every process returns the same graph: no per-process device in it
         g = g.with_meta(device=dev.type, world_size=world)
@@ -248,7 +263,8 @@ def _layer_name(g: Connectome, name: str) -> str:
 def _accumulate(model, info, target, dev, per_sample, amp, progress, max_images, labels,
                 batch_hook: Callable[[int], None] | None = None, category: str | None = None,
                 category_label: int | None = None,
-                checkpoint: Any = None, checkpoint_every: int = 50) -> tuple[FlowAccumulator, dict[str, Any]]:
+                checkpoint: Any = None, checkpoint_every: int = 50,
+                examples: int = 0) -> tuple[FlowAccumulator, dict[str, Any]]:
     from tqdm.auto import tqdm
 
     from connectome.extract.distributed import ShardedRun, SkippedNames, rank_world
@@ -282,11 +298,15 @@ def _accumulate(model, info, target, dev, per_sample, amp, progress, max_images,
             lm = t_info["label_map"]
             t_info["category_unit"] = int(lm[category_label]) if lm is not None and category_label < len(lm) \
                 else int(category_label)
-        acc = FlowAccumulator(ug, dev, dtype, per_sample=per_sample, amp=amp)
+        acc = FlowAccumulator(ug, dev, dtype, per_sample=per_sample, amp=amp, examples=examples)
         if run is not None:
             run.restore(acc)
         return acc, fn, n_out
 
+    if examples:
+        from connectome.extract.dataset_examples import ImageOrder
+
+        t_info["order"] = ImageOrder(info.loader if run is None else run.loader, info.dataset)
     try:
         with eval_mode(m), no_inplace(m):
             seen = 0
@@ -294,6 +314,11 @@ def _accumulate(model, info, target, dev, per_sample, amp, progress, max_images,
                                        start=0 if run is None else run.start_batch):
                 x, y, sk = unpack_batch(batch)
                 skipped.extend(sk)
+                index = None
+                if examples:
+                    n_kept = 0 if x is None else x.shape[0]
+                    index = t_info["order"].next(n_kept, sk, n_kept if max_images is None else
+                                                 max(0, min(n_kept, max_images - seen)))
                 if x is None:
                     if run is not None:
                         run.after_batch(acc, bi)
@@ -318,7 +343,7 @@ def _accumulate(model, info, target, dev, per_sample, amp, progress, max_images,
                         )
                 yd = y.to(dev, non_blocking=True) if y is not None else None
                 try:
-                    acc.step(x, lambda logits: fn(logits, yd))
+                    acc.step(x, lambda logits: fn(logits, yd), index=index)
                 except torch.OutOfMemoryError:
                     raise ConnectomeError(
                         f"a batch of {x.shape[0]} images ran out of GPU memory; try batch_size={max(1, x.shape[0] // 2)}"

@@ -152,7 +152,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         out_dir = Path(out)
         x, y = _data()
         ds = Recorded(x, y)
-        _run(ds, per_sample=True).save(out_dir / f"flat{rank}.npz")
+        _run(ds, per_sample=True, examples=3).save(out_dir / f"flat{rank}.npz")  # top-k merged across ranks
         np.save(out_dir / f"read{rank}.npy", np.array(ds.read, dtype=np.int64))
         graphs = attribution_by_category(_model(), (x, y), batch_size=BATCH, device="cpu", progress=False)
         for name, g in graphs.items():
@@ -160,9 +160,11 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         # Process 0 is killed after its first batch: every process must stop (none hangs) ...
         ck = out_dir / "ck"
         with pytest.raises((Stop, ConnectomeError)):
-            _run(Recorded(x, y), per_sample=True, checkpoint=ck, checkpoint_every=1, _batch_hook=_stop_after(0, rank=0))
+            _run(Recorded(x, y), per_sample=True, checkpoint=ck, checkpoint_every=1, _batch_hook=_stop_after(0, rank=0),
+                 examples=3)
         # ... and the same command again finishes the job.
-        _run(Recorded(x, y), per_sample=True, checkpoint=ck, checkpoint_every=1).save(out_dir / f"resumed{rank}.npz")
+        _run(Recorded(x, y), per_sample=True, checkpoint=ck, checkpoint_every=1, examples=3).save(
+            out_dir / f"resumed{rank}.npz")
     finally:
         dist.destroy_process_group()
 
@@ -171,7 +173,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 def test_processes_give_the_graph_of_one_process(world, tmp_path):
     mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
     x, y = _data()
-    single = _run((x, y), per_sample=True)
+    single = _run((x, y), per_sample=True, examples=3)
     flats = [cn.load(tmp_path / f"flat{r}.npz") for r in range(world)]
     for g in flats:
         _assert_same(g, single)
