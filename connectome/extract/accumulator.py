@@ -412,9 +412,10 @@ class FlowAccumulator:
             view = self._view(node)
             if gA is not None:
                 prod = A * gA
-                self.attr[li] += view.sum(prod)
-                if self.examples is not None:
-                    self.examples.observe(self.examples_attr, li, view, prod, index, by_sum=True)
+                if self.examples is None:
+                    self.attr[li] += view.sum(prod)
+                else:  # the per-image sums that rank the examples give the total too
+                    self.attr[li] += self.examples.observe(self.examples_attr, li, view, prod, index, by_sum=True)
             if self.examples is not None:
                 self.examples.observe(self.examples_act, li, view, A, index)
             # activation statistics: spatial mean per image

@@ -126,15 +126,17 @@ class ExampleTracker:
         return out
 
     def observe(self, state: list[Any], li: int, view: Any, t: torch.Tensor, index: torch.Tensor,
-                by_sum: bool = False) -> None:
+                by_sum: bool = False) -> torch.Tensor | None:
         """Merge one batch of layer ``li``'s values ``t`` into ``state[li]``.
 
-        ``by_sum``: rank by the per-image sum over positions (attribution), else by the max.
+        ``by_sum``: rank by the per-image sum over positions (attribution), else by the max;
+        then returns the sum over the batch per unit, shape (L,) float64.
         """
         if state[li] is None:
-            return
+            return view.sum(t) if by_sum else None
         mx, pos, s = _per_unit(view, t.detach(), by_sum)
         state[li] = _merge(state[li], s if by_sum else mx, pos, index)
+        return s.sum(0) if by_sum else None
 
     def columns(self, state: list[Any], by: str) -> dict[str, np.ndarray]:
         """Node attribute columns of one list, aligned with the graph's nodes (layer order)."""
