@@ -26,6 +26,7 @@ EXAMPLES = {
     "report": "connectome report graphs/circle.npz --top 10 --out report/",
     "compare": "connectome compare graphs/circle.npz graphs/ring.npz --json",
     "export": "connectome export graphs/circle.npz --format graphml --prune-top-k 8 --out circle.graphml",
+    "view": "connectome view graphs/ --out viewer.html",
     "demo": "connectome demo --out demo_out",
     "zoo": "connectome zoo list",
 }
@@ -72,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="folder for a resumable run: rerun the same command to continue after an interruption")
     e.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
                    help="batches between checkpoints (default 50)")
+    e.add_argument("--examples", type=int, default=0, metavar="K",
+                   help="also keep each unit's top K images (dataset examples for unit cards and the viewer)")
 
     r = add("report", "Analyse one graph: hubs, communities, circuit; print and write report.html.")
     r.add_argument("graph", metavar="GRAPH.npz")
@@ -79,6 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print machine-readable results instead of tables")
     r.add_argument("--out", default=None, help="directory for report.html and PNGs")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--html", action="store_true", help="also write the interactive viewer.html next to report.html")
+    r.add_argument("--data", default=None, help="the images the graph's examples index (default: as recorded)")
 
     c = add("compare", "Compare two graphs of one model: shared and analogous units and circuits.")
     c.add_argument("a", metavar="A.npz")
@@ -92,6 +97,16 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--format", required=True, choices=["graphml", "gexf"])
     x.add_argument("--prune-top-k", type=int, default=None, help="keep the K strongest inputs per unit")
     x.add_argument("--out", required=True, help="output file")
+    x.add_argument("--examples", default=None, metavar="DIR",
+                   help="write each unit's top image patches as PNG files into DIR (graph extracted with --examples)")
+    x.add_argument("--data", default=None, help="the images the graph's examples index (default: as recorded)")
+
+    v = add("view", "Write the interactive circuit viewer: one self-contained HTML file.")
+    v.add_argument("graphs", metavar="GRAPH", nargs="+",
+                   help=".npz graphs (categories of one model), or a folder written by extract")
+    v.add_argument("--out", default="viewer.html", help="output HTML file (default viewer.html)")
+    v.add_argument("--data", default=None, help="the images the graphs' examples index (default: as recorded)")
+    v.add_argument("--mass", type=float, default=0.9, help="largest circuit mass on the slider (default 0.9)")
 
     d = add("demo", "Run the whole toolkit on the embedded zoo and write a report.")
     d.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
@@ -197,6 +212,8 @@ def _extract(a: argparse.Namespace, rank: int) -> int:
         raise ConnectomeError(f"--num-workers must be >= 0, got {a.num_workers}")
     if a.checkpoint_every < 1:
         raise ConnectomeError(f"--checkpoint-every must be >= 1 batch, got {a.checkpoint_every}")
+    if a.examples < 0:
+        raise ConnectomeError(f"--examples must be >= 0 images per unit, got {a.examples}")
 
     spec = load_model_spec(a.model, a.weights)
     size = a.image_size or (spec.input_shape[-1] if spec.input_shape else None)
@@ -223,10 +240,13 @@ def _extract(a: argparse.Namespace, rank: int) -> int:
         spec.model, data, target, categories=cats, batch_size=a.batch_size, transform=transform,
         progress=not a.quiet, per_sample=a.per_sample, device=a.device, max_images=a.max_images,
         name=spec.name, labels=spec.classes, num_workers=a.num_workers, checkpoint=a.checkpoint,
-        checkpoint_every=a.checkpoint_every,
+        checkpoint_every=a.checkpoint_every, examples=a.examples,
     )
     if rank != 0:
         return 0
+    if a.examples:  # where the images are: `view` and `report` find the patches again
+        where = str(Path(a.data).resolve()) if isinstance(data, str) else a.data
+        graphs = {c: g.with_meta(examples={**g.meta["examples"], "data": where}) for c, g in graphs.items()}
     files = category_files(list(graphs))
     for cname, g in graphs.items():
         g.save(out / files[cname])
@@ -283,8 +303,13 @@ def _cmd_report(a: argparse.Namespace) -> int:
     from connectome.reporting import graph_report
 
     _check_out_dir(a.out)
+    if a.html and a.out is None:
+        raise ConnectomeError("--html writes viewer.html next to report.html: give --out DIR")
     g = load(a.graph)
-    return _emit(graph_report(g, top=a.top, out=a.out, seed=a.seed), a.json)
+    result = graph_report(g, top=a.top, out=a.out, seed=a.seed, images=a.data, viewer=a.html)
+    if a.html:
+        print(f"viewer: {result.data['viewer']}", file=sys.stderr)
+    return _emit(result, a.json)
 
 
 def _emit(result: Any, as_json: bool) -> int:
@@ -315,8 +340,64 @@ def _cmd_export(a: argparse.Namespace) -> int:
         if a.prune_top_k < 1:
             raise ConnectomeError(f"--prune-top-k must be >= 1, got {a.prune_top_k}")
         g = g.prune(top_k=a.prune_top_k)
+    _check_out_file(a.out)
+    if a.examples is not None:
+        g = _write_patches(g, a.examples, a.data, Path(a.out).parent)
     (io.write_graphml if a.format == "graphml" else io.write_gexf)(g, a.out)
     print(f"wrote {a.out} ({g.num_nodes} nodes, {g.num_edges} edges)", file=sys.stderr)
+    return 0
+
+
+def _write_patches(g: Any, folder: str, data: str | None, beside: Path) -> Any:
+    """Each unit's top patches as one PNG strip ``DIR/<layer>_<unit>.png``; returns ``g`` with the
+    file of each unit (relative to the exported file's folder) as node attribute ``example_file``."""
+    import numpy as np
+
+    from connectome.io import atomic_write, file_stem
+    from connectome.patches import has_examples, image_source, unit_patches
+    from connectome.viz.units import patch_strip, png_bytes
+
+    if not has_examples(g):
+        raise ConnectomeError("--examples: the graph has no dataset examples; extract it with --examples K")
+    images = image_source(g, data)
+    if images is None:
+        raise ConnectomeError("--examples: the graph does not record where its images are; pass --data DATA")
+    out = Path(folder)
+    if out.exists() and not out.is_dir():
+        raise ConnectomeError(f"--examples {folder!r} is a file; give a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    patches = unit_patches(g, images, n=8, size=48)
+    files = np.full(g.num_nodes, "", dtype=object)
+    for nid, items in patches.items():
+        name = file_stem(nid.replace(":", "_")) + ".png"
+        with atomic_write(out / name) as fh:
+            fh.write(png_bytes(patch_strip([p["patch"] for p in items], 48)))
+        files[g.index_of(nid)] = os.path.relpath(out / name, beside)
+    print(f"wrote {len(patches)} unit patch strips to {folder}", file=sys.stderr)
+    return g.with_node_attrs(example_file=files.astype(str))
+
+
+def _cmd_view(a: argparse.Namespace) -> int:
+    from connectome.io import load
+    from connectome.viz.viewer import write_viewer
+
+    graphs: dict[str, Any] = {}
+    for item in a.graphs:
+        p = Path(item)
+        if p.is_dir():
+            index = p / "index.json"
+            if not index.is_file():
+                raise ConnectomeError(f"folder {item!r} has no index.json; pass .npz files or a folder written by extract")
+            for cname, entry in json.loads(index.read_text()).get("categories", {}).items():
+                graphs[cname] = load(p / entry["file"])
+        else:
+            g = load(p)
+            graphs[str(g.meta.get("category") or p.stem)] = g
+    if not 0 < a.mass <= 1:
+        raise ConnectomeError(f"--mass must be in (0, 1], got {a.mass}")
+    _check_out_file(a.out)
+    path = write_viewer(graphs, a.out, images=a.data, mass=a.mass)
+    print(f"viewer: {path}")
     return 0
 
 
@@ -358,7 +439,7 @@ def _json_default(o: Any) -> Any:
 
 COMMANDS = {
     "weights": _cmd_weights, "extract": _cmd_extract, "report": _cmd_report, "compare": _cmd_compare,
-    "export": _cmd_export, "demo": _cmd_demo, "zoo": _cmd_zoo,
+    "export": _cmd_export, "demo": _cmd_demo, "zoo": _cmd_zoo, "view": _cmd_view,
 }
 
 

@@ -616,6 +616,11 @@ def _export_columns(g: Connectome, in_attribute: bool) -> tuple[dict[str, _Colum
         if k in node_cols:
             raise ExportError(f"node attribute {k!r} collides with a Gephi key; rename it with with_node_attrs")
         node_cols[k] = v
+    if "example_index_0" in g.node_attrs and (g.meta.get("examples") or {}).get("paths") \
+            and "example_path" not in node_cols:  # each unit's top image, for a Gephi user to open
+        from connectome.patches import top_example
+
+        node_cols["example_path"] = np.asarray(top_example(g)[1], dtype=object)
     for k in g.edge_attrs:
         if k in ("weight", "signed_weight"):
             raise ExportError(f"edge attribute {k!r} collides with a reserved key")

@@ -106,8 +106,12 @@ def _has_target(g: Connectome) -> bool:
 
 
 def graph_sections(g: Connectome, top: int = 10, seed: int = 0, report: Any = None, prefix: str = "",
-                   mass: float = 0.8) -> dict[str, Any]:
+                   mass: float = 0.8, images: Any = None, max_cards: int = 24) -> dict[str, Any]:
     """Hubs, communities, circuit and neuron groups of one graph; adds figures to ``report``.
+
+    When the graph carries dataset examples (``examples=k`` at extraction) the report also
+    gets a card per circuit unit and per top contributor, with its top image patches;
+    ``images`` is the data they index (default: the files or data spec in ``meta``).
 
     Returns a JSON-able dict with the results and a ``text`` entry for the terminal.
     """
@@ -192,26 +196,67 @@ def graph_sections(g: Connectome, top: int = 10, seed: int = 0, report: Any = No
                     report.add_figure(viz.plot_groups(groups.graph, groups.members, title=f"Neuron groups of {name}"),
                                       "The circuit's units grouped per layer by where their flow goes and comes from; "
                                       "arrows carry the summed flow between groups.", f"{prefix}groups_{_slug(name)}")
+            _add_cards(report, g_comm, circ, data.get("top_contributors", []), images, name, max_cards)
     data["text"] = "\n".join(text)
     data["_circuit"] = circ
     data["_partition"] = p
     return data
 
 
+def _add_cards(report: Any, g: Connectome, circ: Connectome, contrib: list[Any], images: Any, name: str,
+               max_cards: int) -> None:
+    """Unit cards of the circuit's hidden units and of the top contributors, when ``g`` has examples."""
+    from connectome.patches import has_examples, image_source
+    from connectome.viz.units import unit_cards
+
+    if not has_examples(g):
+        return
+    try:
+        source = image_source(g, images)
+    except (ConnectomeError, OSError, TypeError, ValueError) as exc:
+        warnings.warn(f"unit cards without patches: {exc}", stacklevel=3)
+        source = None
+    if source is None:
+        report.add_text("The graph carries dataset examples but not the images they index: pass the data "
+                        "(report(..., images=data), or --data on the command line) to see the patches.")
+    attr = np.abs(np.asarray(circ.node_attrs.get("attribution", np.zeros(circ.num_nodes)), dtype=np.float64))
+    hidden = [i for i in range(circ.num_nodes) if is_hidden(circ.layers[int(circ.node_layer[i])].kind)]
+    order = sorted(hidden, key=lambda i: (int(circ.node_layer[i]), -attr[i]))[:max_cards]
+    try:
+        cards = unit_cards(g, [str(circ.node_ids[i]) for i in order], source)
+        report.add_cards(cards, f"What the circuit's units respond to: each unit's top images by maximum activation "
+                                f"in {name}, cropped to its receptive field, best first.")
+        if contrib:
+            report.add_cards(unit_cards(g, [n for n, _ in contrib], source),
+                             "The previous-layer units that contributed most to the class, with their top patches.")
+    except (ConnectomeError, OSError) as exc:  # images gone since the extraction: the report goes on
+        warnings.warn(f"unit cards skipped: {exc}", stacklevel=3)
+
+
 def _slug(s: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in str(s))[:40]
 
 
-def graph_report(g: Connectome, top: int = 10, out: str | None = None, seed: int = 0) -> ReportResult:
-    """Analyse one graph; with ``out``, also write ``report.html`` and PNGs there."""
+def graph_report(g: Connectome, top: int = 10, out: str | None = None, seed: int = 0, images: Any = None,
+                 viewer: bool = False) -> ReportResult:
+    """Analyse one graph; with ``out``, also write ``report.html`` and PNGs there (and, with
+    ``viewer``, the interactive ``viewer.html``). ``images``: the data its examples index."""
     g = for_display(g)
     rep = None
     if out is not None:
         from connectome.viz import Report
 
         rep = Report(f"connectome report: {g.meta.get('model', '')} {g.meta.get('category') or ''}".strip())
-    data = graph_sections(g, top=top, seed=seed, report=rep)
+    data = graph_sections(g, top=top, seed=seed, report=rep, images=images)
     path = str(rep.write(out)) if rep is not None else None
+    if viewer:
+        from pathlib import Path
+
+        from connectome.viz.viewer import write_viewer
+
+        if out is None:
+            raise ConnectomeError("the viewer is written next to the report: give an output folder (--out DIR)")
+        data["viewer"] = str(write_viewer(g, Path(out) / "viewer.html", images=images))
     text = data.pop("text")
     data.pop("_circuit")
     data.pop("_partition")

@@ -23,6 +23,7 @@ Activation and Attribution Summarizations", IEEE TVCG.
 from __future__ import annotations
 
 import math
+import os
 import time
 from typing import Any, Callable, Sequence
 
@@ -229,7 +230,8 @@ class ImageOrder:
         samples = getattr(self.root, "samples", None)
         if samples is not None and self.order is not None:
             used = np.unique(used[used >= 0])
-            out["paths"] = {str(int(i)): str(samples[int(i)][0]) for i in used if int(i) < len(samples)}
+            # absolute: the graph is read again from other folders (view, report, export)
+            out["paths"] = {str(int(i)): os.path.abspath(str(samples[int(i)][0])) for i in used if int(i) < len(samples)}
         return out
 
 

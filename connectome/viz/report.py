@@ -36,6 +36,12 @@ th, td { border: 1px solid #ccc; padding: .3em .7em; }
 th { background: #f4f4f4; text-align: left; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 tr:nth-child(even) td { background: #fafafa; }
+.cards { display: flex; flex-wrap: wrap; gap: .8em; margin: 1em 0; }
+.card { border: 1px solid #ddd; border-radius: 6px; padding: .5em .7em; font-size: .85em; background: #fcfcfc; }
+.card h4 { margin: 0 0 .3em 0; font-size: 1em; font-family: monospace; }
+.card img { display: block; image-rendering: pixelated; margin-bottom: .3em; }
+.card table { margin: 0; font-size: .95em; }
+.card td { border: none; padding: 0 .6em 0 0; background: none !important; }
 pre { background: #f6f8fa; border: 1px solid #e1e4e8; padding: .8em; overflow-x: auto; font-size: .88em; }
 """
 
@@ -168,6 +174,25 @@ class Report:
         self._items.append(("table", ([str(h) for h in headers] if headers is not None else None, body,
                                       None if caption is None else str(caption))))
 
+    def add_cards(self, cards: Sequence[dict[str, Any]], caption: str | None = None) -> None:
+        """Add unit cards: per unit a title, a strip of image patches and a few fields.
+
+        Parameters
+        ----------
+        cards : sequence of dict
+            ``{"title": str, "png": bytes or None, "fields": [(name, value), ...]}``, as
+            :func:`connectome.viz.units.unit_cards` makes them.
+        caption : str, optional
+            Text above the cards.
+        """
+        items = []
+        for c in cards:
+            png = c.get("png")
+            if png is not None and not bytes(png).startswith(_PNG_SIGNATURE):
+                raise ValueError(f"card {c.get('title')!r}: png must be PNG file bytes")
+            items.append((str(c.get("title", "")), png, [(str(k), _cell(v)) for k, v in c.get("fields", [])]))
+        self._items.append(("cards", (None if caption is None else str(caption), items)))
+
     def add_code(self, text: str) -> None:
         """Add preformatted text (a command line, a repr, a JSON summary)."""
         self._items.append(("code", str(text)))
@@ -217,6 +242,19 @@ class Report:
                 out.append("</tbody></table>")
             elif kind == "code":
                 out.append(f"<pre><code>{e(item)}</code></pre>")
+            elif kind == "cards":
+                caption, cards = item
+                if caption:
+                    out.append(f"<p>{e(caption)}</p>")
+                out.append('<div class="cards">')
+                for title, png, fields in cards:
+                    img = ""
+                    if png is not None:
+                        img = (f'<img src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}" '
+                               f'alt="top image patches of {e(title)}">')
+                    rows = "".join(f"<tr><td>{e(k)}</td><td>{e(t)}</td></tr>" for k, (t, _) in fields)
+                    out.append(f'<div class="card"><h4>{e(title)}</h4>{img}<table>{rows}</table></div>')
+                out.append("</div>")
         out += ["</body>", "</html>", ""]
         return "\n".join(out)
 
@@ -252,6 +290,13 @@ class Report:
             elif kind == "code":
                 fence = "````" if "```" in item else "```"
                 out += [fence, item, fence, ""]
+            elif kind == "cards":
+                caption, cards = item
+                if caption:
+                    out += [_md(caption), ""]
+                for title, _, fields in cards:
+                    out.append(f"- `{title}`: " + ", ".join(f"{_md(k)} {_md(t)}" for k, (t, _) in fields))
+                out.append("")
         return "\n".join(out)
 
     def write(self, out_dir: Any, *, markdown: bool = False) -> Path:

@@ -1,0 +1,517 @@
+"""An interactive circuit viewer: one self-contained HTML file, opened from disk, no network.
+
+The layered circuit of each category is drawn on a canvas (units as dots, coloured by
+community and sized by |attribution|; flows as lines, red positive and blue negative, as in
+the PNG drawings), with pan and zoom, a card per unit on hover (its top image patches
+cropped to the receptive field, attribution, flow in and out, community, strongest inputs
+and outputs, highlighted in the drawing), click to pin, a slider for the circuit mass,
+a menu of categories and a search by unit id. The data (JSON) and the patches (one PNG
+sprite per category) are inlined with a small script of its own: nothing is fetched.
+
+A unit's *level* is the smallest circuit mass (:func:`connectome.analysis.circuit`) at
+which it belongs to the circuit, so moving the slider shows exactly the circuit of that
+mass; graphs without a target unit (weight graphs) use each layer's cumulative share of
+``|attribution|`` (or strength) instead.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from connectome.errors import ConnectomeError
+from connectome.graph import Connectome
+from connectome.kinds import is_hidden
+
+__all__ = ["viewer_html", "write_viewer", "unit_levels"]
+
+LEVELS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+
+
+def unit_levels(g: Connectome, mass: float = 0.9) -> np.ndarray:
+    """Per node, the smallest circuit mass at which it is in the circuit (``inf``: not even at ``mass``).
+
+    With a target (an attribution graph of a class), circuits of the masses in ``LEVELS`` up
+    to ``mass`` are computed; otherwise a unit's level is the share of its layer's
+    ``|attribution|`` (or strength) held by the units stronger than it.
+    """
+    from connectome.analysis.circuits import circuit, target_node
+
+    level = np.full(g.num_nodes, np.inf)
+    try:
+        target_node(g, None)
+        has_target = g.num_edges > 0
+    except ConnectomeError:
+        has_target = False
+    if has_target:
+        for m in [v for v in LEVELS if v < mass] + [mass]:
+            try:
+                c = circuit(g, mass=m)
+            except ConnectomeError:  # no flow reaches the target at this mass
+                continue
+            idx = g.index_of(c.node_ids.tolist())
+            level[idx] = np.minimum(level[idx], m)
+        return level
+    if "attribution" in g.node_attrs:
+        score = np.abs(np.asarray(g.node_attrs["attribution"], dtype=np.float64))
+    else:
+        score = np.bincount(g.src, weights=np.abs(g.weight), minlength=g.num_nodes) + \
+            np.bincount(g.dst, weights=np.abs(g.weight), minlength=g.num_nodes)
+    for li, layer in enumerate(g.layers):
+        sl = g.layer_slice(layer.name)
+        s = np.nan_to_num(score[sl])
+        order = np.argsort(-s, kind="stable")
+        total = s.sum()
+        before = (np.cumsum(s[order]) - s[order]) / total if total > 0 else np.arange(s.size) / max(s.size, 1)
+        lv = np.empty(s.size)
+        lv[order] = before
+        level[sl] = np.where(lv <= mass, lv, np.inf)
+    return level
+
+
+def _round(a: np.ndarray, digits: int = 4) -> list[float]:
+    a = np.asarray(a, dtype=np.float64)
+    return [float(f"{v:.{digits}g}") if np.isfinite(v) else 0.0 for v in a.tolist()]
+
+
+def _category(g: Connectome, name: str, images: Any, mass: float, max_units: int, max_edges: int,
+              n_patches: int, patch_size: int) -> dict[str, Any]:
+    from connectome.io import node_colors
+    from connectome.patches import has_examples, image_source, unit_patches
+    from connectome.viz.units import compact_image_uri, patch_strip, unit_flows
+
+    level = unit_levels(g, mass)
+    keep = np.flatnonzero(np.isfinite(level))
+    if keep.size > max_units:
+        keep = np.sort(keep[np.argsort(level[keep], kind="stable")[:max_units]])
+    if keep.size == 0:
+        raise ConnectomeError(f"graph {name!r} has no unit with flow to show; is it empty?")
+    sub = g.subgraph(g.node_ids[keep].tolist())
+    if "community" not in sub.node_attrs and sub.num_edges:
+        try:
+            from connectome.analysis import communities
+
+            sub = communities(sub, seed=0).to_node_attr(sub)
+        except Exception:  # no igraph partition possible (no positive flow): colour by kind
+            pass
+    into, out = unit_flows(g)
+    attr = np.asarray(g.node_attrs.get("attribution", into), dtype=np.float64)[keep]
+    comm = np.asarray(sub.node_attrs.get("community", np.full(sub.num_nodes, -1.0)), dtype=np.float64)
+    comm = np.where(np.isfinite(comm), comm, -1)
+    rgb = node_colors(sub)
+    shown_layers = sorted(set(sub.node_layer.tolist()))
+    col = {li: c for c, li in enumerate(shown_layers)}
+    # within a layer: by community, then by |attribution|, centred on the layer's axis
+    y = np.zeros(sub.num_nodes)
+    for li in shown_layers:
+        idx = np.flatnonzero(sub.node_layer == li)
+        order = idx[np.lexsort((-np.abs(attr[idx]), comm[idx]))]
+        y[order] = np.arange(order.size) - (order.size - 1) / 2
+    w = sub.weight
+    e = np.arange(sub.num_edges)
+    if e.size > max_edges:
+        e = np.sort(np.argsort(-np.abs(w), kind="stable")[:max_edges])
+    sprite, rows = None, np.full(sub.num_nodes, -1)
+    source = None
+    if has_examples(sub):
+        try:
+            source = image_source(sub, images)
+        except (ConnectomeError, OSError, TypeError, ValueError):
+            source = None
+    if source is not None:
+        hidden = [str(sub.node_ids[i]) for i in range(sub.num_nodes)
+                  if sub.layers[int(sub.node_layer[i])].kind != "input"]
+        try:
+            patches = unit_patches(sub, source, hidden, n=n_patches, size=patch_size)
+        except (ConnectomeError, OSError) as exc:  # image files gone: the viewer works without patches
+            import warnings
+
+            warnings.warn(f"viewer {name!r}: no patches ({exc})", stacklevel=3)
+            patches = {}
+        if patches:
+            per_row = 16
+            strips = []
+            for r, nid in enumerate(patches):
+                rows[sub.index_of(nid)] = r
+                strips.append(patch_strip([p["patch"] for p in patches[nid]], patch_size, n_patches, pad=0))
+            pad = (-len(strips)) % per_row
+            strips += [np.full_like(strips[0], 255)] * pad
+            grid = np.concatenate([np.concatenate(strips[i : i + per_row], 1) for i in range(0, len(strips), per_row)], 0)
+            sprite = compact_image_uri(grid)
+    target = None
+    if g.meta.get("target_class") is not None and g.layers[-1].labels:
+        t = int(g.meta["target_class"])
+        target = g.layers[-1].labels[t] if 0 <= t < len(g.layers[-1].labels) else str(t)
+    return {
+        "name": name,
+        "target": target,
+        "n_images": g.meta.get("n_images"),
+        "layers": [sub.layers[li].name for li in shown_layers],
+        "nodes": {
+            "id": sub.node_ids.tolist(),
+            "col": [col[int(li)] for li in sub.node_layer],
+            "y": y.tolist(),
+            "level": _round(level[keep], 3),
+            "attr": _round(attr),
+            "fin": _round(into[keep]),
+            "fout": _round(out[keep]),
+            "comm": comm.astype(np.int64).tolist(),
+            "rgb": ["#%02x%02x%02x" % tuple(int(v) for v in c) for c in rgb],
+            "row": rows.tolist(),
+        },
+        "edges": {"s": sub.src[e].tolist(), "t": sub.dst[e].tolist(), "w": _round(w[e])},
+        "sprite": sprite,
+        "patch": patch_size,
+        "npatch": n_patches,
+        "perRow": 16,
+        "mass": mass,
+        "hidden": [bool(is_hidden(l.kind)) for l in sub.layers],
+    }
+
+
+def viewer_html(graphs: Connectome | Mapping[str, Connectome], images: Any = None, *, title: str | None = None,
+                mass: float = 0.9, max_units: int = 2000, max_edges: int = 20000, n_patches: int = 6,
+                patch_size: int = 24) -> str:
+    """The viewer as one HTML string (see :func:`write_viewer`)."""
+    if isinstance(graphs, Connectome):
+        graphs = {str(graphs.meta.get("category") or graphs.meta.get("model") or "graph"): graphs}
+    if not graphs:
+        raise ValueError("graphs is empty; pass a Connectome or a dict of category -> Connectome")
+    if not 0 < mass <= 1:
+        raise ValueError(f"mass must be in (0, 1], got {mass}")
+    from connectome.reporting import for_display
+
+    cats = []
+    for name, g in graphs.items():
+        if not isinstance(g, Connectome):
+            raise TypeError(f"graphs[{name!r}] is a {type(g).__name__}, not a Connectome")
+        imgs = images.get(name) if isinstance(images, Mapping) else images
+        cats.append(_category(for_display(g), str(name), imgs, mass, max_units, max_edges, n_patches, patch_size))
+    first = next(iter(graphs.values()))
+    title = title or f"connectome viewer: {first.meta.get('model', '')}".strip()
+    data = json.dumps({"title": title, "categories": cats}, separators=(",", ":"), allow_nan=False)
+    data = data.replace("</", "<\\/")  # a name such as "</script>" must not end the script
+    return (_PAGE.replace("__TITLE__", html.escape(title)).replace("__CSS__", _CSS)
+            .replace("__DATA__", data).replace("__SCRIPT__", _SCRIPT))
+
+
+def write_viewer(graphs: Connectome | Mapping[str, Connectome], path: Any, images: Any = None, **kw: Any) -> Path:
+    """Write the interactive circuit viewer: one self-contained HTML file.
+
+    Parameters
+    ----------
+    graphs : Connectome or dict of str -> Connectome
+        One graph, or the graphs of several categories of one model (a menu switches).
+    path : str or PathLike
+        The HTML file to write (atomically).
+    images : optional
+        The data the graphs' dataset examples index (see
+        :func:`connectome.patches.image_source`); a dict per category is accepted. Default:
+        the files or data spec in each graph's ``meta["examples"]``. Without images (or
+        examples) the cards show numbers only.
+    **kw
+        ``title``, ``mass`` (largest circuit mass on the slider, default 0.9), ``max_units``
+        (2000), ``max_edges`` (20000), ``n_patches`` (6), ``patch_size`` (24 pixels).
+
+    Returns
+    -------
+    pathlib.Path
+
+    Examples
+    --------
+    >>> write_viewer(graphs, "viewer.html", images=data)   # doctest: +SKIP
+    """
+    from connectome.io import atomic_write
+
+    text = viewer_html(graphs, images, **kw)
+    p = Path(path)
+    if not p.parent.is_dir():
+        raise ConnectomeError(f"cannot write {str(p)!r}: folder {str(p.parent)!r} does not exist")
+    with atomic_write(p) as fh:
+        fh.write(text.encode("utf-8"))
+    return p
+
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>__TITLE__</title><style>__CSS__</style></head>
+<body>
+<div id="bar">
+  <b id="title">__TITLE__</b>
+  <label>category <select id="cat"></select></label>
+  <label>circuit mass <input id="mass" type="range" min="5" max="100" step="5" value="50"> <span id="massv"></span></label>
+  <label><input id="search" type="search" placeholder="unit id, e.g. conv2:5" list="ids" size="18"></label>
+  <datalist id="ids"></datalist>
+  <span id="count"></span>
+  <span class="legend"><i style="background:#d62728"></i>positive flow <i style="background:#1f77b4"></i>negative flow</span>
+</div>
+<canvas id="view"></canvas>
+<div id="card" hidden></div>
+<div id="help">drag to pan, wheel to zoom, hover a unit, click to pin (click empty space to unpin)</div>
+<script type="application/json" id="data">__DATA__</script>
+<script>__SCRIPT__</script>
+</body></html>
+"""
+
+_CSS = """
+html, body { margin: 0; height: 100%; overflow: hidden; font: 13px -apple-system, "Segoe UI", Roboto, Arial, sans-serif; color: #222; }
+#bar { position: fixed; top: 0; left: 0; right: 0; height: 38px; display: flex; gap: 14px; align-items: center;
+       padding: 0 10px; background: #f6f6f6; border-bottom: 1px solid #ddd; z-index: 2; white-space: nowrap; }
+#view { position: fixed; top: 39px; left: 0; cursor: grab; }
+#card { position: fixed; top: 48px; right: 10px; width: 320px; max-height: calc(100% - 70px); overflow: auto;
+        background: #fff; border: 1px solid #bbb; border-radius: 6px; padding: 8px 10px; box-shadow: 0 2px 8px #0002; z-index: 3; }
+#card.pinned { border-color: #333; border-width: 2px; }
+#card h3 { margin: 0 0 4px 0; font: bold 14px monospace; }
+#card table { border-collapse: collapse; width: 100%; }
+#card td { padding: 1px 4px; } #card td.n { text-align: right; font-variant-numeric: tabular-nums; }
+#card canvas { image-rendering: pixelated; display: block; margin: 4px 0; border: 1px solid #eee; }
+#card .sub { color: #666; margin-top: 6px; }
+#help { position: fixed; bottom: 6px; left: 10px; color: #888; font-size: 12px; }
+.legend i { display: inline-block; width: 18px; height: 3px; vertical-align: middle; margin: 0 4px 0 8px; }
+"""
+
+_SCRIPT = r"""
+(function () {
+  "use strict";
+  var V = window.connectomeViewer = { ready: false, errors: [] };
+  window.addEventListener("error", function (e) { V.errors.push(String(e.message || e)); });
+  var D = JSON.parse(document.getElementById("data").textContent);
+  var canvas = document.getElementById("view"), ctx = canvas.getContext("2d");
+  var card = document.getElementById("card"), sel = document.getElementById("cat");
+  var slider = document.getElementById("mass"), massv = document.getElementById("massv");
+  var search = document.getElementById("search"), count = document.getElementById("count");
+  var COLX = 220, ROWY = 16, POS = "214,39,40", NEG = "31,119,180";
+  var C = null, view = { s: 1, tx: 0, ty: 0 }, hover = -1, pinned = -1, thr = 0.5, sprite = null;
+  var inE = [], outE = [], wx = [], wy = [], rad = [], shown = [], maxW = 1;
+
+  function fmt(v) { return Math.abs(v) >= 1e4 || (v !== 0 && Math.abs(v) < 1e-3) ? v.toExponential(2) : v.toFixed(3); }
+
+  function load(i) {
+    C = D.categories[i];
+    var n = C.nodes.id.length, E = C.edges, maxA = 0;
+    inE = []; outE = []; wx = []; wy = []; rad = []; maxW = 0;
+    for (var k = 0; k < n; k++) { inE.push([]); outE.push([]); maxA = Math.max(maxA, Math.abs(C.nodes.attr[k])); }
+    for (var e = 0; e < E.s.length; e++) { outE[E.s[e]].push(e); inE[E.t[e]].push(e); maxW = Math.max(maxW, Math.abs(E.w[e])); }
+    var byW = function (a, b) { return Math.abs(E.w[b]) - Math.abs(E.w[a]); };
+    for (k = 0; k < n; k++) {
+      inE[k].sort(byW); outE[k].sort(byW);
+      wx.push(C.nodes.col[k] * COLX); wy.push(C.nodes.y[k] * ROWY);
+      rad.push(2.5 + 7 * Math.sqrt(maxA > 0 ? Math.abs(C.nodes.attr[k]) / maxA : 0));
+    }
+    sprite = null;
+    if (C.sprite) { sprite = new Image(); sprite.onload = function () { showCard(); }; sprite.src = C.sprite; }
+    var dl = document.getElementById("ids"); dl.innerHTML = "";
+    C.nodes.id.forEach(function (id) { var o = document.createElement("option"); o.value = id; dl.appendChild(o); });
+    hover = -1; pinned = -1; card.hidden = true;
+    filter(); fit(); draw();
+  }
+
+  function filter() {
+    shown = C.nodes.level.map(function (l) { return l <= thr + 1e-9; });
+    var nu = shown.filter(Boolean).length, ne = 0;
+    for (var e = 0; e < C.edges.s.length; e++) if (shown[C.edges.s[e]] && shown[C.edges.t[e]]) ne++;
+    massv.textContent = Math.round(thr * 100) + "%";
+    count.textContent = nu + " units, " + ne + " edges" + (C.target ? " into " + C.target : "");
+  }
+
+  function fit() {
+    var w = canvas.width / devicePixelRatio, h = canvas.height / devicePixelRatio;
+    var x1 = Math.max(COLX, (C.layers.length - 1) * COLX), ys = C.nodes.y, y0 = 0, y1 = 0;
+    for (var k = 0; k < ys.length; k++) { y0 = Math.min(y0, ys[k] * ROWY); y1 = Math.max(y1, ys[k] * ROWY); }
+    view.s = Math.min((w - 80) / x1, (h - 80) / Math.max(ROWY, y1 - y0), 4);
+    view.tx = 40 - 0 * view.s + (w - 80 - x1 * view.s) / 2;
+    view.ty = h / 2 - (y0 + y1) / 2 * view.s;
+  }
+
+  function sx(k) { return wx[k] * view.s + view.tx; }
+  function sy(k) { return wy[k] * view.s + view.ty; }
+
+  function resize() {
+    canvas.width = window.innerWidth * devicePixelRatio;
+    canvas.height = (window.innerHeight - 39) * devicePixelRatio;
+    canvas.style.width = window.innerWidth + "px"; canvas.style.height = (window.innerHeight - 39) + "px";
+  }
+
+  function focusNode() { return pinned >= 0 ? pinned : hover; }
+
+  function strokeEdges(list, width, alphaScale) {
+    var E = C.edges, buckets = {};
+    for (var q = 0; q < list.length; q++) {
+      var e = list[q], a = Math.sqrt(Math.abs(E.w[e]) / maxW);
+      var key = (E.w[e] >= 0 ? "p" : "n") + Math.min(4, Math.floor(a * 5));
+      (buckets[key] = buckets[key] || []).push(e);
+    }
+    Object.keys(buckets).forEach(function (key) {
+      var a = (parseInt(key.slice(1), 10) + 1) / 5;
+      ctx.strokeStyle = "rgba(" + (key[0] === "p" ? POS : NEG) + "," + Math.min(1, (0.08 + 0.8 * a) * alphaScale) + ")";
+      ctx.lineWidth = width * (0.5 + 1.5 * a);
+      ctx.beginPath();
+      buckets[key].forEach(function (e) {
+        var s = E.s[e], t = E.t[e];
+        ctx.moveTo(sx(s), sy(s)); ctx.lineTo(sx(t), sy(t));
+      });
+      ctx.stroke();
+    });
+  }
+
+  function topEdges(k) {
+    return inE[k].filter(function (e) { return shown[C.edges.s[e]]; }).slice(0, 5)
+      .concat(outE[k].filter(function (e) { return shown[C.edges.t[e]]; }).slice(0, 5));
+  }
+
+  function draw() {
+    var t0 = performance.now(), w = canvas.width, h = canvas.height;
+    ctx.setTransform(1, 0, 0, 1, 0, 0); ctx.clearRect(0, 0, w, h);
+    ctx.setTransform(devicePixelRatio, 0, 0, devicePixelRatio, 0, 0);
+    var f = focusNode(), E = C.edges, vis = [];
+    for (var e = 0; e < E.s.length; e++) if (shown[E.s[e]] && shown[E.t[e]]) vis.push(e);
+    strokeEdges(vis, 1, f >= 0 ? 0.35 : 1);
+    if (f >= 0) strokeEdges(topEdges(f), 2.5, 1.6);
+    ctx.fillStyle = "#555"; ctx.font = "11px sans-serif"; ctx.textAlign = "center";
+    C.layers.forEach(function (name, c) { ctx.fillText(name, c * COLX * view.s + view.tx, 14); });
+    var hl = {};
+    if (f >= 0) { hl[f] = 1; topEdges(f).forEach(function (e) { hl[E.s[e]] = 1; hl[E.t[e]] = 1; }); }
+    for (var k = 0; k < wx.length; k++) {
+      if (!shown[k]) continue;
+      var r = rad[k] * Math.min(1.6, Math.max(0.6, Math.sqrt(view.s)));
+      ctx.globalAlpha = f >= 0 && !hl[k] ? 0.35 : 1;
+      ctx.beginPath(); ctx.arc(sx(k), sy(k), r, 0, 6.2832);
+      ctx.fillStyle = C.nodes.rgb[k]; ctx.fill();
+      if (k === f) { ctx.lineWidth = 2.5; ctx.strokeStyle = "#000"; ctx.stroke(); }
+    }
+    ctx.globalAlpha = 1;
+    V.lastDrawMs = performance.now() - t0;
+  }
+
+  function nearest(mx, my) {
+    var best = -1, bd = 100;
+    for (var k = 0; k < wx.length; k++) {
+      if (!shown[k]) continue;
+      var dx = sx(k) - mx, dy = sy(k) - my, d = dx * dx + dy * dy;
+      if (d < bd) { bd = d; best = k; }
+    }
+    return best;
+  }
+
+  function edgeRows(list, other) {
+    var E = C.edges;
+    return list.slice(0, 5).map(function (e) {
+      return "<tr><td>" + esc(C.nodes.id[other(e)]) + "</td><td class='n' style='color:" +
+        (E.w[e] >= 0 ? "#d62728" : "#1f77b4") + "'>" + fmt(E.w[e]) + "</td></tr>";
+    }).join("");
+  }
+
+  function esc(s) { return String(s).replace(/[&<>"']/g, function (c) { return "&#" + c.charCodeAt(0) + ";"; }); }
+
+  function showCard() {
+    var k = focusNode();
+    if (k < 0) { card.hidden = true; return; }
+    var N = C.nodes, E = C.edges, lvl = N.level[k];
+    var h = "<h3>" + esc(N.id[k]) + "</h3>" +
+      "<table><tr><td>attribution</td><td class='n'>" + fmt(N.attr[k]) + "</td></tr>" +
+      "<tr><td>flow in</td><td class='n'>" + fmt(N.fin[k]) + "</td></tr>" +
+      "<tr><td>flow out</td><td class='n'>" + fmt(N.fout[k]) + "</td></tr>" +
+      "<tr><td>community</td><td class='n'>" + (N.comm[k] >= 0 ? N.comm[k] : "-") + "</td></tr>" +
+      "<tr><td>in circuit from mass</td><td class='n'>" + Math.round(lvl * 100) + "%</td></tr></table>";
+    if (N.row[k] >= 0) h += "<div class='sub'>top images, cropped to the receptive field</div><canvas id='patches'></canvas>";
+    var ins = inE[k].filter(function (e) { return shown[E.s[e]]; });
+    var outs = outE[k].filter(function (e) { return shown[E.t[e]]; });
+    if (ins.length) h += "<div class='sub'>strongest inputs</div><table>" + edgeRows(ins, function (e) { return E.s[e]; }) + "</table>";
+    if (outs.length) h += "<div class='sub'>strongest outputs</div><table>" + edgeRows(outs, function (e) { return E.t[e]; }) + "</table>";
+    card.innerHTML = h;
+    card.className = pinned >= 0 ? "pinned" : "";
+    card.hidden = false;
+    card.dataset.unit = N.id[k];
+    var pc = document.getElementById("patches");
+    if (pc && sprite && sprite.complete && sprite.naturalWidth) {
+      var p = C.patch, n = C.npatch, r = N.row[k], gap = 3, scale = Math.max(1, Math.floor((296 - gap * n) / (p * n)));
+      pc.width = (p * scale + gap) * n - gap; pc.height = p * scale;
+      var g = pc.getContext("2d"); g.imageSmoothingEnabled = false;
+      for (var j = 0; j < n; j++)
+        g.drawImage(sprite, ((r % C.perRow) * n + j) * p, Math.floor(r / C.perRow) * p, p, p,
+                    j * (p * scale + gap), 0, p * scale, p * scale);
+    }
+  }
+
+  var drag = null, pending = false;
+  function redraw() { if (!pending) { pending = true; requestAnimationFrame(function () { pending = false; draw(); }); } }
+  canvas.addEventListener("mousedown", function (e) { drag = { x: e.clientX, y: e.clientY, tx: view.tx, ty: view.ty, moved: false }; });
+  window.addEventListener("mouseup", function (e) {
+    if (drag && !drag.moved) {
+      var r = canvas.getBoundingClientRect(), k = nearest(e.clientX - r.left, e.clientY - r.top);
+      if (e.target === canvas) { pinned = k; showCard(); redraw(); }
+    }
+    drag = null;
+  });
+  canvas.addEventListener("mousemove", function (e) {
+    var r = canvas.getBoundingClientRect();
+    if (drag) {
+      var dx = e.clientX - drag.x, dy = e.clientY - drag.y;
+      if (Math.abs(dx) + Math.abs(dy) > 3) drag.moved = true;
+      if (drag.moved) { view.tx = drag.tx + dx; view.ty = drag.ty + dy; redraw(); }
+      return;
+    }
+    var k = nearest(e.clientX - r.left, e.clientY - r.top);
+    if (k !== hover) { hover = k; if (pinned < 0) showCard(); redraw(); }
+  });
+  canvas.addEventListener("wheel", function (e) {
+    e.preventDefault();
+    var r = canvas.getBoundingClientRect(), mx = e.clientX - r.left, my = e.clientY - r.top;
+    var z = Math.exp(-e.deltaY * 0.0015);
+    view.tx = mx - (mx - view.tx) * z; view.ty = my - (my - view.ty) * z; view.s *= z;
+    redraw();
+  }, { passive: false });
+  slider.addEventListener("input", function () {
+    thr = slider.value / 100; filter();
+    if (pinned >= 0 && !shown[pinned]) pinned = -1;
+    if (hover >= 0 && !shown[hover]) hover = -1;
+    showCard(); redraw();
+  });
+  sel.addEventListener("change", function () { load(sel.selectedIndex); });
+  search.addEventListener("change", function () { find(search.value); });
+  search.addEventListener("keydown", function (e) { if (e.key === "Enter") find(search.value); });
+  window.addEventListener("resize", function () { resize(); draw(); });
+
+  function find(text) {
+    text = String(text).trim();
+    if (!text) return -1;
+    var ids = C.nodes.id, k = ids.indexOf(text);
+    if (k < 0) for (var q = 0; q < ids.length; q++) if (ids[q].indexOf(text) >= 0) { k = q; break; }
+    if (k < 0) { search.style.background = "#fdd"; return -1; }
+    search.style.background = "";
+    if (!shown[k]) { thr = Math.min(1, Math.ceil(C.nodes.level[k] * 20) / 20); slider.value = Math.round(thr * 100); filter(); }
+    pinned = k;
+    var w = canvas.width / devicePixelRatio, h = canvas.height / devicePixelRatio;
+    view.tx = w / 2 - wx[k] * view.s; view.ty = h / 2 - wy[k] * view.s;
+    showCard(); draw();
+    return k;
+  }
+
+  D.categories.forEach(function (c, i) {
+    var o = document.createElement("option"); o.textContent = c.name + (c.target && c.target !== c.name ? " (" + c.target + ")" : "");
+    sel.appendChild(o);
+  });
+  thr = Math.min(D.categories[0].mass, 0.5); slider.max = Math.round(D.categories[0].mass * 100); slider.value = Math.round(thr * 100);
+  resize(); load(0);
+  V.find = find;
+  V.category = function (i) { sel.selectedIndex = i; load(i); };
+  V.setMass = function (m) { slider.value = Math.round(m * 100); slider.dispatchEvent(new Event("input")); };
+  V.state = function () {
+    return { category: C.name, units: shown.filter(Boolean).length, hover: hover >= 0 ? C.nodes.id[hover] : null,
+             pinned: pinned >= 0 ? C.nodes.id[pinned] : null, mass: thr };
+  };
+  V.screenOf = function (id) {
+    var k = C.nodes.id.indexOf(id);
+    if (k < 0 || !shown[k]) return null;
+    var r = canvas.getBoundingClientRect();
+    return [sx(k) + r.left, sy(k) + r.top];
+  };
+  V.visibleUnits = function () { return C.nodes.id.filter(function (id, k) { return shown[k]; }); };
+  V.ready = true;
+})();
+"""
