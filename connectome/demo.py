@@ -27,6 +27,7 @@ PROBE_SEED = 12345  # not a training or evaluation seed of the zoo
 # Per-layer flow mass kept in circuits: 30% gives circuits of ~25 of 300 units that a person
 # can read and that ablation separates clearly from random unit sets of the same size.
 MASS = 0.3
+EXAMPLES = 8  # top images kept per unit
 
 
 def _log(msg: str, progress: bool) -> None:
@@ -68,8 +69,10 @@ def run_demo(out: str | Path = "demo_out", progress: bool = True, n_per_class: i
     graphs: dict[str, dict[str, Any]] = {}
     for name, model in models.items():
         _log(f"[{time.perf_counter() - t0:5.1f}s] extracting attribution graphs of {name}", progress)
+        # dataset examples (top images per unit) for the main model's unit cards and viewer
         graphs[name] = attribution_by_category(model, data, "label", per_sample=True, batch_size=64,
-                                               progress=progress, device="cpu", name=f"zoo:{name}", labels=classes)
+                                               progress=progress, device="cpu", name=f"zoo:{name}", labels=classes,
+                                               examples=EXAMPLES if name == MAIN else 0)
     main = graphs[MAIN]
     resid = max(abs(g.meta["completeness_relative"]) for gs in graphs.values() for g in gs.values())
     summary["completeness_relative_max"] = resid
@@ -95,7 +98,7 @@ def run_demo(out: str | Path = "demo_out", progress: bool = True, n_per_class: i
     circuits: dict[str, Any] = {}
     rows = []
     for i, (cname, g) in enumerate(main.items()):
-        sec = graph_sections(g, top=5, report=rep if i < 3 else None, prefix="", mass=MASS)
+        sec = graph_sections(g, top=5, report=rep if i < 3 else None, prefix="", mass=MASS, images=data, max_cards=12)
         circuits[cname] = sec["_circuit"]
         c = sec["_circuit"]
         rows.append([cname, c.num_nodes, c.num_edges, sec["communities"]["n"], sec["hubs"]["top"][0][0]])
@@ -202,6 +205,16 @@ def run_demo(out: str | Path = "demo_out", progress: bool = True, n_per_class: i
                    "map of the most different unit over each image.", "two_images")
     rep.add_code(repr(ca))
 
+    # 7. the interactive viewer: every category of the main model in one self-contained page
+    _log(f"[{time.perf_counter() - t0:5.1f}s] writing the interactive viewer", progress)
+    viewer = viz.write_viewer({c: g for c, g in main.items()}, out / "viewer.html", images=data, mass=0.9,
+                              title=f"connectome viewer: {MAIN} on the shapes zoo")
+    summary["viewer"] = viewer.name
+    rep.add_heading("7. Explore the circuits", 2)
+    rep.add_text("viewer.html (next to this report) shows the circuit of every category interactively: hover a unit "
+                 "for its top image patches and strongest flows, click to pin it, move the circuit-mass slider, "
+                 "switch categories, search a unit by id. It is one file and needs no network.")
+
     seconds = time.perf_counter() - t0
     summary["seconds"] = round(seconds, 1)
     rep.add_heading("Files", 2)
@@ -257,4 +270,5 @@ def _summary_text(s: dict[str, Any], path: Any) -> str:
     lines.append("fidelity (prob. drop, circuit vs random): "
                  + ", ".join(f"{r[0]} {r[1]:.2f} vs {r[2]:.2f}" for r in s["fidelity"]))
     lines.append(f"max completeness residual (relative): {s['completeness_relative_max']:.1e}")
+    lines.append(f"viewer: {Path(path).parent / s['viewer']}")
     return "\n".join(lines)

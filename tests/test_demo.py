@@ -25,5 +25,13 @@ def test_demo_writes_report_figures_and_gephi_files(tmp_path, capsys):
         assert g.meta["category"] == cname
         assert (out / "gephi" / f"smallresnet_{cname}.graphml").is_file()
         assert (out / "gephi" / f"smallresnet_{cname}.gexf").is_file()
+    viewer = (out / "viewer.html").read_text()
+    data = json.loads(re.search(r'id="data">(.*?)</script>', viewer, re.S).group(1).replace("<\\/", "</"))
+    assert [c["name"] for c in data["categories"]] == summary["classes"]
+    for c in data["categories"]:  # the slider at 30% shows exactly the circuit the report counts
+        j = c["levels"].index(0.3)
+        assert sum(m >> j & 1 for m in c["nodes"]["mask"]) == summary["circuits"][c["name"]]["units"]
+        assert c["sprite"].startswith("data:image/")  # with patches
+    assert 'class="card"' in html  # unit cards with their top patches
     assert "connectome demo finished" in capsys.readouterr().out
     assert path.endswith("report.html")

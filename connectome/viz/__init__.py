@@ -24,6 +24,8 @@ from connectome.viz.charts import (
 )
 from connectome.viz.circuits import plot_circuit, plot_groups
 from connectome.viz.report import Report
+from connectome.viz.units import unit_cards
+from connectome.viz.viewer import write_viewer
 
 __all__ = [
     "plot_circuit",
@@ -35,4 +37,6 @@ __all__ = [
     "plot_curves",
     "plot_bars",
     "Report",
+    "unit_cards",
+    "write_viewer",
 ]

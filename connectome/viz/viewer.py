@@ -8,10 +8,10 @@ and outputs, highlighted in the drawing), click to pin, a slider for the circuit
 a menu of categories and a search by unit id. The data (JSON) and the patches (one PNG
 sprite per category) are inlined with a small script of its own: nothing is fetched.
 
-A unit's *level* is the smallest circuit mass (:func:`connectome.analysis.circuit`) at
-which it belongs to the circuit, so moving the slider shows exactly the circuit of that
-mass; graphs without a target unit (weight graphs) use each layer's cumulative share of
-``|attribution|`` (or strength) instead.
+The slider steps through circuit masses; at each it shows exactly the units of
+:func:`connectome.analysis.circuit` of that mass (:func:`circuit_levels`); graphs without a
+target unit (weight graphs) use each layer's strongest units by ``|attribution|`` (or
+strength) instead.
 """
 
 from __future__ import annotations
@@ -27,50 +27,57 @@ from connectome.errors import ConnectomeError
 from connectome.graph import Connectome
 from connectome.kinds import is_hidden
 
-__all__ = ["viewer_html", "write_viewer", "unit_levels"]
+__all__ = ["viewer_html", "write_viewer", "circuit_levels"]
 
 LEVELS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 
 
-def unit_levels(g: Connectome, mass: float = 0.9) -> np.ndarray:
-    """Per node, the smallest circuit mass at which it is in the circuit (``inf``: not even at ``mass``).
+def circuit_levels(g: Connectome, mass: float = 0.9) -> tuple[list[float], np.ndarray]:
+    """Which units are in the circuit of each mass on the slider.
 
-    With a target (an attribution graph of a class), circuits of the masses in ``LEVELS`` up
-    to ``mass`` are computed; otherwise a unit's level is the share of its layer's
-    ``|attribution|`` (or strength) held by the units stronger than it.
+    Returns
+    -------
+    levels : list of float
+        The masses of ``LEVELS`` below ``mass``, and ``mass``.
+    member : ndarray of bool, shape (len(levels), n_nodes)
+        ``member[j]`` marks the nodes of ``connectome.analysis.circuit(g, mass=levels[j])``.
+        Circuits of growing mass need not be nested (a unit strong into a small circuit can
+        be outranked once the circuit grows), so each is kept as it is. Graphs without a
+        target unit (weight graphs) use, per layer, the strongest units by ``|attribution|``
+        (or strength) that hold ``levels[j]`` of the layer's total.
     """
     from connectome.analysis.circuits import circuit, target_node
 
-    level = np.full(g.num_nodes, np.inf)
+    levels = [v for v in LEVELS if v < mass] + [float(mass)]
+    member = np.zeros((len(levels), g.num_nodes), dtype=bool)
     try:
         target_node(g, None)
         has_target = g.num_edges > 0
     except ConnectomeError:
         has_target = False
     if has_target:
-        for m in [v for v in LEVELS if v < mass] + [mass]:
+        for j, m in enumerate(levels):
             try:
                 c = circuit(g, mass=m)
             except ConnectomeError:  # no flow reaches the target at this mass
                 continue
-            idx = g.index_of(c.node_ids.tolist())
-            level[idx] = np.minimum(level[idx], m)
-        return level
+            member[j, g.index_of(c.node_ids.tolist())] = True
+        return levels, member
     if "attribution" in g.node_attrs:
         score = np.abs(np.asarray(g.node_attrs["attribution"], dtype=np.float64))
     else:
         score = np.bincount(g.src, weights=np.abs(g.weight), minlength=g.num_nodes) + \
             np.bincount(g.dst, weights=np.abs(g.weight), minlength=g.num_nodes)
-    for li, layer in enumerate(g.layers):
+    for layer in g.layers:
         sl = g.layer_slice(layer.name)
-        s = np.nan_to_num(score[sl])
-        order = np.argsort(-s, kind="stable")
-        total = s.sum()
-        before = (np.cumsum(s[order]) - s[order]) / total if total > 0 else np.arange(s.size) / max(s.size, 1)
-        lv = np.empty(s.size)
-        lv[order] = before
-        level[sl] = np.where(lv <= mass, lv, np.inf)
-    return level
+        sc = np.nan_to_num(score[sl])
+        order = np.argsort(-sc, kind="stable")
+        total = sc.sum()
+        before = (np.cumsum(sc[order]) - sc[order]) / total if total > 0 else np.arange(sc.size) / max(sc.size, 1)
+        lv = np.empty(sc.size)
+        lv[order] = before  # the share held by the units stronger than this one
+        member[:, sl] = lv[None, :] < np.asarray(levels)[:, None] - 1e-12
+    return levels, member
 
 
 def _round(a: np.ndarray, digits: int = 4) -> list[float]:
@@ -84,10 +91,11 @@ def _category(g: Connectome, name: str, images: Any, mass: float, max_units: int
     from connectome.patches import has_examples, image_source, unit_patches
     from connectome.viz.units import compact_image_uri, patch_strip, unit_flows
 
-    level = unit_levels(g, mass)
-    keep = np.flatnonzero(np.isfinite(level))
+    levels, member = circuit_levels(g, mass)
+    first = np.where(member.any(0), member.argmax(0), len(levels))  # the smallest level holding a unit
+    keep = np.flatnonzero(first < len(levels))
     if keep.size > max_units:
-        keep = np.sort(keep[np.argsort(level[keep], kind="stable")[:max_units]])
+        keep = np.sort(keep[np.argsort(first[keep], kind="stable")[:max_units]])
     if keep.size == 0:
         raise ConnectomeError(f"graph {name!r} has no unit with flow to show; is it empty?")
     sub = g.subgraph(g.node_ids[keep].tolist())
@@ -155,7 +163,7 @@ def _category(g: Connectome, name: str, images: Any, mass: float, max_units: int
             "id": sub.node_ids.tolist(),
             "col": [col[int(li)] for li in sub.node_layer],
             "y": y.tolist(),
-            "level": _round(level[keep], 3),
+            "mask": (member[:, keep].T.astype(np.int64) << np.arange(len(levels))).sum(1).tolist(),
             "attr": _round(attr),
             "fin": _round(into[keep]),
             "fout": _round(out[keep]),
@@ -168,7 +176,7 @@ def _category(g: Connectome, name: str, images: Any, mass: float, max_units: int
         "patch": patch_size,
         "npatch": n_patches,
         "perRow": 16,
-        "mass": mass,
+        "levels": levels,
         "hidden": [bool(is_hidden(l.kind)) for l in sub.layers],
     }
 
@@ -244,7 +252,7 @@ _PAGE = """<!DOCTYPE html>
 <div id="bar">
   <b id="title">__TITLE__</b>
   <label>category <select id="cat"></select></label>
-  <label>circuit mass <input id="mass" type="range" min="5" max="100" step="5" value="50"> <span id="massv"></span></label>
+  <label>circuit mass <input id="mass" type="range" min="0" max="1" step="1" value="0"> <span id="massv"></span></label>
   <label><input id="search" type="search" placeholder="unit id, e.g. conv2:5" list="ids" size="18"></label>
   <datalist id="ids"></datalist>
   <span id="count"></span>
@@ -286,7 +294,7 @@ _SCRIPT = r"""
   var slider = document.getElementById("mass"), massv = document.getElementById("massv");
   var search = document.getElementById("search"), count = document.getElementById("count");
   var COLX = 220, ROWY = 16, POS = "214,39,40", NEG = "31,119,180";
-  var C = null, view = { s: 1, tx: 0, ty: 0 }, hover = -1, pinned = -1, thr = 0.5, sprite = null;
+  var C = null, view = { s: 1, tx: 0, ty: 0 }, hover = -1, pinned = -1, lv = 0, sprite = null;
   var inE = [], outE = [], wx = [], wy = [], rad = [], shown = [], maxW = 1;
 
   function fmt(v) { return Math.abs(v) >= 1e4 || (v !== 0 && Math.abs(v) < 1e-3) ? v.toExponential(2) : v.toFixed(3); }
@@ -312,10 +320,12 @@ _SCRIPT = r"""
   }
 
   function filter() {
-    shown = C.nodes.level.map(function (l) { return l <= thr + 1e-9; });
+    lv = Math.min(lv, C.levels.length - 1);
+    shown = C.nodes.mask.map(function (m) { return ((m >> lv) & 1) === 1; });
     var nu = shown.filter(Boolean).length, ne = 0;
     for (var e = 0; e < C.edges.s.length; e++) if (shown[C.edges.s[e]] && shown[C.edges.t[e]]) ne++;
-    massv.textContent = Math.round(thr * 100) + "%";
+    massv.textContent = Math.round(C.levels[lv] * 100) + "%";
+    slider.max = C.levels.length - 1; slider.value = lv;
     count.textContent = nu + " units, " + ne + " edges" + (C.target ? " into " + C.target : "");
   }
 
@@ -411,13 +421,14 @@ _SCRIPT = r"""
   function showCard() {
     var k = focusNode();
     if (k < 0) { card.hidden = true; return; }
-    var N = C.nodes, E = C.edges, lvl = N.level[k];
+    var N = C.nodes, E = C.edges, masses = C.levels.filter(function (m, j) { return (N.mask[k] >> j) & 1; });
     var h = "<h3>" + esc(N.id[k]) + "</h3>" +
       "<table><tr><td>attribution</td><td class='n'>" + fmt(N.attr[k]) + "</td></tr>" +
       "<tr><td>flow in</td><td class='n'>" + fmt(N.fin[k]) + "</td></tr>" +
       "<tr><td>flow out</td><td class='n'>" + fmt(N.fout[k]) + "</td></tr>" +
       "<tr><td>community</td><td class='n'>" + (N.comm[k] >= 0 ? N.comm[k] : "-") + "</td></tr>" +
-      "<tr><td>in circuit from mass</td><td class='n'>" + Math.round(lvl * 100) + "%</td></tr></table>";
+      "<tr><td>in the circuits of mass</td><td class='n'>" +
+      masses.map(function (m) { return Math.round(m * 100); }).join(", ") + "%</td></tr></table>";
     if (N.row[k] >= 0) h += "<div class='sub'>top images, cropped to the receptive field</div><canvas id='patches'></canvas>";
     var ins = inE[k].filter(function (e) { return shown[E.s[e]]; });
     var outs = outE[k].filter(function (e) { return shown[E.t[e]]; });
@@ -425,12 +436,14 @@ _SCRIPT = r"""
     if (outs.length) h += "<div class='sub'>strongest outputs</div><table>" + edgeRows(outs, function (e) { return E.t[e]; }) + "</table>";
     card.innerHTML = h;
     card.className = pinned >= 0 ? "pinned" : "";
+    var left = sx(k) > canvas.width / devicePixelRatio / 2;  // on the other side: never over the unit
+    card.style.left = left ? "10px" : "auto"; card.style.right = left ? "auto" : "10px";
     card.hidden = false;
     card.dataset.unit = N.id[k];
     var pc = document.getElementById("patches");
     if (pc && sprite && sprite.complete && sprite.naturalWidth) {
-      var p = C.patch, n = C.npatch, r = N.row[k], gap = 3, scale = Math.max(1, Math.floor((296 - gap * n) / (p * n)));
-      pc.width = (p * scale + gap) * n - gap; pc.height = p * scale;
+      var p = C.patch, n = C.npatch, r = N.row[k], gap = 3, scale = Math.max(1, (296 - gap * n) / (p * n));
+      pc.width = Math.round((p * scale + gap) * n - gap); pc.height = Math.round(p * scale);
       var g = pc.getContext("2d"); g.imageSmoothingEnabled = false;
       for (var j = 0; j < n; j++)
         g.drawImage(sprite, ((r % C.perRow) * n + j) * p, Math.floor(r / C.perRow) * p, p, p,
@@ -467,7 +480,7 @@ _SCRIPT = r"""
     redraw();
   }, { passive: false });
   slider.addEventListener("input", function () {
-    thr = slider.value / 100; filter();
+    lv = parseInt(slider.value, 10); filter();
     if (pinned >= 0 && !shown[pinned]) pinned = -1;
     if (hover >= 0 && !shown[hover]) hover = -1;
     showCard(); redraw();
@@ -484,7 +497,11 @@ _SCRIPT = r"""
     if (k < 0) for (var q = 0; q < ids.length; q++) if (ids[q].indexOf(text) >= 0) { k = q; break; }
     if (k < 0) { search.style.background = "#fdd"; return -1; }
     search.style.background = "";
-    if (!shown[k]) { thr = Math.min(1, Math.ceil(C.nodes.level[k] * 20) / 20); slider.value = Math.round(thr * 100); filter(); }
+    if (!shown[k]) {  // the nearest circuit that holds it
+      var best = -1;
+      for (var j = 0; j < C.levels.length; j++) if ((C.nodes.mask[k] >> j) & 1 && (best < 0 || Math.abs(j - lv) < Math.abs(best - lv))) best = j;
+      lv = best; filter();
+    }
     pinned = k;
     var w = canvas.width / devicePixelRatio, h = canvas.height / devicePixelRatio;
     view.tx = w / 2 - wx[k] * view.s; view.ty = h / 2 - wy[k] * view.s;
@@ -496,14 +513,18 @@ _SCRIPT = r"""
     var o = document.createElement("option"); o.textContent = c.name + (c.target && c.target !== c.name ? " (" + c.target + ")" : "");
     sel.appendChild(o);
   });
-  thr = Math.min(D.categories[0].mass, 0.5); slider.max = Math.round(D.categories[0].mass * 100); slider.value = Math.round(thr * 100);
+  var L0 = D.categories[0].levels;  // start at the circuit of mass 0.3, or the nearest level
+  lv = L0.reduce(function (b, m, j) { return Math.abs(m - 0.3) < Math.abs(L0[b] - 0.3) ? j : b; }, 0);
   resize(); load(0);
   V.find = find;
   V.category = function (i) { sel.selectedIndex = i; load(i); };
-  V.setMass = function (m) { slider.value = Math.round(m * 100); slider.dispatchEvent(new Event("input")); };
+  V.setMass = function (m) {  // the largest level not above m
+    var j = 0; C.levels.forEach(function (v, q) { if (v <= m + 1e-9) j = q; });
+    slider.value = j; slider.dispatchEvent(new Event("input"));
+  };
   V.state = function () {
     return { category: C.name, units: shown.filter(Boolean).length, hover: hover >= 0 ? C.nodes.id[hover] : null,
-             pinned: pinned >= 0 ? C.nodes.id[pinned] : null, mass: thr };
+             pinned: pinned >= 0 ? C.nodes.id[pinned] : null, mass: C.levels[lv] };
   };
   V.screenOf = function (id) {
     var k = C.nodes.id.indexOf(id);

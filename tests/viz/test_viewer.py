@@ -17,7 +17,7 @@ import connectome as cn
 from connectome import analysis as an
 from connectome import patches
 from connectome.cli import main
-from connectome.viz.viewer import LEVELS, unit_levels, viewer_html, write_viewer
+from connectome.viz.viewer import circuit_levels, viewer_html, write_viewer
 
 
 class Small(nn.Module):
@@ -61,12 +61,20 @@ def _embedded(html_text: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- without a browser
-def test_levels_reproduce_the_circuit_of_every_mass(graphs):
-    g = graphs["0"]
-    level = unit_levels(g, mass=1.0)
-    for m in LEVELS:
-        want = set(an.circuit(g, mass=m).node_ids.tolist())
-        assert set(g.node_ids[level <= m].tolist()) == want, m
+def test_slider_levels_are_the_circuits_of_their_masses(graphs):
+    for g in graphs.values():
+        levels, member = circuit_levels(g, mass=1.0)
+        assert levels[-1] == 1.0 and levels == sorted(levels)
+        for m, row in zip(levels, member):
+            assert set(g.node_ids[row].tolist()) == set(an.circuit(g, mass=m).node_ids.tolist()), m
+
+
+def test_viewer_masks_hold_each_circuit(graphs, page):
+    d = _embedded(page.read_text())["categories"][0]
+    g = graphs[d["name"]]
+    for j, m in enumerate(d["levels"]):
+        shown = {u for u, mask in zip(d["nodes"]["id"], d["nodes"]["mask"]) if mask >> j & 1}
+        assert shown == set(an.circuit(g, mass=m).node_ids.tolist())
 
 
 def test_viewer_is_one_self_contained_file(page, graphs):
