@@ -70,9 +70,11 @@ def main() -> None:
     devs = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     rows = []
     for dev in devs:
-        cases = [("zoo:smallresnet", zoo.load_model("smallresnet"), torch.randn(64, 3, 32, 32), 4)]
+        big = dev.type == "cuda"  # batches that keep a GPU busy
+        cases = [("zoo:smallresnet", zoo.load_model("smallresnet"), torch.randn(256 if big else 64, 3, 32, 32), 4)]
         if not a.quick:
-            cases.append(("resnet18", torchvision.models.resnet18(), torch.randn(8, 3, 224, 224), 2))
+            cases.append(("resnet18", torchvision.models.resnet18(), torch.randn(64 if big else 8, 3, 224, 224),
+                          8 if big else 2))
         for name, m, x, batches in cases:
             r = bench(name, m, x, dev, batches, 2 if a.quick else a.repeats)
             rows.append(r)

@@ -246,3 +246,14 @@ def test_image_folder_indices_name_the_right_files(tmp_path):
         assert all(g.meta["category"] + "/" in p.replace("\\", "/") for p in paths.values())
     index, paths = patches.top_example(graphs["a"])
     assert paths[graphs["a"].index_of("conv2:0")].endswith(".png")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_examples_on_the_gpu_equal_the_cpu(run):
+    m, x, y, g = run
+    gg = cn.extract.attribution(m, (x, y), batch_size=5, device="cuda", progress=False, examples=K)
+    for by in ("activation", "attribution"):
+        a, b = patches.example_arrays(gg, by), patches.example_arrays(g, by)
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_allclose(a[1], b[1], rtol=1e-9, atol=1e-12)
