@@ -393,7 +393,10 @@ class FlowAccumulator:
             if self.examples is not None:
                 index = (torch.arange(x.shape[0], device=self.device, dtype=torch.float64) + self.n_images
                          if index is None else index.to(self.device, torch.float64))
-            self._nodes(x, g_x, kept, g_node, ctx, index)
+            self._nodes(x, g_x, kept, g_node, ctx)
+            if self.examples is not None:  # one merge per list and batch, over all units
+                self.examples_attr = self.examples.merge(self.examples_attr, "attribution", index)
+                self.examples_act = self.examples.merge(self.examples_act, "activation", index)
             bad = ~torch.isfinite(t.detach()) | ~torch.isfinite(x.detach()).reshape(x.shape[0], -1).all(1)
             self.nonfinite += bad.sum(dtype=torch.float64)
             where = torch.arange(x.shape[0], device=bad.device, dtype=torch.float64) + self.n_images
@@ -403,7 +406,7 @@ class FlowAccumulator:
             self.n_images += int(x.shape[0])
 
     def _nodes(self, x: torch.Tensor, g_x: torch.Tensor | None, kept: dict[str, Any], g: dict[str, torch.Tensor],
-               ctx: RunContext, index: torch.Tensor | None = None) -> None:
+               ctx: RunContext) -> None:
         ug = self.ug
         for li, s in enumerate(ug.layers):
             node = s.node if s.kind == Kind.INPUT else s.out_node
@@ -415,9 +418,9 @@ class FlowAccumulator:
                 if self.examples is None:
                     self.attr[li] += view.sum(prod)
                 else:  # the per-image sums that rank the examples give the total too
-                    self.attr[li] += self.examples.observe(self.examples_attr, li, view, prod, index, by_sum=True)
+                    self.attr[li] += self.examples.observe(li, view, prod, by_sum=True)
             if self.examples is not None:
-                self.examples.observe(self.examples_act, li, view, A, index)
+                self.examples.observe(li, view, A)
             # activation statistics: spatial mean per image
             m = view.per_image_mean(A.detach())
             self.act_sum[li] += m.sum(0)

@@ -3,7 +3,8 @@
 For every unit, a streaming top-k over the images is kept on the device: by the unit's
 maximum activation over positions (the value it passes on, with the position of the
 maximum), and, in an attribution run, by its attribution to the target (``A * dT/dA``
-summed over positions per image, with the position where it is largest). Each batch's
+summed over positions per image, with the position of the unit's maximum activation in
+that image, where its crop is cut). Each batch's
 candidates are merged with the current top-k by one sort over ``k + batch`` values per
 unit, so memory is ``O(units x k)``, nothing crosses to the host per batch and no image is
 read twice. Ties go to the image read first (a stable sort), so the result does not
@@ -66,8 +67,18 @@ def _merge(old: torch.Tensor, vals: torch.Tensor, pos: torch.Tensor, index: torc
     return cand.gather(1, order[..., None].expand(-1, -1, 3))
 
 
-def _per_unit(view: Any, t: torch.Tensor, with_sum: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Per image and unit: max over positions, its position, and (``with_sum``) the sum; (N, L) each.
+def _per_unit_sum(view: Any, t: torch.Tensor) -> torch.Tensor:
+    """Per image and unit, the sum over positions: (N, L) float64."""
+    s = view._rows(t).sum(2).double()
+    if view.index is None:
+        return s
+    K = s.shape[1]
+    index = view.index if view.index.numel() == K else view.index.expand(K)
+    return torch.zeros(s.shape[0], view.size, dtype=torch.float64, device=t.device).index_add_(1, index, s)
+
+
+def _per_unit(view: Any, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image and unit: the max over positions and its position; (N, L) float64 each.
 
     ``view`` says where the units of ``t`` are (:class:`connectome.extract.accumulator._View`).
     """
@@ -75,9 +86,8 @@ def _per_unit(view: Any, t: torch.Tensor, with_sum: bool) -> tuple[torch.Tensor,
     n, K, P = rows.shape
     mx, arg = rows.max(2)
     mx = mx.double()
-    s = rows.sum(2).double() if with_sum else None
     if view.index is None:
-        return mx, arg.double(), s
+        return mx, arg.double()
     L = view.size
     index = view.index if view.index.numel() == K else view.index.expand(K)
     at = index[None, :].expand(n, K)
@@ -86,20 +96,20 @@ def _per_unit(view: Any, t: torch.Tensor, with_sum: bool) -> tuple[torch.Tensor,
     # the position of the best slot of each unit (slot * P + position within it)
     q = torch.where(mx == best.gather(1, at), (torch.arange(K, device=t.device) * P)[None, :] + arg, -1).double()
     pos = torch.full((n, L), -1.0, dtype=torch.float64, device=t.device).scatter_reduce(1, at, q, "amax")
-    pos = torch.where(pos >= 0, pos % P, pos)
-    if s is not None:
-        s = torch.zeros(n, L, dtype=torch.float64, device=t.device).index_add_(1, index, s)
-    return best, pos, s
+    return best, torch.where(pos >= 0, pos % P, pos)
 
 
 class ExampleTracker:
     """Streaming top-k dataset examples per unit, for a traced model.
 
-    Holds no state of its own: the lists live on the :class:`FlowAccumulator` (or the loop of
-    :func:`examples`) as fields declared with reduction ``"topk"``, one ``(units, k, 3)``
-    float64 tensor per layer (value, image index, position; index -1 marks an empty slot),
-    so that checkpoints save them and :func:`~connectome.extract.distributed.all_reduce_accumulator`
-    merges them with :func:`topk_merge`.
+    Holds no lists of its own: they live on the :class:`FlowAccumulator` (or the loop of
+    :func:`examples`) as fields declared with reduction ``"topk"``, one ``(n_units, k, 3)``
+    float64 tensor per list over all units of the model in layer order (value, image index,
+    position; index -1 marks an empty slot), so that checkpoints save them and
+    :func:`~connectome.extract.distributed.all_reduce_accumulator` merges them with
+    :func:`topk_merge`. During a batch, :meth:`observe` takes each layer's per-image maxima
+    (or sums); :meth:`merge` then folds the whole batch into a list with one sort over all
+    units, so the cost per batch does not grow with the number of layers.
 
     Parameters
     ----------
@@ -116,49 +126,67 @@ class ExampleTracker:
             raise ValueError(f"examples must be a positive number of images per unit, got {k!r}")
         self.ug, self.device, self.k = ug, device, int(k)
         self.layers = [li for li, s in enumerate(ug.layers) if s.kind != Kind.INPUT and (layers is None or li in layers)]
+        self.sizes = [s.size for s in ug.layers]
+        self._pending: dict[bool, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {False: {}, True: {}}
 
-    def empty(self) -> list[torch.Tensor | None]:
-        """One list's initial state: per layer (units, k, 3) of (-inf, -1, -1), None where untracked."""
-        out: list[torch.Tensor | None] = [None] * len(self.ug.layers)
-        for li in self.layers:
-            t = torch.full((self.ug.layers[li].size, self.k, 3), -1.0, dtype=torch.float64, device=self.device)
-            t[..., VALUE] = -math.inf
-            out[li] = t
-        return out
+    def empty(self) -> torch.Tensor:
+        """One list's initial state: (n_units, k, 3) of (-inf, -1, -1)."""
+        t = torch.full((sum(self.sizes), self.k, 3), -1.0, dtype=torch.float64, device=self.device)
+        t[..., VALUE] = -math.inf
+        return t
 
-    def observe(self, state: list[Any], li: int, view: Any, t: torch.Tensor, index: torch.Tensor,
-                by_sum: bool = False) -> torch.Tensor | None:
-        """Merge one batch of layer ``li``'s values ``t`` into ``state[li]``.
+    def observe(self, li: int, view: Any, t: torch.Tensor, by_sum: bool = False) -> torch.Tensor | None:
+        """Take one batch of layer ``li``'s values ``t`` (its candidates wait for :meth:`merge`).
 
         ``by_sum``: rank by the per-image sum over positions (attribution), else by the max;
         then returns the sum over the batch per unit, shape (L,) float64.
         """
-        if state[li] is None:
+        if li not in self.layers:
             return view.sum(t) if by_sum else None
-        mx, pos, s = _per_unit(view, t.detach(), by_sum)
-        state[li] = _merge(state[li], s if by_sum else mx, pos, index)
-        return s.sum(0) if by_sum else None
+        if by_sum:
+            # ranked by the sum; cropped where the unit is most active in that image (the activation
+            # list's position, observed in the same batch): no second arg-max pass
+            s = _per_unit_sum(view, t.detach())
+            self._pending[True][li] = (s, None)
+            return s.sum(0)
+        self._pending[False][li] = _per_unit(view, t.detach())
+        return None
 
-    def columns(self, state: list[Any], by: str) -> dict[str, np.ndarray]:
+    def merge(self, state: torch.Tensor, by: str, index: torch.Tensor) -> torch.Tensor:
+        """``state`` with the observed batch of list ``by`` ("activation" or "attribution") merged in.
+
+        ``index``: the dataset index of each image of the batch, shape (N,).
+        """
+        pending = self._pending[by == "attribution"]
+        if not pending:
+            return state
+        positions = self._pending[False]
+        n = index.shape[0]
+        vals, poss = [], []
+        for li, size in enumerate(self.sizes):  # layers not observed this batch stay out (-inf)
+            v, p = pending.get(li, (None, None))
+            if v is not None and p is None:
+                p = positions[li][1]
+            if v is None:
+                v = torch.full((n, size), -math.inf, dtype=torch.float64, device=state.device)
+                p = torch.full((n, size), -1.0, dtype=torch.float64, device=state.device)
+            vals.append(v)
+            poss.append(p)
+        out = _merge(state, torch.cat(vals, 1), torch.cat(poss, 1), index)
+        pending.clear()
+        return out
+
+    def columns(self, state: torch.Tensor, by: str) -> dict[str, np.ndarray]:
         """Node attribute columns of one list, aligned with the graph's nodes (layer order)."""
-        parts = []
-        for li, s in enumerate(self.ug.layers):
-            t = state[li]
-            if t is None:
-                a = np.full((s.size, self.k, 3), -1.0)
-                a[..., VALUE] = np.nan
-            else:
-                a = t.detach().cpu().numpy().copy()
-                empty = a[..., INDEX] < 0
-                a[..., VALUE][empty] = np.nan
-                a[..., POS][empty] = -1
-            parts.append(a)
-        a = np.concatenate(parts) if parts else np.zeros((0, self.k, 3))
+        a = state.detach().cpu().numpy().copy()
+        empty = a[..., INDEX] < 0
+        a[..., VALUE][empty] = np.nan
+        a[..., POS][empty] = -1
         return example_columns(LISTS[by], a[..., INDEX].astype(np.int64), a[..., VALUE],
                                a[..., POS].astype(np.int64))
 
     def meta(self) -> dict[str, Any]:
-        """``meta["examples"]``: how many per unit, which lists, and the receptive fields for crops."""
+        """``meta["examples"]``: how many per unit and the receptive fields for crops."""
         from connectome.extract.build import graph_layers
         from connectome.extract.receptive import receptive_fields
 
@@ -343,10 +371,11 @@ def examples(
                 def on_value(node: Any, value: Any) -> Any:
                     hit = watch.get(node.name)
                     if hit is not None:  # observed as computed: a later in-place op cannot change it
-                        tracker.observe(state, hit[0], hit[1], value, index)
+                        tracker.observe(hit[0], hit[1], value)
                     return value
 
                 run_nodes(ug.gm, (x,), on_value=on_value)
+                state = tracker.merge(state, "activation", index)
                 seen += n_used
                 bar.update(n_used)
                 if max_images is not None and seen >= max_images:
