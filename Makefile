@@ -21,6 +21,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_extract.py
 	$(BIN)/python benchmarks/bench_analysis.py
 	$(BIN)/python benchmarks/bench_scale.py
+	$(BIN)/python benchmarks/bench_examples.py
 
 # The oldest versions pyproject.toml admits, in a venv of their own, against a test subset.
 MINVENV ?= .venv-min

@@ -846,7 +846,7 @@ class Connectome:
                 lines.append(f"  ... {len(self.layers) - 11} more layers ...")
             lines.append(f"  {l.name:<{width}}  {l.kind:<8} {l.size:>6} units")
         if self.node_attrs:
-            lines.append(f"  node attributes: {', '.join(sorted(self.node_attrs))}")
+            lines.append(f"  node attributes: {', '.join(_numbered_runs(sorted(self.node_attrs)))}")
         if self.edge_attrs:
             lines.append(f"  edge attributes: {', '.join(sorted(self.edge_attrs))}")
         keys = [k for k in ("model", "method", "target", "category", "n_images") if k in self.meta]
@@ -856,6 +856,24 @@ class Connectome:
 
     def __len__(self) -> int:
         return self.num_nodes
+
+
+def _numbered_runs(names: list[str]) -> list[str]:
+    """``x_0, x_1, ..., x_15`` shown as ``x_0..15`` (the k columns of the dataset examples)."""
+    runs: dict[str, list[int]] = {}
+    for n in names:
+        stem, _, j = n.rpartition("_")
+        if stem and j.isdigit():
+            runs.setdefault(stem, []).append(int(j))
+    out = []
+    for n in names:
+        stem, _, j = n.rpartition("_")
+        if stem and j.isdigit() and len(runs[stem]) > 2:
+            if int(j) == min(runs[stem]):
+                out.append(f"{stem}_{min(runs[stem])}..{max(runs[stem])}")
+            continue
+        out.append(n)
+    return out
 
 
 def _owned(a: Any, dtype: Any = None) -> np.ndarray:

@@ -122,7 +122,7 @@ class ExampleTracker:
     """
 
     def __init__(self, ug: Any, device: torch.device, k: int, layers: Sequence[int] | None = None):
-        if int(k) != k or k < 1:
+        if isinstance(k, bool) or int(k) != k or k < 1:
             raise ValueError(f"examples must be a positive number of images per unit, got {k!r}")
         self.ug, self.device, self.k = ug, device, int(k)
         self.layers = [li for li, s in enumerate(ug.layers) if s.kind != Kind.INPUT and (layers is None or li in layers)]
@@ -334,6 +334,8 @@ def examples(
     check_model(model)
     if max_images is not None and (int(max_images) != max_images or max_images < 1):
         raise ValueError(f"max_images must be a positive integer or None, got {max_images!r}")
+    if isinstance(k, bool) or int(k) != k or k < 1:
+        raise ValueError(f"k must be a positive number of examples per unit, got {k!r}")
     dev = resolve_device(device)
     info = make_loader(data, batch_size=batch_size, num_workers=num_workers, transform=transform,
                        pin_memory=dev.type == "cuda")

@@ -207,6 +207,8 @@ def attribution(
     check_model(model)
     if max_images is not None and (int(max_images) != max_images or max_images < 1):
         raise ValueError(f"max_images must be a positive integer or None, got {max_images!r}")
+    if isinstance(examples, bool) or int(examples) != examples or examples < 0:
+        raise ValueError(f"examples must be a number of images per unit (0: none), got {examples!r}")
     info = make_loader(data, batch_size=batch_size, num_workers=num_workers, transform=transform,
                        pin_memory=resolve_device(device).type == "cuda")
     return _attribution(model, info, target, per_sample=per_sample, layers=layers, device=device, labels=labels,

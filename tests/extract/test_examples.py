@@ -134,6 +134,20 @@ def test_fewer_images_than_k_leave_empty_slots():
     assert (index[sl][:, 3:] == -1).all() and np.isnan(value[sl][:, 3:]).all()
 
 
+@pytest.mark.parametrize("k", [-1, 2.5, True])
+def test_bad_number_of_examples_is_refused(k):
+    x, y = _data(4)
+    with pytest.raises(ValueError, match="examples"):
+        cn.extract.attribution(_model(), (x, y), progress=False, examples=k)
+    with pytest.raises(ValueError, match="examples"):
+        cn.extract.examples(_model(), x, k=k, progress=False)
+
+
+def test_unknown_layer_is_refused():
+    with pytest.raises(cn.ExtractionError, match="nope"):
+        cn.extract.examples(_model(), _data(4)[0], layers=["nope"], progress=False)
+
+
 def test_topk_merge_orders_by_value_then_index():
     cand = torch.tensor([[[1.0, 5, 0], [2.0, 7, 0], [1.0, 2, 0], [-np.inf, -1, -1], [2.0, 3, 1]]], dtype=torch.float64)
     got = topk_merge(cand, 4)[0]
