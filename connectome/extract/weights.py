@@ -143,7 +143,8 @@ def weights(
                     idx = (torch.arange(r.shape[0]) // (r.shape[0] // spec.groups))[:, None] * cg + torch.arange(cg)[None, :]
                     s = src_scale[idx]
                     r = r * (s if reduce == "sum" else s.abs())
-                values[li] = r.numpy()
+                # rounded to the graph's float32 once, per layer: no float64 copy of every edge
+                values[li] = r.numpy().astype(np.float32)
             else:
                 vals = []
                 for op in spec.operands:
