@@ -59,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--target", default="label", help="label (default), predicted, or a class index/name")
     e.add_argument("--per-sample", action="store_true", help="also sum |flow| per image (abs_weight)")
     e.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    e.add_argument("--precision", default="exact", choices=["exact", "tf32", "bf16"],
+                   help="float32 arithmetic: exact (default; TF32 off), tf32 or bf16 (faster on GPUs, approximate)")
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--max-images", type=int, default=None, help="at most this many images per category")
     e.add_argument("--image-size", type=int, default=None, help="resize/crop ImageFolder images to this size")
@@ -176,7 +178,7 @@ def _extract(a: argparse.Namespace, rank: int) -> int:
     target: Any = a.target
     graphs = attribution_by_category(
         spec.model, data, target, categories=cats, batch_size=a.batch_size, transform=transform,
-        progress=not a.quiet, per_sample=a.per_sample, device=a.device, max_images=a.max_images,
+        progress=not a.quiet, per_sample=a.per_sample, device=a.device, max_images=a.max_images, precision=a.precision,
         name=spec.name, labels=spec.classes, num_workers=a.num_workers, checkpoint=a.checkpoint,
         checkpoint_every=a.checkpoint_every,
     )

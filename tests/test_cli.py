@@ -180,3 +180,14 @@ def test_out_that_is_the_wrong_kind_of_path(cmd, extracted, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and ("is a file" in err or "is a folder" in err), err
     assert a_file.read_text() == "x"
+
+
+def test_extract_precision_is_recorded(extracted, tmp_path):
+    index = json.loads((extracted / "index.json").read_text())
+    g = cn.load(extracted / next(iter(index["categories"].values()))["file"])
+    assert g.meta["precision"] == "exact" and g.meta["exact"] is True
+    out = tmp_path / "bf16"
+    assert main(["extract", "zoo:simplecnn_a", "zoo:shapes:2", "--out", str(out), "--quiet", "--device", "cpu",
+                 "--categories", "circle", "--precision", "bf16"]) == 0
+    g = cn.load(out / json.loads((out / "index.json").read_text())["categories"]["circle"]["file"])
+    assert g.meta["precision"] == "bf16" and g.meta["exact"] is False

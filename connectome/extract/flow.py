@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from torch.utils.data import Subset
 
 from connectome.errors import ConnectomeError, DataError
-from connectome.extract._model import check_model, eval_mode, model_dtype, model_on, no_inplace, resolve_device
+from connectome.extract._model import (check_model, eval_mode, model_dtype, model_on, no_inplace, precision_meta,
+                                       precision_mode, resolve_device, resolve_precision, run_precision)
 from connectome.extract.build import assemble, graph_layers
 from connectome.extract.data import dataset_targets, make_loader, unpack_batch, warn_skipped
 from connectome.extract.trace import LayerSpec, UnitGraph, run_nodes, trace_units
@@ -532,6 +533,7 @@ def attribution(
     transform: Callable[[Any], Any] | None = None,
     labels: Sequence[str] | None = None,
     max_images: int | None = None,
+    precision: str = "exact",
     amp: bool = False,
     progress: bool = True,
     name: str | None = None,
@@ -571,9 +573,18 @@ def attribution(
         classes are digits ("281"); otherwise label i is output unit i.
     max_images : int, optional
         Stop after this many images.
+    precision : {"exact", "tf32", "bf16"}, default "exact"
+        Arithmetic of a float32 model. ``"exact"``: IEEE float32 throughout; TF32 is switched
+        off for the run (cuDNN uses it for float32 convolutions by default on Ampere and
+        later GPUs, which breaks completeness by percents) and the caller's switches are
+        restored afterwards. ``"tf32"``: TF32 matmuls and convolutions (about 1e-3 relative
+        per product; faster on GPUs). ``"bf16"``: the forward pass in bfloat16 autocast
+        (about 1e-2 relative). Either of the last two sets ``meta["exact"]`` False and states
+        ``meta["expected_error"]``; conservation and completeness then hold only
+        approximately (``meta["completeness_relative"]`` says how well). Float64 models always
+        run in float64.
     amp : bool, default False
-        Run the forward pass in bfloat16 autocast: faster on GPUs, but flows then hold only
-        to about 1e-2 relative (conservation and completeness are no longer exact).
+        Same as ``precision="bf16"`` (kept for older code).
     progress : bool, default True
         Show a progress bar (images/s) on stderr.
     name, category : str, optional
@@ -615,26 +626,28 @@ def attribution(
     items. See :mod:`connectome.extract.distributed`.
     """
     check_model(model)
+    precision = resolve_precision(precision, amp)
     if max_images is not None and (int(max_images) != max_images or max_images < 1):
         raise ValueError(f"max_images must be a positive integer or None, got {max_images!r}")
     info = make_loader(data, batch_size=batch_size, num_workers=num_workers, transform=transform,
                        pin_memory=resolve_device(device).type == "cuda")
     return _attribution(model, info, target, per_sample=per_sample, layers=layers, device=device, labels=labels,
-                        max_images=max_images, amp=amp, progress=progress, name=name, category=category,
+                        max_images=max_images, precision=precision, progress=progress, name=name, category=category,
                         checkpoint=checkpoint, checkpoint_every=checkpoint_every, _batch_hook=_batch_hook)
 
 
 def _attribution(model: nn.Module, info: Any, target: Any = "label", *, per_sample: bool = False,
                  layers: Sequence[str] | None = None, device: Any = None, labels: Sequence[str] | None = None,
-                 max_images: int | None = None, amp: bool = False, progress: bool = True,
+                 max_images: int | None = None, precision: str = "exact", amp: bool = False, progress: bool = True,
                  name: str | None = None, category: str | None = None, checkpoint: Any = None,
                  checkpoint_every: int = 50, _batch_hook: Callable[[int], None] | None = None,
                  category_label: int | None = None) -> Connectome:
     from connectome.extract.distributed import rank_device, rank_world
 
     check_model(model)
+    precision = resolve_precision(precision, amp)
     dev = rank_device(resolve_device(device))
-    acc, t_info = _accumulate(model, info, target, dev, per_sample, amp, progress, max_images, labels,
+    acc, t_info = _accumulate(model, info, target, dev, per_sample, precision, progress, max_images, labels,
                               batch_hook=_batch_hook, category=category, checkpoint=checkpoint,
                               checkpoint_every=checkpoint_every, category_label=category_label)
     g = acc.to_graph(t_info["labels"], {
@@ -646,6 +659,9 @@ def _attribution(model: nn.Module, info: Any, target: Any = "label", *, per_samp
         "skipped_images": len(t_info["skipped"]),
         "versions": _versions(),
     })
+    # float32 flows computed in TF32 or bfloat16 are approximations, whatever the ops
+    g = g.with_meta(exact=bool(g.meta["exact"]) and t_info["precision"] == "exact",
+                    **precision_meta(t_info["precision"], acc.dtype))
     world = rank_world()[1]
     if world > 1:  # every process returns the same graph: no per-process device in it
         g = g.with_meta(device=dev.type, world_size=world)
@@ -664,7 +680,7 @@ def _layer_name(g: Connectome, name: str) -> str:
     raise ConnectomeError(f"no layer {name!r} to contract onto; layers are {g.layer_names[:8]}...")
 
 
-def _accumulate(model, info, target, dev, per_sample, amp, progress, max_images, labels,
+def _accumulate(model, info, target, dev, per_sample, precision, progress, max_images, labels,
                 batch_hook: Callable[[int], None] | None = None, category: str | None = None,
                 category_label: int | None = None,
                 checkpoint: Any = None, checkpoint_every: int = 50) -> tuple[FlowAccumulator, dict[str, Any]]:
@@ -675,6 +691,8 @@ def _accumulate(model, info, target, dev, per_sample, amp, progress, max_images,
     t0 = time.perf_counter()
     m = model_on(model, dev)
     dtype = model_dtype(m)
+    precision = run_precision(precision, dtype)
+    amp = precision == "bf16"
     skipped = SkippedNames()  # counts every file, keeps a few names: memory does not grow with the data
     total = info.n_images if max_images is None else min(info.n_images or max_images, max_images)
     run = None  # this process's shard of a distributed run, and/or a run resumable from a checkpoint
@@ -688,7 +706,7 @@ def _accumulate(model, info, target, dev, per_sample, amp, progress, max_images,
                leave=False, dynamic_ncols=True, initial=run.images_done if run is not None else 0)
     acc = None
     error: BaseException | None = None
-    t_info: dict[str, Any] = {"labels": None, "target_class": None}
+    t_info: dict[str, Any] = {"labels": None, "target_class": None, "precision": precision}
 
     def start(x: torch.Tensor) -> tuple[FlowAccumulator, Callable[..., torch.Tensor], int]:
         ug = trace_units(m, x[:1].to(dev, dtype=dtype))
@@ -707,7 +725,7 @@ def _accumulate(model, info, target, dev, per_sample, amp, progress, max_images,
         return acc, fn, n_out
 
     try:
-        with eval_mode(m), no_inplace(m):
+        with eval_mode(m), no_inplace(m), precision_mode(precision):
             seen = 0
             for bi, batch in enumerate(info.loader if run is None else run.loader,
                                        start=0 if run is None else run.start_batch):
@@ -806,7 +824,7 @@ def attribution_by_category(
     checkpoint_every : int, default 50
         Batches between checkpoints.
     **kwargs
-        Passed to :func:`attribution` (``per_sample``, ``device``, ``layers`` ...).
+        Passed to :func:`attribution` (``per_sample``, ``device``, ``precision``, ``layers`` ...).
 
     Returns
     -------
