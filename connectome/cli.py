@@ -66,8 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--image-size", type=int, default=None, help="resize/crop ImageFolder images to this size")
     e.add_argument("--categories", default=None, help="comma-separated category names (default: all)")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
-    e.add_argument("--num-workers", type=int, default=0,
-                   help="DataLoader worker processes decoding images (default 0: in the main process)")
+    e.add_argument("--num-workers", type=int, default=None,
+                   help="worker processes decoding images (default: one fewer than the CPUs, at most 8)")
     e.add_argument("--checkpoint", default=None, metavar="DIR",
                    help="folder for a resumable run: rerun the same command to continue after an interruption")
     e.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
@@ -170,7 +170,7 @@ def _extract(a: argparse.Namespace, rank: int) -> int:
         transform = default_transform(size)
     if a.batch_size < 1:
         raise ConnectomeError(f"--batch-size must be >= 1, got {a.batch_size}")
-    if a.num_workers < 0:
+    if a.num_workers is not None and a.num_workers < 0:
         raise ConnectomeError(f"--num-workers must be >= 0, got {a.num_workers}")
     if a.checkpoint_every < 1:
         raise ConnectomeError(f"--checkpoint-every must be >= 1 batch, got {a.checkpoint_every}")

@@ -38,13 +38,12 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import Subset
 
 from connectome.errors import ConnectomeError, DataError
 from connectome.extract._model import (check_model, eval_mode, model_dtype, model_on, no_inplace, precision_meta,
                                        precision_mode, resolve_device, resolve_precision, run_precision)
 from connectome.extract.build import assemble, graph_layers
-from connectome.extract.data import dataset_targets, make_loader, unpack_batch, warn_skipped
+from connectome.extract.data import dataset_targets, make_loader, subset_loader, unpack_batch, warn_skipped
 from connectome.extract.trace import LayerSpec, UnitGraph, run_nodes, trace_units
 from connectome.graph import Connectome
 
@@ -529,7 +528,7 @@ def attribution(
     layers: Sequence[str] | None = None,
     device: Any = None,
     batch_size: int = 64,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     transform: Callable[[Any], Any] | None = None,
     labels: Sequence[str] | None = None,
     max_images: int | None = None,
@@ -561,8 +560,12 @@ def attribution(
         Contract the result onto these layers (module names), conserving flow.
     device : str or torch.device, optional
         ``None``: CUDA when available, else CPU.
-    batch_size, num_workers : int
-        DataLoader settings (ignored when ``data`` is a DataLoader).
+    batch_size : int, default 64
+        Images per step (ignored when ``data`` is a DataLoader).
+    num_workers : int, optional
+        Processes decoding an ImageFolder (or reading a Dataset); ``None``: one fewer than the
+        CPUs, at most 8, for a folder of more than one batch. Tensors are sliced into batches
+        (no collation, no workers); CPU tensors are pinned ahead of a CUDA run.
     transform : callable, optional
         For ImageFolder data; default resize, center crop 224, ImageNet normalisation.
     labels : sequence of str, optional
@@ -866,14 +869,8 @@ def attribution_by_category(
         cname = names[label]
         if categories is not None and cname not in categories:
             continue
-        subset = Subset(ds, by_label[label])
-        from torch.utils.data import DataLoader
-
-        from connectome.extract.data import LoaderInfo
-
-        loader = DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=info.loader.collate_fn,
-                            num_workers=kwargs.get("num_workers", 0))
-        sub_info = LoaderInfo(loader, subset, info.classes, len(subset))
+        sub_info = subset_loader(info, by_label[label], batch_size, num_workers=kwargs.get("num_workers"),
+                                 pin_memory=resolve_device(kwargs.get("device")).type == "cuda")
         try:
             from connectome.extract.distributed import category_folder
 
