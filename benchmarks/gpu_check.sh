@@ -74,7 +74,7 @@ import numpy as np, torch, torchvision
 import connectome as cn
 
 dev, small = torch.device(os.environ["DEVICE"]), os.environ["SMALL"] == "1"
-n, batch, size = (8, 4, 64) if small else (256, 128, 224)
+n, batch, size = (8, 4, 64) if small else (128, 64, 224)
 rows = []
 for name in (["resnet18"] if small else ["resnet18", "resnet50"]):
     torch.manual_seed(0)
