@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench mincheck clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,5 +22,10 @@ bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_analysis.py
 	$(BIN)/python benchmarks/bench_scale.py
 
+# The oldest versions pyproject.toml admits, in a venv of their own, against a test subset.
+MINVENV ?= .venv-min
+mincheck:
+	$(PY) tools/min_versions.py --venv $(MINVENV)
+
 clean:
-	rm -rf $(VENV) demo_out build *.egg-info
+	rm -rf $(VENV) $(MINVENV) demo_out build *.egg-info

@@ -14,7 +14,7 @@ for timing), pruned ``top_k=16``, and attribution graphs of two zoo models. With
 
 Tasks, each side from the same Connectome:
 
-- convert: ours = the bare igraph topology (``centrality._topology``); networkx = a
+- convert: ours = the bare igraph topology (``analysis._util.topology``); networkx = a
   ``DiGraph`` with ``|w|`` and ``-log`` distance edge attributes (the minimum the
   networkx calls below need; ``g.to_networkx()`` with every attribute is slower still and
   is timed for reference).
@@ -52,7 +52,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-centrality_mod = importlib.import_module("connectome.analysis.centrality")  # the module, not the function
+util_mod = importlib.import_module("connectome.analysis._util")
 from connectome.analysis.centrality import ZERO_DISTANCE, centrality  # noqa: E402
 from connectome.analysis.communities import communities  # noqa: E402
 from connectome.graph import Connectome, Layer  # noqa: E402
@@ -180,7 +180,7 @@ def nx_graph(g: Connectome):
 
 
 def directed_modularity(g: Connectome, membership: np.ndarray) -> float:
-    G = centrality_mod._topology(g)
+    G = util_mod.topology(g)
     return float(G.modularity(membership.tolist(), weights=np.abs(g.weight).astype(np.float64).tolist(), directed=True))
 
 
@@ -209,8 +209,8 @@ def bench_graph(name: str, g: Connectome, *, samples: int | None, big: bool, qui
         )
 
     def ours_topology():
-        centrality_mod._TOPOLOGY.pop(g, None)
-        return centrality_mod._topology(g)
+        util_mod._TOPOLOGY.pop(g, None)
+        return util_mod.topology(g)
 
     conv_ours, _ = best_of(ours_topology, rep_fast)
     conv_nx, G = best_of(lambda: nx_graph(g), 1 if big else rep_nx)

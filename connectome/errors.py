@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "ConnectomeError",
     "ExtractionError",
@@ -9,6 +11,7 @@ __all__ = [
     "ExportError",
     "BadFileError",
     "DataError",
+    "UnsafeDependencyError",
 ]
 
 
@@ -37,3 +40,30 @@ class BadFileError(ConnectomeError):
 
 class DataError(ConnectomeError):
     """Images, labels or targets that cannot be used (empty, undecodable, out of range)."""
+
+
+class UnsafeDependencyError(ConnectomeError):
+    """An installed library is too old to read a file from someone else safely; upgrade it."""
+
+
+def short_list(items: Any, n: int = 6) -> str:
+    """``repr`` of a list for an error message, cut after ``n`` items with the total count.
+
+    Parameters
+    ----------
+    items : iterable of str
+        What to list (layer names, node ids).
+    n : int, default 6
+        Items shown before the list is cut.
+
+    Returns
+    -------
+    str
+
+    Examples
+    --------
+    >>> short_list(["a", "b", "c"], n=2)
+    "['a', 'b', ... (3 in all)]"
+    """
+    items = list(items)
+    return repr(items) if len(items) <= n else repr(items[:n])[:-1] + f", ... ({len(items)} in all)]"

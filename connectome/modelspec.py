@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from connectome.errors import ConnectomeError, DataError
+from connectome._safety import safe_torch_load
+from connectome.errors import ConnectomeError, DataError, UnsafeDependencyError
 
 __all__ = ["ModelSpec", "load_model_spec", "load_data_spec"]
 
@@ -23,13 +24,13 @@ class ModelSpec:
 
 
 def _load_weights(model: Any, weights: str) -> None:
-    import torch
-
     p = Path(weights)
     if not p.is_file():
         raise ConnectomeError(f"weights file {weights!r} does not exist; pass a state_dict saved with torch.save")
     try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
+        state = safe_torch_load(p, what="weights file")
+    except UnsafeDependencyError:
+        raise
     except Exception as exc:
         raise ConnectomeError(f"cannot read weights file {weights!r} ({type(exc).__name__}: {exc}); save a state_dict with torch.save") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):

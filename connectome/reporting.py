@@ -51,10 +51,10 @@ def _numeric(s: str) -> bool:
 
 def _has_target(g: Connectome) -> bool:
     """Whether the graph names its class unit (the circuit's default target)."""
-    from connectome.analysis.circuits import _resolve_target
+    from connectome.analysis.circuits import target_node
 
     try:
-        _resolve_target(g, None)
+        target_node(g, None)
     except ConnectomeError:
         return False
     return True

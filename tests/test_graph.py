@@ -576,3 +576,59 @@ def test_equals(toy):
     assert not toy.equals(toy.with_weight(toy.weight + 1e-9))
     assert toy.equals(toy.with_weight(toy.weight + 1e-12), exact=False)
     assert not toy.equals("toy")
+
+
+def _contract_by_paths(g: Connectome, keep: set[str]) -> tuple[dict[tuple[str, str], float], dict[str, float]]:
+    """Contraction by walking every path: a dropped unit passes each amount on as ``E_out / sum E_out``."""
+    ids, layer_of = g.node_ids.tolist(), [g.layers[i].name for i in g.node_layer]
+    out: dict[int, list[tuple[int, float]]] = {}
+    for s, d, w in zip(g.src.tolist(), g.dst.tolist(), g.weight.tolist()):
+        out.setdefault(s, []).append((d, w))
+    total = {u: sum(w for _, w in es) for u, es in out.items()}
+    edges: dict[tuple[str, str], float] = {}
+    bias = {ids[i]: float(b) for i, b in enumerate(g.node_attr("bias_attribution")) if layer_of[i] in keep}
+
+    def spread(u: int, amount: float, add) -> None:
+        for d, w in out[u]:
+            if layer_of[d] in keep:
+                add(ids[d], amount * w / total[u])
+            else:
+                spread(d, amount * w / total[u], add)
+
+    def to_edge(src: str):
+        return lambda dst, v: edges.__setitem__((src, dst), edges.get((src, dst), 0.0) + v)
+
+    for s, d, w in zip(g.src.tolist(), g.dst.tolist(), g.weight.tolist()):
+        if layer_of[s] not in keep:
+            continue
+        if layer_of[d] in keep:
+            to_edge(ids[s])(ids[d], w)
+        else:
+            spread(d, w, to_edge(ids[s]))
+    for i, b in enumerate(g.node_attr("bias_attribution")):
+        if layer_of[i] not in keep:
+            spread(i, float(b), lambda dst, v: bias.__setitem__(dst, bias[dst] + v))
+    return edges, bias
+
+
+@pytest.mark.parametrize("keep", [["in", "out"], ["in", "h2", "out"], ["in", "h1", "out"]])
+def test_contract_signed_flows_by_hand(keep):
+    # Signed flows: h1:0 and h2:* send a negative total on, h1:0 and h2:* split it over edges of both signs.
+    layers = [("in", "input", 2), ("h1", "conv", 2), ("h2", "conv", 2), ("out", "output", 2)]
+    edges = [("in:0", "h1:0", 1.5), ("in:1", "h1:0", -2.0), ("in:1", "h1:1", 0.5),
+             ("h1:0", "h2:0", 2.0), ("h1:0", "h2:1", -3.0), ("h1:1", "h2:1", -0.5), ("h1:1", "out:1", 1.5),
+             ("h2:0", "out:0", -1.0), ("h2:0", "out:1", 0.25), ("h2:1", "out:0", 0.5), ("h2:1", "out:1", -2.0),
+             ("in:0", "out:1", -0.7)]
+    bias = np.array([0.0, 0.0, 0.3, -0.2, 0.1, 0.4, 0.05, -0.05])
+    g = Connectome.from_edges(layers, edges, node_attrs={"bias_attribution": bias})
+    c = g.contract(keep)
+    expect, expect_bias = _contract_by_paths(g, set(keep))
+    got = edge_dict(c)
+    assert got.keys() == expect.keys()
+    for k, v in expect.items():
+        assert got[k] == pytest.approx(v, rel=1e-12, abs=1e-14), k
+    np.testing.assert_allclose(c.node_attr("bias_attribution"), [expect_bias[i] for i in c.node_ids], rtol=1e-12)
+    if keep == ["in", "out"]:
+        # one path sum written out: in:0 -> h1:0 (total -1) -> h2:0 (total -0.75) / h2:1 (total -1.5) -> out:0
+        hand = 1.5 * (2.0 / -1.0 * (-1.0 / -0.75) + -3.0 / -1.0 * (0.5 / -1.5))
+        assert got[("in:0", "out:0")] == pytest.approx(hand, rel=1e-12)

@@ -2,8 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any
+import random
+import weakref
+from typing import TYPE_CHECKING, Any, Iterator
+
+import numpy as np
+
+from connectome.errors import ConnectomeError, EmptyGraphError
+from connectome.graph import Connectome
+
+if TYPE_CHECKING:  # pragma: no cover
+    import igraph
+
+# One bare igraph topology per Connectome. Connectomes are immutable (their edge arrays are
+# read-only), so the topology never goes stale; entries vanish with the graph.
+_TOPOLOGY: weakref.WeakKeyDictionary[Connectome, igraph.Graph] = weakref.WeakKeyDictionary()
 
 
 def nan_to_none(x: Any) -> Any:
@@ -15,3 +30,57 @@ def nan_to_none(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return [nan_to_none(v) for v in x]
     return x
+
+
+def topology(g: Connectome) -> igraph.Graph:
+    """The directed igraph graph of ``g``'s edges, no attributes; vertex ``i`` is node ``i``.
+
+    Built from two flat int lists (``zip`` of ``tolist()``), about 4x faster than the
+    ``(n, 2)`` list that :meth:`Connectome.to_igraph` passes, and cached per graph. Edge
+    ``e`` of the igraph graph is edge ``e`` of ``g``, so weight arrays index both. Callers
+    must not modify the returned graph.
+    """
+    G = _TOPOLOGY.get(g)
+    if G is None:
+        import igraph as ig
+
+        G = ig.Graph(n=g.num_nodes, edges=list(zip(g.src.tolist(), g.dst.tolist())), directed=True)
+        _TOPOLOGY[g] = G
+    return G
+
+
+@contextlib.contextmanager
+def seeded_igraph(seed: int) -> Iterator[None]:
+    """igraph draws from a private ``random.Random(seed)`` inside the block.
+
+    python-igraph's default generator is the ``random`` module, restored afterwards; the
+    global ``random`` state is left untouched.
+    """
+    import igraph as ig
+
+    ig.set_random_number_generator(random.Random(seed))
+    try:
+        yield
+    finally:
+        ig.set_random_number_generator(random)
+
+
+def check_nonempty(g: Connectome, what: str) -> None:
+    """A TypeError unless ``g`` is a Connectome, an EmptyGraphError if it has no nodes."""
+    if not isinstance(g, Connectome):
+        raise TypeError(f"{what} takes a Connectome, got {type(g).__name__}")
+    if g.num_nodes == 0:
+        raise EmptyGraphError(f"{what} needs a graph with at least one node; this one has none")
+
+
+def edge_values(g: Connectome, weight: str) -> np.ndarray:
+    """Edge column ``weight`` as float64, checked finite."""
+    w = np.asarray(g.edge_attr(weight), dtype=np.float64)
+    if w.size and not np.all(np.isfinite(w)):
+        bad = int(np.flatnonzero(~np.isfinite(w))[0])
+        raise ConnectomeError(
+            f"edge column {weight!r} holds {int((~np.isfinite(w)).sum())} non-finite values "
+            f"(first at edge {bad}: {g.node_ids[g.src[bad]]} -> {g.node_ids[g.dst[bad]]}); "
+            "drop or fix those edges before computing centralities"
+        )
+    return w

@@ -23,119 +23,26 @@ Olah, C. et al. (2020). Zoom In: An Introduction to Circuits. Distill.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from connectome.errors import ConnectomeError, DataError, EmptyGraphError
-from connectome.extract._model import check_model, eval_mode, model_dtype, model_on, resolve_device
-from connectome.extract.build import graph_layers
-from connectome.extract.data import make_loader, unpack_batch, warn_skipped
-from connectome.extract.trace import UnitGraph, run_nodes, trace_units
-from connectome.graph import Connectome, Layer
+from connectome.errors import ConnectomeError, EmptyGraphError, short_list
+from connectome.extract.probe import IO_KINDS, Traced, load_probe, mask_units, traced
+from connectome.extract.targets import Target, check_labels, resolve_target
+from connectome.extract.trace import run_nodes
+from connectome.graph import Connectome
 
 __all__ = ["ablate", "fidelity", "AblationResult", "FidelityResult"]
 
-_SKIP_KINDS = ("input", "output")
-
-
-# ---------------------------------------------------------------------- shared machinery
-def _load_probe(data: Any, batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None, list[str] | None]:
-    """All images (and labels, when every batch has them) as CPU tensors: the probe set is small."""
-    if isinstance(data, torch.Tensor) and data.dim() == 3:
-        data = data[None]
-    info = make_loader(data, batch_size=batch_size)
-    xs: list[torch.Tensor] = []
-    ys: list[torch.Tensor] = []
-    skipped: list[str] = []
-    has_labels = True
-    for batch in info.loader:
-        x, y, sk = unpack_batch(batch)
-        skipped.extend(sk)
-        if x is None:
-            continue
-        xs.append(torch.as_tensor(x).detach().cpu())
-        if y is None:
-            has_labels = False
-        else:
-            ys.append(torch.as_tensor(y).detach().cpu().long().reshape(-1))
-    warn_skipped(skipped)
-    if not xs:
-        raise DataError("no images to run; pass at least one image")
-    x = torch.cat(xs)
-    y = torch.cat(ys) if has_labels and ys else None
-    return x, y, info.classes
-
-
-@dataclass
-class _Traced:
-    ug: UnitGraph
-    layers: list[Layer]  # graph layers, aligned with ug.layers
-    device: torch.device
-    dtype: torch.dtype
-
-    @property
-    def names(self) -> list[str]:
-        return [l.name for l in self.layers]
-
-    def index(self, name: str) -> int | None:
-        """Position of graph layer ``name`` (also accepts the traced layer name or module)."""
-        for i, (g, s) in enumerate(zip(self.layers, self.ug.layers)):
-            if name == g.name:
-                return i
-        for i, s in enumerate(self.ug.layers):
-            if name in (s.name, s.module):
-                return i
-        return None
-
-    def hidden_names(self) -> list[str]:
-        return [l.name for l in self.layers if l.kind not in _SKIP_KINDS]
-
-    @property
-    def n_classes(self) -> int:
-        return int(self.ug.layers[self.ug.output_layer].size)
-
-
-@contextlib.contextmanager
-def _traced(model: nn.Module, example: torch.Tensor, device: Any = None) -> Iterator[_Traced]:
-    """Trace ``model`` and keep it in eval mode under ``inference_mode`` for the block.
-
-    Nothing is attached to the model (masks are applied while running the traced graph),
-    and every submodule's ``training`` flag is restored on exit, also on error.
-    """
-    check_model(model)
-    dev = resolve_device(device)
-    m = model_on(model, dev)
-    dtype = model_dtype(m)
-    with eval_mode(m, warn=True), torch.inference_mode():
-        ug = trace_units(m, example[:1].to(dev, dtype=dtype))
-        yield _Traced(ug, graph_layers(ug), dev, dtype)
-
-
-def _profile_node(t: _Traced, li: int) -> str:
-    """The fx node whose value profiles layer ``li``: the unit's value after its BatchNorm and
-    nonlinearity, but before pooling or flattening changes its map (the last node of the
-    per-channel chain that keeps the defining node's shape)."""
-    s = t.ug.layers[li]
-    if s.kind == "input":
-        return s.node
-    shape = t.ug.shapes.get(s.node)
-    best = s.node
-    for n in s.chain:
-        if t.ug.shapes.get(n) != shape:
-            break
-        best = n
-    return best
-
-
+# ---------------------------------------------------------------------- running patterns
 def _run_patterns(
-    t: _Traced,
+    t: Traced,
     x: torch.Tensor,
     keep: Mapping[int, torch.Tensor],
     n_patterns: int,
@@ -163,8 +70,7 @@ def _run_patterns(
             m = cur.get(node.name)
             if m is None or not isinstance(v, torch.Tensor):
                 return v
-            # (N, C, H, W) and flattened (N, C*P) alike: each unit's block of features.
-            return (v.reshape(v.shape[0], m.shape[1], -1) * m[:, :, None]).reshape(v.shape)
+            return mask_units(v, m, unit_dim=ug.unit_dim(node.name))
 
         _, kept = run_nodes(ug.gm, (x[img],), keep={out_name}, on_value=on_value)
         chunks.append(kept[out_name].reshape(r.shape[0], -1))
@@ -172,36 +78,22 @@ def _run_patterns(
     return logits.reshape(n_patterns, n, -1)
 
 
-def _target_index(target: Any, y: torch.Tensor | None, n_classes: int, classes: Sequence[str] | None,
-                  n: int) -> torch.Tensor:
-    """Target class per image, shape (n,)."""
-    if isinstance(target, str) and target == "label":
-        if y is None:
-            raise DataError(
-                "target='label' needs labels, but the data has images only; pass (images, labels) "
-                "or target=<class index>"
-            )
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= n_classes):
-            raise DataError(f"labels must be class indices in [0, {n_classes}), got range "
-                            f"[{int(y.min())}, {int(y.max())}]")
-        return y
-    if isinstance(target, str):
-        if classes is not None and target in classes:
-            target = list(classes).index(target)
-        else:
-            raise DataError(f"unknown target class {target!r}; pass 'label', a class index in [0, {n_classes})"
-                            + (f" or one of {list(classes)[:8]}" if classes else ""))
-    if isinstance(target, bool) or not isinstance(target, (int, np.integer)):
-        raise TypeError(f"target must be 'label', a class index or a class name, got {type(target).__name__}")
-    if not 0 <= int(target) < n_classes:
-        raise DataError(f"target class {int(target)} is out of range; the model has {n_classes} classes")
-    return torch.full((n,), int(target), dtype=torch.long)
+def _target(target: Any, y: torch.Tensor | None, t: Traced, classes: Sequence[str] | None, caller: str) -> Target:
+    """The resolved target, with labels checked now when it reads them (before any pattern runs)."""
+    spec = resolve_target(target, t.n_classes, classes, allow_callable=False, caller=caller)
+    if spec.kind == "label":
+        check_labels(y, t.n_classes)
+    return spec
 
 
-def _scores(logits: torch.Tensor, tgt: torch.Tensor, y: torch.Tensor | None) -> dict[str, np.ndarray]:
-    """Per pattern: mean target logit, mean target probability, accuracy (NaN without labels)."""
+def _scores(logits: torch.Tensor, target: Target, y: torch.Tensor | None) -> dict[str, np.ndarray]:
+    """Per pattern: mean target logit, mean target probability, accuracy (NaN without labels).
+
+    Pattern 0 is the intact model: ``"predicted"`` is each image's class there.
+    """
     L = logits.double()
     p, n, _ = L.shape
+    tgt = target.classes(L[0], y)
     idx = tgt.to(L.device)[None, :, None].expand(p, n, 1)
     logit = L.gather(2, idx)[..., 0].mean(1)
     prob = torch.softmax(L, dim=-1).gather(2, idx)[..., 0].mean(1)
@@ -222,7 +114,7 @@ def _parse_id(s: str) -> tuple[str, int] | None:
         return None
 
 
-def _resolve_units(t: _Traced, units: Any) -> dict[int, np.ndarray]:
+def _resolve_units(t: Traced, units: Any) -> dict[int, np.ndarray]:
     """Units to silence as ``traced layer index -> sorted unique unit indices``.
 
     ``units`` is a node id, a sequence of node ids, a mapping ``layer -> unit indices``, or a
@@ -233,7 +125,7 @@ def _resolve_units(t: _Traced, units: Any) -> dict[int, np.ndarray]:
     if isinstance(units, Connectome):
         for l in units.layers:
             li = t.index(l.name)
-            if l.kind in _SKIP_KINDS or (li is not None and t.layers[li].kind in _SKIP_KINDS):
+            if l.kind in IO_KINDS or (li is not None and t.layers[li].kind in IO_KINDS):
                 continue
             for u in units.node_units[units.layer_slice(l.name)].tolist():
                 pairs.append((l.name, int(u), f"{l.name}:{u}"))
@@ -250,7 +142,7 @@ def _resolve_units(t: _Traced, units: Any) -> dict[int, np.ndarray]:
             if parsed is None:
                 raise ConnectomeError(
                     f"{s!r} is not a node id; units are '<layer>:<unit>' such as "
-                    f"{(valid[0] if valid else 'layer') + ':0'!r}, in layers {_short(valid)}"
+                    f"{(valid[0] if valid else 'layer') + ':0'!r}, in layers {short_list(valid)}"
                 )
             pairs.append((parsed[0], parsed[1], str(s)))
     unknown, io = [], []
@@ -260,28 +152,23 @@ def _resolve_units(t: _Traced, units: Any) -> dict[int, np.ndarray]:
         if li is None or not 0 <= u < t.ug.layers[li].size:
             unknown.append(given)
             continue
-        if t.layers[li].kind in _SKIP_KINDS:
+        if t.layers[li].kind in IO_KINDS:
             io.append(given)
             continue
         by_layer.setdefault(li, []).append(u)
     if unknown:
         raise ConnectomeError(
-            f"no unit(s) {_short(unknown)} in the model; valid layers (with their unit counts) are "
-            f"{_short([f'{n} ({t.ug.layers[t.index(n)].size})' for n in valid])}"
+            f"no unit(s) {short_list(unknown)} in the model; valid layers (with their unit counts) are "
+            f"{short_list([f'{n} ({t.ug.layers[t.index(n)].size})' for n in valid])}"
         )
     if io:
         raise ConnectomeError(
-            f"cannot ablate {_short(io)}: units of the input and output layers are never ablated "
-            f"(that would remove the image or the target itself); pass hidden units of {_short(valid)}"
+            f"cannot ablate {short_list(io)}: units of the input and output layers are never ablated "
+            f"(that would remove the image or the target itself); pass hidden units of {short_list(valid)}"
         )
     if not by_layer:
         raise EmptyGraphError("no hidden units to ablate; pass node ids of hidden layers or a circuit with hidden units")
     return {li: np.unique(np.asarray(us, dtype=np.int64)) for li, us in sorted(by_layer.items())}
-
-
-def _short(items: Sequence[str], n: int = 6) -> str:
-    items = list(items)
-    return repr(items) if len(items) <= n else repr(items[:n])[:-1] + f", ... ({len(items)} in all)]"
 
 
 def _fmt(x: float) -> str:
@@ -298,7 +185,8 @@ class AblationResult:
     units : tuple of str
         The silenced units (node ids), in layer order.
     target : str or int
-        ``"label"`` (each image's own label) or a class index.
+        As passed: ``"label"``, ``"predicted"``, a class name or digit string, or a class
+        index.
     n_images : int
     logit_before, logit_after, logit_drop : float
         Mean target logit of the intact and the ablated model; ``drop = before - after``.
@@ -337,7 +225,7 @@ class AblationResult:
         )
 
 
-def _ids(t: _Traced, sel: Mapping[int, np.ndarray]) -> tuple[str, ...]:
+def _ids(t: Traced, sel: Mapping[int, np.ndarray]) -> tuple[str, ...]:
     return tuple(f"{t.layers[li].name}:{u}" for li, us in sel.items() for u in us.tolist())
 
 
@@ -361,8 +249,11 @@ def ablate(
         Connectome (a circuit) whose nodes outside the input and output layers are silenced.
     data : Tensor, (Tensor, Tensor), Dataset, DataLoader or ImageFolder path
         The probe images (held in memory at once).
-    target : "label", int or str, default "label"
-        Each image's own label, or one class (index, or name when the data has classes).
+    target : "label", "predicted", int or str, default "label"
+        Each image's own label, the class the intact model predicts for each image, or one
+        class (an index, a digit string such as ``"281"``, or a name when the data has
+        classes): the same forms as :func:`~connectome.extract.attribution`, but for a
+        callable, which gives no class to score.
     device : optional
         ``None``: CUDA when available, else CPU (a copy of the model runs there).
     batch_size : int, default 64
@@ -379,7 +270,9 @@ def ablate(
         Units not in the model (the message names them and lists the valid layers), units of
         the input or output layer, or no units at all (:class:`EmptyGraphError`).
     DataError
-        No images, ``target="label"`` without labels, a target class out of range.
+        No images, ``target="label"`` without labels, a target class out of range, an
+        unknown class name, a callable or another type of target (the same messages as
+        :func:`~connectome.extract.attribution`).
 
     Examples
     --------
@@ -391,10 +284,10 @@ def ablate(
     ----------
     Morcos, A. S. et al. (2018). On the importance of single directions for generalization. ICLR.
     """
-    x_cpu, y, classes = _load_probe(data, batch_size)
-    with _traced(model, x_cpu, device) as t:
+    x_cpu, y, classes = load_probe(data, batch_size)
+    with traced(model, x_cpu, device) as t:
         sel = _resolve_units(t, units)
-        tgt = _target_index(target, y, t.n_classes, classes, x_cpu.shape[0])
+        tgt = _target(target, y, t, classes, "ablate")
         keep = {}
         for li, us in sel.items():
             m = torch.ones(2, t.ug.layers[li].size)
@@ -523,7 +416,7 @@ class FidelityResult:
         return "\n".join(lines)
 
 
-def _unit_order(t: _Traced, circuit: Any, sel: Mapping[int, np.ndarray]) -> list[tuple[int, int]]:
+def _unit_order(t: Traced, circuit: Any, sel: Mapping[int, np.ndarray]) -> list[tuple[int, int]]:
     """Circuit units, most important first: by |attribution| (node attribute of the circuit),
     else by degree in the circuit; ties (and plain node-id lists) keep layer-then-unit order."""
     units = [(li, int(u)) for li, us in sel.items() for u in us.tolist()]
@@ -585,8 +478,8 @@ def fidelity(
         among all units of that layer (circuit units included).
     seed : int, default 0
         Seed of the random draws.
-    target : "label", int or str, default "label"
-        Each image's own label, or one class.
+    target : "label", "predicted", int or str, default "label"
+        As in :func:`ablate`.
     curves : bool, default True
         Compute deletion and insertion curves.
     steps : int, default 10
@@ -609,7 +502,7 @@ def fidelity(
     ConnectomeError
         Circuit units not in the model, or no hidden units (:class:`EmptyGraphError`).
     DataError
-        No images, ``target="label"`` without labels, a target out of range.
+        No images, or a target :func:`ablate` refuses.
 
     Examples
     --------
@@ -629,10 +522,10 @@ def fidelity(
     if curves and (isinstance(steps, bool) or int(steps) != steps or steps < 1):
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     n_random, steps = int(n_random), int(steps)
-    x_cpu, y, classes = _load_probe(data, batch_size)
-    with _traced(model, x_cpu, device) as t:
+    x_cpu, y, classes = load_probe(data, batch_size)
+    with traced(model, x_cpu, device) as t:
         sel = _resolve_units(t, circuit)
-        tgt = _target_index(target, y, t.n_classes, classes, x_cpu.shape[0])
+        tgt = _target(target, y, t, classes, "fidelity")
         sizes = {li: t.ug.layers[li].size for li in sel}
         rng = np.random.default_rng(seed)
         n_curve = steps + 1 if curves else 0

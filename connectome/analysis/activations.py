@@ -21,8 +21,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from connectome.errors import ConnectomeError
-
 __all__ = ["compare_activations", "ActivationComparison", "LayerActivationDiff"]
 
 
@@ -210,7 +208,7 @@ def compare_activations(
     ----------
     Zeiler, M. D. & Fergus, R. (2014). Visualizing and Understanding Convolutional Networks. ECCV.
     """
-    from connectome.analysis.ablation import _profile_node, _short, _traced
+    from connectome.extract.probe import profile_node, traced
     from connectome.extract.trace import run_nodes
 
     if isinstance(top, bool) or int(top) != top or top < 1:
@@ -224,19 +222,16 @@ def compare_activations(
         layers = [layers] if isinstance(layers, str) else list(layers)
         if not layers:
             raise ValueError("layers is empty; pass layer names or None for all")
-    with _traced(model, a, device) as t:
+    with traced(model, a, device) as t:
         if layers is None:
             picks = [i for i, l in enumerate(t.layers) if l.kind != "input"]
         else:
             picks = []
             for name in layers:
-                i = t.index(str(name))
-                if i is None:
-                    raise ConnectomeError(f"no layer {name!r} in the model's unit graph; layers are {_short(t.names, 10)}")
-                picks.append(i)
+                picks.append(t.resolve(name, where="in the model's unit graph"))
         nodes: dict[str, list[int]] = {}
         for i in picks:
-            nodes.setdefault(_profile_node(t, i), []).append(i)
+            nodes.setdefault(profile_node(t, i), []).append(i)
         values: dict[int, list[np.ndarray]] = {i: [] for i in picks}
 
         def on_value(node: Any, v: Any) -> Any:

@@ -49,9 +49,29 @@ def _target_examples(g: Connectome) -> str:
     return text
 
 
-def _resolve_target(g: Connectome, target: Any) -> int:
-    """Global node index of ``target``: a node id, a class label, a unit index of the output
-    layer, or (``None``) the unit of ``meta['category']`` / ``meta['target_class']``."""
+def target_node(g: Connectome, target: Any) -> int:
+    """Global node index of the unit a circuit is traced back from.
+
+    Parameters
+    ----------
+    g : Connectome
+    target : str, int or None
+        A node id, a class label or a unit index of the output layer; ``None``: the unit of
+        ``meta['category']``, else of ``meta['target_class']``.
+
+    Returns
+    -------
+    int
+
+    Raises
+    ------
+    EmptyGraphError
+        The graph has no nodes.
+    ConnectomeError
+        No such unit, or (``None``) a graph whose meta names no unit of its output layer.
+    TypeError
+        ``target`` of another type.
+    """
     if g.num_nodes == 0:
         raise EmptyGraphError("the graph has no nodes")
     li = _output_layer(g)
@@ -183,7 +203,7 @@ def circuit(
         top_k = int(top_k)
     elif not (0 < mass <= 1):
         raise ValueError(f"mass must be in (0, 1], got {mass!r}")
-    t = _resolve_target(g, target)
+    t = target_node(g, target)
     n = g.num_nodes
     flow = _flow(g, attr)
     node_layer = g.node_layer
@@ -251,7 +271,7 @@ def _default_top_node(g: Connectome) -> int:
             # Among units with any attribution: in a graph attributed to one logit only that
             # unit is non-zero, even when the logit total is negative.
             return int(s.start + nz[np.argmax(a[nz])])
-    return _resolve_target(g, None)
+    return target_node(g, None)
 
 
 def top_contributors(
@@ -291,7 +311,7 @@ def top_contributors(
     """
     if isinstance(k, bool) or int(k) != k or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
-    t = _default_top_node(g) if node_id is None else _resolve_target(g, node_id)
+    t = _default_top_node(g) if node_id is None else target_node(g, node_id)
     m = g.dst == t
     srcs = g.src[m]
     vals = np.asarray(g.edge_attr(attr)[m], dtype=np.float64)

@@ -27,7 +27,11 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
-from connectome.analysis.centrality import _check_nonempty, _edge_values, _seeded_igraph, _topology, strength
+from connectome.analysis._util import check_nonempty as _check_nonempty
+from connectome.analysis._util import edge_values as _edge_values
+from connectome.analysis._util import seeded_igraph as _seeded_igraph
+from connectome.analysis._util import topology as _topology
+from connectome.analysis.centrality import strength
 from connectome.errors import ConnectomeError, EmptyGraphError
 from connectome.graph import Connectome
 

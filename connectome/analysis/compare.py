@@ -133,10 +133,10 @@ def _as_membership(p: Any, g: Connectome, which: str) -> np.ndarray:
 
 def _circuit_nodes(g: Connectome, mass: float) -> set[str] | None:
     """Node ids of the graph's circuit, ``None`` when it has no category target."""
-    from connectome.analysis.circuits import _resolve_target, circuit
+    from connectome.analysis.circuits import circuit, target_node
 
     try:
-        _resolve_target(g, None)
+        target_node(g, None)
     except ConnectomeError:
         return None
     try:

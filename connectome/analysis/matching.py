@@ -30,8 +30,8 @@ import torch
 import torch.nn as nn
 
 from connectome.analysis._util import nan_to_none as _nan_to_none
-from connectome.analysis.ablation import _load_probe, _profile_node, _short, _traced, _Traced
-from connectome.errors import ConnectomeError, EmptyGraphError
+from connectome.errors import ConnectomeError, EmptyGraphError, short_list
+from connectome.extract.probe import Traced, load_probe, profile_node, traced
 from connectome.extract.trace import run_nodes
 from connectome.graph import Connectome
 
@@ -83,7 +83,7 @@ class UnitMatching:
         if layer_a not in self.mappings:
             raise ConnectomeError(
                 f"layer {layer_a!r} of model A is not matched; matched layers are "
-                f"{_short([a for a, _ in self.layer_pairs])}"
+                f"{short_list([a for a, _ in self.layer_pairs])}"
             )
 
     def partner_layer(self, layer_a: str) -> str:
@@ -169,12 +169,12 @@ class UnitMatching:
         return "\n".join(lines)
 
 
-def _depths(t: _Traced) -> list[float]:
+def _depths(t: Traced) -> list[float]:
     n = len(t.layers)
     return [i / (n - 1) if n > 1 else 0.0 for i in range(n)]
 
 
-def _default_pairs(ta: _Traced, tb: _Traced) -> list[tuple[int, int]]:
+def _default_pairs(ta: Traced, tb: Traced) -> list[tuple[int, int]]:
     """Each hidden layer of A with B's hidden layer of the same kind at the nearest relative
     depth (any hidden kind when B has none of that kind); the outputs with each other."""
     da, db = _depths(ta), _depths(tb)
@@ -193,18 +193,14 @@ def _default_pairs(ta: _Traced, tb: _Traced) -> list[tuple[int, int]]:
     return pairs
 
 
-def _given_pairs(ta: _Traced, tb: _Traced, layer_pairs: Sequence[tuple[str, str]]) -> list[tuple[int, int]]:
+def _given_pairs(ta: Traced, tb: Traced, layer_pairs: Sequence[tuple[str, str]]) -> list[tuple[int, int]]:
     out = []
     seen = set()
     for p in layer_pairs:
         if isinstance(p, str) or len(p) != 2:
             raise ValueError(f"layer_pairs holds (layer_a, layer_b) tuples, got {p!r}")
         a, b = p
-        i, j = ta.index(str(a)), tb.index(str(b))
-        if i is None:
-            raise ConnectomeError(f"no layer {a!r} in model A; its layers are {_short(ta.names, 10)}")
-        if j is None:
-            raise ConnectomeError(f"no layer {b!r} in model B; its layers are {_short(tb.names, 10)}")
+        i, j = ta.resolve(a, where="in model A"), tb.resolve(b, where="in model B")
         if ta.layers[i].name in seen:
             raise ValueError(f"layer {a!r} of model A appears twice in layer_pairs; pair each layer of A once")
         seen.add(ta.layers[i].name)
@@ -214,12 +210,12 @@ def _given_pairs(ta: _Traced, tb: _Traced, layer_pairs: Sequence[tuple[str, str]
     return out
 
 
-def _spatial(t: _Traced, li: int) -> tuple[int, ...] | None:
-    shape = t.ug.shapes.get(_profile_node(t, li), ())
+def _spatial(t: Traced, li: int) -> tuple[int, ...] | None:
+    shape = t.ug.shapes.get(profile_node(t, li), ())
     return tuple(shape[2:]) if len(shape) > 2 else None
 
 
-def _profiles(t: _Traced, x: torch.Tensor, needs: Mapping[int, set[str]], batch_size: int) -> dict[tuple[int, str], torch.Tensor]:
+def _profiles(t: Traced, x: torch.Tensor, needs: Mapping[int, set[str]], batch_size: int) -> dict[tuple[int, str], torch.Tensor]:
     """Activation profiles, shape (samples, units), for each ``(layer, mode)`` asked for.
 
     Profiles are taken when a value is produced: an in-place op further on (``out +=
@@ -227,13 +223,14 @@ def _profiles(t: _Traced, x: torch.Tensor, needs: Mapping[int, set[str]], batch_
     """
     by_node: dict[str, list[int]] = {}
     for li in needs:
-        by_node.setdefault(_profile_node(t, li), []).append(li)
+        by_node.setdefault(profile_node(t, li), []).append(li)
     parts: dict[tuple[int, str], list[torch.Tensor]] = {}
 
     def on_value(node: Any, v: Any) -> Any:
         for li in by_node.get(node.name, ()):
             units = t.ug.layers[li].size
-            flat = v.reshape(v.shape[0], units, -1)
+            # units first (a channels-last value keeps them on its last dim)
+            flat = v.movedim(t.ug.unit_dim(node.name), 1).reshape(v.shape[0], units, -1)
             for mode in needs[li]:
                 if mode == "positions" and v.dim() > 2:
                     p = flat.transpose(1, 2).reshape(-1, units)
@@ -335,10 +332,10 @@ def match_units(
     Li, Y., Yosinski, J., Clune, J., Lipson, H. & Hopcroft, J. (2015). Convergent Learning:
     Do different neural networks learn the same representations? arXiv:1511.07543.
     """
-    x, _, _ = _load_probe(probe_data, batch_size)
+    x, _, _ = load_probe(probe_data, batch_size)
     with contextlib.ExitStack() as stack:
-        ta = stack.enter_context(_traced(model_a, x, device))
-        tb = stack.enter_context(_traced(model_b, x, device))
+        ta = stack.enter_context(traced(model_a, x, device))
+        tb = stack.enter_context(traced(model_b, x, device))
         pairs = _default_pairs(ta, tb) if layer_pairs is None else _given_pairs(ta, tb, layer_pairs)
         modes: dict[int, str] = {}
         need_a: dict[int, set[str]] = {}

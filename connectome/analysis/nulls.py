@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
-from connectome.analysis.centrality import _check_nonempty, _edge_values, _topology
+from connectome.analysis._util import check_nonempty as _check_nonempty
+from connectome.analysis._util import edge_values as _edge_values
+from connectome.analysis._util import topology as _topology
 from connectome.errors import ConnectomeError
 from connectome.graph import Connectome
 

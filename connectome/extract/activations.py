@@ -12,6 +12,7 @@ from connectome.errors import ConnectomeError
 from connectome.extract._model import check_model, eval_mode, model_dtype, model_on, resolve_device
 from connectome.extract.build import graph_layers
 from connectome.extract.data import make_loader, unpack_batch
+from connectome.extract.targets import resolve_layer
 from connectome.extract.trace import UnitGraph, run_nodes, trace_units
 
 __all__ = ["activations", "Activations"]
@@ -44,16 +45,10 @@ def _read_node(ug: UnitGraph, i: int, spatial: bool) -> str:
 
 
 def _resolve_layers(ug: UnitGraph, names: Sequence[str] | None) -> list[int]:
-    graph_names = [l.name for l in graph_layers(ug)]
     if names is None:
         return list(range(len(ug.layers)))
-    out = []
-    for n in names:
-        hits = [i for i, (g, s) in enumerate(zip(graph_names, ug.layers)) if n in (g, s.name, s.module)]
-        if not hits:
-            raise ConnectomeError(f"no layer {n!r} in the model's unit graph; layers are {graph_names[:8]}...")
-        out.append(hits[0])
-    return out
+    glayers = graph_layers(ug)
+    return [resolve_layer(n, glayers, ug.layers, where="in the model's unit graph") for n in names]
 
 
 def activations(
@@ -119,7 +114,7 @@ def activations(
             _, kept = run_nodes(ug.gm, (x,), keep=keep)
             for i in picks:
                 s = ug.layers[i]
-                v = kept[read[i]]
+                v = kept[read[i]].movedim(ug.unit_dim(read[i]), 1)  # units on dim 1, also for channels-last
                 n = v.shape[0]
                 if spatial and v.dim() > 2:
                     arr = v

@@ -3,8 +3,10 @@
 Both the weight graph and the attribution graph have the same edges (every structural
 connection of the model); only the values differ. Values come per layer:
 
-- conv/linear: an array of shape (out_units, in_units_per_group);
-- residual/concat: one array of shape (units,) per operand (identity edges).
+- dense kinds (conv/linear, see :mod:`connectome.kinds`): an array of shape
+  (out_units, in_channels_per_group); channel ``c`` is unit ``operand.cols[c]`` of the source
+  when the input was permuted or selected (a channel shuffle or split);
+- identity kinds (residual/concat): one array of shape (channels,) per operand.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 
 from connectome.extract.trace import UnitGraph
 from connectome.graph import Connectome, Layer
+from connectome.kinds import DENSE, IDENTITY, KINDS, Kind
 
 __all__ = ["graph_layers", "assemble"]
 
@@ -26,7 +29,7 @@ def graph_layers(ug: UnitGraph, labels: Sequence[str] | None = None) -> list[Lay
     for i, spec in enumerate(ug.layers):
         name, kind, lab = spec.name, spec.kind, None
         if i == ug.output_layer:
-            kind = "output"
+            kind = Kind.OUTPUT
             if "logits" not in names:
                 name = "logits"
             if labels is not None:
@@ -53,32 +56,29 @@ def assemble(
     ``extra`` maps an edge column name to per-layer values of the same shapes.
     Parallel edges (the same source unit reaching one unit twice, ``x + x``) are summed.
 
-    Edges are written straight into the graph's arrays in canonical ``(dst, src)`` order:
-    a conv/linear block already is in that order (row ``j`` reads its group's sources in
-    increasing order) and layers come in topological order, so only the identity edges of
-    residual/concat layers (one per unit and operand) are sorted, layer by layer. No global
-    sort, no concatenation of parts, no float64 copy of float32 values; the graph adopts
-    the arrays (they are handed over read-only, so it does not copy them).
+    Edges are written straight into the graph's arrays in canonical ``(dst, src)`` order: a
+    dense block that reads its source's units in order already is in that order (row ``j``
+    reads its group's sources in increasing order), and layers come in topological order,
+    so only identity edges (one per unit and operand) and blocks that read permuted or
+    selected channels are sorted, each on its own. No global sort, no concatenation of
+    parts, no float64 copy of float32 values; the graph adopts the arrays (they are handed
+    over read-only, so it does not copy them).
     """
     sizes = np.array([l.size for l in layers], dtype=np.int64)
     offsets = np.zeros(len(layers) + 1, dtype=np.int64)
     np.cumsum(sizes, out=offsets[1:])
-    n = int(offsets[-1])
     extra = extra or {}
-    # First pass: sizes of every layer's block; identity blocks are small and built here.
+    # First pass: the size of every layer's block; the blocks that need sorting are built here.
     blocks: list[tuple[int, int, Any]] = []
-    total = 0
     for li, spec in enumerate(ug.layers):
-        if spec.kind == "input":
-            continue
-        if spec.kind in ("conv", "linear"):
+        edges = KINDS[spec.kind].edges if spec.kind in KINDS else None
+        if edges == DENSE and spec.operands[0].cols is None:
             o, cg = np.shape(values[li])
             blocks.append((li, o * cg, None))
-            total += o * cg
-        else:
-            small = _identity_block(spec, li, offsets, values, extra)
+        elif edges in (DENSE, IDENTITY):
+            small = _sorted_block(spec, li, offsets, values, extra)
             blocks.append((li, small[0].size, small))
-            total += small[0].size
+    total = sum(size for _, size, _ in blocks)
     src = np.empty(total, np.int64)
     dst = np.empty(total, np.int64)
     w = np.empty(total, dtype)
@@ -94,10 +94,9 @@ def assemble(
             spec = ug.layers[li]
             vals = np.asarray(values[li])
             o, cg = vals.shape
-            og = o // spec.groups
             # broadcast into the output: no (o, cg) index temporaries
             dst[pos:end].reshape(o, cg)[:] = (np.arange(o, dtype=np.int64) + offsets[li])[:, None]
-            base = (np.arange(o, dtype=np.int64) // og) * cg + offsets[spec.operands[0].layer]
+            base = (np.arange(o, dtype=np.int64) // (o // spec.groups)) * cg + offsets[spec.operands[0].layer]
             np.add(base[:, None], np.arange(cg, dtype=np.int64)[None, :], out=src[pos:end].reshape(o, cg))
             w[pos:end].reshape(o, cg)[:] = vals
             for k, per in extra.items():
@@ -118,19 +117,32 @@ def assemble(
     )
 
 
-def _identity_block(spec: Any, li: int, offsets: np.ndarray, values: dict[int, Any],
-                    extra: dict[str, dict[int, Any]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    """The identity edges of a residual/concat layer in (dst, src) order, parallel edges summed."""
+def _sorted_block(spec: Any, li: int, offsets: np.ndarray, values: dict[int, Any],
+                  extra: dict[str, dict[int, Any]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """The edges into layer ``li`` in (dst, src) order, parallel edges summed: its identity
+    edges, or a dense block whose input channels are permuted or selected source units."""
     src_p, dst_p, w_p = [], [], []
     x_p: dict[str, list[np.ndarray]] = {k: [] for k in extra}
-    for oi, op in enumerate(spec.operands):
-        vals = np.asarray(values[li][oi], dtype=np.float64).ravel()
-        c = np.arange(vals.size, dtype=np.int64)
-        src_p.append(c + offsets[op.layer])
-        dst_p.append(c + op.offset + offsets[li])
-        w_p.append(vals)
+    if KINDS[spec.kind].edges == DENSE:
+        op = spec.operands[0]
+        vals = np.asarray(values[li], dtype=np.float64)
+        o, cg = vals.shape
+        chan = ((np.arange(o, dtype=np.int64) // (o // spec.groups))[:, None] * cg
+                + np.arange(cg, dtype=np.int64)[None, :]).ravel()
+        src_p.append(np.asarray(op.cols, dtype=np.int64)[chan] + offsets[op.layer])
+        dst_p.append(np.repeat(np.arange(o, dtype=np.int64), cg) + offsets[li])
+        w_p.append(vals.ravel())
         for k, per in extra.items():
-            x_p[k].append(np.asarray(per[li][oi], dtype=np.float64).ravel())
+            x_p[k].append(np.asarray(per[li], dtype=np.float64).ravel())
+    else:
+        for oi, op in enumerate(spec.operands):
+            vals = np.asarray(values[li][oi], dtype=np.float64).ravel()
+            c = np.arange(vals.size, dtype=np.int64)
+            src_p.append((c if op.cols is None else np.asarray(op.cols, dtype=np.int64)) + offsets[op.layer])
+            dst_p.append(c + op.offset + offsets[li])
+            w_p.append(vals)
+            for k, per in extra.items():
+                x_p[k].append(np.asarray(per[li][oi], dtype=np.float64).ravel())
     if not src_p:
         z = np.zeros(0, np.int64)
         return z, z, np.zeros(0), {k: np.zeros(0) for k in extra}

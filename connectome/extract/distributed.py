@@ -33,7 +33,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, Sampler, Subset
 
-from connectome.errors import BadFileError, ConnectomeError, DataError
+from connectome._safety import safe_torch_load
+from connectome.errors import BadFileError, ConnectomeError, DataError, UnsafeDependencyError
 
 __all__ = [
     "ShardSampler",
@@ -50,7 +51,7 @@ __all__ = [
 ]
 
 CHECKPOINT_FORMAT = "connectome.attribution-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: edges of every layer stored as a list (accumulator.state_dict)
 _BUCKET = 1 << 24  # elements per all_reduce call (128 MB of float64): bounds the extra memory
 
 
@@ -180,26 +181,6 @@ class SkippedNames:
 
 
 # ----------------------------------------------------------------------------- all-reduce
-def _fill(acc: Any) -> None:
-    """Zero accumulators for every layer a rank has not touched, so all ranks hold the same tensors.
-
-    A rank with no images (or whose gradients never reached a layer) has no entry for it;
-    :meth:`FlowAccumulator.to_graph` treats a missing entry as zeros, so filling changes no value.
-    """
-    ug, dev = acc.ug, acc.device
-    z = lambda shape: torch.zeros(shape, dtype=torch.float64, device=dev)  # noqa: E731
-    for li, s in enumerate(ug.layers):
-        if s.kind in ("conv", "linear"):
-            if li not in acc.edges:
-                w = acc._weight(s)
-                acc.edges[li] = z((w.shape[0], w.shape[1] // s.operands[0].group if s.kind == "linear" else w.shape[1]))
-            if acc.per_sample and li not in acc.abs_edges:
-                acc.abs_edges[li] = torch.zeros_like(acc.edges[li])
-        elif s.kind in ("residual", "concat") and li not in acc.edges:
-            acc.edges[li] = [z(ug.layers[op.layer].size) for op in s.operands]
-            acc.abs_edges[li] = [z(ug.layers[op.layer].size) for op in s.operands]
-
-
 def _reduce(tensors: list[torch.Tensor], op: Any, comm: torch.device) -> None:
     """In-place all_reduce of float64 tensors, flattened into a few large buffers (few calls)."""
     i = 0
@@ -233,10 +214,9 @@ def all_reduce_accumulator(acc: Any, extra_sum: Sequence[float] = (), extra_max:
     _, world = rank_world()
     if world == 1:
         return list(extra_sum), list(extra_max)
-    _fill(acc)
     comm = _comm_device(acc.device)
-    sums = acc.state()
-    maxes = list(acc.act_max)
+    sums = acc.tensors("sum")  # the accumulator declares its fields and how they combine
+    maxes = acc.tensors("max")
     n = sum(t.numel() for t in sums) + sum(t.numel() for t in maxes)
     # Different shapes would make all_reduce hang or mix numbers: check the sizes agree first.
     check = torch.tensor([float(n), -float(n), float(len(sums))], dtype=torch.float64, device=comm)
@@ -437,60 +417,6 @@ def _short(v: Any) -> str:
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def _state(acc: Any) -> dict[str, Any]:
-    cpu = lambda t: t.detach().to("cpu", copy=True)  # noqa: E731
-    one = lambda v: [cpu(t) for t in v] if isinstance(v, list) else cpu(v)  # noqa: E731
-    return {
-        "edges": {int(k): one(v) for k, v in acc.edges.items()},
-        "abs_edges": {int(k): one(v) for k, v in acc.abs_edges.items()},
-        **{name: [cpu(t) for t in getattr(acc, name)] for name in ("attr", "bias", "act_sum", "act_sq", "act_max", "active")},
-        "target_total": cpu(acc.target_total),
-        "n_images": int(acc.n_images),
-        # to trace the model again on a resume without decoding an image
-        "input_shape": [int(v) for v in acc.ug.shapes.get(acc.ug.layers[0].node, ())],
-    }
-
-
-def _restore(acc: Any, state: dict[str, Any], path: Path) -> None:
-    """Load saved accumulators into a fresh accumulator of the same model, checking every shape."""
-    dev = acc.device
-
-    def bad(what: str) -> BadFileError:
-        return BadFileError(f"checkpoint {str(path)!r} does not fit the model ({what}); delete it to start over")
-
-    def take(saved: Any, like: torch.Tensor | None, what: str) -> torch.Tensor:
-        if not isinstance(saved, torch.Tensor) or saved.dtype != torch.float64 or (like is not None and saved.shape != like.shape):
-            raise bad(what)
-        return saved.to(dev)
-
-    try:
-        for name in ("attr", "bias", "act_sum", "act_sq", "act_max", "active"):
-            cur = getattr(acc, name)
-            vals = state[name]
-            if not isinstance(vals, list) or len(vals) != len(cur):
-                raise bad(f"{name}: {len(vals) if isinstance(vals, list) else '?'} layers, the model has {len(cur)}")
-            setattr(acc, name, [take(v, c, name) for v, c in zip(vals, cur)])
-        acc.target_total = take(state["target_total"], acc.target_total, "target_total")
-        layers = acc.ug.layers
-        for name in ("edges", "abs_edges"):
-            out: dict[int, Any] = {}
-            for k, v in state[name].items():
-                if not isinstance(k, int) or not 0 <= k < len(layers):
-                    raise bad(f"{name} of layer {k!r}")
-                if isinstance(v, list):
-                    if layers[k].kind not in ("residual", "concat") or len(v) != len(layers[k].operands):
-                        raise bad(f"{name} of layer {layers[k].name!r}")
-                    out[k] = [take(t, None, f"{name} of {layers[k].name!r}") for t in v]
-                else:
-                    if layers[k].kind not in ("conv", "linear"):
-                        raise bad(f"{name} of layer {layers[k].name!r}")
-                    out[k] = take(v, None, f"{name} of {layers[k].name!r}")
-            setattr(acc, name, out)
-        acc.n_images = int(state["n_images"])
-    except (KeyError, TypeError, AttributeError) as exc:
-        raise bad(f"missing or malformed entry {exc}") from None
-
-
 class Checkpoint:
     """One rank's checkpoint file ``FOLDER/rank{r}.pt``: accumulators, position, fingerprint.
 
@@ -515,7 +441,9 @@ class Checkpoint:
         if not self.path.exists():
             return None
         try:
-            payload = torch.load(self.path, map_location="cpu", weights_only=True)
+            payload = safe_torch_load(self.path, what="checkpoint")
+        except UnsafeDependencyError:
+            raise
         except Exception as exc:  # zip, pickle and EOF errors: all mean a damaged file
             raise BadFileError(
                 f"checkpoint {str(self.path)!r} cannot be read ({type(exc).__name__}: {' '.join(str(exc).split())[:120]}); "
@@ -550,7 +478,7 @@ class Checkpoint:
             "rank": self.rank,
             "batches_done": int(batches_done),
             "complete": bool(complete),
-            "state": _state(acc),
+            "state": acc.state_dict(),
             "skipped": list(skipped.names),
             "n_skipped": int(skipped.count),
         }
@@ -647,7 +575,7 @@ class ShardedRun:
     def restore(self, acc: Any) -> None:
         """Put the checkpointed sums into a freshly built accumulator."""
         if self._state is not None:
-            _restore(acc, self._state, self.ckpt.path if self.ckpt else Path("?"))
+            acc.load_state_dict(self._state, self.ckpt.path if self.ckpt else Path("?"))
 
     def after_batch(self, acc: Any, batch_index: int) -> None:
         """Record the position; every ``checkpoint_every`` batches save (before any test hook runs)."""

@@ -1,22 +1,27 @@
 """Attribution flows: exact functional connectomes from one forward and one backward pass.
 
-For a target scalar ``T`` (a class logit) and a piecewise-linear network in eval mode, the
-contribution of unit ``i`` to unit ``j`` through the kernel ``W[j, i]``, summed over
-positions and images, is ``E[j, i] = sum_k W[j,i,k] * dT/dW[j,i,k]``: every edge of every
-layer comes out of one backward pass (``W * dW``, reduced over the kernel). Identity edges
-(residual adds, concats) carry ``x_i * dT/dx_i`` of the operand they copy.
+For a target scalar ``T`` (a class logit) and a network that is linear in its data once a
+few values are held constant, the contribution of unit ``i`` to unit ``j`` through the kernel
+``W[j, i]``, summed over positions and images, is ``E[j, i] = sum_k W[j,i,k] * dT/dW[j,i,k]``:
+every edge of every layer comes out of one backward pass (``W * dW``, reduced over the
+kernel). Identity edges (residual adds, concats) carry ``x_i * dT/dx_i`` of the operand they
+copy. The batches run in :class:`~connectome.extract.accumulator.FlowAccumulator`.
 
 Node attributes, summed over images and positions:
 
 - ``attribution``: ``A * dT/dA``, with ``A`` the value the unit passes on (after BatchNorm
   and the nonlinearity); for the input layer ``A`` is the image;
 - ``bias_attribution``: the bias (conv/linear bias + folded BatchNorm shift) times
-  ``dT/db``, plus the constant part of clipped activations (ReLU6, hardtanh, clamp) times
-  their gradient, so that ``sum(in E) + bias_attribution == attribution == sum(out E)``
-  and ``sum(input attribution) + sum(bias_attribution) == sum(T)``.
+  ``dT/db``, plus the constant part of every per-unit op (clipped activations, ``f(0)`` of
+  smooth activations, the shift of a normalisation ...) times its gradient, so that
+  ``sum(in E) + bias_attribution == attribution == sum(out E)`` and
+  ``sum(input attribution) + sum(bias_attribution) == sum(T)``.
 
-Ops that are not piecewise linear (SiLU, GELU, sigmoid ...) break these identities; the
-gap is reported as ``meta["completeness_residual"]``, never hidden.
+Ops that are not piecewise linear are linearised by the rules of
+:mod:`connectome.extract.rules` (gates, smooth activations, LayerNorm/GroupNorm): the backward
+pass holds a named quantity constant, the forward pass is unchanged, and the identities above
+stay exact; ``meta["rules"]`` lists the rules a graph used. The completeness residual is
+reported as ``meta["completeness_residual"]``, never hidden.
 
 References
 ----------
@@ -26,454 +31,32 @@ Selvaraju et al. (2017), "Grad-CAM" (gradient x activation as channel importance
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from pathlib import Path
-from contextlib import nullcontext
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
 from connectome.errors import ConnectomeError, DataError
 from connectome.extract._model import (check_model, eval_mode, model_dtype, model_on, no_inplace, precision_meta,
                                        precision_mode, resolve_device, resolve_precision, run_precision)
-from connectome.extract.build import assemble, graph_layers
+from connectome.extract.accumulator import FlowAccumulator
 from connectome.extract.data import dataset_targets, make_loader, subset_loader, unpack_batch, warn_skipped
-from connectome.extract.trace import LayerSpec, UnitGraph, run_nodes, trace_units
+from connectome.extract.trace import trace_units
 from connectome.graph import Connectome
 
 __all__ = ["attribution", "attribution_by_category", "FlowAccumulator"]
 
-# Positional index of the `inplace` argument of functional ops, to switch it off.
-_INPLACE_POS = {F.relu: 1, F.relu6: 1, F.hardtanh: 3, F.leaky_relu: 2, F.dropout: 3, F.elu: 2,
-                F.silu: 1, F.hardswish: 1, F.hardsigmoid: 1, F.selu: 1, F.celu: 2, F.mish: 1}
-_PER_SAMPLE_BUDGET = 1 << 26  # elements of scratch per chunk (~256 MB in float32)
-
-
-def _channel_sum(t: torch.Tensor, units: int) -> torch.Tensor:
-    """Sum over batch and positions per unit: (N, C, ...) or flattened (N, C*P) -> (C,) float64.
-
-    The reduction runs in the tensor's own dtype (a float64 reduction of a float32 tensor is
-    several times slower on CPUs; torch's cascade summation keeps float32 sums to ~1e-7
-    relative) and only the per-unit result is widened for accumulation.
-    """
-    return t.reshape(t.shape[0], units, -1).sum(dim=(0, 2)).double()
-
-
-def _per_image_channel_sum(t: torch.Tensor, units: int) -> torch.Tensor:
-    return t.reshape(t.shape[0], units, -1).sum(dim=2).double()
-
-
-class FlowAccumulator:
-    """Runs batches through a traced model and accumulates flows on the device.
-
-    Everything stays on the device in float64 until :meth:`to_graph`: no host sync in the
-    batch loop. Usable directly for custom loops; to combine accumulators of several
-    processes use :func:`connectome.extract.distributed.all_reduce_accumulator` (it also
-    takes the maximum of ``act_max`` and sums ``n_images``).
-    """
-
-    def __init__(self, ug: UnitGraph, device: torch.device, dtype: torch.dtype, per_sample: bool = False,
-                 amp: bool = False):
-        self.ug, self.device, self.dtype = ug, device, dtype
-        self.per_sample, self.amp = per_sample, amp
-        self.modules = dict(ug.gm.named_modules())
-        self.spec_of = {s.node: (i, s) for i, s in enumerate(ug.layers)}
-        keep: set[str] = set()
-        grad: list[str] = []
-        for li, s in enumerate(ug.layers):
-            if s.kind != "input":
-                keep.add(s.out_node)
-                grad.append(s.out_node)
-            if s.kind in ("residual", "concat"):
-                keep.add(s.node)
-                grad.append(s.node)
-                keep.update(op.node for op in s.operands)
-            if s.kind in ("conv", "linear") and per_sample:
-                keep.add(s.node)
-                grad.append(s.node)
-                keep.add(s.operands[0].node)
-            for op in s.bias_ops:
-                if op.kind in ("bn", "shift", "clamp", "pad"):
-                    keep.add(op.node)
-                    grad.append(op.node)
-                if op.kind in ("clamp", "pad"):
-                    keep.add(op.input_node)
-        self.keep = keep
-        self.grad_nodes = list(dict.fromkeys(grad))
-        z = lambda n: torch.zeros(n, dtype=torch.float64, device=device)  # noqa: E731
-        self.edges: dict[int, Any] = {}
-        self.abs_edges: dict[int, Any] = {}
-        self.attr = [z(s.size) for s in ug.layers]
-        self.bias = [z(s.size) for s in ug.layers]
-        self.act_sum = [z(s.size) for s in ug.layers]
-        self.act_sq = [z(s.size) for s in ug.layers]
-        self.act_max = [torch.full((s.size,), -math.inf, dtype=torch.float64, device=device) for s in ug.layers]
-        self.active = [z(s.size) for s in ug.layers]
-        self.target_total = z(1)
-        self.n_images = 0
-        self._bn_shift = {op.node: op.params[1].to(device=device, dtype=torch.float64)
-                          for s in ug.layers for op in s.bias_ops if op.kind == "bn"}
-
-    # ------------------------------------------------------------------ running
-    def _override(self, leaves: dict[int, tuple[torch.Tensor, torch.Tensor | None]]):
-        spec_of, modules = self.spec_of, self.modules
-
-        def override(node: fx.Node, args: list[Any], kwargs: dict[str, Any]) -> Any:
-            hit = spec_of.get(node.name)
-            if hit is not None and hit[1].kind in ("conv", "linear"):
-                li, spec = hit
-                if node.op == "call_module":
-                    m = modules[node.target]
-                    w = m.weight.detach().requires_grad_(True)
-                    b = m.bias.detach().requires_grad_(True) if m.bias is not None else None
-                    leaves[li] = (w, b)
-                    if isinstance(m, nn.Conv2d):
-                        return m._conv_forward(args[0], w, b)
-                    return F.linear(args[0], w, b)
-                args = list(args)
-                kwargs = dict(kwargs)
-                if len(args) > 1:
-                    args[1] = args[1].detach().requires_grad_(True)
-                    w = args[1]
-                else:
-                    kwargs["weight"] = kwargs["weight"].detach().requires_grad_(True)
-                    w = kwargs["weight"]
-                b = None
-                if len(args) > 2 and isinstance(args[2], torch.Tensor):
-                    args[2] = args[2].detach().requires_grad_(True)
-                    b = args[2]
-                elif isinstance(kwargs.get("bias"), torch.Tensor):
-                    kwargs["bias"] = kwargs["bias"].detach().requires_grad_(True)
-                    b = kwargs["bias"]
-                leaves[li] = (w, b)
-                return node.target(*args, **kwargs)
-            # Saved values must not be overwritten: run in-place ops out of place.
-            if node.op == "call_function":
-                if kwargs.get("inplace"):
-                    return node.target(*args, **{**kwargs, "inplace": False})
-                pos = _INPLACE_POS.get(node.target)
-                if pos is not None and len(args) > pos and args[pos] is True:
-                    args = list(args)
-                    args[pos] = False
-                    return node.target(*args, **kwargs)
-            elif node.op == "call_method" and isinstance(node.target, str) and node.target.endswith("_") \
-                    and not node.target.startswith("_"):
-                return getattr(args[0], node.target[:-1])(*args[1:], **kwargs)
-            return NotImplemented
-
-        return override
-
-    def step(self, x: torch.Tensor, target_fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Accumulate the flows of one batch of images ``x`` for the targets ``target_fn(logits)``."""
-        ug = self.ug
-        x = x.to(self.device, dtype=self.dtype, non_blocking=True).detach().requires_grad_(True)
-        leaves: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.amp else nullcontext()
-        # In-place activations would overwrite the values kept for the flows.
-        with torch.enable_grad(), no_inplace(ug.gm):
-            with amp:
-                out, kept = run_nodes(ug.gm, (x,), override=self._override(leaves), keep=self.keep)
-            logits = out[0] if isinstance(out, (tuple, list)) else out
-            t = target_fn(logits)
-            if t.shape != (logits.shape[0],):
-                raise ConnectomeError(
-                    f"the target must give one value per image, shape ({logits.shape[0]},); got {tuple(t.shape)}"
-                )
-            total = t.sum()
-        wrt: list[torch.Tensor] = [x]
-        slots: list[tuple[str, Any]] = [("input", None)]
-        for li, (w, b) in leaves.items():
-            wrt.append(w)
-            slots.append(("w", li))
-            if b is not None:
-                wrt.append(b)
-                slots.append(("b", li))
-        for name in self.grad_nodes:
-            v = kept.get(name)
-            if isinstance(v, torch.Tensor) and v.requires_grad:
-                wrt.append(v)
-                slots.append(("node", name))
-        grads = torch.autograd.grad(total, wrt, allow_unused=True)
-        g_node: dict[str, torch.Tensor] = {}
-        g_x = None
-        with torch.no_grad():
-            for (kind, key), tensor, gr in zip(slots, wrt, grads):
-                if gr is None:
-                    continue
-                if kind == "input":
-                    g_x = gr
-                elif kind == "w":
-                    spec = ug.layers[key]
-                    prod = tensor * gr
-                    if spec.kind == "linear":
-                        e = prod.reshape(prod.shape[0], -1, spec.operands[0].group).sum(-1).double()
-                    else:
-                        e = prod.reshape(prod.shape[0], prod.shape[1], -1).sum(-1).double()
-                    self.edges[key] = e if key not in self.edges else self.edges[key] + e
-                elif kind == "b":
-                    self.bias[key] += tensor.double() * gr.double()
-                else:
-                    g_node[key] = gr
-            self._nodes(x, g_x, kept, g_node)
-            self.target_total += t.detach().sum(dtype=torch.float64)
-            self.n_images += int(x.shape[0])
-
-    def _nodes(self, x: torch.Tensor, g_x: torch.Tensor | None, kept: dict[str, Any], g: dict[str, torch.Tensor]) -> None:
-        ug = self.ug
-        n = x.shape[0]
-        for li, s in enumerate(ug.layers):
-            A = x if s.kind == "input" else kept[s.out_node]
-            gA = g_x if s.kind == "input" else g.get(s.out_node)
-            if gA is not None:
-                self.attr[li] += _channel_sum(A * gA, s.size)
-            # activation statistics: spatial mean per image
-            m = A.detach().reshape(n, s.size, -1).mean(-1).double()
-            self.act_sum[li] += m.sum(0)
-            self.act_sq[li] += (m * m).sum(0)
-            self.act_max[li] = torch.maximum(self.act_max[li], m.max(0).values)
-            self.active[li] += (m > 0).sum(0, dtype=torch.float64)
-            on_chain = set(s.chain)
-            for op in s.bias_ops:
-                gv = g.get(op.node)
-                if gv is None or op.kind == "scale":
-                    continue
-                if op.kind == "bn":
-                    # per channel, or per feature for a BatchNorm1d over flattened positions
-                    shift = self._bn_shift[op.node].to(gv.dtype)
-                    term = _channel_sum(gv * shift.reshape(1, -1, *([1] * (gv.dim() - 2))), s.size)
-                elif op.kind == "pad":
-                    # the padded border holds the constant `value`
-                    pad, value = op.params
-                    border = F.pad(torch.zeros_like(kept[op.input_node]), pad, value=1.0)
-                    term = value * _channel_sum(border * gv, s.size)
-                elif op.kind == "shift":
-                    term = op.params[0] * _channel_sum(gv, s.size)
-                else:  # clamp: where the op saturates, its output is the constant bound
-                    u = kept[op.input_node]
-                    lo, hi = op.params
-                    const = torch.zeros_like(u)
-                    # torch's clamp backward passes no gradient at the bound itself, so a
-                    # value sitting exactly on a bound is constant too
-                    if hi is not None:
-                        const = torch.where(u >= hi, torch.full_like(u, hi), const)
-                    if lo is not None:
-                        const = torch.where(u <= lo, torch.full_like(u, lo), const)
-                    term = _channel_sum(const * gv, s.size)
-                self.bias[li] += term
-                if op.node not in on_chain:
-                    # Constant parts after the unit's branch point reach its consumers too.
-                    self.attr[li] += term
-            if s.kind in ("residual", "concat"):
-                go = g.get(s.node)
-                vals, absv = [], []
-                for op in s.operands:
-                    xo = kept[op.node]
-                    c = xo.shape[1]
-                    if go is None:
-                        vals.append(torch.zeros(c, dtype=torch.float64, device=self.device))
-                        absv.append(vals[-1])
-                        continue
-                    gs = go[:, op.offset : op.offset + c]
-                    per = _per_image_channel_sum(xo * gs, c)
-                    if op.sign != 1.0:  # the subtracted operand of a residual `a - b`
-                        per = per * op.sign
-                    vals.append(per.sum(0))
-                    absv.append(per.abs().sum(0))
-                self._add_identity(li, vals, absv)
-            elif s.kind in ("conv", "linear") and self.per_sample:
-                gz = g.get(s.node)
-                if gz is not None:
-                    e = self._per_sample_abs(li, s, kept[s.operands[0].node], gz)
-                    self.abs_edges[li] = e if li not in self.abs_edges else self.abs_edges[li] + e
-
-    def _add_identity(self, li: int, vals: list[torch.Tensor], absv: list[torch.Tensor]) -> None:
-        if li not in self.edges:
-            self.edges[li] = vals
-            self.abs_edges[li] = absv
-        else:
-            self.edges[li] = [a + b for a, b in zip(self.edges[li], vals)]
-            self.abs_edges[li] = [a + b for a, b in zip(self.abs_edges[li], absv)]
-
-    def _weight(self, s: LayerSpec) -> torch.Tensor:
-        from connectome.extract.trace import layer_weight
-
-        cache = self.__dict__.setdefault("_weights", {})
-        if s.name not in cache:  # looked up once per run, not per batch
-            w, _ = layer_weight(self.ug, s)
-            cache[s.name] = w.detach().to(self.device)
-        return cache[s.name]
-
-    def _per_sample_abs(self, li: int, s: LayerSpec, x: torch.Tensor, gz: torch.Tensor) -> torch.Tensor:
-        """sum over images of |E_n| for a conv/linear layer, chunked to bound memory."""
-        w = self._weight(s).to(gz.dtype)
-        n = x.shape[0]
-        x = x.to(gz.dtype)
-        if s.kind == "linear":
-            grp = s.operands[0].group
-            o = w.shape[0]
-            c = w.shape[1] // grp
-            wv = w.reshape(o, c, grp)
-            per = max(1, _PER_SAMPLE_BUDGET // max(1, o * c))
-            out = torch.zeros(o, c, dtype=torch.float64, device=self.device)
-            for a in range(0, n, per):
-                xs = x[a : a + per].reshape(-1, c, grp)
-                e = torch.einsum("ncs,ocs->noc", xs, wv) * gz[a : a + per, :, None]
-                out += e.abs().sum(0, dtype=torch.float64)
-            return out
-        call = s.call
-        groups = call["groups"]
-        k = tuple(call["kernel_size"])
-        pad, stride, dil = call["padding"], call["stride"], call["dilation"]
-        if call.get("padding_mode", "zeros") != "zeros" or isinstance(pad, str):
-            x, pad = _explicit_pad(x, call, k)
-        o, cg = w.shape[0], w.shape[1]
-        og = o // groups
-        K = int(np.prod(k))
-        L = gz.shape[2] * gz.shape[3]
-        per_img = o * cg * K + x.shape[1] * K * L
-        per = max(1, _PER_SAMPLE_BUDGET // per_img)
-        wv = w.reshape(groups, og, cg, K)
-        out = torch.zeros(groups, og, cg, dtype=torch.float64, device=self.device)
-        for a in range(0, n, per):
-            xs = x[a : a + per]
-            b = xs.shape[0]
-            if K == 1 and _is_zero(pad):
-                # a 1x1 conv reads each position once: strided view instead of an im2col copy
-                st = (stride, stride) if isinstance(stride, int) else tuple(stride)
-                U = xs[:, :, :: st[0], :: st[1]].reshape(b, groups, cg, L)
-            else:
-                U = F.unfold(xs, k, dilation=dil, padding=pad, stride=stride).reshape(b, groups, cg * K, L)
-            G = gz[a : a + per].reshape(b, groups, og, L)
-            P = torch.einsum("ngol,ngkl->ngok", G, U).reshape(b, groups, og, cg, K)
-            E = torch.einsum("ngock,gock->ngoc", P, wv)
-            out += E.abs().sum(0, dtype=torch.float64)
-        return out.reshape(o, cg)
-
-    # ------------------------------------------------------------------ results
-    def state(self) -> list[torch.Tensor]:
-        """The summed accumulators as a flat list of tensors (``act_max`` and ``n_images`` aside)."""
-        out: list[torch.Tensor] = []
-        for li in sorted(self.edges):
-            v = self.edges[li]
-            out.extend(v if isinstance(v, list) else [v])
-        for li in sorted(self.abs_edges):
-            v = self.abs_edges[li]
-            out.extend(v if isinstance(v, list) else [v])
-        return out + self.attr + self.bias + self.act_sum + self.act_sq + self.active + [self.target_total]
-
-    def to_graph(self, labels: Sequence[str] | None, meta: dict[str, Any]) -> Connectome:
-        ug = self.ug
-        if self.n_images == 0:
-            raise DataError("no images were processed; the data is empty (or every image failed to decode)")
-        cpu = lambda t: t.detach().cpu().numpy()  # noqa: E731
-        values: dict[int, Any] = {}
-        absv: dict[int, Any] = {}
-        for li, s in enumerate(ug.layers):
-            if s.kind == "input":
-                continue
-            if s.kind in ("conv", "linear"):
-                if li in self.edges:
-                    values[li] = cpu(self.edges[li])
-                else:  # the layer got no gradient (it does not reach the target)
-                    w = self._weight(s)
-                    shape = (w.shape[0], w.shape[1] // s.operands[0].group if s.kind == "linear" else w.shape[1])
-                    values[li] = np.zeros(shape)
-                absv[li] = cpu(self.abs_edges[li]) if li in self.abs_edges else np.zeros_like(values[li])
-            else:
-                if li in self.edges:
-                    values[li] = [cpu(v) for v in self.edges[li]]
-                    absv[li] = [cpu(v) for v in self.abs_edges[li]]
-                else:
-                    values[li] = [np.zeros(ug.layers[op.layer].size) for op in s.operands]
-                    absv[li] = values[li]
-        n = self.n_images
-        cat = lambda xs: np.concatenate([cpu(v) for v in xs])  # noqa: E731
-        mean = cat(self.act_sum) / n
-        var = np.maximum(cat(self.act_sq) / n - mean**2, 0.0)
-        attribution = cat(self.attr)
-        bias = cat(self.bias)
-        input_total = float(attribution[: ug.layers[0].size].sum())
-        total = float(cpu(self.target_total)[0])
-        residual = total - (input_total + float(bias.sum()))
-        node_attrs = {
-            "attribution": attribution,
-            "bias_attribution": bias,
-            "activation_mean": mean,
-            "activation_std": np.sqrt(var),
-            "activation_max": cat(self.act_max),
-            "frequency": cat(self.active) / n,
-        }
-        nonlinear = sorted({op for s in ug.layers for op in s.nonlinear})
-        meta = {
-            **meta,
-            "method": "attribution",
-            "n_images": n,
-            "target_total": total,
-            "completeness_residual": residual,
-            "completeness_relative": abs(residual) / max(abs(total), 1e-300),
-            "exact": not nonlinear,
-            "nonlinear_ops": nonlinear,
-            "per_sample": self.per_sample,
-            "device": str(self.device),
-            "dtype": str(self.dtype).replace("torch.", ""),
-        }
-        extra = {"abs_weight": absv} if self.per_sample else None
-        return assemble(ug, graph_layers(ug, labels), values, extra=extra, node_attrs=node_attrs, meta=meta)
-
-
-def _is_zero(pad: Any) -> bool:
-    return pad == 0 or pad == "valid" or (isinstance(pad, (tuple, list)) and all(p == 0 for p in pad))
-
-
-def _explicit_pad(x: torch.Tensor, call: dict[str, Any], k: tuple[int, ...]) -> tuple[torch.Tensor, int]:
-    pad = call["padding"]
-    dil = call["dilation"]
-    dil = (dil, dil) if isinstance(dil, int) else tuple(dil)
-    if pad == "valid":
-        return x, 0
-    if pad == "same":
-        tot = [d * (kk - 1) for d, kk in zip(dil, k)]
-        p = (tot[1] // 2, tot[1] - tot[1] // 2, tot[0] // 2, tot[0] - tot[0] // 2)
-    else:
-        pad = (pad, pad) if isinstance(pad, int) else tuple(pad)
-        p = (pad[1], pad[1], pad[0], pad[0])
-    mode = call.get("padding_mode", "zeros")
-    mode = "constant" if mode == "zeros" else mode
-    return F.pad(x, p, mode=mode), 0
-
-
 # ----------------------------------------------------------------------------- targets
 def _target_fn(target: Any, n_out: int, classes: Sequence[str] | None) -> tuple[Callable[..., torch.Tensor], Any]:
     """(fn(logits, labels) -> (N,), resolved class index or None)."""
-    if isinstance(target, str) and target == "label":
-        return (lambda logits, y: logits.gather(1, y[:, None]).squeeze(1)), None
-    if isinstance(target, str) and target == "predicted":
-        return (lambda logits, y: logits.gather(1, logits.detach().argmax(1, keepdim=True)).squeeze(1)), None
-    if isinstance(target, str):
-        names = list(classes) if classes else []
-        if target.lstrip("-").isdigit():
-            target = int(target)
-        elif target in names:
-            target = names.index(target)
-        else:
-            raise DataError(
-                f"target {target!r} is not 'label', 'predicted', a class index or a class name"
-                + (f" (classes: {names[:6]}...)" if names else "")
-            )
-    if isinstance(target, (int, np.integer)) and not isinstance(target, bool):
-        c = int(target)
-        if not 0 <= c < n_out:
-            raise DataError(f"target class {c} does not exist; the output layer has {n_out} units (0..{n_out - 1})")
-        return (lambda logits, y: logits[:, c]), c
-    if callable(target):
-        return (lambda logits, y: target(logits)), None
-    raise DataError(f"target must be 'label', 'predicted', an int class, a class name or a callable; got {target!r}")
+    from connectome.extract.targets import resolve_target
+
+    t = resolve_target(target, n_out, classes)
+    return t.logit, t.index
 
 
 def _norm_name(s: str) -> str:
@@ -679,10 +262,9 @@ def _attribution(model: nn.Module, info: Any, target: Any = "label", *, per_samp
 
 
 def _layer_name(g: Connectome, name: str) -> str:
-    for l in g.layers:
-        if l.name == name or l.module == name:
-            return l.name
-    raise ConnectomeError(f"no layer {name!r} to contract onto; layers are {g.layer_names[:8]}...")
+    from connectome.extract.targets import resolve_layer
+
+    return g.layers[resolve_layer(name, g.layers, where="to contract onto")].name
 
 
 def _accumulate(model, info, target, dev, per_sample, precision, progress, max_images, labels,

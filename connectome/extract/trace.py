@@ -2,91 +2,141 @@
 
 Residual adds and concatenations are not modules, so a graph built from
 ``named_modules()`` would miss every skip connection; tracing with ``torch.fx`` sees them.
-Each fx node that carries a tensor is assigned to the *unit layer* whose units its channels
-(dim 1) are:
+Each fx node that carries a tensor is assigned :class:`Units`: the unit layer its values
+belong to, which dimensions of the tensor index the units, and which unit each index is.
 
-- layer-defining ops start a new layer: the input, ``Conv2d`` / ``Linear`` modules and
-  ``F.conv2d`` / ``F.linear`` calls (models in the wild subclass convs with their own forward),
-  residual ``add``/``sub`` of two tensors, and ``torch.cat`` on channels;
-- per-channel ops keep the units of their input: BatchNorm (eval, folded), ReLU-like and
-  other elementwise activations, pooling, dropout, padding, flatten (the positions of a
-  channel collapse into the channel: ``group`` counts positions per unit).
+- layer-defining ops start a new layer (their kinds are in :mod:`connectome.kinds`): the
+  input, ``Conv2d`` / ``Linear`` modules and ``F.conv2d`` / ``F.linear`` calls (a Linear over
+  the last dim of a channels-last tensor is a layer like a 1x1 conv), residual ``add``/``sub``
+  of two data tensors, and ``torch.cat`` along the units;
+- per-unit ops keep the units of their input; each is a rule of :mod:`.rules` (BatchNorm
+  folded, clamps, gates, smooth activations, normalisations, products and sums with
+  parameters) or needs none (ReLU-likes, pooling, dropout, padding);
+- layout ops (``permute``, ``transpose``, ``view``/``reshape``/``flatten``, ``chunk``,
+  ``split``, channel indexing ``x[:, a:b]``, ``squeeze``, spatial means) move or select units:
+  they are run once on a tensor of unit numbers, which tells where every unit went, so a
+  channel shuffle or a channel split maps exactly, and a flatten keeps each channel's
+  positions with its unit.
 
 Subclasses that compute their padding from the input's shape at run time (timm's
 ``Conv2dSame``) cannot be traced by fx; fixed padding (``F.pad`` then ``F.conv2d``) can.
 
-Anything else (a product of two tensors, a softmax over channels, a permute) raises an
-:class:`~connectome.errors.ExtractionError` naming the op and its module.
+Anything else (a product of two full-size data tensors such as attention, a softmax over
+units) raises an :class:`~connectome.errors.ExtractionError` naming the op, its module and
+the rule it would need.
 """
 
 from __future__ import annotations
 
+import math
 import operator
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
 from connectome.errors import ExtractionError
+from connectome.extract.rules import ChainOp
+from connectome.kinds import Kind
 
-__all__ = ["UnitGraph", "LayerSpec", "Operand", "ChainOp", "trace_units", "run_nodes"]
+__all__ = ["UnitGraph", "LayerSpec", "Operand", "ChainOp", "Units", "trace_units", "run_nodes"]
 
 # ----------------------------------------------------------------------------- op tables
 _CONV_MODULES = (nn.Conv2d, nn.Linear)
-# Modules that keep each channel's units and are exact for flow (piecewise linear, or linear).
+# Modules that keep each unit and are exact for flow as they are (piecewise linear, or linear).
 _PL_MODULES = (
     nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity, nn.Flatten,
-    nn.ZeroPad2d,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity, nn.ZeroPad2d,
 )
-# Elementwise but not piecewise linear: flows through them are first-order only.
-_NONLINEAR_MODULES = (
+# Element-wise, not piecewise linear: the identity rule (see rules.py).
+_SMOOTH_MODULES = (
     nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.ELU, nn.CELU,
-    nn.SELU, nn.Softplus, nn.Mish, nn.LogSigmoid,
+    nn.SELU, nn.Softplus, nn.Mish, nn.LogSigmoid, nn.Softsign, nn.Tanhshrink,
 )
 _PL_FUNCS: set[Any] = {
     F.relu, torch.relu, F.relu_, torch.relu_, F.leaky_relu, F.max_pool1d, F.max_pool2d,
     torch.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
     F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.dropout, F.dropout1d, F.dropout2d,
-    torch.flatten, F.pad, torch.squeeze, torch.dropout, operator.getitem,
+    F.pad, torch.dropout,
 }
-_NONLINEAR_FUNCS: set[Any] = {
+_SMOOTH_FUNCS: set[Any] = {
     F.silu, F.gelu, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.hardswish, F.hardsigmoid,
-    F.elu, F.celu, F.selu, F.softplus, F.mish, F.logsigmoid,
+    F.elu, F.celu, F.selu, F.softplus, F.mish, F.logsigmoid, F.softsign, torch.erf,
 }
 _CLAMP_FUNCS: set[Any] = {F.relu6, F.hardtanh, torch.clamp, torch.clip}
-_PL_METHODS = {"relu", "relu_", "flatten", "view", "reshape", "contiguous", "mean", "squeeze", "clone", "detach", "float", "double", "to"}
-_NONLINEAR_METHODS = {"sigmoid", "tanh", "sigmoid_", "tanh_"}
+_PL_METHODS = {"relu", "relu_", "clone", "detach", "float", "double", "to", "type_as"}
+_SMOOTH_METHODS = {"sigmoid", "tanh", "sigmoid_", "tanh_", "erf"}
 _CLAMP_METHODS = {"clamp", "clamp_", "clip", "clip_"}
+# Ops that move or select units; run on a tensor of unit numbers to see where each unit goes.
+_LAYOUT_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
+                   "chunk", "split", "narrow", "movedim", "mean", "unflatten", "expand_as", "swapaxes"}
+_LAYOUT_FUNCS: set[Any] = {torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
+                           torch.unsqueeze, torch.chunk, torch.split, torch.narrow, torch.movedim, torch.mean,
+                           operator.getitem, torch.swapaxes}
+_LAYOUT_MODULES = (nn.Flatten, nn.Unflatten)
 _SHAPE_METHODS = {"size", "dim", "numel", "shape"}
+
+
+def _stochastic_depth() -> Any:
+    try:
+        from torchvision.ops import stochastic_depth
+    except Exception:  # torchvision missing or broken: nothing to recognise
+        return None
+    return stochastic_depth
 
 
 # ----------------------------------------------------------------------------- structures
 @dataclass
-class Operand:
-    """One input of a layer: the value of fx node ``node``, whose channels are units of ``layer``."""
+class Units:
+    """Where the units of a tensor are: layer, tensor dims that index units, unit of each index.
+
+    ``index`` has the shape of the tensor along ``dims`` (None: ``arange(layer size)`` along one
+    dim, the natural order). ``dims == ()`` means every element belongs to the one unit
+    ``int(index)``.
+    """
 
     layer: int
-    node: str
-    group: int = 1  # positions per unit when the value was flattened
-    offset: int = 0  # first unit of the destination this operand fills (concat)
-    sign: float = 1.0  # residual sub gives -1
-    path: list[str] = field(default_factory=list)  # per-channel ops between the source's value and this read
+    dims: tuple[int, ...] = (1,)
+    index: np.ndarray | None = None
+
+    @property
+    def natural(self) -> bool:
+        return self.index is None and len(self.dims) == 1
+
+    def along(self, dim: int, size: int, layer_size: int) -> np.ndarray | None:
+        """Unit of each index of ``dim`` when units lie along that one dim, else None."""
+        if self.dims == ():
+            return np.full(size, int(self.index), dtype=np.int64)
+        if self.dims != (dim,):
+            return None
+        return np.arange(layer_size, dtype=np.int64) if self.index is None else np.asarray(self.index, np.int64)
 
 
 @dataclass
-class ChainOp:
-    """A per-channel op with a constant part, which adds a bias term to its layer's units."""
+class Operand:
+    """One input of a layer: the value of fx node ``node``, whose channels are units of ``layer``.
 
+    A dense layer reads ``group`` consecutive input features per column of its edge block
+    (a flattened ``C x H x W`` map: positions per unit), and column ``c`` of that block is
+    unit ``cols[c]`` of the source (None: unit ``c``). An identity operand (residual, concat)
+    fills the units ``offset ...`` of its layer along ``dim``, channel ``c`` from unit ``cols[c]``.
+    """
+
+    layer: int
     node: str
-    kind: str  # "bn" (scale, shift), "clamp" (lo, hi), "shift" (c), "scale" (a)
-    input_node: str
-    params: tuple[Any, ...] = ()
+    group: int = 1
+    offset: int = 0  # first unit of the destination this operand fills (concat)
+    sign: float = 1.0  # residual sub gives -1
+    path: list[str] = field(default_factory=list)  # per-unit ops between the source's value and this read
+    cols: np.ndarray | None = None
+    width: int = 0  # channels read (columns of the edge block after grouping)
+    dim: int = 1  # the dim of the destination's value holding its units
 
 
 @dataclass
@@ -94,18 +144,19 @@ class LayerSpec:
     """A layer of units in the traced model."""
 
     name: str
-    kind: str  # input, conv, linear, residual, concat
+    kind: str  # a key of connectome.kinds.KINDS
     size: int
     node: str  # fx node that defines the units
     module: str | None = None
     operands: list[Operand] = field(default_factory=list)
     groups: int = 1
-    out_node: str = ""  # end of the unbranched per-channel chain: the value passed on (A)
+    out_node: str = ""  # end of the unbranched per-unit chain: the value passed on (A)
     chain: list[str] = field(default_factory=list)  # fx nodes of the unbranched chain after `node`
     bias_ops: list[ChainOp] = field(default_factory=list)
-    nonlinear: list[str] = field(default_factory=list)  # nonlinear elementwise ops on these units
+    nonlinear: list[str] = field(default_factory=list)  # element-wise non-linear ops on these units
     weight_node: str | None = None  # for F.conv2d/F.linear calls: the node giving the weight
     call: dict[str, Any] = field(default_factory=dict)  # conv hyper-parameters
+    dim: int = 1  # the dim of the defining value that holds the units
 
 
 @dataclass
@@ -114,18 +165,26 @@ class UnitGraph:
 
     gm: fx.GraphModule
     layers: list[LayerSpec]
-    ref: dict[str, tuple[int, int]]  # fx node -> (layer, group)
+    units: dict[str, Units]  # fx node -> where its units are
     output_layer: int
     output_node: str
     shapes: dict[str, tuple[int, ...]]
+    rules: list[str] = field(default_factory=list)  # names of the linearisation rules used
+
+    @property
+    def ref(self) -> dict[str, tuple[int, int]]:
+        """fx node -> (layer, 1): the layer of every mapped value (kept for callers of old)."""
+        return {k: (u.layer, 1) for k, u in self.units.items()}
+
+    def unit_dim(self, node: str) -> int:
+        """The one dim that holds the units of ``node``'s value (1 for NCHW, -1 for channels-last)."""
+        u = self.units.get(node)
+        return u.dims[0] if u is not None and len(u.dims) == 1 else 1
 
     def layer_index(self, name: str) -> int:
-        for i, l in enumerate(self.layers):
-            if l.name == name or l.module == name:
-                return i
-        raise ExtractionError(
-            f"no layer {name!r} in the traced model; layers are {[l.name for l in self.layers][:8]}..."
-        )
+        from connectome.extract.targets import resolve_layer
+
+        return resolve_layer(name, self.layers, where="in the traced model", error=ExtractionError)
 
 
 # ----------------------------------------------------------------------------- tracing
@@ -241,37 +300,47 @@ def run_nodes(
     return out, kept
 
 
-def _shapes(gm: fx.GraphModule, example: torch.Tensor) -> dict[str, tuple[int, ...]]:
+def _record(gm: fx.GraphModule, example: torch.Tensor) -> tuple[dict[str, tuple[int, ...]], dict[str, Any],
+                                                               dict[str, torch.Tensor], set[str]]:
+    """Run once: tensor shapes, plain values (sizes), constant tensors, and which nodes carry data."""
     shapes: dict[str, tuple[int, ...]] = {}
+    values: dict[str, Any] = {}
+    consts: dict[str, torch.Tensor] = {}
+    data: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" or any(a.name in data for a in node.all_input_nodes):
+            data.add(node.name)
 
     def record(node: fx.Node, value: Any) -> Any:
         if isinstance(value, torch.Tensor):
             shapes[node.name] = tuple(value.shape)
+            if node.name not in data:
+                consts[node.name] = value.detach()
+        elif not _holds_tensor(value):
+            values[node.name] = value
         return value
 
     with torch.inference_mode():
         run_nodes(gm, (example,), on_value=record)
-    return shapes
+    return shapes, values, consts, data
+
+
+def _holds_tensor(v: Any) -> bool:
+    if isinstance(v, torch.Tensor):
+        return True
+    if isinstance(v, (list, tuple)):
+        return any(_holds_tensor(x) for x in v)
+    return False
 
 
 # ----------------------------------------------------------------------------- classification
-def _tensor_args(node: fx.Node, shapes: dict[str, tuple[int, ...]]) -> list[fx.Node]:
-    return [a for a in node.all_input_nodes if a.name in shapes and a.op != "get_attr"]
-
-
 def _shadow(node: fx.Node, op: str, target: Any) -> Any:
     """``node`` seen as another op (``x.add(y)`` as ``x + y``), without touching the graph:
     a real fx.Node would register itself among its inputs' users."""
     from types import SimpleNamespace
 
     return SimpleNamespace(name=node.name, op=op, target=target, args=node.args, kwargs=node.kwargs,
-                           all_input_nodes=node.all_input_nodes, graph=node.graph)
-
-
-def _tensor_operands(node: fx.Node, shapes: dict[str, tuple[int, ...]]) -> list[fx.Node]:
-    """Tensor operands in argument order (``input`` before ``other``), repeats kept (``a + a`` has two)."""
-    args = list(node.args) + [node.kwargs[k] for k in ("input", "other") if k in node.kwargs]
-    return [a for a in args if isinstance(a, fx.Node) and a.name in shapes and a.op != "get_attr"]
+                           all_input_nodes=node.all_input_nodes, graph=node.graph, meta=node.meta)
 
 
 def _const(node: fx.Node, i: int, name: str, default: Any) -> Any:
@@ -280,150 +349,332 @@ def _const(node: fx.Node, i: int, name: str, default: Any) -> Any:
     return node.kwargs.get(name, default)
 
 
-def _classify(node: fx.Node, modules: dict[str, nn.Module], shapes: dict[str, tuple[int, ...]]) -> tuple[str, Any]:
-    """What an fx node does to units: ('layer', kind) | ('residual', signs) | ('concat', None)
-    | ('chain', ChainOp or None) | ('nonlinear', None) | ('skip', None) | ('unsupported', why)."""
-    if node.name not in shapes:
-        return ("skip", None)  # not a tensor (sizes, tuples of sizes ...)
+def _f0(fn: Callable[[torch.Tensor], torch.Tensor]) -> float:
+    """f(0) of an element-wise function: the constant that the identity rule makes a bias term."""
+    with torch.no_grad():
+        return float(fn(torch.zeros(1, dtype=torch.float64)).reshape(-1)[0])
+
+
+@dataclass
+class _Ctx:
+    modules: dict[str, nn.Module]
+    shapes: dict[str, tuple[int, ...]]
+    values: dict[str, Any]
+    consts: dict[str, torch.Tensor]
+    data: set[str]
+
+    def is_data(self, a: Any) -> bool:
+        return isinstance(a, fx.Node) and a.name in self.data and a.name in self.shapes
+
+    def const(self, a: Any) -> torch.Tensor | None:
+        if isinstance(a, fx.Node) and a.name in self.consts:
+            return self.consts[a.name].detach().clone()
+        return None
+
+    def data_args(self, node: Any) -> list[fx.Node]:
+        """Data tensor operands in argument order (``input`` before ``other``), repeats kept."""
+        args = list(node.args) + [node.kwargs[k] for k in ("input", "other") if k in node.kwargs]
+        return [a for a in args if self.is_data(a)]
+
+
+def _classify(node: Any, c: _Ctx) -> tuple[str, Any]:
+    """What an fx node does to units: ('layer', kind) | ('residual', signs) | ('concat', dim)
+    | ('chain', ChainOp or None) | ('layout', None) | ('skip', None) | ('unsupported', why)."""
     t = node.target
+    if node.name in c.values:
+        return ("skip", None)  # a plain value (a size, a tuple of sizes)
+    if node.op == "call_function" and t in (torch.chunk, torch.split, operator.getitem) or \
+            node.op == "call_method" and t in ("chunk", "split"):
+        if node.name in c.data:
+            return ("layout", None)  # may give a tuple of tensors: not in shapes
+    if node.name not in c.shapes or node.name not in c.data:
+        return ("skip", None)  # not a tensor (sizes, tuples of sizes ...), or a constant
     if node.op == "call_module":
-        m = modules[t]
-        if isinstance(m, nn.Conv2d) and type(m).forward is nn.Conv2d.forward:
-            return ("layer", "conv")
-        if isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward:
-            return ("layer", "linear")
-        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            if m.running_mean is None or m.running_var is None:
-                return ("unsupported", "BatchNorm without running statistics cannot be folded; build it with track_running_stats=True")
-            var = m.running_var.detach()
-            scale = torch.rsqrt(var + m.eps)
-            if m.weight is not None:
-                scale = scale * m.weight.detach()
-            shift = -m.running_mean.detach() * scale
-            if m.bias is not None:
-                shift = shift + m.bias.detach()
-            return ("chain", ChainOp(node.name, "bn", "", (scale, shift)))
-        if isinstance(m, (nn.ReLU6, nn.Hardtanh)):
-            lo, hi = (0.0, 6.0) if isinstance(m, nn.ReLU6) else (m.min_val, m.max_val)
-            return ("chain", ChainOp(node.name, "clamp", "", (lo, hi)))
-        if isinstance(m, _PL_MODULES):
-            return ("chain", None)
-        if isinstance(m, _NONLINEAR_MODULES):
-            return ("nonlinear", None)
-        if isinstance(m, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose2d)):
-            return ("unsupported", f"{type(m).__name__} layers are not supported yet (Conv2d and Linear are)")
-        return ("unsupported", f"module type {type(m).__name__} is not a per-channel op we can map")
+        return _classify_module(node, c.modules[t], c)
     if node.op == "call_function":
-        if t in (F.conv2d, torch.conv2d):
-            return ("layer", "conv")
-        if t in (F.linear,):
-            return ("layer", "linear")
-        if t in (operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub):
-            targs = _tensor_operands(node, shapes)
-            alpha = node.kwargs.get("alpha", node.args[2] if len(node.args) > 2 else 1)
-            if not isinstance(alpha, (int, float)):
-                return ("unsupported", "an add/sub whose alpha is a tensor")
-            neg = t in (operator.sub, operator.isub, torch.sub)
-            if len(targs) == 2 and shapes[targs[0].name] == shapes[targs[1].name] == shapes[node.name]:
-                return ("residual", (1.0, -float(alpha) if neg else float(alpha)))
-            if len(targs) == 1 and any(isinstance(a, fx.Node) and a.op == "get_attr" or
-                                       (isinstance(a, fx.Node) and a.name not in shapes) for a in node.args):
-                return ("unsupported", "arithmetic with a tensor of the model (a buffer or parameter) is not "
-                        "mapped yet; fold it into the neighbouring conv or BatchNorm")
-            if len(targs) == 1:
-                first = node.args[0] if node.args else node.kwargs.get("input")
-                other = [a for a in [*node.args[:2], node.kwargs.get("other")]
-                         if a is not None and not isinstance(a, fx.Node)]
-                if other and isinstance(other[0], (int, float)):
-                    c = float(other[0]) * (float(alpha) if first is targs[0] else 1.0)
-                    if t in (operator.sub, operator.isub, torch.sub):
-                        c = -c if first is targs[0] else c
-                        if first is not targs[0]:
-                            return ("unsupported", "constant minus tensor flips the sign of units")
-                    return ("chain", ChainOp(node.name, "shift", "", (c,)))
-            return ("unsupported", "an add/sub whose operands differ in shape (broadcasting) mixes units")
-        if t in (operator.mul, operator.imul, torch.mul, operator.truediv, torch.div):
-            targs = _tensor_args(node, shapes)
-            others = [a for a in node.args if isinstance(a, (int, float)) and not isinstance(a, bool)]
-            is_div = t in (operator.truediv, torch.div)
-            if len(targs) == 1 and len(others) == 1 and (not is_div or node.args[0] is targs[0]):
-                a = float(others[0])
-                return ("chain", ChainOp(node.name, "scale", "", (1.0 / a if is_div else a,)))
-            return ("unsupported", "a product of two tensors (a gate, attention) is not a per-channel op; flows through it are not defined")
-        if t in (torch.cat, torch.concat):
-            dim = _const(node, 1, "dim", 0)
-            tensors = node.args[0]
-            nd = len(shapes[node.name])
-            if dim in (1, 1 - nd) and isinstance(tensors, (list, tuple)):
-                return ("concat", None)
-            return ("unsupported", f"torch.cat along dim {dim}; only channel concatenation (dim=1) is a layer")
-        if t in _CLAMP_FUNCS:
-            if t is F.relu6:
-                lo, hi = 0.0, 6.0
-            elif t is F.hardtanh:
-                lo, hi = _const(node, 1, "min_val", -1.0), _const(node, 2, "max_val", 1.0)
-            else:
-                lo, hi = _const(node, 1, "min", None), _const(node, 2, "max", None)
-            return ("chain", ChainOp(node.name, "clamp", "", (lo, hi)))
-        if t is F.pad:
-            value = _const(node, 3, "value", None)
-            mode = _const(node, 2, "mode", "constant")
-            if mode == "constant" and value not in (None, 0, 0.0):
-                return ("chain", ChainOp(node.name, "pad", "", (tuple(_const(node, 1, "pad", ())), float(value))))
-            return ("chain", None)
-        if t is operator.getitem:
-            idx = node.args[1] if len(node.args) > 1 else None
-            idx = idx if isinstance(idx, tuple) else (idx,)
-            full = slice(None, None, None)
-            keeps_units = len(idx) >= 2 and idx[0] == full and idx[1] == full and not any(
-                isinstance(i, fx.Node) for i in idx[2:]) or (len(idx) == 1 and idx[0] == full)
-            if not keeps_units:
-                return ("unsupported", "indexing that selects or reorders channels (x[:, idx]) changes which unit "
-                        "is which")
-            return ("chain", None)
-        if t in _PL_FUNCS:
-            return ("chain", None)
-        if t in _NONLINEAR_FUNCS:
-            return ("nonlinear", None)
-        if t is torch.mean:
-            return _classify(_shadow(node, "call_method", "mean"), modules, shapes)
-        return ("unsupported", f"function {getattr(t, '__name__', t)!s} is not a per-channel op we can map")
+        return _classify_function(node, c)
     if node.op == "call_method":
         if t in _PL_METHODS:
-            if t == "mean":
-                dims = _const(node, 1, "dim", None)
-                dims = (dims,) if isinstance(dims, int) else dims
-                nd = len(shapes[node.all_input_nodes[0].name])
-                if dims is None or any(d % nd in (0, 1) for d in dims):
-                    return ("unsupported", "a mean over the channel or batch dimension mixes units")
             return ("chain", None)
         if t in _CLAMP_METHODS:
-            lo, hi = _const(node, 1, "min", None), _const(node, 2, "max", None)
-            return ("chain", ChainOp(node.name, "clamp", "", (lo, hi)))
-        if t in _NONLINEAR_METHODS:
-            return ("nonlinear", None)
+            return ("chain", ChainOp(node.name, "clamp", "", (_const(node, 1, "min", None), _const(node, 2, "max", None))))
+        if t in _SMOOTH_METHODS:
+            fn = getattr(torch, t.rstrip("_"))
+            return ("chain", ChainOp(node.name, "smooth", "", (_f0(fn),)))
+        if t in _LAYOUT_METHODS:
+            return ("layout", None)
         if t in ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"):
             fn = {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.truediv}[t.rstrip("_")]
-            return _classify(_shadow(node, "call_function", fn), modules, shapes)
-        return ("unsupported", f"method .{t}() is not a per-channel op we can map")
+            return _classify_function(_shadow(node, "call_function", fn), c)
+        return ("unsupported", f"method .{t}() is not a per-unit op we can map (no rule in connectome.extract.rules)")
     return ("skip", None)
 
 
-# ----------------------------------------------------------------------------- building
-def _check_channels(node: fx.Node, src: fx.Node, shapes: dict[str, tuple[int, ...]], ref: dict[str, tuple[int, int]]) -> int:
-    """Group (positions per unit) of ``node``'s output, given it keeps the units of ``src``."""
-    layer, group = ref[src.name]
-    s_in, s_out = shapes[src.name], shapes[node.name]
-    if len(s_in) < 2 or len(s_out) < 2 or s_in[0] != s_out[0]:
-        raise ExtractionError(f"{_where(node)} changes the batch dimension ({s_in} -> {s_out}); units cannot be followed")
-    if s_out[1] == s_in[1]:
-        return group
-    # Flatten: (N, C, H, W) -> (N, C*H*W): each channel's positions stay together.
-    if len(s_out) == 2 and s_out[1] == _prod(s_in[1:]):
-        return group * _prod(s_in[2:])
-    raise ExtractionError(
-        f"{_where(node)} changes the channel dimension ({s_in} -> {s_out}) in a way that mixes units"
-    )
+def _classify_module(node: Any, m: nn.Module, c: _Ctx) -> tuple[str, Any]:
+    if isinstance(m, nn.Conv2d) and type(m).forward is nn.Conv2d.forward:
+        return ("layer", Kind.CONV)
+    if isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward:
+        return ("layer", Kind.LINEAR)
+    if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        if m.running_mean is None or m.running_var is None:
+            return ("unsupported", "BatchNorm without running statistics cannot be folded; build it with track_running_stats=True")
+        return ("chain", _bn_op(node, m.running_mean, m.running_var, m.weight, m.bias, m.eps))
+    if isinstance(m, nn.LayerNorm):
+        w = m.weight.detach() if m.weight is not None else None
+        return ("chain", ChainOp(node.name, "norm", "", ("layer", tuple(m.normalized_shape), w, m.eps)))
+    if isinstance(m, nn.GroupNorm):
+        w = m.weight.detach() if m.weight is not None else None
+        return ("chain", ChainOp(node.name, "norm", "", ("group", m.num_groups, w, m.eps)))
+    if isinstance(m, (nn.ReLU6, nn.Hardtanh)):
+        lo, hi = (0.0, 6.0) if isinstance(m, nn.ReLU6) else (m.min_val, m.max_val)
+        return ("chain", ChainOp(node.name, "clamp", "", (lo, hi)))
+    if isinstance(m, _PL_MODULES):
+        return ("chain", None)
+    if isinstance(m, _SMOOTH_MODULES):
+        return ("chain", ChainOp(node.name, "smooth", "", (_f0(m),)))
+    if isinstance(m, _LAYOUT_MODULES):
+        return ("layout", None)
+    if isinstance(m, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose2d)):
+        return ("unsupported", f"{type(m).__name__} layers are not supported yet (Conv2d and Linear are)")
+    if isinstance(m, (nn.Softmax, nn.LogSoftmax, nn.Softmin)):
+        return ("unsupported", f"{type(m).__name__} mixes units (it normalises across them); no rule fits it "
+                               "outside attention, where the attention rule would hold the pattern constant")
+    if isinstance(m, nn.MultiheadAttention):
+        return ("unsupported", "attention (nn.MultiheadAttention) needs the attention rule, which is not implemented yet")
+    return ("unsupported", f"module type {type(m).__name__} is not a per-unit op we can map "
+                           "(no rule in connectome.extract.rules)")
+
+
+def _bn_op(node: Any, mean: Any, var: Any, weight: Any, bias: Any, eps: float) -> ChainOp:
+    var = var.detach()
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight.detach()
+    shift = -mean.detach() * scale
+    if bias is not None:
+        shift = shift + bias.detach()
+    return ChainOp(node.name, "bn", "", (scale, shift))
+
+
+def _classify_function(node: Any, c: _Ctx) -> tuple[str, Any]:
+    t = node.target
+    if t in (F.conv2d, torch.conv2d):
+        return ("layer", Kind.CONV)
+    if t in (F.linear,):
+        return ("layer", Kind.LINEAR)
+    if t in (operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub):
+        return _classify_sum(node, c)
+    if t in (operator.mul, operator.imul, torch.mul, operator.truediv, operator.itruediv, torch.div):
+        return _classify_product(node, c)
+    if t in (torch.cat, torch.concat):
+        dim = _const(node, 1, "dim", 0)
+        if not isinstance(dim, int) or not isinstance(node.args[0], (list, tuple)):
+            return ("unsupported", "torch.cat with a computed dim")
+        return ("concat", dim % len(c.shapes[node.name]))
+    if t in _CLAMP_FUNCS:
+        if t is F.relu6:
+            lo, hi = 0.0, 6.0
+        elif t is F.hardtanh:
+            lo, hi = _const(node, 1, "min_val", -1.0), _const(node, 2, "max_val", 1.0)
+        else:
+            lo, hi = _const(node, 1, "min", None), _const(node, 2, "max", None)
+        return ("chain", ChainOp(node.name, "clamp", "", (lo, hi)))
+    if t is F.pad:
+        value = _const(node, 3, "value", None)
+        mode = _const(node, 2, "mode", "constant")
+        if mode == "constant" and value not in (None, 0, 0.0):
+            return ("chain", ChainOp(node.name, "pad", "", (tuple(_const(node, 1, "pad", ())), float(value))))
+        return ("chain", None)
+    if t is F.batch_norm:
+        if _const(node, 5, "training", False):
+            return ("unsupported", "F.batch_norm in training mode; extraction runs the model in eval mode")
+        mean, var = c.const(_const(node, 1, "running_mean", None)), c.const(_const(node, 2, "running_var", None))
+        if mean is None or var is None:
+            return ("unsupported", "F.batch_norm without running statistics cannot be folded")
+        w, b = c.const(_const(node, 3, "weight", None)), c.const(_const(node, 4, "bias", None))
+        return ("chain", _bn_op(node, mean, var, w, b, float(_const(node, 7, "eps", 1e-5))))
+    if t is F.layer_norm:
+        shape = _const(node, 1, "normalized_shape", None)
+        shape = c.values.get(shape.name, shape) if isinstance(shape, fx.Node) else shape
+        return ("chain", ChainOp(node.name, "norm", "", ("layer", tuple(shape), c.const(_const(node, 2, "weight", None)),
+                                                           float(_const(node, 4, "eps", 1e-5)))))
+    if t is F.group_norm:
+        return ("chain", ChainOp(node.name, "norm", "", ("group", int(_const(node, 1, "num_groups", 1)),
+                                                           c.const(_const(node, 2, "weight", None)),
+                                                           float(_const(node, 4, "eps", 1e-5)))))
+    if t is _stochastic_depth() and t is not None:
+        if _const(node, 3, "training", True):
+            return ("unsupported", "stochastic depth in training mode; extraction runs the model in eval mode")
+        return ("chain", None)  # the identity in eval mode
+    if t in _LAYOUT_FUNCS:
+        return ("layout", None)
+    if t in _PL_FUNCS:
+        return ("chain", None)
+    if t in _SMOOTH_FUNCS:
+        extra = [a for a in node.args[1:] if not isinstance(a, fx.Node)]
+        return ("chain", ChainOp(node.name, "smooth", "", (_f0(lambda z: t(z, *extra, **{
+            k: v for k, v in node.kwargs.items() if not isinstance(v, fx.Node) and k != "inplace"})),)))
+    if t in (torch.softmax, F.softmax, torch.matmul, torch.bmm, F.scaled_dot_product_attention):
+        return ("unsupported", f"{getattr(t, '__name__', t)} mixes units (attention needs the attention rule, "
+                               "which is not implemented yet)")
+    return ("unsupported", f"function {getattr(t, '__name__', t)!s} is not a per-unit op we can map "
+                           "(no rule in connectome.extract.rules)")
+
+
+def _classify_sum(node: Any, c: _Ctx) -> tuple[str, Any]:
+    t = node.target
+    neg = t in (operator.sub, operator.isub, torch.sub)
+    alpha = node.kwargs.get("alpha", node.args[2] if len(node.args) > 2 else 1)
+    if not isinstance(alpha, (int, float)):
+        return ("unsupported", "an add/sub whose alpha is a tensor")
+    targs = c.data_args(node)
+    first = node.args[0] if node.args else node.kwargs.get("input")
+    out_shape = c.shapes[node.name]
+    if len(targs) == 2:
+        if c.shapes[targs[0].name] == c.shapes[targs[1].name] == out_shape:
+            return ("residual", (1.0, -float(alpha) if neg else float(alpha)))
+        return ("unsupported", "an add/sub of data tensors whose shapes differ (broadcasting) mixes units")
+    if len(targs) != 1 or c.shapes[targs[0].name] != out_shape:
+        return ("unsupported", "an add/sub that broadcasts the data to a larger shape mixes units")
+    x_first = first is targs[0]
+    other = [a for a in [*node.args[:2], node.kwargs.get("other")] if a is not None and a is not targs[0]]
+    if not other:
+        return ("unsupported", "an add/sub without a second operand")
+    o = other[0]
+    k = float(alpha)
+    cval = c.const(o) if isinstance(o, fx.Node) else (float(o) if isinstance(o, (int, float)) and not isinstance(o, bool) else None)
+    if cval is None:
+        return ("unsupported", "an add/sub with an operand that is neither data nor a constant")
+    # y = a * x + b with constants a, b
+    if x_first:
+        a, b = (1.0, -k * cval) if neg else (1.0, k * cval)
+    else:
+        a, b = (-k, cval) if neg else (k, cval)
+    if isinstance(b, float) and a == 1.0:
+        return ("chain", ChainOp(node.name, "shift", "", (b,)))
+    return ("chain", ChainOp(node.name, "affine", "", (a, b)))
+
+
+def _derives_from(a: fx.Node, b: fx.Node, c: _Ctx, elementwise: bool, limit: int = 400) -> bool:
+    """Whether ``a`` is computed from ``b``: through element-wise single-input ops only
+    (``sigmoid(b)``), or through any data ops (a squeeze-and-excitation branch of ``b``)."""
+    if elementwise:
+        cur = a
+        for _ in range(8):
+            ins = [n for n in cur.all_input_nodes if c.is_data(n)]
+            if len(ins) != 1 or c.shapes.get(cur.name) != c.shapes.get(b.name):
+                return False
+            cur = ins[0]
+            if cur is b:
+                return True
+        return False
+    seen, todo = set(), [a]
+    while todo and len(seen) < limit:
+        cur = todo.pop()
+        for n in cur.all_input_nodes:
+            if n is b:
+                return True
+            if n.name in c.data and n.name not in seen:
+                seen.add(n.name)
+                todo.append(n)
+    return False
+
+
+def _classify_product(node: Any, c: _Ctx) -> tuple[str, Any]:
+    t = node.target
+    is_div = t in (operator.truediv, operator.itruediv, torch.div)
+    targs = c.data_args(node)
+    out_shape = c.shapes[node.name]
+    first = node.args[0] if node.args else node.kwargs.get("input")
+    if len(targs) == 1:
+        x = targs[0]
+        if c.shapes[x.name] != out_shape:
+            return ("unsupported", "a product that broadcasts the data to a larger shape mixes units")
+        if is_div and first is not x:
+            return ("unsupported", "a constant divided by data is not linear in the data (no rule for 1/x)")
+        other = [a for a in [*node.args[:2], node.kwargs.get("other")] if a is not None and a is not x]
+        o = other[0] if other else None
+        if isinstance(o, (int, float)) and not isinstance(o, bool):
+            return ("chain", ChainOp(node.name, "scale", "", (1.0 / float(o) if is_div else float(o),)))
+        cval = c.const(o)
+        if cval is None:
+            return ("unsupported", "a product with an operand that is neither data nor a constant")
+        return ("chain", ChainOp(node.name, "affine", "", (1.0 / cval if is_div else cval, None)))
+    if len(targs) == 2 and not is_div:
+        a, b = targs
+        sa, sb = c.shapes[a.name], c.shapes[b.name]
+        na, nb = math.prod(sa), math.prod(sb)
+        gate = None
+        if sa == out_shape and nb < na:
+            gate = 1
+        elif sb == out_shape and na < nb:
+            gate = 0
+        elif sa == sb == out_shape and a is not b:
+            # A self-gate such as x * sigmoid(x) (hand-written SiLU), or a squeeze-and-excitation
+            # gate on a 1x1 map (same shape as the signal, computed from it): the factor that is
+            # computed from the other operand is the gate.
+            pooled = all(v == 1 for v in out_shape[2:]) and len(out_shape) > 2
+            if _derives_from(b, a, c, elementwise=True) or (pooled and _derives_from(b, a, c, elementwise=False)):
+                gate = 1
+            elif _derives_from(a, b, c, elementwise=True) or (pooled and _derives_from(a, b, c, elementwise=False)):
+                gate = 0
+        if gate is not None:
+            data = targs[1 - gate]
+            return ("chain", ChainOp(node.name, "gate", data.name, (targs[gate].name,)))
+    return ("unsupported", "a product of two tensors of full size (attention, or a gate that is not broadcast "
+                           "over positions) fits no rule: the gate rule needs one factor broadcast over positions, "
+                           "attention needs the attention rule")
+
+
+# ----------------------------------------------------------------------------- layouts
+def _unit_tensor(u: Units, shape: tuple[int, ...], layer_size: int) -> torch.Tensor:
+    """A float64 tensor of ``shape`` whose every element is the number of its unit."""
+    if u.dims == ():
+        return torch.full(shape, float(np.asarray(u.index)), dtype=torch.float64)
+    idx = torch.arange(layer_size, dtype=torch.float64) if u.index is None else torch.as_tensor(
+        np.asarray(u.index), dtype=torch.float64)
+    view = [1] * len(shape)
+    for d, s in zip(u.dims, idx.shape):
+        view[d] = s
+    return idx.reshape(view).expand(shape)
+
+
+def _units_from(U: torch.Tensor, layer: int, layer_size: int, batch: int, where: str) -> Units:
+    """Read back where the units went from a unit-number tensor that went through layout ops."""
+    shape = tuple(U.shape)
+    if len(shape) < 1 or shape[0] != batch or (batch > 1 and not torch.equal(U, U[:1].expand_as(U))):
+        raise ExtractionError(f"{where} moves the batch dimension; units cannot be followed")
+    varying = [d for d in range(1, len(shape)) if shape[d] > 1 and not torch.equal(U, U.narrow(d, 0, 1).expand_as(U))]
+    base = U
+    for d in range(len(shape) - 1, -1, -1):
+        if d not in varying:
+            base = base.narrow(d, 0, 1)
+    if not torch.equal(base.expand_as(U), U):
+        raise ExtractionError(f"{where} mixes units with positions in a way that cannot be followed")
+    idx = base.reshape([shape[d] for d in varying])
+    if not torch.equal(idx, idx.round()) or (idx.numel() and (idx.min() < 0 or idx.max() >= layer_size)):
+        raise ExtractionError(f"{where} averages over units (a mean or pooling across channels mixes units)")
+    index = idx.to(torch.int64).numpy()
+    if len(varying) == 1 and index.shape[0] == layer_size and np.array_equal(index, np.arange(layer_size)):
+        return Units(layer, (varying[0],), None)
+    if not varying:
+        return Units(layer, (), index.reshape(()))
+    return Units(layer, tuple(varying), index)
+
+
+def _split_group(idx: np.ndarray, layer_size: int) -> tuple[int, np.ndarray | None]:
+    """(positions per unit, unit of each group) for a flat index: runs of equal length P."""
+    n = idx.size
+    if n == 0:
+        return 1, None
+    starts = np.flatnonzero(np.r_[True, idx[1:] != idx[:-1]])
+    lengths = np.diff(np.r_[starts, n])
+    p = int(lengths[0])
+    group = p if np.all(lengths == p) else 1
+    base = idx[::group]
+    if base.size == layer_size and np.array_equal(base, np.arange(layer_size)):
+        return group, None
+    return group, base.astype(np.int64)
 
 
 def _prod(xs: tuple[int, ...]) -> int:
@@ -433,6 +684,7 @@ def _prod(xs: tuple[int, ...]) -> int:
     return p
 
 
+# ----------------------------------------------------------------------------- building
 def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
     """Trace ``model`` and map its data flow to layers of units.
 
@@ -450,20 +702,23 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
     Raises
     ------
     ExtractionError
-        The model is untraceable, fails on the example, or uses an op that mixes units.
+        The model is untraceable, fails on the example, or uses an op that fits no rule.
     """
     gm = _trace(model)
     if example.dim() >= 1 and example.shape[0] == 1:
         # a batch of two, so that a squeeze() cannot be mistaken for a change of batch size
         example = example.repeat(2, *([1] * (example.dim() - 1)))
-    shapes = _shapes(gm, example)
-    modules = dict(gm.named_modules())
+    batch = int(example.shape[0])
+    shapes, values, consts, data = _record(gm, example)
+    ctx = _Ctx(dict(gm.named_modules()), shapes, values, consts, data)
     nodes = list(gm.graph.nodes)
     by_name = {n.name: n for n in nodes}
     layers: list[LayerSpec] = []
-    ref: dict[str, tuple[int, int]] = {}
+    units: dict[str, Units] = {}
+    multi: dict[str, list[Units]] = {}  # layout ops that give several tensors (chunk, split)
     used_names: dict[str, int] = {}
     seen_modules: dict[str, str] = {}
+    rules: set[str] = set()
 
     def unique(name: str) -> str:
         if name not in used_names:
@@ -472,12 +727,66 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
         used_names[name] += 1
         return f"{name}_{used_names[name]}"
 
-    def source(node: fx.Node, arg: fx.Node) -> tuple[int, int]:
-        if arg.name not in ref:
+    def source(node: fx.Node, arg: fx.Node) -> Units:
+        if arg.name not in units:
             raise ExtractionError(
                 f"{_where(node)} reads {arg.name!r}, which does not come from the model input through ops we can map"
             )
-        return ref[arg.name]
+        return units[arg.name]
+
+    def size_of(u: Units) -> int:
+        return layers[u.layer].size
+
+    def layout(node: fx.Node) -> None:
+        src = [a for a in node.all_input_nodes if a.name in units or a.name in multi]
+        if not src:
+            raise ExtractionError(f"{_where(node)} reads no mapped tensor")
+        layer = (units[src[0].name] if src[0].name in units else multi[src[0].name][0]).layer
+
+        def arg(n: fx.Node) -> Any:
+            if n.name in units:
+                u = units[n.name]
+                return _unit_tensor(u, shapes[n.name], size_of(u))
+            if n.name in multi:
+                return tuple(_unit_tensor(u, shapes.get(f"{n.name}#{i}", ()), size_of(u)) for i, u in enumerate(multi[n.name]))
+            if n.name in values:
+                return values[n.name]
+            if n.name in consts:
+                return consts[n.name].detach().cpu()
+            raise ExtractionError(f"{_where(node)} reads {n.name!r}, which is neither mapped data nor a constant")
+
+        if node.op == "call_method" and node.target == "mean" or node.op == "call_function" and node.target is torch.mean:
+            dims = _const(node, 1, "dim", None)
+            u = units.get(src[0].name)
+            nd = len(shapes[src[0].name])
+            dims = (dims,) if isinstance(dims, int) else dims
+            if dims is None or u is None or any(d % nd == 0 or d % nd in u.dims for d in dims):
+                raise ExtractionError(f"cannot map {_where(node)} to units: a mean over the units or the batch mixes units")
+        args = fx.node.map_arg(node.args, arg)
+        kwargs = fx.node.map_arg(node.kwargs, arg)
+        try:
+            with torch.no_grad():
+                if node.op == "call_method":
+                    out = getattr(args[0], node.target)(*args[1:], **kwargs)
+                elif node.op == "call_module":
+                    out = ctx.modules[node.target](*args, **kwargs)
+                else:
+                    out = node.target(*args, **kwargs)
+        except ExtractionError:
+            raise
+        except Exception as exc:  # the op did not accept unit numbers the way it accepts data
+            raise ExtractionError(f"cannot follow units through {_where(node)}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        where = _where(node)
+        if isinstance(out, torch.Tensor):
+            if out.dtype != torch.float64:
+                raise ExtractionError(f"cannot follow units through {where}")
+            units[node.name] = _units_from(out, layer, layers[layer].size, batch, where)
+        elif isinstance(out, (tuple, list)) and all(isinstance(o, torch.Tensor) for o in out):
+            multi[node.name] = [_units_from(o, layer, layers[layer].size, batch, where) for o in out]
+            for i, o in enumerate(out):
+                shapes[f"{node.name}#{i}"] = tuple(o.shape)
+        else:
+            raise ExtractionError(f"cannot follow units through {where}")
 
     output_node = None
     kinds: dict[str, tuple[str, Any]] = {}
@@ -485,18 +794,18 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
         if node.op == "placeholder":
             if node.name not in shapes:
                 continue
-            if ref:
+            if any(l.kind == Kind.INPUT for l in layers):
                 raise ExtractionError("the model takes several tensor inputs; connectome maps single-input models")
             size = shapes[node.name][1] if len(shapes[node.name]) > 1 else 1
-            layers.append(LayerSpec(name=unique("input"), kind="input", size=size, node=node.name))
-            ref[node.name] = (0, 1)
+            layers.append(LayerSpec(name=unique("input"), kind=Kind.INPUT, size=size, node=node.name))
+            units[node.name] = Units(0, (1,), None) if len(shapes[node.name]) > 1 else Units(0, (), np.array(0))
             continue
         if node.op == "output":
             output_node = node
             continue
         if node.op == "get_attr":
             continue
-        what, info = _classify(node, modules, shapes)
+        what, info = _classify(node, ctx)
         kinds[node.name] = (what, info)
         if what == "skip":
             continue
@@ -505,14 +814,16 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                 f"cannot map {_where(node)} to units: {info}. Pass a model (or a sub-model) that "
                 "ends before this op, or replace the op"
             )
-        if what == "layer":
+        if what == "layout":
+            layout(node)
+        elif what == "layer":
             x = node.args[0] if node.args else node.kwargs.get("input")
             if not isinstance(x, fx.Node):
                 raise ExtractionError(f"{_where(node)} has no tensor input")
-            li, group = source(node, x)
-            s_out = shapes[node.name]
+            u = source(node, x)
+            s_in, s_out = shapes[x.name], shapes[node.name]
             if node.op == "call_module":
-                m = modules[node.target]
+                m = ctx.modules[node.target]
                 module_name = str(node.target)
                 if module_name in seen_modules:
                     raise ExtractionError(
@@ -521,9 +832,9 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                     )
                 seen_modules[module_name] = node.name
                 groups = getattr(m, "groups", 1)
-                in_feat = m.in_channels if info == "conv" else m.in_features
+                in_feat = m.in_channels if info == Kind.CONV else m.in_features
                 call = {}
-                if info == "conv":
+                if info == Kind.CONV:
                     call = dict(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups,
                                 padding_mode=m.padding_mode, kernel_size=m.kernel_size)
                 wnode = None
@@ -533,7 +844,7 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                     raise ExtractionError(f"{_where(node)}: the weight is not a tensor of the model")
                 wshape = shapes.get(wnode.name) or tuple(_attr_value(gm, wnode).shape)
                 module_name = str(wnode.target).rsplit(".", 1)[0] if wnode.op == "get_attr" else (_scope(node) or node.name)
-                if info == "conv":
+                if info == Kind.CONV:
                     groups = int(_const(node, 6, "groups", 1))
                     in_feat = wshape[1] * groups
                     call = dict(stride=_const(node, 3, "stride", 1), padding=_const(node, 4, "padding", 0),
@@ -541,63 +852,84 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                                 kernel_size=tuple(wshape[2:]))
                 else:
                     groups, in_feat, call = 1, wshape[1], {}
-            if info == "conv" and group != 1:
-                raise ExtractionError(f"{_where(node)} convolves a flattened tensor; units cannot be followed")
-            if info == "linear" and len(shapes[x.name]) != 2:
+            dim_in = 1 if info == Kind.CONV or len(s_in) == 2 else len(s_in) - 1
+            idx = u.along(dim_in, s_in[dim_in], size_of(u))
+            if idx is None:
                 raise ExtractionError(
-                    f"{_where(node)} applies Linear to a tensor of shape {shapes[x.name]}; only (batch, features) "
-                    "inputs map to units (flatten first)"
+                    f"{_where(node)} reads a tensor whose units are not along its "
+                    + ("channel dim" if info == Kind.CONV else "last dim") + "; units cannot be followed"
                 )
-            if layers[li].size * group != in_feat:
+            group, cols = _split_group(idx, size_of(u))
+            if info == Kind.CONV and group != 1:
+                raise ExtractionError(f"{_where(node)} convolves a flattened tensor; units cannot be followed")
+            if idx.size != in_feat:
                 raise ExtractionError(
-                    f"{_where(node)} expects {in_feat} input features but its input carries "
-                    f"{layers[li].size} units x {group} positions"
+                    f"{_where(node)} expects {in_feat} input features but its input carries {idx.size}"
                 )
             name = unique(module_name)
+            dim_out = 1 if info == Kind.CONV else len(s_out) - 1
             layers.append(LayerSpec(
-                name=name, kind=info, size=s_out[1], node=node.name, module=module_name,
-                operands=[Operand(layer=li, node=x.name, group=group)], groups=groups,
-                weight_node=wnode.name if wnode is not None else None, call=call,
+                name=name, kind=info, size=s_out[dim_out], node=node.name, module=module_name,
+                operands=[Operand(layer=u.layer, node=x.name, group=group, cols=cols, width=idx.size // group)],
+                groups=groups, weight_node=wnode.name if wnode is not None else None, call=call, dim=dim_out,
             ))
-            ref[node.name] = (len(layers) - 1, 1)
-        elif what == "residual":
-            targs = _tensor_operands(node, shapes)
-            ops = []
-            for a, sign in zip(targs, info):
-                li, group = source(node, a)
-                if group != 1:
-                    raise ExtractionError(f"{_where(node)} adds flattened tensors; units cannot be followed")
-                ops.append(Operand(layer=li, node=a.name, sign=sign))
-            scope = _scope(node)
-            base = f"{scope}.{'sub' if info[1] < 0 else 'add'}" if scope else ("sub" if info[1] < 0 else "add")
-            layers.append(LayerSpec(name=unique(base), kind="residual", size=shapes[node.name][1], node=node.name,
-                                    module=scope or None, operands=ops))
-            ref[node.name] = (len(layers) - 1, 1)
-        elif what == "concat":
+            units[node.name] = Units(len(layers) - 1, (dim_out,), None)
+        elif what in ("residual", "concat"):
+            targs = ctx.data_args(node) if what == "residual" else list(node.args[0])
+            nd = len(shapes[node.name])
+            if what == "residual":
+                us = [source(node, a) for a in targs]
+                one = [v.dims for v in us if len(v.dims) == 1]
+                dim = one[0][0] if one else 1
+            else:
+                dim = info
             ops, offset = [], 0
-            for a in node.args[0]:
-                if not isinstance(a, fx.Node):
-                    raise ExtractionError(f"{_where(node)} concatenates a constant; units cannot be followed")
-                li, group = source(node, a)
-                if group != 1:
-                    raise ExtractionError(f"{_where(node)} concatenates flattened tensors; units cannot be followed")
-                ops.append(Operand(layer=li, node=a.name, offset=offset))
-                offset += shapes[a.name][1]
+            for k, a in enumerate(targs):
+                if not isinstance(a, fx.Node) or a.name not in data:
+                    raise ExtractionError(f"{_where(node)} concatenates a constant; units cannot be followed "
+                                          "(a class token needs the transformer rules)")
+                u = source(node, a)
+                width = shapes[a.name][dim]
+                idx = u.along(dim, width, size_of(u))
+                if idx is None:
+                    raise ExtractionError(f"{_where(node)} combines tensors along a dim that does not hold their units")
+                cols = None if (idx.size == size_of(u) and np.array_equal(idx, np.arange(idx.size))) else idx
+                sign = info[k] if what == "residual" else 1.0
+                ops.append(Operand(layer=u.layer, node=a.name, offset=offset, sign=sign, cols=cols, width=width,
+                                   dim=dim))
+                if what == "concat":
+                    offset += width
             scope = _scope(node)
-            layers.append(LayerSpec(name=unique(f"{scope}.cat" if scope else "cat"), kind="concat",
-                                    size=shapes[node.name][1], node=node.name, module=scope or None, operands=ops))
-            ref[node.name] = (len(layers) - 1, 1)
-        else:  # chain or nonlinear: keeps the units of its tensor input
-            targs = _tensor_args(node, shapes)
-            if len(targs) != 1:
-                raise ExtractionError(f"cannot map {_where(node)}: a per-channel op with {len(targs)} tensor inputs")
-            li, _ = source(node, targs[0])
-            ref[node.name] = (li, _check_channels(node, targs[0], shapes, ref))
-            if what == "nonlinear":
-                layers[li].nonlinear.append(str(node.target) if node.op == "call_module" else _where(node))
-            elif info is not None:
-                info.input_node = targs[0].name
-                layers[li].bias_ops.append(info)
+            if what == "residual":
+                base = f"{scope}.{'sub' if info[1] < 0 else 'add'}" if scope else ("sub" if info[1] < 0 else "add")
+                kind = Kind.RESIDUAL
+            else:
+                base, kind = (f"{scope}.cat" if scope else "cat"), Kind.CONCAT
+            layers.append(LayerSpec(name=unique(base), kind=kind, size=shapes[node.name][dim], node=node.name,
+                                    module=scope or None, operands=ops, dim=dim % nd))
+            units[node.name] = Units(len(layers) - 1, (dim % nd,), None)
+        else:  # chain: keeps the units of its data input
+            if isinstance(info, ChainOp) and info.kind == "gate":
+                x = by_name[info.input_node]
+            else:
+                targs = ctx.data_args(node) if node.op != "call_module" else [a for a in node.all_input_nodes if ctx.is_data(a)]
+                if len(targs) != 1:
+                    raise ExtractionError(f"cannot map {_where(node)}: a per-unit op with {len(targs)} data inputs")
+                x = targs[0]
+            u = source(node, x)
+            s_in, s_out = shapes[x.name], shapes[node.name]
+            if len(s_in) != len(s_out) or any(s_in[d] != s_out[d] for d in u.dims) or s_in[0] != s_out[0]:
+                raise ExtractionError(f"{_where(node)} changes the units' dims ({s_in} -> {s_out}) in a way that mixes units")
+            units[node.name] = u
+            if info is not None:
+                info.input_node = x.name
+                layers[u.layer].bias_ops.append(info)
+                from connectome.extract.rules import RULES
+
+                if RULES[info.kind].name:
+                    rules.add(RULES[info.kind].name)
+                if info.kind == "smooth":
+                    layers[u.layer].nonlinear.append(str(node.target) if node.op == "call_module" else _where(node))
 
     if output_node is None:
         raise ExtractionError("the traced model has no output")
@@ -608,32 +940,35 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
             "(wrap the model so that forward returns the logits if that is wrong)", stacklevel=3,
         )
         out = out[0]
-    if not isinstance(out, fx.Node) or out.name not in ref:
+    if not isinstance(out, fx.Node) or out.name not in units:
         raise ExtractionError(
             "the model's output is not a tensor of units (a dict or a tuple of several outputs?); "
             "wrap the model so that forward returns the logits tensor"
         )
-    out_layer, out_group = ref[out.name]
-    if out_group != 1 or len(shapes[out.name]) != 2:
+    ou = units[out.name]
+    if len(shapes[out.name]) != 2 or not (ou.natural and ou.dims == (1,)):
         raise ExtractionError(f"the model's output has shape {shapes[out.name]}; expected (batch, classes)")
+    out_layer = ou.layer
 
-    # The value a unit passes on: follow single-user per-channel ops from the defining node.
-    for spec in layers:
+    def keeps(name: str, layer: int) -> bool:
+        kind = kinds.get(name, ("skip", None))[0]
+        u = units.get(name)
+        return kind in ("chain", "layout") and u is not None and u.layer == layer and u.natural
+
+    # The value a unit passes on: follow single-user per-unit ops from the defining node.
+    for li, spec in enumerate(layers):
         cur = by_name[spec.node]
         chain: list[str] = []
         while True:
             users = [u for u in cur.users if u.op != "output"]
-            if len(users) != 1 or len(cur.users) != 1:
+            if len(users) != 1 or len(cur.users) != 1 or not keeps(users[0].name, li):
                 break
-            u = users[0]
-            kind = kinds.get(u.name, ("skip", None))[0]
-            if kind not in ("chain", "nonlinear") or ref.get(u.name, (None,))[0] != ref[spec.node][0]:
-                break
-            chain.append(u.name)
-            cur = u
+            chain.append(users[0].name)
+            cur = users[0]
         spec.chain = chain
         spec.out_node = cur.name
-    layers[out_layer].out_node = out.name if out.name in [layers[out_layer].node, *layers[out_layer].chain] else layers[out_layer].out_node
+    if out.name in [layers[out_layer].node, *layers[out_layer].chain]:
+        layers[out_layer].out_node = out.name
     # The ops a consumer's read passes through after its source's branch point (a BatchNorm
     # on one branch only, as in pre-activation blocks): they scale that consumer's edges.
     for spec in layers:
@@ -641,14 +976,18 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
             src_out = layers[op.layer].out_node
             cur = by_name[op.node]
             path: list[str] = []
-            while cur.name != src_out and kinds.get(cur.name, ("", None))[0] in ("chain", "nonlinear"):
+            while cur.name != src_out and kinds.get(cur.name, ("", None))[0] in ("chain", "layout"):
                 path.append(cur.name)
-                nxt = _tensor_args(cur, shapes)
+                nxt = [a for a in cur.all_input_nodes if ctx.is_data(a) or a.name in multi]
+                k = kinds[cur.name][1]
+                if isinstance(k, ChainOp) and k.kind == "gate":
+                    nxt = [by_name[k.input_node]]
                 if len(nxt) != 1:
                     break
                 cur = nxt[0]
             op.path = path[::-1]
-    return UnitGraph(gm=gm, layers=layers, ref=ref, output_layer=out_layer, output_node=out.name, shapes=shapes)
+    return UnitGraph(gm=gm, layers=layers, units=units, output_layer=out_layer, output_node=out.name, shapes=shapes,
+                     rules=sorted(rules))
 
 
 def _attr_value(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:

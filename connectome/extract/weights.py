@@ -13,7 +13,9 @@ from connectome.errors import ExtractionError
 from connectome.extract._model import check_model, eval_mode, model_device, model_dtype
 from connectome.extract.build import assemble, graph_layers
 from connectome.extract.trace import LayerSpec, UnitGraph, layer_weight, trace_units
+from connectome.extract.rules import RULES
 from connectome.graph import Connectome
+from connectome.kinds import DENSE, KINDS, Kind
 
 __all__ = ["weights", "chain_scale"]
 
@@ -31,30 +33,62 @@ def _check_shape(input_shape: Any) -> tuple[int, ...]:
 
 
 def chain_scale(ug: UnitGraph, spec: LayerSpec, nodes: Any = None) -> torch.Tensor | None:
-    """Per-unit factor of a layer's per-channel ops (BN scale, x*a) on ``nodes``.
+    """Per-unit factor of a layer's per-unit ops (BN scale, ``x * a``, a layer scale) on ``nodes``.
 
     By default the ops between the layer and the value it passes on; with ``nodes``, the
-    ops on one consumer's read path after the branch point.
+    ops on one consumer's read path after the branch point. Each op's factor comes from its
+    rule (:data:`connectome.extract.rules.RULES`); ops whose factor depends on the data
+    (gates, normalisations, smooth activations) are not folded.
     """
     scale = None
     on_chain = set(spec.chain if nodes is None else nodes)
     for op in spec.bias_ops:
         if op.node not in on_chain:
             continue
-        if op.kind == "bn":
-            s = op.params[0].double().cpu()
-            if s.numel() != spec.size:
-                raise ExtractionError(
-                    f"{op.node!r} normalises {s.numel()} flattened features of the {spec.size} units of layer "
-                    f"{spec.name!r}; a per-position BatchNorm cannot be folded into unit edges (attribution "
-                    "graphs handle it)"
-                )
-        elif op.kind == "scale":
-            s = torch.full((spec.size,), op.params[0], dtype=torch.float64)
-        else:
+        rule = RULES[op.kind]
+        if rule.scale is None:
+            continue
+        s = _per_unit(ug, op, rule.scale(op), spec)
+        if s is None:
             continue
         scale = s if scale is None else scale * s
     return scale
+
+
+def _per_unit(ug: UnitGraph, op: Any, factor: Any, spec: LayerSpec) -> torch.Tensor | None:
+    """A data-independent factor as one number per unit of ``spec`` (None: 1 everywhere)."""
+    if factor is None:
+        return None
+    if not isinstance(factor, torch.Tensor):
+        return torch.full((spec.size,), float(factor), dtype=torch.float64)
+    f = factor.detach().double().cpu()
+    if op.kind == "bn":  # a vector along dim 1: per channel, or per feature of a flattened map
+        if f.numel() != spec.size:
+            raise ExtractionError(
+                f"{op.node!r} normalises {f.numel()} flattened features of the {spec.size} units of layer "
+                f"{spec.name!r}; a per-position BatchNorm cannot be folded into unit edges (attribution "
+                "graphs handle it)"
+            )
+        return f.reshape(-1)
+    shape = ug.shapes[op.node]
+    u = ug.units[op.node]
+    if f.dim() > len(shape):
+        raise ExtractionError(f"{op.node!r} multiplies by a tensor of shape {tuple(f.shape)} that is larger than the data")
+    full = f.reshape((1,) * (len(shape) - f.dim()) + tuple(f.shape)).expand((1, *shape[1:]))
+    if len(u.dims) != 1:
+        return None
+    d = u.dims[0]
+    first = full.narrow(0, 0, 1).movedim(d, 1).reshape(shape[d], -1)
+    if not torch.equal(first, first[:, :1].expand_as(first)):
+        raise ExtractionError(
+            f"{op.node!r} scales positions differently; a per-position factor cannot be folded into unit edges "
+            "(attribution graphs handle it)"
+        )
+    col = first[:, 0]
+    out = torch.ones(spec.size, dtype=torch.float64)
+    idx = torch.arange(shape[d]) if u.index is None else torch.as_tensor(np.asarray(u.index))
+    out[idx] = col
+    return out
 
 
 def weights(
@@ -113,15 +147,15 @@ def weights(
         ug = trace_units(model, example)
         values: dict[int, Any] = {}
         for li, spec in enumerate(ug.layers):
-            if spec.kind == "input":
+            if spec.kind == Kind.INPUT:
                 continue
             scale = chain_scale(ug, spec)
-            if spec.kind in ("conv", "linear"):
+            if KINDS[spec.kind].edges == DENSE:
                 w, _ = layer_weight(ug, spec)
                 op = spec.operands[0]
                 # Reduce in the model's dtype first: a float64 copy of every kernel costs more
                 # than the reduction (the graph stores float32 weights anyway).
-                w = w.detach().reshape(w.shape[0], -1, op.group) if spec.kind == "linear" else w.detach().reshape(w.shape[0], w.shape[1], -1)
+                w = w.detach().reshape(w.shape[0], -1, op.group) if spec.kind == Kind.LINEAR else w.detach().reshape(w.shape[0], w.shape[1], -1)
                 if reduce == "sum":
                     r = w.sum(-1)
                 elif reduce == "l1":
@@ -138,9 +172,11 @@ def weights(
                     r = r * (scale if reduce == "sum" else scale.abs())[:, None]
                 src_scale = chain_scale(ug, ug.layers[op.layer], op.path) if op.path else None
                 if src_scale is not None:
-                    # column c of group k reads source unit k*Cg + c
+                    # column c of group k reads input channel k*Cg + c, which is source unit cols[...]
                     cg = r.shape[1]
                     idx = (torch.arange(r.shape[0]) // (r.shape[0] // spec.groups))[:, None] * cg + torch.arange(cg)[None, :]
+                    if op.cols is not None:
+                        idx = torch.as_tensor(np.asarray(op.cols))[idx]
                     s = src_scale[idx]
                     r = r * (s if reduce == "sum" else s.abs())
                 # rounded to the graph's float32 once, per layer: no float64 copy of every edge
@@ -148,13 +184,15 @@ def weights(
             else:
                 vals = []
                 for op in spec.operands:
-                    n = ug.layers[op.layer].size
+                    n = op.width
                     v = torch.full((n,), op.sign, dtype=torch.float64)
                     if scale is not None:
                         s = scale[op.offset : op.offset + n]
                         v = v * (s if reduce == "sum" else s.abs())
                     src_scale = chain_scale(ug, ug.layers[op.layer], op.path) if op.path else None
                     if src_scale is not None:
+                        if op.cols is not None:
+                            src_scale = src_scale[torch.as_tensor(np.asarray(op.cols))]
                         v = v * (src_scale if reduce == "sum" else src_scale.abs())
                     vals.append(v.numpy())
                 values[li] = vals

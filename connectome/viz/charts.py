@@ -13,7 +13,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from connectome.graph import Connectome
-from connectome.viz import _axes, _category_colors, _empty, _grid
+from connectome.viz._mpl import axes as _axes
+from connectome.viz._mpl import category_colors as _category_colors
+from connectome.viz._mpl import empty as _empty
+from connectome.viz._mpl import grid as _grid
 
 __all__ = [
     "plot_hubs",
@@ -376,7 +379,7 @@ def plot_image_comparison(
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
-    from connectome.viz import _plt
+    from connectome.viz._mpl import pyplot as _plt
 
     fig = _plt().figure(figsize=(width, img_h + bar_h + 0.6), layout="constrained")
     fig.suptitle(title if title is not None else f"{names[0]} vs {names[1]}", fontsize=11)
@@ -488,7 +491,7 @@ def plot_matching(
     """
     from matplotlib.lines import Line2D
 
-    from connectome.viz import _plt
+    from connectome.viz._mpl import pyplot as _plt
 
     labels = [_pair_label(k) for k in correlations]
     data = [_finite(v) for v in correlations.values()]

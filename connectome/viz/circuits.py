@@ -14,7 +14,9 @@ import numpy as np
 
 from connectome.graph import Connectome
 from connectome.io import node_colors, node_sizes
-from connectome.viz import _axes, _category_colors, _empty
+from connectome.viz._mpl import axes as _axes
+from connectome.viz._mpl import category_colors as _category_colors
+from connectome.viz._mpl import empty as _empty
 
 __all__ = ["plot_circuit", "plot_groups"]
 

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from connectome._safety import safe_torch_load
+
 from .shapes import SHAPE_CLASSES
 
 __all__ = [
@@ -207,7 +209,8 @@ def list_models() -> list[str]:
     return list(_REGISTRY)
 
 
-def _check_name(name: str) -> dict[str, Any]:
+def check_name(name: str) -> dict[str, Any]:
+    """The registry entry of shipped model ``name``; a ValueError listing the names if unknown."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; available models: {', '.join(_REGISTRY)}")
     return _REGISTRY[name]
@@ -237,7 +240,7 @@ def build_model(name: str) -> nn.Module:
     >>> type(build_model("smallresnet")).__name__
     'SmallResNet'
     """
-    spec = _check_name(name)
+    spec = check_name(name)
     return _ARCHITECTURES[spec["architecture"]](num_classes=len(SHAPE_CLASSES))
 
 
@@ -270,7 +273,7 @@ def model_info(name: str, *, weights_dir: str | os.PathLike[str] | None = None) 
     >>> model_info("simplecnn_a")["architecture"]
     'SimpleCNN'
     """
-    spec = _check_name(name)
+    spec = check_name(name)
     info: dict[str, Any] = {"name": name, **spec}
     path = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
     meta_path = path / _METADATA_FILE
@@ -316,7 +319,7 @@ def load_model(name: str, *, weights_dir: str | os.PathLike[str] | None = None) 
         raise FileNotFoundError(
             f"no weights for {name!r} at {path}; run connectome.zoo.train_all() to create them"
         )
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = safe_torch_load(path, what="zoo weights")
     model.load_state_dict(state)
     model.eval()
     return model

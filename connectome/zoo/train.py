@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .models import WEIGHTS_DIR, _check_name, build_model, list_models
+from .models import WEIGHTS_DIR, check_name, build_model, list_models
 from .shapes import SHAPE_CLASSES, shapes
 
 __all__ = ["HELDOUT_SEED", "train_model", "evaluate", "train_all"]
@@ -149,7 +149,7 @@ def train_model(
     """
     from tqdm.auto import tqdm
 
-    spec = _check_name(name)
+    spec = check_name(name)
     recipe = _RECIPES[name]
     epochs = recipe["epochs"] if epochs is None else int(epochs)
     seed = spec["seed"] if seed is None else int(seed)
@@ -251,7 +251,7 @@ def train_all(
         seconds = time.perf_counter() - start
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         _atomic_write(out / f"{name}.pt", lambda p, s=state: torch.save(s, p))
-        spec = _check_name(name)
+        spec = check_name(name)
         recipe = _RECIPES[name]
         metadata[name] = {
             "architecture": spec["architecture"],

@@ -283,3 +283,19 @@ def test_neuron_groups_bad_arguments(cat):
         neuron_groups(cat, n_groups=0)
     with pytest.raises(ValueError):
         neuron_groups(cat, max_groups_per_layer=0)
+
+
+def test_top_k_keeps_no_unit_without_flow():
+    # h:2 sends 0 to the target, h:3 only feeds the other logit; in:2 only feeds h:2 and h:3.
+    g = flow_graph(
+        [("in", "input", 3), ("h", "linear", 4), ("logits", "output", 2)],
+        [("in:0", "h:0", 2.0), ("in:1", "h:1", -1.0), ("in:2", "h:2", 1.0), ("in:2", "h:3", 1.0),
+         ("h:0", "logits:0", 2.0), ("h:1", "logits:0", -1.0), ("h:2", "logits:0", 0.0), ("h:3", "logits:1", 1.0)],
+        meta={"target_class": 0},
+    )
+    assert g.weight[(g.src == g.index_of("h:2")) & (g.dst == g.index_of("logits:0"))].tolist() == [0.0]
+    c = circuit(g, top_k=4)
+    assert c.node_ids.tolist() == ["in:0", "in:1", "h:0", "h:1", "logits:0"]
+    assert c.meta["circuit"]["sizes"] == {"in": 2, "h": 2, "logits": 1}
+    assert (c.node_attr("circuit_flow") > 0).all()
+    assert c.node_ids.tolist() == circuit(g, mass=1.0).node_ids.tolist()

@@ -263,3 +263,19 @@ def test_hub_roles_accept_a_partition_and_label_every_unit(g):
     assert set(r["role"]) <= {"connector hub", "provincial hub", "connector", "peripheral"}
     with pytest.raises(ConnectomeError, match="shape"):
         hub_roles(g, p.membership[:-1])
+
+
+def test_significance_z_against_the_null_values_themselves(g):
+    s = significance(g, n=5, kind="rewire", seed=3, measures=["rich_club", "motifs"])
+    nulls = null_models(g, "rewire", n=5, seed=3)
+    spread = 0
+    for x in s:
+        # the null values are the measure on the null models (not derived from the summary)
+        expect = [rich_club(h, s.rich_club_k) if x.name == "rich_club" else motif_counts(h)[x.name] for h in nulls]
+        np.testing.assert_allclose(x.null_values, expect, rtol=1e-12, err_msg=x.name)
+        assert x.null_mean == pytest.approx(np.mean(expect), rel=1e-12)
+        assert x.null_std == pytest.approx(np.std(expect, ddof=1), rel=1e-12)  # the sample std, as documented
+        if x.null_std > 0:
+            spread += 1
+            assert x.z == pytest.approx((x.observed - np.mean(expect)) / np.std(expect, ddof=1), rel=1e-12)
+    assert spread >= 2  # else ddof would not matter

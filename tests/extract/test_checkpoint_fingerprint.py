@@ -76,3 +76,22 @@ def test_callable_objects_and_globals_are_told_apart():
     f = lambda logits: helper(logits)  # noqa: E731 - captures an object whose repr has an address
     g = lambda logits: helper(logits)  # noqa: E731
     assert _target_fingerprint(f) == _target_fingerprint(g)
+
+
+def test_other_batchnorm_statistics_are_refused(tmp_path):
+    # Same parameters, other running statistics (buffers): another model's flows.
+    def model(mean: float) -> nn.Module:
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 9)).eval()
+        with torch.no_grad():
+            m[1].running_mean.fill_(mean)
+        return m
+
+    a, b = model(0.0), model(0.5)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    kw = dict(checkpoint=tmp_path / "ck", checkpoint_every=1, batch_size=2, progress=False, device="cpu")
+    cn.extract.attribution(a, (x, y), **kw)
+    with pytest.raises(ConnectomeError, match="different arguments: model weights"):
+        cn.extract.attribution(b, (x, y), **kw)

@@ -11,18 +11,22 @@ import torch.nn as nn
 
 from connectome.extract.build import assemble, graph_layers
 from connectome.extract.trace import trace_units
+from connectome.kinds import DENSE, IDENTITY, KINDS
 
 
 class _Mixed(nn.Module):
     """Grouped conv, a concat whose operands come in reverse layer order, ``x + x`` (parallel
-    edges), a subtraction, and a Linear over flattened positions (several positions per unit)."""
+    edges), a subtraction, a channel shuffle and a split feeding convs (blocks that read
+    permuted or selected units), and a Linear over flattened positions."""
 
     def __init__(self) -> None:
         super().__init__()
         self.a = nn.Conv2d(3, 4, 3, padding=1)
         self.b = nn.Conv2d(4, 6, 3, padding=1, groups=2)
         self.c = nn.Conv2d(6, 4, 1)
-        self.fc = nn.Linear(14 * 2 * 2, 5)
+        self.s = nn.Conv2d(6, 6, 1, groups=2)
+        self.h = nn.Conv2d(3, 2, 1)
+        self.fc = nn.Linear(16 * 2 * 2, 5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = torch.relu(self.a(x))
@@ -30,7 +34,11 @@ class _Mixed(nn.Module):
         cat = torch.cat([b, a], 1)  # b's layer comes after a's
         c = self.c(b)
         r = c + c - a
-        h = torch.cat([r, cat], 1)
+        n, ch, hh, ww = b.shape
+        shuffled = b.reshape(n, 2, ch // 2, hh, ww).transpose(1, 2).reshape(n, ch, hh, ww)  # channel shuffle
+        s = torch.relu(self.s(shuffled))
+        half = self.h(s.chunk(2, dim=1)[1])  # reads units 3..5 of s only
+        h = torch.cat([r, cat, half], 1)
         return self.fc(nn.functional.adaptive_avg_pool2d(h, 2).flatten(1))
 
 
@@ -40,21 +48,21 @@ def _reference(ug, values, extra):
     sizes = [s.size for s in ug.layers]
     off = np.concatenate([[0], np.cumsum(sizes)])
     rows = []
+    unit = lambda op, c: c if op.cols is None else int(op.cols[c])  # noqa: E731
     for li, spec in enumerate(ug.layers):
-        if spec.kind == "input":
-            continue
-        if spec.kind in ("conv", "linear"):
+        if KINDS[spec.kind].edges == DENSE:
+            op = spec.operands[0]
             vals = values[li]
             o, cg = vals.shape
             og = o // spec.groups
             for j in range(o):
                 for c in range(cg):
-                    src = off[spec.operands[0].layer] + (j // og) * cg + c
+                    src = off[op.layer] + unit(op, (j // og) * cg + c)
                     rows.append((off[li] + j, src, vals[j, c], *(per[li][j, c] for per in extra.values())))
-        else:
+        elif KINDS[spec.kind].edges == IDENTITY:
             for oi, op in enumerate(spec.operands):
                 for c, v in enumerate(values[li][oi]):
-                    rows.append((off[li] + op.offset + c, off[op.layer] + c, v,
+                    rows.append((off[li] + op.offset + c, off[op.layer] + unit(op, c), v,
                                  *(per[li][oi][c] for per in extra.values())))
     merged: dict[tuple[int, int], np.ndarray] = {}
     for d, s, *vs in rows:
@@ -67,11 +75,12 @@ def _reference(ug, values, extra):
 def _values(ug, rng):
     values = {}
     for li, spec in enumerate(ug.layers):
-        if spec.kind in ("conv", "linear"):
-            src = ug.layers[spec.operands[0].layer].size
-            values[li] = rng.standard_normal((spec.size, src // spec.groups))
-        elif spec.kind != "input":
-            values[li] = [rng.standard_normal(ug.layers[op.layer].size) for op in spec.operands]
+        if KINDS[spec.kind].edges == DENSE:
+            op = spec.operands[0]
+            width = ug.layers[op.layer].size if op.cols is None else len(op.cols)
+            values[li] = rng.standard_normal((spec.size, width // spec.groups))
+        elif KINDS[spec.kind].edges == IDENTITY:
+            values[li] = [rng.standard_normal(op.width) for op in spec.operands]
     return values
 
 
@@ -83,6 +92,7 @@ def test_assemble_matches_the_slow_build(dtype):
     kinds = {s.kind for s in ug.layers}
     assert {"conv", "linear", "residual", "concat"} <= kinds
     assert any(s.groups > 1 for s in ug.layers if s.kind == "conv")
+    assert any(s.operands[0].cols is not None for s in ug.layers if s.kind == "conv"), "a block reads permuted units"
     rng = np.random.default_rng(1)
     values = _values(ug, rng)
     absv = {li: (np.abs(v) if isinstance(v, np.ndarray) else [np.abs(u) for u in v]) for li, v in values.items()}

@@ -71,7 +71,9 @@ def test_constant_padding_value_is_a_bias_term():
     _assert_exact(_flows(m, torch.randn(3, 3, 8, 8), 3))
 
 
-def test_channel_permutation_by_indexing_is_refused():
+def test_channel_permutation_by_indexing_maps_units():
+    # once refused; a permutation of channels is a permutation of units: input channel c of
+    # conv b is unit perm[c] of conv a
     class Shuffle(nn.Module):
         def __init__(self):
             super().__init__()
@@ -81,8 +83,21 @@ def test_channel_permutation_by_indexing_is_refused():
         def forward(self, x):
             return self.fc(self.b(F.relu(self.a(x))[:, self.perm]).mean((2, 3)))
 
-    with pytest.raises(ExtractionError, match="reorders channels"):
-        cn.extract.weights(Shuffle(), (3, 8, 8))
+    torch.manual_seed(0)
+    m = Shuffle()
+    g = cn.extract.weights(m, (3, 8, 8))
+    W = m.b.weight.detach().double().sum((2, 3)).numpy()
+    perm = m.perm.tolist()
+    for j in range(4):
+        for c in range(4):
+            e = g.edge_weight(f"a:{perm[c]}", f"b:{j}") if hasattr(g, "edge_weight") else None
+            if e is None:
+                src, dst, w = g.edge_arrays()
+                ids = list(g.node_ids)
+                hit = (src == ids.index(f"a:{perm[c]}")) & (dst == ids.index(f"b:{j}"))
+                e = float(w[hit].sum())
+            assert e == pytest.approx(W[j, c], rel=1e-6)
+    _assert_exact(_flows(m, torch.randn(3, 3, 8, 8), 2))
 
 
 def test_spatial_slicing_keeps_units():

@@ -387,7 +387,7 @@ class Shared(nn.Module):
         (Shared(), (2, 4, 4), "module 'c' is called twice"),
         (nn.Sequential(nn.Conv1d(2, 3, 1), nn.Flatten(), nn.Linear(12, 2)), (2, 4), "Conv1d layers are not supported"),
         (nn.Sequential(nn.Conv2d(2, 3, 1), nn.Softmax(dim=1), nn.Flatten(), nn.Linear(12, 2)), (2, 2, 2),
-         "Softmax is not a per-channel op"),
+         "Softmax mixes units.*attention rule"),
         (nn.Sequential(nn.Conv2d(2, 3, 1)), (2, 2, 2), "expected \\(batch, classes\\)"),
     ],
 )
@@ -469,3 +469,59 @@ class Twice(nn.Module):
 def test_tensor_added_to_itself():
     g = weights(Twice(), (2, 4, 4))
     np.testing.assert_array_equal(np.diag(edges_of(g, "c", "add")), 2.0)
+
+
+class BranchBN(nn.Module):
+    """``c0``'s output has three readers: a BatchNorm then a grouped conv, a 1x1 conv, and a
+    BatchNorm straight into a concat; a BatchNorm follows the concat."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0 = nn.Conv2d(2, 4, 3, padding=1)
+        self.bn_g = nn.BatchNorm2d(4)
+        self.g = nn.Conv2d(4, 4, 3, padding=1, groups=2)
+        self.c1 = nn.Conv2d(4, 2, 1)
+        self.bn_d = nn.BatchNorm2d(4)
+        self.bn_cat = nn.BatchNorm2d(10)
+        self.fc = nn.Linear(10, 3)
+
+    def forward(self, x):
+        a = self.c0(x)
+        y = torch.cat([self.g(self.bn_g(a)), self.c1(a), self.bn_d(a)], dim=1)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(F.relu(self.bn_cat(y)), 1), 1))
+
+
+@pytest.mark.parametrize("reduce", ["sum", "l1", "l2"])
+def test_batchnorm_on_branches_grouped_conv_and_concat_by_hand(reduce):
+    m = seeded(BranchBN(), seed=5)
+    with torch.no_grad():  # gammas of both signs in every BatchNorm
+        for bn in (m.bn_g, m.bn_d, m.bn_cat):
+            bn.weight.copy_(bn.weight.abs() * torch.tensor([1.0, -1.0]).repeat(bn.num_features // 2))
+    g = weights(m, (2, 5, 5), reduce=reduce)
+
+    def kernel(conv: nn.Module) -> np.ndarray:  # (out, in per group): the kernel reduced as `reduce` says
+        w = conv.weight.detach().double().flatten(2)
+        return {"sum": w.sum(-1), "l1": w.abs().sum(-1), "l2": w.pow(2).sum(-1).sqrt()}[reduce].numpy()
+
+    def scale(bn: nn.Module) -> np.ndarray:  # gamma / sqrt(var + eps); |.| unless the reduction is signed
+        s = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().double().numpy()
+        return s if reduce == "sum" else np.abs(s)
+
+    nan = np.nan
+    s_g, s_d, s_cat = scale(m.bn_g), scale(m.bn_d), scale(m.bn_cat)
+    np.testing.assert_allclose(edges_of(g, "input", "c0"), kernel(m.c0), rtol=1e-5, atol=1e-5)
+    # Grouped conv: output j (group j // 2) reads c0 units 2 * (j // 2) + c, each scaled by bn_g.
+    K = kernel(m.g)
+    expect_g = np.array([[K[j, i % 2] * s_g[i] if i // 2 == j // 2 else nan for i in range(4)] for j in range(4)])
+    np.testing.assert_allclose(edges_of(g, "c0", "g"), expect_g, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(edges_of(g, "c0", "c1"), kernel(m.c1), rtol=1e-5, atol=1e-5)
+    # Concat: operands at offsets 0 (g), 4 (c1), 6 (c0 through bn_d), each scaled by bn_cat's
+    # channels at its own offset.
+    for src, offset, n, extra in (("g", 0, 4, 1.0), ("c1", 4, 2, 1.0), ("c0", 6, 4, s_d)):
+        expect = np.full((10, n), nan)
+        expect[offset + np.arange(n), np.arange(n)] = s_cat[offset : offset + n] * extra
+        np.testing.assert_allclose(edges_of(g, src, "cat"), expect, rtol=1e-6, err_msg=src)
+    fc = m.fc.weight.detach().double().numpy()
+    np.testing.assert_allclose(edges_of(g, "cat", "logits"), fc if reduce == "sum" else np.abs(fc), rtol=1e-6)
+    if reduce != "sum":
+        assert (g.weight >= 0).all()

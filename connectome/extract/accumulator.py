@@ -1,0 +1,574 @@
+"""The flow accumulator: runs batches through a traced model and sums flows on the device.
+
+It owns its state: every field is declared once with :meth:`FlowAccumulator.add_state`
+together with how it combines across processes (``"sum"`` or ``"max"``), as torchmetrics'
+``Metric.add_state(..., dist_reduce_fx=)`` does; :meth:`state_dict`,
+:meth:`load_state_dict` and :meth:`tensors` iterate over that record, so checkpoints and
+``all_reduce`` (:mod:`connectome.extract.distributed`) never list the fields.
+
+Flows (see :mod:`connectome.extract.flow` for the method): for every conv/linear layer
+``W * dT/dW`` reduced over the kernel; for identity edges ``x * dT/dx`` of the operand; per
+node ``A * dT/dA`` at the value it passes on, and the bias terms: the bias of the layer, and
+the constant part of every per-unit op (:mod:`connectome.extract.rules`), so that
+``sum(in E) + bias_attribution == attribution == sum(out E)`` at every unit.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from connectome.errors import BadFileError, ConnectomeError, DataError
+from connectome.extract._model import no_inplace
+from connectome.extract.build import assemble, graph_layers
+from connectome.extract.rules import RULES, ChainOp, RunContext
+from connectome.extract.trace import LayerSpec, UnitGraph, Units, run_nodes
+from connectome.graph import Connectome
+from connectome.kinds import DENSE, IDENTITY, KINDS, Kind
+
+__all__ = ["FlowAccumulator", "edge_shapes"]
+
+# Positional index of the `inplace` argument of functional ops, to switch it off.
+_INPLACE_POS = {F.relu: 1, F.relu6: 1, F.hardtanh: 3, F.leaky_relu: 2, F.dropout: 3, F.elu: 2,
+                F.silu: 1, F.hardswish: 1, F.hardsigmoid: 1, F.selu: 1, F.celu: 2, F.mish: 1}
+_PER_SAMPLE_BUDGET = 1 << 26  # elements of scratch per chunk (~256 MB in float32)
+_REDUCTIONS = ("sum", "max")
+
+
+def edge_shapes(ug: UnitGraph) -> list[Any]:
+    """Per layer, the shape of its edge values: ``(out, in_per_group)`` for dense layers, a list
+    of ``(width,)`` per operand for identity layers, None for the input. The one place this
+    rule lives (accumulators, checkpoints and graph building read it)."""
+    out: list[Any] = []
+    for s in ug.layers:
+        edges = KINDS[s.kind].edges if s.kind in KINDS else None
+        if edges == DENSE:
+            op = s.operands[0]
+            out.append((s.size, op.width // s.groups if s.kind == Kind.CONV else op.width))
+        elif edges == IDENTITY:
+            out.append([(op.width,) for op in s.operands])
+        else:
+            out.append(None)
+    return out
+
+
+class _View:
+    """How to sum a node's value per unit: move its unit dims next to the batch, then index."""
+
+    def __init__(self, u: Units, layer_size: int, device: torch.device):
+        self.dims, self.size = u.dims, layer_size
+        self.natural1 = u.dims == (1,) and u.index is None
+        self.index = None
+        if u.dims == ():
+            self.index = torch.full((1,), int(np.asarray(u.index)), dtype=torch.long, device=device)
+        elif u.index is not None:
+            self.index = torch.as_tensor(np.asarray(u.index).reshape(-1), dtype=torch.long, device=device)
+
+    def _rows(self, t: torch.Tensor) -> torch.Tensor:
+        """(N, K, P): K unit slots (channels), P positions."""
+        n = t.shape[0]
+        if self.natural1:
+            return t.reshape(n, self.size, -1)
+        if self.dims == ():
+            return t.reshape(n, 1, -1)
+        t = t.movedim(self.dims, tuple(range(1, 1 + len(self.dims))))
+        k = math.prod(t.shape[1 : 1 + len(self.dims)])
+        return t.reshape(n, k, -1)
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over batch and positions per unit of the layer: (L,) float64.
+
+        The reduction runs in the tensor's own dtype (a float64 reduction of a float32 tensor is
+        several times slower on CPUs; torch's cascade summation keeps float32 sums to ~1e-7
+        relative) and only the per-unit result is widened for accumulation.
+        """
+        s = self._rows(t).sum(dim=(0, 2)).double()
+        if self.index is None:
+            return s
+        return torch.zeros(self.size, dtype=torch.float64, device=s.device).index_add_(0, self.index, s)
+
+    def per_image_mean(self, t: torch.Tensor) -> torch.Tensor:
+        return self._rows(t).mean(-1).double()
+
+
+class FlowAccumulator:
+    """Runs batches through a traced model and accumulates flows on the device.
+
+    Everything stays on the device in float64 until :meth:`to_graph`: no host sync in the
+    batch loop. Usable directly for custom loops; to combine accumulators of several
+    processes use :func:`connectome.extract.distributed.all_reduce_accumulator`.
+    """
+
+    def __init__(self, ug: UnitGraph, device: torch.device, dtype: torch.dtype, per_sample: bool = False,
+                 amp: bool = False):
+        self.ug, self.device, self.dtype = ug, device, dtype
+        self.per_sample, self.amp = per_sample, amp
+        self.modules = dict(ug.gm.named_modules())
+        self.spec_of = {s.node: (i, s) for i, s in enumerate(ug.layers)}
+        self.rule_ops: dict[str, ChainOp] = {op.node: op for s in ug.layers for op in s.bias_ops
+                                             if RULES[op.kind].forward is not None or op.kind == "gate"}
+        keep: set[str] = set()
+        grad: list[str] = []
+        for li, s in enumerate(ug.layers):
+            if s.kind != Kind.INPUT:
+                keep.add(s.out_node)
+                grad.append(s.out_node)
+            if KINDS[s.kind].edges == IDENTITY:
+                keep.add(s.node)
+                grad.append(s.node)
+                keep.update(op.node for op in s.operands)
+            if KINDS[s.kind].edges == DENSE and per_sample:
+                keep.add(s.node)
+                grad.append(s.node)
+                keep.add(s.operands[0].node)
+            for op in s.bias_ops:
+                if RULES[op.kind].constant is not None:
+                    keep.add(op.node)
+                    grad.append(op.node)
+                if op.kind in ("clamp", "pad"):
+                    keep.add(op.input_node)
+        self.keep = keep
+        self.grad_nodes = list(dict.fromkeys(grad))
+        self._views: dict[str, _View] = {}
+        self._states: dict[str, str] = {}
+        self._shapes = edge_shapes(ug)
+        z = lambda n: torch.zeros(n, dtype=torch.float64, device=device)  # noqa: E731
+
+        def edge_zeros() -> list[Any]:
+            return [None if sh is None else ([z(w) for w in sh] if isinstance(sh, list) else z(sh))
+                    for sh in self._shapes]
+
+        self.add_state("edges", edge_zeros(), "sum")
+        if per_sample:
+            self.add_state("abs_edges", edge_zeros(), "sum")
+        for name in ("attr", "bias", "act_sum", "act_sq", "active"):
+            self.add_state(name, [z(s.size) for s in ug.layers], "sum")
+        self.add_state("act_max", [torch.full((s.size,), -math.inf, dtype=torch.float64, device=device)
+                                   for s in ug.layers], "max")
+        self.add_state("target_total", z(1), "sum")
+        self.n_images = 0
+
+    # ------------------------------------------------------------------ state
+    def add_state(self, name: str, default: Any, reduce: str) -> None:
+        """Declare a field: a tensor, or a (nested) list of tensors, and how processes combine it."""
+        if reduce not in _REDUCTIONS:
+            raise ValueError(f"reduce must be one of {_REDUCTIONS}, got {reduce!r}")
+        self._states[name] = reduce
+        setattr(self, name, default)
+
+    def tensors(self, reduce: str) -> list[torch.Tensor]:
+        """Every state tensor combined by ``reduce``, flattened in declaration order."""
+        out: list[torch.Tensor] = []
+
+        def walk(v: Any) -> None:
+            if isinstance(v, torch.Tensor):
+                out.append(v)
+            elif isinstance(v, list):
+                for x in v:
+                    walk(x)
+
+        for name, r in self._states.items():
+            if r == reduce:
+                walk(getattr(self, name))
+        return out
+
+    def state(self) -> list[torch.Tensor]:
+        """The summed accumulators as a flat list of tensors (kept for callers of old)."""
+        return self.tensors("sum")
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every field as CPU tensors (nested lists kept), with ``n_images`` and the input shape."""
+        def cpu(v: Any) -> Any:
+            if isinstance(v, torch.Tensor):
+                return v.detach().to("cpu", copy=True)
+            if isinstance(v, list):
+                return [cpu(x) for x in v]
+            return v
+
+        out = {name: cpu(getattr(self, name)) for name in self._states}
+        out["n_images"] = int(self.n_images)
+        # to trace the model again on a resume without decoding an image
+        out["input_shape"] = [int(v) for v in self.ug.shapes.get(self.ug.layers[0].node, ())]
+        return out
+
+    def load_state_dict(self, state: dict[str, Any], path: str | Path = "?") -> None:
+        """Load saved fields into this (fresh) accumulator of the same model, checking every shape.
+
+        Raises
+        ------
+        BadFileError
+            A field is missing or has another structure, dtype or shape (another model).
+        """
+        def bad(what: str) -> BadFileError:
+            return BadFileError(f"checkpoint {str(path)!r} does not fit the model ({what}); delete it to start over")
+
+        def take(saved: Any, like: Any, what: str) -> Any:
+            if like is None:
+                if saved is not None:
+                    raise bad(what)
+                return None
+            if isinstance(like, list):
+                if not isinstance(saved, list) or len(saved) != len(like):
+                    raise bad(f"{what}: {len(saved) if isinstance(saved, list) else '?'} parts, the model has {len(like)}")
+                return [take(s, l, f"{what}[{i}]") for i, (s, l) in enumerate(zip(saved, like))]
+            if not isinstance(saved, torch.Tensor) or saved.dtype != torch.float64 or saved.shape != like.shape:
+                raise bad(what)
+            return saved.to(self.device)
+
+        if not isinstance(state, dict):
+            raise bad("not a dict of sums")
+        try:
+            loaded = {name: take(state[name], getattr(self, name), name) for name in self._states}
+            n = state["n_images"]
+        except KeyError as exc:
+            raise bad(f"missing entry {exc}") from None
+        if not isinstance(n, int) or n < 0:
+            raise bad("n_images")
+        for name, v in loaded.items():
+            setattr(self, name, v)
+        self.n_images = n
+
+    # ------------------------------------------------------------------ running
+    def _view(self, node: str) -> _View:
+        v = self._views.get(node)
+        if v is None:
+            u = self.ug.units[node]
+            v = self._views[node] = _View(u, self.ug.layers[u.layer].size, self.device)
+        return v
+
+    def _override(self, leaves: dict[int, tuple[torch.Tensor, torch.Tensor | None]], ctx: RunContext):
+        spec_of, modules, rule_ops = self.spec_of, self.modules, self.rule_ops
+
+        def run_plain(node: fx.Node, args: list[Any], kwargs: dict[str, Any]) -> Any:
+            # Saved values must not be overwritten: run in-place ops out of place.
+            if node.op == "call_module":
+                return modules[node.target](*args, **kwargs)
+            if node.op == "call_function":
+                if kwargs.get("inplace"):
+                    kwargs = {**kwargs, "inplace": False}
+                pos = _INPLACE_POS.get(node.target)
+                if pos is not None and len(args) > pos and args[pos] is True:
+                    args = list(args)
+                    args[pos] = False
+                return node.target(*args, **kwargs)
+            name = node.target
+            if name.endswith("_") and not name.startswith("_"):
+                name = name[:-1]
+            return getattr(args[0], name)(*args[1:], **kwargs)
+
+        def override(node: fx.Node, args: list[Any], kwargs: dict[str, Any]) -> Any:
+            hit = spec_of.get(node.name)
+            if hit is not None and KINDS[hit[1].kind].edges == DENSE:
+                li, spec = hit
+                if node.op == "call_module":
+                    m = modules[node.target]
+                    w = m.weight.detach().requires_grad_(True)
+                    b = m.bias.detach().requires_grad_(True) if m.bias is not None else None
+                    leaves[li] = (w, b)
+                    if isinstance(m, nn.Conv2d):
+                        return m._conv_forward(args[0], w, b)
+                    return F.linear(args[0], w, b)
+                args = list(args)
+                kwargs = dict(kwargs)
+                if len(args) > 1:
+                    args[1] = args[1].detach().requires_grad_(True)
+                    w = args[1]
+                else:
+                    kwargs["weight"] = kwargs["weight"].detach().requires_grad_(True)
+                    w = kwargs["weight"]
+                b = None
+                if len(args) > 2 and isinstance(args[2], torch.Tensor):
+                    args[2] = args[2].detach().requires_grad_(True)
+                    b = args[2]
+                elif isinstance(kwargs.get("bias"), torch.Tensor):
+                    kwargs["bias"] = kwargs["bias"].detach().requires_grad_(True)
+                    b = kwargs["bias"]
+                leaves[li] = (w, b)
+                return node.target(*args, **kwargs)
+            op = rule_ops.get(node.name)
+            if op is not None:
+                if op.kind == "gate":
+                    # signal takes all: the gate's value is used, its gradient is not
+                    gate = op.params[0]
+                    args = [a.detach() if isinstance(n, fx.Node) and n.name == gate else a
+                            for a, n in zip(args, node.args)] + list(args[len(node.args):])
+                    kwargs = {k: (v.detach() if isinstance(node.kwargs.get(k), fx.Node) and node.kwargs[k].name == gate
+                                  else v) for k, v in kwargs.items()}
+                    return run_plain(node, args, kwargs)
+                x = ctx.kept_input(op, node, args, kwargs)
+                y = run_plain(node, args, kwargs)
+                return RULES[op.kind].forward(op, x, y, ctx)
+            if node.op == "call_function" and (kwargs.get("inplace") or (
+                    _INPLACE_POS.get(node.target) is not None and len(args) > _INPLACE_POS[node.target]
+                    and args[_INPLACE_POS[node.target]] is True)):
+                return run_plain(node, args, kwargs)
+            if node.op == "call_method" and isinstance(node.target, str) and node.target.endswith("_") \
+                    and not node.target.startswith("_"):
+                return run_plain(node, args, kwargs)
+            return NotImplemented
+
+        return override
+
+    def step(self, x: torch.Tensor, target_fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Accumulate the flows of one batch of images ``x`` for the targets ``target_fn(logits)``."""
+        ug = self.ug
+        x = x.to(self.device, dtype=self.dtype, non_blocking=True).detach().requires_grad_(True)
+        leaves: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        ctx = _Run(kept={}, stash={})
+        amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.amp else nullcontext()
+        # In-place activations would overwrite the values kept for the flows.
+        with torch.enable_grad(), no_inplace(ug.gm):
+            with amp:
+                out, kept = run_nodes(ug.gm, (x,), override=self._override(leaves, ctx), keep=self.keep)
+            logits = out[0] if isinstance(out, (tuple, list)) else out
+            t = target_fn(logits)
+            if t.shape != (logits.shape[0],):
+                raise ConnectomeError(
+                    f"the target must give one value per image, shape ({logits.shape[0]},); got {tuple(t.shape)}"
+                )
+            total = t.sum()
+        ctx.kept = kept
+        wrt: list[torch.Tensor] = [x]
+        slots: list[tuple[str, Any]] = [("input", None)]
+        for li, (w, b) in leaves.items():
+            wrt.append(w)
+            slots.append(("w", li))
+            if b is not None:
+                wrt.append(b)
+                slots.append(("b", li))
+        for name in self.grad_nodes:
+            v = kept.get(name)
+            if isinstance(v, torch.Tensor) and v.requires_grad:
+                wrt.append(v)
+                slots.append(("node", name))
+        grads = torch.autograd.grad(total, wrt, allow_unused=True)
+        g_node: dict[str, torch.Tensor] = {}
+        g_x = None
+        with torch.no_grad():
+            for (kind, key), tensor, gr in zip(slots, wrt, grads):
+                if gr is None:
+                    continue
+                if kind == "input":
+                    g_x = gr
+                elif kind == "w":
+                    spec = ug.layers[key]
+                    prod = tensor * gr
+                    if spec.kind == Kind.LINEAR:
+                        e = prod.reshape(prod.shape[0], -1, spec.operands[0].group).sum(-1).double()
+                    else:
+                        e = prod.reshape(prod.shape[0], prod.shape[1], -1).sum(-1).double()
+                    self.edges[key] += e
+                elif kind == "b":
+                    self.bias[key] += tensor.double() * gr.double()
+                else:
+                    g_node[key] = gr
+            self._nodes(x, g_x, kept, g_node, ctx)
+            self.target_total += t.detach().sum(dtype=torch.float64)
+            self.n_images += int(x.shape[0])
+
+    def _nodes(self, x: torch.Tensor, g_x: torch.Tensor | None, kept: dict[str, Any], g: dict[str, torch.Tensor],
+               ctx: RunContext) -> None:
+        ug = self.ug
+        for li, s in enumerate(ug.layers):
+            node = s.node if s.kind == Kind.INPUT else s.out_node
+            A = x if s.kind == Kind.INPUT else kept[s.out_node]
+            gA = g_x if s.kind == Kind.INPUT else g.get(s.out_node)
+            view = self._view(node)
+            if gA is not None:
+                self.attr[li] += view.sum(A * gA)
+            # activation statistics: spatial mean per image
+            m = view.per_image_mean(A.detach())
+            self.act_sum[li] += m.sum(0)
+            self.act_sq[li] += (m * m).sum(0)
+            self.act_max[li] = torch.maximum(self.act_max[li], m.max(0).values)
+            self.active[li] += (m > 0).sum(0, dtype=torch.float64)
+            on_chain = set(s.chain)
+            for op in s.bias_ops:
+                rule = RULES[op.kind]
+                gv = g.get(op.node)
+                if gv is None or rule.constant is None:
+                    continue
+                c = rule.constant(op, ctx, gv)
+                if c is None:
+                    continue
+                if isinstance(c, torch.Tensor):
+                    term = self._view(op.node).sum(c.to(gv.device, gv.dtype) * gv)
+                else:
+                    term = float(c) * self._view(op.node).sum(gv)
+                self.bias[li] += term
+                if op.node not in on_chain:
+                    # Constant parts after the unit's branch point reach its consumers too.
+                    self.attr[li] += term
+            edges = KINDS[s.kind].edges
+            if edges == IDENTITY:
+                go = g.get(s.node)
+                if go is None:
+                    continue
+                vals, absv = [], []
+                for op in s.operands:
+                    xo = kept[op.node]
+                    gs = go.narrow(op.dim, op.offset, op.width) if s.kind == Kind.CONCAT else go
+                    prod = (xo * gs).movedim(op.dim, 1)
+                    per = prod.reshape(prod.shape[0], op.width, -1).sum(2).double()
+                    if op.sign != 1.0:  # the subtracted operand of a residual `a - b`
+                        per = per * op.sign
+                    vals.append(per.sum(0))
+                    absv.append(per.abs().sum(0))
+                self.edges[li] = [a + b for a, b in zip(self.edges[li], vals)]
+                if self.per_sample:
+                    self.abs_edges[li] = [a + b for a, b in zip(self.abs_edges[li], absv)]
+            elif edges == DENSE and self.per_sample:
+                gz = g.get(s.node)
+                if gz is not None:
+                    self.abs_edges[li] += self._per_sample_abs(li, s, kept[s.operands[0].node], gz)
+
+    def _weight(self, s: LayerSpec) -> torch.Tensor:
+        from connectome.extract.trace import layer_weight
+
+        cache = self.__dict__.setdefault("_weights", {})
+        if s.name not in cache:  # looked up once per run, not per batch
+            w, _ = layer_weight(self.ug, s)
+            cache[s.name] = w.detach().to(self.device)
+        return cache[s.name]
+
+    def _per_sample_abs(self, li: int, s: LayerSpec, x: torch.Tensor, gz: torch.Tensor) -> torch.Tensor:
+        """sum over images of |E_n| for a conv/linear layer, chunked to bound memory."""
+        w = self._weight(s).to(gz.dtype)
+        n = x.shape[0]
+        x = x.to(gz.dtype)
+        if s.kind == Kind.LINEAR:
+            grp = s.operands[0].group
+            o = w.shape[0]
+            c = w.shape[1] // grp
+            wv = w.reshape(o, c, grp)
+            # positions of a channels-last or token tensor are summed like a conv's
+            p = max(1, x[:1].numel() // (c * grp))
+            per = max(1, _PER_SAMPLE_BUDGET // max(1, o * c * p))
+            out = torch.zeros(o, c, dtype=torch.float64, device=self.device)
+            for a in range(0, n, per):
+                xs = x[a : a + per].reshape(-1, p, c, grp)
+                gs = gz[a : a + per].reshape(-1, p, o)
+                e = torch.einsum("npcs,ocs,npo->noc", xs, wv, gs)
+                out += e.abs().sum(0, dtype=torch.float64)
+            return out
+        call = s.call
+        groups = call["groups"]
+        k = tuple(call["kernel_size"])
+        pad, stride, dil = call["padding"], call["stride"], call["dilation"]
+        if call.get("padding_mode", "zeros") != "zeros" or isinstance(pad, str):
+            x, pad = _explicit_pad(x, call, k)
+        o, cg = w.shape[0], w.shape[1]
+        og = o // groups
+        K = int(np.prod(k))
+        L = gz.shape[2] * gz.shape[3]
+        per_img = o * cg * K + x.shape[1] * K * L
+        per = max(1, _PER_SAMPLE_BUDGET // per_img)
+        wv = w.reshape(groups, og, cg, K)
+        out = torch.zeros(groups, og, cg, dtype=torch.float64, device=self.device)
+        for a in range(0, n, per):
+            xs = x[a : a + per]
+            b = xs.shape[0]
+            if K == 1 and _is_zero(pad):
+                # a 1x1 conv reads each position once: strided view instead of an im2col copy
+                st = (stride, stride) if isinstance(stride, int) else tuple(stride)
+                U = xs[:, :, :: st[0], :: st[1]].reshape(b, groups, cg, L)
+            else:
+                U = F.unfold(xs, k, dilation=dil, padding=pad, stride=stride).reshape(b, groups, cg * K, L)
+            G = gz[a : a + per].reshape(b, groups, og, L)
+            P = torch.einsum("ngol,ngkl->ngok", G, U).reshape(b, groups, og, cg, K)
+            E = torch.einsum("ngock,gock->ngoc", P, wv)
+            out += E.abs().sum(0, dtype=torch.float64)
+        return out.reshape(o, cg)
+
+    # ------------------------------------------------------------------ results
+
+    # ------------------------------------------------------------------ results
+    def to_graph(self, labels: Sequence[str] | None, meta: dict[str, Any]) -> Connectome:
+        ug = self.ug
+        if self.n_images == 0:
+            raise DataError("no images were processed; the data is empty (or every image failed to decode)")
+
+        def cpu(v: Any) -> Any:
+            if isinstance(v, list):
+                return [cpu(t) for t in v]
+            return None if v is None else v.detach().cpu().numpy()
+
+        values = {li: v for li, v in enumerate(cpu(self.edges)) if v is not None}
+        n = self.n_images
+        cat = lambda xs: np.concatenate([cpu(v) for v in xs])  # noqa: E731
+        mean = cat(self.act_sum) / n
+        var = np.maximum(cat(self.act_sq) / n - mean**2, 0.0)
+        attribution = cat(self.attr)
+        bias = cat(self.bias)
+        input_total = float(attribution[: ug.layers[0].size].sum())
+        total = float(cpu(self.target_total)[0])
+        residual = total - (input_total + float(bias.sum()))
+        node_attrs = {
+            "attribution": attribution,
+            "bias_attribution": bias,
+            "activation_mean": mean,
+            "activation_std": np.sqrt(var),
+            "activation_max": cat(self.act_max),
+            "frequency": cat(self.active) / n,
+        }
+        nonlinear = sorted({op for s in ug.layers for op in s.nonlinear})
+        meta = {
+            **meta,
+            "method": "attribution",
+            "n_images": n,
+            "target_total": total,
+            "completeness_residual": residual,
+            "completeness_relative": abs(residual) / max(abs(total), 1e-300),
+            "exact": not self.amp,
+            "rules": list(ug.rules),
+            "nonlinear_ops": nonlinear,
+            "per_sample": self.per_sample,
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+        }
+        extra = None
+        if self.per_sample:
+            extra = {"abs_weight": {li: v for li, v in enumerate(cpu(self.abs_edges)) if v is not None}}
+        return assemble(ug, graph_layers(ug, labels), values, extra=extra, node_attrs=node_attrs, meta=meta)
+
+
+class _Run(RunContext):
+    """The run context of one batch, with the data input of a rule's op."""
+
+    def kept_input(self, op: ChainOp, node: fx.Node, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+        for a, n in zip(args, node.args):
+            if isinstance(n, fx.Node) and n.name == op.input_node:
+                return a
+        for k, n in node.kwargs.items():
+            if isinstance(n, fx.Node) and n.name == op.input_node:
+                return kwargs[k]
+        return args[0]
+
+
+def _is_zero(pad: Any) -> bool:
+    return pad == 0 or pad == "valid" or (isinstance(pad, (tuple, list)) and all(p == 0 for p in pad))
+
+
+def _explicit_pad(x: torch.Tensor, call: dict[str, Any], k: tuple[int, ...]) -> tuple[torch.Tensor, int]:
+    pad = call["padding"]
+    dil = call["dilation"]
+    dil = (dil, dil) if isinstance(dil, int) else tuple(dil)
+    if pad == "valid":
+        return x, 0
+    if pad == "same":
+        tot = [d * (kk - 1) for d, kk in zip(dil, k)]
+        p = (tot[1] // 2, tot[1] - tot[1] // 2, tot[0] // 2, tot[0] - tot[0] // 2)
+    else:
+        pad = (pad, pad) if isinstance(pad, int) else tuple(pad)
+        p = (pad[1], pad[1], pad[0], pad[0])
+    mode = call.get("padding_mode", "zeros")
+    mode = "constant" if mode == "zeros" else mode
+    return F.pad(x, p, mode=mode), 0

@@ -1,0 +1,175 @@
+"""The op rules: how every op that keeps units enters the graphs. One entry per kind of op.
+
+Attribution is gradient x input, evaluated on a *locally linearised* network: for each op
+that is not linear in its data we name what is held constant in the backward pass (the
+forward pass never changes). The network is then linear in the image plus constant terms,
+so ``x * dT/dx`` is complete and conserved exactly; every constant goes to the
+``bias_attribution`` of the unit where it enters.
+
+Each :class:`Rule` says, for one kind of per-unit op (a :class:`ChainOp` on a layer):
+
+- ``scale(op)``: its data-independent factor per unit, folded into the weight connectome
+  (BatchNorm's ``gamma / sqrt(var + eps)``, a layer scale), or None;
+- ``constant(op, ctx)``: the constant part ``c`` of its output (per element, broadcastable),
+  whose flow ``c * dT/dy`` is a bias term of the unit, or None;
+- ``forward(op, x, y, ctx)``: the linearised forward used for attribution, given the op's
+  input ``x`` and its true output ``y``; None when the op is exact as it is (piecewise
+  linear or affine).
+
+The rules (``name`` is what ``meta["rules"]`` lists):
+
+==================== ================================================ ==========================
+kind                 op                                               held constant
+==================== ================================================ ==========================
+bn                   BatchNorm in eval mode (module or F.batch_norm)  nothing (affine)
+affine               products and sums with parameters or buffers     nothing (affine)
+shift / scale        ``x + c``, ``x * a`` with Python numbers         nothing (affine)
+clamp                ReLU6, hardtanh, clamp                           nothing (piecewise linear)
+pad                  constant padding with a non-zero value           nothing (affine)
+gate                 ``x * s`` with ``s`` data-dependent, broadcast   ``s`` (signal takes all)
+smooth               SiLU, GELU, sigmoid, tanh, ... element-wise      ``r = (f(x) - f(0)) / x``
+norm                 LayerNorm, GroupNorm                             mean and standard deviation
+==================== ================================================ ==========================
+
+References
+----------
+Ali, A. et al. (2022). XAI for Transformers: Better Explanations through Conservative
+Propagation. ICML (holding gates and normalisation statistics constant).
+Achtibat, R. et al. (2024). AttnLRP: Attention-Aware Layer-Wise Relevance Propagation for
+Transformers. ICML (the identity rule for element-wise non-linearities).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["ChainOp", "Rule", "RULES", "rule_of", "frozen"]
+
+
+@dataclass
+class ChainOp:
+    """A per-unit op on a layer: kind (a key of :data:`RULES`), its fx node, its data input."""
+
+    node: str
+    kind: str
+    input_node: str
+    params: tuple[Any, ...] = ()
+
+
+@dataclass
+class RunContext:
+    """What a rule may read while the accumulator runs a batch."""
+
+    kept: dict[str, Any]  # values of kept fx nodes
+    stash: dict[str, torch.Tensor]  # constants that linearised forwards saved, by node
+
+
+@dataclass(frozen=True)
+class Rule:
+    kind: str
+    name: str  # what meta["rules"] lists; "" for ops that need no rule (affine, piecewise linear)
+    scale: Callable[[ChainOp], Any] | None = None
+    constant: Callable[[ChainOp, RunContext, torch.Tensor], Any] | None = None
+    forward: Callable[[ChainOp, torch.Tensor, torch.Tensor, RunContext], torch.Tensor] | None = None
+    weight_note: str = ""  # what the weight connectome does with it, when not folded
+
+
+def frozen(x: torch.Tensor, y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``y`` in the forward pass, ``dy/dx = s`` in the backward pass (``s`` held constant).
+
+    ``v - v.detach()`` is exactly zero, so the value is ``y`` to the last bit; only the
+    gradient changes.
+    """
+    v = x * s.detach()
+    return y.detach() + (v - v.detach())
+
+
+# ----------------------------------------------------------------------------- constants
+def _bn_constant(op: ChainOp, ctx: RunContext, like: torch.Tensor) -> torch.Tensor:
+    # per channel, or per feature for a BatchNorm1d over flattened positions
+    return op.params[1].to(like.device, like.dtype).reshape(1, -1, *([1] * (like.dim() - 2)))
+
+
+def _clamp_constant(op: ChainOp, ctx: RunContext, like: torch.Tensor) -> torch.Tensor:
+    # where the op saturates its output is the constant bound; torch's clamp backward passes
+    # no gradient at the bound itself, so a value sitting exactly on a bound is constant too
+    u = ctx.kept[op.input_node]
+    lo, hi = op.params
+    const = torch.zeros_like(u)
+    if hi is not None:
+        const = torch.where(u >= hi, torch.full_like(u, hi), const)
+    if lo is not None:
+        const = torch.where(u <= lo, torch.full_like(u, lo), const)
+    return const
+
+
+def _pad_constant(op: ChainOp, ctx: RunContext, like: torch.Tensor) -> torch.Tensor:
+    pad, value = op.params  # the padded border holds the constant `value`
+    return value * F.pad(torch.zeros_like(ctx.kept[op.input_node]), pad, value=1.0)
+
+
+def _stashed(op: ChainOp, ctx: RunContext, like: torch.Tensor) -> torch.Tensor | None:
+    return ctx.stash.get(op.node)
+
+
+# ----------------------------------------------------------------------------- linearised forwards
+def _smooth_forward(op: ChainOp, x: torch.Tensor, y: torch.Tensor, ctx: RunContext) -> torch.Tensor:
+    # identity rule: f(x) = f(0) + x * r(x), r held constant (0/0 taken as 0)
+    f0 = op.params[0]
+    xd = x.detach()
+    r = torch.where(xd != 0, (y.detach() - f0) / torch.where(xd != 0, xd, torch.ones_like(xd)), torch.zeros_like(xd))
+    return frozen(x, y, r)
+
+
+def _norm_forward(op: ChainOp, x: torch.Tensor, y: torch.Tensor, ctx: RunContext) -> torch.Tensor:
+    # statistics held constant: y = x * s + c with s = gamma / std, c = beta - mean * gamma / std
+    kind, shape_or_groups, weight, eps = op.params
+    xd = x.detach()
+    if kind == "layer":
+        dims = tuple(range(xd.dim() - len(shape_or_groups), xd.dim()))
+        var = xd.var(dim=dims, unbiased=False, keepdim=True)
+        s = torch.rsqrt(var + eps)
+        if weight is not None:
+            s = s * weight.to(s.dtype)
+    else:  # group norm over (C / G, *spatial) per group
+        n, c = xd.shape[:2]
+        g = int(shape_or_groups)
+        var = xd.reshape(n, g, -1).var(dim=-1, unbiased=False, keepdim=True)
+        s = torch.rsqrt(var + eps).expand(n, g, c // g).reshape(n, c, *([1] * (xd.dim() - 2)))
+        if weight is not None:
+            s = s * weight.to(s.dtype).reshape(1, c, *([1] * (xd.dim() - 2)))
+    ctx.stash[op.node] = (y.detach() - xd * s).detach()
+    return frozen(x, y, s)
+
+
+# ----------------------------------------------------------------------------- the table
+def _vector_scale(op: ChainOp) -> Any:
+    return op.params[0]
+
+
+RULES: dict[str, Rule] = {
+    r.kind: r
+    for r in (
+        Rule("bn", "", scale=_vector_scale, constant=_bn_constant),
+        Rule("affine", "", scale=_vector_scale, constant=lambda op, ctx, like: op.params[1]),
+        Rule("shift", "", constant=lambda op, ctx, like: op.params[0]),
+        Rule("scale", "", scale=_vector_scale),
+        Rule("clamp", "", constant=_clamp_constant),
+        Rule("pad", "", constant=_pad_constant),
+        Rule("gate", "gate: the data-dependent factor held constant (signal takes all)",
+             weight_note="a gate multiplies by data: not folded into weights"),
+        Rule("smooth", "identity rule: f(x) = f(0) + x * r(x), r held constant",
+             constant=lambda op, ctx, like: op.params[0] if op.params[0] != 0 else None, forward=_smooth_forward,
+             weight_note="element-wise, not folded"),
+        Rule("norm", "normalisation: mean and standard deviation held constant", constant=_stashed,
+             forward=_norm_forward, weight_note="statistics depend on data: not folded"),
+    )
+}
+
+
+def rule_of(op: ChainOp) -> Rule:
+    return RULES[op.kind]
