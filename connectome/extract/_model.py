@@ -24,9 +24,9 @@ UNIT_ROUNDOFF = {"float64": 2.0**-53, "exact": 2.0**-24, "tf32": 2.0**-11, "bf16
 # ReLU and max-pool decisions, so even float32 lands further than its roundoff (while its
 # completeness holds to ~1e-8: the flows are exact for the float32 network as it ran).
 # Measured on random-weight ResNet-18/50, 224 px, on the CPU (exact 2.5e-4 / 1.6e-4, bf16
-# 3.2e-2 / 5.9e-2); tf32 scaled from bf16 by the mantissa (2^-3): benchmarks/gpu_check.sh
-# measures all three on a GPU.
-EXPECTED_ERROR = {"float64": 1e-12, "exact": 3e-4, "tf32": 1e-2, "bf16": 6e-2}
+# 3.2e-2 / 5.9e-2; 1.1e-1 on ResNet-18 at 64 px); tf32 scaled from bf16 by the mantissa (2^-3):
+# benchmarks/gpu_check.sh measures all three on a GPU.
+EXPECTED_ERROR = {"float64": 1e-12, "exact": 3e-4, "tf32": 1e-2, "bf16": 1e-1}
 
 
 def resolve_device(device: Any = None) -> torch.device:

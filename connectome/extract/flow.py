@@ -165,11 +165,11 @@ def attribution(
         later GPUs, which breaks completeness by percents) and the caller's switches are
         restored afterwards. ``"tf32"``: TF32 matmuls and convolutions (about 1e-3 relative
         per product; faster on GPUs). ``"bf16"``: the forward pass in bfloat16 autocast
-        (about 1e-2 relative). Either of the last two sets ``meta["exact"]`` False;
+        (about 4e-3 relative per product). Either of the last two sets ``meta["exact"]`` False;
         conservation and completeness then hold only approximately
         (``meta["completeness_relative"]`` says how well). Every graph states
         ``meta["precision"]``, ``meta["expected_error"]`` (the relative distance of its flows
-        to float64 flows to expect, an order of magnitude: 3e-4 exact, 1e-2 tf32, 6e-2 bf16)
+        to float64 flows to expect, an order of magnitude: 3e-4 exact, 1e-2 tf32, 1e-1 bf16)
         and ``meta["unit_roundoff"]``. Float64 models always run in float64.
     amp : bool, default False
         Same as ``precision="bf16"`` (kept for older code).
