@@ -20,8 +20,10 @@ from xml.sax.saxutils import escape, quoteattr
 
 import numpy as np
 
+
 from connectome.errors import BadFileError, ConnectomeError, ExportError
 from connectome.graph import Connectome, Layer
+from connectome.kinds import KINDS
 
 __all__ = ["save", "load", "write_graphml", "write_gexf", "layout", "node_colors", "atomic_write"]
 
@@ -157,7 +159,7 @@ def layout(g: Connectome, x_spacing: float = 200.0, y_spacing: float = 12.0) -> 
     return x, y
 
 
-_KIND_HUE = {"input": 0.0, "conv": 0.58, "linear": 0.75, "residual": 0.33, "concat": 0.12, "output": 0.95}
+_KIND_HUE = {k: v.hue for k, v in KINDS.items()}  # one table of kinds: connectome/kinds.py
 
 
 def node_colors(g: Connectome) -> np.ndarray:

@@ -12,8 +12,10 @@ from typing import Any
 
 import numpy as np
 
+
 from connectome.errors import ConnectomeError
 from connectome.graph import Connectome
+from connectome.kinds import is_hidden
 
 __all__ = ["ReportResult", "graph_report", "compare_report", "graph_sections", "table"]
 
@@ -76,7 +78,7 @@ def graph_sections(g: Connectome, top: int = 10, seed: int = 0, report: Any = No
     measures = ["strength", "pagerank"] + (["flow"] if "attribution" in g.node_attrs else [])
     c = an.centrality(g, measures)
     key = "flow" if "flow" in c else "strength"
-    hidden = np.isin(g.node_layer, [i for i, l in enumerate(g.layers) if l.kind not in ("input", "output")])
+    hidden = np.isin(g.node_layer, [i for i, l in enumerate(g.layers) if is_hidden(l.kind)])
     # NaN marks units that are not hidden: top_nodes leaves NaN out
     scores = np.where(hidden, np.abs(c[key]), np.nan)
     hubs = an.top_nodes(g, scores, k=top)

@@ -31,13 +31,14 @@ import torch.nn as nn
 
 from connectome.analysis._util import nan_to_none as _nan_to_none
 from connectome.errors import ConnectomeError, EmptyGraphError, short_list
-from connectome.extract.probe import Traced, load_probe, profile_node, traced
+from connectome.extract.probe import IO_KINDS, Traced, load_probe, profile_node, traced
 from connectome.extract.trace import run_nodes
 from connectome.graph import Connectome
+from connectome.kinds import KINDS
 
 __all__ = ["match_units", "universality", "UnitMatching", "UniversalityResult", "CategoryOverlap"]
 
-_HIDDEN_KINDS = ("conv", "linear", "residual", "concat")
+_HIDDEN_KINDS = tuple(k for k, v in KINDS.items() if v.hidden)  # connectome/kinds.py
 
 
 
@@ -585,7 +586,7 @@ def universality(
     rng = np.random.default_rng(seed)
     # Hidden layers only: the output layer is matched too, but the target logit is in
     # both circuits by construction.
-    skip = ("input", "output")
+    skip = IO_KINDS
     pairs = [(a, b) for a, b in matching.layer_pairs if not set(matching.kinds[a]) & set(skip)]
     rows = []
     for cat in cats:
@@ -595,7 +596,7 @@ def universality(
             ca, cb = _circuit_of(ga[cat], cat, mass), _circuit_of(gb[cat], cat, mass)
         ua, ub = _units_by_layer(ca), _units_by_layer(cb)
         if isinstance(ca, Connectome):
-            ua = {l.name: ua[l.name] for l in ca.layers if l.kind not in ("input", "output")}
+            ua = {l.name: ua[l.name] for l in ca.layers if l.kind not in IO_KINDS}
         known = {a for a, _ in matching.layer_pairs}
         unmatched = sorted(l for l, us in ua.items() if us and l not in known and l != "input")
         if unmatched:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from connectome.errors import BadFileError, ConnectomeError, DataError
 from connectome.extract._model import no_inplace
 from connectome.extract.build import assemble, graph_layers
-from connectome.extract.rules import RULES, ChainOp, RunContext
+from connectome.extract.rules import RULES, ChainOp, RunContext, attention_forward
 from connectome.extract.trace import LayerSpec, UnitGraph, Units, run_nodes
 from connectome.graph import Connectome
 from connectome.kinds import DENSE, IDENTITY, KINDS, Kind
@@ -114,7 +114,7 @@ class FlowAccumulator:
         self.modules = dict(ug.gm.named_modules())
         self.spec_of = {s.node: (i, s) for i, s in enumerate(ug.layers)}
         self.rule_ops: dict[str, ChainOp] = {op.node: op for s in ug.layers for op in s.bias_ops
-                                             if RULES[op.kind].forward is not None or op.kind == "gate"}
+                                             if RULES[op.kind].forward is not None or op.kind in ("gate", "attention", "pattern", "window")}
         keep: set[str] = set()
         grad: list[str] = []
         for li, s in enumerate(ug.layers):
@@ -295,14 +295,18 @@ class FlowAccumulator:
                 return node.target(*args, **kwargs)
             op = rule_ops.get(node.name)
             if op is not None:
-                if op.kind == "gate":
-                    # signal takes all: the gate's value is used, its gradient is not
+                if op.kind in ("gate", "pattern"):
+                    # signal takes all: the gate's (the attention pattern's) value is used, its gradient is not
                     gate = op.params[0]
                     args = [a.detach() if isinstance(n, fx.Node) and n.name == gate else a
                             for a, n in zip(args, node.args)] + list(args[len(node.args):])
                     kwargs = {k: (v.detach() if isinstance(node.kwargs.get(k), fx.Node) and node.kwargs[k].name == gate
                                   else v) for k, v in kwargs.items()}
                     return run_plain(node, args, kwargs)
+                if op.kind == "attention":
+                    return attention_forward(op, *args[:3])
+                if op.kind == "window":
+                    return node.target(*args, **kwargs, frozen=True)  # pattern from detached q, k
                 x = ctx.kept_input(op, node, args, kwargs)
                 y = run_plain(node, args, kwargs)
                 return RULES[op.kind].forward(op, x, y, ctx)

@@ -105,6 +105,14 @@ def assemble(
     for a in (src, dst, w, *cols.values()):
         a.setflags(write=False)  # handed over: the graph shares instead of copying
     units = np.concatenate([np.arange(s, dtype=np.int64) for s in sizes]) if len(sizes) else np.zeros(0, np.int64)
+    node_attrs = dict(node_attrs or {})
+    if any(s.call.get("head_of") for s in ug.layers):
+        # the attention head of each unit of a q/k/v projection (-1 elsewhere), to group by head
+        head = np.full(int(offsets[-1]), -1.0)
+        for li, s in enumerate(ug.layers):
+            for u, h in (s.call.get("head_of") or {}).items():
+                head[offsets[li] + u] = h
+        node_attrs["head"] = head
     return Connectome(
         layers=tuple(layers),
         node_units=units,
@@ -112,7 +120,7 @@ def assemble(
         dst=dst,
         weight=w,
         edge_attrs=cols,
-        node_attrs=dict(node_attrs or {}),
+        node_attrs=node_attrs,
         meta=dict(meta or {}),
     )
 

@@ -36,7 +36,6 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 

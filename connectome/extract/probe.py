@@ -23,10 +23,11 @@ from connectome.extract.data import make_loader, unpack_batch, warn_skipped
 from connectome.extract.targets import layer_position, resolve_layer
 from connectome.extract.trace import UnitGraph, trace_units
 from connectome.graph import Layer
+from connectome.kinds import KINDS
 
 __all__ = ["IO_KINDS", "Traced", "load_probe", "mask_units", "profile_node", "traced"]
 
-IO_KINDS = ("input", "output")  # layers whose units are the image and the logits, never probed as hidden
+IO_KINDS = tuple(k for k, v in KINDS.items() if not v.hidden)  # the image and the logits, never probed as hidden
 
 
 def load_probe(data: Any, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor | None, list[str] | None]:

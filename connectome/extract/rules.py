@@ -26,9 +26,12 @@ affine               products and sums with parameters or buffers     nothing (a
 shift / scale        ``x + c``, ``x * a`` with Python numbers         nothing (affine)
 clamp                ReLU6, hardtanh, clamp                           nothing (piecewise linear)
 pad                  constant padding with a non-zero value           nothing (affine)
+const_cat            constants joined along positions (class token)   nothing (affine)
 gate                 ``x * s`` with ``s`` data-dependent, broadcast   ``s`` (signal takes all)
 smooth               SiLU, GELU, sigmoid, tanh, ... element-wise      ``r = (f(x) - f(0)) / x``
 norm                 LayerNorm, GroupNorm                             mean and standard deviation
+attention            ``softmax(q k^T / sqrt(d)) v``                   the pattern (CP-LRP)
+pattern              hand-written ``softmax(...) @ v`` (einsum, bmm)  the pattern (CP-LRP)
 ==================== ================================================ ==========================
 
 References
@@ -41,6 +44,7 @@ Transformers. ICML (the identity rule for element-wise non-linearities).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -112,6 +116,14 @@ def _pad_constant(op: ChainOp, ctx: RunContext, like: torch.Tensor) -> torch.Ten
     return value * F.pad(torch.zeros_like(ctx.kept[op.input_node]), pad, value=1.0)
 
 
+def _const_cat_constant(op: ChainOp, ctx: RunContext, like: torch.Tensor) -> torch.Tensor:
+    dim, pieces = op.params  # the constant positions (a class token) among the data's positions
+    c = torch.zeros_like(like)
+    for offset, width, value in pieces:
+        c.narrow(dim, offset, width).copy_(value.to(like.device, like.dtype).expand_as(c.narrow(dim, offset, width)))
+    return c
+
+
 def _stashed(op: ChainOp, ctx: RunContext, like: torch.Tensor) -> torch.Tensor | None:
     return ctx.stash.get(op.node)
 
@@ -146,6 +158,45 @@ def _norm_forward(op: ChainOp, x: torch.Tensor, y: torch.Tensor, ctx: RunContext
     return frozen(x, y, s)
 
 
+def attention_forward(op: ChainOp, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The attention rule (CP-LRP; AttnLRP's conservative variant): the pattern
+    ``softmax(q k^T / sqrt(d))`` held constant, so the output is linear in ``v``: each channel
+    of ``v`` is mixed over tokens by the constant pattern, and ``q``, ``k`` get no gradient.
+
+    ``op.params[2]`` is the number of heads of (batch, tokens, dim) tensors
+    (:func:`connectome.extract.trace.attend`), or the keyword arguments of
+    ``F.scaled_dot_product_attention`` on (..., tokens, head_dim) tensors.
+    """
+    from connectome.extract.trace import attend
+
+    how = op.params[2]
+    if isinstance(how, int):
+        heads = how
+        n, t, e = q.shape
+        d = e // heads
+        split = lambda z: z.reshape(z.shape[0], z.shape[1], heads, d).transpose(1, 2)  # noqa: E731
+        lin = (_pattern(split(q), split(k), None, False, None) @ split(v)).transpose(1, 2).reshape(n, t, v.shape[-1])
+        y = attend(q.detach(), k.detach(), v.detach(), heads)
+    else:
+        lin = _pattern(q, k, how["attn_mask"], how["is_causal"], how["scale"]) @ v
+        y = F.scaled_dot_product_attention(q.detach(), k.detach(), v.detach(), **{kk: vv for kk, vv in how.items()
+                                                                               if vv is not None})
+    return y + (lin - lin.detach())
+
+
+def _pattern(q: torch.Tensor, k: torch.Tensor, mask: Any, causal: bool, scale: float | None) -> torch.Tensor:
+    """softmax(q k^T * scale + mask), computed from detached q and k: a constant."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = (q.detach() @ k.detach().transpose(-1, -2)) * scale
+    if causal:
+        keep = torch.ones(s.shape[-2], s.shape[-1], dtype=torch.bool, device=s.device).tril()
+        s = s.masked_fill(~keep, float("-inf"))
+    if mask is not None:
+        mask = mask.to(s.device)
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(s.dtype)
+    return torch.softmax(s, dim=-1).detach()
+
+
 # ----------------------------------------------------------------------------- the table
 def _vector_scale(op: ChainOp) -> Any:
     return op.params[0]
@@ -160,11 +211,18 @@ RULES: dict[str, Rule] = {
         Rule("scale", "", scale=_vector_scale),
         Rule("clamp", "", constant=_clamp_constant),
         Rule("pad", "", constant=_pad_constant),
+        Rule("const_cat", "", constant=_const_cat_constant),
         Rule("gate", "gate: the data-dependent factor held constant (signal takes all)",
              weight_note="a gate multiplies by data: not folded into weights"),
         Rule("smooth", "identity rule: f(x) = f(0) + x * r(x), r held constant",
              constant=lambda op, ctx, like: op.params[0] if op.params[0] != 0 else None, forward=_smooth_forward,
              weight_note="element-wise, not folded"),
+        Rule("attention", "attention: the pattern softmax(q k^T / sqrt(d)) held constant (CP-LRP)",
+             weight_note="token mixing has no weights: V's units pass through"),
+        Rule("pattern", "attention: the pattern softmax(q k^T / sqrt(d)) held constant (CP-LRP)",
+             weight_note="token mixing has no weights: V's units pass through"),
+        Rule("window", "attention: the pattern softmax(q k^T / sqrt(d)) held constant (CP-LRP)",
+             weight_note="Swin's window attention: token mixing has no weights"),
         Rule("norm", "normalisation: mean and standard deviation held constant", constant=_stashed,
              forward=_norm_forward, weight_note="statistics depend on data: not folded"),
     )

@@ -75,10 +75,10 @@ _SMOOTH_METHODS = {"sigmoid", "tanh", "sigmoid_", "tanh_", "erf"}
 _CLAMP_METHODS = {"clamp", "clamp_", "clip", "clip_"}
 # Ops that move or select units; run on a tensor of unit numbers to see where each unit goes.
 _LAYOUT_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
-                   "chunk", "split", "narrow", "movedim", "mean", "unflatten", "expand_as", "swapaxes"}
+                   "chunk", "split", "narrow", "movedim", "mean", "unflatten", "expand_as", "swapaxes", "unbind"}
 _LAYOUT_FUNCS: set[Any] = {torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
                            torch.unsqueeze, torch.chunk, torch.split, torch.narrow, torch.movedim, torch.mean,
-                           operator.getitem, torch.swapaxes}
+                           operator.getitem, torch.swapaxes, torch.unbind}
 _LAYOUT_MODULES = (nn.Flatten, nn.Unflatten)
 _SHAPE_METHODS = {"size", "dim", "numel", "shape"}
 
@@ -104,13 +104,16 @@ class Units:
     layer: int
     dims: tuple[int, ...] = (1,)
     index: np.ndarray | None = None
+    batch: int = 0  # the batch dim (a layout op may move it for a while: timm's qkv permute)
 
     @property
     def natural(self) -> bool:
-        return self.index is None and len(self.dims) == 1
+        return self.index is None and len(self.dims) == 1 and self.batch == 0
 
     def along(self, dim: int, size: int, layer_size: int) -> np.ndarray | None:
         """Unit of each index of ``dim`` when units lie along that one dim, else None."""
+        if self.batch != 0:
+            return None
         if self.dims == ():
             return np.full(size, int(self.index), dtype=np.int64)
         if self.dims != (dim,):
@@ -188,8 +191,26 @@ class UnitGraph:
 
 
 # ----------------------------------------------------------------------------- tracing
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """Multi-head attention of (batch, tokens, dim) tensors: ``softmax(q k^T / sqrt(d)) v`` per head.
+
+    One node in the traced graph (the attention rule of :mod:`.rules` linearises it), the
+    computation of ``nn.MultiheadAttention`` between its projections.
+    """
+    n, t, e = q.shape
+    d = e // heads
+    split = lambda z: z.reshape(z.shape[0], z.shape[1], heads, d).transpose(1, 2)  # noqa: E731
+    out = F.scaled_dot_product_attention(split(q), split(k), split(v))
+    return out.transpose(1, 2).reshape(n, t, v.shape[-1])
+
+
 class _Tracer(fx.Tracer):
-    """A tracer whose leaves are torch.nn modules that run their stock forward."""
+    """A tracer whose leaves are torch.nn modules that run their stock forward.
+
+    ``nn.MultiheadAttention`` is written out as its parts, so that each projection is a layer
+    of units: ``q``, ``k`` and ``v`` Linear maps (slices of the packed ``in_proj_weight``),
+    the attention itself (:func:`attend`) and ``out_proj``.
+    """
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, _CONV_MODULES):
@@ -198,6 +219,59 @@ class _Tracer(fx.Tracer):
             return type(m).forward in (nn.Conv2d.forward, nn.Linear.forward)
         return super().is_leaf_module(m, qualname)
 
+    def create_proxy(self, kind: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any], *a: Any, **kw: Any) -> Any:
+        from connectome.extract import windows
+
+        out = None
+        if kind == "call_function" and windows.is_swin_attention(target):
+            out = windows.expand(self, args, kwargs, self.module_stack and list(self.module_stack)[-1] or "")
+        elif kind == "call_function" and windows.is_patch_merging_pad(target):
+            out = windows.expand_patch_merging(self, args[0])
+        if out is not None:
+            # fx marks what a wrapped function returns as "is_wrapped" and its generated code would
+            # register the target (here torch.cat or ours) as a wrapped global: not ours to register
+            out.node.meta["connectome_expanded"] = True
+            return out
+        return super().create_proxy(kind, target, args, kwargs, *a, **kw)
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if isinstance(m, nn.MultiheadAttention):
+            return self._attention(m, self.path_of_module(m), args, kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def _attention(self, m: nn.MultiheadAttention, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        names = ("query", "key", "value")
+        qkv = [args[i] if len(args) > i else kwargs.get(n) for i, n in enumerate(names)]
+        extra = {k: v for k, v in kwargs.items() if k not in names and v is not None}
+        extra.pop("need_weights", None)
+        if extra or len(args) > 4 or not m.batch_first or m.bias_k is not None or m.add_zero_attn:
+            raise ExtractionError(
+                f"nn.MultiheadAttention {name!r}: only batch_first=True self- or cross-attention without masks, "
+                "bias_k or zero attention maps to units (the attention rule)"
+            )
+        e = m.embed_dim
+
+        def attr(target: str) -> Any:
+            return self.create_proxy("get_attr", f"{name}.{target}", (), {})
+
+        out = []
+        for i, (part, x) in enumerate(zip("qkv", qkv)):
+            if m._qkv_same_embed_dim:
+                w = attr("in_proj_weight")[i * e : (i + 1) * e]
+            else:
+                w = attr(f"{part}_proj_weight")
+            b = attr("in_proj_bias")[i * e : (i + 1) * e] if m.in_proj_bias is not None else None
+            y = self.create_proxy("call_function", F.linear, (x, w, b), {})
+            y.node.meta["connectome_name"] = f"{name}.{part}"
+            y.node.meta["connectome_heads"] = m.num_heads
+            out.append(y)
+        a = self.create_proxy("call_function", attend, tuple(out), {"heads": m.num_heads})
+        a.node.meta["connectome_name"] = f"{name}.attention"
+        ob = attr("out_proj.bias") if m.out_proj.bias is not None else None
+        o = self.create_proxy("call_function", F.linear, (a, attr("out_proj.weight"), ob), {})
+        o.node.meta["connectome_name"] = f"{name}.out_proj"
+        return o, None
+
 
 def _trace(model: nn.Module) -> fx.GraphModule:
     if not isinstance(model, nn.Module):
@@ -205,6 +279,8 @@ def _trace(model: nn.Module) -> fx.GraphModule:
     tracer = _Tracer()
     try:
         graph = tracer.trace(model)
+    except ExtractionError:
+        raise  # our own, from a module written out while tracing (attention)
     except Exception as exc:  # fx raises many kinds (TraceError, TypeError, RuntimeError ...)
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExtractionError(
@@ -212,6 +288,9 @@ def _trace(model: nn.Module) -> fx.GraphModule:
             "data-dependent Python control flow (if/for on tensor values), or wrap the untraceable "
             "part in a module and register it with torch.fx.wrap"
         ) from None
+    for n in graph.nodes:
+        if n.meta.pop("connectome_expanded", False):
+            n.meta.pop("is_wrapped", None)
     name = type(model).__name__
     return fx.GraphModule(tracer.root, graph, name)
 
@@ -306,12 +385,12 @@ def _record(gm: fx.GraphModule, example: torch.Tensor) -> tuple[dict[str, tuple[
     shapes: dict[str, tuple[int, ...]] = {}
     values: dict[str, Any] = {}
     consts: dict[str, torch.Tensor] = {}
-    data: set[str] = set()
-    for node in gm.graph.nodes:
-        if node.op == "placeholder" or any(a.name in data for a in node.all_input_nodes):
-            data.add(node.name)
+    data: set[str] = set()  # tensors computed from the input (sizes read off it are plain values)
 
     def record(node: fx.Node, value: Any) -> Any:
+        from_data = node.op == "placeholder" or any(a.name in data for a in node.all_input_nodes)
+        if from_data and (isinstance(value, torch.Tensor) or _holds_tensor(value)):
+            data.add(node.name)
         if isinstance(value, torch.Tensor):
             shapes[node.name] = tuple(value.shape)
             if node.name not in data:
@@ -383,8 +462,8 @@ def _classify(node: Any, c: _Ctx) -> tuple[str, Any]:
     t = node.target
     if node.name in c.values:
         return ("skip", None)  # a plain value (a size, a tuple of sizes)
-    if node.op == "call_function" and t in (torch.chunk, torch.split, operator.getitem) or \
-            node.op == "call_method" and t in ("chunk", "split"):
+    if node.op == "call_function" and t in (torch.chunk, torch.split, torch.unbind, operator.getitem) or \
+            node.op == "call_method" and t in ("chunk", "split", "unbind"):
         if node.name in c.data:
             return ("layout", None)  # may give a tuple of tensors: not in shapes
     if node.name not in c.shapes or node.name not in c.data:
@@ -514,7 +593,42 @@ def _classify_function(node: Any, c: _Ctx) -> tuple[str, Any]:
         extra = [a for a in node.args[1:] if not isinstance(a, fx.Node)]
         return ("chain", ChainOp(node.name, "smooth", "", (_f0(lambda z: t(z, *extra, **{
             k: v for k, v in node.kwargs.items() if not isinstance(v, fx.Node) and k != "inplace"})),)))
-    if t in (torch.softmax, F.softmax, torch.matmul, torch.bmm, F.scaled_dot_product_attention):
+    from connectome.extract import windows
+
+    if t is windows.window_pad:
+        return ("chain", None)  # zero padding of positions
+    if t is windows.window_crop:
+        return ("layout", None)
+    if t is windows.window_attend:
+        return ("window", None)
+    if t is attend:
+        q, k, v = (node.args + (None, None, None))[:3]
+        if not all(c.is_data(a) for a in (q, k, v)):
+            return ("unsupported", "attention on constant queries, keys or values")
+        return ("chain", ChainOp(node.name, "attention", v.name, (q.name, k.name, int(node.kwargs["heads"]))))
+    if t is F.scaled_dot_product_attention:
+        q = _const(node, 0, "query", None)
+        k = _const(node, 1, "key", None)
+        v = _const(node, 2, "value", None)
+        if not all(c.is_data(a) for a in (q, k, v)):
+            return ("unsupported", "attention on constant queries, keys or values")
+        mask = _const(node, 3, "attn_mask", None)
+        if isinstance(mask, fx.Node):
+            if mask.name in c.values:
+                mask = c.values[mask.name]  # an optional argument left at None
+            elif c.const(mask) is not None:
+                mask = c.const(mask)
+            else:
+                return ("unsupported", "attention with a mask computed from the data")
+        dropout = _const(node, 4, "dropout_p", 0.0)
+        dropout = c.values.get(dropout.name, 1.0) if isinstance(dropout, fx.Node) else dropout
+        if dropout:
+            return ("unsupported", "attention dropout is on (the model must run in eval mode)")
+        plain = lambda a: c.values.get(a.name) if isinstance(a, fx.Node) else a  # noqa: E731  arguments left at defaults
+        kw = {"attn_mask": mask, "is_causal": bool(plain(_const(node, 5, "is_causal", False))),
+              "scale": plain(_const(node, 6, "scale", None))}
+        return ("chain", ChainOp(node.name, "attention", v.name, (q.name, k.name, kw)))
+    if t in (torch.softmax, F.softmax, torch.matmul, torch.bmm):
         return ("unsupported", f"{getattr(t, '__name__', t)} mixes units (attention needs the attention rule, "
                                "which is not implemented yet)")
     return ("unsupported", f"function {getattr(t, '__name__', t)!s} is not a per-unit op we can map "
@@ -626,25 +740,113 @@ def _classify_product(node: Any, c: _Ctx) -> tuple[str, Any]:
                            "attention needs the attention rule")
 
 
+def _const_cat(node: fx.Node, dim: int, c: _Ctx, units: dict[str, Units], layers: list[LayerSpec]) -> bool:
+    """``torch.cat`` of one data tensor with constants along a dim that does not hold its units
+    (a ViT's class token joined to the patch tokens): the data keeps its units and the constant
+    positions are a constant part of them (a bias term). Returns whether it was that case."""
+    parts = list(node.args[0])
+    data = [a for a in parts if c.is_data(a)]
+    if len(data) != 1 or data[0].name not in units or dim in units[data[0].name].dims:
+        return False
+    x = data[0]
+    batch = c.shapes[x.name][0]
+    pieces, offset = [], 0
+    for a in parts:
+        width = c.shapes[a.name][dim] if isinstance(a, fx.Node) and a.name in c.shapes else None
+        if width is None:
+            return False
+        if a is not x:
+            v = c.const(a)
+            if v is None:
+                return False
+            if v.dim() == len(c.shapes[x.name]) and v.shape[0] == batch:
+                v = v[:1]  # expanded over the batch when traced
+            pieces.append((offset, width, v))
+        offset += width
+    units[node.name] = units[x.name]
+    op = ChainOp(node.name, "const_cat", x.name, (dim, pieces))
+    layers[units[x.name].layer].bias_ops.append(op)
+    return True
+
+
+_SOFTMAX = {F.softmax, torch.softmax}
+_MATMUL = {torch.matmul, torch.bmm, operator.matmul, torch.einsum}
+
+
+def _is_softmax(n: fx.Node) -> bool:
+    return (n.op == "call_function" and n.target in _SOFTMAX) or (n.op == "call_method" and n.target == "softmax")
+
+
+def _attention_products(nodes: list[fx.Node], c: "_Ctx") -> tuple[dict[str, tuple[str, str]], set[str]]:
+    """Products ``softmax(...) @ v`` (matmul, bmm, einsum) of a hand-written attention, and the
+    nodes that only compute their patterns.
+
+    Returns ``{product: (pattern node, value node)}`` and the set of pattern-only nodes: the
+    attention rule holds the pattern constant, so those nodes need no units.
+    """
+    products: dict[str, tuple[str, str]] = {}
+    for n in nodes:
+        is_mm = (n.op == "call_function" and n.target in _MATMUL) or (n.op == "call_method" and n.target in ("matmul", "bmm"))
+        if not is_mm or n.name not in c.data:
+            continue
+        ops = [a for a in n.args if c.is_data(a)]
+        if len(ops) != 2:
+            continue
+        for s_, v_ in ((ops[0], ops[1]), (ops[1], ops[0])):
+            cur = s_
+            while cur.op in ("call_module", "call_function") and not _is_softmax(cur) and len(
+                    [a for a in cur.all_input_nodes if c.is_data(a)]) == 1 and (
+                    cur.op == "call_module" and isinstance(c.modules[cur.target], nn.Dropout)
+                    or cur.op == "call_function" and cur.target in (F.dropout,)):
+                cur = [a for a in cur.all_input_nodes if c.is_data(a)][0]
+            if _is_softmax(cur):
+                products[n.name] = (s_.name, v_.name)
+                break
+    pattern: set[str] = {p for p, _ in products.values()}
+    for n in reversed(nodes):
+        if n.name in pattern or n.name not in c.data or not n.users:
+            continue
+        if all(u.name in pattern or (u.name in products and products[u.name][0] == n.name) for u in n.users):
+            pattern.add(n.name)
+    return products, pattern
+
+
 # ----------------------------------------------------------------------------- layouts
 def _unit_tensor(u: Units, shape: tuple[int, ...], layer_size: int) -> torch.Tensor:
-    """A float64 tensor of ``shape`` whose every element is the number of its unit."""
+    """A float64 tensor of ``shape`` whose every element is the number of its unit, plus
+    ``layer_size`` times its image's index, so that the batch dim can be found again."""
     if u.dims == ():
-        return torch.full(shape, float(np.asarray(u.index)), dtype=torch.float64)
-    idx = torch.arange(layer_size, dtype=torch.float64) if u.index is None else torch.as_tensor(
-        np.asarray(u.index), dtype=torch.float64)
+        t = torch.full(shape, float(np.asarray(u.index)), dtype=torch.float64)
+    else:
+        idx = torch.arange(layer_size, dtype=torch.float64) if u.index is None else torch.as_tensor(
+            np.asarray(u.index), dtype=torch.float64)
+        view = [1] * len(shape)
+        for d, s in zip(u.dims, idx.shape):
+            view[d] = s
+        t = idx.reshape(view).expand(shape)
     view = [1] * len(shape)
-    for d, s in zip(u.dims, idx.shape):
-        view[d] = s
-    return idx.reshape(view).expand(shape)
+    view[u.batch] = shape[u.batch]
+    return t + float(layer_size) * torch.arange(shape[u.batch], dtype=torch.float64).reshape(view)
 
 
 def _units_from(U: torch.Tensor, layer: int, layer_size: int, batch: int, where: str) -> Units:
-    """Read back where the units went from a unit-number tensor that went through layout ops."""
+    """Read back where the units (and the batch) went from a tensor that went through layout ops."""
     shape = tuple(U.shape)
-    if len(shape) < 1 or shape[0] != batch or (batch > 1 and not torch.equal(U, U[:1].expand_as(U))):
-        raise ExtractionError(f"{where} moves the batch dimension; units cannot be followed")
-    varying = [d for d in range(1, len(shape)) if shape[d] > 1 and not torch.equal(U, U.narrow(d, 0, 1).expand_as(U))]
+    bdim = None
+    for d in range(len(shape)):
+        if shape[d] == batch and batch > 1 and torch.equal(U.narrow(d, 1, 1) - U.narrow(d, 0, 1),
+                                                            torch.full_like(U.narrow(d, 0, 1), float(layer_size))):
+            bdim = d
+            break
+    if bdim is None:
+        raise ExtractionError(f"{where} mixes the images of a batch; units cannot be followed")
+    view = [1] * len(shape)
+    view[bdim] = batch
+    U = U - float(layer_size) * torch.arange(batch, dtype=torch.float64).reshape(view)
+    if not torch.equal(U, U.narrow(bdim, 0, 1).expand_as(U)):
+        raise ExtractionError(f"{where} mixes the images of a batch; units cannot be followed")
+    varying = [d for d in range(len(shape)) if d != bdim and shape[d] > 1
+               and not torch.equal(U, U.narrow(d, 0, 1).expand_as(U))]
     base = U
     for d in range(len(shape) - 1, -1, -1):
         if d not in varying:
@@ -656,10 +858,10 @@ def _units_from(U: torch.Tensor, layer: int, layer_size: int, batch: int, where:
         raise ExtractionError(f"{where} averages over units (a mean or pooling across channels mixes units)")
     index = idx.to(torch.int64).numpy()
     if len(varying) == 1 and index.shape[0] == layer_size and np.array_equal(index, np.arange(layer_size)):
-        return Units(layer, (varying[0],), None)
+        return Units(layer, (varying[0],), None, bdim)
     if not varying:
-        return Units(layer, (), index.reshape(()))
-    return Units(layer, tuple(varying), index)
+        return Units(layer, (), index.reshape(()), bdim)
+    return Units(layer, tuple(varying), index, bdim)
 
 
 def _split_group(idx: np.ndarray, layer_size: int) -> tuple[int, np.ndarray | None]:
@@ -790,6 +992,7 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
 
     output_node = None
     kinds: dict[str, tuple[str, Any]] = {}
+    products, pattern = _attention_products(nodes, ctx)
     for node in nodes:
         if node.op == "placeholder":
             if node.name not in shapes:
@@ -805,7 +1008,13 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
             continue
         if node.op == "get_attr":
             continue
-        what, info = _classify(node, ctx)
+        if node.name in pattern:
+            continue  # computes an attention pattern, which the attention rule holds constant
+        if node.name in products:
+            pn, vn = products[node.name]
+            what, info = "chain", ChainOp(node.name, "pattern", vn, (pn,))
+        else:
+            what, info = _classify(node, ctx)
         kinds[node.name] = (what, info)
         if what == "skip":
             continue
@@ -843,7 +1052,8 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                 if not isinstance(wnode, fx.Node):
                     raise ExtractionError(f"{_where(node)}: the weight is not a tensor of the model")
                 wshape = shapes.get(wnode.name) or tuple(_attr_value(gm, wnode).shape)
-                module_name = str(wnode.target).rsplit(".", 1)[0] if wnode.op == "get_attr" else (_scope(node) or node.name)
+                module_name = node.meta.get("connectome_name") or (
+                    str(wnode.target).rsplit(".", 1)[0] if wnode.op == "get_attr" else (_scope(node) or node.name))
                 if info == Kind.CONV:
                     groups = int(_const(node, 6, "groups", 1))
                     in_feat = wshape[1] * groups
@@ -868,12 +1078,32 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                 )
             name = unique(module_name)
             dim_out = 1 if info == Kind.CONV else len(s_out) - 1
+            if wnode is not None and wnode.op != "get_attr":
+                bnode = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+                wv = ctx.const(wnode)
+                if wv is None:
+                    raise ExtractionError(f"{_where(node)}: the weight is computed from the data; no unit graph maps it")
+                call["weight_value"] = (wv, ctx.const(bnode) if isinstance(bnode, fx.Node) else None)
             layers.append(LayerSpec(
                 name=name, kind=info, size=s_out[dim_out], node=node.name, module=module_name,
                 operands=[Operand(layer=u.layer, node=x.name, group=group, cols=cols, width=idx.size // group)],
                 groups=groups, weight_node=wnode.name if wnode is not None else None, call=call, dim=dim_out,
             ))
             units[node.name] = Units(len(layers) - 1, (dim_out,), None)
+            if node.meta.get("connectome_heads"):  # q, k, v of nn.MultiheadAttention: heads side by side
+                h = int(node.meta["connectome_heads"])
+                layers[-1].call["head_of"] = {u: u // (layers[-1].size // h) for u in range(layers[-1].size)}
+        elif what == "window":
+            q = node.args[0]
+            u = source(node, q)
+            c3 = shapes[q.name][-1]
+            if not (u.natural and u.dims == (len(shapes[q.name]) - 1,)):
+                raise ExtractionError(f"{_where(node)} reads q, k, v that are not one Linear's units")
+            units[node.name] = Units(u.layer, u.dims, np.arange(2 * c3 // 3, c3, dtype=np.int64))
+            layers[u.layer].bias_ops.append(ChainOp(node.name, "window", q.name, ()))
+            rules.add("attention: the pattern softmax(q k^T / sqrt(d)) held constant (CP-LRP)")
+        elif what == "concat" and _const_cat(node, info, ctx, units, layers):
+            pass  # constants (a class token) joined to data along positions: a per-unit op
         elif what in ("residual", "concat"):
             targs = ctx.data_args(node) if what == "residual" else list(node.args[0])
             nd = len(shapes[node.name])
@@ -909,7 +1139,7 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                                     module=scope or None, operands=ops, dim=dim % nd))
             units[node.name] = Units(len(layers) - 1, (dim % nd,), None)
         else:  # chain: keeps the units of its data input
-            if isinstance(info, ChainOp) and info.kind == "gate":
+            if isinstance(info, ChainOp) and info.kind in ("gate", "attention", "pattern"):
                 x = by_name[info.input_node]
             else:
                 targs = ctx.data_args(node) if node.op != "call_module" else [a for a in node.all_input_nodes if ctx.is_data(a)]
@@ -921,6 +1151,13 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
             if len(s_in) != len(s_out) or any(s_in[d] != s_out[d] for d in u.dims) or s_in[0] != s_out[0]:
                 raise ExtractionError(f"{_where(node)} changes the units' dims ({s_in} -> {s_out}) in a way that mixes units")
             units[node.name] = u
+            if isinstance(info, ChainOp) and info.kind == "attention" and isinstance(info.params[2], dict):
+                for a in (info.params[0], info.params[1], x.name):  # (batch, heads, tokens, head_dim)
+                    ua = units.get(a)
+                    if ua is not None and len(ua.dims) == 2 and ua.index is not None:
+                        heads = layers[ua.layer].call.setdefault("head_of", {})
+                        for hh, row in enumerate(np.asarray(ua.index)):
+                            heads.update({int(v): hh for v in np.ravel(row)})
             if info is not None:
                 info.input_node = x.name
                 layers[u.layer].bias_ops.append(info)
@@ -980,7 +1217,7 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                 path.append(cur.name)
                 nxt = [a for a in cur.all_input_nodes if ctx.is_data(a) or a.name in multi]
                 k = kinds[cur.name][1]
-                if isinstance(k, ChainOp) and k.kind == "gate":
+                if isinstance(k, ChainOp) and k.kind in ("gate", "attention", "pattern"):
                     nxt = [by_name[k.input_node]]
                 if len(nxt) != 1:
                     break
@@ -1006,6 +1243,8 @@ def layer_weight(ug: UnitGraph, spec: LayerSpec) -> tuple[torch.Tensor, torch.Te
     wnode = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
     bnode = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
     if wnode.op != "get_attr":
+        if "weight_value" in spec.call:  # computed from parameters (a slice of a packed weight)
+            return spec.call["weight_value"]
         raise ExtractionError(f"{_where(node)}: the weight is computed in forward; the weight graph needs stored weights")
     w = _attr_value(ug.gm, wnode).detach()
     b = _attr_value(ug.gm, bnode).detach() if isinstance(bnode, fx.Node) and bnode.op == "get_attr" else None
