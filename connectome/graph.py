@@ -873,7 +873,7 @@ def _is_canonical(src: np.ndarray, dst: np.ndarray, offsets: np.ndarray) -> bool
     if dst.shape != src.shape or int(dst[0]) < 0 or int(dst[-1]) >= n:
         return False
     for a in range(0, m, _CHUNK):
-        d, s = dst[a : a + _CHUNK + 1], src[a : a + _CHUNK + 1]
+        d = dst[a : a + _CHUNK + 1]
         if d.size > 1 and not (d[1:] >= d[:-1]).all():
             return False
     # dst is sorted: the edges into layer L are one run; their sources must lie in [0, start of L)
