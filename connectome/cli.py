@@ -61,13 +61,15 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--target", default="label", help="label (default), predicted, or a class index/name")
     e.add_argument("--per-sample", action="store_true", help="also sum |flow| per image (abs_weight)")
     e.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    e.add_argument("--precision", default="exact", choices=["exact", "tf32", "bf16"],
+                   help="float32 arithmetic: exact (default; TF32 off), tf32 or bf16 (faster on GPUs, approximate)")
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--max-images", type=int, default=None, help="at most this many images per category")
     e.add_argument("--image-size", type=int, default=None, help="resize/crop ImageFolder images to this size")
     e.add_argument("--categories", default=None, help="comma-separated category names (default: all)")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
-    e.add_argument("--num-workers", type=int, default=0,
-                   help="DataLoader worker processes decoding images (default 0: in the main process)")
+    e.add_argument("--num-workers", type=int, default=None,
+                   help="worker processes decoding images (default: one fewer than the CPUs, at most 8)")
     e.add_argument("--checkpoint", default=None, metavar="DIR",
                    help="folder for a resumable run: rerun the same command to continue after an interruption")
     e.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
@@ -193,7 +195,7 @@ def _extract(a: argparse.Namespace, rank: int) -> int:
         if a.image_size < 1:
             raise ConnectomeError(f"--image-size must be >= 1 pixel, got {a.image_size}")
         _check_input_memory(f"--image-size {a.image_size}", 3 * a.image_size**2, a.batch_size)
-    if a.num_workers < 0:
+    if a.num_workers is not None and a.num_workers < 0:
         raise ConnectomeError(f"--num-workers must be >= 0, got {a.num_workers}")
     if a.checkpoint_every < 1:
         raise ConnectomeError(f"--checkpoint-every must be >= 1 batch, got {a.checkpoint_every}")
@@ -221,7 +223,7 @@ def _extract(a: argparse.Namespace, rank: int) -> int:
     agree(error)
     graphs = attribution_by_category(
         spec.model, data, target, categories=cats, batch_size=a.batch_size, transform=transform,
-        progress=not a.quiet, per_sample=a.per_sample, device=a.device, max_images=a.max_images,
+        progress=not a.quiet, per_sample=a.per_sample, device=a.device, max_images=a.max_images, precision=a.precision,
         name=spec.name, labels=spec.classes, num_workers=a.num_workers, checkpoint=a.checkpoint,
         checkpoint_every=a.checkpoint_every,
     )

@@ -367,3 +367,14 @@ def test_report_on_any_category_name(extracted, tmp_path, capsys, name):
     assert main(["report", str(tmp_path / "g.npz"), "--json"]) == 0
     json.loads(capsys.readouterr().out)
     assert main(["compare", str(tmp_path / "g.npz"), str(extracted / "ring.npz"), "--out", str(tmp_path / "cmp")]) == 0
+
+
+def test_extract_precision_is_recorded(extracted, tmp_path):
+    index = json.loads((extracted / "index.json").read_text())
+    g = cn.load(extracted / next(iter(index["categories"].values()))["file"])
+    assert g.meta["precision"] == "exact" and g.meta["exact"] is True
+    out = tmp_path / "bf16"
+    assert main(["extract", "zoo:simplecnn_a", "zoo:shapes:2", "--out", str(out), "--quiet", "--device", "cpu",
+                 "--categories", "circle", "--precision", "bf16"]) == 0
+    g = cn.load(out / json.loads((out / "index.json").read_text())["categories"]["circle"]["file"])
+    assert g.meta["precision"] == "bf16" and g.meta["exact"] is False
