@@ -667,3 +667,4 @@ def test_long_file_names_within_the_limit_can_be_written(g, tmp_path):
     g.save(tmp_path / name)
     assert listing(tmp_path) == [name]
     assert cn.load(tmp_path / name).equals(g)
+

@@ -284,7 +284,8 @@ def _accumulate(model, info, target, dev, per_sample, precision, progress, max_i
     run = None  # this process's shard of a distributed run, and/or a run resumable from a checkpoint
     if checkpoint is not None or rank_world()[1] > 1:
         run = ShardedRun(info, m, dev, target=target, per_sample=per_sample, amp=amp, max_images=max_images,
-                         checkpoint=checkpoint, checkpoint_every=checkpoint_every, category=category)
+                         checkpoint=checkpoint, checkpoint_every=checkpoint_every, category=category,
+                         precision=precision)
         skipped, total, max_images = run.skipped, run.n, None  # the shards already stop at max_images
     scale = run.world if run is not None else 1  # rank 0's bar shows the whole job's images/s (about)
     desc = f"attribution {category}" if category else "attribution"
