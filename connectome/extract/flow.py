@@ -44,6 +44,7 @@ from connectome.extract._model import (check_model, eval_mode, model_dtype, mode
                                        precision_mode, resolve_device, resolve_precision, run_precision)
 from connectome.extract.accumulator import FlowAccumulator
 from connectome.extract.data import dataset_targets, make_loader, subset_loader, unpack_batch, warn_skipped
+from connectome.extract.targets import check_labels
 from connectome.extract.trace import trace_units
 from connectome.graph import Connectome
 
@@ -333,13 +334,7 @@ def _accumulate(model, info, target, dev, per_sample, precision, progress, max_i
                         raise DataError(f"labels {int(y.min())}..{int(y.max())} do not index the dataset's {len(lm)} classes")
                     y = lm[y]
                 if target == "label":
-                    if y is None:
-                        raise DataError("target='label' needs labels; the data has images only (pass (images, labels) or target=<class>)")
-                    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= n_out):
-                        raise DataError(
-                            f"labels {int(y.min())}..{int(y.max())} are out of range of the output layer "
-                            f"({n_out} units); map dataset labels to output units first"
-                        )
+                    y = check_labels(y, n_out)  # one wording with ablate and fidelity
                 yd = y.to(dev, non_blocking=True) if y is not None else None
                 try:
                     acc.step(x, lambda logits: fn(logits, yd))
