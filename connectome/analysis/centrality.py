@@ -20,11 +20,11 @@ from __future__ import annotations
 import contextlib
 import random
 import warnings
-import weakref
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
+from connectome._igraph import topology
 from connectome.errors import ConnectomeError, EmptyGraphError
 from connectome.graph import Connectome
 
@@ -66,26 +66,9 @@ _STRENGTHS = {
     "signed_strength": ("total", False),
 }
 
-# One bare igraph topology per Connectome. Connectomes are immutable (their edge arrays are
-# read-only), so the topology never goes stale; entries vanish with the graph.
-_TOPOLOGY: weakref.WeakKeyDictionary[Connectome, igraph.Graph] = weakref.WeakKeyDictionary()
-
-
 def _topology(g: Connectome) -> igraph.Graph:
-    """The directed igraph graph of ``g``'s edges, no attributes; vertex ``i`` is node ``i``.
-
-    Built from two flat int lists (``zip`` of ``tolist()``), about 4x faster than the
-    ``(n, 2)`` list that :meth:`Connectome.to_igraph` passes, and cached per graph. Edge
-    ``e`` of the igraph graph is edge ``e`` of ``g``, so weight arrays index both. Callers
-    must not modify the returned graph.
-    """
-    G = _TOPOLOGY.get(g)
-    if G is None:
-        import igraph as ig
-
-        G = ig.Graph(n=g.num_nodes, edges=list(zip(g.src.tolist(), g.dst.tolist())), directed=True)
-        _TOPOLOGY[g] = G
-    return G
+    """The cached bare igraph topology of ``g`` (see :mod:`connectome._igraph`); read-only."""
+    return topology(g)
 
 
 @contextlib.contextmanager

@@ -70,7 +70,7 @@ def _nx_mappings(pattern: Connectome, host: Connectome, induced: bool, signed: b
         return h["layer"] == p["layer"] and h["kind"] == p["kind"]
 
     def edge_match(h, p):
-        return not signed or np.sign(h["weight"]) == np.sign(p["weight"])
+        return not signed or np.sign(h["signed_weight"]) == np.sign(p["signed_weight"])
 
     gm = nx.algorithms.isomorphism.DiGraphMatcher(H, P, node_match=node_match, edge_match=edge_match)
     it = gm.subgraph_isomorphisms_iter() if induced else gm.subgraph_monomorphisms_iter()
