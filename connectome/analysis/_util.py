@@ -15,3 +15,18 @@ def nan_to_none(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return [nan_to_none(v) for v in x]
     return x
+
+
+def progress_bar(total: int, desc: str, show: bool | None, heavy: bool) -> Any:
+    """A tqdm bar on stderr, or ``None``.
+
+    ``show=None`` leaves the choice to ``heavy`` (the caller's estimate that the work takes
+    more than a few seconds), so small graphs stay silent and big ones say where they are.
+    """
+    if not (heavy if show is None else show):
+        return None
+    import sys
+
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)

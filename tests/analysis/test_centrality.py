@@ -110,6 +110,37 @@ def test_sampled_betweenness_is_unbiased_on_average():
     np.testing.assert_allclose(est[top], exact[top], rtol=0.2)
 
 
+def test_default_betweenness_is_exact_on_small_graphs(g):
+    c = centrality(g, ["betweenness"])
+    assert c.betweenness_samples is None
+    np.testing.assert_array_equal(c["betweenness"], centrality(g, ["betweenness"], betweenness_samples=None)["betweenness"])
+    assert centrality(g, ["pagerank"]).betweenness_samples is None
+
+
+def test_default_betweenness_samples_above_the_work_budget(g, monkeypatch):
+    import sys
+
+    cmod = sys.modules["connectome.analysis.centrality"]  # the module; the package re-exports the function
+    # a budget of 3 Dijkstra passes: the graph counts as large, the sample is the minimum
+    monkeypatch.setattr(cmod, "BETWEENNESS_WORK", 3 * g.num_edges)
+    monkeypatch.setattr(cmod, "MIN_BETWEENNESS_SAMPLES", 5)
+    c = centrality(g, ["betweenness"], seed=2)
+    assert c.betweenness_samples == 5
+    np.testing.assert_array_equal(c["betweenness"], centrality(g, ["betweenness"], betweenness_samples=5, seed=2)["betweenness"])
+    assert "5 sampled sources" in repr(c)
+    # a budget that buys more passes than the minimum samples that many
+    monkeypatch.setattr(cmod, "BETWEENNESS_WORK", 8 * g.num_edges)
+    assert cmod.auto_betweenness_samples(g.num_nodes, g.num_edges) == 8
+
+
+@pytest.mark.parametrize("samples", [None, 6])
+def test_betweenness_progress_in_chunks_gives_the_same_values(g, samples, capsys):
+    quiet = centrality(g, ["betweenness"], betweenness_samples=samples, seed=4, progress=False)["betweenness"]
+    shown = centrality(g, ["betweenness"], betweenness_samples=samples, seed=4, progress=True)["betweenness"]
+    np.testing.assert_allclose(shown, quiet, rtol=1e-12, atol=1e-12)
+    assert "betweenness" in capsys.readouterr().err
+
+
 def test_hub_authority_match_networkx(g, G):
     c = centrality(g, ["hub", "authority"])
     h, a = nx.hits(G, max_iter=100000, tol=1e-14)
@@ -254,7 +285,7 @@ def test_flow_without_attribution_says_what_to_do(g):
         centrality(g, ["flow"])
 
 
-@pytest.mark.parametrize("samples", [0, 1, 2.5])
+@pytest.mark.parametrize("samples", [0, 1, 2.5, "many", True])
 def test_bad_sample_count(g, samples):
     with pytest.raises(ValueError, match="betweenness_samples"):
         centrality(g, ["betweenness"], betweenness_samples=samples)
