@@ -22,6 +22,7 @@ leidenalg's ``quality()``).
 from __future__ import annotations
 
 import itertools
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
@@ -42,6 +43,11 @@ ENGINES = ("auto", "igraph", "leidenalg")
 
 #: How many units each community summary lists.
 TOP_UNITS = 5
+
+# Partitions already computed, per graph and arguments: a report, a comparison and the
+# user's own call then share one Leiden run (tens of seconds on ResNet-50). Connectomes are
+# immutable and Partitions frozen, so a cached result is the result.
+_PARTITIONS: weakref.WeakKeyDictionary[Connectome, dict[tuple, Partition]] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -320,6 +326,10 @@ def communities(
     under ``weights="positive"``) are kept as singleton communities, not dropped, so that
     ``membership`` stays aligned with ``g.node_ids``; they take the highest labels.
 
+    The result is remembered per graph and arguments (``weights`` given as a mode or a
+    column name), so calling again, or :func:`connectome.analysis.compare` and the reports,
+    which ask for the same partition, cost nothing the second time.
+
     References
     ----------
     .. [1] Traag, V. A., Waltman, L. & van Eck, N. J. (2019). From Louvain to Leiden:
@@ -356,6 +366,11 @@ def communities(
     resolution = float(resolution)
     if not np.isfinite(resolution) or resolution < 0:
         raise ValueError(f"resolution must be a finite number >= 0, got {resolution!r}")
+    cache_key = (method, resolution, int(seed), weights, int(n_iterations), engine) if isinstance(weights, str) else None
+    if cache_key is not None:
+        hit = _PARTITIONS.get(g, {}).get(cache_key)
+        if hit is not None:
+            return hit
     mode, w = _weights_for(g, weights)
     signed = mode == "signed"
     if engine == "auto":
@@ -398,7 +413,7 @@ def communities(
         objective = "modularity (directed, igraph Leiden)"
     else:
         membership, quality, objective = _leidenalg(G, w, method, resolution, seed, n_iterations, signed)
-    return Partition(
+    part = Partition(
         membership=membership,
         quality=float(quality),
         objective=objective,
@@ -409,6 +424,9 @@ def communities(
         weights=mode,
         seed=seed,
     )
+    if cache_key is not None:
+        _PARTITIONS.setdefault(g, {})[cache_key] = part
+    return part
 
 
 def _leidenalg(
