@@ -150,8 +150,9 @@ def circuit(
     max_units : int, optional
         A unit budget for the whole circuit, so that it stays readable on large models:
         each layer keeps at most ``max(1, (max_units - 1) // n)`` units (its strongest),
-        ``n`` being the number of layers before the target's. ``mass`` (or ``top_k``)
-        still decides first; the cap only trims. On ResNet-50 (70 layers before the logits)
+        ``n`` being the number of layers before the target's, so the circuit has at most
+        ``max(max_units, n + 1)`` units. ``mass`` (or ``top_k``) still decides first; the
+        cap only trims. On ResNet-50 (70 layers before the logits)
         ``mass=0.8`` keeps about 9,000 units, ``max_units=150`` two per layer.
 
     Returns

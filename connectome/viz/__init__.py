@@ -26,6 +26,9 @@ __all__ = [
     "plot_matching",
     "plot_curves",
     "plot_bars",
+    "plot_fidelity",
+    "plot_comparison",
+    "community_rgb",
     "Report",
 ]
 
@@ -111,11 +114,14 @@ def _empty(ax: Any, message: str) -> None:
 # Defined after the helpers: the submodules import it from here.
 from connectome.viz.charts import (  # noqa: E402
     plot_bars,
+    plot_comparison,
     plot_curves,
+    plot_fidelity,
     plot_hubs,
     plot_image_comparison,
     plot_matching,
     plot_similarity,
 )
 from connectome.viz.circuits import plot_circuit, plot_groups  # noqa: E402
+from connectome.viz.palette import community_rgb  # noqa: E402
 from connectome.viz.report import Report  # noqa: E402
