@@ -123,15 +123,53 @@ def harness(model_name: str, n_images: int, workdir: Path) -> dict[str, Any]:
             "images": xs[tabby], "labels": ys[tabby]}
 
 
-def run(model_name: str = "resnet50", n_images: int = 4, step_timeout: float | None = None,
-        quiet: bool = False) -> dict[str, Any]:
+def run_steps(steps: list[tuple[str, str]], ns: dict[str, Any], step_timeout: float | None = None,
+              echo: bool = True) -> list[dict[str, Any]]:
+    """Run the tour's steps in ``ns`` in order; one row per step. A step that fails or times
+    out ends the tour (later steps use its names) and is recorded with its reason."""
+    rows = []
+    for label, code in steps:
+        _reset_peak()
+        t0 = time.perf_counter()
+        status = "ok"
+        old = None
+        if step_timeout:
+            def on_alarm(signum, frame):  # noqa: ARG001
+                raise _StepTimeout
+
+            old = signal.signal(signal.SIGALRM, on_alarm)
+            signal.setitimer(signal.ITIMER_REAL, step_timeout)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("default")
+                exec(compile(code, "<README tour>", "exec"), ns)
+        except _StepTimeout:
+            status = f"timed out after {step_timeout:g} s"
+        except Exception as exc:  # noqa: BLE001 - the benchmark reports it and stops
+            status = f"failed: {type(exc).__name__}: {exc}"
+        finally:
+            if step_timeout:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, old)
+        dt = time.perf_counter() - t0
+        peak = _peak_kb()
+        rows.append({"step": label, "seconds": round(dt, 2), "peak_mb": round(peak / 1024, 1) if peak else None,
+                     "status": status})
+        if echo:
+            mark = "" if status == "ok" and dt < GOAL_STEP_S else ("  <-- over the goal" if status == "ok" else f"  <-- {status}")
+            print(f"{label[:72]:<72} {dt:7.1f} s {rows[-1]['peak_mb'] or float('nan'):8.0f} MB{mark}", flush=True)
+        if status != "ok":
+            break
+    return rows
+
+
+def run(model_name: str = "resnet50", n_images: int = 4, step_timeout: float | None = None) -> dict[str, Any]:
     import torch
 
     source = tour_source()
     if model_name != "resnet50":
         source = source.replace("resnet50", model_name)
     steps = tour_steps(source)
-    rows = []
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="connectome-tour-") as tmp:
         cwd = os.getcwd()
@@ -141,41 +179,16 @@ def run(model_name: str = "resnet50", n_images: int = 4, step_timeout: float | N
             t0 = time.perf_counter()
             ns.update(harness(model_name, n_images, Path(tmp)))
             print(f"{'(harness: images, model_a, model_b)':<72} {time.perf_counter() - t0:7.1f} s", flush=True)
-            for label, code in steps:
-                _reset_peak()
-                t0 = time.perf_counter()
-                status = "ok"
-                old = None
-                if step_timeout:
-                    def on_alarm(signum, frame):  # noqa: ARG001
-                        raise _StepTimeout
-
-                    old = signal.signal(signal.SIGALRM, on_alarm)
-                    signal.setitimer(signal.ITIMER_REAL, step_timeout)
-                try:
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("default")
-                        exec(compile(code, "<README tour>", "exec"), ns)
-                except _StepTimeout:
-                    status = f"timed out after {step_timeout:g} s"
-                finally:
-                    if step_timeout:
-                        signal.setitimer(signal.ITIMER_REAL, 0)
-                        signal.signal(signal.SIGALRM, old)
-                dt = time.perf_counter() - t0
-                peak = _peak_kb()
-                rows.append({"step": label, "seconds": round(dt, 2),
-                             "peak_mb": round(peak / 1024, 1) if peak else None, "status": status})
-                mark = "" if dt < GOAL_STEP_S and status == "ok" else "  <-- over the goal" if status == "ok" else f"  <-- {status}"
-                print(f"{label[:72]:<72} {dt:7.1f} s {rows[-1]['peak_mb'] or float('nan'):8.0f} MB{mark}", flush=True)
+            rows = run_steps(steps, ns, step_timeout)
         finally:
             os.chdir(cwd)
     total = time.perf_counter() - t_all
+    complete = len(rows) == len(steps) and all(r["status"] == "ok" for r in rows)
     result = {
         "model": model_name, "images_per_category": n_images, "steps": rows, "total_seconds": round(total, 1),
         "slowest_step": max(rows, key=lambda r: r["seconds"])["step"] if rows else None,
         "goal": {"step_s": GOAL_STEP_S, "total_s": GOAL_TOTAL_S},
-        "met": all(r["status"] == "ok" and r["seconds"] < GOAL_STEP_S for r in rows) and total < GOAL_TOTAL_S,
+        "met": complete and all(r["seconds"] < GOAL_STEP_S for r in rows) and total < GOAL_TOTAL_S,
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
                     "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
     }
