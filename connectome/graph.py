@@ -794,15 +794,13 @@ class Connectome:
         ncols = {"layer": names[self._node_layer].tolist(), "index": self.node_units.tolist(),
                  "kind": kinds[self._node_layer].tolist(), "label": self.node_labels.tolist(),
                  **{k: v.tolist() for k, v in self.node_attrs.items()}}
-        nkeys = list(ncols)
-        G.add_nodes_from(zip(ids, (dict(zip(nkeys, vals)) for vals in zip(*ncols.values()))))
+        G.add_nodes_from(zip(ids, _dict_rows(list(ncols), list(ncols.values()))))
         if not m:
             return G
         w = self.weight
         ecols = {"weight": np.abs(w).tolist(), "signed_weight": w.tolist(),
                  **{k: v.tolist() for k, v in self.edge_attrs.items()}}
-        ekeys = list(ecols)
-        data = [dict(zip(ekeys, vals)) for vals in zip(*ecols.values())]
+        data = _dict_rows(list(ecols), list(ecols.values()))
         del ecols
         # networkx's own add_edges_from copies every attribute dict and checks both ends of
         # every edge; filling its adjacency dicts (succ[u][v] is pred[v][u], one dict) run by
@@ -928,6 +926,19 @@ def _owned(a: Any, dtype: Any = None) -> np.ndarray:
     if arr.flags.writeable or (isinstance(a, np.ndarray) and a.flags.writeable):
         arr = arr.copy()
     return arr
+
+
+def _dict_rows(keys: list[str], cols: list[list[Any]]) -> list[dict[str, Any]]:
+    """One dict per row of the columns ``cols`` under ``keys``.
+
+    A comprehension with a dict display (``{"weight": c0, ...}``) builds the dicts about
+    twice as fast as ``dict(zip(keys, row))``, which matters at millions of edges; it is
+    compiled for the given keys, each written as a literal with ``repr``.
+    """
+    names = [f"c{i}" for i in range(len(keys))]
+    body = ", ".join(f"{k!r}: {n}" for k, n in zip(keys, names))
+    code = f"lambda cols: [{{{body}}} for {', '.join(names)}, in zip(*cols)]"
+    return eval(code, {"zip": zip})(cols)  # noqa: S307 - keys are repr'd string literals
 
 
 def _is_number(v: Any) -> bool:
