@@ -4,7 +4,9 @@ Reads the first ```python block of README.md (the tour that starts with
 ``import torchvision, connectome as cn``) and runs its statements in order in one
 namespace, in a temporary folder, printing for each step the seconds it took and the
 peak resident memory of the process during that step (``VmHWM``, reset before every step
-through ``/proc/self/clear_refs``; on other systems the process-wide peak).
+through ``/proc/self/clear_refs``; on other systems the process-wide peak) and how far that
+peak rose above the memory held when the step started (what the step itself needed; the
+process also holds everything earlier steps kept, e.g. both graphs and ``igg``).
 
 The tour leaves a few names to the reader; this script provides them:
 
@@ -79,6 +81,14 @@ def _peak_kb() -> int | None:
     return int(m.group(1)) if m else None
 
 
+def _rss_kb() -> int | None:
+    try:
+        m = re.search(r"VmRSS:\s+(\d+)", Path("/proc/self/status").read_text())
+    except OSError:
+        return None
+    return int(m.group(1)) if m else None
+
+
 def _reset_peak() -> None:
     try:
         Path("/proc/self/clear_refs").write_text("5")
@@ -130,6 +140,7 @@ def run_steps(steps: list[tuple[str, str]], ns: dict[str, Any], step_timeout: fl
     rows = []
     for label, code in steps:
         _reset_peak()
+        start_kb = _rss_kb()
         t0 = time.perf_counter()
         status = "ok"
         old = None
@@ -153,11 +164,13 @@ def run_steps(steps: list[tuple[str, str]], ns: dict[str, Any], step_timeout: fl
                 signal.signal(signal.SIGALRM, old)
         dt = time.perf_counter() - t0
         peak = _peak_kb()
+        rise = (peak - start_kb) / 1024 if peak and start_kb else None
         rows.append({"step": label, "seconds": round(dt, 2), "peak_mb": round(peak / 1024, 1) if peak else None,
-                     "status": status})
+                     "rise_mb": round(rise, 1) if rise is not None else None, "status": status})
         if echo:
             mark = "" if status == "ok" and dt < GOAL_STEP_S else ("  <-- over the goal" if status == "ok" else f"  <-- {status}")
-            print(f"{label[:72]:<72} {dt:7.1f} s {rows[-1]['peak_mb'] or float('nan'):8.0f} MB{mark}", flush=True)
+            print(f"{label[:64]:<64} {dt:7.1f} s  peak {rows[-1]['peak_mb'] or float('nan'):6.0f} MB  "
+                  f"+{rise if rise is not None else float('nan'):5.0f} MB{mark}", flush=True)
         if status != "ok":
             break
     return rows
