@@ -130,10 +130,10 @@ def graph_sections(g: Connectome, top: int = 10, seed: int = 0, report: Any = No
         data["circuit"] = {"mass": None if top_k else mass, "top_k": top_k, "max_units": max_units,
                            "units": circ.num_nodes, "edges": circ.num_edges, "sizes": sizes, "capped": capped}
         how = f"the top {top_k} units per layer" if top_k else f"{mass:.0%} of the flow per layer"
+        circ_desc = how + (f", at most about {max_units} units" if capped else "")
         if capped:
             how += (f", capped at about {max_units} units ({len(capped)} layers trimmed to their strongest; "
                     "--max-units 0 for no cap)")
-        circ_desc = how
         text.append("")
         text.append(f"Circuit carrying {how} into {circ.layers[-1].labels[0] if circ.layers[-1].labels else circ.node_ids[-1]}: "
                     f"{circ.num_nodes} units, {circ.num_edges} edges")

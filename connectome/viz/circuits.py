@@ -345,7 +345,8 @@ def plot_circuit(
     steps = _column_steps(sizes)
     tight = float(steps[sizes > 1].min()) if (sizes > 1).any() else 1.0
     pts_y = _points_per_unit(ax, y_hi - y_lo, "y")
-    spacing = min(tight * pts_y, 0.6 * width_pts / max(x_hi - x_lo, 1e-9))
+    col_pts = width_pts / max(x_hi - x_lo, 1e-9)  # points between neighbouring columns
+    spacing = min(tight * pts_y, 0.6 * col_pts)
     # Dense columns may overlap a little: a dot under 4 points is hard to see at all.
     d_max = float(np.clip(0.95 * spacing, 4.5, 22.0))
     d_min = max(2.0, 0.3 * d_max)
@@ -388,7 +389,9 @@ def plot_circuit(
                 ax.annotate(text, (x[j], y[j]), xytext=(diam[j] / 2 + 4, 0), textcoords="offset points",
                             ha="left", va="center", fontsize=lab_fs, zorder=4,
                             fontweight="bold" if l.kind == "output" else "normal", path_effects=halo)
-        elif label_units and (l.size == 1 or steps[li] * pts_y >= 9.5) and n_text + l.size <= 400:
+        elif (label_units and (l.size == 1 or steps[li] * pts_y >= 9.5) and n_text + l.size <= 400
+              and col_pts >= 0.6 * 8 * len(str(int(g.node_units[sl].max()))) + d_max / 2 + 8):
+            # (only where the label fits between this column and the one to its left)
             for j in range(sl.start, sl.stop):
                 ax.annotate(str(g.node_units[j]), (x[j], y[j]), xytext=(-(diam[j] / 2 + 2), 0),
                             textcoords="offset points", ha="right", va="center", fontsize=8,
