@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import io
 import json
+from xml.etree import ElementTree
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from connectome.errors import BadFileError, ConnectomeError
-from connectome.graph import Connectome
+from connectome.graph import Connectome, Layer
 
 __all__ = ["read_graphml", "read_gexf", "read"]
 
@@ -60,14 +61,12 @@ def read_graphml(path: Any) -> Connectome:
         Node ids that are not ``"<layer>:<unit>"`` (and no ``layer``/``index`` columns), or
         edges that cannot be put in a forward layer order.
     """
-    import networkx as nx
-
     p = _existing(path)
     try:
-        G = nx.read_graphml(p)
-    except Exception as exc:  # ElementTree, networkx and key errors all mean "not our GraphML"
+        tables = _graphml_tables(p)
+    except (ElementTree.ParseError, ValueError, KeyError) as exc:
         raise BadFileError(f"cannot read {str(p)!r} as GraphML ({type(exc).__name__}: {exc})") from None
-    return _from_gephi(G, p)
+    return _from_tables(*tables, p)
 
 
 def read_gexf(path: Any) -> Connectome:
@@ -83,9 +82,9 @@ def read_gexf(path: Any) -> Connectome:
     data = data.replace(b"http://www.gexf.net/1.3", b"http://gexf.net/1.3")
     try:
         G = nx.read_gexf(io.BytesIO(data))
-    except Exception as exc:
+    except Exception as exc:  # ElementTree, networkx and value errors all mean "not a GEXF file"
         raise BadFileError(f"cannot read {str(p)!r} as GEXF ({type(exc).__name__}: {exc})") from None
-    return _from_gephi(G, p)
+    return _from_tables(G.is_directed(), dict(G.graph), list(G.nodes(data=True)), list(G.edges(data=True)), p)
 
 
 def read(path: Any) -> Connectome:
@@ -106,19 +105,76 @@ def _existing(path: Any) -> Path:
 
 
 def _number(v: Any) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+    return isinstance(v, (int, float, bool, np.integer, np.floating, np.bool_))
 
 
-def _from_gephi(G: Any, path: Path) -> Connectome:
-    import networkx as nx
+_GRAPHML_TYPES = {"int": int, "long": int, "integer": int, "float": float, "double": float,
+                  "boolean": lambda t: t.strip().lower() in ("true", "1"), "string": str}
 
-    if G.is_multigraph():  # networkx reads GEXF as a multigraph; a connectome has one edge per pair
-        G = nx.DiGraph(G)
-    if not G.is_directed():
+
+def _graphml_tables(path: Path) -> tuple[bool, dict[str, Any], list[tuple[str, dict]], list[tuple[str, str, dict]]]:
+    """(directed, graph data, nodes, edges) of a GraphML file, read in one streaming pass.
+
+    networkx's reader builds its graph element by element and costs three times the parse
+    itself; a connectome needs only the tables. Typed keys with their defaults, as the
+    GraphML specification defines them; nested graphs and hyperedges are refused.
+    """
+    keys: dict[str, tuple[str, str, Any, Any]] = {}  # id -> (for, name, convert, default)
+    directed = True
+    graph_data: dict[str, Any] = {}
+    nodes: list[tuple[str, dict]] = []
+    edges: list[tuple[str, str, dict]] = []
+    graphs = 0
+    for _, el in ElementTree.iterparse(path, events=("end",)):
+        tag = el.tag.rpartition("}")[2]
+        if tag == "data":
+            continue  # read with the element that holds it
+        if tag in ("node", "edge"):
+            data = {}
+            for c in el:
+                if c.tag.rpartition("}")[2] == "data":
+                    _, name, conv, _ = keys[c.get("key")]
+                    data[name] = conv(c.text or "")
+            for kfor, name, _, default in keys.values():
+                if default is not None and kfor in (tag, "all") and name not in data:
+                    data[name] = default
+            if tag == "node":
+                nodes.append((el.get("id"), data))
+            else:
+                if el.get("directed") == "false":
+                    directed = False
+                edges.append((el.get("source"), el.get("target"), data))
+            el.clear()  # the tree is not needed: memory stays flat on large files
+        elif tag == "key":
+            default = next((c.text or "" for c in el if c.tag.rpartition("}")[2] == "default"), None)
+            conv = _GRAPHML_TYPES.get(el.get("attr.type", "string"), str)
+            keys[el.get("id")] = (el.get("for", "all"), el.get("attr.name", el.get("id")), conv,
+                                  None if default is None else conv(default))
+        elif tag == "graph":
+            graphs += 1
+            if graphs > 1:
+                raise ValueError("nested or several graphs are not supported")
+            directed = directed and el.get("edgedefault", "directed") == "directed"
+            for c in el:
+                if c.tag.rpartition("}")[2] == "data" and c.get("key") in keys:
+                    kfor, name, conv, _ = keys[c.get("key")]
+                    if kfor in ("graph", "all"):
+                        graph_data[name] = conv(c.text or "")
+            el.clear()
+        elif tag in ("hyperedge", "port"):
+            raise ValueError(f"GraphML {tag}s are not supported")
+    if not graphs:
+        raise ValueError("no graph element")
+    return directed, graph_data, nodes, edges
+
+
+def _from_tables(directed: bool, graph_data: dict[str, Any], node_rows: list[tuple[Any, dict]],
+                 edge_rows: list[tuple[Any, Any, dict]], path: Path) -> Connectome:
+    if not directed:
         raise ConnectomeError(f"{str(path)!r} holds an undirected graph; a connectome's edges have a direction "
                               "(export it from Gephi as directed)")
     where: dict[Any, tuple[str, int]] = {}
-    for n, d in G.nodes(data=True):
+    for n, d in node_rows:
         if "layer" in d and "index" in d:
             where[n] = (str(d["layer"]), int(d["index"]))
             continue
@@ -127,41 +183,58 @@ def _from_gephi(G: Any, path: Path) -> Connectome:
             raise ConnectomeError(f"node {n!r} of {str(path)!r} has no 'layer'/'index' columns and its id is not "
                                   "'<layer>:<unit>'; was the file written by connectome?")
         where[n] = (lname, int(unit))
-    order = _layer_order(G, where, path)
+    unknown = {u for u, v, _ in edge_rows for u in (u, v) if u not in where}
+    if unknown:
+        raise ConnectomeError(f"{str(path)!r} has edges to nodes it does not list: {sorted(map(str, unknown))[:3]}")
+    order = _layer_order(node_rows, edge_rows, where, path)
+    pos = {name: i for i, name in enumerate(order)}
 
-    # A clean graph for from_networkx: data columns only, the inferred layers as its spec.
-    H = nx.DiGraph()
+    # Nodes in layer order, then unit order; numeric columns, unit labels and layer kinds.
+    nodes = sorted(node_rows, key=lambda nd: (pos[where[nd[0]][0]], where[nd[0]][1]))
+    index = {n: i for i, (n, _) in enumerate(nodes)}
     kinds: dict[str, str] = {}
-    labels: dict[str, dict[int, str]] = {}
-    int_cols: dict[str, bool] = {}
-    for n, d in G.nodes(data=True):
+    labels: dict[str, list[str | None]] = {name: [] for name in order}
+    cols: dict[str, list[Any]] = {}
+    for i, (n, d) in enumerate(nodes):
         lname, unit = where[n]
         if "kind" in d:
             kinds.setdefault(lname, str(d["kind"]))
         label = d.get("label")
-        if label is not None and str(label) != f"{lname}:{unit}":
-            labels.setdefault(lname, {})[unit] = str(label)
-        attrs = {"layer": lname, "index": unit}
+        labels[lname].append(str(label) if label is not None and str(label) != f"{lname}:{unit}" else None)
         for k, v in d.items():
             if k in DRAWING_KEYS or k in ("layer", "index", "kind") or not _number(v):
                 continue
-            attrs[k] = v
-            int_cols[k] = int_cols.get(k, True) and isinstance(v, (int, np.integer))
-        H.add_node(f"{lname}:{unit}", **attrs)
-    counts = {name: 0 for name in order}
-    for lname, _ in where.values():
-        counts[lname] += 1
-    spec = []
-    for name in order:
-        lab = labels.get(name)
-        units = sorted(u for (ln, u) in where.values() if ln == name)
-        full = lab is not None and len(lab) == len(units) and counts[name] == len(units)
-        spec.append({"name": name, "kind": kinds.get(name, "other"), "size": counts[name],
-                     "labels": [lab[u] for u in units] if full else None})
-    for u, v, d in G.edges(data=True):
-        attrs = {k: val for k, val in d.items() if k not in EDGE_SKIP and _number(val)}
-        H.add_edge(f"{where[u][0]}:{where[u][1]}", f"{where[v][0]}:{where[v][1]}", **attrs)
-    meta = G.graph.get("meta")
+            cols.setdefault(k, [np.nan] * len(nodes))[i] = v
+    node_attrs = {}
+    for k, v in cols.items():
+        # whole-number columns (community, modularity class, written as int/long) stay integers
+        if all(isinstance(x, (bool, np.bool_)) for x in v):
+            node_attrs[k] = np.array(v, dtype=bool)
+        else:
+            ints = all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in v)
+            node_attrs[k] = np.array(v, dtype=np.int64 if ints else np.float64)
+    counts = {name: len(labels[name]) for name in order}
+    layers = [Layer(name=name, kind=kinds.get(name, "other"), size=counts[name],
+                    labels=tuple(labels[name]) if labels[name] and all(x is not None for x in labels[name]) else None)
+              for name in order]
+    units = np.array([where[n][1] for n, _ in nodes], dtype=np.int64)
+
+    m = len(edge_rows)
+    src = np.empty(m, dtype=np.int64)
+    dst = np.empty(m, dtype=np.int64)
+    weight = np.empty(m, dtype=np.float64)
+    ecols: dict[str, np.ndarray] = {}
+    for e, (u, v, d) in enumerate(edge_rows):
+        src[e], dst[e] = index[u], index[v]
+        # the exports write weight = |w| (Gephi wants it >= 0) and the sign as signed_weight
+        weight[e] = d.get("signed_weight", d.get("weight", 1.0))
+        for k, val in d.items():
+            if k in EDGE_SKIP or k in ("weight", "signed_weight") or not _number(val):
+                continue
+            if k not in ecols:
+                ecols[k] = np.full(m, np.nan)
+            ecols[k][e] = val
+    meta = graph_data.get("meta")
     if isinstance(meta, str):
         try:
             meta = json.loads(meta)
@@ -169,23 +242,21 @@ def _from_gephi(G: Any, path: Path) -> Connectome:
             meta = None
     meta = dict(meta) if isinstance(meta, dict) else {}
     meta["read_from"] = str(path)
-    H.graph["layers"] = json.dumps(spec)
-    H.graph["meta"] = json.dumps(meta)
-    # whole-number columns (community, modularity_class, in_circuit written as long) stay integers
-    H.graph["dtypes"] = json.dumps({f"node:{k}": "<i8" for k, is_int in int_cols.items() if is_int})
     try:
-        return Connectome.from_networkx(H)
+        return Connectome(layers=tuple(layers), node_units=units, src=src, dst=dst, weight=weight,
+                          edge_attrs=ecols, node_attrs=node_attrs, meta=meta)
     except ConnectomeError as exc:
         raise ConnectomeError(f"{str(path)!r}: {exc}") from None
 
 
-def _layer_order(G: Any, where: dict[Any, tuple[str, int]], path: Path) -> list[str]:
+def _layer_order(node_rows: list[tuple[Any, dict]], edge_rows: list[tuple[Any, Any, dict]],
+                 where: dict[Any, tuple[str, int]], path: Path) -> list[str]:
     """Layers in an order every edge goes forward in; ties by mean x, then first appearance."""
     import heapq
 
     first: dict[str, int] = {}
     xs: dict[str, list[float]] = {}
-    for i, (n, d) in enumerate(G.nodes(data=True)):
+    for i, (n, d) in enumerate(node_rows):
         lname = where[n][0]
         first.setdefault(lname, i)
         x = d.get("x")
@@ -196,12 +267,12 @@ def _layer_order(G: Any, where: dict[Any, tuple[str, int]], path: Path) -> list[
     mean_x = {k: float(np.mean(v)) for k, v in xs.items()}
     succ: dict[str, set[str]] = {k: set() for k in first}
     indeg = {k: 0 for k in first}
-    for u, v in G.edges():
+    for u, v, _ in edge_rows:
         a, b = where[u][0], where[v][0]
         if a != b and b not in succ[a]:
             succ[a].add(b)
             indeg[b] += 1
-    same = [(u, v) for u, v in G.edges() if where[u][0] == where[v][0]]
+    same = [(u, v) for u, v, _ in edge_rows if where[u][0] == where[v][0]]
     if same:
         u, v = same[0]
         raise ConnectomeError(f"{str(path)!r} has an edge inside layer {where[u][0]!r} ({u} -> {v}); a connectome's "

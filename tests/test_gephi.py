@@ -196,3 +196,26 @@ def test_bad_files(tmp_path, g):
     nx.write_graphml(H, tmp_path / "cycle.graphml")
     with pytest.raises(ConnectomeError, match="cycle"):
         gephi.read_graphml(tmp_path / "cycle.graphml")
+
+
+def test_graphml_key_defaults_types_and_graph_data(tmp_path):
+    path = tmp_path / "d.graphml"
+    path.write_text(
+        '<?xml version="1.0"?><graphml xmlns="http://graphml.graphdrawing.org/xmlns">'
+        '<key id="m" for="graph" attr.name="meta" attr.type="string"/>'
+        '<key id="s" for="node" attr.name="score" attr.type="double"><default>0.5</default></key>'
+        '<key id="c" for="node" attr.name="community" attr.type="int"/>'
+        '<key id="w" for="edge" attr.name="weight" attr.type="float"/>'
+        '<key id="f" for="edge" attr.name="flag" attr.type="boolean"/>'
+        '<graph edgedefault="directed"><data key="m">{"model": "m1"}</data>'
+        '<node id="in:0"><data key="c">1</data></node><node id="in:1"><data key="s">2.0</data><data key="c">0</data></node>'
+        '<node id="out:0"><data key="c">1</data></node>'
+        '<edge source="in:0" target="out:0"><data key="w">-1.5</data><data key="f">true</data></edge>'
+        '<edge source="in:1" target="out:0"><data key="w">2</data><data key="f">false</data></edge>'
+        '</graph></graphml>')
+    g = gephi.read_graphml(path)
+    assert g.layer_names == ["in", "out"] and g.meta["model"] == "m1"
+    assert g.node_attr("score").tolist() == [0.5, 2.0, 0.5]  # the key's default where a node has none
+    assert g.node_attr("community").tolist() == [1, 0, 1] and g.node_attr("community").dtype.kind == "i"
+    assert sorted(g.weight.tolist()) == [-1.5, 2.0]
+    assert sorted(g.edge_attr("flag").tolist()) == [0.0, 1.0]
