@@ -124,3 +124,23 @@ def test_igraph_weights_work_in_igraph_algorithms(signed):
     G = signed.to_igraph()
     pr = np.array(G.pagerank(weights="weight"))
     np.testing.assert_allclose(pr, centrality(signed, ["pagerank"])["pagerank"], rtol=1e-9)
+
+
+def test_edge_topology_holds_the_kept_edges_in_order(signed):
+    igraph_cache.clear()
+    keep = np.arange(signed.num_edges) % 3 != 0
+    G = igraph_cache.edge_topology(signed, keep)
+    assert G.vcount() == signed.num_nodes
+    assert G.get_edgelist() == list(zip(signed.src[keep].tolist(), signed.dst[keep].tolist()))
+    assert igraph_cache.edge_topology(signed, keep.copy()) is G  # same graph, same mask: remembered
+    other = igraph_cache.edge_topology(signed, ~keep)
+    assert other is not G and other.ecount() == int((~keep).sum())
+    assert igraph_cache.edge_topology(signed, np.ones(signed.num_edges, bool)) is igraph_cache.topology(signed)
+
+
+def test_topology_is_built_in_chunks_without_changing_it(signed, monkeypatch):
+    igraph_cache.clear()
+    monkeypatch.setattr(igraph_cache, "CHUNK", 5)  # many chunks for a small graph
+    G = igraph_cache.topology(signed)
+    assert G.get_edgelist() == list(zip(signed.src.tolist(), signed.dst.tolist()))
+    igraph_cache.clear()

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
-from connectome._igraph import topology
+from connectome._igraph import edge_topology, topology
 from connectome.analysis._util import progress_bar
 from connectome.errors import ConnectomeError, EmptyGraphError
 from connectome.graph import Connectome
@@ -208,14 +208,12 @@ def _betweenness(
     g: Connectome, absw: np.ndarray, samples: int | None, seed: int, progress: bool | None = None
 ) -> np.ndarray:
     n = g.num_nodes
-    G = _topology(g)
     keep = absw > 0
     if not keep.any():
         return np.zeros(n)
+    G = edge_topology(g, keep)
     dist = -np.log(absw[keep] / absw.max())
     dist = np.maximum(dist, ZERO_DISTANCE)
-    if not keep.all():
-        G = G.subgraph_edges(np.flatnonzero(keep).tolist(), delete_vertices=False)
     weights = dist.tolist()
     del dist
     if samples is None or samples >= n:
@@ -392,9 +390,12 @@ def centrality(
     w = _edge_values(g, weight)
     absw = np.abs(w)
     needs_igraph = {"pagerank", "eigenvector", "hub", "authority"} & set(measures)
-    if needs_igraph and g.num_edges:
-        G = _topology(g)
-        wl = absw.tolist()
+    if needs_igraph and g.num_edges and absw.any():
+        # zero edges change none of these measures (a unit whose out-edges are all zero is
+        # dangling either way), so they stay out of igraph: less to convert and to hold
+        nonzero = absw > 0
+        G = edge_topology(g, nonzero)
+        wl = absw[nonzero].tolist()
     out: dict[str, np.ndarray] = {}
     for m in measures:
         if m in _STRENGTHS:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
+from connectome._igraph import edge_topology
 from connectome.analysis.centrality import _check_nonempty, _edge_values, _seeded_igraph, _topology, strength
 from connectome.errors import ConnectomeError, EmptyGraphError
 from connectome.graph import Connectome
@@ -386,12 +387,11 @@ def communities(
             f"this graph has {g.num_edges} edges"
             + (" and none is positive; try weights='abs'" if mode == "positive" and g.num_edges else "")
         )
-    G = _topology(g)
     seed = int(seed)
     n_iterations = int(n_iterations)
     if engine == "igraph":
         keep = w > 0
-        H, wk = _edge_graph(G, keep), w[keep]
+        H, wk = edge_topology(g, keep), w[keep]
         n = g.num_nodes
         # Directed modularity spelt out for igraph's Leiden: CPM with node out-weights
         # k_out, in-weights k_in and resolution gamma / m has quality
@@ -412,7 +412,7 @@ def communities(
         quality = _modularity(H, membership, wk, resolution)
         objective = "modularity (directed, igraph Leiden)"
     else:
-        membership, quality, objective = _leidenalg(G, w, method, resolution, seed, n_iterations, signed)
+        membership, quality, objective = _leidenalg(_topology(g), w, method, resolution, seed, n_iterations, signed)
     part = Partition(
         membership=membership,
         quality=float(quality),

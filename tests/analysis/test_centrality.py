@@ -141,6 +141,24 @@ def test_betweenness_progress_in_chunks_gives_the_same_values(g, samples, capsys
     assert "betweenness" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("measure", ["pagerank", "eigenvector", "hub", "authority", "betweenness"])
+def test_zero_weight_edges_change_nothing(measure):
+    # attribution graphs have many exact zeros (dead units); igraph never sees them
+    g = layered(seed=4)
+    w = np.where(np.arange(g.num_edges) % 4 == 0, 0.0, g.weight)
+    with_zeros = g.with_weight(w)
+    without = with_zeros.prune(threshold=1e-300)  # the same graph without the zero edges
+    assert without.num_edges < with_zeros.num_edges
+    a = centrality(with_zeros, [measure])[measure]
+    b = centrality(without, [measure])[measure]
+    np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+    if measure == "pagerank":  # and networkx, zero edges and all, agrees
+        with np.errstate(divide="ignore"):  # nx_graph's -log distance of a zero edge
+            G0 = nx_graph(with_zeros)
+        ref = nx.pagerank(G0, weight="weight", tol=1e-13, max_iter=10000)
+        np.testing.assert_allclose(a, as_array(ref, g.num_nodes), rtol=1e-6)
+
+
 def test_hub_authority_match_networkx(g, G):
     c = centrality(g, ["hub", "authority"])
     h, a = nx.hits(G, max_iter=100000, tol=1e-14)
