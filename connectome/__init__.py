@@ -31,6 +31,7 @@ __all__ = [
     "Layer",
     "load",
     "io",
+    "gephi",
     "extract",
     "analysis",
     "viz",
@@ -44,7 +45,7 @@ __all__ = [
     "__version__",
 ]
 
-_LAZY = {"extract", "analysis", "viz", "zoo", "io", "cli"}
+_LAZY = {"extract", "analysis", "viz", "zoo", "io", "gephi", "cli"}
 
 
 def __getattr__(name: str) -> Any:

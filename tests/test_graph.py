@@ -541,7 +541,8 @@ def test_to_igraph_order_and_attributes(rich):
     assert G.vs["label"] == rich.node_labels.tolist()
     np.testing.assert_array_equal(G.vs["activation_mean"], rich.node_attr("activation_mean"))
     assert [e.tuple for e in G.es] == list(zip(rich.src.tolist(), rich.dst.tolist()))
-    np.testing.assert_array_equal(G.es["weight"], rich.weight)
+    np.testing.assert_array_equal(G.es["weight"], np.abs(rich.weight))  # igraph wants weights >= 0
+    np.testing.assert_array_equal(G.es["signed_weight"], rich.weight)
     np.testing.assert_array_equal(G.es["abs_weight"], rich.edge_attr("abs_weight"))
     assert json.loads(G["meta"]) == rich.meta
     assert [d["name"] for d in json.loads(G["layers"])] == rich.layer_names

@@ -1,0 +1,19 @@
+"""What the command line assumes about a model is said, not silent."""
+
+from __future__ import annotations
+
+from connectome.modelspec import load_model_spec
+
+
+def test_torchvision_without_weights_says_it_is_random(capsys, tmp_path):
+    spec = load_model_spec("torchvision:resnet18")
+    err = capsys.readouterr().err
+    assert "random weights" in err and "--weights DEFAULT" in err
+    assert spec.meta == {"weights": "random init"}
+    import torch
+
+    path = tmp_path / "w.pt"
+    torch.save(spec.model.state_dict(), path)
+    spec2 = load_model_spec("torchvision:resnet18", str(path))
+    assert "random" not in capsys.readouterr().err
+    assert spec2.meta == {"weights": str(path)}
