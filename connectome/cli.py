@@ -181,6 +181,7 @@ def _cmd_weights(a: argparse.Namespace) -> int:
         raise ConnectomeError(f"give --input-shape for {a.model!r} (for example 3,224,224)")
     _check_out_file(a.out)
     g = extract.weights(spec.model, shape, reduce=a.reduce, labels=spec.classes, name=spec.name)
+    g = g.with_meta(**spec.meta)  # what was assumed (random weights) travels with the graph
     g.save(a.out)
     print(g)
     print(f"wrote {a.out}", file=sys.stderr)
@@ -258,6 +259,7 @@ def _extract(a: argparse.Namespace, rank: int) -> int:
         return 0
     files = category_files(list(graphs))
     for cname, g in graphs.items():
+        g = g.with_meta(**spec.meta)  # what was assumed (random weights) travels with the graph
         g.save(out / files[cname])
         index["categories"][cname] = {
             "file": files[cname], "n_images": g.meta["n_images"],
