@@ -28,6 +28,10 @@ def check(name: str) -> tuple[str, str]:
     try:
         kw = {"aux_logits": False, "init_weights": False} if name in ("googlenet", "inception_v3") else {}
         model = torchvision.models.get_model(name, weights=None, num_classes=10, **kw).eval().double()
+        with torch.no_grad():  # zero-initialised heads (ViT) would make the check trivially true
+            for m in model.modules():
+                if isinstance(m, torch.nn.Linear) and not m.weight.any():
+                    m.weight.normal_(0, 0.05)
         size = 96 if name == "inception_v3" else (64 if name.startswith(("alexnet", "vgg")) else 32)
         if name.startswith(("vit_", "maxvit_")):
             size = 224
@@ -37,7 +41,7 @@ def check(name: str) -> tuple[str, str]:
         g = cn.extract.attribution(model, (x, y), progress=False, device="cpu")
         with torch.no_grad():
             T = model(x).gather(1, y[:, None]).sum().item()
-        ok = g.meta["exact"] and g.meta["completeness_relative"] <= 1e-9 and \
+        ok = T != 0 and g.meta["exact"] and g.meta["completeness_relative"] <= 1e-9 and \
             abs(g.meta["target_total"] - T) <= 1e-12 * max(1.0, abs(T))
         return name, (f"{'ok  ' if ok else 'BAD '} completeness {g.meta['completeness_relative']:.1e}, "
                       f"{g.num_nodes} units, {g.num_edges} edges, {time.perf_counter() - t0:.0f} s")

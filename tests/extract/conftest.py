@@ -9,13 +9,25 @@ import torch
 import connectome as cn
 
 
+def no_zero_layers(model: torch.nn.Module) -> torch.nn.Module:
+    """Give zero-initialised Linear weights (torchvision's ViT heads) random values: zero logits
+    would make every completeness check trivially true."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear) and not m.weight.any():
+                m.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+    return model
+
+
 def _exact_graph(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, weights: bool = True,
                  conservation: bool = False, rtol: float = 1e-10) -> cn.Connectome:
     """Attribution of a float64 model: exact, complete, its own logits; the weight graph has the same edges."""
+    no_zero_layers(model)
     g = cn.extract.attribution(model, (x, y), progress=False, device="cpu")
     with torch.no_grad():
         T = model(x).gather(1, y[:, None]).sum().item()
     assert g.meta["exact"] is True
+    assert T != 0.0  # a zero target would make the checks below trivially true
     assert g.meta["target_total"] == pytest.approx(T, rel=1e-12)
     assert g.meta["completeness_relative"] <= 1e-9
     if conservation:
