@@ -290,8 +290,10 @@ def compare_report(ga: Connectome, gb: Connectome, top: int = 20, out: str | Non
         from connectome import viz
 
         rep = viz.Report(f"connectome compare: {na} vs {nb}")
-        rep.add_figure(viz.plot_comparison(cmp, analog), f"{na} vs {nb} per layer: similarities, the important units "
-                       "they share, and where the skeleton of one's circuit lands in the other's graph.", "comparison")
+        with _plain_text():  # category names are text, never mathtext
+            rep.add_figure(viz.plot_comparison(cmp, analog), f"{na} vs {nb} per layer: similarities, the important "
+                           "units they share, and where the skeleton of one's circuit lands in the other's graph.",
+                           "comparison")
         rep.add_code(repr(cmp))
         if analog is not None and len(analog):
             best = analog[0]
