@@ -31,6 +31,7 @@ __all__ = [
     "Layer",
     "load",
     "io",
+    "gephi",
     "extract",
     "analysis",
     "viz",
@@ -45,7 +46,7 @@ __all__ = [
     "__version__",
 ]
 
-_LAZY = {"extract", "analysis", "viz", "zoo", "io", "cli", "patches"}
+_LAZY = {"extract", "analysis", "viz", "zoo", "io", "gephi", "cli", "patches"}
 
 
 def __getattr__(name: str) -> Any:

@@ -62,13 +62,15 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--target", default="label", help="label (default), predicted, or a class index/name")
     e.add_argument("--per-sample", action="store_true", help="also sum |flow| per image (abs_weight)")
     e.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    e.add_argument("--precision", default="exact", choices=["exact", "tf32", "bf16"],
+                   help="float32 arithmetic: exact (default; TF32 off), tf32 or bf16 (faster on GPUs, approximate)")
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--max-images", type=int, default=None, help="at most this many images per category")
     e.add_argument("--image-size", type=int, default=None, help="resize/crop ImageFolder images to this size")
     e.add_argument("--categories", default=None, help="comma-separated category names (default: all)")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
-    e.add_argument("--num-workers", type=int, default=0,
-                   help="DataLoader worker processes decoding images (default 0: in the main process)")
+    e.add_argument("--num-workers", type=int, default=None,
+                   help="worker processes decoding images (default: one fewer than the CPUs, at most 8)")
     e.add_argument("--checkpoint", default=None, metavar="DIR",
                    help="folder for a resumable run: rerun the same command to continue after an interruption")
     e.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
@@ -77,26 +79,42 @@ def _parser() -> argparse.ArgumentParser:
                    help="also keep each unit's top K images (dataset examples for unit cards and the viewer)")
 
     r = add("report", "Analyse one graph: hubs, communities, circuit; print and write report.html.")
-    r.add_argument("graph", metavar="GRAPH.npz")
+    r.add_argument("graph", metavar="GRAPH.npz", help="a graph written by extract or weights")
     r.add_argument("--top", type=int, default=10, help="top units to list (default 10)")
     r.add_argument("--json", action="store_true", help="print machine-readable results instead of tables")
     r.add_argument("--out", default=None, help="directory for report.html and PNGs")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=int, default=0, help="seed of Leiden and of sampled betweenness (default 0)")
+    _circuit_options(r)
+    r.add_argument("--measures", default=None, metavar="M,M",
+                   help="centralities to compute, comma-separated, e.g. strength,pagerank,betweenness "
+                        "(default strength,pagerank and flow on attribution graphs)")
+    r.add_argument("--betweenness-samples", default="auto", metavar="auto|N|exact",
+                   help="sources sampled for betweenness: auto (exact on small graphs, sampled on large ones; "
+                        "default), a number, or exact (hours on ResNet-50)")
     r.add_argument("--html", action="store_true", help="also write the interactive viewer.html next to report.html")
     r.add_argument("--data", default=None, help="the images the graph's examples index (default: as recorded)")
 
     c = add("compare", "Compare two graphs of one model: shared and analogous units and circuits.")
-    c.add_argument("a", metavar="A.npz")
-    c.add_argument("b", metavar="B.npz")
-    c.add_argument("--top", type=int, default=20)
-    c.add_argument("--json", action="store_true")
+    c.add_argument("a", metavar="A.npz", help="graph of the first category")
+    c.add_argument("b", metavar="B.npz", help="graph of the second category (same model)")
+    c.add_argument("--top", type=int, default=20, help="most important units per layer compared (default 20)")
+    c.add_argument("--json", action="store_true", help="print machine-readable results instead of tables")
     c.add_argument("--out", default=None, help="directory for report.html and PNGs")
+    c.add_argument("--mass", type=float, default=0.8,
+                   help="fraction of the flow per layer the compared circuits carry (default 0.8)")
+    c.add_argument("--time-budget", type=float, default=5.0, metavar="SECONDS",
+                   help="seconds for the search of A's circuit skeleton in B's graph (default 5)")
 
     x = add("export", "Export a graph to GraphML or GEXF for Gephi.")
-    x.add_argument("graph", metavar="GRAPH.npz")
-    x.add_argument("--format", required=True, choices=["graphml", "gexf"])
-    x.add_argument("--prune-top-k", type=int, default=None, help="keep the K strongest inputs per unit")
-    x.add_argument("--out", required=True, help="output file")
+    x.add_argument("graph", metavar="GRAPH.npz", help="a graph written by extract or weights")
+    x.add_argument("--format", default=None, choices=["graphml", "gexf"],
+                   help="file format (default: from the extension of --out, .graphml or .gexf)")
+    x.add_argument("--prune-top-k", type=int, default=None, metavar="K",
+                   help="keep the K strongest non-zero inputs per unit (8 keeps a ResNet-50 file small enough for Gephi)")
+    x.add_argument("--annotate", action="store_true",
+                   help="add centralities (strength, pagerank, flow), the Leiden community (node colour) and "
+                        "in_circuit as node columns, computed on the whole graph before pruning")
+    x.add_argument("--out", required=True, help="output file (.graphml or .gexf)")
     x.add_argument("--examples", default=None, metavar="DIR",
                    help="write each unit's top image patches as PNG files into DIR (graph extracted with --examples)")
     x.add_argument("--data", default=None, help="the images the graph's examples index (default: as recorded)")
@@ -113,9 +131,20 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true")
 
     z = add("zoo", "List or retrain the embedded zoo models.")
-    z.add_argument("action", choices=["list", "train"])
-    z.add_argument("--out", default=None, help="train: directory for the weights (default: the package's)")
+    z.add_argument("action", choices=["list", "train"], help="list the models, or train them from scratch")
+    z.add_argument("--out", default="zoo_weights", metavar="DIR",
+                   help="train: folder for the new weights (default zoo_weights/; never the installed package's)")
     return p
+
+
+def _circuit_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mass", type=float, default=0.8,
+                   help="fraction of the flow per layer the circuit carries (default 0.8)")
+    p.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help="keep the K strongest units per layer in the circuit instead of --mass")
+    p.add_argument("--max-units", type=int, default=150, metavar="N",
+                   help="about N circuit units in all (at least one per layer), the strongest of each layer, so "
+                        "that the figure stays readable on large models (default 150; 0: no cap)")
 
 
 def _version() -> str:
@@ -167,6 +196,7 @@ def _cmd_weights(a: argparse.Namespace) -> int:
         raise ConnectomeError(f"give --input-shape for {a.model!r} (for example 3,224,224)")
     _check_out_file(a.out)
     g = extract.weights(spec.model, shape, reduce=a.reduce, labels=spec.classes, name=spec.name)
+    g = g.with_meta(**spec.meta)  # what was assumed (random weights) travels with the graph
     g.save(a.out)
     print(g)
     print(f"wrote {a.out}", file=sys.stderr)
@@ -208,7 +238,7 @@ def _extract(a: argparse.Namespace, rank: int) -> int:
         if a.image_size < 1:
             raise ConnectomeError(f"--image-size must be >= 1 pixel, got {a.image_size}")
         _check_input_memory(f"--image-size {a.image_size}", 3 * a.image_size**2, a.batch_size)
-    if a.num_workers < 0:
+    if a.num_workers is not None and a.num_workers < 0:
         raise ConnectomeError(f"--num-workers must be >= 0, got {a.num_workers}")
     if a.checkpoint_every < 1:
         raise ConnectomeError(f"--checkpoint-every must be >= 1 batch, got {a.checkpoint_every}")
@@ -238,7 +268,7 @@ def _extract(a: argparse.Namespace, rank: int) -> int:
     agree(error)
     graphs = attribution_by_category(
         spec.model, data, target, categories=cats, batch_size=a.batch_size, transform=transform,
-        progress=not a.quiet, per_sample=a.per_sample, device=a.device, max_images=a.max_images,
+        progress=not a.quiet, per_sample=a.per_sample, device=a.device, max_images=a.max_images, precision=a.precision,
         name=spec.name, labels=spec.classes, num_workers=a.num_workers, checkpoint=a.checkpoint,
         checkpoint_every=a.checkpoint_every, examples=a.examples,
     )
@@ -249,6 +279,7 @@ def _extract(a: argparse.Namespace, rank: int) -> int:
         graphs = {c: g.with_meta(examples={**g.meta["examples"], "data": where}) for c, g in graphs.items()}
     files = category_files(list(graphs))
     for cname, g in graphs.items():
+        g = g.with_meta(**spec.meta)  # what was assumed (random weights) travels with the graph
         g.save(out / files[cname])
         index["categories"][cname] = {
             "file": files[cname], "n_images": g.meta["n_images"],
@@ -305,11 +336,40 @@ def _cmd_report(a: argparse.Namespace) -> int:
     _check_out_dir(a.out)
     if a.html and a.out is None:
         raise ConnectomeError("--html writes viewer.html next to report.html: give --out DIR")
+    top_k, max_units = _circuit_args(a)
+    measures = [m.strip() for m in a.measures.split(",") if m.strip()] if a.measures else None
+    samples = _samples(a.betweenness_samples)
     g = load(a.graph)
-    result = graph_report(g, top=a.top, out=a.out, seed=a.seed, images=a.data, viewer=a.html)
+    result = graph_report(g, top=a.top, out=a.out, seed=a.seed, mass=a.mass, top_k=top_k, max_units=max_units,
+                          measures=measures, betweenness_samples=samples, images=a.data, viewer=a.html)
     if a.html:
         print(f"viewer: {result.data['viewer']}", file=sys.stderr)
     return _emit(result, a.json)
+
+
+def _circuit_args(a: argparse.Namespace) -> tuple[int | None, int | None]:
+    if not 0 < a.mass <= 1:
+        raise ConnectomeError(f"--mass must be in (0, 1], got {a.mass}")
+    if a.top_k is not None and a.top_k < 1:
+        raise ConnectomeError(f"--top-k must be >= 1, got {a.top_k}")
+    if a.max_units is not None and (a.max_units < 0 or a.max_units == 1):
+        raise ConnectomeError(f"--max-units must be 0 (no cap) or >= 2, got {a.max_units}")
+    return a.top_k, (a.max_units or None)
+
+
+def _samples(text: str) -> Any:
+    t = str(text).strip().lower()
+    if t == "auto":
+        return "auto"
+    if t in ("exact", "all", "none"):
+        return None
+    try:
+        k = int(t)
+    except ValueError:
+        raise ConnectomeError(f"--betweenness-samples must be auto, exact or a number >= 2, got {text!r}") from None
+    if k < 2:
+        raise ConnectomeError(f"--betweenness-samples must be auto, exact or a number >= 2, got {text!r}")
+    return k
 
 
 def _emit(result: Any, as_json: bool) -> int:
@@ -328,24 +388,83 @@ def _cmd_compare(a: argparse.Namespace) -> int:
     from connectome.reporting import compare_report
 
     _check_out_dir(a.out)
+    if not 0 < a.mass <= 1:
+        raise ConnectomeError(f"--mass must be in (0, 1], got {a.mass}")
+    if not a.time_budget > 0:
+        raise ConnectomeError(f"--time-budget must be positive seconds, got {a.time_budget}")
     ga, gb = load(a.a), load(a.b)
-    return _emit(compare_report(ga, gb, top=a.top, out=a.out), a.json)
+    return _emit(compare_report(ga, gb, top=a.top, out=a.out, mass=a.mass, time_budget=a.time_budget), a.json)
+
+
+#: export warns before writing a file larger than this (Gephi slows down well before).
+EXPORT_WARN_BYTES = 100e6
 
 
 def _cmd_export(a: argparse.Namespace) -> int:
+    import numpy as np
+
     from connectome import io
 
-    g = io.load(a.graph)
-    if a.prune_top_k is not None:
-        if a.prune_top_k < 1:
-            raise ConnectomeError(f"--prune-top-k must be >= 1, got {a.prune_top_k}")
-        g = g.prune(top_k=a.prune_top_k)
+    fmt = a.format or _format_from(a.out)
+    if a.prune_top_k is not None and a.prune_top_k < 1:
+        raise ConnectomeError(f"--prune-top-k must be >= 1, got {a.prune_top_k}")
     _check_out_file(a.out)
+    g = io.load(a.graph)
+    if a.annotate:
+        g = _annotated(g)
+    if a.prune_top_k is not None:
+        # zero-weight edges (dead units of an attribution graph) carry nothing: never keep them
+        g = g.prune(top_k=a.prune_top_k, threshold=float(np.finfo(np.float64).tiny))
+    size = _export_size(g)
+    if size > EXPORT_WARN_BYTES:
+        hint = "" if a.prune_top_k else "; --prune-top-k 8 keeps each unit's 8 strongest inputs"
+        print(f"connectome export: warning: {a.out} will be about {size / 1e6:,.0f} MB ({g.num_edges:,} edges){hint}",
+              file=sys.stderr)
     if a.examples is not None:
         g = _write_patches(g, a.examples, a.data, Path(a.out).parent)
-    (io.write_graphml if a.format == "graphml" else io.write_gexf)(g, a.out)
-    print(f"wrote {a.out} ({g.num_nodes} nodes, {g.num_edges} edges)", file=sys.stderr)
+    (io.write_graphml if fmt == "graphml" else io.write_gexf)(g, a.out)
+    print(f"wrote {a.out} ({fmt}, {g.num_nodes} nodes, {g.num_edges} edges)", file=sys.stderr)
     return 0
+
+
+def _format_from(path: str) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix in (".graphml", ".gexf"):
+        return suffix[1:]
+    raise ConnectomeError(f"cannot tell the format of {path!r} from its extension; name it .graphml or .gexf, "
+                          "or pass --format graphml|gexf")
+
+
+def _export_size(g: Any) -> float:
+    """Bytes a GraphML/GEXF file of ``g`` takes, about: each edge names both ends and carries
+    ``weight``, ``signed_weight`` and every edge column; each node every column."""
+    import numpy as np
+
+    id_len = float(np.mean([len(s) for s in g.node_ids[:: max(1, g.num_nodes // 1000)].tolist()])) if g.num_nodes else 0.0
+    per_edge = 2 * id_len + 60 + 40 * (2 + len(g.edge_attrs))
+    per_node = id_len + 120 + 40 * (10 + len(g.node_attrs))
+    return g.num_edges * per_edge + g.num_nodes * per_node
+
+
+def _annotated(g: Any) -> Any:
+    """``g`` with centralities, Leiden communities and the circuit as node columns."""
+    from connectome import analysis as an
+    from connectome.analysis.circuits import target_node
+
+    measures = ["strength", "pagerank"] + (["flow"] if "attribution" in g.node_attrs else [])
+    c = an.centrality(g, measures)
+    try:
+        p = an.communities(g, seed=0)
+    except ConnectomeError as exc:
+        print(f"connectome export: communities skipped ({_one_line(exc)})", file=sys.stderr)
+        p = None
+    circ = None
+    try:
+        target_node(g, None)
+        circ = an.circuit(g, mass=0.8)
+    except ConnectomeError:
+        pass  # a weight graph has no class to trace a circuit to
+    return an.annotate(g, centrality=c, partition=p, circuit=circ)
 
 
 def _write_patches(g: Any, folder: str, data: str | None, beside: Path) -> Any:
@@ -420,8 +539,17 @@ def _cmd_zoo(a: argparse.Namespace) -> int:
             acc_s = f"{acc:.3f}" if isinstance(acc, (int, float)) else "?"
             print(f"{name:<14} {info.get('architecture', ''):<12} held-out accuracy {acc_s}")
         return 0
-    results = zoo.train_all(a.out)
+    out = Path(a.out).resolve()
+    package = Path(zoo.__file__).resolve().parent
+    if out == package or package in out.parents:
+        raise ConnectomeError(f"--out {a.out!r} is inside the installed package ({package}); "
+                              "pick a folder of your own, e.g. zoo_weights")
+    if out.exists() and not out.is_dir():
+        raise ConnectomeError(f"--out {a.out!r} is a file; give a folder")
+    results = zoo.train_all(out)
     print(json.dumps(results, indent=2, default=_json_default))
+    print(f"wrote the weights to {out}; use them with --weights {out}/NAME.pt (e.g. zoo:smallresnet) or "
+          f"connectome.zoo.load_model(NAME, weights_dir={str(out)!r})", file=sys.stderr)
     return 0
 
 

@@ -174,24 +174,29 @@ def run_demo(out: str | Path = "demo_out", progress: bool = True, n_per_class: i
     rep.add_heading("5. Do the circuits matter? Ablation", 2)
     frow = []
     curves = {}
+    fids = {}
     for cname in classes:
         sub_idx = [i for i, t in enumerate(data.targets) if int(t) == classes.index(cname)]
         xs = torch.stack([data[i][0] for i in sub_idx])
         ys = torch.tensor([classes.index(cname)] * len(sub_idx))
         fid = an.fidelity(models[MAIN], circuits[cname], (xs, ys), n_random=n_random, seed=0, curves=cname == "circle",
                           device="cpu")
+        fids[cname] = fid
         frow.append([cname, fid.circuit_drop, fid.random_mean, fid.random_std, fid.complement_drop])
-        if cname == "circle" and getattr(fid, "deletion_curve", None) is not None:
-            curves = {"deletion": fid.deletion_curve, "insertion": fid.insertion_curve}
+        if cname == "circle":
+            curves = _curves(fid)
     summary["fidelity"] = frow
     rep.add_table(frow, headers=["category", "circuit ablation: prob. drop", "random sets: mean drop", "random std",
                                  "keep only circuit: drop"],
                   caption="Zeroing a category's circuit units versus the same number of random units per layer.")
-    rep.add_figure(viz.plot_bars({r[0]: (r[1], 0.0) for r in frow}, title="Drop in class probability when the circuit is ablated",
-                                 xlabel="category"), "Fidelity: probability drop from ablating each circuit.", "fidelity")
+    rep.add_figure(viz.plot_fidelity(fids, title="Drop in class probability: circuit ablated vs random units"),
+                   f"Fidelity: the probability drop from ablating each circuit, next to the drop from ablating "
+                   f"{n_random} random unit sets with as many units per layer (the baseline it is measured against).",
+                   "fidelity")
     if curves:
-        rep.add_figure(viz.plot_curves({k: (np.asarray(v[0]), np.asarray(v[1])) for k, v in curves.items()},
-                                       title="Deletion and insertion curves (circle)"),
+        rep.add_figure(viz.plot_curves(curves, title="Deletion and insertion curves (circle)",
+                                       xlabel="fraction of circuit units removed (deletion) / restored (insertion)",
+                                       ylabel="class probability"),
                        "Removing circuit units in order of attribution (deletion) or restoring them (insertion).",
                        "curves")
 
@@ -225,6 +230,14 @@ def run_demo(out: str | Path = "demo_out", progress: bool = True, n_per_class: i
         json.dump(summary, fh, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
     print(_summary_text(summary, path))
     return str(path)
+
+
+def _curves(fid: Any) -> dict[str, tuple[Any, Any]]:
+    """Deletion and insertion curves of a FidelityResult as ``name -> (x, y)`` for plot_curves."""
+    if fid.deletion_curve is None:
+        return {}
+    # each curve holds its y values over the shared x (fraction of circuit units)
+    return {"deletion": (fid.curve_x, fid.deletion_curve), "insertion": (fid.curve_x, fid.insertion_curve)}
 
 
 def _skeleton(g: Any) -> Any:

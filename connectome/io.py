@@ -449,11 +449,10 @@ _KIND_HUE = {k: v.hue for k, v in KINDS.items()}  # one table of kinds: connecto
 def node_colors(g: Connectome) -> np.ndarray:
     """RGB colours (0-255), shape (n_nodes, 3): by community if present, else by layer kind."""
     if "community" in g.node_attrs:
-        c = np.asarray(g.node_attrs["community"], dtype=np.float64)
-        c = np.where(np.isfinite(c), c, -1).astype(np.int64)
-        golden = 0.61803398875
-        hues = (c * golden) % 1.0
-        rgb = np.array([colorsys.hsv_to_rgb(h, 0.65, 0.9) if k >= 0 else (0.6, 0.6, 0.6) for h, k in zip(hues, c)])
+        # the palette of every figure, so that a community has one colour in Gephi and in the report
+        from connectome.viz.palette import community_rgb
+
+        rgb = np.asarray(community_rgb(g.node_attrs["community"]), dtype=np.float64).reshape(-1, 3)
     else:
         kinds = [g.layers[i].kind for i in g.node_layer]
         rgb = np.array([colorsys.hsv_to_rgb(_KIND_HUE.get(k, 0.0), 0.55 if k != "input" else 0.0, 0.85) for k in kinds])

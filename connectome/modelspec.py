@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ class ModelSpec:
     name: str
     input_shape: tuple[int, ...] | None = None
     classes: list[str] | None = None
+    #: What was assumed, for ``meta`` (e.g. ``{"weights": "random init"}``).
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 def _load_weights(model: Any, weights: str) -> None:
@@ -98,7 +101,12 @@ def load_model_spec(spec: str, weights: str | None = None) -> ModelSpec:
             model = builder(weights=None, **kwargs)
             if weights is not None:
                 _load_weights(model, weights)
-        return ModelSpec(model.eval(), f"torchvision:{name}", (3, 224, 224), classes)
+        meta = {"weights": str(weights) if weights is not None else "random init"}
+        if weights is None:
+            # Easy to miss: the same name with --weights DEFAULT is a trained network.
+            print(f"connectome: torchvision:{name} has random weights (no --weights given); pass --weights DEFAULT "
+                  "for torchvision's pretrained ones or --weights FILE for your own", file=sys.stderr)
+        return ModelSpec(model.eval(), f"torchvision:{name}", (3, 224, 224), classes, meta)
     if kind == "zoo":
         from connectome import zoo
 

@@ -105,9 +105,22 @@ def _has_target(g: Connectome) -> bool:
     return True
 
 
+#: Circuit units a report draws at most (``circuit(..., max_units=)``): readable on ResNet-50.
+FIGURE_UNITS = 150
+#: Layers (from the output back) of the circuit skeleton placed in the other graph.
+ANALOGOUS_LAYERS = 8
+
+
 def graph_sections(g: Connectome, top: int = 10, seed: int = 0, report: Any = None, prefix: str = "",
-                   mass: float = 0.8, images: Any = None, max_cards: int = 24) -> dict[str, Any]:
+                   mass: float = 0.8, top_k: int | None = None, max_units: int | None = FIGURE_UNITS,
+                   measures: list[str] | None = None, betweenness_samples: Any = "auto",
+                   images: Any = None, max_cards: int = 24) -> dict[str, Any]:
     """Hubs, communities, circuit and neuron groups of one graph; adds figures to ``report``.
+
+    ``mass``/``top_k``/``max_units`` choose the circuit (see
+    :func:`connectome.analysis.circuit`; ``max_units`` keeps its figure readable), ``measures``
+    the centralities computed (default strength, pagerank and flow when the graph has
+    attribution), ``betweenness_samples`` how betweenness is computed when asked for.
 
     When the graph carries dataset examples (``examples=k`` at extraction) the report also
     gets a card per circuit unit and per top contributor, with its top image patches;
@@ -123,9 +136,13 @@ def graph_sections(g: Connectome, top: int = 10, seed: int = 0, report: Any = No
                                       "meta": g.meta}}
     text: list[str] = [repr(g), ""]
     # hubs
-    measures = ["strength", "pagerank"] + (["flow"] if "attribution" in g.node_attrs else [])
-    c = an.centrality(g, measures)
-    key = "flow" if "flow" in c else "strength"
+    if measures is None:
+        measures = ["strength", "pagerank"] + (["flow"] if "attribution" in g.node_attrs else [])
+    measures = list(dict.fromkeys([*measures, "pagerank"]))  # the hub table ranks by pagerank too
+    c = an.centrality(g, measures, betweenness_samples=betweenness_samples, seed=seed)
+    if "betweenness" in c:
+        data["betweenness_samples"] = c.betweenness_samples
+    key = next(k for k in ("flow", "strength", *c) if k in c)
     hidden = np.isin(g.node_layer, [i for i, l in enumerate(g.layers) if is_hidden(l.kind)])
     # NaN marks units that are not hidden: top_nodes leaves NaN out
     scores = np.where(hidden, np.abs(c[key]), np.nan)
@@ -154,14 +171,23 @@ def graph_sections(g: Connectome, top: int = 10, seed: int = 0, report: Any = No
             rows.append([com.label, com.size, span, com.internal_flow, ", ".join(com.top_units[:3])])
         comm_table = (rows, ["community", "units", "layers", "internal flow", "top units"])
         text.append(table(*comm_table))
+        if len(rows) < p.n_communities:
+            text.append(f"(the {len(rows)} largest of {p.n_communities} communities)")
     # circuit
     circ = groups = None
     if _has_target(g):
-        circ = an.circuit(g_comm, mass=mass)
+        circ = an.circuit(g_comm, mass=mass, top_k=top_k, max_units=max_units)
         sizes = {l.name: l.size for l in circ.layers}
-        data["circuit"] = {"mass": mass, "units": circ.num_nodes, "edges": circ.num_edges, "sizes": sizes}
+        capped = circ.meta["circuit"].get("capped", {})
+        data["circuit"] = {"mass": None if top_k else mass, "top_k": top_k, "max_units": max_units,
+                           "units": circ.num_nodes, "edges": circ.num_edges, "sizes": sizes, "capped": capped}
+        how = f"the top {top_k} units per layer" if top_k else f"{mass:.0%} of the flow per layer"
+        circ_desc = how + (f", at most about {max_units} units" if capped else "")
+        if capped:
+            how += (f", capped at about {max_units} units ({len(capped)} layers trimmed to their strongest; "
+                    "--max-units 0 for no cap)")
         text.append("")
-        text.append(f"Circuit carrying {mass:.0%} of the flow per layer into {circ.layers[-1].labels[0] if circ.layers[-1].labels else circ.node_ids[-1]}: "
+        text.append(f"Circuit carrying {how} into {circ.layers[-1].labels[0] if circ.layers[-1].labels else circ.node_ids[-1]}: "
                     f"{circ.num_nodes} units, {circ.num_edges} edges")
         text.append(table([[k, v, g.layer(k).size] for k, v in sizes.items()], ["layer", "circuit units", "of"]))
         contrib = an.top_contributors(g, k=min(top, 10))
@@ -179,17 +205,22 @@ def graph_sections(g: Connectome, top: int = 10, seed: int = 0, report: Any = No
 
         name = g.meta.get("category") or g.meta.get("model") or "graph"
         report.add_heading(f"{prefix}{name}", 2)
-        report.add_text(repr(g))
+        report.add_code(repr(g))
+        # NaN (input and output units) leaves those layers out of the hub chart
         with _plain_text():
-            report.add_figure(viz.plot_hubs(g, np.nan_to_num(scores, nan=0.0) if np.isfinite(scores).any() else c["pagerank"], k=5,
-                                            title=f"Top units by |{key}| per layer"),
-                              f"Hubs of {name}: the units with the largest |{key}| in each layer.", f"{prefix}hubs_{_slug(name)}")
+            report.add_figure(viz.plot_hubs(g_comm, scores if np.isfinite(scores).any() else c["pagerank"], k=5,
+                                            title=f"Top hidden units by |{key}| per layer", xlabel=f"|{key}|"),
+                              f"Hubs of {name}: the units with the largest |{key}| in each hidden layer.",
+                              f"{prefix}hubs_{_slug(name)}")
         if comm_table is not None:
+            shown = len(comm_table[0])
+            of = f"the {shown} largest of {p.n_communities} communities" if shown < p.n_communities else \
+                f"all {p.n_communities} communities"
             report.add_table(comm_table[0], headers=comm_table[1],
-                             caption=f"Leiden communities ({p.objective}, quality {p.quality:.3f})")
+                             caption=f"Leiden communities ({p.objective}, quality {p.quality:.3f}): {of}")
         if circ is not None:
             with _plain_text():
-                report.add_figure(viz.plot_circuit(circ, title=f"Circuit of {name} ({mass:.0%} of flow per layer)"),
+                report.add_figure(viz.plot_circuit(circ, title=f"Circuit of {name} ({circ_desc})"),
                                   f"The layered circuit of {name}: units sized by attribution, coloured by community; "
                                   "edges red for positive and blue for negative flow.", f"{prefix}circuit_{_slug(name)}")
                 if groups is not None:
@@ -237,17 +268,22 @@ def _slug(s: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in str(s))[:40]
 
 
-def graph_report(g: Connectome, top: int = 10, out: str | None = None, seed: int = 0, images: Any = None,
-                 viewer: bool = False) -> ReportResult:
+def graph_report(g: Connectome, top: int = 10, out: str | None = None, seed: int = 0, mass: float = 0.8,
+                 top_k: int | None = None, max_units: int | None = FIGURE_UNITS, measures: list[str] | None = None,
+                 betweenness_samples: Any = "auto", images: Any = None, viewer: bool = False) -> ReportResult:
     """Analyse one graph; with ``out``, also write ``report.html`` and PNGs there (and, with
-    ``viewer``, the interactive ``viewer.html``). ``images``: the data its examples index."""
+    ``viewer``, the interactive ``viewer.html``). ``images``: the data its examples index.
+
+    The circuit and centrality options are those of :func:`graph_sections`.
+    """
     g = for_display(g)
     rep = None
     if out is not None:
         from connectome.viz import Report
 
         rep = Report(f"connectome report: {g.meta.get('model', '')} {g.meta.get('category') or ''}".strip())
-    data = graph_sections(g, top=top, seed=seed, report=rep, images=images)
+    data = graph_sections(g, top=top, seed=seed, report=rep, mass=mass, top_k=top_k, max_units=max_units,
+                          measures=measures, betweenness_samples=betweenness_samples, images=images)
     path = str(rep.write(out)) if rep is not None else None
     if viewer:
         from pathlib import Path
@@ -263,12 +299,17 @@ def graph_report(g: Connectome, top: int = 10, out: str | None = None, seed: int
     return ReportResult(text=text, data=data, path=path)
 
 
-def compare_report(ga: Connectome, gb: Connectome, top: int = 20, out: str | None = None) -> ReportResult:
-    """Compare two graphs of one model: overlaps per layer, shared units, analogous wiring."""
+def compare_report(ga: Connectome, gb: Connectome, top: int = 20, out: str | None = None, mass: float = 0.8,
+                   time_budget: float = 5.0) -> ReportResult:
+    """Compare two graphs of one model: overlaps per layer, shared units, analogous wiring.
+
+    ``mass`` is that of the circuits compared; ``time_budget`` (seconds) bounds the search
+    for the skeleton of A's circuit (its last ``ANALOGOUS_LAYERS`` layers) in B's graph.
+    """
     from connectome import analysis as an
 
     ga, gb = for_display(ga), for_display(gb)
-    cmp = an.compare(ga, gb, top=top)
+    cmp = an.compare(ga, gb, top=top, mass=mass)
     d = cmp.to_dict()
     text = [repr(cmp)]
     na, nb = ga.meta.get("category") or "A", gb.meta.get("category") or "B"
@@ -276,15 +317,18 @@ def compare_report(ga: Connectome, gb: Connectome, top: int = 20, out: str | Non
     if _has_target(ga) and _has_target(gb):
         by = "abs_weight" if "abs_weight" in ga.edge_attrs and "abs_weight" in gb.edge_attrs else "weight"
         # a sparse pattern (each circuit unit's strongest input) into a host that keeps more
-        pattern = an.circuit(ga, top_k=2).prune(top_k=1, by=by)
+        skeleton = an.circuit(ga, top_k=2).prune(top_k=1, by=by)
+        pattern = skeleton.layer_subgraph(skeleton.layer_names[-ANALOGOUS_LAYERS:])
         host = gb.prune(top_k=8, by=by)
         try:
-            analog = an.find_analogous(pattern, host, max_matches=5, time_budget=5.0)
+            analog = an.find_analogous(pattern, host, max_matches=5, time_budget=time_budget)
             d["analogous"] = [{"mapping": m.mapping, "score": m.score} for m in analog]
             text.append("")
             text.append(f"Analogous circuits: {len(analog)} placement(s) of the skeleton of {na}'s top-2 circuit "
-                        f"({pattern.num_nodes} units) in {nb}'s graph; best score "
-                        + (f"{analog[0].score:.3f}" if len(analog) else "n/a"))
+                        f"(last {len(pattern.layers)} layers, {pattern.num_nodes} units) in {nb}'s graph; best score "
+                        + (f"{analog[0].score:.3f}" if len(analog) else "n/a")
+                        + ("" if analog.complete or analog.stopped_by != "time_budget"
+                           else f" (search stopped at --time-budget {time_budget:g} s)"))
         except Exception as exc:
             text.append(f"Analogous circuits: search skipped ({exc})")
     path = None
@@ -292,9 +336,16 @@ def compare_report(ga: Connectome, gb: Connectome, top: int = 20, out: str | Non
         from connectome import viz
 
         rep = viz.Report(f"connectome compare: {na} vs {nb}")
-        rep.add_text(repr(cmp))
+        with _plain_text():  # category names are text, never mathtext
+            rep.add_figure(viz.plot_comparison(cmp, analog), f"{na} vs {nb} per layer: similarities, the important "
+                           "units they share, and where the skeleton of one's circuit lands in the other's graph.",
+                           "comparison")
+        rep.add_code(repr(cmp))
         if analog is not None and len(analog):
-            rep.add_text(f"Best analogous placement of {na}'s circuit in {nb} (score {analog[0].score:.3f}): "
-                         + ", ".join(f"{k}->{v}" for k, v in list(analog[0].mapping.items())[:12]))
+            best = analog[0]
+            rep.add_table([[k, v, "same unit" if k == v else "analogous"] for k, v in best.mapping.items()],
+                          headers=[f"unit of {na}'s circuit", f"placed on unit of {nb}", ""],
+                          caption=f"Best analogous placement of {na}'s circuit skeleton in {nb} "
+                                  f"(weight agreement {best.score:.3f}; {len(analog)} placement(s) found)")
         path = str(rep.write(out))
     return ReportResult(text="\n".join(text), data=d, path=path)

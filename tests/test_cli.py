@@ -67,7 +67,8 @@ def test_export(extracted, tmp_path, fmt):
 
     G = nx.read_graphml(out) if fmt == "graphml" else nx.read_gexf(out)
     g = cn.load(extracted / "circle.npz").prune(top_k=3)
-    assert G.number_of_nodes() == g.num_nodes and G.number_of_edges() == g.num_edges
+    # zero-weight edges (into dead units) are not exported
+    assert G.number_of_nodes() == g.num_nodes and G.number_of_edges() == int((g.weight != 0).sum()) < g.num_edges
 
 
 def test_report_json_and_html(extracted, tmp_path, capsys):
@@ -367,3 +368,14 @@ def test_report_on_any_category_name(extracted, tmp_path, capsys, name):
     assert main(["report", str(tmp_path / "g.npz"), "--json"]) == 0
     json.loads(capsys.readouterr().out)
     assert main(["compare", str(tmp_path / "g.npz"), str(extracted / "ring.npz"), "--out", str(tmp_path / "cmp")]) == 0
+
+
+def test_extract_precision_is_recorded(extracted, tmp_path):
+    index = json.loads((extracted / "index.json").read_text())
+    g = cn.load(extracted / next(iter(index["categories"].values()))["file"])
+    assert g.meta["precision"] == "exact" and g.meta["exact"] is True
+    out = tmp_path / "bf16"
+    assert main(["extract", "zoo:simplecnn_a", "zoo:shapes:2", "--out", str(out), "--quiet", "--device", "cpu",
+                 "--categories", "circle", "--precision", "bf16"]) == 0
+    g = cn.load(out / json.loads((out / "index.json").read_text())["categories"]["circle"]["file"])
+    assert g.meta["precision"] == "bf16" and g.meta["exact"] is False

@@ -14,7 +14,7 @@ def test_demo_writes_report_figures_and_gephi_files(tmp_path, capsys):
     out = tmp_path / "demo"
     html = (out / "report.html").read_text()
     files = re.findall(r'data-file="([^"]+)"', html)
-    assert {"category_similarity.png", "matching.png", "two_images.png", "fidelity.png"} <= set(files)
+    assert {"category_similarity.png", "matching.png", "two_images.png", "fidelity.png", "curves.png"} <= set(files)
     for f in files:
         assert (out / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((out / "summary.json").read_text())
@@ -35,3 +35,21 @@ def test_demo_writes_report_figures_and_gephi_files(tmp_path, capsys):
     assert 'class="card"' in html  # unit cards with their top patches
     assert "connectome demo finished" in capsys.readouterr().out
     assert path.endswith("report.html")
+
+
+def test_demo_curves_are_whole_curves_with_finite_auc():
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from connectome import viz
+    from connectome.demo import _curves
+
+    x = np.linspace(0, 1, 11)
+    fid = SimpleNamespace(curve_x=x, deletion_curve=1 - x, insertion_curve=x**2)
+    curves = _curves(fid)
+    assert {k: len(v[0]) for k, v in curves.items()} == {"deletion": 11, "insertion": 11}
+    fig = viz.plot_curves(curves)
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels == ["deletion (AUC=0.500)", "insertion (AUC=0.335)"]
+    assert _curves(SimpleNamespace(curve_x=None, deletion_curve=None, insertion_curve=None)) == {}

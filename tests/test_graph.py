@@ -179,6 +179,52 @@ def test_bad_layer_specs():
         Layer("out", "output", 3, labels=("a", "b"))
 
 
+@settings(max_examples=80, deadline=None)
+@given(data=st.data())
+def test_edges_in_canonical_order_are_checked_like_any_other(data):
+    """Edge arrays already sorted by (dst, src) skip the sort: they must still be refused for
+    backward, out-of-range and duplicate edges, exactly when the same edges in another order are."""
+    sizes = data.draw(st.lists(st.integers(1, 4), min_size=1, max_size=4))
+    n = sum(sizes)
+    m = data.draw(st.integers(0, 12))
+    src = np.array(data.draw(st.lists(st.integers(-1, n), min_size=m, max_size=m)), dtype=np.int64)
+    dst = np.array(data.draw(st.lists(st.integers(-1, n), min_size=m, max_size=m)), dtype=np.int64)
+    order = np.lexsort((src, dst))
+    layers = [(f"l{i}", "conv", s) for i, s in enumerate(sizes)]
+    units = np.concatenate([np.arange(s) for s in sizes])
+
+    def build(idx):
+        try:
+            g = Connectome(layers=layers, node_units=units, src=src[idx], dst=dst[idx], weight=np.arange(m)[idx] * 1.0)
+        except ConnectomeError as exc:
+            return type(exc), str(exc).split(";")[0].split(" edge ")[0]
+        return g.src.tolist(), g.dst.tolist(), g.weight.tolist()
+
+    assert build(order) == build(order[::-1])
+
+
+def test_canonical_edge_arrays_are_adopted_without_temporaries():
+    """A graph handed read-only arrays in canonical order (as extraction and loading give)
+    neither copies nor sorts them: no allocation the size of the edge arrays."""
+    import tracemalloc
+
+    a, b = 1000, 1000
+    dst = np.repeat(np.arange(a, a + b, dtype=np.int64), a)
+    src = np.tile(np.arange(a, dtype=np.int64), b)
+    w = np.ones(a * b, dtype=np.float32)
+    for arr in (src, dst, w):
+        arr.setflags(write=False)
+    tracemalloc.start()
+    try:
+        g = Connectome(layers=[("input", "input", a), ("fc", "linear", b)], node_units=np.r_[np.arange(a), np.arange(b)],
+                       src=src, dst=dst, weight=w)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert g.src is src or np.shares_memory(g.src, src)
+    assert peak < 0.25 * src.nbytes, f"building the graph allocated {peak / src.nbytes:.2f}x the src array"
+
+
 # ---------------------------------------------------------------------- immutability
 def test_arrays_are_read_only(toy):
     g = toy.with_edge_attrs(abs_weight=np.abs(toy.weight))
@@ -495,7 +541,8 @@ def test_to_igraph_order_and_attributes(rich):
     assert G.vs["label"] == rich.node_labels.tolist()
     np.testing.assert_array_equal(G.vs["activation_mean"], rich.node_attr("activation_mean"))
     assert [e.tuple for e in G.es] == list(zip(rich.src.tolist(), rich.dst.tolist()))
-    np.testing.assert_array_equal(G.es["weight"], rich.weight)
+    np.testing.assert_array_equal(G.es["weight"], np.abs(rich.weight))  # igraph wants weights >= 0
+    np.testing.assert_array_equal(G.es["signed_weight"], rich.weight)
     np.testing.assert_array_equal(G.es["abs_weight"], rich.edge_attr("abs_weight"))
     assert json.loads(G["meta"]) == rich.meta
     assert [d["name"] for d in json.loads(G["layers"])] == rich.layer_names

@@ -667,3 +667,14 @@ def test_long_file_names_within_the_limit_can_be_written(g, tmp_path):
     g.save(tmp_path / name)
     assert listing(tmp_path) == [name]
     assert cn.load(tmp_path / name).equals(g)
+
+
+
+def test_gephi_community_colours_are_the_figures_colours():
+    from connectome.viz.palette import community_rgb
+
+    g = make_graph()
+    labels = np.arange(g.num_nodes) % 4
+    g = g.with_node_attrs(community=labels.astype(np.float64))
+    expect = np.clip(np.round(np.asarray(community_rgb(labels)) * 255), 0, 255).astype(np.int64)
+    np.testing.assert_array_equal(cio.node_colors(g), expect)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-import weakref
 from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
@@ -18,7 +17,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # One bare igraph topology per Connectome. Connectomes are immutable (their edge arrays are
 # read-only), so the topology never goes stale; entries vanish with the graph.
-_TOPOLOGY: weakref.WeakKeyDictionary[Connectome, igraph.Graph] = weakref.WeakKeyDictionary()
 
 
 def nan_to_none(x: Any) -> Any:
@@ -33,20 +31,12 @@ def nan_to_none(x: Any) -> Any:
 
 
 def topology(g: Connectome) -> igraph.Graph:
-    """The directed igraph graph of ``g``'s edges, no attributes; vertex ``i`` is node ``i``.
+    """The directed igraph graph of ``g``'s edges, no attributes; vertex ``i`` is node ``i``,
+    edge ``e`` is edge ``e`` of ``g``. One cache for the package: :mod:`connectome._igraph`.
+    Callers must not modify the returned graph."""
+    from connectome._igraph import topology as cached
 
-    Built from two flat int lists (``zip`` of ``tolist()``), about 4x faster than the
-    ``(n, 2)`` list that :meth:`Connectome.to_igraph` passes, and cached per graph. Edge
-    ``e`` of the igraph graph is edge ``e`` of ``g``, so weight arrays index both. Callers
-    must not modify the returned graph.
-    """
-    G = _TOPOLOGY.get(g)
-    if G is None:
-        import igraph as ig
-
-        G = ig.Graph(n=g.num_nodes, edges=list(zip(g.src.tolist(), g.dst.tolist())), directed=True)
-        _TOPOLOGY[g] = G
-    return G
+    return cached(g)
 
 
 @contextlib.contextmanager
@@ -84,3 +74,18 @@ def edge_values(g: Connectome, weight: str) -> np.ndarray:
             "drop or fix those edges before computing centralities"
         )
     return w
+
+
+def progress_bar(total: int, desc: str, show: bool | None, heavy: bool) -> Any:
+    """A tqdm bar on stderr, or ``None``.
+
+    ``show=None`` leaves the choice to ``heavy`` (the caller's estimate that the work takes
+    more than a few seconds), so small graphs stay silent and big ones say where they are.
+    """
+    if not (heavy if show is None else show):
+        return None
+    import sys
+
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)

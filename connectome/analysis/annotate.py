@@ -26,7 +26,9 @@ def annotate(
     ----------
     g : Connectome
     centrality : dict of str -> ndarray, optional
-        As returned by :func:`~connectome.analysis.centrality`; stored as ``centrality_<name>``.
+        As returned by :func:`~connectome.analysis.centrality`; stored as ``centrality_<name>``,
+        and how betweenness was computed as ``meta["centrality"]["betweenness_samples"]``
+        (``None``: exact).
     partition : Partition, optional
         Stored as ``community`` (GraphML/GEXF colour nodes by it).
     roles : dict, optional
@@ -52,6 +54,9 @@ def annotate(
         if v.shape != (g.num_nodes,):
             raise ConnectomeError(f"centrality {name!r} has shape {v.shape}; expected ({g.num_nodes},), one per node")
         attrs[f"centrality_{name}"] = v
+    if centrality is not None and "betweenness" in centrality:
+        # an estimate must say so where it travels (Gephi shows the graph's meta)
+        meta["centrality"] = {"betweenness_samples": getattr(centrality, "betweenness_samples", None)}
     if partition is not None:
         g = partition.to_node_attr(g)
     if roles is not None:

@@ -18,18 +18,19 @@ Conventions
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
+from connectome._igraph import edge_topology
 from connectome.analysis._util import check_nonempty as _check_nonempty
 from connectome.analysis._util import edge_values as _edge_values
+from connectome.analysis._util import progress_bar
 from connectome.analysis._util import seeded_igraph as _seeded_igraph
-from connectome.analysis._util import topology as _topology
 from connectome.errors import ConnectomeError
 from connectome.graph import Connectome
 
-__all__ = ["centrality", "strength", "top_nodes", "MEASURES"]
+__all__ = ["centrality", "strength", "top_nodes", "MEASURES", "CentralityResult", "auto_betweenness_samples"]
 
 #: Every measure :func:`centrality` knows, in the order results are returned.
 MEASURES = (
@@ -119,27 +120,88 @@ def strength(
     return out
 
 
+#: Automatic betweenness is exact while ``n_nodes * n_edges`` (the edge relaxations of one
+#: Dijkstra pass per unit) stays under this, and otherwise samples about this much work
+#: worth of sources: about 20 s on ResNet-50's 15.5M edges on 2 CPU cores.
+BETWEENNESS_WORK = 3e8
+#: The fewest sources an automatic estimate uses.
+MIN_BETWEENNESS_SAMPLES = 16
+#: Above this many edge relaxations a betweenness run shows a progress bar (``progress=None``).
+PROGRESS_WORK = 5e7
+
+
+def auto_betweenness_samples(n_nodes: int, n_edges: int) -> int | None:
+    """Sources :func:`centrality` samples by default: ``None`` (exact) on small graphs.
+
+    Exact betweenness runs one Dijkstra pass per unit, ``n_nodes * n_edges`` relaxations;
+    above ``BETWEENNESS_WORK`` the default samples ``max(MIN_BETWEENNESS_SAMPLES,
+    BETWEENNESS_WORK / n_edges)`` sources instead.
+    """
+    if n_nodes * max(n_edges, 1) <= BETWEENNESS_WORK:
+        return None
+    k = max(MIN_BETWEENNESS_SAMPLES, int(BETWEENNESS_WORK // max(n_edges, 1)))
+    return None if k >= n_nodes else k
+
+
+class CentralityResult(dict):
+    """The measures of :func:`centrality`: a ``dict`` of name -> array over ``g.node_ids``.
+
+    Attributes
+    ----------
+    betweenness_samples : int or None
+        Sources the betweenness estimate used; ``None`` when it is exact or was not asked for.
+    """
+
+    def __init__(self, values: Any = (), *, betweenness_samples: int | None = None) -> None:
+        super().__init__(values)
+        self.betweenness_samples = betweenness_samples
+
+    def __repr__(self) -> str:
+        how = "" if self.betweenness_samples is None else f", betweenness from {self.betweenness_samples} sampled sources"
+        return f"CentralityResult({list(self)}{how})"
+
+
 def _betweenness(
-    g: Connectome, absw: np.ndarray, samples: int | None, seed: int
+    g: Connectome, absw: np.ndarray, samples: int | None, seed: int, progress: bool | None = None
 ) -> np.ndarray:
     n = g.num_nodes
-    G = _topology(g)
     keep = absw > 0
     if not keep.any():
         return np.zeros(n)
+    G = edge_topology(g, keep)
     dist = -np.log(absw[keep] / absw.max())
     dist = np.maximum(dist, ZERO_DISTANCE)
-    if not keep.all():
-        G = G.subgraph_edges(np.flatnonzero(keep).tolist(), delete_vertices=False)
+    weights = dist.tolist()
+    del dist
     if samples is None or samples >= n:
-        return np.asarray(G.betweenness(directed=True, weights=dist.tolist()), dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    sources = np.sort(rng.choice(n, size=samples, replace=False))
-    raw = np.asarray(G.betweenness(directed=True, weights=dist.tolist(), sources=sources.tolist()), dtype=np.float64)
+        sources = np.arange(n)
+    else:
+        rng = np.random.default_rng(seed)
+        sources = np.sort(rng.choice(n, size=samples, replace=False))
+    # Betweenness restricted to a set of sources is the sum over its sources (Brandes'
+    # accumulation is per source), so running the sources in chunks gives the same values
+    # and lets a bar say where a long run is.
+    bar = progress_bar(sources.size, "betweenness (sources)", progress, heavy=sources.size * G.ecount() > PROGRESS_WORK)
+    chunks = np.array_split(sources, min(sources.size, 50)) if bar is not None else [sources]
+    raw = np.zeros(n)
+    try:
+        for chunk in chunks:
+            if sources.size == n and bar is None:
+                raw += np.asarray(G.betweenness(directed=True, weights=weights), dtype=np.float64)
+            else:
+                raw += np.asarray(G.betweenness(directed=True, weights=weights, sources=chunk.tolist()), dtype=np.float64)
+            if bar is not None:
+                bar.update(chunk.size)
+    finally:
+        if bar is not None:
+            bar.close()
+    if sources.size == n:
+        return raw
     # Unbiased scale-up (Brandes & Pich 2007), as networkx does for k sources: a node that
     # is not a source saw k of the n - 1 other sources; a source node saw k - 1 of them.
-    scale = np.full(n, (n - 1) / samples)
-    scale[sources] = (n - 1) / (samples - 1)
+    k = sources.size
+    scale = np.full(n, (n - 1) / k)
+    scale[sources] = (n - 1) / (k - 1)
     return raw * scale
 
 
@@ -149,10 +211,11 @@ def centrality(
     *,
     normalized_by_layer: bool = False,
     weight: str = "weight",
-    betweenness_samples: int | None = None,
+    betweenness_samples: int | str | None = "auto",
     seed: int = 0,
     damping: float = 0.85,
-) -> dict[str, np.ndarray]:
+    progress: bool | None = None,
+) -> CentralityResult:
     """Centrality of every unit, one array per measure.
 
     Parameters
@@ -168,8 +231,8 @@ def centrality(
           edge direction, i.e. towards the output layer; output units are dangling and
           teleport uniformly (the networkx convention too).
         - ``betweenness``: directed, unnormalised shortest-path betweenness with edge length
-          ``-log(|w| / max|w|)`` (see ``ZERO_DISTANCE``); exact, or estimated from
-          ``betweenness_samples`` sources.
+          ``-log(|w| / max|w|)`` (see ``ZERO_DISTANCE``); exact on small graphs, estimated
+          from sampled sources on large ones (see ``betweenness_samples``).
         - ``eigenvector``: eigenvector centrality of the *undirected* ``|w|`` graph, scaled
           to max 1. On a DAG the directed version is identically zero (the adjacency
           matrix is nilpotent), so the undirected one is the informative choice. Meaningful
@@ -189,20 +252,29 @@ def centrality(
         size and scale); a layer whose values are all 0 stays 0.
     weight : str, default "weight"
         Edge column to use (e.g. ``"abs_weight"``).
-    betweenness_samples : int, optional
+    betweenness_samples : int, "auto" or None, default "auto"
         Estimate betweenness from this many source vertices drawn without replacement
         (seeded), scaled up to the full value; exact when None or >= the number of nodes.
-        Each sampled source costs one Dijkstra pass, so time is linear in it.
+        Each source costs one Dijkstra pass over the edges, so time is linear in it.
+        ``"auto"``: exact while ``n_nodes * n_edges <= BETWEENNESS_WORK`` (zoo-sized graphs,
+        well under a second), else :func:`auto_betweenness_samples` sources (16 on
+        ResNet-50's 15.5M edges, about 20 s on 2 cores). Exact betweenness on a graph that
+        size would take hours. The result's ``betweenness_samples`` says what was used.
     seed : int, default 0
         Seed of the betweenness source sample, and of ARPACK's start vector (eigenvector,
         hub, authority) so that degenerate cases are reproducible.
     damping : float, default 0.85
         PageRank damping factor.
+    progress : bool, optional
+        Show a progress bar on stderr for betweenness; by default only when the run is
+        long (more than ``PROGRESS_WORK`` edge relaxations).
 
     Returns
     -------
-    dict of str -> ndarray of float64, shape (n_nodes,)
-        In the order of ``measures``, each aligned with ``g.node_ids``.
+    CentralityResult
+        A dict of str -> ndarray of float64, shape (n_nodes,), in the order of
+        ``measures``, each aligned with ``g.node_ids``; ``.betweenness_samples`` is the
+        number of sampled sources (``None``: exact, or no betweenness).
 
     Raises
     ------
@@ -255,8 +327,17 @@ def centrality(
     unknown = [m for m in measures if m not in MEASURES]
     if unknown:
         raise ValueError(f"unknown measure(s) {unknown}; valid measures are {list(MEASURES)}")
-    if betweenness_samples is not None and (int(betweenness_samples) != betweenness_samples or betweenness_samples < 2):
-        raise ValueError(f"betweenness_samples must be an integer >= 2 or None, got {betweenness_samples!r}")
+    if betweenness_samples == "auto":
+        betweenness_samples = auto_betweenness_samples(g.num_nodes, g.num_edges)
+    elif betweenness_samples is not None and (
+        isinstance(betweenness_samples, (str, bool)) or int(betweenness_samples) != betweenness_samples
+        or betweenness_samples < 2
+    ):
+        raise ValueError(f"betweenness_samples must be 'auto', an integer >= 2 or None, got {betweenness_samples!r}")
+    elif betweenness_samples is not None:
+        betweenness_samples = int(betweenness_samples)
+    if betweenness_samples is not None and betweenness_samples >= g.num_nodes:
+        betweenness_samples = None
     if "flow" in measures and "attribution" not in g.node_attrs:
         raise ConnectomeError(
             "measure 'flow' is the node attribute 'attribution', which this graph lacks "
@@ -266,9 +347,12 @@ def centrality(
     w = _edge_values(g, weight)
     absw = np.abs(w)
     needs_igraph = {"pagerank", "eigenvector", "hub", "authority"} & set(measures)
-    if needs_igraph and g.num_edges:
-        G = _topology(g)
-        wl = absw.tolist()
+    if needs_igraph and g.num_edges and absw.any():
+        # zero edges change none of these measures (a unit whose out-edges are all zero is
+        # dangling either way), so they stay out of igraph: less to convert and to hold
+        nonzero = absw > 0
+        G = edge_topology(g, nonzero)
+        wl = absw[nonzero].tolist()
     out: dict[str, np.ndarray] = {}
     for m in measures:
         if m in _STRENGTHS:
@@ -277,7 +361,7 @@ def centrality(
         elif m == "flow":
             v = np.asarray(g.node_attrs["attribution"], dtype=np.float64).copy()
         elif m == "betweenness":
-            v = _betweenness(g, absw, betweenness_samples, seed)
+            v = _betweenness(g, absw, betweenness_samples, seed, progress)
         elif not g.num_edges or not absw.any():
             # No weighted edges: PageRank is the teleport distribution, the rest vanish.
             v = np.full(g.num_nodes, 1.0 / g.num_nodes) if m == "pagerank" else np.zeros(g.num_nodes)
@@ -303,7 +387,7 @@ def centrality(
         out[m] = v
     if normalized_by_layer:
         out = {k: _normalize_by_layer(g, v) for k, v in out.items()}
-    return out
+    return CentralityResult(out, betweenness_samples=betweenness_samples if "betweenness" in measures else None)
 
 
 def _normalize_by_layer(g: Connectome, v: np.ndarray) -> np.ndarray:

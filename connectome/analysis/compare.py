@@ -18,6 +18,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from connectome.analysis._util import nan_to_none as _nan_to_none
+from connectome.analysis._util import progress_bar
 from connectome.errors import ConnectomeError, EmptyGraphError
 from connectome.graph import Connectome
 
@@ -108,18 +109,20 @@ def _nmi(a: np.ndarray, b: np.ndarray) -> float:
     return max(0.0, min(1.0, 2 * mi / (ha + hb)))
 
 
-def _leiden_membership(g: Connectome, seed: int) -> np.ndarray:
-    """Leiden communities maximising modularity on the undirected ``|weight|`` graph."""
-    import igraph as ig
-    import leidenalg
+def _default_membership(g: Connectome, seed: int) -> np.ndarray:
+    """The partition :func:`connectome.analysis.communities` gives by default (cached per graph)."""
+    from connectome.analysis.communities import communities
 
-    w = np.abs(np.asarray(g.weight, dtype=np.float64))
-    keep = np.isfinite(w) & (w > 0)
-    G = ig.Graph(n=g.num_nodes, edges=np.column_stack([g.src[keep], g.dst[keep]]).tolist(), directed=False)
-    part = leidenalg.find_partition(
-        G, leidenalg.ModularityVertexPartition, weights=w[keep].tolist(), n_iterations=-1, seed=int(seed)
-    )
-    return np.asarray(part.membership, dtype=np.int64)
+    try:
+        return communities(g, method="modularity", seed=seed).membership
+    except EmptyGraphError:  # no edge of non-zero weight: every unit on its own
+        return np.arange(g.num_nodes)
+
+
+def _step(bar: Any, what: str, n: int = 1) -> None:
+    if bar is not None:
+        bar.set_postfix_str(what, refresh=False)
+        bar.update(n)
 
 
 def _as_membership(p: Any, g: Connectome, which: str) -> np.ndarray:
@@ -285,6 +288,7 @@ def compare(
     mass: float = 0.8,
     partitions: tuple[Any, Any] | None = None,
     seed: int = 0,
+    progress: bool | None = None,
 ) -> Comparison:
     """Compare two graphs of one model (typically two categories) layer by layer.
 
@@ -312,10 +316,14 @@ def compare(
     partitions : (partition, partition), optional
         Community partitions of ``g_a`` and ``g_b`` (arrays aligned with ``node_ids`` or
         objects with ``.membership``, e.g. :func:`connectome.analysis.communities`).
-        Default: Leiden maximising modularity (not CPM) on the undirected ``|weight|``
-        graph, seeded by ``seed``.
+        Default: ``communities(g, seed=seed)`` of each graph (Leiden, directed modularity
+        on ``|weight|``), the same partition the user and the reports get from that call:
+        it is computed once per graph and reused.
     seed : int, default 0
         Seed of the default Leiden runs.
+    progress : bool, optional
+        Show the steps on a progress bar (stderr); by default on graphs of more than a
+        million edges, where each takes seconds.
 
     Returns
     -------
@@ -354,11 +362,23 @@ def compare(
     else:
         importance = "strength"
         imp_a, imp_b = _strength(g_a), _strength(g_b)
-    if partitions is None:
-        mem_a, mem_b = _leiden_membership(g_a, seed), _leiden_membership(g_b, seed)
-    else:
-        mem_a, mem_b = _as_membership(partitions[0], g_a, "a"), _as_membership(partitions[1], g_b, "b")
-    circ_a, circ_b = _circuit_nodes(g_a, mass), _circuit_nodes(g_b, mass)
+    bar = progress_bar(4, "compare", progress, heavy=g_a.num_edges > 1_000_000)
+    try:
+        if partitions is None:
+            mem_a = _default_membership(g_a, seed)
+            _step(bar, f"communities of {name_a}")
+            mem_b = _default_membership(g_b, seed)
+            _step(bar, f"communities of {name_b}")
+        else:
+            mem_a, mem_b = _as_membership(partitions[0], g_a, "a"), _as_membership(partitions[1], g_b, "b")
+            _step(bar, "partitions given", 2)
+        circ_a = _circuit_nodes(g_a, mass)
+        _step(bar, f"circuit of {name_a}")
+        circ_b = _circuit_nodes(g_b, mass)
+        _step(bar, f"circuit of {name_b}")
+    finally:
+        if bar is not None:
+            bar.close()
     have_circuits = circ_a is not None and circ_b is not None
     ids = g_a.node_ids
     rows = []
@@ -403,7 +423,7 @@ def compare(
         "n_shared": len(shared_all),
         "top": top,
         "mass": float(mass),
-        "partition": "given" if partitions is not None else f"leiden modularity, seed={seed}",
+        "partition": "given" if partitions is not None else f"communities(g, seed={seed}): Leiden, directed modularity",
     }
     return Comparison(
         a=name_a, b=name_b, importance=importance, per_layer=tuple(rows), shared_units=tuple(shared_all), summary=summary

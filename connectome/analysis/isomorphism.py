@@ -18,6 +18,16 @@ Every pattern edge must exist in the host: a circuit's edges are the strongest *
 circuit*, not necessarily among a unit's strongest inputs overall, so prune the host much
 less than the pattern (with equal pruning a graph searched in itself can miss the identity).
 
+Before searching, each pattern unit's candidates are narrowed to the host units that can
+carry its edges (arc consistency), so a pattern with no placement is refuted at once and
+the list says the search was complete. A deep pattern must match edge for edge through
+every layer: the whole skeleton of a ResNet-50 circuit (70 layers) has no placement in
+another category's graph, its last 8 to 60 layers have many within a second, so search
+with the layers where analogous wiring is expected::
+
+    skel = circuit(g_cat, top_k=2).prune(top_k=1)
+    matches = find_analogous(skel.layer_subgraph(skel.layer_names[-8:]), g_dog.prune(top_k=8))
+
 The search always ends: after ``max_matches`` matches (or ``max_candidates`` embeddings) or
 ``time_budget`` seconds, whichever comes first; the returned list says whether it is
 complete. If one method runs out of time, the other may not: igraph's VF2 and LAD fail on
@@ -162,6 +172,53 @@ def _colours(allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return comp[:n_p], comp[n_p:]
 
 
+def _consistent_domains(
+    dom: np.ndarray, ps: np.ndarray, pd: np.ndarray, p_sign: np.ndarray,
+    hs: np.ndarray, hd: np.ndarray, h_sign: np.ndarray, n_h: int, require_sign: bool,
+) -> np.ndarray:
+    """Arc consistency: drop host candidates that cannot carry every edge of their pattern unit.
+
+    ``dom[p, h]`` says pattern unit ``p`` may map to host unit ``h``. For each pattern edge
+    ``p -> q`` (of sign ``s``), ``h`` stays a candidate of ``p`` only if it has a host edge of
+    sign ``s`` to a candidate of ``q``, and likewise backwards, until nothing changes. Every
+    embedding survives this, and a pattern that is a forest (each unit with at most one
+    input, as ``prune(top_k=1)`` makes it) can then be placed without a dead end, but for
+    two units of a layer wanting the same host unit. Without it, VF2 may explore a
+    70-layer-deep search on ResNet-50 whose failures show only at the bottom.
+    """
+    from scipy import sparse
+
+    dom = dom.copy()
+    if ps.size == 0:
+        return dom
+    keys = np.unique(p_sign) if require_sign else np.array([-1])
+    mats = {}
+    for k in keys.tolist():
+        sel = h_sign == k if require_sign else np.ones(hs.size, dtype=bool)
+        mats[k] = sparse.csr_matrix((np.ones(int(sel.sum())), (hs[sel], hd[sel])), shape=(n_h, n_h))
+    mats_t = {k: m.T.tocsr() for k, m in mats.items()}
+    edge_key = p_sign.tolist() if require_sign else [-1] * ps.size
+    # Sweeping edges from the output back and then forwards carries a change through a
+    # deep pattern in one pass each way.
+    order = np.argsort(-pd, kind="stable")
+    changed = True
+    while changed:
+        changed = False
+        for seq in (order, order[::-1]):
+            for e in seq.tolist():
+                p, q, k = int(ps[e]), int(pd[e]), edge_key[e]
+                sup_p = mats[k] @ dom[q].astype(np.float64) > 0
+                new_p = dom[p] & sup_p
+                sup_q = mats_t[k] @ new_p.astype(np.float64) > 0
+                new_q = dom[q] & sup_q
+                if not (np.array_equal(new_p, dom[p]) and np.array_equal(new_q, dom[q])):
+                    dom[p], dom[q] = new_p, new_q
+                    changed = True
+                if not new_p.any() or not new_q.any():
+                    return dom
+    return dom
+
+
 # ---------------------------------------------------------------------- deadlines
 class _Timeout(Exception):
     pass
@@ -201,19 +258,18 @@ def _hard_deadline(deadline: float | None) -> Iterator[None]:
 
 # ---------------------------------------------------------------------- searches
 def _search_vf2(
-    H, P, h_colour, p_colour, h_ecol, p_ecol, allowed, p_layer, h_layer,
+    H, P, h_colour, p_colour, h_ecol, p_ecol, domains: np.ndarray,
     limit: int | None, deadline: float | None, accept: Callable[[tuple], bool],
 ) -> tuple[list[tuple], str | None]:
     found: list[tuple] = []
     state: dict[str, str | None] = {"stop": None}
-    ok = allowed.tolist()
-    pl, hl = p_layer.tolist(), h_layer.tolist()
+    ok = domains.tolist()  # pattern unit -> host unit allowed
 
     def compat(g1, g2, i1, i2):  # g1 host, g2 pattern
         if deadline is not None and time.monotonic() > deadline:
             state["stop"] = "time_budget"
             return False  # every pair rejected: the search unwinds at once
-        return ok[pl[i2]][hl[i1]]
+        return ok[i2][i1]
 
     def callback(g1, g2, m12, m21):
         m = tuple(m21)
@@ -451,6 +507,19 @@ def find_analogous(
     pw = np.asarray(pattern.weight, dtype=np.float64)
     p_sign, h_sign = np.sign(pw).astype(np.int64) + 1, np.sign(hw).astype(np.int64) + 1
 
+    # Candidates per pattern unit, narrowed to host units that can carry its edges; the host
+    # keeps only units some pattern unit can still use.
+    dom = _consistent_domains(allowed[p_layer][:, h_layer], ps, pd, p_sign, hs, hd, h_sign, n_h, require_sign)
+    if not dom.any(axis=1).all():
+        # some pattern unit has no host unit that carries its edges: no embedding exists
+        return MatchList(complete=True, method=method, elapsed=time.monotonic() - t0)
+    used = dom.any(axis=0)
+    remap = np.cumsum(used) - 1
+    ek = used[hs] & used[hd]
+    hs, hd, hw, h_sign = remap[hs[ek]], remap[hd[ek]], hw[ek], h_sign[ek]
+    h_idx, h_layer, dom = h_idx[used], h_layer[used], dom[:, used]
+    n_h = h_idx.size
+
     # Host edge lookup: sorted keys dst * n + src, searched for all matches at once.
     h_key = hd * n_h + hs
     h_order = np.argsort(h_key, kind="stable")
@@ -483,11 +552,10 @@ def find_analogous(
         found, stop = _search_vf2(
             H, P, hc[h_layer].tolist(), pc[p_layer].tolist(),
             h_sign.tolist() if require_sign else None, p_sign.tolist() if require_sign else None,
-            allowed, p_layer, h_layer, limit, deadline, accept,
+            dom, limit, deadline, accept,
         )
     else:
-        unit_dom = [np.flatnonzero(allowed[li][h_layer]) for li in range(len(pattern.layers))]
-        domains = [unit_dom[li] for li in p_layer.tolist()]
+        domains = [np.flatnonzero(d) for d in dom]
         if require_sign:
             # LAD has no edge colours: subdivide every edge by a vertex whose domain holds
             # the host edges of the same sign between corresponding layers.

@@ -12,7 +12,21 @@ import torch.nn as nn
 
 from connectome.errors import ConnectomeError, ExtractionError
 
-__all__ = ["resolve_device", "check_model", "eval_mode", "no_inplace", "model_dtype", "model_on"]
+__all__ = ["resolve_device", "check_model", "eval_mode", "no_inplace", "model_dtype", "model_on",
+           "PRECISIONS", "resolve_precision", "run_precision", "precision_mode", "precision_meta"]
+
+PRECISIONS = ("exact", "tf32", "bf16")
+# Unit roundoff of the operands of the products that make the flows: float32 keeps 24
+# significant bits, TF32 11 (10 stored), bfloat16 8 (7 stored), float64 53.
+UNIT_ROUNDOFF = {"float64": 2.0**-53, "exact": 2.0**-24, "tf32": 2.0**-11, "bf16": 2.0**-8}
+# What to expect of the flows themselves: relative (L2) distance of the edge flows to the
+# float64 flows of the same model and images, an order of magnitude. Rounding flips a few
+# ReLU and max-pool decisions, so even float32 lands further than its roundoff (while its
+# completeness holds to ~1e-8: the flows are exact for the float32 network as it ran).
+# Measured on random-weight ResNet-18/50, 224 px, on the CPU (exact 2.5e-4 / 1.6e-4, bf16
+# 3.2e-2 / 5.9e-2; 1.1e-1 on ResNet-18 at 64 px); tf32 scaled from bf16 by the mantissa (2^-3):
+# benchmarks/gpu_check.sh measures all three on a GPU.
+EXPECTED_ERROR = {"float64": 1e-12, "exact": 3e-4, "tf32": 1e-2, "bf16": 1e-1}
 
 
 def resolve_device(device: Any = None) -> torch.device:
@@ -94,3 +108,99 @@ def model_on(model: nn.Module, device: torch.device) -> nn.Module:
     if md.type == device.type and (device.index is None or md.index in (None, device.index)):
         return model
     return copy.deepcopy(model).to(device)
+
+
+def resolve_precision(precision: Any = "exact", amp: bool = False) -> str:
+    """The precision asked for: ``"exact"``, ``"tf32"`` or ``"bf16"``; ``amp=True`` means ``"bf16"``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if amp:
+        if precision == "tf32":
+            raise ValueError("amp=True is precision='bf16'; it cannot be combined with precision='tf32'")
+        return "bf16"
+    return precision
+
+
+def run_precision(precision: str, dtype: torch.dtype) -> str:
+    """The precision a run of a ``dtype`` model gets: float64 models stay float64 (exact)."""
+    if dtype == torch.float64:
+        if precision != "exact":
+            warnings.warn(f"precision={precision!r} does not apply to a float64 model; it runs in float64",
+                          stacklevel=4)
+        return "exact"
+    return precision
+
+
+def precision_meta(precision: str, dtype: torch.dtype) -> dict[str, Any]:
+    """What a graph's ``meta`` says about the arithmetic behind it: ``precision``,
+    ``expected_error`` (relative distance of the flows to float64 flows, order of magnitude)
+    and ``unit_roundoff`` (relative rounding error of one product)."""
+    key = "float64" if dtype == torch.float64 else precision
+    return {"precision": precision, "expected_error": EXPECTED_ERROR[key], "unit_roundoff": UNIT_ROUNDOFF[key]}
+
+
+# (backend, op) pairs of torch's per-operator float32 precision switches (torch >= 2.9)
+_FP32_OPS = (("cuda", "matmul"), ("cudnn", "conv"), ("cudnn", "rnn"), ("mkldnn", "matmul"), ("mkldnn", "conv"),
+             ("mkldnn", "rnn"))
+
+
+def _fp32_switches() -> list[tuple[Any, str]]:
+    out = []
+    for backend, op in _FP32_OPS:
+        holder = getattr(getattr(torch.backends, backend, None), op, None)
+        if holder is not None and hasattr(holder, "fp32_precision"):
+            out.append((holder, f"{backend}.{op}"))
+    return out
+
+
+def _legacy_tf32() -> dict[str, Any]:
+    """The legacy switches that can be read (torch refuses to read them once the per-operator
+    switches were set to values the legacy ones cannot express)."""
+    out: dict[str, Any] = {}
+    for key, get in (("matmul_precision", torch.get_float32_matmul_precision),
+                     ("cuda_matmul", lambda: torch.backends.cuda.matmul.allow_tf32),
+                     ("cudnn", lambda: torch.backends.cudnn.allow_tf32)):
+        try:
+            out[key] = get()
+        except RuntimeError:
+            pass
+    return out
+
+
+def _set_legacy(state: dict[str, Any]) -> None:
+    # cuBLAS's allow_tf32 is a view of the matmul precision ("high" when True): set it
+    # first, so that a "medium" precision is not turned into "high"
+    if "cuda_matmul" in state:
+        torch.backends.cuda.matmul.allow_tf32 = state["cuda_matmul"]
+    if "matmul_precision" in state:
+        torch.set_float32_matmul_precision(state["matmul_precision"])
+    if "cudnn" in state:
+        torch.backends.cudnn.allow_tf32 = state["cudnn"]
+
+
+@contextlib.contextmanager
+def precision_mode(precision: str) -> Iterator[None]:
+    """Float32 matmuls and convolutions in IEEE float32 for the run (TF32 only for ``"tf32"``).
+
+    cuDNN runs float32 convolutions in TF32 by default on Ampere and later GPUs, which puts
+    errors of 1e-3 relative into every product (completeness residuals of 1% to 30% were
+    measured on ResNets): exact flows need it off. ``"bf16"`` runs under autocast and keeps
+    the float32 ops that remain in IEEE float32. The caller's switches (the legacy
+    ``allow_tf32`` flags, ``set_float32_matmul_precision`` and, where torch has them, the
+    per-operator ``fp32_precision`` switches) are restored afterwards, also on error.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    tf32 = precision == "tf32"
+    legacy = _legacy_tf32()
+    switches = _fp32_switches()
+    saved = [(holder, holder.fp32_precision) for holder, _ in switches]
+    try:
+        _set_legacy({"matmul_precision": "high" if tf32 else "highest", "cuda_matmul": tf32, "cudnn": tf32})
+        for holder, _ in switches:
+            holder.fp32_precision = "tf32" if tf32 else "ieee"
+        yield
+    finally:
+        _set_legacy(legacy)
+        for holder, value in saved:
+            holder.fp32_precision = value

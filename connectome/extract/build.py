@@ -55,56 +55,55 @@ def assemble(
 
     ``extra`` maps an edge column name to per-layer values of the same shapes.
     Parallel edges (the same source unit reaching one unit twice, ``x + x``) are summed.
+
+    Edges are written straight into the graph's arrays in canonical ``(dst, src)`` order: a
+    dense block that reads its source's units in order already is in that order (row ``j``
+    reads its group's sources in increasing order), and layers come in topological order,
+    so only identity edges (one per unit and operand) and blocks that read permuted or
+    selected channels are sorted, each on its own. No global sort, no concatenation of
+    parts, no float64 copy of float32 values; the graph adopts the arrays (they are handed
+    over read-only, so it does not copy them).
     """
     sizes = np.array([l.size for l in layers], dtype=np.int64)
     offsets = np.zeros(len(layers) + 1, dtype=np.int64)
     np.cumsum(sizes, out=offsets[1:])
     extra = extra or {}
-    src_parts, dst_parts, w_parts = [], [], []
-    x_parts: dict[str, list[np.ndarray]] = {k: [] for k in extra}
+    # First pass: the size of every layer's block; the blocks that need sorting are built here.
+    blocks: list[tuple[int, int, Any]] = []
     for li, spec in enumerate(ug.layers):
         edges = KINDS[spec.kind].edges if spec.kind in KINDS else None
-        if edges == DENSE:
-            op = spec.operands[0]
+        if edges == DENSE and spec.operands[0].cols is None:
+            o, cg = np.shape(values[li])
+            blocks.append((li, o * cg, None))
+        elif edges in (DENSE, IDENTITY):
+            small = _sorted_block(spec, li, offsets, values, extra)
+            blocks.append((li, small[0].size, small))
+    total = sum(size for _, size, _ in blocks)
+    src = np.empty(total, np.int64)
+    dst = np.empty(total, np.int64)
+    w = np.empty(total, dtype)
+    cols = {k: np.empty(total, np.float64) for k in extra}
+    pos = 0
+    for li, size, small in blocks:
+        end = pos + size
+        if small is not None:
+            src[pos:end], dst[pos:end], w[pos:end] = small[0], small[1], small[2]
+            for k, v in small[3].items():
+                cols[k][pos:end] = v
+        else:
+            spec = ug.layers[li]
             vals = np.asarray(values[li])
             o, cg = vals.shape
-            og = o // spec.groups
-            dst = np.repeat(np.arange(o, dtype=np.int64), cg)
-            src = ((np.arange(o, dtype=np.int64) // og)[:, None] * cg + np.arange(cg, dtype=np.int64)[None, :]).ravel()
-            if op.cols is not None:  # channel c of the input is unit cols[c] of the source
-                src = np.asarray(op.cols, dtype=np.int64)[src]
-            src_parts.append(src + offsets[op.layer])
-            dst_parts.append(dst + offsets[li])
-            w_parts.append(vals.ravel())
+            # broadcast into the output: no (o, cg) index temporaries
+            dst[pos:end].reshape(o, cg)[:] = (np.arange(o, dtype=np.int64) + offsets[li])[:, None]
+            base = (np.arange(o, dtype=np.int64) // (o // spec.groups)) * cg + offsets[spec.operands[0].layer]
+            np.add(base[:, None], np.arange(cg, dtype=np.int64)[None, :], out=src[pos:end].reshape(o, cg))
+            w[pos:end].reshape(o, cg)[:] = vals
             for k, per in extra.items():
-                x_parts[k].append(np.asarray(per[li]).ravel())
-        elif edges == IDENTITY:
-            for oi, op in enumerate(spec.operands):
-                vals = np.asarray(values[li][oi]).ravel()
-                c = np.arange(vals.size, dtype=np.int64)
-                src = c if op.cols is None else np.asarray(op.cols, dtype=np.int64)
-                src_parts.append(src + offsets[op.layer])
-                dst_parts.append(c + op.offset + offsets[li])
-                w_parts.append(vals)
-                for k, per in extra.items():
-                    x_parts[k].append(np.asarray(per[li][oi]).ravel())
-    src = np.concatenate(src_parts) if src_parts else np.zeros(0, np.int64)
-    dst = np.concatenate(dst_parts) if dst_parts else np.zeros(0, np.int64)
-    w = np.concatenate(w_parts).astype(dtype) if w_parts else np.zeros(0, dtype)
-    cols = {k: np.concatenate(v).astype(np.float64) for k, v in x_parts.items()}
-    n = int(offsets[-1])
-    key = dst * n + src
-    order = np.argsort(key, kind="stable")
-    key = key[order]
-    dup = np.r_[False, key[1:] == key[:-1]] if key.size else np.zeros(0, bool)
-    if dup.any():
-        starts = np.flatnonzero(~dup)
-        w = np.add.reduceat(w[order], starts)
-        cols = {k: np.add.reduceat(v[order], starts) for k, v in cols.items()}
-        key = key[starts]
-    else:
-        w = w[order]
-        cols = {k: v[order] for k, v in cols.items()}
+                cols[k][pos:end].reshape(o, cg)[:] = np.asarray(per[li])
+        pos = end
+    for a in (src, dst, w, *cols.values()):
+        a.setflags(write=False)  # handed over: the graph shares instead of copying
     units = np.concatenate([np.arange(s, dtype=np.int64) for s in sizes]) if len(sizes) else np.zeros(0, np.int64)
     node_attrs = dict(node_attrs or {})
     if any(s.call.get("head_of") for s in ug.layers):
@@ -117,10 +116,49 @@ def assemble(
     return Connectome(
         layers=tuple(layers),
         node_units=units,
-        src=key % n if n else key,
-        dst=key // n if n else key,
+        src=src,
+        dst=dst,
         weight=w,
         edge_attrs=cols,
         node_attrs=node_attrs,
         meta=dict(meta or {}),
     )
+
+
+def _sorted_block(spec: Any, li: int, offsets: np.ndarray, values: dict[int, Any],
+                  extra: dict[str, dict[int, Any]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """The edges into layer ``li`` in (dst, src) order, parallel edges summed: its identity
+    edges, or a dense block whose input channels are permuted or selected source units."""
+    src_p, dst_p, w_p = [], [], []
+    x_p: dict[str, list[np.ndarray]] = {k: [] for k in extra}
+    if KINDS[spec.kind].edges == DENSE:
+        op = spec.operands[0]
+        vals = np.asarray(values[li], dtype=np.float64)
+        o, cg = vals.shape
+        chan = ((np.arange(o, dtype=np.int64) // (o // spec.groups))[:, None] * cg
+                + np.arange(cg, dtype=np.int64)[None, :]).ravel()
+        src_p.append(np.asarray(op.cols, dtype=np.int64)[chan] + offsets[op.layer])
+        dst_p.append(np.repeat(np.arange(o, dtype=np.int64), cg) + offsets[li])
+        w_p.append(vals.ravel())
+        for k, per in extra.items():
+            x_p[k].append(np.asarray(per[li], dtype=np.float64).ravel())
+    else:
+        for oi, op in enumerate(spec.operands):
+            vals = np.asarray(values[li][oi], dtype=np.float64).ravel()
+            c = np.arange(vals.size, dtype=np.int64)
+            src_p.append((c if op.cols is None else np.asarray(op.cols, dtype=np.int64)) + offsets[op.layer])
+            dst_p.append(c + op.offset + offsets[li])
+            w_p.append(vals)
+            for k, per in extra.items():
+                x_p[k].append(np.asarray(per[li][oi], dtype=np.float64).ravel())
+    if not src_p:
+        z = np.zeros(0, np.int64)
+        return z, z, np.zeros(0), {k: np.zeros(0) for k in extra}
+    src, dst, w = np.concatenate(src_p), np.concatenate(dst_p), np.concatenate(w_p)
+    cols = {k: np.concatenate(v) for k, v in x_p.items()}
+    key = dst * max(int(offsets[-1]), 1) + src
+    order = np.argsort(key, kind="stable")
+    key = key[order]
+    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    return (src[order][starts], dst[order][starts], np.add.reduceat(w[order], starts),
+            {k: np.add.reduceat(v[order], starts) for k, v in cols.items()})

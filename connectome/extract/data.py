@@ -1,18 +1,29 @@
-"""Images in: ImageFolder paths, datasets, loaders, tensor pairs; one loader out."""
+"""Images in: ImageFolder paths, datasets, loaders, tensor pairs; one loader out.
+
+Tensors are cut into batches by slicing (views: no per-image collation, and no DataLoader in
+the plain path); tensors already on the GPU stay there. When the run is on CUDA, CPU batches
+are pinned by a background thread one or two batches ahead, so that the copy to the device is
+asynchronous (a copy from pageable memory waits for the GPU to finish its queued work). An
+ImageFolder is decoded by worker processes by default.
+"""
 
 from __future__ import annotations
 
+import os
 import warnings
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, SequentialSampler, Subset, TensorDataset
 
 from connectome.errors import DataError
 
-__all__ = ["default_transform", "make_loader", "LoaderInfo", "dataset_targets", "unpack_batch"]
+__all__ = ["default_transform", "make_loader", "subset_loader", "LoaderInfo", "TensorLoader", "dataset_targets",
+           "unpack_batch", "default_num_workers"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -80,6 +91,8 @@ def _collate(batch: list[tuple[Any, Any]]) -> tuple[torch.Tensor | None, torch.T
 
 def unpack_batch(batch: Any) -> tuple[torch.Tensor | None, torch.Tensor | None, list[str]]:
     """A batch as ``(images, labels or None, skipped paths)``."""
+    if isinstance(batch, _TensorBatch):
+        batch = batch.tensors if len(batch.tensors) > 1 else batch.tensors[0]
     if isinstance(batch, torch.Tensor):
         return batch, None, []
     if isinstance(batch, (tuple, list)):
@@ -111,11 +124,126 @@ def unpack_batch(batch: Any) -> tuple[torch.Tensor | None, torch.Tensor | None, 
     )
 
 
+class _TensorBatch:
+    """A batch cut from tensors (``__getitems__`` of :class:`_TensorPairs`), for DataLoaders built
+    on those tensors elsewhere (sharded runs, subsets): it passes the collate function as it
+    is, and pins only what can be pinned (tensors on the GPU are left where they are)."""
+
+    __slots__ = ("tensors",)
+
+    def __init__(self, tensors: tuple[torch.Tensor, ...]):
+        self.tensors = tensors
+
+    def pin_memory(self, device: Any = None) -> _TensorBatch:
+        return _TensorBatch(tuple(_pinned(t) for t in self.tensors))
+
+
+def _pinned(t: torch.Tensor) -> torch.Tensor:
+    return t.pin_memory() if t.device.type == "cpu" and not t.is_pinned() else t
+
+
+def _collate_tensors(batch: Any) -> Any:
+    if isinstance(batch, _TensorBatch):
+        return batch
+    from torch.utils.data import default_collate
+
+    return default_collate(batch)  # a list of items (ShardedRun.example reads one this way)
+
+
+class _TensorPairs(TensorDataset):
+    """``(images[, labels])`` tensors; a run of consecutive indices is read as one slice."""
+
+    def __getitems__(self, indices: list[int]) -> _TensorBatch:
+        return _TensorBatch(_take(self.tensors, _as_span(indices)))
+
+
+def _as_span(indices: Sequence[int]) -> Any:
+    """A slice when the indices are consecutive (the usual case), else an index tensor."""
+    indices = [int(i) for i in indices]
+    if indices and indices == list(range(indices[0], indices[0] + len(indices))):
+        return slice(indices[0], indices[0] + len(indices))
+    return torch.as_tensor(indices, dtype=torch.long)
+
+
+def _take(tensors: Sequence[torch.Tensor], span: Any) -> tuple[torch.Tensor, ...]:
+    if isinstance(span, slice):
+        return tuple(t[span] for t in tensors)  # views
+    return tuple(t[span.to(t.device)] for t in tensors)  # one gather, not one copy per image
+
+
+class TensorLoader:
+    """Batches of tensors as slices, in order: what a DataLoader over them would yield, without
+    collating images one by one.
+
+    It has the attributes of a sequential DataLoader that the rest of the package reads
+    (``dataset``, ``batch_size``, ``sampler``, ``drop_last``, ``num_workers``,
+    ``collate_fn`` ...), so distributed and checkpointed runs can build their own shard
+    loaders over the same dataset. With ``pin_memory`` a background thread pins CPU batches
+    ``prefetch`` batches ahead.
+    """
+
+    num_workers = 0
+    prefetch_factor = None
+    drop_last = False
+    worker_init_fn = None
+
+    def __init__(self, source: _TensorPairs, batch_size: int, pin_memory: bool = False, prefetch: int = 2,
+                 index: Sequence[int] | None = None):
+        self.source = source
+        self.index = None if index is None else torch.as_tensor(list(index), dtype=torch.long)
+        # what the batches are items of (a Subset when reading one category)
+        self.dataset: Any = source if index is None else Subset(source, [int(i) for i in index])
+        self.batch_size = int(batch_size)
+        self.pin_memory = bool(pin_memory) and any(t.device.type == "cpu" for t in source.tensors)
+        self.prefetch = max(1, int(prefetch))
+        self.sampler = SequentialSampler(self.dataset)
+        self.collate_fn = _collate_tensors
+
+    def __len__(self) -> int:
+        return -(-len(self.dataset) // self.batch_size)
+
+    def _batch(self, a: int, b: int) -> Any:
+        if self.index is None:
+            span: Any = slice(a, b)
+        else:
+            span = _as_span(self.index[a:b].tolist())
+        ts = _take(self.source.tensors, span)
+        if self.pin_memory:
+            ts = tuple(_pinned(t) for t in ts)
+        return ts if len(ts) > 1 else ts[0]
+
+    def __iter__(self) -> Iterator[Any]:
+        n = len(self.dataset)
+        spans = [(a, min(a + self.batch_size, n)) for a in range(0, n, self.batch_size)]
+        if not self.pin_memory:
+            for a, b in spans:
+                yield self._batch(a, b)
+            return
+        # Pinning copies the batch: done on a thread, ahead, while the GPU works on the last one.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="connectome-pin") as pool:
+            queue: deque[Any] = deque()
+            for a, b in spans:
+                queue.append(pool.submit(self._batch, a, b))
+                if len(queue) > self.prefetch:
+                    yield queue.popleft().result()
+            while queue:
+                yield queue.popleft().result()
+
+
+def default_num_workers(n_items: int | None, batch_size: int) -> int:
+    """Decoding processes for an image folder: one fewer than the CPUs (at most 8), none when
+    the images fit in one batch (nothing to overlap)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if n_items is not None and n_items <= batch_size:
+        return 0
+    return max(0, min(8, cpus - 1))
+
+
 @dataclass
 class LoaderInfo:
     """What :func:`make_loader` found out about the data."""
 
-    loader: DataLoader
+    loader: DataLoader | TensorLoader
     dataset: Any
     classes: list[str] | None
     n_images: int | None
@@ -141,21 +269,33 @@ def make_loader(
     data: Any,
     batch_size: int = 64,
     transform: Callable[[Any], Any] | None = None,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     pin_memory: bool = False,
     sampler: Any = None,
     image_size: int = 224,
 ) -> LoaderInfo:
-    """One DataLoader for any supported data input.
+    """One loader for any supported data input.
 
     Parameters
     ----------
     data : str, Path, Dataset, DataLoader, Tensor or (Tensor, Tensor)
         An ImageFolder directory (ROOT/<category>/<images>), a dataset or loader yielding
-        ``(image, label)``, images alone, or an ``(images, labels)`` pair.
+        ``(image, label)``, images alone, or an ``(images, labels)`` pair. Tensors may be on
+        the CPU (pinned or not) or on a GPU.
+    batch_size : int, default 64
+    transform : callable, optional
+        For ImageFolder data.
+    num_workers : int, optional
+        Decoding processes for an ImageFolder or a dataset; ``None``: one fewer than the
+        CPUs (at most 8) for an ImageFolder of more than one batch, else 0. Tensors never
+        need any.
+    pin_memory : bool, default False
+        Pin CPU batches (for a CUDA run); tensors on a GPU are left there.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if num_workers is not None and (int(num_workers) != num_workers or num_workers < 0):
+        raise ValueError(f"num_workers must be an integer >= 0 or None, got {num_workers!r}")
     classes = None
     if isinstance(data, (str, Path)):
         root = Path(data)
@@ -167,8 +307,10 @@ def make_loader(
         if len(ds) == 0:
             raise DataError(f"image folder {str(root)!r} holds no images with extensions {IMAGE_EXTENSIONS}")
         classes = ds.classes
-        loader = DataLoader(ds, batch_size=batch_size, shuffle=False, sampler=sampler, num_workers=num_workers,
-                            pin_memory=pin_memory, collate_fn=_collate, persistent_workers=False)
+        workers = default_num_workers(len(ds), batch_size) if num_workers is None else int(num_workers)
+        loader = DataLoader(ds, batch_size=batch_size, shuffle=False, sampler=sampler, num_workers=workers,
+                            pin_memory=pin_memory, collate_fn=_collate, persistent_workers=False,
+                            prefetch_factor=4 if workers else None)
         return LoaderInfo(loader, ds, classes, len(ds))
     if isinstance(data, DataLoader):
         ds = data.dataset
@@ -178,7 +320,9 @@ def make_loader(
             raise DataError("the DataLoader's dataset is empty; give it at least one image")
         return LoaderInfo(data, ds, list(classes) if classes is not None else None, n)
     if isinstance(data, torch.Tensor):
-        data = TensorDataset(data)
+        data = _TensorPairs(data)
+    elif type(data) is TensorDataset:
+        data = _TensorPairs(*data.tensors)
     elif isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(d, torch.Tensor) for d in data):
         x, y = data
         if x.dim() == 3:  # one image
@@ -194,13 +338,23 @@ def make_loader(
             raise DataError(f"images and labels differ in length: {x.shape[0]} images, {y.shape[0]} labels")
         if y.is_floating_point() and not torch.equal(y, y.round()):
             raise DataError("labels must be integer class indices; these are fractional (probabilities?)")
-        data = TensorDataset(x, y.long())
+        # Labels are few: on the CPU once, so that checking them per batch never waits for the GPU.
+        data = _TensorPairs(x, y.long().cpu())
+    if isinstance(data, _TensorPairs):
+        if len(data) == 0:
+            raise DataError("the dataset is empty; give it at least one image")
+        if sampler is not None:
+            loader = DataLoader(data, batch_size=batch_size, sampler=sampler, collate_fn=_collate_tensors,
+                                pin_memory=pin_memory and data.tensors[0].device.type == "cpu")
+        else:
+            loader = TensorLoader(data, batch_size, pin_memory=pin_memory)
+        return LoaderInfo(loader, data, None, len(data))
     if isinstance(data, Dataset):
         n = len(data) if hasattr(data, "__len__") else None
         if n == 0:
             raise DataError("the dataset is empty; give it at least one image")
         classes = getattr(data, "classes", None)
-        loader = DataLoader(data, batch_size=batch_size, shuffle=False, sampler=sampler, num_workers=num_workers,
+        loader = DataLoader(data, batch_size=batch_size, shuffle=False, sampler=sampler, num_workers=num_workers or 0,
                             pin_memory=pin_memory)
         return LoaderInfo(loader, data, list(classes) if classes is not None else None, n)
     raise DataError(
@@ -213,3 +367,17 @@ def warn_skipped(skipped: Sequence[str]) -> None:
     if skipped:
         names = ", ".join(repr(s) for s in list(skipped)[:5]) + (" ..." if len(skipped) > 5 else "")
         warnings.warn(f"skipped {len(skipped)} image(s) that could not be decoded: {names}", stacklevel=3)
+
+
+def subset_loader(info: LoaderInfo, indices: Sequence[int], batch_size: int, num_workers: int | None = None,
+                  pin_memory: bool = False) -> LoaderInfo:
+    """The items ``indices`` of ``info``'s dataset (one category), read like ``info`` reads them."""
+    ds = info.dataset
+    if isinstance(ds, _TensorPairs):
+        loader = TensorLoader(ds, batch_size, pin_memory=pin_memory, index=indices)
+        return LoaderInfo(loader, loader.dataset, info.classes, len(loader.dataset))
+    subset = Subset(ds, list(indices))
+    workers = (getattr(info.loader, "num_workers", 0) or 0) if num_workers is None else int(num_workers)
+    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=info.loader.collate_fn,
+                        num_workers=workers, pin_memory=pin_memory, prefetch_factor=4 if workers else None)
+    return LoaderInfo(loader, subset, info.classes, len(subset))

@@ -429,7 +429,7 @@ def _target_fingerprint(target: Any) -> Any:
 
 def fingerprint(model: torch.nn.Module, dataset: Any, n_images: int, classes: Sequence[str] | None, *,
                 target: Any, per_sample: bool, amp: bool, batch_size: int, world_size: int,
-                category: str | None = None) -> dict[str, Any]:
+                category: str | None = None, precision: str | None = None) -> dict[str, Any]:
     """What must match for a checkpoint to be continued: plain values only (saved with the checkpoint).
 
     Model: a hash of parameter/buffer names, shapes and dtypes, a hash of a strided sample
@@ -448,6 +448,7 @@ def fingerprint(model: torch.nn.Module, dataset: Any, n_images: int, classes: Se
         "category": category,
         "per_sample": bool(per_sample),
         "amp": bool(amp),
+        "precision": precision or ("bf16" if amp else "exact"),  # a tf32 run must not continue an exact one
         "batch_size": int(batch_size),
         "world_size": int(world_size),
     })
@@ -456,6 +457,7 @@ def fingerprint(model: torch.nn.Module, dataset: Any, n_images: int, classes: Se
 
 _WHAT = {
     "model": "model architecture (parameter names/shapes)",
+    "precision": "precision (exact, tf32 or bf16)",
     "model_values": "model weights",
     "model_checksum": "model weights",
     "n_images": "number of images",
@@ -632,7 +634,7 @@ class ShardedRun:
 
     def __init__(self, info: Any, model: torch.nn.Module, device: torch.device, *, target: Any,
                  per_sample: bool, amp: bool, max_images: int | None, checkpoint: Any = None,
-                 checkpoint_every: int = 50, category: str | None = None):
+                 checkpoint_every: int = 50, category: str | None = None, precision: str | None = None):
         self.rank, self.world = rank_world()
         self.info = info
         self.every = int(checkpoint_every)
@@ -666,7 +668,8 @@ class ShardedRun:
             self.n = len(ds) if max_images is None else min(len(ds), int(max_images))
             if checkpoint is not None:
                 fp = fingerprint(model, ds, self.n, info.classes, target=target, per_sample=per_sample, amp=amp,
-                                 batch_size=self.batch_size, world_size=self.world, category=category)
+                                 batch_size=self.batch_size, world_size=self.world, category=category,
+                                 precision=precision)
                 self.ckpt = Checkpoint(checkpoint, self.rank, fp)
                 payload = self.ckpt.load()
                 if payload is not None:

@@ -39,12 +39,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.data import Subset
 
 from connectome.errors import ConnectomeError, DataError
-from connectome.extract._model import check_model, eval_mode, model_dtype, model_on, no_inplace, resolve_device
+from connectome.extract._model import (check_model, eval_mode, model_dtype, model_on, no_inplace, precision_meta,
+                                       precision_mode, resolve_device, resolve_precision, run_precision)
 from connectome.extract.accumulator import FlowAccumulator
-from connectome.extract.data import dataset_targets, make_loader, unpack_batch, warn_skipped
+from connectome.extract.data import dataset_targets, make_loader, subset_loader, unpack_batch, warn_skipped
+from connectome.extract.targets import check_labels
 from connectome.extract.trace import trace_units
 from connectome.graph import Connectome
 
@@ -111,10 +112,11 @@ def attribution(
     layers: Sequence[str] | None = None,
     device: Any = None,
     batch_size: int = 64,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     transform: Callable[[Any], Any] | None = None,
     labels: Sequence[str] | None = None,
     max_images: int | None = None,
+    precision: str = "exact",
     amp: bool = False,
     progress: bool = True,
     name: str | None = None,
@@ -143,8 +145,12 @@ def attribution(
         Contract the result onto these layers (module names), conserving flow.
     device : str or torch.device, optional
         ``None``: CUDA when available, else CPU.
-    batch_size, num_workers : int
-        DataLoader settings (ignored when ``data`` is a DataLoader).
+    batch_size : int, default 64
+        Images per step (ignored when ``data`` is a DataLoader).
+    num_workers : int, optional
+        Processes decoding an ImageFolder (or reading a Dataset); ``None``: one fewer than the
+        CPUs, at most 8, for a folder of more than one batch. Tensors are sliced into batches
+        (no collation, no workers); CPU tensors are pinned ahead of a CUDA run.
     transform : callable, optional
         For ImageFolder data; default resize, center crop 224, ImageNet normalisation.
     labels : sequence of str, optional
@@ -155,9 +161,20 @@ def attribution(
         classes are digits ("281"); otherwise label i is output unit i.
     max_images : int, optional
         Stop after this many images.
+    precision : {"exact", "tf32", "bf16"}, default "exact"
+        Arithmetic of a float32 model. ``"exact"``: IEEE float32 throughout; TF32 is switched
+        off for the run (cuDNN uses it for float32 convolutions by default on Ampere and
+        later GPUs, which breaks completeness by percents) and the caller's switches are
+        restored afterwards. ``"tf32"``: TF32 matmuls and convolutions (about 1e-3 relative
+        per product; faster on GPUs). ``"bf16"``: the forward pass in bfloat16 autocast
+        (about 4e-3 relative per product). Either of the last two sets ``meta["exact"]`` False;
+        conservation and completeness then hold only approximately
+        (``meta["completeness_relative"]`` says how well). Every graph states
+        ``meta["precision"]``, ``meta["expected_error"]`` (the relative distance of its flows
+        to float64 flows to expect, an order of magnitude: 3e-4 exact, 1e-2 tf32, 1e-1 bf16)
+        and ``meta["unit_roundoff"]``. Float64 models always run in float64.
     amp : bool, default False
-        Run the forward pass in bfloat16 autocast: faster on GPUs, but flows then hold only
-        to about 1e-2 relative (conservation and completeness are no longer exact).
+        Same as ``precision="bf16"`` (kept for older code).
     progress : bool, default True
         Show a progress bar (images/s) on stderr.
     name, category : str, optional
@@ -205,6 +222,7 @@ def attribution(
     items. See :mod:`connectome.extract.distributed`.
     """
     check_model(model)
+    precision = resolve_precision(precision, amp)
     if max_images is not None and (int(max_images) != max_images or max_images < 1):
         raise ValueError(f"max_images must be a positive integer or None, got {max_images!r}")
     if isinstance(examples, bool) or int(examples) != examples or examples < 0:
@@ -212,22 +230,23 @@ def attribution(
     info = make_loader(data, batch_size=batch_size, num_workers=num_workers, transform=transform,
                        pin_memory=resolve_device(device).type == "cuda")
     return _attribution(model, info, target, per_sample=per_sample, layers=layers, device=device, labels=labels,
-                        max_images=max_images, amp=amp, progress=progress, name=name, category=category,
+                        max_images=max_images, precision=precision, progress=progress, name=name, category=category,
                         checkpoint=checkpoint, checkpoint_every=checkpoint_every, _batch_hook=_batch_hook,
                         examples=examples)
 
 
 def _attribution(model: nn.Module, info: Any, target: Any = "label", *, per_sample: bool = False,
                  layers: Sequence[str] | None = None, device: Any = None, labels: Sequence[str] | None = None,
-                 max_images: int | None = None, amp: bool = False, progress: bool = True,
+                 max_images: int | None = None, precision: str = "exact", amp: bool = False, progress: bool = True,
                  name: str | None = None, category: str | None = None, checkpoint: Any = None,
                  checkpoint_every: int = 50, _batch_hook: Callable[[int], None] | None = None,
                  category_label: int | None = None, examples: int = 0) -> Connectome:
     from connectome.extract.distributed import rank_device, rank_world
 
     check_model(model)
+    precision = resolve_precision(precision, amp)
     dev = rank_device(resolve_device(device))
-    acc, t_info = _accumulate(model, info, target, dev, per_sample, amp, progress, max_images, labels,
+    acc, t_info = _accumulate(model, info, target, dev, per_sample, precision, progress, max_images, labels,
                               batch_hook=_batch_hook, category=category, checkpoint=checkpoint,
                               checkpoint_every=checkpoint_every, category_label=category_label,
                               examples=examples)
@@ -240,6 +259,9 @@ def _attribution(model: nn.Module, info: Any, target: Any = "label", *, per_samp
         "skipped_images": len(t_info["skipped"]),
         "versions": _versions(),
     })
+    # float32 flows computed in TF32 or bfloat16 are approximations, whatever the ops
+    g = g.with_meta(exact=bool(g.meta["exact"]) and t_info["precision"] == "exact",
+                    **precision_meta(t_info["precision"], acc.dtype))
     if examples:  # what a stored image index means: dataset order, and the files of an ImageFolder
         from connectome.patches import example_arrays
 
@@ -262,7 +284,7 @@ def _layer_name(g: Connectome, name: str) -> str:
     return g.layers[resolve_layer(name, g.layers, where="to contract onto")].name
 
 
-def _accumulate(model, info, target, dev, per_sample, amp, progress, max_images, labels,
+def _accumulate(model, info, target, dev, per_sample, precision, progress, max_images, labels,
                 batch_hook: Callable[[int], None] | None = None, category: str | None = None,
                 category_label: int | None = None,
                 checkpoint: Any = None, checkpoint_every: int = 50,
@@ -274,12 +296,15 @@ def _accumulate(model, info, target, dev, per_sample, amp, progress, max_images,
     t0 = time.perf_counter()
     m = model_on(model, dev)
     dtype = model_dtype(m)
+    precision = run_precision(precision, dtype)
+    amp = precision == "bf16"
     skipped = SkippedNames()  # counts every file, keeps a few names: memory does not grow with the data
     total = info.n_images if max_images is None else min(info.n_images or max_images, max_images)
     run = None  # this process's shard of a distributed run, and/or a run resumable from a checkpoint
     if checkpoint is not None or rank_world()[1] > 1:
         run = ShardedRun(info, m, dev, target=target, per_sample=per_sample, amp=amp, max_images=max_images,
-                         checkpoint=checkpoint, checkpoint_every=checkpoint_every, category=category)
+                         checkpoint=checkpoint, checkpoint_every=checkpoint_every, category=category,
+                         precision=precision)
         skipped, total, max_images = run.skipped, run.n, None  # the shards already stop at max_images
     scale = run.world if run is not None else 1  # rank 0's bar shows the whole job's images/s (about)
     desc = f"attribution {category}" if category else "attribution"
@@ -287,7 +312,7 @@ def _accumulate(model, info, target, dev, per_sample, amp, progress, max_images,
                leave=False, dynamic_ncols=True, initial=run.images_done if run is not None else 0)
     acc = None
     error: BaseException | None = None
-    t_info: dict[str, Any] = {"labels": None, "target_class": None}
+    t_info: dict[str, Any] = {"labels": None, "target_class": None, "precision": precision}
 
     def start(x: torch.Tensor) -> tuple[FlowAccumulator, Callable[..., torch.Tensor], int]:
         ug = trace_units(m, x[:1].to(dev, dtype=dtype))
@@ -310,7 +335,7 @@ def _accumulate(model, info, target, dev, per_sample, amp, progress, max_images,
 
         t_info["order"] = ImageOrder(info.loader if run is None else run.loader, info.dataset)
     try:
-        with eval_mode(m), no_inplace(m):
+        with eval_mode(m), no_inplace(m), precision_mode(precision):
             seen = 0
             for bi, batch in enumerate(info.loader if run is None else run.loader,
                                        start=0 if run is None else run.start_batch):
@@ -336,13 +361,7 @@ def _accumulate(model, info, target, dev, per_sample, amp, progress, max_images,
                         raise DataError(f"labels {int(y.min())}..{int(y.max())} do not index the dataset's {len(lm)} classes")
                     y = lm[y]
                 if target == "label":
-                    if y is None:
-                        raise DataError("target='label' needs labels; the data has images only (pass (images, labels) or target=<class>)")
-                    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= n_out):
-                        raise DataError(
-                            f"labels {int(y.min())}..{int(y.max())} are out of range of the output layer "
-                            f"({n_out} units); map dataset labels to output units first"
-                        )
+                    y = check_labels(y, n_out)  # one wording with ablate and fidelity
                 yd = y.to(dev, non_blocking=True) if y is not None else None
                 try:
                     acc.step(x, lambda logits: fn(logits, yd), index=index)
@@ -414,7 +433,7 @@ def attribution_by_category(
     checkpoint_every : int, default 50
         Batches between checkpoints.
     **kwargs
-        Passed to :func:`attribution` (``per_sample``, ``device``, ``layers`` ...).
+        Passed to :func:`attribution` (``per_sample``, ``device``, ``precision``, ``layers`` ...).
 
     Returns
     -------
@@ -456,14 +475,8 @@ def attribution_by_category(
         cname = names[label]
         if categories is not None and cname not in categories:
             continue
-        subset = Subset(ds, by_label[label])
-        from torch.utils.data import DataLoader
-
-        from connectome.extract.data import LoaderInfo
-
-        loader = DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=info.loader.collate_fn,
-                            num_workers=kwargs.get("num_workers", 0))
-        sub_info = LoaderInfo(loader, subset, info.classes, len(subset))
+        sub_info = subset_loader(info, by_label[label], batch_size, num_workers=kwargs.get("num_workers"),
+                                 pin_memory=resolve_device(kwargs.get("device")).type == "cuda")
         try:
             from connectome.extract.distributed import category_folder
 

@@ -82,14 +82,46 @@ class Rule:
     weight_note: str = ""  # what the weight connectome does with it, when not folded
 
 
+class _Frozen(torch.autograd.Function):
+    """Value ``y``, gradient ``s * dT/dy`` for ``x``: one op forward, one product backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(s)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (s,) = ctx.saved_tensors
+        return g * s, None, None
+
+
+class _Identity(torch.autograd.Function):
+    """The identity rule: value ``f(x)``, gradient ``r * dT/dy`` with ``r = (f(x) - f(0)) / x``
+    (0 where x is 0), computed only in the backward pass from the saved ``x`` and ``f(x)``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, y: torch.Tensor, f0: float) -> torch.Tensor:
+        ctx.save_for_backward(x, y)
+        ctx.f0 = f0
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        x, y = ctx.saved_tensors
+        nz = x != 0
+        r = torch.where(nz, (y - ctx.f0) / torch.where(nz, x, torch.ones_like(x)), torch.zeros_like(x))
+        return g * r, None, None
+
+
 def frozen(x: torch.Tensor, y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """``y`` in the forward pass, ``dy/dx = s`` in the backward pass (``s`` held constant).
 
-    ``v - v.detach()`` is exactly zero, so the value is ``y`` to the last bit; only the
-    gradient changes.
+    The value is ``y`` to the last bit; only the gradient changes. Written as an autograd
+    function rather than ``y.detach() + (x*s - (x*s).detach())``, which builds three full-size
+    temporaries per op in the forward pass.
     """
-    v = x * s.detach()
-    return y.detach() + (v - v.detach())
+    return _Frozen.apply(x, y.detach(), s.detach())
 
 
 # ----------------------------------------------------------------------------- constants
@@ -131,10 +163,7 @@ def _stashed(op: ChainOp, ctx: RunContext, like: torch.Tensor) -> torch.Tensor |
 # ----------------------------------------------------------------------------- linearised forwards
 def _smooth_forward(op: ChainOp, x: torch.Tensor, y: torch.Tensor, ctx: RunContext) -> torch.Tensor:
     # identity rule: f(x) = f(0) + x * r(x), r held constant (0/0 taken as 0)
-    f0 = op.params[0]
-    xd = x.detach()
-    r = torch.where(xd != 0, (y.detach() - f0) / torch.where(xd != 0, xd, torch.ones_like(xd)), torch.zeros_like(xd))
-    return frozen(x, y, r)
+    return _Identity.apply(x, y.detach(), float(op.params[0]))
 
 
 def _norm_forward(op: ChainOp, x: torch.Tensor, y: torch.Tensor, ctx: RunContext) -> torch.Tensor:

@@ -179,7 +179,8 @@ def weights(
                         idx = torch.as_tensor(np.asarray(op.cols))[idx]
                     s = src_scale[idx]
                     r = r * (s if reduce == "sum" else s.abs())
-                values[li] = r.numpy()
+                # rounded to the graph's float32 once, per layer: no float64 copy of every edge
+                values[li] = r.numpy().astype(np.float32)
             else:
                 vals = []
                 for op in spec.operands:

@@ -16,13 +16,16 @@ from __future__ import annotations
 
 from connectome.viz.charts import (
     plot_bars,
+    plot_comparison,
     plot_curves,
+    plot_fidelity,
     plot_hubs,
     plot_image_comparison,
     plot_matching,
     plot_similarity,
 )
 from connectome.viz.circuits import plot_circuit, plot_groups
+from connectome.viz.palette import community_rgb
 from connectome.viz.report import Report
 from connectome.viz.units import unit_cards
 from connectome.viz.viewer import write_viewer
@@ -36,6 +39,9 @@ __all__ = [
     "plot_matching",
     "plot_curves",
     "plot_bars",
+    "plot_fidelity",
+    "plot_comparison",
+    "community_rgb",
     "Report",
     "unit_cards",
     "write_viewer",

@@ -17,6 +17,7 @@ from connectome.viz._mpl import axes as _axes
 from connectome.viz._mpl import category_colors as _category_colors
 from connectome.viz._mpl import empty as _empty
 from connectome.viz._mpl import grid as _grid
+from connectome.viz.palette import community_legend, community_rgb
 
 __all__ = [
     "plot_hubs",
@@ -25,6 +26,8 @@ __all__ = [
     "plot_matching",
     "plot_curves",
     "plot_bars",
+    "plot_fidelity",
+    "plot_comparison",
 ]
 
 ARROW = "\u2192"
@@ -128,7 +131,23 @@ def plot_hubs(
         dropped = len(layers) - len(chosen)
         layers = [layers[i] for i in chosen]
     rows_k = min(k, max((l.size for _, l in layers), default=1))
+    community = g.node_attrs.get("community")
+    picks = []
+    for li, l in layers:
+        sl = g.layer_slice(l.name)
+        idx = np.arange(sl.start, sl.stop)
+        idx = idx[np.isfinite(s[idx])]
+        picks.append(idx[np.lexsort((g.node_units[idx], -s[idx]))][:k])
+    if community is not None and picks:
+        entries = community_legend(np.asarray(community, dtype=np.float64)[np.concatenate(picks)])
+        legend_title = "bar colour: Leiden community (the same in every figure and in the Gephi files)"
+    else:
+        entries = [("score >= 0", "tab:blue"), ("score < 0", "tab:gray")]
+        legend_title = None
+    ncol = min(len(entries), 6)
+    legend_h = 0.3 + 0.22 * -(-len(entries) // ncol) + (0.2 if legend_title else 0.0)
     fig, axes = _grid(len(layers), 4, (3.3, 0.55 + 0.32 * rows_k))
+    fig.set_figheight(fig.get_figheight() + 0.5 + legend_h)  # room for the title and the legend
     title = title if title is not None else f"Top {k} units per layer by {xlabel}"
     if dropped:
         title += f"\n({len(layers)} layers with the largest scores shown, {dropped} more not shown)"
@@ -136,31 +155,23 @@ def plot_hubs(
     if not layers:
         _empty(axes[0], "no finite scores")
         return fig
-    community = g.node_attrs.get("community")
-    palette = _category_colors(10)
     labels_all = g.node_labels
-    for ax, (li, l) in zip(axes, layers):
-        sl = g.layer_slice(l.name)
-        idx = np.arange(sl.start, sl.stop)
+    for ax, (li, l), idx in zip(axes, layers, picks):
         v = s[idx]
-        ok = np.isfinite(v)
-        idx, v = idx[ok], v[ok]
-        top = np.lexsort((g.node_units[idx], -v))[:k]
-        idx, v = idx[top], v[top]
         names = [labels_all[i] if l.labels is not None else f"unit {g.node_units[i]}" for i in idx]
         if community is not None:
             c = np.asarray(community, dtype=np.float64)[idx]
-            colours = [palette[int(ci) % 10] if np.isfinite(ci) and ci >= 0 else "0.7" for ci in c]
+            colours = community_rgb(c)
         else:
             colours = ["tab:blue" if vi >= 0 else "tab:gray" for vi in v]
         ypos = rows_k - 1 - np.arange(len(v))  # best at the top, short layers top-aligned
         ax.barh(ypos, v, color=colours, height=0.7)
         ax.set_yticks(ypos)
-        ax.set_yticklabels(names, fontsize=8)
+        ax.set_yticklabels(names, fontsize=8.5)
         ax.set_title(f"{l.name} ({l.kind})", fontsize=9)
         ax.axvline(0, color="0.5", lw=0.6)
         for yy, vv in zip(ypos, v):
-            ax.text(vv, yy, f" {vv:.3g} ", va="center", ha="left" if vv >= 0 else "right", fontsize=7)
+            ax.text(vv, yy, f" {vv:.3g} ", va="center", ha="left" if vv >= 0 else "right", fontsize=7.5)
         lo = min(0.0, float(v.min())) if v.size else 0.0
         hi = max(0.0, float(v.max())) if v.size else 0.0
         span = hi - lo
@@ -174,6 +185,10 @@ def plot_hubs(
             ax.spines[side].set_visible(False)
     for ax in axes[-min(4, len(axes)):]:
         ax.set_xlabel(xlabel, fontsize=8)
+    from matplotlib.patches import Patch
+
+    fig.legend(handles=[Patch(color=c, label=t) for t, c in entries], loc="outside lower center",
+               ncol=ncol, fontsize=8, frameon=False, title=legend_title, title_fontsize=8)
     return fig
 
 
@@ -466,7 +481,7 @@ def plot_matching(
     """How well the units of two models match, layer pair by layer pair.
 
     Left (or only) panel: per layer pair (``"a_layer→b_layer"``), a box plot of the
-    correlations of the matched units, each unit a dot, the mean a white diamond. Right
+    correlations of the matched units, each unit pair a dot, the mean a black bar. Right
     panel, when ``overlaps`` is given: per layer, the observed overlap of the two circuits
     as a bar and, when given, the overlap expected by chance as a black tick (with its
     standard deviation as an error bar).
@@ -516,14 +531,18 @@ def plot_matching(
             if d.size:
                 ax.scatter(i + rng.uniform(-0.18, 0.18, d.size), d, s=9, color="tab:blue", alpha=0.55,
                            linewidths=0, zorder=3)
-                ax.scatter([i], [d.mean()], marker="D", s=30, color="white", edgecolors="black", zorder=4)
+                # the mean as a black bar across the box: no dot-like marker to mistake for a unit
+                ax.plot([i - 0.3, i + 0.3], [d.mean()] * 2, color="black", lw=2.2, zorder=4, solid_capstyle="butt")
         _tick_labels(ax, [f"{l}\n(n={d.size})" for l, d in zip(labels, data)], "x")
         ax.set_xlim(-0.6, len(labels) - 0.4)
         allv = np.concatenate([d for d in data if d.size]) if any(d.size for d in data) else np.zeros(1)
         ax.set_ylim(min(-0.05, float(allv.min()) - 0.05), 1.05)
         ax.axhline(0, color="0.6", lw=0.7, ls="--")
-        ax.legend(handles=[Line2D([], [], ls="none", marker="D", mfc="white", mec="black", label="mean")],
-                  fontsize=8, frameon=False, loc="lower right")
+        ax.legend(handles=[
+            Line2D([], [], ls="none", marker="o", ms=4, mfc="tab:blue", mec="none", alpha=0.55, label="one matched unit pair"),
+            Line2D([], [], color="black", lw=2.2, label="mean"),
+            Line2D([], [], color="tab:blue", lw=1.5, label="median (box: quartiles)"),
+        ], fontsize=8, frameon=False, loc="lower right")
     else:
         _empty(ax, "no matched units")
     ax.set_ylabel("correlation of matched units", fontsize=9)
@@ -692,4 +711,175 @@ def plot_bars(
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
     ax.set_title(title if title is not None else "", fontsize=11)
+    return fig
+
+
+# ---------------------------------------------------------------------------- fidelity
+def _fidelity_value(v: Any) -> tuple[float, float, float, np.ndarray]:
+    """A FidelityResult, a dict or ``(circuit, random_mean[, random_std])`` -> the four."""
+    if hasattr(v, "circuit_drop"):
+        drops = np.asarray(getattr(v, "random_drops", ()), dtype=np.float64).reshape(-1)
+        return float(v.circuit_drop), float(v.random_mean), float(v.random_std), drops
+    if isinstance(v, Mapping):
+        return (float(v["circuit_drop"]), float(v.get("random_mean", np.nan)), float(v.get("random_std", np.nan)),
+                np.asarray(v.get("random_drops", ()), dtype=np.float64).reshape(-1))
+    v = list(v)
+    return float(v[0]), float(v[1]), float(v[2]) if len(v) > 2 and v[2] is not None else float("nan"), np.zeros(0)
+
+
+def plot_fidelity(results: Mapping[str, Any], *, title: str | None = None, ylabel: str = "drop in class probability",
+                  ax: Any = None) -> Any:
+    """Circuit ablation against its baseline: random unit sets of the same size, per category.
+
+    Two bars per category: the drop when the circuit's units are silenced, and the mean
+    drop over random sets of as many units per layer (error bar: one standard deviation;
+    dots: each random set, when known). A circuit that matters stands well above its
+    random bar.
+
+    Parameters
+    ----------
+    results : dict of str -> FidelityResult, dict or (circuit_drop, random_mean[, random_std])
+        Per category, what :func:`connectome.analysis.fidelity` returned (or its numbers).
+    title : str, optional
+    ylabel : str, default "drop in class probability"
+    ax : matplotlib.axes.Axes, optional
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+
+    Examples
+    --------
+    >>> fig = plot_fidelity({"cat": (0.9, 0.3, 0.1), "dog": (0.8, 0.4, 0.05)})
+    """
+    keys = [str(k) for k in results]
+    vals = [_fidelity_value(v) for v in results.values()]
+    fig, ax = _axes(ax, (float(np.clip(2.5 + 0.9 * len(keys), 5.0, 13.0)), 4.2))
+    if not keys:
+        _empty(ax, "no results")
+        return fig
+    xs = np.arange(len(keys))
+    circ = np.array([v[0] for v in vals])
+    rmean = np.array([v[1] for v in vals])
+    rstd = np.nan_to_num(np.array([v[2] for v in vals]))
+    ax.bar(xs - 0.2, circ, width=0.4, color="tab:red", alpha=0.85, label="circuit ablated")
+    ax.bar(xs + 0.2, rmean, width=0.4, color="0.6", yerr=rstd if rstd.any() else None, capsize=3,
+           error_kw=dict(lw=1, ecolor="0.2"), label="random units, as many per layer: mean ± std (dots: each draw)")
+    rng = np.random.default_rng(0)  # jitter only
+    for x_, v in zip(xs, vals):
+        d = v[3][np.isfinite(v[3])]
+        if d.size:
+            ax.scatter(x_ + 0.2 + rng.uniform(-0.12, 0.12, d.size), d, s=7, color="0.25", alpha=0.5, zorder=3,
+                       linewidths=0)
+    for x_, c in zip(xs, circ):
+        ax.text(x_ - 0.2, c, f"{c:.2f}", ha="center", va="bottom" if c >= 0 else "top", fontsize=7.5)
+    _tick_labels(ax, keys, "x")
+    ax.axhline(0, color="0.5", lw=0.6)
+    ax.margins(y=0.12)
+    ax.set_ylabel(ylabel, fontsize=9)
+    ax.legend(fontsize=8, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.16 if len(keys) <= 8 else -0.3),
+              ncol=1)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    ax.set_title(title if title is not None else "Ablating the circuit vs random units of the same size", fontsize=11)
+    return fig
+
+
+# ---------------------------------------------------------------------------- comparison
+_SIMILARITIES = (("jaccard", "top-unit Jaccard"), ("weighted_overlap", "weighted overlap"),
+                 ("spearman", "rank correlation"), ("circuit_jaccard", "circuit Jaccard"), ("nmi", "community NMI"))
+
+
+def _layer_axis(ax: Any, names: Sequence[str]) -> None:
+    """Layer names under a per-layer axis; every n-th one when there are many."""
+    step = max(1, -(-len(names) // 36))
+    xs = np.arange(len(names))
+    ax.set_xticks(xs[::step])
+    ax.set_xticklabels([names[i] for i in xs[::step]], fontsize=8 if len(names) <= 24 else 7.5, rotation=90)
+    ax.set_xlim(-0.6, len(names) - 0.4)
+
+
+def plot_comparison(cmp: Any, analogous: Any = None, *, title: str | None = None) -> Any:
+    """Two graphs of one model compared layer by layer: how similar, which units are shared.
+
+    Top: per layer, the similarities of :func:`connectome.analysis.compare` (top-unit
+    Jaccard, weighted overlap and rank correlation of unit importance, circuit Jaccard,
+    community NMI). Middle: per layer, the important units both graphs share (the *same*
+    units) and those only one has. Bottom, when ``analogous`` holds a placement: per layer
+    of the placed circuit, how many of its units map onto the same unit in the other graph
+    and how many onto another one (an *analogous* unit).
+
+    Parameters
+    ----------
+    cmp : Comparison
+        What :func:`connectome.analysis.compare` returned.
+    analogous : MatchList or Match, optional
+        :func:`connectome.analysis.find_analogous` results; the best placement is drawn.
+    title : str, optional
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    rows = list(cmp.per_layer)
+    names = [r.layer for r in rows]
+    best = analogous[0] if isinstance(analogous, list) and len(analogous) else (
+        analogous if hasattr(analogous, "mapping") else None)
+    n_panels = 3 if best is not None else 2
+    width = float(np.clip(4.0 + 0.17 * len(names), 8.0, 14.0))
+    from connectome.viz._mpl import pyplot as _plt
+
+    fig, axes = _plt().subplots(n_panels, 1, figsize=(width, 3.1 * n_panels + 0.8), layout="constrained", squeeze=False)
+    axes = axes[:, 0]
+    fig.suptitle(title if title is not None else f"{cmp.a} vs {cmp.b}", fontsize=11)
+    xs = np.arange(len(names))
+    ax = axes[0]
+    colours = _category_colors(len(_SIMILARITIES))
+    for (key, label), col in zip(_SIMILARITIES, colours):
+        v = np.array([np.nan if getattr(r, key) is None else float(getattr(r, key)) for r in rows])
+        if np.isfinite(v).any():
+            mean = np.nanmean(v)
+            ax.plot(xs, v, color=col, lw=1.5, marker="o" if len(xs) <= 30 else None, ms=3.5,
+                    label=f"{label} (mean {mean:.2f})")
+    ax.set_ylim(-1.05 if any((r.spearman or 0) < 0 for r in rows) else -0.02, 1.05)
+    ax.set_ylabel("similarity", fontsize=9)
+    ax.set_title(f"How alike the two graphs are, per layer (importance: {cmp.importance})", fontsize=10)
+    ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    _layer_axis(ax, names)
+
+    ax = axes[1]
+    shared = np.array([len(r.shared) for r in rows])
+    only_a = np.array([len(r.only_a) for r in rows])
+    only_b = np.array([len(r.only_b) for r in rows])
+    ax.bar(xs, shared, color="tab:purple", label="in both (the same units)")
+    ax.bar(xs, only_a, bottom=shared, color="tab:orange", label=f"only {cmp.a}")
+    ax.bar(xs, only_b, bottom=shared + only_a, color="tab:cyan", label=f"only {cmp.b}")
+    top_n = rows[0].top if rows else 0
+    ax.set_ylabel("units", fontsize=9)
+    ax.set_title(f"The {top_n} most important units of each layer: shared or not", fontsize=10)
+    ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    _layer_axis(ax, names)
+
+    if best is not None:
+        ax = axes[2]
+        same = {n: 0 for n in names}
+        other = {n: 0 for n in names}
+        for k, v in best.mapping.items():
+            layer = k.rpartition(":")[0]
+            if layer in same:
+                (same if k == v else other)[layer] += 1
+        s_ = np.array([same[n] for n in names])
+        o_ = np.array([other[n] for n in names])
+        ax.bar(xs, s_, color="tab:purple", label="placed on the same unit")
+        ax.bar(xs, o_, bottom=s_, color="tab:green", label="placed on another unit (analogous)")
+        ax.set_ylabel("circuit units", fontsize=9)
+        score = getattr(best, "score", float("nan"))
+        ax.set_title(f"Best placement of {cmp.a}'s circuit skeleton in {cmp.b}'s graph (weight agreement "
+                     f"{score:.2f})", fontsize=10)
+        ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        _layer_axis(ax, names)
+    for a in axes:
+        a.tick_params(axis="y", labelsize=8)
+        for side in ("top", "right"):
+            a.spines[side].set_visible(False)
     return fig

@@ -15,14 +15,13 @@ import numpy as np
 from connectome.graph import Connectome
 from connectome.io import node_colors, node_sizes
 from connectome.viz._mpl import axes as _axes
-from connectome.viz._mpl import category_colors as _category_colors
 from connectome.viz._mpl import empty as _empty
+from connectome.viz.palette import community_legend, community_rgb
 
 __all__ = ["plot_circuit", "plot_groups"]
 
 POSITIVE = "tab:red"
 NEGATIVE = "tab:blue"
-_MAX_COMMUNITY_COLOURS = 10
 
 
 # ---------------------------------------------------------------------------- layout
@@ -173,27 +172,12 @@ def _edge_style(w: np.ndarray, lw_range: tuple[float, float], alpha_range: tuple
 
 
 def _node_palette(g: Connectome) -> tuple[np.ndarray, list[tuple[str, Any]]]:
-    """RGBA per node and legend entries: by community when present, else by layer kind."""
+    """RGBA per node and legend entries: by community when present (the colours every figure
+    and the Gephi files give that community), else by layer kind."""
     if "community" in g.node_attrs:
         c = np.asarray(g.node_attrs["community"], dtype=np.float64)
-        valid = np.isfinite(c) & (c >= 0)
-        ci = np.where(valid, c, -1).astype(np.int64)
-        labels, counts = np.unique(ci[valid], return_counts=True)
-        order = labels[np.lexsort((labels, -counts))]
-        shown = np.sort(order[:_MAX_COMMUNITY_COLOURS])
-        colours = _category_colors(len(shown))
-        rgba = np.tile(np.array([0.55, 0.55, 0.55, 1.0]), (g.num_nodes, 1))
-        rgba[~valid] = (0.82, 0.82, 0.82, 1.0)
-        legend: list[tuple[str, Any]] = []
-        for k, col in zip(shown.tolist(), colours):
-            rgba[ci == k] = col
-            legend.append((f"community {k}", col))
-        rest = len(order) - len(shown)
-        if rest > 0:
-            legend.append((f"{rest} other communities", (0.55, 0.55, 0.55, 1.0)))
-        if (~valid).any():
-            legend.append(("no community", (0.82, 0.82, 0.82, 1.0)))
-        return rgba, legend
+        rgba = np.c_[community_rgb(c), np.ones(g.num_nodes)]
+        return rgba, community_legend(c)
     rgb = node_colors(g) / 255.0
     rgba = np.c_[rgb, np.ones(g.num_nodes)]
     legend = []
@@ -228,16 +212,19 @@ def _layer_ticks(ax: Any, layers: Sequence[Any], xs: np.ndarray, show_size: bool
     """Layer names under the columns, rotated when they would collide."""
     names = [l.name for l in layers]
     per_col = _points_per_unit(ax, float(ax.get_xlim()[1] - ax.get_xlim()[0]), "x")
-    fs = 9 if len(names) <= 12 else (7.5 if len(names) <= 30 else 6)
+    # never below 7.5 pt: reports show wide figures scaled down to the page
+    fs = 9 if len(names) <= 12 else (8 if len(names) <= 30 else 7.5)
     longest = max((len(s) for s in names), default=0)
     rotate = longest * fs * 0.6 > per_col * 0.9
+    # upright when even slanted neighbours would touch
+    angle = 90 if rotate and per_col < 1.7 * fs else 35
     if show_size:
         labels = [f"{l.name} ({l.size})" if rotate else f"{l.name}\n({l.size})" for l in layers]
     else:
         labels = names
     ax.set_xticks(xs)
-    ax.set_xticklabels(labels, fontsize=fs, rotation=35 if rotate else 0, ha="right" if rotate else "center",
-                       rotation_mode="anchor" if rotate else "default")
+    ax.set_xticklabels(labels, fontsize=fs, rotation=angle if rotate else 0,
+                       ha="right" if rotate else "center", rotation_mode="anchor" if rotate else "default")
     ax.tick_params(axis="x", length=0)
 
 
@@ -315,7 +302,9 @@ def plot_circuit(
     sizes = np.array([l.size for l in g.layers])
     m_max = int(sizes.max()) if sizes.size else 0
     lab_len = max((len(s) for l in g.layers if l.labels for s in l.labels), default=0)
-    fig, ax = _axes(ax, (float(np.clip(3.0 + 1.5 * n_layers + 0.08 * lab_len, 7.0, 17.0)),
+    # At most 14 inches wide: a report page shows it at about 1,300 px, so 8-point labels
+    # stay about 10 px high.
+    fig, ax = _axes(ax, (float(np.clip(3.0 + 1.5 * n_layers + 0.08 * lab_len, 7.0, 14.0)),
                          float(np.clip(3.8 + 0.012 * m_max, 4.5, 9.0))))
     title = title if title is not None else _default_title(g, "Circuit")
     if g.num_nodes == 0:
@@ -357,7 +346,8 @@ def plot_circuit(
     steps = _column_steps(sizes)
     tight = float(steps[sizes > 1].min()) if (sizes > 1).any() else 1.0
     pts_y = _points_per_unit(ax, y_hi - y_lo, "y")
-    spacing = min(tight * pts_y, 0.6 * width_pts / max(x_hi - x_lo, 1e-9))
+    col_pts = width_pts / max(x_hi - x_lo, 1e-9)  # points between neighbouring columns
+    spacing = min(tight * pts_y, 0.6 * col_pts)
     # Dense columns may overlap a little: a dot under 4 points is hard to see at all.
     d_max = float(np.clip(0.95 * spacing, 4.5, 22.0))
     d_min = max(2.0, 0.3 * d_max)
@@ -391,7 +381,7 @@ def plot_circuit(
     from matplotlib.patheffects import withStroke
 
     halo = [withStroke(linewidth=2.2, foreground="white")]
-    lab_fs = 9 if m_max <= 20 else 7.5
+    lab_fs = 9 if m_max <= 20 else 8
     n_text = 0
     for li, l in enumerate(g.layers):
         sl = g.layer_slice(l.name)
@@ -400,10 +390,12 @@ def plot_circuit(
                 ax.annotate(text, (x[j], y[j]), xytext=(diam[j] / 2 + 4, 0), textcoords="offset points",
                             ha="left", va="center", fontsize=lab_fs, zorder=4,
                             fontweight="bold" if l.kind == "output" else "normal", path_effects=halo)
-        elif label_units and (l.size == 1 or steps[li] * pts_y >= 8.5) and n_text + l.size <= 400:
+        elif (label_units and (l.size == 1 or steps[li] * pts_y >= 9.5) and n_text + l.size <= 400
+              and col_pts >= 0.6 * 8 * len(str(int(g.node_units[sl].max()))) + d_max / 2 + 8):
+            # (only where the label fits between this column and the one to its left)
             for j in range(sl.start, sl.stop):
                 ax.annotate(str(g.node_units[j]), (x[j], y[j]), xytext=(-(diam[j] / 2 + 2), 0),
-                            textcoords="offset points", ha="right", va="center", fontsize=6.5,
+                            textcoords="offset points", ha="right", va="center", fontsize=8,
                             color="0.3", zorder=4, path_effects=halo)
             n_text += l.size
 
@@ -495,7 +487,7 @@ def plot_groups(
     n_layers = len(g.layers)
     sizes = np.array([l.size for l in g.layers])
     m_max = int(sizes.max()) if sizes.size else 0
-    fig, ax = _axes(ax, (float(np.clip(2.5 + 1.7 * n_layers, 6.0, 17.0)), float(np.clip(2.6 + 1.0 * m_max, 4.0, 9.0))))
+    fig, ax = _axes(ax, (float(np.clip(2.5 + 1.7 * n_layers, 6.0, 14.0)), float(np.clip(2.6 + 1.0 * m_max, 4.0, 9.0))))
     title = title if title is not None else _default_title(g, "Neuron groups")
     if g.num_nodes == 0:
         _empty(ax, "no groups to draw")
@@ -552,7 +544,7 @@ def plot_groups(
     dark = np.array([0.299, 0.587, 0.114]) @ face[:, :3].T < 0.45
     id_list = ids.tolist()
     for i in range(g.num_nodes):
-        ax.annotate(f"{count[i]:g}", (x[i], y[i]), ha="center", va="center", fontsize=8 if diam[i] >= 18 else 6.5,
+        ax.annotate(f"{count[i]:g}", (x[i], y[i]), ha="center", va="center", fontsize=8.5 if diam[i] >= 18 else 7.5,
                     color="white" if dark[i] else "black", zorder=4)
         caption = f"g{g.node_units[i]}"
         if members is not None:
@@ -560,7 +552,7 @@ def plot_groups(
             if 0 < len(mem) <= 3:
                 caption += "\n" + ", ".join(m.rpartition(":")[2] for m in mem)
         ax.annotate(caption, (x[i], y[i]), xytext=(0, -(diam[i] / 2 + 2)), textcoords="offset points",
-                    ha="center", va="top", fontsize=7, color="0.25", zorder=4)
+                    ha="center", va="top", fontsize=8, color="0.25", zorder=4)
 
     _layer_ticks(ax, g.layers, np.arange(n_layers, dtype=np.float64), show_size=False)
     ax.set_yticks([])

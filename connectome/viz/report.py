@@ -27,9 +27,12 @@ body { font-family: -apple-system, BlinkMacSystemFont, "Segoe UI", Roboto, "Helv
 h1 { font-size: 1.8em; border-bottom: 2px solid #ddd; padding-bottom: .2em; }
 h2 { font-size: 1.4em; margin-top: 1.8em; border-bottom: 1px solid #eee; }
 h3 { font-size: 1.15em; margin-top: 1.4em; }
-figure { margin: 1.5em 0; text-align: center; }
-figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
-figcaption { color: #555; font-size: .92em; margin-top: .4em; }
+html { overflow-x: hidden; }
+/* Figures may be wider than the text column, up to the window: a wide chart shown at the
+   column's width would shrink its labels below legibility. */
+figure { margin: 1.5em 0 1.5em -50vw; text-align: center; width: 100vw; position: relative; left: 50%; }
+figure img { max-width: calc(100vw - 2.4em); height: auto; border: 1px solid #eee; }
+figcaption { color: #555; font-size: .92em; margin: .4em auto 0; max-width: 1060px; padding: 0 1.2em; }
 table { border-collapse: collapse; margin: 1em 0; font-size: .92em; }
 caption { caption-side: top; text-align: left; color: #555; padding-bottom: .3em; }
 th, td { border: 1px solid #ccc; padding: .3em .7em; }

@@ -180,9 +180,29 @@ class SmallResNet(nn.Module):
         return self.fc(x)
 
 
+class TinyViT(nn.Module):
+    """A two-block vision transformer for 32x32 shape images (torchvision's ``VisionTransformer``).
+
+    4x4 patches (64 tokens and a class token), width 32, two heads, MLP width 64: the same
+    code as ``vit_b_16``, small enough to train on the CPU in minutes, so that the demo
+    can show a transformer's circuits (attention under the attention rule, GELU, LayerNorm).
+    """
+
+    def __init__(self, num_classes: int = len(SHAPE_CLASSES), width: int = 32) -> None:
+        super().__init__()
+        from torchvision.models.vision_transformer import VisionTransformer
+
+        self.vit = VisionTransformer(image_size=32, patch_size=4, num_layers=2, num_heads=2, hidden_dim=width,
+                                     mlp_dim=2 * width, num_classes=num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vit(x)
+
+
 _ARCHITECTURES: dict[str, type[nn.Module]] = {
     "SimpleCNN": SimpleCNN,
     "SmallResNet": SmallResNet,
+    "TinyViT": TinyViT,
 }
 
 # The shipped models: architecture and the seed their training starts from.
@@ -190,6 +210,7 @@ _REGISTRY: dict[str, dict[str, Any]] = {
     "simplecnn_a": {"architecture": "SimpleCNN", "seed": 0},
     "simplecnn_b": {"architecture": "SimpleCNN", "seed": 1},
     "smallresnet": {"architecture": "SmallResNet", "seed": 2},
+    "tinyvit": {"architecture": "TinyViT", "seed": 3},
 }
 
 
@@ -204,7 +225,7 @@ def list_models() -> list[str]:
     Example
     -------
     >>> list_models()
-    ['simplecnn_a', 'simplecnn_b', 'smallresnet']
+    ['simplecnn_a', 'simplecnn_b', 'smallresnet', 'tinyvit']
     """
     return list(_REGISTRY)
 

@@ -38,6 +38,7 @@ _RECIPES: dict[str, dict[str, Any]] = {
     "simplecnn_a": {"epochs": 30, "n_per_class": 500, "lr": 4e-3},
     "simplecnn_b": {"epochs": 30, "n_per_class": 500, "lr": 4e-3},
     "smallresnet": {"epochs": 15, "n_per_class": 500, "lr": 4e-3},
+    "tinyvit": {"epochs": 40, "n_per_class": 500, "lr": 3e-3},
 }
 _BATCH_SIZE = 64
 _IMAGE_SIZE = 32

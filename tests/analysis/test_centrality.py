@@ -110,6 +110,55 @@ def test_sampled_betweenness_is_unbiased_on_average():
     np.testing.assert_allclose(est[top], exact[top], rtol=0.2)
 
 
+def test_default_betweenness_is_exact_on_small_graphs(g):
+    c = centrality(g, ["betweenness"])
+    assert c.betweenness_samples is None
+    np.testing.assert_array_equal(c["betweenness"], centrality(g, ["betweenness"], betweenness_samples=None)["betweenness"])
+    assert centrality(g, ["pagerank"]).betweenness_samples is None
+
+
+def test_default_betweenness_samples_above_the_work_budget(g, monkeypatch):
+    import sys
+
+    cmod = sys.modules["connectome.analysis.centrality"]  # the module; the package re-exports the function
+    # a budget of 3 Dijkstra passes: the graph counts as large, the sample is the minimum
+    monkeypatch.setattr(cmod, "BETWEENNESS_WORK", 3 * g.num_edges)
+    monkeypatch.setattr(cmod, "MIN_BETWEENNESS_SAMPLES", 5)
+    c = centrality(g, ["betweenness"], seed=2)
+    assert c.betweenness_samples == 5
+    np.testing.assert_array_equal(c["betweenness"], centrality(g, ["betweenness"], betweenness_samples=5, seed=2)["betweenness"])
+    assert "5 sampled sources" in repr(c)
+    # a budget that buys more passes than the minimum samples that many
+    monkeypatch.setattr(cmod, "BETWEENNESS_WORK", 8 * g.num_edges)
+    assert cmod.auto_betweenness_samples(g.num_nodes, g.num_edges) == 8
+
+
+@pytest.mark.parametrize("samples", [None, 6])
+def test_betweenness_progress_in_chunks_gives_the_same_values(g, samples, capsys):
+    quiet = centrality(g, ["betweenness"], betweenness_samples=samples, seed=4, progress=False)["betweenness"]
+    shown = centrality(g, ["betweenness"], betweenness_samples=samples, seed=4, progress=True)["betweenness"]
+    np.testing.assert_allclose(shown, quiet, rtol=1e-12, atol=1e-12)
+    assert "betweenness" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("measure", ["pagerank", "eigenvector", "hub", "authority", "betweenness"])
+def test_zero_weight_edges_change_nothing(measure):
+    # attribution graphs have many exact zeros (dead units); igraph never sees them
+    g = layered(seed=4)
+    w = np.where(np.arange(g.num_edges) % 4 == 0, 0.0, g.weight)
+    with_zeros = g.with_weight(w)
+    without = with_zeros.prune(threshold=1e-300)  # the same graph without the zero edges
+    assert without.num_edges < with_zeros.num_edges
+    a = centrality(with_zeros, [measure])[measure]
+    b = centrality(without, [measure])[measure]
+    np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+    if measure == "pagerank":  # and networkx, zero edges and all, agrees
+        with np.errstate(divide="ignore"):  # nx_graph's -log distance of a zero edge
+            G0 = nx_graph(with_zeros)
+        ref = nx.pagerank(G0, weight="weight", tol=1e-13, max_iter=10000)
+        np.testing.assert_allclose(a, as_array(ref, g.num_nodes), rtol=1e-6)
+
+
 def test_hub_authority_match_networkx(g, G):
     c = centrality(g, ["hub", "authority"])
     h, a = nx.hits(G, max_iter=100000, tol=1e-14)
@@ -254,7 +303,7 @@ def test_flow_without_attribution_says_what_to_do(g):
         centrality(g, ["flow"])
 
 
-@pytest.mark.parametrize("samples", [0, 1, 2.5])
+@pytest.mark.parametrize("samples", [0, 1, 2.5, "many", True])
 def test_bad_sample_count(g, samples):
     with pytest.raises(ValueError, match="betweenness_samples"):
         centrality(g, ["betweenness"], betweenness_samples=samples)

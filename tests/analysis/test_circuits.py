@@ -197,6 +197,43 @@ def test_each_layer_keeps_the_smallest_set_holding_the_mass(seed, sizes, skip, m
     assert flow[into & kept[g.src]].sum() >= mass * flow[into].sum() * (1 - 1e-9)
 
 
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 10_000),
+    sizes=st.lists(st.integers(1, 8), min_size=2, max_size=4).map(lambda s: [*s, 3]),
+    mass=st.floats(0.3, 1.0),
+    budget=st.integers(2, 12),
+)
+def test_unit_budget_keeps_each_layers_strongest_within_the_cap(seed, sizes, mass, budget):
+    g = random_flow_graph(sizes, seed=seed, skip=0.3)
+    free, capped = circuit(g, mass=mass), circuit(g, mass=mass, max_units=budget)
+    per_layer = max(1, (budget - 1) // (len(sizes) - 1))
+    info = capped.meta["circuit"]
+    assert info["max_units"] == budget
+    for l in capped.layers[:-1]:
+        assert l.size <= per_layer
+    for name, wanted in info["capped"].items():
+        assert capped.layer(name).size == per_layer < wanted
+    if not info["capped"]:  # the budget trimmed nothing: the very same circuit
+        assert capped.node_ids.tolist() == free.node_ids.tolist()
+    # every kept unit is among the strongest candidates of its layer given the later kept units
+    kept = np.zeros(g.num_nodes, dtype=bool)
+    kept[g.index_of(capped.node_ids.tolist())] = True
+    flow = np.abs(g.weight)
+    for li in range(len(g.layers) - 2, -1, -1):
+        e = (g.node_layer[g.src] == li) & kept[g.dst]
+        sc = np.bincount(g.src[e], weights=flow[e], minlength=g.num_nodes)
+        in_layer = g.node_layer == li
+        if (in_layer & kept).any():
+            assert sc[in_layer & ~kept].max(initial=0.0) <= sc[in_layer & kept].min()
+
+
+def test_unit_budget_bad_values(cat):
+    for bad in (1, 0, 2.5, True):
+        with pytest.raises(ValueError, match="max_units"):
+            circuit(cat, max_units=bad)
+
+
 # ---------------------------------------------------------------------- top_contributors
 def test_top_contributors_default_is_top_class(cat):
     assert top_contributors(cat, k=3) == [("h2:0", 6.0), ("h2:1", 3.0), ("h2:2", 0.5)]

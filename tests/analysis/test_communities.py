@@ -312,3 +312,14 @@ def test_annotate_carries_results_to_graphml(tmp_path):
     cn.io.write_graphml(g2, tmp_path / "g.graphml")
     G = nx.read_graphml(tmp_path / "g.graphml")
     assert G.nodes["h:1"]["in_circuit"] == 1.0 and "centrality_pagerank" in G.nodes["h:1"]
+
+
+def test_annotate_records_how_betweenness_was_computed():
+    from connectome import analysis as an
+    from connectome.analysis._toys import toy_attribution
+
+    g = toy_attribution("cat")
+    sampled = an.centrality(g, ["betweenness"], betweenness_samples=3)
+    assert an.annotate(g, centrality=sampled).meta["centrality"] == {"betweenness_samples": 3}
+    assert an.annotate(g, centrality=an.centrality(g, ["betweenness"])).meta["centrality"] == {"betweenness_samples": None}
+    assert "centrality" not in an.annotate(g, centrality=an.centrality(g, ["pagerank"])).meta

@@ -95,6 +95,33 @@ def test_given_partitions_are_used(cat, dog):
         compare(cat, dog, partitions=(np.zeros(3), np.zeros(n)))
 
 
+def test_default_partitions_are_the_communities_of_each_graph_computed_once(cat, dog, monkeypatch):
+    import sys
+
+    from connectome.analysis.communities import communities
+
+    cmod = sys.modules["connectome.analysis.communities"]
+    a, b = cat.with_meta(), dog.with_meta()  # fresh graphs: nothing cached for them yet
+    runs = []
+    real = cmod._summaries
+    monkeypatch.setattr(cmod, "_summaries", lambda g, m: runs.append(g) or real(g, m))  # once per Leiden run
+    c = compare(a, b, seed=1)
+    assert len(runs) == 2
+    pa, pb = communities(a, seed=1), communities(b, seed=1)  # reused, not run again
+    assert len(runs) == 2
+    assert c.summary["nmi"] == pytest.approx(_nmi(pa.membership, pb.membership), abs=1e-12)
+    compare(a, b, seed=1)
+    assert len(runs) == 2
+    assert communities(a, seed=2) is not pa and len(runs) == 3
+
+
+def test_compare_progress_bar(cat, dog, capsys):
+    quiet = compare(cat, dog, progress=False)
+    shown = compare(cat, dog, progress=True)
+    assert shown.to_dict() == quiet.to_dict()
+    assert "compare" in capsys.readouterr().err
+
+
 def test_weight_graphs_use_strength_and_skip_circuits():
     g = random_layered_graph([4, 6, 6, 3], p=0.5, seed=2)
     h = g.with_weight(np.asarray(g.weight) * 2.0)

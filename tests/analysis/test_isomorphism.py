@@ -70,7 +70,7 @@ def _nx_mappings(pattern: Connectome, host: Connectome, induced: bool, signed: b
         return h["layer"] == p["layer"] and h["kind"] == p["kind"]
 
     def edge_match(h, p):
-        return not signed or np.sign(h["weight"]) == np.sign(p["weight"])
+        return not signed or np.sign(h["signed_weight"]) == np.sign(p["signed_weight"])
 
     gm = nx.algorithms.isomorphism.DiGraphMatcher(H, P, node_match=node_match, edge_match=edge_match)
     it = gm.subgraph_isomorphisms_iter() if induced else gm.subgraph_monomorphisms_iter()
@@ -162,6 +162,24 @@ def test_time_budget_ends_the_search_with_a_warning(method):
         found = find_analogous(pattern, host, method=method, max_matches=5, max_candidates=10**9, time_budget=0.3)
     assert not found.complete and found.stopped_by == "time_budget"  # (no timed assertion: speed is benchmarked)
     assert 1 <= len(found) <= 5  # as many as the budget allowed, at most max_matches
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_deep_pattern_without_placement_is_refuted_not_timed_out(method):
+    # A 12-layer path in a complete host of width 8 whose edges into layer h9 are all
+    # negative: VF2 alone tries the 8^8 partial placements that reach h8 before giving up.
+    # Narrowing each unit's candidates to those that can carry its edges proves at once
+    # that no placement exists.
+    pattern, host = _dense_case(width=8, depth=12)
+    into9 = host.node_layer[host.dst] == host.layer_position("h9")
+    host = host.with_weight(np.where(into9, -host.weight, host.weight))
+    found = find_analogous(pattern, host, method=method, max_matches=5, time_budget=3.0)
+    assert found.complete and found.stopped_by is None and len(found) == 0
+    # one edge of the right sign: every placement goes through it
+    one = into9 & (host.src == host.index_of("h8:2")) & (host.dst == host.index_of("h9:4"))
+    found = find_analogous(pattern, host.with_weight(np.where(one, -host.weight, host.weight)), method=method,
+                           max_matches=5, time_budget=3.0)
+    assert len(found) == 5 and all(m.mapping["h8:0"] == "h8:2" and m.mapping["h9:0"] == "h9:4" for m in found)
 
 
 def test_hard_deadline_interrupts_igraph():

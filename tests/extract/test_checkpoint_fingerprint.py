@@ -95,3 +95,10 @@ def test_other_batchnorm_statistics_are_refused(tmp_path):
     cn.extract.attribution(a, (x, y), **kw)
     with pytest.raises(ConnectomeError, match="different arguments: model weights"):
         cn.extract.attribution(b, (x, y), **kw)
+
+
+def test_other_precision_is_refused(tmp_path):
+    # an exact run's checkpoint must not be continued by a tf32 run (the fingerprint once kept only amp)
+    _run(zoo.shapes(1, seed=5, size=16), tmp_path / "ck")
+    with pytest.raises(ConnectomeError, match="different arguments: precision"):
+        _run(zoo.shapes(1, seed=5, size=16), tmp_path / "ck", precision="tf32")

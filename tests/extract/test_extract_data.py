@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import numpy as np
@@ -301,3 +302,126 @@ def test_target_class_of_categories_restored_from_a_checkpoint(tmp_path):
     again = cn.extract.attribution_by_category(_small(5), root, **kw)  # answered by the finished checkpoints
     assert {k: g.meta["target_class"] for k, g in again.items()} == {"1": 1, "3": 3}
     assert {k: g.meta["target_class"] for k, g in first.items()} == {"1": 1, "3": 3}
+
+
+# ---------------------------------------------------------------------- the data path
+def _same_graph(a, b):
+    np.testing.assert_array_equal(a.weight, b.weight)
+    for k in a.node_attrs:
+        np.testing.assert_array_equal(a.node_attr(k), b.node_attr(k), err_msg=k)
+    assert a.meta["n_images"] == b.meta["n_images"]
+
+
+@pytest.mark.parametrize("batch_size, max_images", [(3, None), (2, 3), (8, None)])
+def test_tensors_give_the_graph_a_collating_dataloader_gives(batch_size, max_images):
+    """Sliced batches are the batches a DataLoader stacks image by image: the same graph, bit for bit."""
+    x = torch.randn(7, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    y = torch.tensor([0, 1, 1, 0, 1, 0, 0])
+    fast = run((x, y), batch_size=batch_size, max_images=max_images)
+    collated = run(DataLoader(TensorDataset(x, y), batch_size=batch_size), max_images=max_images)
+    _same_graph(fast, collated)
+    assert fast.meta["n_images"] == (max_images or 7)
+
+
+def test_tensor_batches_are_views_not_copies():
+    from connectome.extract.data import TensorLoader, make_loader
+
+    x = torch.randn(7, 3, 4, 4)
+    y = torch.tensor([0, 1, 1, 0, 1, 0, 0])
+    info = make_loader((x, y), batch_size=3)
+    assert isinstance(info.loader, TensorLoader) and not isinstance(info.loader, DataLoader)
+    batches = list(info.loader)
+    assert [b[0].shape[0] for b in batches] == [3, 3, 1] and len(info.loader) == 3
+    for i, (bx, by) in enumerate(batches):
+        assert bx.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()  # a slice of x
+        assert bx.storage_offset() == 3 * i * 3 * 4 * 4
+        assert torch.equal(by, y[3 * i : 3 * i + 3])
+    images_only = list(make_loader(x, batch_size=4).loader)
+    assert [b.shape[0] for b in images_only] == [4, 3]
+    assert images_only[1].untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+
+
+def test_pinned_batches_come_from_a_thread_in_order(monkeypatch):
+    """With pin_memory (a CUDA run) batches are pinned on a background thread, ahead, in order.
+    (Pinning itself needs CUDA: here it is replaced by a copy that records its thread.)"""
+    import threading
+
+    import connectome.extract.data as data_mod
+
+    threads = []
+
+    def fake_pin(t):
+        threads.append(threading.current_thread().name)
+        return t.clone()
+
+    monkeypatch.setattr(data_mod, "_pinned", fake_pin)
+    x = torch.arange(10.0).reshape(10, 1)
+    y = torch.arange(10)
+    loader = data_mod.TensorLoader(data_mod._TensorPairs(x, y), 3, pin_memory=True)
+    got = list(loader)
+    assert torch.equal(torch.cat([b[0] for b in got]), x) and torch.equal(torch.cat([b[1] for b in got]), y)
+    assert len(threads) == 8 and all(name.startswith("connectome-pin") for name in threads)
+    stopped = iter(data_mod.TensorLoader(data_mod._TensorPairs(x, y), 2, pin_memory=True))
+    assert torch.equal(next(stopped)[0], x[:2])
+    stopped.close()  # a run that stops early (max_images) leaves no thread behind
+    assert not any(t.name.startswith("connectome-pin") for t in threading.enumerate())
+
+
+def test_by_category_on_tensors_reads_each_category_by_slices():
+    x = torch.randn(7, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    y = torch.tensor([0, 1, 1, 0, 1, 0, 0])
+    graphs = attribution_by_category(tiny_model(), (x, y), batch_size=2, progress=False, device="cpu")
+    for label, g in zip((0, 1), graphs.values()):
+        _same_graph(g, run((x[y == label], y[y == label]), batch_size=2))
+
+
+def test_a_tensor_dataset_is_read_by_slices_too():
+    from connectome.extract.data import TensorLoader, make_loader
+
+    assert isinstance(make_loader(TensorDataset(X, Y), batch_size=2).loader, TensorLoader)
+    _same_graph(run(TensorDataset(X, Y), batch_size=3), run(DataLoader(TensorDataset(X, Y), batch_size=3)))
+
+
+def test_image_folders_are_decoded_by_worker_processes(tmp_path):
+    from connectome.extract.data import default_num_workers, make_loader
+
+    root = _folder(tmp_path / "imgs", ["a", "b"], n=3)
+    info = make_loader(root, batch_size=2, transform=transform8())
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert info.loader.num_workers == default_num_workers(6, 2) == max(0, min(8, cpus - 1))
+    if info.loader.num_workers:
+        assert info.loader.prefetch_factor == 4
+    assert make_loader(root, batch_size=6, transform=transform8()).loader.num_workers == 0  # one batch: nothing to overlap
+    assert make_loader(root, batch_size=2, transform=transform8(), num_workers=0).loader.num_workers == 0
+    with_workers = run(root, model=_small(2), batch_size=2, transform=transform8(), num_workers=1, device="cpu")
+    in_process = run(root, model=_small(2), batch_size=2, transform=transform8(), num_workers=0, device="cpu")
+    _same_graph(with_workers, in_process)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5])
+def test_num_workers_must_be_a_count(bad):
+    with pytest.raises(ValueError, match="num_workers must be an integer >= 0"):
+        run((X, Y), num_workers=bad)
+
+
+def test_progress_bar_shows_images_per_second(capsys):
+    run((X, Y), batch_size=2, progress=True)
+    assert "img/s" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("where", ["cuda", "pinned", "cpu"])
+def test_tensors_on_the_gpu_or_pinned_are_accepted(where):
+    x = torch.randn(7, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    y = torch.tensor([0, 1, 1, 0, 1, 0, 0])
+    ref = run((x, y), batch_size=3, device="cpu")
+    if where == "cuda":
+        x, y = x.cuda(), y.cuda()
+    elif where == "pinned":
+        x, y = x.pin_memory(), y.pin_memory()
+    g = run((x, y), batch_size=3, device="cuda")
+    np.testing.assert_allclose(g.weight, ref.weight, rtol=1e-9, atol=1e-12 * np.abs(ref.weight).max())
+    assert g.meta["n_images"] == 7
+    by_cat = attribution_by_category(tiny_model(), (x, y), batch_size=2, progress=False, device="cuda")
+    assert sum(c.meta["n_images"] for c in by_cat.values()) == 7

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import connectome as cn
 
 timm = pytest.importorskip("timm")
 
@@ -24,18 +23,11 @@ MODELS = [
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_timm_model_extracts_exactly(name):
+def test_timm_model_extracts_exactly(name, exact_graph):
     torch.manual_seed(0)
     kw = {"img_size": 32} if name.startswith(("vit_", "deit_")) else {}
     model = timm.create_model(name, pretrained=False, num_classes=10, **kw).eval().double()
     size = 96 if name == "inception_v3" else 32
     x = torch.randn(2, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     y = torch.tensor([1, 3])
-    g = cn.extract.attribution(model, (x, y), progress=False, device="cpu")
-    with torch.no_grad():
-        T = model(x).gather(1, y[:, None]).sum().item()
-    assert g.meta["exact"] is True
-    assert g.meta["target_total"] == pytest.approx(T, rel=1e-12)
-    assert g.meta["completeness_relative"] <= 1e-9
-    w = cn.extract.weights(model.float(), (3, size, size))
-    assert w.num_edges == g.num_edges
+    exact_graph(model, x, y)

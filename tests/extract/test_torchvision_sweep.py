@@ -13,7 +13,6 @@ import os
 import pytest
 import torch
 
-import connectome as cn
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -39,7 +38,7 @@ def _small_convnext():
 
 
 @pytest.mark.parametrize("name", _builders())
-def test_builder_extracts_exactly(name):
+def test_builder_extracts_exactly(name, exact_graph):
     torch.manual_seed(0)
     kw = {"aux_logits": False, "init_weights": False} if name in ("googlenet", "inception_v3") else {}
     if name == "convnext_tiny":
@@ -53,12 +52,4 @@ def test_builder_extracts_exactly(name):
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, size, size, generator=gen, dtype=torch.float64)
     y = torch.tensor([1, 7])
-    g = cn.extract.attribution(model, (x, y), progress=False, device="cpu")
-    with torch.no_grad():
-        T = model(x).gather(1, y[:, None]).sum().item()
-    assert g.meta["exact"] is True
-    assert g.meta["target_total"] == pytest.approx(T, rel=1e-12)
-    assert g.meta["completeness_relative"] <= 1e-9
-    w = cn.extract.weights(model.float(), (3, size, size))
-    assert [l.name for l in w.layers] == [l.name for l in g.layers]
-    assert w.num_edges == g.num_edges
+    exact_graph(model, x, y)

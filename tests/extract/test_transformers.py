@@ -67,7 +67,7 @@ def _hand(m: VisionTransformer, x: torch.Tensor, keep: dict | None = None) -> to
     return m.heads(_ln(t, m.encoder.ln)[:, 0])
 
 
-def test_vit_attention_rule_against_hand_linearisation():
+def test_vit_attention_rule_against_hand_linearisation(exact_graph):
     m = _vit()
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(3, 3, 16, 16, generator=gen, dtype=torch.float64)
@@ -87,13 +87,8 @@ def test_vit_attention_rule_against_hand_linearisation():
     expect = (xr * xr.grad).sum((0, 2, 3)).detach().numpy()
     np.testing.assert_allclose(g.node_attr("attribution")[g.layer_slice("input")], expect, rtol=1e-10, atol=1e-12)
     # conservation at every hidden unit; q and k carry no flow
-    w = g.weight.astype(np.float64)
-    inflow, outflow = np.bincount(g.dst, w, g.num_nodes), np.bincount(g.src, w, g.num_nodes)
-    a, b = g.node_attr("attribution"), g.node_attr("bias_attribution")
-    hidden = np.isin(g.node_layer, [i for i, l in enumerate(g.layers) if l.kind not in ("input", "output")])
-    scale = max(1.0, np.abs(a).max())
-    np.testing.assert_allclose((inflow + b)[hidden], a[hidden], atol=1e-10 * scale)
-    np.testing.assert_allclose(outflow[hidden], a[hidden], atol=1e-10 * scale)
+    exact_graph(m, x, y, weights=False, conservation=True)
+    a = g.node_attr("attribution")
     for part in ("q", "k"):
         assert np.all(a[g.layer_slice(f"encoder.layers.encoder_layer_1.self_attention.{part}")] == 0)
     # brute force on the V projection of block 1: edge ln_1-input unit i -> v unit j
@@ -128,16 +123,11 @@ def test_vit_weight_connectome_holds_the_projections():
 
 
 @pytest.mark.slow
-def test_vit_b_16_extracts_exactly():
+def test_vit_b_16_extracts_exactly(exact_graph):
     torch.manual_seed(0)
     m = torchvision.models.vit_b_16(weights=None, num_classes=10).eval().double()
     x = torch.randn(1, 3, 224, 224, dtype=torch.float64)
-    y = torch.tensor([3])
-    g = cn.extract.attribution(m, (x, y), progress=False, device="cpu")
-    with torch.no_grad():
-        T = m(x)[0, 3].item()
-    assert g.meta["exact"] is True and g.meta["completeness_relative"] <= 1e-9
-    assert g.meta["target_total"] == pytest.approx(T, rel=1e-12, abs=1e-12)
+    exact_graph(m, x, torch.tensor([3]), weights=False)  # its zero-initialised head gets random weights
 
 
 def test_attention_with_a_mask_is_refused():
@@ -159,23 +149,8 @@ def test_attention_with_a_mask_is_refused():
     assert "\n" not in str(info.value)
 
 
-def _assert_exact(g: cn.Connectome, model, x, y) -> None:
-    with torch.no_grad():
-        T = model(x).gather(1, y[:, None]).sum().item()
-    assert g.meta["exact"] is True
-    assert g.meta["target_total"] == pytest.approx(T, rel=1e-12)
-    assert g.meta["completeness_relative"] <= 1e-10
-    w = g.weight.astype(np.float64)
-    inflow, outflow = np.bincount(g.dst, w, g.num_nodes), np.bincount(g.src, w, g.num_nodes)
-    a, b = g.node_attr("attribution"), g.node_attr("bias_attribution")
-    hidden = np.isin(g.node_layer, [i for i, l in enumerate(g.layers) if l.kind not in ("input", "output")])
-    scale = max(1.0, np.abs(a).max())
-    np.testing.assert_allclose((inflow + b)[hidden], a[hidden], atol=1e-10 * scale)
-    np.testing.assert_allclose(outflow[hidden], a[hidden], atol=1e-10 * scale)
-
-
 @pytest.mark.parametrize("v2", [False, True], ids=["swin", "swin_v2"])
-def test_swin_shifted_windows_and_patch_merging(v2):
+def test_swin_shifted_windows_and_patch_merging(v2, exact_graph):
     from torchvision.models.swin_transformer import (PatchMergingV2, SwinTransformer, SwinTransformerBlockV2)
 
     torch.manual_seed(0)
@@ -184,8 +159,7 @@ def test_swin_shifted_windows_and_patch_merging(v2):
                         num_classes=5, **kw).eval().double()
     x = torch.randn(2, 3, 20, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(1))  # pads 5x5 maps
     y = torch.tensor([1, 4])
-    g = cn.extract.attribution(m, (x, y), progress=False, device="cpu")
-    _assert_exact(g, m, x, y)
+    g = exact_graph(m, x, y, weights=False, conservation=True)
     # patch merging joins four position groups of the same units: a concat of 4 x 8 units
     merge = [l for l in g.layers if l.kind == "concat"]
     assert merge and merge[0].size == 32
@@ -195,7 +169,7 @@ def test_swin_shifted_windows_and_patch_merging(v2):
     assert np.all(a[:16] == 0) and np.any(a[16:] != 0)
 
 
-def test_maxvit_hand_written_attention():
+def test_maxvit_hand_written_attention(exact_graph):
     from torchvision.models.maxvit import MaxVit
 
     torch.manual_seed(0)
@@ -203,8 +177,7 @@ def test_maxvit_hand_written_attention():
                head_dim=4, stochastic_depth_prob=0.0, num_classes=5).eval().double()
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     y = torch.tensor([0, 3])
-    g = cn.extract.attribution(m, (x, y), progress=False, device="cpu")
-    _assert_exact(g, m, x, y)
+    g = exact_graph(m, x, y, weights=False, conservation=True)
     assert any(r.startswith("attention") for r in g.meta["rules"]) and any(r.startswith("gate") for r in g.meta["rules"])
 
 

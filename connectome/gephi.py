@@ -1,0 +1,298 @@
+"""Read GraphML and GEXF files back into a Connectome, as Gephi (or connectome) wrote them.
+
+Gephi users filter, edit and analyse a graph there and save it again. What comes back is
+the graph they saw: the nodes and edges left, Gephi's own columns (``modularity_class``,
+``Degree`` ...) beside ours, positions and colours of its layout. This module keeps the
+wiring and every numeric column and drops the drawing:
+
+- node ids are ``"<layer>:<unit>"`` or carry ``layer`` and ``index`` columns (both as written
+  by :func:`connectome.io.write_graphml` / ``write_gexf``);
+- the order of the layers, which Gephi does not keep, is the order the edges impose (every
+  edge goes forward), ties broken by the nodes' mean ``x`` (the exported layout puts layer
+  ``i`` at ``x = 200 i``) and then by the order of first appearance;
+- the signed edge weight is ``signed_weight`` when present (Gephi needs ``weight >= 0``
+  and the exports write ``|w|`` there), else ``weight``;
+- ``label`` restores unit labels (the class names of the output layer), ``kind`` the layer
+  kinds; ``x, y, z, size, r, g, b`` and the GEXF ``viz`` block are Gephi's, not data;
+- ``meta`` is read back from connectome's own files (JSON in the GraphML graph data).
+
+Gephi 0.9 and later write GEXF 1.3 under ``http://www.gexf.net/1.3``, a namespace networkx's
+reader does not know (it expects ``http://gexf.net/1.3``); :func:`read_gexf` reads both.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from xml.etree import ElementTree
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from connectome.errors import BadFileError, ConnectomeError
+from connectome.graph import Connectome, Layer
+
+__all__ = ["read_graphml", "read_gexf", "read"]
+
+#: Node keys that describe the drawing, not the unit.
+DRAWING_KEYS = frozenset({"x", "y", "z", "size", "r", "g", "b", "viz", "label", "Label", "id", "Id"})
+#: Edge keys Gephi adds that are not data.
+EDGE_SKIP = frozenset({"id", "Id", "label", "Label", "Edge Label", "Edge Id", "edgelabel", "edgeid", "key"})
+
+
+def read_graphml(path: Any) -> Connectome:
+    """A Connectome from a GraphML file written by Gephi or by :func:`connectome.io.write_graphml`.
+
+    Parameters
+    ----------
+    path : str or PathLike
+
+    Returns
+    -------
+    Connectome
+        Nodes in layer order then unit order; ``meta["read_from"]`` names the file.
+
+    Raises
+    ------
+    BadFileError
+        The file is missing or not GraphML.
+    ConnectomeError
+        Node ids that are not ``"<layer>:<unit>"`` (and no ``layer``/``index`` columns), or
+        edges that cannot be put in a forward layer order.
+    """
+    p = _existing(path)
+    try:
+        tables = _graphml_tables(p)
+    except (ElementTree.ParseError, ValueError, KeyError) as exc:
+        raise BadFileError(f"cannot read {str(p)!r} as GraphML ({type(exc).__name__}: {exc})") from None
+    return _from_tables(*tables, p)
+
+
+def read_gexf(path: Any) -> Connectome:
+    """A Connectome from a GEXF file written by Gephi (GEXF 1.1 to 1.3) or by ``write_gexf``.
+
+    See :func:`read_graphml` for what is kept; raises the same errors.
+    """
+    import networkx as nx
+
+    p = _existing(path)
+    data = p.read_bytes()
+    # Gephi's GEXF 1.3 namespace, which networkx spells without "www."
+    data = data.replace(b"http://www.gexf.net/1.3", b"http://gexf.net/1.3")
+    try:
+        G = nx.read_gexf(io.BytesIO(data))
+    except Exception as exc:  # ElementTree, networkx and value errors all mean "not a GEXF file"
+        raise BadFileError(f"cannot read {str(p)!r} as GEXF ({type(exc).__name__}: {exc})") from None
+    return _from_tables(G.is_directed(), dict(G.graph), list(G.nodes(data=True)), list(G.edges(data=True)), p)
+
+
+def read(path: Any) -> Connectome:
+    """:func:`read_graphml` or :func:`read_gexf`, by the file's extension."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".graphml":
+        return read_graphml(path)
+    if suffix == ".gexf":
+        return read_gexf(path)
+    raise ValueError(f"cannot tell the format of {str(path)!r}; name it .graphml or .gexf, or call read_graphml/read_gexf")
+
+
+def _existing(path: Any) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise BadFileError(f"{str(p)!r} does not exist or is not a file")
+    return p
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float, bool, np.integer, np.floating, np.bool_))
+
+
+_GRAPHML_TYPES = {"int": int, "long": int, "integer": int, "float": float, "double": float,
+                  "boolean": lambda t: t.strip().lower() in ("true", "1"), "string": str}
+
+
+def _graphml_tables(path: Path) -> tuple[bool, dict[str, Any], list[tuple[str, dict]], list[tuple[str, str, dict]]]:
+    """(directed, graph data, nodes, edges) of a GraphML file, read in one streaming pass.
+
+    networkx's reader builds its graph element by element and costs three times the parse
+    itself; a connectome needs only the tables. Typed keys with their defaults, as the
+    GraphML specification defines them; nested graphs and hyperedges are refused.
+    """
+    keys: dict[str, tuple[str, str, Any, Any]] = {}  # id -> (for, name, convert, default)
+    directed = True
+    graph_data: dict[str, Any] = {}
+    nodes: list[tuple[str, dict]] = []
+    edges: list[tuple[str, str, dict]] = []
+    graphs = 0
+    for _, el in ElementTree.iterparse(path, events=("end",)):
+        tag = el.tag.rpartition("}")[2]
+        if tag == "data":
+            continue  # read with the element that holds it
+        if tag in ("node", "edge"):
+            data = {}
+            for c in el:
+                if c.tag.rpartition("}")[2] == "data":
+                    _, name, conv, _ = keys[c.get("key")]
+                    data[name] = conv(c.text or "")
+            for kfor, name, _, default in keys.values():
+                if default is not None and kfor in (tag, "all") and name not in data:
+                    data[name] = default
+            if tag == "node":
+                nodes.append((el.get("id"), data))
+            else:
+                if el.get("directed") == "false":
+                    directed = False
+                edges.append((el.get("source"), el.get("target"), data))
+            el.clear()  # the tree is not needed: memory stays flat on large files
+        elif tag == "key":
+            default = next((c.text or "" for c in el if c.tag.rpartition("}")[2] == "default"), None)
+            conv = _GRAPHML_TYPES.get(el.get("attr.type", "string"), str)
+            keys[el.get("id")] = (el.get("for", "all"), el.get("attr.name", el.get("id")), conv,
+                                  None if default is None else conv(default))
+        elif tag == "graph":
+            graphs += 1
+            if graphs > 1:
+                raise ValueError("nested or several graphs are not supported")
+            directed = directed and el.get("edgedefault", "directed") == "directed"
+            for c in el:
+                if c.tag.rpartition("}")[2] == "data" and c.get("key") in keys:
+                    kfor, name, conv, _ = keys[c.get("key")]
+                    if kfor in ("graph", "all"):
+                        graph_data[name] = conv(c.text or "")
+            el.clear()
+        elif tag in ("hyperedge", "port"):
+            raise ValueError(f"GraphML {tag}s are not supported")
+    if not graphs:
+        raise ValueError("no graph element")
+    return directed, graph_data, nodes, edges
+
+
+def _from_tables(directed: bool, graph_data: dict[str, Any], node_rows: list[tuple[Any, dict]],
+                 edge_rows: list[tuple[Any, Any, dict]], path: Path) -> Connectome:
+    if not directed:
+        raise ConnectomeError(f"{str(path)!r} holds an undirected graph; a connectome's edges have a direction "
+                              "(export it from Gephi as directed)")
+    where: dict[Any, tuple[str, int]] = {}
+    for n, d in node_rows:
+        if "layer" in d and "index" in d:
+            where[n] = (str(d["layer"]), int(d["index"]))
+            continue
+        lname, sep, unit = str(n).rpartition(":")
+        if not sep or not unit.lstrip("-").isdigit():
+            raise ConnectomeError(f"node {n!r} of {str(path)!r} has no 'layer'/'index' columns and its id is not "
+                                  "'<layer>:<unit>'; was the file written by connectome?")
+        where[n] = (lname, int(unit))
+    unknown = {u for u, v, _ in edge_rows for u in (u, v) if u not in where}
+    if unknown:
+        raise ConnectomeError(f"{str(path)!r} has edges to nodes it does not list: {sorted(map(str, unknown))[:3]}")
+    order = _layer_order(node_rows, edge_rows, where, path)
+    pos = {name: i for i, name in enumerate(order)}
+
+    # Nodes in layer order, then unit order; numeric columns, unit labels and layer kinds.
+    nodes = sorted(node_rows, key=lambda nd: (pos[where[nd[0]][0]], where[nd[0]][1]))
+    index = {n: i for i, (n, _) in enumerate(nodes)}
+    kinds: dict[str, str] = {}
+    labels: dict[str, list[str | None]] = {name: [] for name in order}
+    cols: dict[str, list[Any]] = {}
+    for i, (n, d) in enumerate(nodes):
+        lname, unit = where[n]
+        if "kind" in d:
+            kinds.setdefault(lname, str(d["kind"]))
+        label = d.get("label")
+        labels[lname].append(str(label) if label is not None and str(label) != f"{lname}:{unit}" else None)
+        for k, v in d.items():
+            if k in DRAWING_KEYS or k in ("layer", "index", "kind") or not _number(v):
+                continue
+            cols.setdefault(k, [np.nan] * len(nodes))[i] = v
+    node_attrs = {}
+    for k, v in cols.items():
+        # whole-number columns (community, modularity class, written as int/long) stay integers
+        if all(isinstance(x, (bool, np.bool_)) for x in v):
+            node_attrs[k] = np.array(v, dtype=bool)
+        else:
+            ints = all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in v)
+            node_attrs[k] = np.array(v, dtype=np.int64 if ints else np.float64)
+    counts = {name: len(labels[name]) for name in order}
+    layers = [Layer(name=name, kind=kinds.get(name, "other"), size=counts[name],
+                    labels=tuple(labels[name]) if labels[name] and all(x is not None for x in labels[name]) else None)
+              for name in order]
+    units = np.array([where[n][1] for n, _ in nodes], dtype=np.int64)
+
+    m = len(edge_rows)
+    src = np.empty(m, dtype=np.int64)
+    dst = np.empty(m, dtype=np.int64)
+    weight = np.empty(m, dtype=np.float64)
+    ecols: dict[str, np.ndarray] = {}
+    for e, (u, v, d) in enumerate(edge_rows):
+        src[e], dst[e] = index[u], index[v]
+        # the exports write weight = |w| (Gephi wants it >= 0) and the sign as signed_weight
+        weight[e] = d.get("signed_weight", d.get("weight", 1.0))
+        for k, val in d.items():
+            if k in EDGE_SKIP or k in ("weight", "signed_weight") or not _number(val):
+                continue
+            if k not in ecols:
+                ecols[k] = np.full(m, np.nan)
+            ecols[k][e] = val
+    meta = graph_data.get("meta")
+    if isinstance(meta, str):
+        try:
+            meta = json.loads(meta)
+        except ValueError:
+            meta = None
+    meta = dict(meta) if isinstance(meta, dict) else {}
+    meta["read_from"] = str(path)
+    try:
+        return Connectome(layers=tuple(layers), node_units=units, src=src, dst=dst, weight=weight,
+                          edge_attrs=ecols, node_attrs=node_attrs, meta=meta)
+    except ConnectomeError as exc:
+        raise ConnectomeError(f"{str(path)!r}: {exc}") from None
+
+
+def _layer_order(node_rows: list[tuple[Any, dict]], edge_rows: list[tuple[Any, Any, dict]],
+                 where: dict[Any, tuple[str, int]], path: Path) -> list[str]:
+    """Layers in an order every edge goes forward in; ties by mean x, then first appearance."""
+    import heapq
+
+    first: dict[str, int] = {}
+    xs: dict[str, list[float]] = {}
+    for i, (n, d) in enumerate(node_rows):
+        lname = where[n][0]
+        first.setdefault(lname, i)
+        x = d.get("x")
+        if x is None and isinstance(d.get("viz"), dict):  # GEXF: <viz:position x=...>
+            x = d["viz"].get("position", {}).get("x")
+        if _number(x):
+            xs.setdefault(lname, []).append(float(x))
+    mean_x = {k: float(np.mean(v)) for k, v in xs.items()}
+    succ: dict[str, set[str]] = {k: set() for k in first}
+    indeg = {k: 0 for k in first}
+    for u, v, _ in edge_rows:
+        a, b = where[u][0], where[v][0]
+        if a != b and b not in succ[a]:
+            succ[a].add(b)
+            indeg[b] += 1
+    same = [(u, v) for u, v, _ in edge_rows if where[u][0] == where[v][0]]
+    if same:
+        u, v = same[0]
+        raise ConnectomeError(f"{str(path)!r} has an edge inside layer {where[u][0]!r} ({u} -> {v}); a connectome's "
+                              "edges go from one layer to a later one")
+
+    def key(name: str) -> tuple[float, int, str]:
+        return (mean_x.get(name, np.inf), first[name], name)
+
+    heap = [key(k) for k, deg in indeg.items() if deg == 0]
+    heapq.heapify(heap)
+    order = []
+    while heap:
+        name = heapq.heappop(heap)[2]
+        order.append(name)
+        for b in succ[name]:
+            indeg[b] -= 1
+            if indeg[b] == 0:
+                heapq.heappush(heap, key(b))
+    if len(order) < len(first):
+        stuck = sorted(set(first) - set(order))[:4]
+        raise ConnectomeError(f"{str(path)!r}: the edges between layers {stuck} form a cycle, so no layer order "
+                              "makes every edge go forward")
+    return order

@@ -1,0 +1,126 @@
+"""assemble: per-layer values -> Connectome, against a reference built the slow way; its memory."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from connectome.extract.build import assemble, graph_layers
+from connectome.extract.trace import trace_units
+from connectome.kinds import DENSE, IDENTITY, KINDS
+
+
+class _Mixed(nn.Module):
+    """Grouped conv, a concat whose operands come in reverse layer order, ``x + x`` (parallel
+    edges), a subtraction, a channel shuffle and a split feeding convs (blocks that read
+    permuted or selected units), and a Linear over flattened positions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 6, 3, padding=1, groups=2)
+        self.c = nn.Conv2d(6, 4, 1)
+        self.s = nn.Conv2d(6, 6, 1, groups=2)
+        self.h = nn.Conv2d(3, 2, 1)
+        self.fc = nn.Linear(16 * 2 * 2, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.a(x))
+        b = torch.relu(self.b(a))
+        cat = torch.cat([b, a], 1)  # b's layer comes after a's
+        c = self.c(b)
+        r = c + c - a
+        n, ch, hh, ww = b.shape
+        shuffled = b.reshape(n, 2, ch // 2, hh, ww).transpose(1, 2).reshape(n, ch, hh, ww)  # channel shuffle
+        s = torch.relu(self.s(shuffled))
+        half = self.h(s.chunk(2, dim=1)[1])  # reads units 3..5 of s only
+        h = torch.cat([r, cat, half], 1)
+        return self.fc(nn.functional.adaptive_avg_pool2d(h, 2).flatten(1))
+
+
+def _reference(ug, values, extra):
+    """The straightforward build: every block's (src, dst, value), concatenated, sorted by
+    (dst, src), parallel edges summed."""
+    sizes = [s.size for s in ug.layers]
+    off = np.concatenate([[0], np.cumsum(sizes)])
+    rows = []
+    unit = lambda op, c: c if op.cols is None else int(op.cols[c])  # noqa: E731
+    for li, spec in enumerate(ug.layers):
+        if KINDS[spec.kind].edges == DENSE:
+            op = spec.operands[0]
+            vals = values[li]
+            o, cg = vals.shape
+            og = o // spec.groups
+            for j in range(o):
+                for c in range(cg):
+                    src = off[op.layer] + unit(op, (j // og) * cg + c)
+                    rows.append((off[li] + j, src, vals[j, c], *(per[li][j, c] for per in extra.values())))
+        elif KINDS[spec.kind].edges == IDENTITY:
+            for oi, op in enumerate(spec.operands):
+                for c, v in enumerate(values[li][oi]):
+                    rows.append((off[li] + op.offset + c, off[op.layer] + unit(op, c), v,
+                                 *(per[li][oi][c] for per in extra.values())))
+    merged: dict[tuple[int, int], np.ndarray] = {}
+    for d, s, *vs in rows:
+        merged[(d, s)] = merged.get((d, s), 0) + np.array(vs, dtype=np.float64)
+    keys = sorted(merged)
+    cols = np.array([merged[k] for k in keys]).reshape(len(keys), -1)
+    return np.array([k[1] for k in keys]), np.array([k[0] for k in keys]), cols
+
+
+def _values(ug, rng):
+    values = {}
+    for li, spec in enumerate(ug.layers):
+        if KINDS[spec.kind].edges == DENSE:
+            op = spec.operands[0]
+            width = ug.layers[op.layer].size if op.cols is None else len(op.cols)
+            values[li] = rng.standard_normal((spec.size, width // spec.groups))
+        elif KINDS[spec.kind].edges == IDENTITY:
+            values[li] = [rng.standard_normal(op.width) for op in spec.operands]
+    return values
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_assemble_matches_the_slow_build(dtype):
+    torch.manual_seed(0)
+    model = _Mixed().eval()
+    ug = trace_units(model, torch.zeros(1, 3, 4, 4))
+    kinds = {s.kind for s in ug.layers}
+    assert {"conv", "linear", "residual", "concat"} <= kinds
+    assert any(s.groups > 1 for s in ug.layers if s.kind == "conv")
+    assert any(s.operands[0].cols is not None for s in ug.layers if s.kind == "conv"), "a block reads permuted units"
+    rng = np.random.default_rng(1)
+    values = _values(ug, rng)
+    absv = {li: (np.abs(v) if isinstance(v, np.ndarray) else [np.abs(u) for u in v]) for li, v in values.items()}
+    g = assemble(ug, graph_layers(ug), values, extra={"abs_weight": absv}, dtype=dtype)
+    src, dst, cols = _reference(ug, values, {"abs_weight": absv})
+    assert len(set(zip(dst.tolist(), src.tolist()))) < sum(
+        np.size(v) if isinstance(v, np.ndarray) else sum(u.size for u in v) for v in values.values()
+    ), "the model must have parallel edges (x + x)"
+    np.testing.assert_array_equal(g.src, src)
+    np.testing.assert_array_equal(g.dst, dst)
+    assert g.weight.dtype == dtype
+    np.testing.assert_allclose(g.weight, cols[:, 0], rtol=1e-6 if dtype == np.float32 else 1e-15)
+    np.testing.assert_allclose(g.edge_attrs["abs_weight"], cols[:, 1], rtol=1e-15)
+
+
+def test_assemble_allocates_about_the_graph_only():
+    """No global sort, concatenation or float64 copy: the build's peak is the graph itself
+    (the one-pass-per-part build peaked at 4.7x on ResNet-50)."""
+    model = nn.Sequential(nn.Linear(1000, 600), nn.ReLU(), nn.Linear(600, 500)).eval()
+    ug = trace_units(model, torch.zeros(1, 1000))
+    values = _values(ug, np.random.default_rng(0))
+    layers = graph_layers(ug)
+    tracemalloc.start()
+    try:
+        g = assemble(ug, layers, values)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    size = g.src.nbytes + g.dst.nbytes + g.weight.nbytes
+    assert g.num_edges == 1000 * 600 + 600 * 500
+    assert peak <= 1.15 * size, f"assemble peaked at {peak / size:.2f}x the graph's size"

@@ -1,0 +1,221 @@
+"""Reading GraphML/GEXF back, as connectome and as Gephi (0.9-0.10 exporters) write them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from xml.sax.saxutils import escape, quoteattr
+
+import numpy as np
+import pytest
+
+from connectome import gephi, io
+from connectome.errors import BadFileError, ConnectomeError
+from connectome.graph import Connectome, Layer
+
+
+@pytest.fixture(scope="module")
+def g() -> Connectome:
+    rng = np.random.default_rng(0)
+    sizes = [3, 5, 4, 2]
+    off = np.r_[0, np.cumsum(sizes)]
+    src, dst = [], []
+    for lj in range(1, len(sizes)):
+        for li in range(lj):
+            i, j = np.nonzero(rng.random((sizes[li], sizes[lj])) < (0.8 if li == lj - 1 else 0.2))
+            src.append(i + off[li])
+            dst.append(j + off[lj])
+    src, dst = np.concatenate(src), np.concatenate(dst)
+    layers = (Layer("input", "input", 3), Layer("conv1", "conv", 5), Layer("layer1.add", "residual", 4),
+              Layer("logits", "output", 2, ("tabby cat", "tiger")))
+    return Connectome(layers=layers, node_units=np.concatenate([np.arange(s) for s in sizes]), src=src, dst=dst,
+                      weight=rng.normal(size=src.size),
+                      node_attrs={"attribution": rng.normal(size=off[-1]), "community": rng.integers(0, 3, off[-1])},
+                      meta={"model": "toy", "category": "tiger"})
+
+
+def _same_graph(a: Connectome, b: Connectome) -> None:
+    assert a.layers == b.layers
+    assert a.node_ids.tolist() == b.node_ids.tolist()
+    assert (a.src.tolist(), a.dst.tolist()) == (b.src.tolist(), b.dst.tolist())
+    np.testing.assert_allclose(a.weight, b.weight, rtol=1e-6)
+    for k in ("attribution", "community"):
+        np.testing.assert_allclose(a.node_attr(k), b.node_attr(k), rtol=1e-6)
+    assert b.node_attr("community").dtype.kind == "i"
+
+
+@pytest.mark.parametrize("ext", ["graphml", "gexf"])
+def test_connectomes_own_files_read_back(g, tmp_path, ext):
+    path = tmp_path / f"g.{ext}"
+    (io.write_graphml if ext == "graphml" else io.write_gexf)(g, path)
+    back = gephi.read(path)
+    _same_graph(g, back)
+    assert back.meta["read_from"] == str(path)
+    if ext == "graphml":  # GraphML carries meta as graph data
+        assert back.meta["model"] == "toy" and back.meta["category"] == "tiger"
+
+
+def _gephi_graphml(g: Connectome, path: Path, order: np.ndarray, x: np.ndarray, extra: dict) -> None:
+    """What Gephi's ExporterGraphML writes for a graph imported from connectome's GraphML
+    (keys label/Edge Label/weight/Edge Id/r/g/b/x/y/size, then the table columns)."""
+    ids = g.node_ids
+    lines = ['<?xml version="1.0" encoding="UTF-8" standalone="yes"?>',
+             '<graphml xmlns="http://graphml.graphdrawing.org/xmlns">',
+             '<key attr.name="label" attr.type="string" for="node" id="label"/>',
+             '<key attr.name="Edge Label" attr.type="string" for="edge" id="edgelabel"/>',
+             '<key attr.name="weight" attr.type="double" for="edge" id="weight"/>',
+             '<key attr.name="Edge Id" attr.type="string" for="edge" id="edgeid"/>',
+             *[f'<key attr.name="{c}" attr.type="int" for="node" id="{c}"/>' for c in "rgb"],
+             *[f'<key attr.name="{c}" attr.type="float" for="node" id="{c}"/>' for c in ("x", "y", "size")],
+             '<key attr.name="layer" attr.type="string" for="node" id="layer"/>',
+             '<key attr.name="kind" attr.type="string" for="node" id="kind"/>',
+             '<key attr.name="index" attr.type="long" for="node" id="index"/>',
+             '<key attr.name="attribution" attr.type="double" for="node" id="attribution"/>',
+             '<key attr.name="community" attr.type="long" for="node" id="community"/>',
+             '<key attr.name="Modularity Class" attr.type="int" for="node" id="modularity_class"/>',
+             '<key attr.name="signed_weight" attr.type="double" for="edge" id="signed_weight"/>',
+             '<graph edgedefault="directed">']
+    labels = g.node_labels
+    for i in order.tolist():
+        li = g.node_layer[i]
+        lines.append(
+            f"<node id={quoteattr(str(ids[i]))}><data key=\"label\">{escape(str(labels[i]))}</data>"
+            f"<data key=\"layer\">{g.layers[li].name}</data><data key=\"kind\">{g.layers[li].kind}</data>"
+            f"<data key=\"index\">{g.node_units[i]}</data><data key=\"attribution\">{float(g.node_attr('attribution')[i])!r}</data>"
+            f"<data key=\"community\">{g.node_attr('community')[i]}</data>"
+            f"<data key=\"modularity_class\">{extra['modularity_class'][i]}</data>"
+            f"<data key=\"size\">10.0</data><data key=\"r\">153</data><data key=\"g\">0</data><data key=\"b\">0</data>"
+            f"<data key=\"x\">{float(x[i])!r}</data><data key=\"y\">{float(i)!r}</data></node>")
+    for e in np.random.default_rng(1).permutation(g.num_edges).tolist():
+        lines.append(
+            f"<edge source={quoteattr(str(ids[g.src[e]]))} target={quoteattr(str(ids[g.dst[e]]))}>"
+            f"<data key=\"edgeid\">{e}</data><data key=\"weight\">{abs(float(g.weight[e]))!r}</data>"
+            f"<data key=\"signed_weight\">{float(g.weight[e])!r}</data></edge>")
+    lines += ["</graph>", "</graphml>"]
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def _gephi_gexf(g: Connectome, path: Path, order: np.ndarray, x: np.ndarray) -> None:
+    """What Gephi's ExporterGEXF (0.9, GEXF 1.3) writes."""
+    ids, labels = g.node_ids, g.node_labels
+    lines = ['<?xml version="1.0" encoding="UTF-8"?>',
+             '<gexf xmlns="http://www.gexf.net/1.3" version="1.3" xmlns:viz="http://www.gexf.net/1.3/viz" '
+             'xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" '
+             'xsi:schemaLocation="http://www.gexf.net/1.3 http://www.gexf.net/1.3/gexf.xsd">',
+             '<meta lastmodifieddate="2024-05-01"><creator>Gephi 0.10.1</creator><description></description></meta>',
+             '<graph defaultedgetype="directed" mode="static">',
+             '<attributes class="node" mode="static">',
+             '<attribute id="layer" title="layer" type="string"/><attribute id="kind" title="kind" type="string"/>',
+             '<attribute id="index" title="index" type="long"/><attribute id="attribution" title="attribution" type="double"/>',
+             '<attribute id="community" title="community" type="long"/>',
+             '</attributes>',
+             '<attributes class="edge" mode="static"><attribute id="signed_weight" title="signed_weight" type="double"/></attributes>',
+             '<nodes>']
+    for i in order.tolist():
+        li = g.node_layer[i]
+        lines.append(
+            f"<node id={quoteattr(str(ids[i]))} label={quoteattr(str(labels[i]))}><attvalues>"
+            f"<attvalue for=\"layer\" value=\"{g.layers[li].name}\"/><attvalue for=\"kind\" value=\"{g.layers[li].kind}\"/>"
+            f"<attvalue for=\"index\" value=\"{g.node_units[i]}\"/>"
+            f"<attvalue for=\"attribution\" value=\"{float(g.node_attr('attribution')[i])!r}\"/>"
+            f"<attvalue for=\"community\" value=\"{g.node_attr('community')[i]}\"/></attvalues>"
+            f"<viz:size value=\"10.0\"/><viz:position x=\"{float(x[i])!r}\" y=\"{float(i)!r}\"/>"
+            f"<viz:color r=\"153\" g=\"0\" b=\"0\"/></node>")
+    lines.append("</nodes><edges>")
+    for e in np.random.default_rng(2).permutation(g.num_edges).tolist():
+        lines.append(
+            f"<edge id=\"{e}\" source={quoteattr(str(ids[g.src[e]]))} target={quoteattr(str(ids[g.dst[e]]))} "
+            f"weight=\"{abs(float(g.weight[e]))!r}\"><attvalues><attvalue for=\"signed_weight\" "
+            f"value=\"{float(g.weight[e])!r}\"/></attvalues></edge>")
+    lines += ["</edges>", "</graph>", "</gexf>"]
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+@pytest.mark.parametrize("ext", ["graphml", "gexf"])
+def test_files_written_by_gephi_after_a_layout(g, tmp_path, ext):
+    rng = np.random.default_rng(3)
+    order = rng.permutation(g.num_nodes)  # Gephi's own node order
+    x = rng.normal(size=g.num_nodes) * 100  # a force layout moved every node
+    path = tmp_path / f"gephi.{ext}"
+    if ext == "graphml":
+        _gephi_graphml(g, path, order, x, {"modularity_class": np.arange(g.num_nodes) % 4})
+    else:
+        _gephi_gexf(g, path, order, x)
+    back = gephi.read(path)
+    _same_graph(g, back)  # the layer order comes from the edges, labels from "label"
+    if ext == "graphml":  # Gephi's computed columns come along
+        np.testing.assert_array_equal(back.node_attr("Modularity Class"), np.arange(g.num_nodes) % 4)
+
+
+def test_a_graph_filtered_in_gephi(g, tmp_path):
+    keep = np.ones(g.num_nodes, dtype=bool)
+    keep[[1, g.index_of("conv1:3"), g.index_of("logits:0")]] = False
+    sub = g.subgraph(g.node_ids[keep])
+    path = tmp_path / "filtered.graphml"
+    _gephi_graphml(sub, path, np.arange(sub.num_nodes), sub.node_layer * 200.0,
+                   {"modularity_class": np.zeros(sub.num_nodes, dtype=int)})
+    back = gephi.read_graphml(path)
+    assert back.node_ids.tolist() == sub.node_ids.tolist()
+    assert back.layer("logits").labels == ("tiger",)
+    np.testing.assert_allclose(back.weight, sub.weight, rtol=1e-6)
+
+
+def test_layer_order_ties_follow_x(tmp_path):
+    # two layers without edges between them: the layout's x decides
+    g = Connectome.from_edges([("a", "input", 1), ("b", "conv", 1), ("c", "conv", 1), ("d", "output", 1)],
+                              [("a:0", "b:0", 1.0), ("a:0", "c:0", 2.0), ("b:0", "d:0", 1.0), ("c:0", "d:0", -1.0)],
+                              node_attrs={"attribution": np.zeros(4), "community": np.zeros(4, dtype=int)})
+    path = tmp_path / "t.graphml"
+    swapped = np.array([0.0, 400.0, 200.0, 600.0])  # c drawn left of b
+    _gephi_graphml(g, path, np.arange(4), swapped, {"modularity_class": np.zeros(4, dtype=int)})
+    assert gephi.read_graphml(path).layer_names == ["a", "c", "b", "d"]
+
+
+def test_bad_files(tmp_path, g):
+    with pytest.raises(BadFileError, match="does not exist"):
+        gephi.read_graphml(tmp_path / "none.graphml")
+    (tmp_path / "junk.gexf").write_text("not xml")
+    with pytest.raises(BadFileError, match="GEXF"):
+        gephi.read_gexf(tmp_path / "junk.gexf")
+    with pytest.raises(ValueError, match="graphml or .gexf"):
+        gephi.read(tmp_path / "g.csv")
+    import networkx as nx
+
+    G = nx.Graph()
+    G.add_edge("in:0", "out:0")
+    nx.write_graphml(G, tmp_path / "u.graphml")
+    with pytest.raises(ConnectomeError, match="undirected"):
+        gephi.read_graphml(tmp_path / "u.graphml")
+    H = nx.DiGraph()
+    H.add_edge("alpha", "beta")
+    nx.write_graphml(H, tmp_path / "ids.graphml")
+    with pytest.raises(ConnectomeError, match="'<layer>:<unit>'"):
+        gephi.read_graphml(tmp_path / "ids.graphml")
+    H = nx.DiGraph()
+    H.add_edge("a:0", "b:0")
+    H.add_edge("b:0", "a:1")
+    nx.write_graphml(H, tmp_path / "cycle.graphml")
+    with pytest.raises(ConnectomeError, match="cycle"):
+        gephi.read_graphml(tmp_path / "cycle.graphml")
+
+
+def test_graphml_key_defaults_types_and_graph_data(tmp_path):
+    path = tmp_path / "d.graphml"
+    path.write_text(
+        '<?xml version="1.0"?><graphml xmlns="http://graphml.graphdrawing.org/xmlns">'
+        '<key id="m" for="graph" attr.name="meta" attr.type="string"/>'
+        '<key id="s" for="node" attr.name="score" attr.type="double"><default>0.5</default></key>'
+        '<key id="c" for="node" attr.name="community" attr.type="int"/>'
+        '<key id="w" for="edge" attr.name="weight" attr.type="float"/>'
+        '<key id="f" for="edge" attr.name="flag" attr.type="boolean"/>'
+        '<graph edgedefault="directed"><data key="m">{"model": "m1"}</data>'
+        '<node id="in:0"><data key="c">1</data></node><node id="in:1"><data key="s">2.0</data><data key="c">0</data></node>'
+        '<node id="out:0"><data key="c">1</data></node>'
+        '<edge source="in:0" target="out:0"><data key="w">-1.5</data><data key="f">true</data></edge>'
+        '<edge source="in:1" target="out:0"><data key="w">2</data><data key="f">false</data></edge>'
+        '</graph></graphml>')
+    g = gephi.read_graphml(path)
+    assert g.layer_names == ["in", "out"] and g.meta["model"] == "m1"
+    assert g.node_attr("score").tolist() == [0.5, 2.0, 0.5]  # the key's default where a node has none
+    assert g.node_attr("community").tolist() == [1, 0, 1] and g.node_attr("community").dtype.kind == "i"
+    assert sorted(g.weight.tolist()) == [-1.5, 2.0]
+    assert sorted(g.edge_attr("flag").tolist()) == [0.0, 1.0]
