@@ -95,11 +95,13 @@ def no_inplace(model: nn.Module) -> Iterator[None]:
     changed = [m for m in model.modules() if getattr(m, "inplace", False) is True]
     for m in changed:
         m.inplace = False
+        m._connectome_inplace = True  # what the model does, for the tracer's in-place check
     try:
         yield
     finally:
         for m in changed:
             m.inplace = True
+            m.__dict__.pop("_connectome_inplace", None)
 
 
 def model_on(model: nn.Module, device: torch.device) -> nn.Module:

@@ -27,7 +27,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from connectome.errors import BadFileError, ConnectomeError, DataError
+from connectome.errors import BadFileError, ConnectomeError, DataError, ExtractionError
 from connectome.extract._model import no_inplace
 from connectome.extract.build import assemble, graph_layers
 from connectome.extract.rules import RULES, ChainOp, RunContext, attention_forward
@@ -127,6 +127,13 @@ class FlowAccumulator:
                 grad.append(s.node)
                 keep.update(op.node for op in s.operands)
             if KINDS[s.kind].edges == DENSE and per_sample:
+                cols = s.operands[0].cols
+                if cols is not None and np.unique(cols).size < cols.size:
+                    raise ExtractionError(
+                        f"layer {s.name!r} reads each unit of {ug.layers[s.operands[0].layer].name!r} through several "
+                        "columns (a channels-last flatten or a repeated channel); per_sample=True cannot sum |flow| per edge "
+                        "there yet: flatten with the units first (x.permute(0, 3, 1, 2).flatten(1)) or per_sample=False"
+                    )
                 keep.add(s.node)
                 grad.append(s.node)
                 keep.add(s.operands[0].node)

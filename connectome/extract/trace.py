@@ -476,7 +476,10 @@ def _classify(node: Any, c: _Ctx) -> tuple[str, Any]:
         if t in _PL_METHODS:
             return ("chain", None)
         if t in _CLAMP_METHODS:
-            return ("chain", ChainOp(node.name, "clamp", "", (_const(node, 1, "min", None), _const(node, 2, "max", None))))
+            lo, hi = _const(node, 1, "min", None), _const(node, 2, "max", None)
+            if any(isinstance(b, (fx.Node, torch.Tensor)) for b in (lo, hi)):
+                return ("unsupported", "a clamp with tensor bounds (only number bounds map)")
+            return ("chain", ChainOp(node.name, "clamp", "", (lo, hi)))
         if t in _SMOOTH_METHODS:
             fn = getattr(torch, t.rstrip("_"))
             return ("chain", ChainOp(node.name, "smooth", "", (_f0(fn),)))
@@ -517,9 +520,7 @@ def _classify_module(node: Any, m: nn.Module, c: _Ctx) -> tuple[str, Any]:
         return ("unsupported", f"{type(m).__name__} layers are not supported yet (Conv2d and Linear are)")
     if isinstance(m, (nn.Softmax, nn.LogSoftmax, nn.Softmin)):
         return ("unsupported", f"{type(m).__name__} mixes units (it normalises across them); no rule fits it "
-                               "outside attention, where the attention rule would hold the pattern constant")
-    if isinstance(m, nn.MultiheadAttention):
-        return ("unsupported", "attention (nn.MultiheadAttention) needs the attention rule, which is not implemented yet")
+                               "outside attention (softmax(...) @ v), where the attention rule holds the pattern constant")
     return ("unsupported", f"module type {type(m).__name__} is not a per-unit op we can map "
                            "(no rule in connectome.extract.rules)")
 
@@ -557,6 +558,8 @@ def _classify_function(node: Any, c: _Ctx) -> tuple[str, Any]:
             lo, hi = _const(node, 1, "min_val", -1.0), _const(node, 2, "max_val", 1.0)
         else:
             lo, hi = _const(node, 1, "min", None), _const(node, 2, "max", None)
+        if any(isinstance(b, (fx.Node, torch.Tensor)) for b in (lo, hi)):
+            return ("unsupported", "a clamp with tensor bounds (only number bounds map)")
         return ("chain", ChainOp(node.name, "clamp", "", (lo, hi)))
     if t is F.pad:
         value = _const(node, 3, "value", None)
@@ -629,10 +632,20 @@ def _classify_function(node: Any, c: _Ctx) -> tuple[str, Any]:
               "scale": plain(_const(node, 6, "scale", None))}
         return ("chain", ChainOp(node.name, "attention", v.name, (q.name, k.name, kw)))
     if t in (torch.softmax, F.softmax, torch.matmul, torch.bmm):
-        return ("unsupported", f"{getattr(t, '__name__', t)} mixes units (attention needs the attention rule, "
-                               "which is not implemented yet)")
+        return ("unsupported", f"{getattr(t, '__name__', t)} mixes units outside an attention form (the attention "
+                               "rule maps softmax(...) @ v, F.scaled_dot_product_attention and nn.MultiheadAttention)")
     return ("unsupported", f"function {getattr(t, '__name__', t)!s} is not a per-unit op we can map "
                            "(no rule in connectome.extract.rules)")
+
+
+def _batchless(v: Any, data_shape: tuple[int, ...]) -> Any:
+    """A constant expanded over the traced batch (``pos.expand(x.shape[0], -1, -1)``) as one
+    row that broadcasts over any batch; None when its rows differ (it depends on the image)."""
+    if isinstance(v, torch.Tensor) and v.dim() == len(data_shape) and v.shape[0] == data_shape[0] and v.shape[0] > 1:
+        if not torch.equal(v, v[:1].expand_as(v)):
+            return None
+        return v[:1].clone()
+    return v
 
 
 def _classify_sum(node: Any, c: _Ctx) -> tuple[str, Any]:
@@ -657,6 +670,7 @@ def _classify_sum(node: Any, c: _Ctx) -> tuple[str, Any]:
     o = other[0]
     k = float(alpha)
     cval = c.const(o) if isinstance(o, fx.Node) else (float(o) if isinstance(o, (int, float)) and not isinstance(o, bool) else None)
+    cval = _batchless(cval, out_shape)
     if cval is None:
         return ("unsupported", "an add/sub with an operand that is neither data nor a constant")
     # y = a * x + b with constants a, b
@@ -710,7 +724,7 @@ def _classify_product(node: Any, c: _Ctx) -> tuple[str, Any]:
         o = other[0] if other else None
         if isinstance(o, (int, float)) and not isinstance(o, bool):
             return ("chain", ChainOp(node.name, "scale", "", (1.0 / float(o) if is_div else float(o),)))
-        cval = c.const(o)
+        cval = _batchless(c.const(o), out_shape)
         if cval is None:
             return ("unsupported", "a product with an operand that is neither data nor a constant")
         return ("chain", ChainOp(node.name, "affine", "", (1.0 / cval if is_div else cval, None)))
@@ -777,6 +791,37 @@ def _is_softmax(n: fx.Node) -> bool:
     return (n.op == "call_function" and n.target in _SOFTMAX) or (n.op == "call_method" and n.target == "softmax")
 
 
+_POOL1 = (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d)
+_POOL2 = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.ZeroPad2d)
+_POOL1_FUNCS = {F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d, F.adaptive_max_pool1d}
+_POOL2_FUNCS = {F.max_pool2d, torch.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
+
+
+def _pooled_dims(node: fx.Node, c: "_Ctx", nd: int) -> set[int]:
+    """The dims a pooling (or padding) op works over: the last one or two."""
+    k = 0
+    if node.op == "call_module":
+        m = c.modules[node.target]
+        k = 1 if isinstance(m, _POOL1) else 2 if isinstance(m, _POOL2) else 0
+    elif node.op == "call_function":
+        k = 1 if node.target in _POOL1_FUNCS else 2 if node.target in _POOL2_FUNCS else 0
+    return set(range(nd - k, nd)) if k else set()
+
+
+def _mixed_dims(node: fx.Node, v: fx.Node, nd: int) -> set[int]:
+    """The dims of the value ``v`` that an attention product sums over (its tokens)."""
+    if node.op == "call_function" and node.target is torch.einsum and isinstance(node.args[0], str):
+        eq = node.args[0].replace(" ", "")
+        ins, out = eq.split("->") if "->" in eq else (eq, "")
+        subs = ins.split(",")
+        pos = [i for i, a in enumerate(node.args[1:]) if a is v]
+        if not pos or "." in eq or pos[0] >= len(subs):
+            return set(range(nd))  # not parsed: refuse rather than guess
+        sv = subs[pos[0]]
+        return {d for d, ch in enumerate(sv) if ch not in out}
+    return {nd - 2}  # matmul(pattern, v), attention functions: the token dim of v
+
+
 def _attention_products(nodes: list[fx.Node], c: "_Ctx") -> tuple[dict[str, tuple[str, str]], set[str]]:
     """Products ``softmax(...) @ v`` (matmul, bmm, einsum) of a hand-written attention, and the
     nodes that only compute their patterns.
@@ -803,12 +848,48 @@ def _attention_products(nodes: list[fx.Node], c: "_Ctx") -> tuple[dict[str, tupl
                 products[n.name] = (s_.name, v_.name)
                 break
     pattern: set[str] = {p for p, _ in products.values()}
+
+    def is_layer(n: fx.Node) -> bool:  # q and k projections stay layers (dead ends that carry no flow)
+        if n.op == "call_module":
+            return isinstance(c.modules[n.target], _CONV_MODULES)
+        return n.op == "call_function" and n.target in (F.linear, F.conv2d, torch.conv2d)
+
     for n in reversed(nodes):
-        if n.name in pattern or n.name not in c.data or not n.users:
+        if n.name in pattern or n.name not in c.data or not n.users or is_layer(n):
             continue
         if all(u.name in pattern or (u.name in products and products[u.name][0] == n.name) for u in n.users):
             pattern.add(n.name)
     return products, pattern
+
+
+_INPLACE_FUNCS = {F.relu, F.relu6, F.hardtanh, F.leaky_relu, F.dropout, F.elu, F.silu, F.hardswish, F.hardsigmoid,
+                  F.selu, F.celu, F.mish, F.threshold}
+_IOPS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def _check_in_place(nodes: list[fx.Node], modules: dict[str, nn.Module]) -> None:
+    """Refuse an in-place op whose input is read again after it: connectome runs in-place ops
+    out of place (the values it keeps must not be overwritten), which would change what those
+    later reads see."""
+    order = {n: i for i, n in enumerate(nodes)}
+    for n in nodes:
+        t = n.target
+        inplace = (
+            (n.op == "call_method" and isinstance(t, str) and t.endswith("_") and not t.startswith("_"))
+            or (n.op == "call_function" and (t in _IOPS or getattr(t, "__name__", "").endswith("_")
+                                            or (t in _INPLACE_FUNCS and (n.kwargs.get("inplace") is True
+                                                                         or True in n.args[1:]))))
+            or (n.op == "call_module" and (getattr(modules.get(t), "inplace", False) is True
+                                           or getattr(modules.get(t), "_connectome_inplace", False)))
+        )
+        if not inplace or not n.args or not isinstance(n.args[0], fx.Node):
+            continue
+        later = [u for u in n.args[0].users if u is not n and order.get(u, -1) > order[n]]
+        if later:
+            raise ExtractionError(
+                f"{_where(n)} changes {n.args[0].name!r} in place and {later[0].name!r} reads it afterwards; "
+                "connectome runs in-place ops out of place, so write it out of place (y = f(x)) and read y"
+            )
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -914,6 +995,7 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
     shapes, values, consts, data = _record(gm, example)
     ctx = _Ctx(dict(gm.named_modules()), shapes, values, consts, data)
     nodes = list(gm.graph.nodes)
+    _check_in_place(nodes, ctx.modules)
     by_name = {n.name: n for n in nodes}
     layers: list[LayerSpec] = []
     units: dict[str, Units] = {}
@@ -1148,6 +1230,16 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                 x = targs[0]
             u = source(node, x)
             s_in, s_out = shapes[x.name], shapes[node.name]
+            if isinstance(info, ChainOp) and info.kind in ("attention", "pattern") and \
+                    set(u.dims) & _mixed_dims(node, x, len(s_in)):
+                raise ExtractionError(
+                    f"cannot map {_where(node)}: its pattern mixes the dim that holds the units of v (attention "
+                    "across channels, as in cross-covariance attention); the attention rule needs v's units kept"
+                )
+            pooled = _pooled_dims(node, ctx, len(s_in))
+            if pooled & set(u.dims):
+                raise ExtractionError(f"cannot map {_where(node)}: it pools over the dim that holds the units "
+                                      f"(shape {s_in}); pool over positions, with the units on dim 1")
             if len(s_in) != len(s_out) or any(s_in[d] != s_out[d] for d in u.dims) or s_in[0] != s_out[0]:
                 raise ExtractionError(f"{_where(node)} changes the units' dims ({s_in} -> {s_out}) in a way that mixes units")
             units[node.name] = u

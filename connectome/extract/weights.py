@@ -62,16 +62,24 @@ def _per_unit(ug: UnitGraph, op: Any, factor: Any, spec: LayerSpec) -> torch.Ten
     if not isinstance(factor, torch.Tensor):
         return torch.full((spec.size,), float(factor), dtype=torch.float64)
     f = factor.detach().double().cpu()
-    if op.kind == "bn":  # a vector along dim 1: per channel, or per feature of a flattened map
-        if f.numel() != spec.size:
-            raise ExtractionError(
-                f"{op.node!r} normalises {f.numel()} flattened features of the {spec.size} units of layer "
-                f"{spec.name!r}; a per-position BatchNorm cannot be folded into unit edges (attribution "
-                "graphs handle it)"
-            )
-        return f.reshape(-1)
     shape = ug.shapes[op.node]
     u = ug.units[op.node]
+    if op.kind == "bn":  # a vector along dim 1 of the value: per channel, or per feature of a flattened map
+        idx = u.along(1, shape[1], spec.size) if len(shape) > 1 else None
+        per_unit = idx is not None and f.numel() == idx.size
+        if per_unit:
+            # a channel of the value is unit idx[channel] (after a shuffle or a split): one factor per unit
+            out = torch.ones(spec.size, dtype=torch.float64)
+            first = np.unique(idx, return_index=True)[1]
+            out[torch.as_tensor(idx[first])] = f.reshape(-1)[torch.as_tensor(first)]
+            per_unit = torch.equal(out[torch.as_tensor(idx)], f.reshape(-1))  # the same factor on all of a unit
+        if not per_unit:
+            raise ExtractionError(
+                f"{op.node!r} normalises {f.numel()} features of the {spec.size} units of layer {spec.name!r} "
+                "with different factors per position; a per-position BatchNorm cannot be folded into unit edges "
+                "(attribution graphs handle it)"
+            )
+        return out
     if f.dim() > len(shape):
         raise ExtractionError(f"{op.node!r} multiplies by a tensor of shape {tuple(f.shape)} that is larger than the data")
     full = f.reshape((1,) * (len(shape) - f.dim()) + tuple(f.shape)).expand((1, *shape[1:]))
@@ -153,6 +161,12 @@ def weights(
             if KINDS[spec.kind].edges == DENSE:
                 w, _ = layer_weight(ug, spec)
                 op = spec.operands[0]
+                if reduce == "l2" and op.cols is not None and np.unique(op.cols).size < op.cols.size:
+                    raise ExtractionError(
+                        f"layer {spec.name!r} reads each unit of {ug.layers[op.layer].name!r} through several "
+                        "columns (a channels-last flatten or a repeated channel); reduce='l2' cannot be split over them yet: "
+                        "use reduce='sum' or 'l1'"
+                    )
                 # Reduce in the model's dtype first: a float64 copy of every kernel costs more
                 # than the reduction (the graph stores float32 weights anyway).
                 w = w.detach().reshape(w.shape[0], -1, op.group) if spec.kind == Kind.LINEAR else w.detach().reshape(w.shape[0], w.shape[1], -1)

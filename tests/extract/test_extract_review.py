@@ -239,3 +239,103 @@ def test_nan_pixel_is_a_data_error_not_a_poisoned_graph():
     with pytest.raises(DataError, match="the first is image 2"):
         cn.extract.attribution(m, (x, y), progress=False, device="cpu", batch_size=3)
 
+
+
+# ---------------------------------------------------------------------- an adversarial review of the op rules
+def _shuffle(a, g=2):
+    n, c, h, w = a.shape
+    return a.view(n, g, c // g, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+def test_in_place_op_read_again_is_refused():
+    # ran out of place, the later read saw the unchanged value: target_total was 3-30% off, silently
+    m = Fn(lambda s, x: s.fc(s.act(s.a(x)).mean((2, 3))), a=nn.Conv2d(3, 4, 1), fc=nn.Linear(4, 2),
+           act=nn.ReLU(inplace=True))
+
+    class ReadAgain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.fc, self.act = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1), nn.Linear(4, 2), nn.ReLU(True)
+
+        def forward(self, x):
+            a = self.a(x)
+            return self.fc((a + self.b(self.act(a))).mean((2, 3)))  # act overwrites a, which the add reads
+
+    with pytest.raises(ExtractionError, match="module 'act' changes 'a' in place and 'add' reads it") as info:
+        _flows(ReadAgain(), torch.randn(2, 3, 4, 4), 2)
+    assert "\n" not in str(info.value)
+    _assert_exact(_flows(m, torch.randn(2, 3, 4, 4), 2))  # an in-place op read only through its result is fine
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_constant_expanded_over_the_batch(n):
+    # traced at batch 2, an expanded position embedding was counted twice at batch 1 and crashed at 3
+    class Pos(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pe, self.lin = nn.Conv2d(3, 4, 2, stride=2), nn.Linear(4, 2)
+            self.pos = nn.Parameter(torch.randn(1, 4, 4))
+
+        def forward(self, x):
+            t = self.pe(x).flatten(2).transpose(1, 2)
+            return self.lin((t + self.pos.expand(t.shape[0], -1, -1)).mean(1))
+
+    torch.manual_seed(0)
+    _assert_exact(_flows(Pos(), torch.randn(n, 3, 4, 4), 2))
+
+
+def test_weights_fold_a_batchnorm_after_a_shuffle_onto_the_right_units():
+    class ShuffleBN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.bn, self.c2, self.fc = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 3, 1), nn.Linear(3, 2)
+            with torch.no_grad():
+                self.bn.running_var.copy_(torch.tensor([1.0, 4.0, 16.0, 64.0]))
+
+        def forward(self, x):
+            return self.fc(self.c2(self.bn(_shuffle(self.c1(x)))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    m = ShuffleBN().eval()
+    g = cn.extract.weights(m, (3, 4, 4))
+    perm = _shuffle(torch.arange(4.0).reshape(1, 4, 1, 1)).reshape(-1).long().tolist()  # channel c holds unit perm[c]
+    scale = (m.bn.weight / torch.sqrt(m.bn.running_var + m.bn.eps)).detach()
+    W = m.c2.weight.detach()[:, :, 0, 0]
+    i, j, v = g.edge_block("c1", "c2")
+    got = {(int(a), int(b)): float(w) for a, b, w in zip(i, j, v)}
+    for c in range(4):
+        for o in range(3):
+            assert got[(perm[c], o)] == pytest.approx(float(W[o, c] * scale[c]), rel=1e-5)
+
+
+def test_unit_mixing_ops_are_refused_in_one_line():
+    class XCA(nn.Module):  # softmax over channels: attention across units
+        def __init__(self):
+            super().__init__()
+            self.pe, self.qkv, self.fc = nn.Conv2d(3, 4, 2, stride=2), nn.Linear(4, 12), nn.Linear(4, 2)
+
+        def forward(self, x):
+            t = self.pe(x).flatten(2).transpose(1, 2)
+            n, T, C = t.shape
+            q, k, v = self.qkv(t).reshape(n, T, 3, 1, C).permute(2, 0, 3, 4, 1).unbind(0)
+            return self.fc(((q @ k.transpose(-2, -1)).softmax(-1) @ v).permute(0, 3, 1, 2).reshape(n, T, C).mean(1))
+
+    pool = Fn(lambda s, x: s.fc(nn.functional.avg_pool2d(s.a(x).permute(0, 2, 3, 1), 3, 1, 1).mean((1, 2))),
+              a=nn.Conv2d(3, 4, 1), fc=nn.Linear(4, 2))
+    clamp = Fn(lambda s, x: s.fc(torch.clamp(s.a(x), min=s.lo).mean((2, 3))), a=nn.Conv2d(3, 4, 1), fc=nn.Linear(4, 2))
+    clamp.register_buffer("lo", torch.zeros(1, 4, 1, 1))
+    for m, phrase in ((XCA(), "mixes the dim that holds the units of v"), (pool, "pools over the dim that holds the units"),
+                      (clamp, "clamp with tensor bounds")):
+        with pytest.raises(ExtractionError, match=phrase) as info:
+            _flows(m, torch.randn(2, 3, 4, 4), 2)
+        assert "\n" not in str(info.value)
+
+
+def test_per_sample_over_repeated_columns_is_refused():
+    m = Fn(lambda s, x: s.fc(s.a(x).permute(0, 2, 3, 1).flatten(1)), a=nn.Conv2d(3, 4, 1), fc=nn.Linear(4 * 16, 2))
+    _assert_exact(_flows(m, torch.randn(2, 3, 4, 4), 2))  # signed flows are right
+    with pytest.raises(ExtractionError, match="per_sample=True cannot sum"):
+        cn.extract.attribution(m.double(), (torch.randn(2, 3, 4, 4).double(), torch.tensor([0, 1])), per_sample=True,
+                               progress=False, device="cpu")
+    with pytest.raises(ExtractionError, match="reduce='l2' cannot be split"):
+        cn.extract.weights(m.float(), (3, 4, 4), reduce="l2")
