@@ -8,7 +8,8 @@ unit, the top-k images as plain node attribute columns, so that they survive ``s
   (-1: none), ``example_value_j`` its maximum activation, ``example_pos_j`` the position
   of that maximum (row-major over the unit's ``height x width`` map);
 - ``example_attr_index_j`` ... the same for the j-th image by attribution to the target
-  (``A * dT/dA`` summed over positions), at the position where it is largest.
+  (``A * dT/dA`` summed over positions), with the position of the unit's maximum
+  activation in that image (where its crop is cut).
 
 ``meta["examples"]`` holds ``k``, the receptive field of every layer (``fields``, see
 :func:`connectome.extract.receptive.receptive_fields`), the input size, what an index means

@@ -25,7 +25,6 @@ import numpy as np
 
 from connectome.errors import ConnectomeError
 from connectome.graph import Connectome
-from connectome.kinds import is_hidden
 
 __all__ = ["viewer_html", "write_viewer", "circuit_levels"]
 
@@ -177,7 +176,6 @@ def _category(g: Connectome, name: str, images: Any, mass: float, max_units: int
         "npatch": n_patches,
         "perRow": 16,
         "levels": levels,
-        "hidden": [bool(is_hidden(l.kind)) for l in sub.layers],
     }
 
 
