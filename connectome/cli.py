@@ -278,6 +278,14 @@ def _extract(a: argparse.Namespace, rank: int) -> int:
         where = str(Path(a.data).resolve()) if isinstance(data, str) else a.data
         graphs = {c: g.with_meta(examples={**g.meta["examples"], "data": where}) for c, g in graphs.items()}
     files = category_files(list(graphs))
+    units = []  # say how the category folders were mapped to output units
+    for cname, g in graphs.items():
+        tc = g.meta.get("target_class")
+        labels = g.layers[-1].labels
+        if isinstance(tc, int):
+            units.append(f"{printable(cname)} -> unit {tc}" + (f" ({printable(labels[tc])})" if labels and tc < len(labels) else ""))
+    if units:
+        print("categories mapped to output units: " + ", ".join(units), file=sys.stderr)
     for cname, g in graphs.items():
         g = g.with_meta(**spec.meta)  # what was assumed (random weights) travels with the graph
         g.save(out / files[cname])

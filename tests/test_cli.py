@@ -379,3 +379,11 @@ def test_extract_precision_is_recorded(extracted, tmp_path):
                  "--categories", "circle", "--precision", "bf16"]) == 0
     g = cn.load(out / json.loads((out / "index.json").read_text())["categories"]["circle"]["file"])
     assert g.meta["precision"] == "bf16" and g.meta["exact"] is False
+
+
+def test_extract_says_how_categories_map_to_output_units(tmp_path, capsys):
+    out = tmp_path / "g"
+    assert main(["extract", "zoo:simplecnn_a", "zoo:shapes:2", "--out", str(out), "--quiet", "--device", "cpu",
+                 "--categories", "ring,square"]) == 0
+    err = capsys.readouterr().err
+    assert "categories mapped to output units: ring -> unit 1 (ring), square -> unit 3 (square)" in err
