@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from connectome.errors import BadFileError, ConnectomeError, DataError, ExtractionError
 from connectome.extract._model import no_inplace
 from connectome.extract.build import assemble, graph_layers
-from connectome.extract.rules import RULES, ChainOp, RunContext, attention_forward
+from connectome.extract.rules import DETACHED_OPERAND, NAMED_INPUT, RULES, ChainOp, RunContext, attention_forward
 from connectome.extract.trace import LayerSpec, UnitGraph, Units, run_nodes
 from connectome.graph import Connectome
 from connectome.kinds import DENSE, IDENTITY, KINDS, Kind
@@ -115,7 +115,7 @@ class FlowAccumulator:
         self.modules = dict(ug.gm.named_modules())
         self.spec_of = {s.node: (i, s) for i, s in enumerate(ug.layers)}
         self.rule_ops: dict[str, ChainOp] = {op.node: op for s in ug.layers for op in s.bias_ops
-                                             if RULES[op.kind].forward is not None or op.kind in ("gate", "attention", "pattern", "window")}
+                                             if RULES[op.kind].forward is not None or op.kind in NAMED_INPUT}
         keep: set[str] = set()
         grad: list[str] = []
         for li, s in enumerate(ug.layers):
@@ -197,10 +197,6 @@ class FlowAccumulator:
             if r == reduce:
                 walk(getattr(self, name))
         return out
-
-    def state(self) -> list[torch.Tensor]:
-        """The summed accumulators as a flat list of tensors (kept for callers of old)."""
-        return self.tensors("sum")
 
     def state_dict(self) -> dict[str, Any]:
         """Every field as CPU tensors (nested lists kept), with ``n_images`` and the input shape."""
@@ -313,7 +309,7 @@ class FlowAccumulator:
                 return node.target(*args, **kwargs)
             op = rule_ops.get(node.name)
             if op is not None:
-                if op.kind in ("gate", "pattern"):
+                if op.kind in DETACHED_OPERAND:
                     # signal takes all: the gate's (the attention pattern's) value is used, its gradient is not
                     gate = op.params[0]
                     args = [a.detach() if isinstance(n, fx.Node) and n.name == gate else a

@@ -106,12 +106,12 @@ def assemble(
         a.setflags(write=False)  # handed over: the graph shares instead of copying
     units = np.concatenate([np.arange(s, dtype=np.int64) for s in sizes]) if len(sizes) else np.zeros(0, np.int64)
     node_attrs = dict(node_attrs or {})
-    if any(s.call.get("head_of") for s in ug.layers):
+    if any("head_of" in s.call for s in ug.layers):
         # the attention head of each unit of a q/k/v projection (-1 elsewhere), to group by head
         head = np.full(int(offsets[-1]), -1.0)
         for li, s in enumerate(ug.layers):
-            for u, h in (s.call.get("head_of") or {}).items():
-                head[offsets[li] + u] = h
+            if "head_of" in s.call:
+                head[offsets[li] : offsets[li + 1]] = s.call["head_of"]
         node_attrs["head"] = head
     return Connectome(
         layers=tuple(layers),

@@ -51,7 +51,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ChainOp", "Rule", "RULES", "rule_of", "frozen"]
+__all__ = ["ChainOp", "Rule", "RULES", "rule_of", "frozen", "NAMED_INPUT", "DETACHED_OPERAND", "ATTENTION"]
 
 
 @dataclass
@@ -256,6 +256,14 @@ RULES: dict[str, Rule] = {
              forward=_norm_forward, weight_note="statistics depend on data: not folded"),
     )
 }
+
+
+#: Ops whose data input is named by the rule (the other operands are held constant), not inferred.
+NAMED_INPUT = frozenset({"gate", "attention", "pattern", "window"})
+#: Ops linearised by running them with one operand detached (the gate, the attention pattern).
+DETACHED_OPERAND = frozenset({"gate", "pattern"})
+#: Ops attention rules apply to: their pattern must not mix the units of v.
+ATTENTION = frozenset({"attention", "pattern"})
 
 
 def rule_of(op: ChainOp) -> Rule:

@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from connectome.errors import ExtractionError
-from connectome.extract.rules import ChainOp
+from connectome.extract.rules import ATTENTION, NAMED_INPUT, ChainOp
 from connectome.kinds import Kind
 
 __all__ = ["UnitGraph", "LayerSpec", "Operand", "ChainOp", "Units", "trace_units", "run_nodes"]
@@ -173,11 +173,6 @@ class UnitGraph:
     output_node: str
     shapes: dict[str, tuple[int, ...]]
     rules: list[str] = field(default_factory=list)  # names of the linearisation rules used
-
-    @property
-    def ref(self) -> dict[str, tuple[int, int]]:
-        """fx node -> (layer, 1): the layer of every mapped value (kept for callers of old)."""
-        return {k: (u.layer, 1) for k, u in self.units.items()}
 
     def unit_dim(self, node: str) -> int:
         """The one dim that holds the units of ``node``'s value (1 for NCHW, -1 for channels-last)."""
@@ -1174,7 +1169,7 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
             units[node.name] = Units(len(layers) - 1, (dim_out,), None)
             if node.meta.get("connectome_heads"):  # q, k, v of nn.MultiheadAttention: heads side by side
                 h = int(node.meta["connectome_heads"])
-                layers[-1].call["head_of"] = {u: u // (layers[-1].size // h) for u in range(layers[-1].size)}
+                layers[-1].call["head_of"] = np.arange(layers[-1].size) // (layers[-1].size // h)
         elif what == "window":
             q = node.args[0]
             u = source(node, q)
@@ -1221,7 +1216,7 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                                     module=scope or None, operands=ops, dim=dim % nd))
             units[node.name] = Units(len(layers) - 1, (dim % nd,), None)
         else:  # chain: keeps the units of its data input
-            if isinstance(info, ChainOp) and info.kind in ("gate", "attention", "pattern"):
+            if isinstance(info, ChainOp) and info.kind in NAMED_INPUT:
                 x = by_name[info.input_node]
             else:
                 targs = ctx.data_args(node) if node.op != "call_module" else [a for a in node.all_input_nodes if ctx.is_data(a)]
@@ -1230,7 +1225,7 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                 x = targs[0]
             u = source(node, x)
             s_in, s_out = shapes[x.name], shapes[node.name]
-            if isinstance(info, ChainOp) and info.kind in ("attention", "pattern") and \
+            if isinstance(info, ChainOp) and info.kind in ATTENTION and \
                     set(u.dims) & _mixed_dims(node, x, len(s_in)):
                 raise ExtractionError(
                     f"cannot map {_where(node)}: its pattern mixes the dim that holds the units of v (attention "
@@ -1247,9 +1242,10 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                 for a in (info.params[0], info.params[1], x.name):  # (batch, heads, tokens, head_dim)
                     ua = units.get(a)
                     if ua is not None and len(ua.dims) == 2 and ua.index is not None:
-                        heads = layers[ua.layer].call.setdefault("head_of", {})
-                        for hh, row in enumerate(np.asarray(ua.index)):
-                            heads.update({int(v): hh for v in np.ravel(row)})
+                        spec = layers[ua.layer]
+                        heads = spec.call.setdefault("head_of", np.full(spec.size, -1, dtype=np.int64))
+                        idx = np.asarray(ua.index)  # (heads, head_dim): the unit of each
+                        heads[idx] = np.arange(idx.shape[0])[:, None]
             if info is not None:
                 info.input_node = x.name
                 layers[u.layer].bias_ops.append(info)
@@ -1309,7 +1305,7 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                 path.append(cur.name)
                 nxt = [a for a in cur.all_input_nodes if ctx.is_data(a) or a.name in multi]
                 k = kinds[cur.name][1]
-                if isinstance(k, ChainOp) and k.kind in ("gate", "attention", "pattern"):
+                if isinstance(k, ChainOp) and k.kind in NAMED_INPUT:
                     nxt = [by_name[k.input_node]]
                 if len(nxt) != 1:
                     break
