@@ -575,6 +575,11 @@ def test_export_refuses_names_that_would_merge(tmp_path):
 
 
 # ---------------------------------------------------------------------- temp files, permissions, links
+def _child_env() -> dict[str, str]:
+    """The environment of a child Python that imports this checkout of connectome."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+
+
 def _kill_during_write(path) -> None:
     """Start a writer in another process and kill -9 it in the middle of the write."""
     import subprocess
@@ -585,7 +590,7 @@ def _kill_during_write(path) -> None:
             "with atomic_write(sys.argv[1]) as fh:\n"
             "    fh.write(b'half a file'); fh.flush()\n"
             "    os.kill(os.getpid(), signal.SIGKILL)\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    env = _child_env()
     r = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True)
     assert r.returncode == -9, r.stderr
 
@@ -618,7 +623,7 @@ def test_temp_file_of_a_live_writer_is_kept(g, tmp_path):
             "with atomic_write(sys.argv[1]) as fh:\n"
             "    fh.write(b'data'); fh.flush()\n"
             "    print('writing', flush=True); sys.stdin.readline()\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    env = _child_env()
     proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "slow.npz")], env=env,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:

@@ -76,16 +76,21 @@ def _flip_tensor_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-# ----------------------------------------------------------------------------- damaged tensor data
-@pytest.mark.parametrize("complete", [False, True])
-def test_flipped_byte_in_tensor_data_is_refused(tmp_path, complete):
+def _checkpointed(tmp_path, complete: bool):
+    """Data and the checkpoint file of a run that finished, or was stopped after one batch."""
     data = _data()
     if complete:
         _run(data, checkpoint=tmp_path, checkpoint_every=1)
     else:
         with pytest.raises(Stop):
             _run(data, checkpoint=tmp_path, checkpoint_every=1, _batch_hook=_stop_after(1))
-    path = tmp_path / "rank0.pt"
+    return data, tmp_path / "rank0.pt"
+
+
+# ----------------------------------------------------------------------------- damaged tensor data
+@pytest.mark.parametrize("complete", [False, True])
+def test_flipped_byte_in_tensor_data_is_refused(tmp_path, complete):
+    data, path = _checkpointed(tmp_path, complete)
     _flip_tensor_byte(path)
     torch.load(path, weights_only=True)  # torch itself reads the damaged file without complaint
     with pytest.raises(BadFileError, match="rank0.pt.*damaged") as exc:
@@ -95,13 +100,7 @@ def test_flipped_byte_in_tensor_data_is_refused(tmp_path, complete):
 
 # ----------------------------------------------------------------------------- impossible positions
 def _edited(tmp_path, edit, complete: bool = False) -> None:
-    data = _data()
-    if complete:
-        _run(data, checkpoint=tmp_path, checkpoint_every=1)
-    else:
-        with pytest.raises(Stop):
-            _run(data, checkpoint=tmp_path, checkpoint_every=1, _batch_hook=_stop_after(1))
-    path = tmp_path / "rank0.pt"
+    data, path = _checkpointed(tmp_path, complete)
     payload = torch.load(path, weights_only=True)
     edit(payload)
     torch.save(_resign(payload), path)
