@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import warnings
+import weakref
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
@@ -177,7 +178,7 @@ class Connectome:
         # Graphs built by extraction (and read from files) come in canonical order: checking
         # that in chunks costs a fraction of the full checks and sort below, with no temporaries
         # the size of the edge arrays. Anything else takes the full path (and its messages).
-        canonical = _is_canonical(src, dst, offsets)
+        canonical = is_canonical(src, dst, offsets)
         if not canonical and src.size and (src.min() < 0 or dst.min() < 0 or max(src.max(), dst.max()) >= n):
             raise ConnectomeError(f"edge endpoints must be node indices in [0, {n})")
         if not canonical and src.size and np.any(node_layer[src] >= node_layer[dst]):
@@ -216,6 +217,7 @@ class Connectome:
             arr.setflags(write=False)
         for arr in list(edge_attrs.values()) + list(node_attrs.values()):
             arr.setflags(write=False)
+        _remember_canonical(src, dst, offsets)  # checked or sorted above: later graphs sharing them skip it
         object.__setattr__(self, "node_units", units)
         object.__setattr__(self, "src", src)
         object.__setattr__(self, "dst", dst)
@@ -945,13 +947,47 @@ def _numbered_runs(names: list[str]) -> list[str]:
 
 
 _CHUNK = 1 << 16  # edges per step of the order check: its temporaries stay in cache
+# Read-only edge arrays already found canonical, by identity (with the layer sizes they were
+# checked against): graphs that share them (with_meta, subgraphs of one extraction, every
+# graph of one traced model) skip the check. An entry goes when its arrays are collected.
+_CANONICAL: dict[tuple[int, int], tuple[Any, Any, bytes]] = {}
 
 
-def _is_canonical(src: np.ndarray, dst: np.ndarray, offsets: np.ndarray) -> bool:
+def is_canonical(src: np.ndarray, dst: np.ndarray, offsets: np.ndarray, remember: bool = False) -> bool:
     """Edges strictly increasing in ``(dst, src)``, every ``src`` in an earlier layer than its ``dst``.
 
-    True means the graph's edge arrays need no sort and pass every endpoint check.
+    True means the graph's edge arrays need no sort and pass every endpoint check. With
+    ``remember``, read-only arrays that pass are recorded, and later calls on the same
+    arrays and layer sizes answer at once.
     """
+    key = (id(src), id(dst))
+    hit = _CANONICAL.get(key)
+    if hit is not None and hit[0]() is src and hit[1]() is dst and hit[2] == offsets.tobytes():
+        return True
+    ok = _check_canonical(src, dst, offsets)
+    if ok and remember:
+        _remember_canonical(src, dst, offsets)
+    return ok
+
+
+def _frozen_memory(a: np.ndarray) -> bool:
+    """No array reaching ``a``'s memory can write it (its owner and every view between are read-only)."""
+    while isinstance(a, np.ndarray):
+        if a.flags.writeable:
+            return False
+        a = a.base
+    return a is None
+
+
+def _remember_canonical(src: np.ndarray, dst: np.ndarray, offsets: np.ndarray) -> None:
+    if not (_frozen_memory(src) and _frozen_memory(dst)):
+        return
+    key = (id(src), id(dst))
+    _CANONICAL[key] = (weakref.ref(src), weakref.ref(dst), offsets.tobytes())
+    weakref.finalize(src, _CANONICAL.pop, key, None)
+
+
+def _check_canonical(src: np.ndarray, dst: np.ndarray, offsets: np.ndarray) -> bool:
     m, n = src.shape[0], int(offsets[-1])
     if m == 0:
         return True
@@ -978,7 +1014,9 @@ def _is_canonical(src: np.ndarray, dst: np.ndarray, offsets: np.ndarray) -> bool
 def _owned(a: Any, dtype: Any = None) -> np.ndarray:
     """A flat array the graph owns: read-only arrays (another graph's) are shared, anything
     the caller could still write to is copied, so the graph cannot change behind its back."""
-    arr = np.asarray(a, dtype=dtype).reshape(-1)
+    arr = np.asarray(a, dtype=dtype)
+    if arr.ndim != 1:
+        arr = arr.reshape(-1)
     if arr.flags.writeable or (isinstance(a, np.ndarray) and a.flags.writeable):
         arr = arr.copy()
     return arr

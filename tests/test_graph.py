@@ -654,3 +654,24 @@ def test_duplicate_layer_check_is_linear():
     with pytest.raises(ConnectomeError, match="repeated: .*'l0'"):
         Connectome(layers=tuple(layers), node_units=[], src=[], dst=[], weight=[])
     assert _CountingName.compared < 10 * n  # names.count in a loop made it n**2 = 4,000,000
+
+
+def test_shared_order_check_is_not_fooled_by_a_writeable_base():
+    """Edge arrays found canonical are remembered by identity, so graphs that share them skip
+    the check; a read-only view of memory the caller can still write must not be remembered:
+    after the caller reorders the memory, a new graph on the same view is checked again."""
+    layers = [Layer("input", "input", 2), Layer("h", "conv", 2)]
+    src_mem = np.array([0, 1, 0], dtype=np.int64)
+    dst_mem = np.array([2, 2, 3], dtype=np.int64)
+    src, dst = src_mem.view(), dst_mem.view()
+    src.setflags(write=False)
+    dst.setflags(write=False)
+    w = np.array([1.0, 2.0, 3.0])
+    w.setflags(write=False)
+    g1 = Connectome(layers=layers, node_units=np.array([0, 1, 0, 1]), src=src, dst=dst, weight=w)
+    assert edge_dict(g1) == {("input:0", "h:0"): 1.0, ("input:1", "h:0"): 2.0, ("input:0", "h:1"): 3.0}
+    src_mem[:] = [0, 0, 1]  # now (dst, src) order is broken: (2,0), (3,0), (2,1)
+    dst_mem[:] = [2, 3, 2]
+    g2 = Connectome(layers=layers, node_units=np.array([0, 1, 0, 1]), src=src, dst=dst, weight=w)
+    assert list(zip(g2.dst.tolist(), g2.src.tolist())) == [(2, 0), (2, 1), (3, 0)], "edges must be sorted again"
+    assert edge_dict(g2) == {("input:0", "h:0"): 1.0, ("input:1", "h:0"): 3.0, ("input:0", "h:1"): 2.0}

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from connectome.errors import BadFileError, ConnectomeError, DataError, ExtractionError
 from connectome.extract._model import no_inplace
-from connectome.extract.build import assemble, graph_layers
+from connectome.extract.build import assemble, edge_shapes, graph_layers, prefetch_skeleton
 from connectome.extract.rules import DETACHED_OPERAND, NAMED_INPUT, RULES, ChainOp, RunContext, attention_forward
 from connectome.extract.trace import LayerSpec, UnitGraph, Units, run_nodes
 from connectome.graph import Connectome
@@ -42,23 +42,6 @@ _INPLACE_POS = {F.relu: 1, F.relu6: 1, F.hardtanh: 3, F.leaky_relu: 2, F.dropout
                 F.silu: 1, F.hardswish: 1, F.hardsigmoid: 1, F.selu: 1, F.celu: 2, F.mish: 1}
 _PER_SAMPLE_BUDGET = 1 << 26  # elements of scratch per chunk (~256 MB in float32)
 _REDUCTIONS = ("sum", "max", "topk")
-
-
-def edge_shapes(ug: UnitGraph) -> list[Any]:
-    """Per layer, the shape of its edge values: ``(out, in_per_group)`` for dense layers, a list
-    of ``(width,)`` per operand for identity layers, None for the input. The one place this
-    rule lives (accumulators, checkpoints and graph building read it)."""
-    out: list[Any] = []
-    for s in ug.layers:
-        edges = KINDS[s.kind].edges if s.kind in KINDS else None
-        if edges == DENSE:
-            op = s.operands[0]
-            out.append((s.size, op.width // s.groups if s.kind == Kind.CONV else op.width))
-        elif edges == IDENTITY:
-            out.append([(op.width,) for op in s.operands])
-        else:
-            out.append(None)
-    return out
 
 
 class _View:
@@ -91,7 +74,40 @@ class _View:
         several times slower on CPUs; torch's cascade summation keeps float32 sums to ~1e-7
         relative) and only the per-unit result is widened for accumulation.
         """
-        s = self._rows(t).sum(dim=(0, 2)).double()
+        return self._units(self._rows(t).sum(dim=(0, 2)).double())
+
+    def scaled_sum(self, c: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``sum(c * t)`` per unit, for a constant ``c`` that broadcasts against ``t``.
+
+        When ``c`` varies with the unit only (a BatchNorm shift, a per-channel bias), this is
+        ``c_unit * sum(t)``: one pass over ``t`` instead of a product the size of ``t`` and a
+        second pass over it.
+        """
+        c = c.to(t.device, t.dtype)
+        per_unit = self._per_slot(c, t.shape)
+        if per_unit is None:
+            return self.sum(c * t)
+        return self._units(self._rows(t).sum(dim=(0, 2)).double() * per_unit)
+
+    def _per_slot(self, c: torch.Tensor, shape: torch.Size) -> torch.Tensor | None:
+        """``c``'s value per unit slot (float64), or None when it also varies over images or positions."""
+        if c.dim() > len(shape) or self.dims == ():
+            return None
+        c = c.reshape((1,) * (len(shape) - c.dim()) + tuple(c.shape))
+        units = {d % len(shape) for d in self.dims}
+        if any(c.shape[d] != 1 for d in range(len(shape)) if d not in units):
+            return None
+        try:
+            c = c.expand(shape)
+        except RuntimeError:
+            return None
+        for d in range(len(shape)):
+            if d not in units:
+                c = c.narrow(d, 0, 1)
+        return self._rows(c).reshape(-1).double()
+
+    def _units(self, s: torch.Tensor) -> torch.Tensor:
+        """Per-slot sums (K,) -> per unit of the layer (L,)."""
         if self.index is None:
             return s
         return torch.zeros(self.size, dtype=torch.float64, device=s.device).index_add_(0, self.index, s)
@@ -112,6 +128,7 @@ class FlowAccumulator:
                  amp: bool = False, examples: int = 0):
         self.ug, self.device, self.dtype = ug, device, dtype
         self.per_sample, self.amp = per_sample, amp
+        prefetch_skeleton(ug)  # the graph's edges are built on the CPU while the batches run
         self.modules = dict(ug.gm.named_modules())
         self.spec_of = {s.node: (i, s) for i, s in enumerate(ug.layers)}
         self.rule_ops: dict[str, ChainOp] = {op.node: op for s in ug.layers for op in s.bias_ops
@@ -440,7 +457,7 @@ class FlowAccumulator:
                 if c is None:
                     continue
                 if isinstance(c, torch.Tensor):
-                    term = self._view(op.node).sum(c.to(gv.device, gv.dtype) * gv)
+                    term = self._view(op.node).scaled_sum(c, gv)
                 else:
                     term = float(c) * self._view(op.node).sum(gv)
                 self.bias[li] += term
@@ -549,7 +566,8 @@ class FlowAccumulator:
                 f"image {first} in the order read); their flows would make the graph non-finite. Remove or repair "
                 "them (for example torch.nan_to_num) and run again"
             )
-        values = {li: v for li, v in enumerate(cpu(self.edges)) if v is not None}
+        # device tensors: assemble copies each straight into its slice of the graph's column
+        values = {li: v for li, v in enumerate(self.edges) if v is not None}
         n = self.n_images
         cat = lambda xs: np.concatenate([cpu(v) for v in xs])  # noqa: E731
         mean = cat(self.act_sum) / n
@@ -589,7 +607,7 @@ class FlowAccumulator:
                                 **meta.get("examples", {})}
         extra = None
         if self.per_sample:
-            extra = {"abs_weight": {li: v for li, v in enumerate(cpu(self.abs_edges)) if v is not None}}
+            extra = {"abs_weight": {li: v for li, v in enumerate(self.abs_edges) if v is not None}}
         return assemble(ug, graph_layers(ug, labels), values, extra=extra, node_attrs=node_attrs, meta=meta)
 
 

@@ -7,19 +7,27 @@ connection of the model); only the values differ. Values come per layer:
   (out_units, in_channels_per_group); channel ``c`` is unit ``operand.cols[c]`` of the source
   when the input was permuted or selected (a channel shuffle or split);
 - identity kinds (residual/concat): one array of shape (channels,) per operand.
+
+The edges themselves, the ``src`` and ``dst`` arrays in canonical order, depend on the
+traced structure only: :func:`skeleton` builds them once per traced model, and
+:func:`prefetch_skeleton` starts that in a background thread when extraction begins, so
+that a run's graph costs one copy of its values at the end (the GPU works meanwhile).
 """
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
 from connectome.extract.trace import UnitGraph
-from connectome.graph import Connectome, Layer
+from connectome.graph import Connectome, Layer, is_canonical
 from connectome.kinds import DENSE, IDENTITY, KINDS, Kind
 
-__all__ = ["graph_layers", "assemble"]
+__all__ = ["graph_layers", "assemble", "edge_shapes", "skeleton", "prefetch_skeleton", "Skeleton"]
 
 
 def graph_layers(ug: UnitGraph, labels: Sequence[str] | None = None) -> list[Layer]:
@@ -42,6 +50,172 @@ def graph_layers(ug: UnitGraph, labels: Sequence[str] | None = None) -> list[Lay
     return out
 
 
+def edge_shapes(ug: UnitGraph) -> list[Any]:
+    """Per layer, the shape of its edge values: ``(out, in_per_group)`` for dense layers, a list
+    of ``(width,)`` per operand for identity layers, None for the input. The one place this
+    rule lives (accumulators, checkpoints and graph building read it)."""
+    out: list[Any] = []
+    for s in ug.layers:
+        edges = KINDS[s.kind].edges if s.kind in KINDS else None
+        if edges == DENSE:
+            op = s.operands[0]
+            out.append((s.size, op.width // s.groups if s.kind == Kind.CONV else op.width))
+        elif edges == IDENTITY:
+            out.append([(op.width,) for op in s.operands])
+        else:
+            out.append(None)
+    return out
+
+
+@dataclass(frozen=True)
+class _Block:
+    """The edges into one layer: ``size`` of them from ``pos`` in the graph's arrays.
+
+    A dense block that reads its source's units in order is written as it is (row ``j``
+    reads its group's sources in increasing order: canonical already); otherwise (identity
+    edges, permuted or selected channels) the layer's values, concatenated, are gathered by
+    ``order`` and summed at ``starts`` (parallel edges, ``x + x``, are one edge).
+    """
+
+    li: int
+    pos: int
+    size: int
+    order: np.ndarray | None = None
+    starts: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Skeleton:
+    """The edges of a traced model in canonical ``(dst, src)`` order, without values."""
+
+    src: np.ndarray
+    dst: np.ndarray
+    blocks: tuple[_Block, ...]
+    units: np.ndarray
+
+
+def _build_skeleton(ug: UnitGraph) -> Skeleton:
+    sizes = np.array([l.size for l in ug.layers], dtype=np.int64)
+    offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    shapes = edge_shapes(ug)
+    parts: list[tuple[_Block, Any]] = []
+    pos = 0
+    for li, spec in enumerate(ug.layers):
+        sh = shapes[li]
+        if sh is None:
+            continue
+        if not isinstance(sh, list) and spec.operands[0].cols is None:
+            parts.append((_Block(li, pos, sh[0] * sh[1]), None))
+            pos += sh[0] * sh[1]
+        else:
+            src, dst, order, starts = _sorted_edges(spec, li, offsets, sh)
+            parts.append((_Block(li, pos, src.size, order, starts), (src, dst)))
+            pos += src.size
+    src = np.empty(pos, np.int64)
+    dst = np.empty(pos, np.int64)
+    for b, small in parts:
+        end = b.pos + b.size
+        if small is not None:
+            src[b.pos:end], dst[b.pos:end] = small
+            continue
+        spec = ug.layers[b.li]
+        o, cg = shapes[b.li]
+        # broadcast into the output: no (o, cg) index temporaries
+        dst[b.pos:end].reshape(o, cg)[:] = (np.arange(o, dtype=np.int64) + offsets[b.li])[:, None]
+        base = (np.arange(o, dtype=np.int64) // (o // spec.groups)) * cg + offsets[spec.operands[0].layer]
+        np.add(base[:, None], np.arange(cg, dtype=np.int64)[None, :], out=src[b.pos:end].reshape(o, cg))
+    for a in (src, dst):
+        a.setflags(write=False)  # shared by every graph of this model: never written again
+    if not is_canonical(src, dst, offsets, remember=True):  # a bug here, not bad input
+        raise AssertionError("the edges of a traced model are not in canonical order")
+    units = np.concatenate([np.arange(s, dtype=np.int64) for s in sizes]) if len(sizes) else np.zeros(0, np.int64)
+    units.setflags(write=False)
+    return Skeleton(src, dst, tuple(b for b, _ in parts), units)
+
+
+def _sorted_edges(spec: Any, li: int, offsets: np.ndarray,
+                  shape: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The edges into layer ``li`` in (dst, src) order, parallel edges merged, with the order
+    and the run starts that turn the layer's concatenated values into theirs."""
+    src_p, dst_p = [], []
+    if KINDS[spec.kind].edges == DENSE:
+        op = spec.operands[0]
+        o, cg = shape
+        chan = ((np.arange(o, dtype=np.int64) // (o // spec.groups))[:, None] * cg
+                + np.arange(cg, dtype=np.int64)[None, :]).ravel()
+        src_p.append(np.asarray(op.cols, dtype=np.int64)[chan] + offsets[op.layer])
+        dst_p.append(np.repeat(np.arange(o, dtype=np.int64), cg) + offsets[li])
+    else:
+        for op, (width,) in zip(spec.operands, shape):
+            c = np.arange(width, dtype=np.int64)
+            src_p.append((c if op.cols is None else np.asarray(op.cols, dtype=np.int64)) + offsets[op.layer])
+            dst_p.append(c + op.offset + offsets[li])
+    src = np.concatenate(src_p) if src_p else np.zeros(0, np.int64)
+    dst = np.concatenate(dst_p) if dst_p else np.zeros(0, np.int64)
+    key = dst * max(int(offsets[-1]), 1) + src
+    order = np.argsort(key, kind="stable")
+    key = key[order]
+    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if key.size else np.zeros(0, np.int64)
+    return src[order][starts], dst[order][starts], order, starts
+
+
+_LOCK = threading.Lock()
+
+
+def _claim(ug: UnitGraph) -> tuple[Future, bool]:
+    """The future skeleton of ``ug``, and whether the caller must build it."""
+    with _LOCK:
+        fut = ug.__dict__.get("_skeleton")
+        if fut is not None:
+            return fut, False
+        fut = ug.__dict__["_skeleton"] = Future()
+        return fut, True
+
+
+def _build_into(ug: UnitGraph, fut: Future) -> None:
+    try:
+        fut.set_result(_build_skeleton(ug))
+    except BaseException as exc:  # raised where the skeleton is read
+        fut.set_exception(exc)
+
+
+def prefetch_skeleton(ug: UnitGraph) -> None:
+    """Start building the edges of ``ug`` in a background thread (numpy releases the GIL: it
+    runs while the batches do); :func:`skeleton` waits for it."""
+    fut, mine = _claim(ug)
+    if mine:
+        threading.Thread(target=_build_into, args=(ug, fut), name="connectome-skeleton", daemon=True).start()
+
+
+def skeleton(ug: UnitGraph) -> Skeleton:
+    """The edges of ``ug``: built once per traced model, shared read-only by its graphs."""
+    fut, mine = _claim(ug)
+    if mine:
+        _build_into(ug, fut)
+    return fut.result()
+
+
+def _put(out: np.ndarray, values: Any) -> None:
+    """Write one layer's values into its slice of a column: straight from a device tensor."""
+    if hasattr(values, "detach"):
+        values = values.detach()
+        if values.device.type != "cpu":
+            import torch
+
+            torch.from_numpy(out).view(values.shape).copy_(values)
+            return
+        # numpy, not torch's copy_: torch's threads fault the fresh pages in together, ~8x slower
+        values = values.numpy()
+    out.reshape(np.shape(values))[...] = values
+
+
+def _flat(values: Any) -> np.ndarray:
+    parts = values if isinstance(values, list) else [values]
+    return np.concatenate([np.asarray(v.detach().cpu() if hasattr(v, "detach") else v, dtype=np.float64).ravel()
+                           for v in parts])
+
+
 def assemble(
     ug: UnitGraph,
     layers: list[Layer],
@@ -51,63 +225,36 @@ def assemble(
     meta: dict[str, Any] | None = None,
     dtype: Any = np.float64,
 ) -> Connectome:
-    """Build the Connectome from per-layer values (see module docstring).
+    """Build the Connectome from per-layer values (see module docstring): numpy arrays or
+    torch tensors (on any device: copied once, straight into the graph's column).
 
     ``extra`` maps an edge column name to per-layer values of the same shapes.
     Parallel edges (the same source unit reaching one unit twice, ``x + x``) are summed.
 
-    Edges are written straight into the graph's arrays in canonical ``(dst, src)`` order: a
-    dense block that reads its source's units in order already is in that order (row ``j``
-    reads its group's sources in increasing order), and layers come in topological order,
-    so only identity edges (one per unit and operand) and blocks that read permuted or
-    selected channels are sorted, each on its own. No global sort, no concatenation of
-    parts, no float64 copy of float32 values; the graph adopts the arrays (they are handed
-    over read-only, so it does not copy them).
+    The edges come from :func:`skeleton` (shared by every graph of the traced model, and
+    known to be canonical: the graph does not check or sort them again); only the value
+    columns are written here, each layer into its slice. No concatenation of parts, no
+    float64 copy of float32 values; the graph adopts the arrays (they are handed over
+    read-only, so it does not copy them).
     """
-    sizes = np.array([l.size for l in layers], dtype=np.int64)
-    offsets = np.zeros(len(layers) + 1, dtype=np.int64)
-    np.cumsum(sizes, out=offsets[1:])
+    sk = skeleton(ug)
     extra = extra or {}
-    # First pass: the size of every layer's block; the blocks that need sorting are built here.
-    blocks: list[tuple[int, int, Any]] = []
-    for li, spec in enumerate(ug.layers):
-        edges = KINDS[spec.kind].edges if spec.kind in KINDS else None
-        if edges == DENSE and spec.operands[0].cols is None:
-            o, cg = np.shape(values[li])
-            blocks.append((li, o * cg, None))
-        elif edges in (DENSE, IDENTITY):
-            small = _sorted_block(spec, li, offsets, values, extra)
-            blocks.append((li, small[0].size, small))
-    total = sum(size for _, size, _ in blocks)
-    src = np.empty(total, np.int64)
-    dst = np.empty(total, np.int64)
+    total = sk.src.size
     w = np.empty(total, dtype)
     cols = {k: np.empty(total, np.float64) for k in extra}
-    pos = 0
-    for li, size, small in blocks:
-        end = pos + size
-        if small is not None:
-            src[pos:end], dst[pos:end], w[pos:end] = small[0], small[1], small[2]
-            for k, v in small[3].items():
-                cols[k][pos:end] = v
-        else:
-            spec = ug.layers[li]
-            vals = np.asarray(values[li])
-            o, cg = vals.shape
-            # broadcast into the output: no (o, cg) index temporaries
-            dst[pos:end].reshape(o, cg)[:] = (np.arange(o, dtype=np.int64) + offsets[li])[:, None]
-            base = (np.arange(o, dtype=np.int64) // (o // spec.groups)) * cg + offsets[spec.operands[0].layer]
-            np.add(base[:, None], np.arange(cg, dtype=np.int64)[None, :], out=src[pos:end].reshape(o, cg))
-            w[pos:end].reshape(o, cg)[:] = vals
-            for k, per in extra.items():
-                cols[k][pos:end].reshape(o, cg)[:] = np.asarray(per[li])
-        pos = end
-    for a in (src, dst, w, *cols.values()):
+    for b in sk.blocks:
+        end = b.pos + b.size
+        for out, per in ((w, values), *((cols[k], v) for k, v in extra.items())):
+            if b.order is None:
+                _put(out[b.pos:end], per[b.li])
+            elif b.size:
+                out[b.pos:end] = np.add.reduceat(_flat(per[b.li])[b.order], b.starts)
+    for a in (w, *cols.values()):
         a.setflags(write=False)  # handed over: the graph shares instead of copying
-    units = np.concatenate([np.arange(s, dtype=np.int64) for s in sizes]) if len(sizes) else np.zeros(0, np.int64)
     node_attrs = dict(node_attrs or {})
     if any("head_of" in s.call for s in ug.layers):
         # the attention head of each unit of a q/k/v projection (-1 elsewhere), to group by head
+        offsets = np.concatenate([[0], np.cumsum([s.size for s in ug.layers])])
         head = np.full(int(offsets[-1]), -1.0)
         for li, s in enumerate(ug.layers):
             if "head_of" in s.call:
@@ -115,50 +262,11 @@ def assemble(
         node_attrs["head"] = head
     return Connectome(
         layers=tuple(layers),
-        node_units=units,
-        src=src,
-        dst=dst,
+        node_units=sk.units,
+        src=sk.src,
+        dst=sk.dst,
         weight=w,
         edge_attrs=cols,
         node_attrs=node_attrs,
         meta=dict(meta or {}),
     )
-
-
-def _sorted_block(spec: Any, li: int, offsets: np.ndarray, values: dict[int, Any],
-                  extra: dict[str, dict[int, Any]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    """The edges into layer ``li`` in (dst, src) order, parallel edges summed: its identity
-    edges, or a dense block whose input channels are permuted or selected source units."""
-    src_p, dst_p, w_p = [], [], []
-    x_p: dict[str, list[np.ndarray]] = {k: [] for k in extra}
-    if KINDS[spec.kind].edges == DENSE:
-        op = spec.operands[0]
-        vals = np.asarray(values[li], dtype=np.float64)
-        o, cg = vals.shape
-        chan = ((np.arange(o, dtype=np.int64) // (o // spec.groups))[:, None] * cg
-                + np.arange(cg, dtype=np.int64)[None, :]).ravel()
-        src_p.append(np.asarray(op.cols, dtype=np.int64)[chan] + offsets[op.layer])
-        dst_p.append(np.repeat(np.arange(o, dtype=np.int64), cg) + offsets[li])
-        w_p.append(vals.ravel())
-        for k, per in extra.items():
-            x_p[k].append(np.asarray(per[li], dtype=np.float64).ravel())
-    else:
-        for oi, op in enumerate(spec.operands):
-            vals = np.asarray(values[li][oi], dtype=np.float64).ravel()
-            c = np.arange(vals.size, dtype=np.int64)
-            src_p.append((c if op.cols is None else np.asarray(op.cols, dtype=np.int64)) + offsets[op.layer])
-            dst_p.append(c + op.offset + offsets[li])
-            w_p.append(vals)
-            for k, per in extra.items():
-                x_p[k].append(np.asarray(per[li][oi], dtype=np.float64).ravel())
-    if not src_p:
-        z = np.zeros(0, np.int64)
-        return z, z, np.zeros(0), {k: np.zeros(0) for k in extra}
-    src, dst, w = np.concatenate(src_p), np.concatenate(dst_p), np.concatenate(w_p)
-    cols = {k: np.concatenate(v) for k, v in x_p.items()}
-    key = dst * max(int(offsets[-1]), 1) + src
-    order = np.argsort(key, kind="stable")
-    key = key[order]
-    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
-    return (src[order][starts], dst[order][starts], np.add.reduceat(w[order], starts),
-            {k: np.add.reduceat(v[order], starts) for k, v in cols.items()})

@@ -1,0 +1,48 @@
+"""Per-unit sums of the accumulator (_View): the one-pass ``c * sum(t)`` for per-unit constants
+against the plain ``sum(c * t)``, for every way a tensor can hold its units."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from connectome.extract.accumulator import _View
+from connectome.extract.trace import Units
+
+
+def _brute(units: Units, size: int, t: torch.Tensor) -> torch.Tensor:
+    """sum over images and positions per unit, element by element."""
+    out = torch.zeros(size, dtype=torch.float64)
+    dims = tuple(d % t.dim() for d in units.dims)
+    for idx in np.ndindex(*t.shape):
+        if units.dims == ():
+            u = int(units.index)
+        else:
+            key = tuple(idx[d] for d in dims)
+            u = key[0] if units.index is None else int(np.asarray(units.index)[key])
+        out[u] += float(t[idx])
+    return out
+
+
+CASES = [
+    ("NCHW", Units(0, (1,)), (3, 4, 2, 5), 4, [(1, 4, 1, 1), (4, 1, 1), (), (3, 4, 2, 5), (1, 1, 2, 1)]),
+    ("channels-last", Units(0, (-1,)), (3, 2, 5, 4), 4, [(4,), (1, 1, 1, 4), (2, 5, 4), (1, 2, 1, 1)]),
+    ("tokens", Units(0, (2,)), (3, 6, 4), 4, [(4,), (1, 6, 1), (6, 4)]),
+    ("indexed", Units(0, (1,), np.array([2, 0, 1, 2])), (3, 4, 5), 3, [(1, 4, 1), (4, 1), (3, 4, 5)]),
+    ("two dims", Units(0, (1, 2), np.arange(6).reshape(2, 3)), (3, 2, 3, 4), 6, [(1, 2, 3, 1), (2, 3, 1), (1, 1, 1, 4)]),
+    ("one unit", Units(0, (), np.array(1)), (3, 5), 2, [(1, 5), ()]),
+]
+
+
+@pytest.mark.parametrize("name,units,shape,size,cshapes", CASES, ids=[c[0] for c in CASES])
+def test_scaled_sum_is_the_sum_of_the_product(name, units, shape, size, cshapes):
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(shape, generator=g, dtype=torch.float64)
+    view = _View(units, size, torch.device("cpu"))
+    np.testing.assert_allclose(view.sum(t).numpy(), _brute(units, size, t).numpy(), rtol=1e-12, atol=1e-12)
+    for cs in cshapes:
+        c = torch.randn(cs, generator=g, dtype=torch.float64)
+        expect = _brute(units, size, c * t)
+        got = view.scaled_sum(c, t)
+        np.testing.assert_allclose(got.numpy(), expect.numpy(), rtol=1e-12, atol=1e-12, err_msg=f"c of shape {cs}")
