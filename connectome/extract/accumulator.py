@@ -128,7 +128,8 @@ class FlowAccumulator:
                  amp: bool = False, examples: int = 0):
         self.ug, self.device, self.dtype = ug, device, dtype
         self.per_sample, self.amp = per_sample, amp
-        prefetch_skeleton(ug)  # the graph's edges are built on the CPU while the batches run
+        # the graph's edges (and its empty columns) are made ready on the CPU while the batches run
+        self._columns = prefetch_skeleton(ug, columns=2 if per_sample else 1)
         self.modules = dict(ug.gm.named_modules())
         self.spec_of = {s.node: (i, s) for i, s in enumerate(ug.layers)}
         self.rule_ops: dict[str, ChainOp] = {op.node: op for s in ug.layers for op in s.bias_ops
@@ -608,7 +609,9 @@ class FlowAccumulator:
         extra = None
         if self.per_sample:
             extra = {"abs_weight": {li: v for li, v in enumerate(self.abs_edges) if v is not None}}
-        return assemble(ug, graph_layers(ug, labels), values, extra=extra, node_attrs=node_attrs, meta=meta)
+        columns, self._columns = self._columns.result() if self._columns is not None else None, None
+        return assemble(ug, graph_layers(ug, labels), values, extra=extra, node_attrs=node_attrs, meta=meta,
+                        columns=columns)
 
 
 class _Run(RunContext):

@@ -180,12 +180,37 @@ def _build_into(ug: UnitGraph, fut: Future) -> None:
         fut.set_exception(exc)
 
 
-def prefetch_skeleton(ug: UnitGraph) -> None:
+def prefetch_skeleton(ug: UnitGraph, columns: int = 0) -> Future | None:
     """Start building the edges of ``ug`` in a background thread (numpy releases the GIL: it
-    runs while the batches do); :func:`skeleton` waits for it."""
+    runs while the batches do); :func:`skeleton` waits for it.
+
+    With ``columns``, the same thread then allocates that many float64 columns of the graph's
+    length and writes them once (the first write of fresh memory is most of the cost of
+    filling it), and the returned future gives them, for :func:`assemble`'s ``columns``.
+    """
     fut, mine = _claim(ug)
-    if mine:
-        threading.Thread(target=_build_into, args=(ug, fut), name="connectome-skeleton", daemon=True).start()
+    if not columns:
+        if mine:
+            threading.Thread(target=_build_into, args=(ug, fut), name="connectome-skeleton", daemon=True).start()
+        return None
+    cols: Future = Future()
+
+    def work() -> None:
+        if mine:
+            _build_into(ug, fut)
+        try:
+            n = fut.result().src.size
+            out = []
+            for _ in range(columns):
+                a = np.empty(n, np.float64)
+                a.fill(0.0)
+                out.append(a)
+            cols.set_result(out)
+        except BaseException as exc:
+            cols.set_exception(exc)
+
+    threading.Thread(target=work, name="connectome-skeleton", daemon=True).start()
+    return cols
 
 
 def skeleton(ug: UnitGraph) -> Skeleton:
@@ -224,6 +249,7 @@ def assemble(
     node_attrs: dict[str, np.ndarray] | None = None,
     meta: dict[str, Any] | None = None,
     dtype: Any = np.float64,
+    columns: list[np.ndarray] | None = None,
 ) -> Connectome:
     """Build the Connectome from per-layer values (see module docstring): numpy arrays or
     torch tensors (on any device: copied once, straight into the graph's column).
@@ -233,15 +259,18 @@ def assemble(
 
     The edges come from :func:`skeleton` (shared by every graph of the traced model, and
     known to be canonical: the graph does not check or sort them again); only the value
-    columns are written here, each layer into its slice. No concatenation of parts, no
+    columns are written here, each layer into its slice (of ``columns``, float64 arrays of
+    the graph's length that :func:`prefetch_skeleton` made ready, when given: weight first,
+    then ``extra``'s in order). No concatenation of parts, no
     float64 copy of float32 values; the graph adopts the arrays (they are handed over
     read-only, so it does not copy them).
     """
     sk = skeleton(ug)
     extra = extra or {}
     total = sk.src.size
-    w = np.empty(total, dtype)
-    cols = {k: np.empty(total, np.float64) for k in extra}
+    ready = [c for c in (columns or []) if c.shape == (total,) and c.dtype == np.float64 and c.flags.writeable]
+    w = ready.pop(0) if ready and np.dtype(dtype) == np.float64 else np.empty(total, dtype)
+    cols = {k: (ready.pop(0) if ready else np.empty(total, np.float64)) for k in extra}
     for b in sk.blocks:
         end = b.pos + b.size
         for out, per in ((w, values), *((cols[k], v) for k, v in extra.items())):

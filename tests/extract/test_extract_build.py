@@ -172,3 +172,29 @@ def test_a_failing_skeleton_build_is_raised_where_the_graph_is_built(monkeypatch
     build.prefetch_skeleton(ug)  # fails in its thread; nothing is raised there
     with pytest.raises(RuntimeError, match="skeleton broke"):
         assemble(ug, graph_layers(ug), _values(ug, np.random.default_rng(0)))
+
+
+def test_prefetched_columns_fill_one_graph_only():
+    """The accumulator's columns, allocated and written once in the background thread, are
+    adopted by the first graph; a second to_graph gets fresh arrays, never the same memory."""
+    from connectome.extract.accumulator import FlowAccumulator
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 5, 1), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(5, 3)).eval()
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    model = model.double()
+    ug = trace_units(model, x[:1])
+    acc = FlowAccumulator(ug, torch.device("cpu"), torch.float64, per_sample=True)
+    acc.step(x, lambda logits: logits[:, 0])
+    g1 = acc.to_graph(None, {})
+    g2 = acc.to_graph(None, {})
+    cols1 = [g1.weight, g1.edge_attrs["abs_weight"]]
+    cols2 = [g2.weight, g2.edge_attrs["abs_weight"]]
+    for a in cols1:
+        assert not a.flags.writeable
+        for b in cols2 + [c for c in cols1 if c is not a]:
+            assert not np.shares_memory(a, b)
+    np.testing.assert_array_equal(g1.weight, g2.weight)
+    np.testing.assert_array_equal(g1.edge_attrs["abs_weight"], g2.edge_attrs["abs_weight"])
+    assert np.all(g1.edge_attrs["abs_weight"] >= np.abs(g1.weight) - 1e-12) and np.any(g1.weight != 0)
