@@ -128,8 +128,10 @@ class FlowAccumulator:
                  amp: bool = False, examples: int = 0):
         self.ug, self.device, self.dtype = ug, device, dtype
         self.per_sample, self.amp = per_sample, amp
-        # the graph's edges (and its empty columns) are made ready on the CPU while the batches run
-        self._columns = prefetch_skeleton(ug, columns=2 if per_sample else 1)
+        # On a GPU, the graph's edges (and its empty columns) are made ready on the idle CPU while
+        # the batches run. Not on the CPU: there it is the same work on the same cores, and
+        # holding the graph during the run would raise the peak memory by its size.
+        self._columns = prefetch_skeleton(ug, columns=2 if per_sample else 1) if device.type != "cpu" else None
         self.modules = dict(ug.gm.named_modules())
         self.spec_of = {s.node: (i, s) for i, s in enumerate(ug.layers)}
         self.rule_ops: dict[str, ChainOp] = {op.node: op for s in ug.layers for op in s.bias_ops

@@ -186,8 +186,14 @@ def test_prefetched_columns_fill_one_graph_only():
     model = model.double()
     ug = trace_units(model, x[:1])
     acc = FlowAccumulator(ug, torch.device("cpu"), torch.float64, per_sample=True)
+    assert acc._columns is None, "on the CPU nothing is prefetched (it would only raise the peak memory)"
+    from connectome.extract.build import prefetch_skeleton
+
+    acc._columns = prefetch_skeleton(ug, columns=2)  # what a CUDA accumulator starts
     acc.step(x, lambda logits: logits[:, 0])
+    prefetched = acc._columns.result()
     g1 = acc.to_graph(None, {})
+    assert np.shares_memory(g1.weight, prefetched[0]) and np.shares_memory(g1.edge_attrs["abs_weight"], prefetched[1])
     g2 = acc.to_graph(None, {})
     cols1 = [g1.weight, g1.edge_attrs["abs_weight"]]
     cols2 = [g2.weight, g2.edge_attrs["abs_weight"]]
