@@ -403,7 +403,9 @@ class FlowAccumulator:
                     g_x = gr
                 elif kind == "w":
                     spec = ug.layers[key]
-                    prod = tensor * gr
+                    # in place: the gradient of this run's own weight leaf is read nowhere else,
+                    # so W * dW needs no temporary the size of the weights
+                    prod = gr.mul_(tensor) if gr.dtype == tensor.dtype and gr.is_contiguous() else tensor * gr
                     if spec.kind == Kind.LINEAR:
                         e = prod.reshape(prod.shape[0], -1, spec.operands[0].group).sum(-1).double()
                     else:
