@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from connectome.errors import BadFileError, ConnectomeError, DataError, ExtractionError
 from connectome.extract._model import no_inplace
 from connectome.extract.build import assemble, edge_shapes, graph_layers, prefetch_skeleton
-from connectome.extract.rules import DETACHED_OPERAND, NAMED_INPUT, RULES, ChainOp, RunContext, attention_forward
+from connectome.extract.rules import DETACHED_OPERAND, NAMED_INPUT, RULES, ChainOp, RunContext, Terms, attention_forward
 from connectome.extract.trace import LayerSpec, UnitGraph, Units, run_nodes
 from connectome.graph import Connectome
 from connectome.kinds import DENSE, IDENTITY, KINDS, Kind
@@ -60,7 +60,7 @@ class _View:
         """(N, K, P): K unit slots (channels), P positions."""
         n = t.shape[0]
         if self.natural1:
-            return t.reshape(n, self.size, -1)
+            return t.reshape(n, t.shape[1], -1)
         if self.dims == ():
             return t.reshape(n, 1, -1)
         t = t.movedim(self.dims, tuple(range(1, 1 + len(self.dims))))
@@ -88,6 +88,41 @@ class _View:
         if per_unit is None:
             return self.sum(c * t)
         return self._units(self._rows(t).sum(dim=(0, 2)).double() * per_unit)
+
+    def product_sum(self, factors: Sequence[torch.Tensor], t: torch.Tensor) -> torch.Tensor:
+        """``sum(f1 * f2 * ... * t)`` per unit, for factors that broadcast against ``t``, without
+        their full-size product where the factors allow: per-unit factors multiply the per-unit
+        sum; one factor that is constant over the units (per token: a LayerNorm's statistics)
+        contracts ``t`` in a batched matrix-vector product; one constant over positions (per
+        image and unit: a GroupNorm's) weights per-image sums."""
+        per_unit, rest = None, None
+        for f in factors:
+            f = f.to(t.device, t.dtype)
+            p = self._per_slot(f, t.shape)
+            if p is not None:
+                per_unit = p if per_unit is None else per_unit * p
+            else:
+                rest = f if rest is None else rest * f
+        s = self._rows(t).sum(dim=(0, 2)).double() if rest is None else self._weighted(rest, t)
+        return self._units(s if per_unit is None else s * per_unit)
+
+    def _weighted(self, m: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Per slot ``sum(m * t)`` (K,) float64, ``m`` broadcasting against ``t``."""
+        shape = t.shape
+        if m.dim() <= len(shape) and self.dims != ():
+            m = m.reshape((1,) * (len(shape) - m.dim()) + tuple(m.shape))
+            units = {d % len(shape) for d in self.dims}
+            rows = self._rows(t)  # (N, K, P)
+            if all(m.shape[d] == 1 for d in units):  # per image and position: (N,K,P) @ (N,P,1)
+                mm = m.expand([1 if d in units else shape[d] for d in range(len(shape))])
+                mr = self._rows(mm).reshape(shape[0], 1, -1).transpose(1, 2)
+                if mr.shape[1] == rows.shape[2]:
+                    return torch.bmm(rows, mr).sum(dim=(0, 2)).double()
+            if all(m.shape[d] == 1 for d in range(1, len(shape)) if d not in units):  # per image and unit
+                mm = m.expand([shape[d] if d in units or d == 0 else 1 for d in range(len(shape))])
+                mr = self._rows(mm)[..., 0]  # (N, K)
+                return (rows.sum(-1) * mr).sum(0).double()
+        return self._rows(m * t).sum(dim=(0, 2)).double()
 
     def _per_slot(self, c: torch.Tensor, shape: torch.Size) -> torch.Tensor | None:
         """``c``'s value per unit slot (float64), or None when it also varies over images or positions."""
@@ -342,7 +377,8 @@ class FlowAccumulator:
                 if op.kind == "window":
                     return node.target(*args, **kwargs, frozen=True)  # pattern from detached q, k
                 x = ctx.kept_input(op, node, args, kwargs)
-                y = run_plain(node, args, kwargs)
+                with torch.no_grad():  # the rule takes the value only: no autograd record of the op
+                    y = run_plain(node, args, kwargs)
                 return RULES[op.kind].forward(op, x, y, ctx)
             if node.op == "call_function" and (kwargs.get("inplace") or (
                     _INPLACE_POS.get(node.target) is not None and len(args) > _INPLACE_POS[node.target]
@@ -461,7 +497,10 @@ class FlowAccumulator:
                 c = rule.constant(op, ctx, gv)
                 if c is None:
                     continue
-                if isinstance(c, torch.Tensor):
+                if isinstance(c, Terms):
+                    term = sum(self._view(op.node).product_sum([f for f in factors if f is not None], gv)
+                               for factors in c)
+                elif isinstance(c, torch.Tensor):
                     term = self._view(op.node).scaled_sum(c, gv)
                 else:
                     term = float(c) * self._view(op.node).sum(gv)

@@ -10,8 +10,9 @@ Each :class:`Rule` says, for one kind of per-unit op (a :class:`ChainOp` on a la
 
 - ``scale(op)``: its data-independent factor per unit, folded into the weight connectome
   (BatchNorm's ``gamma / sqrt(var + eps)``, a layer scale), or None;
-- ``constant(op, ctx)``: the constant part ``c`` of its output (per element, broadcastable),
-  whose flow ``c * dT/dy`` is a bias term of the unit, or None;
+- ``constant(op, ctx)``: the constant part ``c`` of its output (per element, broadcastable,
+  or :class:`Terms` of broadcast factors), whose flow ``c * dT/dy`` is a bias term of the
+  unit, or None;
 - ``forward(op, x, y, ctx)``: the linearised forward used for attribution, given the op's
   input ``x`` and its true output ``y``; None when the op is exact as it is (piecewise
   linear or affine).
@@ -51,7 +52,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ChainOp", "Rule", "RULES", "rule_of", "frozen", "NAMED_INPUT", "DETACHED_OPERAND", "ATTENTION"]
+__all__ = ["ChainOp", "Rule", "RULES", "Terms", "rule_of", "frozen", "NAMED_INPUT", "DETACHED_OPERAND", "ATTENTION"]
 
 
 @dataclass
@@ -69,7 +70,7 @@ class RunContext:
     """What a rule may read while the accumulator runs a batch."""
 
     kept: dict[str, Any]  # values of kept fx nodes
-    stash: dict[str, torch.Tensor]  # constants that linearised forwards saved, by node
+    stash: dict[str, Any]  # constants that linearised forwards saved, by node (tensors or Terms)
 
 
 @dataclass(frozen=True)
@@ -83,17 +84,19 @@ class Rule:
 
 
 class _Frozen(torch.autograd.Function):
-    """Value ``y``, gradient ``s * dT/dy`` for ``x``: one op forward, one product backward."""
+    """Value ``y``, gradient ``s * t * dT/dy`` for ``x`` (``t`` optional): one op forward, one or
+    two products backward (two broadcast factors, rather than one full-size product kept)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(s)
+    def forward(ctx: Any, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(s, t)
         return y.view_as(y)
 
     @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        (s,) = ctx.saved_tensors
-        return g * s, None, None
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        s, t = ctx.saved_tensors
+        out = g * s
+        return (out if t is None else out.mul_(t)), None, None, None
 
 
 class _Identity(torch.autograd.Function):
@@ -117,14 +120,20 @@ class _Identity(torch.autograd.Function):
         return r.masked_fill_(x == 0, 0.0), None, None
 
 
-def frozen(x: torch.Tensor, y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """``y`` in the forward pass, ``dy/dx = s`` in the backward pass (``s`` held constant).
+def frozen(x: torch.Tensor, y: torch.Tensor, s: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+    """``y`` in the forward pass, ``dy/dx = s`` (times ``t``) in the backward pass (held constant).
 
     The value is ``y`` to the last bit; only the gradient changes. Written as an autograd
     function rather than ``y.detach() + (x*s - (x*s).detach())``, which builds three full-size
     temporaries per op in the forward pass.
     """
-    return _Frozen.apply(x, y.detach(), s.detach())
+    return _Frozen.apply(x, y.detach(), s.detach(), None if t is None else t.detach())
+
+
+class Terms(tuple):
+    """A constant written as a sum of products of broadcast factors, ``sum(prod(term))``
+    (None factors are left out): its flow ``c * dT/dy`` is summed per unit term by term
+    without building ``c`` (:meth:`connectome.extract.accumulator._View.product_sum`)."""
 
 
 # ----------------------------------------------------------------------------- constants
@@ -170,24 +179,29 @@ def _smooth_forward(op: ChainOp, x: torch.Tensor, y: torch.Tensor, ctx: RunConte
 
 
 def _norm_forward(op: ChainOp, x: torch.Tensor, y: torch.Tensor, ctx: RunContext) -> torch.Tensor:
-    # statistics held constant: y = x * s + c with s = gamma / std, c = beta - mean * gamma / std
-    kind, shape_or_groups, weight, eps = op.params
+    # statistics held constant: y = x * s * w + (b - mean * s * w), with s = 1 / std per token
+    # (LayerNorm) or per image and group (GroupNorm), w and b the affine parameters per unit.
+    # Both the slope and the constant stay factored: no tensor the size of x is built or kept.
+    kind, shape_or_groups, weight, eps, bias = op.params
     xd = x.detach()
     if kind == "layer":
         dims = tuple(range(xd.dim() - len(shape_or_groups), xd.dim()))
-        var = xd.var(dim=dims, unbiased=False, keepdim=True)
+        var, mean = torch.var_mean(xd, dim=dims, unbiased=False, keepdim=True)
         s = torch.rsqrt(var + eps)
-        if weight is not None:
-            s = s * weight.to(s.dtype)
+        w = weight.to(x.device, s.dtype) if weight is not None else None
+        b = bias.to(x.device, s.dtype) if bias is not None else None
     else:  # group norm over (C / G, *spatial) per group
         n, c = xd.shape[:2]
         g = int(shape_or_groups)
-        var = xd.reshape(n, g, -1).var(dim=-1, unbiased=False, keepdim=True)
-        s = torch.rsqrt(var + eps).expand(n, g, c // g).reshape(n, c, *([1] * (xd.dim() - 2)))
-        if weight is not None:
-            s = s * weight.to(s.dtype).reshape(1, c, *([1] * (xd.dim() - 2)))
-    ctx.stash[op.node] = (y.detach() - xd * s).detach()
-    return frozen(x, y, s)
+        var, mean = torch.var_mean(xd.reshape(n, g, -1), dim=-1, unbiased=False, keepdim=True)
+        per_channel = lambda v: v.expand(n, g, c // g).reshape(n, c, *([1] * (xd.dim() - 2)))  # noqa: E731
+        s, mean = per_channel(torch.rsqrt(var + eps)), per_channel(mean)
+        unit = lambda v: v.to(x.device, s.dtype).reshape(1, c, *([1] * (xd.dim() - 2)))  # noqa: E731
+        w = unit(weight) if weight is not None else None
+        b = unit(bias) if bias is not None else None
+    shift = -mean * s
+    ctx.stash[op.node] = Terms(((b,), (shift, w)) if b is not None else ((shift, w),))
+    return frozen(x, y, s, w)
 
 
 def attention_forward(op: ChainOp, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

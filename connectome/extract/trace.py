@@ -498,10 +498,12 @@ def _classify_module(node: Any, m: nn.Module, c: _Ctx) -> tuple[str, Any]:
         return ("chain", _bn_op(node, m.running_mean, m.running_var, m.weight, m.bias, m.eps))
     if isinstance(m, nn.LayerNorm):
         w = m.weight.detach() if m.weight is not None else None
-        return ("chain", ChainOp(node.name, "norm", "", ("layer", tuple(m.normalized_shape), w, m.eps)))
+        b = m.bias.detach() if m.bias is not None else None
+        return ("chain", ChainOp(node.name, "norm", "", ("layer", tuple(m.normalized_shape), w, m.eps, b)))
     if isinstance(m, nn.GroupNorm):
         w = m.weight.detach() if m.weight is not None else None
-        return ("chain", ChainOp(node.name, "norm", "", ("group", m.num_groups, w, m.eps)))
+        b = m.bias.detach() if m.bias is not None else None
+        return ("chain", ChainOp(node.name, "norm", "", ("group", m.num_groups, w, m.eps, b)))
     if isinstance(m, (nn.ReLU6, nn.Hardtanh)):
         lo, hi = (0.0, 6.0) if isinstance(m, nn.ReLU6) else (m.min_val, m.max_val)
         return ("chain", ChainOp(node.name, "clamp", "", (lo, hi)))
@@ -570,15 +572,23 @@ def _classify_function(node: Any, c: _Ctx) -> tuple[str, Any]:
             return ("unsupported", "F.batch_norm without running statistics cannot be folded")
         w, b = c.const(_const(node, 3, "weight", None)), c.const(_const(node, 4, "bias", None))
         return ("chain", _bn_op(node, mean, var, w, b, float(_const(node, 7, "eps", 1e-5))))
+    if t in (F.layer_norm, F.group_norm):
+        for pos, key in ((2, "weight"), (3, "bias")):
+            a = _const(node, pos, key, None)
+            if a is not None and not isinstance(a, (int, float)) and c.const(a) is None:
+                return ("unsupported", f"{t.__name__} with a {key} computed from the data (only parameters and "
+                                       "buffers map: the normalisation rule holds them constant)")
     if t is F.layer_norm:
         shape = _const(node, 1, "normalized_shape", None)
         shape = c.values.get(shape.name, shape) if isinstance(shape, fx.Node) else shape
         return ("chain", ChainOp(node.name, "norm", "", ("layer", tuple(shape), c.const(_const(node, 2, "weight", None)),
-                                                           float(_const(node, 4, "eps", 1e-5)))))
+                                                           float(_const(node, 4, "eps", 1e-5)),
+                                                           c.const(_const(node, 3, "bias", None)))))
     if t is F.group_norm:
         return ("chain", ChainOp(node.name, "norm", "", ("group", int(_const(node, 1, "num_groups", 1)),
                                                            c.const(_const(node, 2, "weight", None)),
-                                                           float(_const(node, 4, "eps", 1e-5)))))
+                                                           float(_const(node, 4, "eps", 1e-5)),
+                                                           c.const(_const(node, 3, "bias", None)))))
     if t is _stochastic_depth() and t is not None:
         if _const(node, 3, "training", True):
             return ("unsupported", "stochastic depth in training mode; extraction runs the model in eval mode")

@@ -46,3 +46,31 @@ def test_scaled_sum_is_the_sum_of_the_product(name, units, shape, size, cshapes)
         expect = _brute(units, size, c * t)
         got = view.scaled_sum(c, t)
         np.testing.assert_allclose(got.numpy(), expect.numpy(), rtol=1e-12, atol=1e-12, err_msg=f"c of shape {cs}")
+
+
+PRODUCT_CASES = [
+    # LayerNorm over channels-last tokens: statistics per token, affine per unit
+    ("tokens, per-token x per-unit", Units(0, (-1,)), (3, 6, 4), 4, [(3, 6, 1), (4,)]),
+    ("NHWC, per-position x per-unit", Units(0, (-1,)), (2, 3, 5, 4), 4, [(2, 3, 5, 1), (4,)]),
+    # GroupNorm on NCHW: statistics per image and channel, affine per unit
+    ("NCHW, per-image-unit x per-unit", Units(0, (1,)), (3, 4, 2, 5), 4, [(3, 4, 1, 1), (1, 4, 1, 1)]),
+    ("NCHW, per-position", Units(0, (1,)), (3, 4, 2, 5), 4, [(3, 1, 2, 5)]),
+    ("indexed, per-position x per-unit", Units(0, (1,), np.array([2, 0, 1, 2])), (3, 4, 5), 3, [(3, 1, 5), (1, 4, 1)]),
+    ("full-size factor", Units(0, (1,)), (3, 4, 5), 4, [(3, 4, 5), (4, 1)]),
+    ("per-unit only", Units(0, (1,)), (3, 4, 5), 4, [(4, 1), (1, 4, 1)]),
+]
+
+
+@pytest.mark.parametrize("name,units,shape,size,fshapes", PRODUCT_CASES, ids=[c[0] for c in PRODUCT_CASES])
+def test_product_sum_is_the_sum_of_the_full_product(name, units, shape, size, fshapes):
+    """The factored constants of the normalisation rule: sum(f1 * f2 * t) per unit, taken
+    without building f1 * f2 where it can, equals the brute-force sum of the full product."""
+    g = torch.Generator().manual_seed(1)
+    t = torch.randn(shape, generator=g, dtype=torch.float64)
+    factors = [torch.randn(fs, generator=g, dtype=torch.float64) for fs in fshapes]
+    full = t
+    for f in factors:
+        full = full * f
+    view = _View(units, size, torch.device("cpu"))
+    got = view.product_sum(factors, t)
+    np.testing.assert_allclose(got.numpy(), _brute(units, size, full).numpy(), rtol=1e-12, atol=1e-12)
