@@ -1,9 +1,16 @@
 """Attribution of vision transformers against a plain forward + backward, in the same run.
 
 Through the public API as a user calls it: ``cn.extract.attribution(model, (images, labels))``
-against a plain loop that runs ``model(x)``, takes the target logits and backpropagates to
-the input, on the same batches at the same precision (float32, random weights). Prints the
-ratio (goal for vit_b_16 on CPU: <= 1.5), images/s and the graph's size.
+against two plain loops over the same batches at the same precision (float32, random
+weights), both running ``model(x)`` and backpropagating from the target logits:
+
+- a training step, ``.backward()`` into the weights' gradients as well (the baseline of
+  ``bench_extract.py --only e2e`` and of the goal, <= 1.5 for vit_b_16 on CPU): attribution
+  needs ``dT/dW`` too, since every edge is ``W * dT/dW``;
+- the input gradient only, ``autograd.grad(T, x)`` (a saliency map), which skips the weight
+  gradients: a stricter baseline, about half a training step's backward for weight-heavy models.
+
+Prints both ratios, images/s and the graph's size.
 
 Usage: python benchmarks/bench_transformers.py [--models vit_b_16,swin_t] [--images 8] [--batch 8] [--repeats 3]
 Writes benchmarks/results/transformers.json.
@@ -24,11 +31,16 @@ import torchvision
 import connectome as cn
 
 
-def plain(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) -> None:
+def plain(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int, weights: bool = True) -> None:
+    """Forward + backward of every batch: into the weights too (a training step), or the input only."""
     for a in range(0, x.shape[0], batch):
         xb = x[a : a + batch].clone().requires_grad_(True)
         t = model(xb).gather(1, y[a : a + batch, None]).sum()
-        torch.autograd.grad(t, xb)
+        if weights:
+            model.zero_grad(set_to_none=True)
+            t.backward()
+        else:
+            torch.autograd.grad(t, xb)
 
 
 def best_of(fn, repeats: int) -> float:
@@ -56,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         x = torch.randn(args.images, 3, 224, 224)
         y = torch.randint(0, 1000, (args.images,))
         t_plain = best_of(lambda: plain(model, x, y, args.batch), args.repeats)
+        t_input = best_of(lambda: plain(model, x, y, args.batch, weights=False), args.repeats)
         out = {}
 
         def api() -> None:
@@ -65,13 +78,15 @@ def main(argv: list[str] | None = None) -> int:
         g = out["g"]
         row = {
             "model": name, "device": "cpu", "images": args.images, "batch": args.batch,
-            "plain_s": round(t_plain, 3), "attribution_s": round(t_api, 3), "ratio": round(t_api / t_plain, 2),
+            "plain_s": round(t_plain, 3), "input_grad_s": round(t_input, 3), "attribution_s": round(t_api, 3),
+            "ratio": round(t_api / t_plain, 2), "ratio_input_grad": round(t_api / t_input, 2),
             "images_per_s": round(args.images / t_api, 2), "units": g.num_nodes, "edges": g.num_edges,
             "layers": len(g.layers), "completeness_relative": g.meta["completeness_relative"],
         }
         rows.append(row)
-        print(f"{name:10s} attribution / plain forward+backward = {row['ratio']:.2f}  "
-              f"({t_api:.2f} s vs {t_plain:.2f} s, {row['images_per_s']:.1f} img/s)  graph: {g.num_nodes:,} units, "
+        print(f"{name:10s} attribution / training step = {row['ratio']:.2f}, / input gradient = "
+              f"{row['ratio_input_grad']:.2f}  ({t_api:.2f} s vs {t_plain:.2f} s and {t_input:.2f} s, "
+              f"{row['images_per_s']:.1f} img/s)  graph: {g.num_nodes:,} units, "
               f"{g.num_edges:,} edges in {len(g.layers)} layers; completeness {row['completeness_relative']:.1e}",
               flush=True)
     res = Path(__file__).parent / "results"

@@ -6,7 +6,9 @@
 #      from pinned CPU tensors: exact float32 (TF32 off) vs plain float32 with TF32 off, tf32 and
 #      bf16 vs the plain pass at the same precision, per_sample; and from CUDA tensors (exact);
 #   3. completeness residuals and flow errors under each precision, against float64 flows;
-#   4. a torch.profiler table of one ResNet-50 attribution step and of one plain step.
+#   4. a torch.profiler table of one ResNet-50 attribution step and of one plain step;
+#   5. modern convnets and transformers (efficientnet_b0, convnext_tiny, regnet_y_1_6gf, vit_b_16,
+#      swin_t) end to end as in 2, batch 64, 512 images, exact float32.
 # Extraction only: nothing here imports igraph or leidenalg.
 #
 # Usage (from the repository root):  PYTHONPATH=. bash benchmarks/gpu_check.sh
@@ -29,13 +31,15 @@ FAILED=()
 if [ "$SMALL" = "1" ]; then
     DEVICE=$($PY -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
     E2E=(--models resnet18 --batch 4 --images 8 --size 64 --per-sample-images 4 --repeats 1)
+    RULES=(--models mobilenet_v3_small,vit_b_16 --batch 2 --images 4 --repeats 1)
     LIMITS=(120 300 120 120 200)
 else
     DEVICE=cuda
     IMAGES="${GPU_CHECK_IMAGES:-1536}"
     E2E=(--models resnet50,resnet18 --batch 128 --images "$IMAGES" --per-sample-images 512
          --repeats "${GPU_CHECK_REPEATS:-2}")
-    LIMITS=(90 250 50 40 75)
+    RULES=(--models efficientnet_b0,convnext_tiny,regnet_y_1_6gf,vit_b_16,swin_t --batch 64 --images 512 --repeats 1)
+    LIMITS=(90 250 50 40 150)
 fi
 export DEVICE
 
@@ -146,51 +150,17 @@ with eval_mode(m), no_inplace(m), precision_mode("exact"):
 EOF
 
 # 5. modern convnets and transformers on the device (the linearisation rules): exact float32,
-#    attribution through the public API against a plain forward+backward of the same batches
-part rules "${LIMITS[4]}" $PY - <<'EOF'
-import os, time, warnings
-import torch, torchvision
-import connectome as cn
-from connectome.extract._model import precision_mode
-
-warnings.filterwarnings("ignore")
-dev, small = torch.device(os.environ["DEVICE"]), os.environ["SMALL"] == "1"
-names = ["mobilenet_v3_small", "vit_b_16"] if small else ["efficientnet_b0", "convnext_tiny", "regnet_y_1_6gf",
-                                                        "vit_b_16", "swin_t"]
-n, batch = (4, 2) if small else (256, 64)
-for name in names:
-    torch.manual_seed(0)
-    m = torchvision.models.get_model(name, weights=None).eval().to(dev)
-    size = 224 if (name.startswith("vit") or not small) else 64
-    x, y = torch.randn(n, 3, size, size, device=dev), torch.randint(0, 1000, (n,), device=dev)
-
-    def plain():
-        for a in range(0, n, batch):
-            xb = x[a:a + batch].clone().requires_grad_(True)
-            torch.autograd.grad(m(xb).gather(1, y[a:a + batch, None]).sum(), xb)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-
-    with precision_mode("exact"):
-        plain()
-        t0 = time.perf_counter()
-        plain()
-        tp = time.perf_counter() - t0
-    cn.extract.attribution(m, (x[:batch], y[:batch]), batch_size=batch, device=dev, progress=False)
-    t0 = time.perf_counter()
-    g = cn.extract.attribution(m, (x, y), batch_size=batch, device=dev, progress=False)
-    ta = time.perf_counter() - t0
-    print(f"{name:18s} exact float32 on {dev}: attribution / plain forward+backward = {ta / tp:.2f} "
-          f"({n / ta:.0f} vs {n / tp:.0f} img/s), completeness {g.meta['completeness_relative']:.1e}, "
-          f"exact={g.meta['exact']}, {g.num_nodes} units, {g.num_edges} edges", flush=True)
-EOF
+#    the public API end to end against a training step over the same batches (the same split
+#    into steps, data+setup and graph as part 2, so fixed costs are not mistaken for steps)
+part rules "${LIMITS[4]}" $PY benchmarks/bench_extract.py --only e2e --device "$DEVICE" "${RULES[@]}" \
+    --precisions exact --out "$OUT/rules_e2e.json"
 
 {
     echo "gpu_check: device $DEVICE, small=$SMALL, $(( $(date +%s) - T0 ))s in all; failed parts: ${FAILED[*]:-none}"
     grep -h "passed\|failed\|skipped\|error" "$OUT/tests_gpu.log" | tail -n 3
     grep -h "plain .* API " "$OUT/e2e.log"
     grep -h "completeness\|reference" "$OUT/precision.log"
-    grep -h "attribution / plain" "$OUT/rules.log"
+    grep -h " x[0-9]" "$OUT/rules.log"
 } > "$OUT/summary.txt"
 echo "== summary ($OUT/summary.txt)"
 cat "$OUT/summary.txt"

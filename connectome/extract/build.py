@@ -16,7 +16,9 @@ that a run's graph costs one copy of its values at the end (the GPU works meanwh
 
 from __future__ import annotations
 
+import hashlib
 import threading
+import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -94,11 +96,49 @@ class Skeleton:
     units: np.ndarray
 
 
+def _structure_key(ug: UnitGraph, shapes: list[Any]) -> bytes:
+    """Everything the edges depend on: layer sizes, edge shapes, groups, operands and their columns."""
+    h = hashlib.blake2b(digest_size=20)
+    for s, sh in zip(ug.layers, shapes):
+        ops = [] if sh is None else [(op.layer, op.width, op.offset, op.cols is not None) for op in s.operands]
+        h.update(repr((s.size, sh, s.groups, ops)).encode())
+        for op in ([] if sh is None else s.operands):
+            if op.cols is not None:
+                h.update(np.asarray(op.cols, dtype=np.int64).tobytes())
+    return h.digest()
+
+
+# Skeletons of live graphs, by structure: every traced copy of one architecture (the categories
+# of attribution_by_category, weights() and attribution() of one model) shares one src/dst.
+# Held weakly: an entry goes when the last graph holding its arrays does.
+_SHARED: dict[bytes, tuple[Any, Any, Any, tuple[_Block, ...]]] = {}
+
+
+def _drop_shared(key: bytes, ref: Any) -> None:
+    hit = _SHARED.get(key)
+    if hit is not None and hit[0] is ref:
+        del _SHARED[key]
+
+
 def _build_skeleton(ug: UnitGraph) -> Skeleton:
+    shapes = edge_shapes(ug)
+    key = _structure_key(ug, shapes)
+    hit = _SHARED.get(key)
+    if hit is not None:
+        src, dst, units = (r() for r in hit[:3])
+        if src is not None and dst is not None and units is not None:
+            return Skeleton(src, dst, hit[3], units)
+    sk = _new_skeleton(ug, shapes)
+    ref = weakref.ref(sk.src)
+    _SHARED[key] = (ref, weakref.ref(sk.dst), weakref.ref(sk.units), sk.blocks)
+    weakref.finalize(sk.src, _drop_shared, key, ref)
+    return sk
+
+
+def _new_skeleton(ug: UnitGraph, shapes: list[Any]) -> Skeleton:
     sizes = np.array([l.size for l in ug.layers], dtype=np.int64)
     offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
     np.cumsum(sizes, out=offsets[1:])
-    shapes = edge_shapes(ug)
     parts: list[tuple[_Block, Any]] = []
     pos = 0
     for li, spec in enumerate(ug.layers):

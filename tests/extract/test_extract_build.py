@@ -204,3 +204,35 @@ def test_prefetched_columns_fill_one_graph_only():
     np.testing.assert_array_equal(g1.weight, g2.weight)
     np.testing.assert_array_equal(g1.edge_attrs["abs_weight"], g2.edge_attrs["abs_weight"])
     assert np.all(g1.edge_attrs["abs_weight"] >= np.abs(g1.weight) - 1e-12) and np.any(g1.weight != 0)
+
+
+def test_traced_copies_of_one_architecture_share_one_skeleton_while_a_graph_holds_it():
+    """attribution_by_category traces the model once per category: its graphs share one
+    src/dst (16 bytes per edge once, not once per category); a model of another structure
+    gets its own; the shared edges go with the last graph holding them."""
+    import gc
+
+    import connectome.extract.build as build
+
+    torch.manual_seed(0)
+    model = _Mixed().eval()
+    ug1 = trace_units(model, torch.zeros(1, 3, 4, 4))
+    ug2 = trace_units(model, torch.zeros(1, 3, 4, 4))
+    rng = np.random.default_rng(3)
+    g1 = assemble(ug1, graph_layers(ug1), _values(ug1, rng))
+    g2 = assemble(ug2, graph_layers(ug2), _values(ug2, rng))
+    assert g1.src is g2.src and g1.dst is g2.dst and g1.node_units is g2.node_units
+    assert not np.array_equal(g1.weight, g2.weight)
+    other = nn.Sequential(nn.Conv2d(3, 5, 3), nn.ReLU(), nn.Conv2d(5, 2, 1), nn.Flatten(), nn.Linear(8, 3)).eval()
+    ug3 = trace_units(other, torch.zeros(1, 3, 4, 4))
+    g3 = assemble(ug3, graph_layers(ug3), _values(ug3, rng))
+    assert g3.src is not g1.src and g3.num_edges == 3 * 5 + 5 * 2 + 2 * 3
+    n_shared = len(build._SHARED)
+    del g1, g2, ug1, ug2
+    gc.collect()
+    assert len(build._SHARED) == n_shared - 1, "the skeleton must go with the last graph holding it"
+    ug4 = trace_units(model, torch.zeros(1, 3, 4, 4))
+    g4 = assemble(ug4, graph_layers(ug4), _values(ug4, rng))
+    src, dst, _ = _reference(ug4, _values(ug4, rng), {})
+    np.testing.assert_array_equal(g4.src, src)
+    np.testing.assert_array_equal(g4.dst, dst)
