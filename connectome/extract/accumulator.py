@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from connectome.errors import BadFileError, ConnectomeError, DataError, ExtractionError
 from connectome.extract._model import no_inplace
-from connectome.extract.build import assemble, edge_shapes, graph_layers, prefetch_skeleton
+from connectome.extract.build import assemble, edge_shapes, graph_layers, layout, prefetch_skeleton
 from connectome.extract.rules import DETACHED_OPERAND, NAMED_INPUT, RULES, ChainOp, RunContext, Terms, attention_forward
 from connectome.extract.trace import LayerSpec, UnitGraph, Units, run_nodes
 from connectome.graph import Connectome
@@ -205,13 +205,27 @@ class FlowAccumulator:
         self._shapes = edge_shapes(ug)
         z = lambda n: torch.zeros(n, dtype=torch.float64, device=device)  # noqa: E731
 
-        def edge_zeros() -> list[Any]:
-            return [None if sh is None else ([z(w) for w in sh] if isinstance(sh, list) else z(sh))
-                    for sh in self._shapes]
+        lay = layout(ug)
+        self._flat: dict[str, torch.Tensor] = {}  # per edge column: the buffer its dense blocks live in
+        self._handed = False
 
-        self.add_state("edges", edge_zeros(), "sum")
+        def edge_zeros(column: str) -> list[Any]:
+            # Each dense block is a view of one flat buffer at its place in the graph's column, so
+            # that on the CPU the finished sums become the graph's column as they are (no copy);
+            # sorted and identity blocks (merged at the end) get their own tensors.
+            flat = self._flat[column] = z(lay.total)
+            out: list[Any] = [None] * len(self._shapes)
+            for b in lay.blocks:
+                sh = self._shapes[b.li]
+                if b.order is None:
+                    out[b.li] = flat[b.pos:b.pos + b.size].view(sh)
+                else:
+                    out[b.li] = [z(w) for w in sh] if isinstance(sh, list) else z(sh)
+            return out
+
+        self.add_state("edges", edge_zeros("edges"), "sum")
         if per_sample:
-            self.add_state("abs_edges", edge_zeros(), "sum")
+            self.add_state("abs_edges", edge_zeros("abs_edges"), "sum")
         for name in ("attr", "bias", "act_sum", "act_sq", "active"):
             self.add_state(name, [z(s.size) for s in ug.layers], "sum")
         self.add_state("act_max", [torch.full((s.size,), -math.inf, dtype=torch.float64, device=device)
@@ -290,7 +304,7 @@ class FlowAccumulator:
                 return [take(s, l, f"{what}[{i}]") for i, (s, l) in enumerate(zip(saved, like))]
             if not isinstance(saved, torch.Tensor) or saved.dtype != torch.float64 or saved.shape != like.shape:
                 raise bad(what)
-            return saved.to(self.device)
+            return like.copy_(saved)  # in place: dense blocks stay views of their column's buffer
 
         if not isinstance(state, dict):
             raise bad("not a dict of sums")
@@ -398,6 +412,9 @@ class FlowAccumulator:
         ``index``: the dataset index of each image, for the dataset examples (default: the
         count of images accumulated before).
         """
+        if self._handed:
+            raise ConnectomeError("this accumulator's sums are the edge columns of the graph to_graph returned; "
+                                  "start a new FlowAccumulator to accumulate more")
         ug = self.ug
         x = x.to(self.device, dtype=self.dtype, non_blocking=True).detach().requires_grad_(True)
         leaves: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
@@ -653,8 +670,24 @@ class FlowAccumulator:
         if self.per_sample:
             extra = {"abs_weight": {li: v for li, v in enumerate(self.abs_edges) if v is not None}}
         columns, self._columns = self._columns.result() if self._columns is not None else None, None
+        if self.device.type == "cpu":  # the sums themselves become the graph's columns
+            columns = [self._handover(name) for name in ("edges", "abs_edges") if name in self._flat]
+            self._handed = any(c is not None for c in columns)
+            columns = [c for c in columns if c is not None]
         return assemble(ug, graph_layers(ug, labels), values, extra=extra, node_attrs=node_attrs, meta=meta,
                         columns=columns)
+
+    def _handover(self, name: str) -> np.ndarray | None:
+        """The flat buffer of edge column ``name`` as a numpy array, when every dense block of
+        the column still is its view (nothing rebound them); None otherwise."""
+        flat = self._flat[name]
+        if self._handed or flat.device.type != "cpu":
+            return None
+        for b, t in zip(layout(self.ug).blocks, (getattr(self, name)[b.li] for b in layout(self.ug).blocks)):
+            if b.order is None and (not isinstance(t, torch.Tensor) or t.data_ptr() != flat[b.pos:].data_ptr()
+                                    or t.numel() != b.size or not t.is_contiguous()):
+                return None
+        return flat.numpy()
 
 
 class _Run(RunContext):

@@ -29,7 +29,7 @@ from connectome.extract.trace import UnitGraph
 from connectome.graph import Connectome, Layer, is_canonical
 from connectome.kinds import DENSE, IDENTITY, KINDS, Kind
 
-__all__ = ["graph_layers", "assemble", "edge_shapes", "skeleton", "prefetch_skeleton", "Skeleton"]
+__all__ = ["graph_layers", "assemble", "edge_shapes", "layout", "skeleton", "prefetch_skeleton", "Layout", "Skeleton"]
 
 
 def graph_layers(ug: UnitGraph, labels: Sequence[str] | None = None) -> list[Layer]:
@@ -135,29 +135,56 @@ def _build_skeleton(ug: UnitGraph) -> Skeleton:
     return sk
 
 
-def _new_skeleton(ug: UnitGraph, shapes: list[Any]) -> Skeleton:
+@dataclass(frozen=True)
+class Layout:
+    """Where each layer's edges go in the graph's columns (cheap: no per-edge arrays except
+    for the small sorted blocks, whose ``(src, dst)`` it keeps in ``small``)."""
+
+    blocks: tuple[_Block, ...]
+    total: int
+    offsets: np.ndarray
+    small: dict[int, tuple[np.ndarray, np.ndarray]]
+
+
+def layout(ug: UnitGraph) -> Layout:
+    """The block layout of ``ug``'s edges (computed once per traced model)."""
+    lay = ug.__dict__.get("_layout")
+    if lay is None:
+        lay = ug.__dict__["_layout"] = _new_layout(ug, edge_shapes(ug))
+    return lay
+
+
+def _new_layout(ug: UnitGraph, shapes: list[Any]) -> Layout:
     sizes = np.array([l.size for l in ug.layers], dtype=np.int64)
     offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
     np.cumsum(sizes, out=offsets[1:])
-    parts: list[tuple[_Block, Any]] = []
+    blocks: list[_Block] = []
+    small: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     pos = 0
     for li, spec in enumerate(ug.layers):
         sh = shapes[li]
         if sh is None:
             continue
         if not isinstance(sh, list) and spec.operands[0].cols is None:
-            parts.append((_Block(li, pos, sh[0] * sh[1]), None))
+            blocks.append(_Block(li, pos, sh[0] * sh[1]))
             pos += sh[0] * sh[1]
         else:
             src, dst, order, starts = _sorted_edges(spec, li, offsets, sh)
-            parts.append((_Block(li, pos, src.size, order, starts), (src, dst)))
+            blocks.append(_Block(li, pos, src.size, order, starts))
+            small[li] = (src, dst)
             pos += src.size
-    src = np.empty(pos, np.int64)
-    dst = np.empty(pos, np.int64)
-    for b, small in parts:
+    return Layout(tuple(blocks), pos, offsets, small)
+
+
+def _new_skeleton(ug: UnitGraph, shapes: list[Any]) -> Skeleton:
+    lay = layout(ug)
+    offsets = lay.offsets
+    src = np.empty(lay.total, np.int64)
+    dst = np.empty(lay.total, np.int64)
+    for b in lay.blocks:
         end = b.pos + b.size
-        if small is not None:
-            src[b.pos:end], dst[b.pos:end] = small
+        if b.order is not None:
+            src[b.pos:end], dst[b.pos:end] = lay.small[b.li]
             continue
         spec = ug.layers[b.li]
         o, cg = shapes[b.li]
@@ -169,9 +196,10 @@ def _new_skeleton(ug: UnitGraph, shapes: list[Any]) -> Skeleton:
         a.setflags(write=False)  # shared by every graph of this model: never written again
     if not is_canonical(src, dst, offsets, remember=True):  # a bug here, not bad input
         raise AssertionError("the edges of a traced model are not in canonical order")
+    sizes = np.diff(offsets)
     units = np.concatenate([np.arange(s, dtype=np.int64) for s in sizes]) if len(sizes) else np.zeros(0, np.int64)
     units.setflags(write=False)
-    return Skeleton(src, dst, tuple(b for b, _ in parts), units)
+    return Skeleton(src, dst, lay.blocks, units)
 
 
 def _sorted_edges(spec: Any, li: int, offsets: np.ndarray,
@@ -272,6 +300,9 @@ def _put(out: np.ndarray, values: Any) -> None:
             return
         # numpy, not torch's copy_: torch's threads fault the fresh pages in together, ~8x slower
         values = values.numpy()
+    if isinstance(values, np.ndarray) and values.size == out.size and values.size and \
+            values.__array_interface__["data"][0] == out.__array_interface__["data"][0]:
+        return  # the values already live in the column (the accumulator's buffer, handed over)
     out.reshape(np.shape(values))[...] = values
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from connectome.extract.build import assemble, graph_layers
+from connectome.extract.build import assemble, graph_layers, layout
 from connectome.extract.trace import trace_units
 from connectome.kinds import DENSE, IDENTITY, KINDS
 
@@ -174,36 +174,70 @@ def test_a_failing_skeleton_build_is_raised_where_the_graph_is_built(monkeypatch
         assemble(ug, graph_layers(ug), _values(ug, np.random.default_rng(0)))
 
 
-def test_prefetched_columns_fill_one_graph_only():
-    """The accumulator's columns, allocated and written once in the background thread, are
-    adopted by the first graph; a second to_graph gets fresh arrays, never the same memory."""
+def _small_run(per_sample: bool):
     from connectome.extract.accumulator import FlowAccumulator
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 5, 1), nn.AdaptiveAvgPool2d(1),
-                          nn.Flatten(), nn.Linear(5, 3)).eval()
+                          nn.Flatten(), nn.Linear(5, 3)).eval().double()
     x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
-    model = model.double()
     ug = trace_units(model, x[:1])
-    acc = FlowAccumulator(ug, torch.device("cpu"), torch.float64, per_sample=True)
-    assert acc._columns is None, "on the CPU nothing is prefetched (it would only raise the peak memory)"
-    from connectome.extract.build import prefetch_skeleton
-
-    acc._columns = prefetch_skeleton(ug, columns=2)  # what a CUDA accumulator starts
+    acc = FlowAccumulator(ug, torch.device("cpu"), torch.float64, per_sample=per_sample)
     acc.step(x, lambda logits: logits[:, 0])
-    prefetched = acc._columns.result()
+    return ug, acc, x
+
+
+def test_cpu_sums_become_the_graph_columns_and_a_second_graph_is_a_copy():
+    """On the CPU each dense block accumulates in a view of one flat buffer laid out as the
+    graph's column, so the finished sums become the column with no copy; the accumulator then
+    refuses to step (it would write into the graph), and a second to_graph copies."""
+    from connectome.errors import ConnectomeError
+
+    ug, acc, x = _small_run(per_sample=True)
+    assert acc._columns is None, "on the CPU nothing is prefetched (it would only raise the peak memory)"
     g1 = acc.to_graph(None, {})
-    assert np.shares_memory(g1.weight, prefetched[0]) and np.shares_memory(g1.edge_attrs["abs_weight"], prefetched[1])
+    assert np.shares_memory(g1.weight, acc._flat["edges"].numpy())
+    assert np.shares_memory(g1.edge_attrs["abs_weight"], acc._flat["abs_edges"].numpy())
+    with pytest.raises(ConnectomeError, match="new FlowAccumulator"):
+        acc.step(x, lambda logits: logits[:, 0])
     g2 = acc.to_graph(None, {})
-    cols1 = [g1.weight, g1.edge_attrs["abs_weight"]]
-    cols2 = [g2.weight, g2.edge_attrs["abs_weight"]]
-    for a in cols1:
+    for a in (g2.weight, g2.edge_attrs["abs_weight"]):
         assert not a.flags.writeable
-        for b in cols2 + [c for c in cols1 if c is not a]:
-            assert not np.shares_memory(a, b)
+        assert not np.shares_memory(a, g1.weight) and not np.shares_memory(a, g1.edge_attrs["abs_weight"])
     np.testing.assert_array_equal(g1.weight, g2.weight)
     np.testing.assert_array_equal(g1.edge_attrs["abs_weight"], g2.edge_attrs["abs_weight"])
     assert np.all(g1.edge_attrs["abs_weight"] >= np.abs(g1.weight) - 1e-12) and np.any(g1.weight != 0)
+
+
+def test_rebound_sums_are_copied_not_handed_over():
+    """A checkpoint loaded into the accumulator keeps the blocks as views (copied in place);
+    a block rebound to another tensor makes to_graph copy instead of handing the buffer over."""
+    ug, acc, x = _small_run(per_sample=False)
+    ug2, acc2, _ = _small_run(per_sample=False)
+    acc2.load_state_dict(acc.state_dict())
+    g_loaded = acc2.to_graph(None, {})
+    assert np.shares_memory(g_loaded.weight, acc2._flat["edges"].numpy())
+    li = next(b.li for b in layout(ug).blocks if b.order is None)
+    acc.edges[li] = acc.edges[li].clone()  # no longer a view of the buffer
+    g = acc.to_graph(None, {})
+    assert not np.shares_memory(g.weight, acc._flat["edges"].numpy())
+    np.testing.assert_array_equal(g.weight, g_loaded.weight)
+
+
+def test_assemble_fills_prefetched_columns():
+    """The columns a device run's skeleton thread allocated and wrote once are the graph's."""
+    from connectome.extract.build import prefetch_skeleton
+
+    model = _Mixed().eval()
+    ug = trace_units(model, torch.zeros(1, 3, 4, 4))
+    cols = prefetch_skeleton(ug, columns=2).result()
+    values = _values(ug, np.random.default_rng(4))
+    absv = {li: (np.abs(v) if isinstance(v, np.ndarray) else [np.abs(u) for u in v]) for li, v in values.items()}
+    g = assemble(ug, graph_layers(ug), values, extra={"abs_weight": absv}, columns=cols)
+    assert np.shares_memory(g.weight, cols[0]) and np.shares_memory(g.edge_attrs["abs_weight"], cols[1])
+    ref = assemble(ug, graph_layers(ug), values, extra={"abs_weight": absv})
+    np.testing.assert_array_equal(g.weight, ref.weight)
+    np.testing.assert_array_equal(g.edge_attrs["abs_weight"], ref.edge_attrs["abs_weight"])
 
 
 def test_traced_copies_of_one_architecture_share_one_skeleton_while_a_graph_holds_it():
