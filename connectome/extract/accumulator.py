@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from connectome.errors import BadFileError, ConnectomeError, DataError, ExtractionError
 from connectome.extract._model import no_inplace
 from connectome.extract.build import assemble, edge_shapes, graph_layers, layout, prefetch_skeleton
-from connectome.extract.rules import DETACHED_OPERAND, NAMED_INPUT, RULES, ChainOp, RunContext, Terms, attention_forward
+from connectome.extract.rules import (DETACHED_OPERAND, FIXED_CONSTANT, NAMED_INPUT, RULES, ChainOp, RunContext,
+                                      Terms, attention_forward)
 from connectome.extract.trace import LayerSpec, UnitGraph, Units, run_nodes
 from connectome.graph import Connectome
 from connectome.kinds import DENSE, IDENTITY, KINDS, Kind
@@ -74,20 +75,29 @@ class _View:
         several times slower on CPUs; torch's cascade summation keeps float32 sums to ~1e-7
         relative) and only the per-unit result is widened for accumulation.
         """
-        return self._units(self._rows(t).sum(dim=(0, 2)).double())
+        return self._units(self._rows(t).sum(dim=(0, 2), dtype=_acc_dtype(t)).double())
 
-    def scaled_sum(self, c: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def slot_sums(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over batch and positions per unit slot (K,), in float32 at least (not widened)."""
+        return self._rows(t).sum(dim=(0, 2), dtype=_acc_dtype(t))
+
+    def scaled_sum(self, c: torch.Tensor | None, t: torch.Tensor, per_slot: torch.Tensor | None = None) -> torch.Tensor:
         """``sum(c * t)`` per unit, for a constant ``c`` that broadcasts against ``t``.
 
         When ``c`` varies with the unit only (a BatchNorm shift, a per-channel bias), this is
         ``c_unit * sum(t)``: one pass over ``t`` instead of a product the size of ``t`` and a
-        second pass over it.
+        second pass over it. ``per_slot``: that ``c_unit``, from :meth:`per_slot`, computed before.
         """
-        c = c.to(t.device, t.dtype)
-        per_unit = self._per_slot(c, t.shape)
-        if per_unit is None:
-            return self.sum(c * t)
-        return self._units(self._rows(t).sum(dim=(0, 2)).double() * per_unit)
+        if per_slot is None:
+            per_slot = self.per_slot(c, t.shape)
+        if per_slot is None:
+            return self.sum(c.to(t.device, t.dtype) * t)
+        return self._units(self._rows(t).sum(dim=(0, 2), dtype=_acc_dtype(t)).double() * per_slot)
+
+    def per_slot(self, c: Any, shape: torch.Size) -> torch.Tensor | None:
+        """A constant's value per unit slot (float64), or None when it also varies over images or
+        positions (or is not a tensor)."""
+        return self._per_slot(c, shape) if isinstance(c, torch.Tensor) else None
 
     def product_sum(self, factors: Sequence[torch.Tensor], t: torch.Tensor) -> torch.Tensor:
         """``sum(f1 * f2 * ... * t)`` per unit, for factors that broadcast against ``t``, without
@@ -147,8 +157,14 @@ class _View:
             return s
         return torch.zeros(self.size, dtype=torch.float64, device=s.device).index_add_(0, self.index, s)
 
-    def per_image_mean(self, t: torch.Tensor) -> torch.Tensor:
-        return self._rows(t).mean(-1).double()
+    def per_image_mean(self, t: torch.Tensor, widen: bool = True) -> torch.Tensor:
+        m = self._rows(t).mean(-1, dtype=_acc_dtype(t))
+        return m.double() if widen else m
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    """Sums of bfloat16/float16 values (autocast) are taken in float32, others in their own dtype."""
+    return torch.float32 if t.dtype in (torch.bfloat16, torch.float16) else t.dtype
 
 
 class FlowAccumulator:
@@ -226,10 +242,23 @@ class FlowAccumulator:
         self.add_state("edges", edge_zeros("edges"), "sum")
         if per_sample:
             self.add_state("abs_edges", edge_zeros("abs_edges"), "sum")
+        # Per-unit sums: each layer's a view of one flat buffer over all units, so that the
+        # statistics of a batch are added with a few ops over all layers at once (a GPU step is
+        # otherwise bound by launching a dozen tiny kernels per layer).
+        sizes = [s.size for s in ug.layers]
+        self._node_offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+        def node_views(flat: torch.Tensor, name: str) -> list[torch.Tensor]:
+            self._flat[name] = flat
+            return [flat[int(a):int(b)] for a, b in zip(self._node_offsets[:-1], self._node_offsets[1:])]
+
+        n_units = int(self._node_offsets[-1])
         for name in ("attr", "bias", "act_sum", "act_sq", "active"):
-            self.add_state(name, [z(s.size) for s in ug.layers], "sum")
-        self.add_state("act_max", [torch.full((s.size,), -math.inf, dtype=torch.float64, device=device)
-                                   for s in ug.layers], "max")
+            self.add_state(name, node_views(z(n_units), name), "sum")
+        self.add_state("act_max", node_views(torch.full((n_units,), -math.inf, dtype=torch.float64, device=device),
+                                             "act_max"), "max")
+        self._fixed: dict[str, tuple[Any, Any]] = {}  # constants of parameters, and their per-slot values
+        self._zero_parts: dict[Any, torch.Tensor] = {}
         self.add_state("target_total", z(1), "sum")
         # images with NaN/inf pixels or targets: counted on the device (no host sync per batch)
         self.add_state("nonfinite", z(1), "sum")
@@ -486,41 +515,38 @@ class FlowAccumulator:
     def _nodes(self, x: torch.Tensor, g_x: torch.Tensor | None, kept: dict[str, Any], g: dict[str, torch.Tensor],
                ctx: RunContext) -> None:
         ug = self.ug
+        n = x.shape[0]
+        attr_parts: list[torch.Tensor] = []  # per layer in order, (size,): one add for all layers
+        means: list[torch.Tensor] = []  # per layer in order, (N, size) spatial means per image
         for li, s in enumerate(ug.layers):
             node = s.node if s.kind == Kind.INPUT else s.out_node
             A = x if s.kind == Kind.INPUT else kept[s.out_node]
             gA = g_x if s.kind == Kind.INPUT else g.get(s.out_node)
             view = self._view(node)
+            part = None
             if gA is not None:
                 prod = A * gA
-                if self.examples is None:
-                    self.attr[li] += view.sum(prod)
-                else:  # the per-image sums that rank the examples give the total too
-                    self.attr[li] += self.examples.observe(li, view, prod, by_sum=True)
+                if self.examples is not None:  # the per-image sums that rank the examples give the total too
+                    part = self.examples.observe(li, view, prod, by_sum=True)
+                elif view.index is None and view.dims != ():
+                    part = view.slot_sums(prod)  # in prod's dtype, widened with the others below
+                else:
+                    part = view.sum(prod)
+            attr_parts.append(part if part is not None else self._zeros32(s.size, A))
             if self.examples is not None:
                 self.examples.observe(li, view, A)
             # activation statistics: spatial mean per image
-            m = view.per_image_mean(A.detach())
-            self.act_sum[li] += m.sum(0)
-            self.act_sq[li] += (m * m).sum(0)
-            self.act_max[li] = torch.maximum(self.act_max[li], m.max(0).values)
-            self.active[li] += (m > 0).sum(0, dtype=torch.float64)
+            m = view.per_image_mean(A.detach(), widen=False)
+            means.append(m if m.shape[1] == s.size else m.expand(n, s.size))
             on_chain = set(s.chain)
             for op in s.bias_ops:
                 rule = RULES[op.kind]
                 gv = g.get(op.node)
                 if gv is None or rule.constant is None:
                     continue
-                c = rule.constant(op, ctx, gv)
-                if c is None:
+                term = self._constant_term(op, ctx, gv)
+                if term is None:
                     continue
-                if isinstance(c, Terms):
-                    term = sum(self._view(op.node).product_sum([f for f in factors if f is not None], gv)
-                               for factors in c)
-                elif isinstance(c, torch.Tensor):
-                    term = self._view(op.node).scaled_sum(c, gv)
-                else:
-                    term = float(c) * self._view(op.node).sum(gv)
                 self.bias[li] += term
                 if op.node not in on_chain:
                     # Constant parts after the unit's branch point reach its consumers too.
@@ -539,7 +565,8 @@ class FlowAccumulator:
                     if op.sign != 1.0:  # the subtracted operand of a residual `a - b`
                         per = per * op.sign
                     vals.append(per.sum(0))
-                    absv.append(per.abs().sum(0))
+                    if self.per_sample:
+                        absv.append(per.abs().sum(0))
                 self.edges[li] = [a + b for a, b in zip(self.edges[li], vals)]
                 if self.per_sample:
                     self.abs_edges[li] = [a + b for a, b in zip(self.abs_edges[li], absv)]
@@ -547,6 +574,40 @@ class FlowAccumulator:
                 gz = g.get(s.node)
                 if gz is not None:
                     self.abs_edges[li] += self._per_sample_abs(li, s, kept[s.operands[0].node], gz)
+        # every layer at once: a handful of ops over all units instead of a dozen per layer
+        self._flat["attr"] += torch.cat(attr_parts).double()
+        m = torch.cat(means, 1).double()
+        self._flat["act_sum"] += m.sum(0)
+        self._flat["act_sq"] += (m * m).sum(0)
+        torch.maximum(self._flat["act_max"], m.max(0).values, out=self._flat["act_max"])
+        self._flat["active"] += (m > 0).sum(0, dtype=torch.float64)
+
+    def _constant_term(self, op: ChainOp, ctx: RunContext, gv: torch.Tensor) -> torch.Tensor | None:
+        """The flow of ``op``'s constant part, ``sum(c * dT/dy)`` per unit, or None."""
+        view = self._view(op.node)
+        if op.kind in FIXED_CONSTANT and op.node in self._fixed:  # a parameter: its per-unit values, kept
+            c, per_slot = self._fixed[op.node]
+        else:
+            c = RULES[op.kind].constant(op, ctx, gv)
+            per_slot = view.per_slot(c, gv.shape) if isinstance(c, torch.Tensor) else None
+            if op.kind in FIXED_CONSTANT:
+                self._fixed[op.node] = (c, per_slot)
+        if c is None:
+            return None
+        if per_slot is not None:
+            return view.scaled_sum(None, gv, per_slot=per_slot)
+        if isinstance(c, Terms):
+            return sum(view.product_sum([f for f in factors if f is not None], gv) for factors in c)
+        if isinstance(c, torch.Tensor):
+            return view.scaled_sum(c, gv)
+        return float(c) * view.sum(gv)
+
+    def _zeros32(self, size: int, like: torch.Tensor) -> torch.Tensor:
+        key = (size, like.device)
+        z = self._zero_parts.get(key)
+        if z is None:
+            z = self._zero_parts[key] = torch.zeros(size, dtype=torch.float32, device=like.device)
+        return z
 
     def _weight(self, s: LayerSpec) -> torch.Tensor:
         from connectome.extract.trace import layer_weight

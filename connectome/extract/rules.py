@@ -52,7 +52,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ChainOp", "Rule", "RULES", "Terms", "rule_of", "frozen", "NAMED_INPUT", "DETACHED_OPERAND", "ATTENTION"]
+__all__ = ["ChainOp", "Rule", "RULES", "Terms", "rule_of", "frozen", "FIXED_CONSTANT", "NAMED_INPUT", "DETACHED_OPERAND", "ATTENTION"]
 
 
 @dataclass
@@ -139,7 +139,7 @@ class Terms(tuple):
 # ----------------------------------------------------------------------------- constants
 def _bn_constant(op: ChainOp, ctx: RunContext, like: torch.Tensor) -> torch.Tensor:
     # per channel, or per feature for a BatchNorm1d over flattened positions
-    return op.params[1].to(like.device, like.dtype).reshape(1, -1, *([1] * (like.dim() - 2)))
+    return op.params[1].to(like.device).reshape(1, -1, *([1] * (like.dim() - 2)))
 
 
 def _clamp_constant(op: ChainOp, ctx: RunContext, like: torch.Tensor) -> torch.Tensor:
@@ -275,6 +275,8 @@ RULES: dict[str, Rule] = {
 }
 
 
+#: Ops whose constant part is a parameter or number (the same every batch: computed once per run).
+FIXED_CONSTANT = frozenset({"bn", "affine", "shift"})
 #: Ops whose data input is named by the rule (the other operands are held constant), not inferred.
 NAMED_INPUT = frozenset({"gate", "attention", "pattern", "window"})
 #: Ops linearised by running them with one operand detached (the gate, the attention pattern).

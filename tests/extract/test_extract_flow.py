@@ -418,9 +418,12 @@ def test_bn_folding_leaves_w_times_dw_unchanged(zoo):
     np.testing.assert_allclose(dense(g, "input", "stem"), (w * dw).sum((2, 3)).detach().numpy(), rtol=1e-9, atol=1e-14)
 
 
-def test_node_statistics(zoo):
+@pytest.mark.parametrize("batch_size", [64, 1])
+def test_node_statistics(zoo, batch_size):
+    # all layers' statistics are added at once per batch (one flat buffer): one batch, and
+    # one image per batch (the max and the sums across batches)
     model, x, y = zoo
-    g = run(model, x, y)
+    g = run(model, x, y, batch_size=batch_size)
     caps = capture(model, x, y)
     # The stem's units pass on relu(bn0(conv)): spatial mean per image, then mean/std/max/frequency.
     a = F.relu(caps["bn0"]["y"]).mean((2, 3)).numpy()
