@@ -80,7 +80,7 @@ def _per_unit_sum(view: Any, t: torch.Tensor) -> torch.Tensor:
 def _per_unit(view: Any, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image and unit: the max over positions and its position; (N, L) float64 each.
 
-    ``view`` says where the units of ``t`` are (:class:`connectome.extract.accumulator._View`).
+    ``view`` says where the units of ``t`` are (:class:`connectome.extract.unit_sums.UnitView`).
     """
     rows = view._rows(t)  # (N, K, P): K unit slots, P positions
     n, K, P = rows.shape
@@ -324,7 +324,7 @@ def examples(
 
     from connectome.errors import DataError
     from connectome.extract._model import check_model, eval_mode, model_dtype, model_on, resolve_device
-    from connectome.extract.accumulator import _View
+    from connectome.extract.unit_sums import UnitView
     from connectome.extract.build import graph_layers
     from connectome.extract.data import make_loader, unpack_batch, warn_skipped
     from connectome.extract.flow import _labels_for_output, _versions
@@ -368,7 +368,7 @@ def examples(
                     for li in tracker.layers:
                         node = ug.layers[li].out_node
                         u = ug.units[node]
-                        watch[node] = (li, _View(u, ug.layers[u.layer].size, dev))
+                        watch[node] = (li, UnitView(u, ug.layers[u.layer].size, dev))
 
                 def on_value(node: Any, value: Any) -> Any:
                     hit = watch.get(node.name)

@@ -133,7 +133,7 @@ def frozen(x: torch.Tensor, y: torch.Tensor, s: torch.Tensor, t: torch.Tensor | 
 class Terms(tuple):
     """A constant written as a sum of products of broadcast factors, ``sum(prod(term))``
     (None factors are left out): its flow ``c * dT/dy`` is summed per unit term by term
-    without building ``c`` (:meth:`connectome.extract.accumulator._View.product_sum`)."""
+    without building ``c`` (:meth:`connectome.extract.unit_sums.UnitView.product_sum`)."""
 
 
 # ----------------------------------------------------------------------------- constants

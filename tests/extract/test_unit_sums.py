@@ -1,4 +1,4 @@
-"""Per-unit sums of the accumulator (_View): the one-pass ``c * sum(t)`` for per-unit constants
+"""Per-unit sums of the accumulator (UnitView): the one-pass ``c * sum(t)`` for per-unit constants
 against the plain ``sum(c * t)``, for every way a tensor can hold its units."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from connectome.extract.accumulator import _View
+from connectome.extract.unit_sums import UnitView
 from connectome.extract.trace import Units
 
 
@@ -39,7 +39,7 @@ CASES = [
 def test_scaled_sum_is_the_sum_of_the_product(name, units, shape, size, cshapes):
     g = torch.Generator().manual_seed(0)
     t = torch.randn(shape, generator=g, dtype=torch.float64)
-    view = _View(units, size, torch.device("cpu"))
+    view = UnitView(units, size, torch.device("cpu"))
     np.testing.assert_allclose(view.sum(t).numpy(), _brute(units, size, t).numpy(), rtol=1e-12, atol=1e-12)
     for cs in cshapes:
         c = torch.randn(cs, generator=g, dtype=torch.float64)
@@ -71,6 +71,6 @@ def test_product_sum_is_the_sum_of_the_full_product(name, units, shape, size, fs
     full = t
     for f in factors:
         full = full * f
-    view = _View(units, size, torch.device("cpu"))
+    view = UnitView(units, size, torch.device("cpu"))
     got = view.product_sum(factors, t)
     np.testing.assert_allclose(got.numpy(), _brute(units, size, full).numpy(), rtol=1e-12, atol=1e-12)
