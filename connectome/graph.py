@@ -217,7 +217,11 @@ class Connectome:
             arr.setflags(write=False)
         for arr in list(edge_attrs.values()) + list(node_attrs.values()):
             arr.setflags(write=False)
-        _remember_canonical(src, dst, offsets)  # checked or sorted above: later graphs sharing them skip it
+        if src is not self.src and dst is not self.dst:
+            # copies or sorted arrays made here (no caller holds them): later graphs sharing them
+            # skip the check. Arrays the caller handed over are checked again each time: their
+            # owner could turn writing back on.
+            _remember_canonical(src, dst, offsets)
         object.__setattr__(self, "node_units", units)
         object.__setattr__(self, "src", src)
         object.__setattr__(self, "dst", dst)
@@ -983,6 +987,10 @@ def _remember_canonical(src: np.ndarray, dst: np.ndarray, offsets: np.ndarray) -
     if not (_frozen_memory(src) and _frozen_memory(dst)):
         return
     key = (id(src), id(dst))
+    hit = _CANONICAL.get(key)
+    if hit is not None and hit[0]() is src and hit[1]() is dst:
+        _CANONICAL[key] = (hit[0], hit[1], offsets.tobytes())  # one finalizer per entry, not per graph
+        return
     _CANONICAL[key] = (weakref.ref(src), weakref.ref(dst), offsets.tobytes())
     weakref.finalize(src, _CANONICAL.pop, key, None)
 

@@ -675,3 +675,36 @@ def test_shared_order_check_is_not_fooled_by_a_writeable_base():
     g2 = Connectome(layers=layers, node_units=np.array([0, 1, 0, 1]), src=src, dst=dst, weight=w)
     assert list(zip(g2.dst.tolist(), g2.src.tolist())) == [(2, 0), (2, 1), (3, 0)], "edges must be sorted again"
     assert edge_dict(g2) == {("input:0", "h:0"): 1.0, ("input:1", "h:0"): 3.0, ("input:0", "h:1"): 2.0}
+
+
+def test_order_check_is_not_remembered_for_arrays_the_caller_owns():
+    """Review finding: the owner of a read-only array can turn writing back on; a graph built
+    on the caller's own arrays must check them again next time (only the library's own
+    copies and skeletons are remembered)."""
+    layers = [Layer("input", "input", 2), Layer("h", "conv", 1)]
+    src = np.array([0, 1], dtype=np.int64)
+    dst = np.array([2, 2], dtype=np.int64)
+    w = np.array([1.0, 2.0])
+    for a in (src, dst, w):
+        a.setflags(write=False)
+    Connectome(layers=layers, node_units=np.array([0, 1, 0]), src=src, dst=dst, weight=w)
+    src.setflags(write=True)
+    src[:] = [1, 0]
+    src.setflags(write=False)
+    g = Connectome(layers=layers, node_units=np.array([0, 1, 0]), src=src, dst=dst, weight=w)
+    assert g.src.tolist() == [0, 1] and g.weight.tolist() == [2.0, 1.0], "the edges must be sorted again"
+
+
+def test_graphs_sharing_edge_arrays_do_not_pile_up_finalizers():
+    """Review finding: each graph sharing remembered arrays registered one more finalizer."""
+    import weakref
+
+    from connectome import graph as graph_mod
+
+    g = random_layered(np.random.default_rng(0), [3, 4, 2])
+    g.with_meta(a=0)
+    before = len(weakref.finalize._registry)
+    for i in range(200):
+        g = g.with_meta(a=i)
+        graph_mod._remember_canonical(g.src, g.dst, g._offsets)  # what every skeleton user does
+    assert len(weakref.finalize._registry) - before < 5

@@ -159,8 +159,15 @@ class FlowAccumulator:
         self._states[name] = reduce
         setattr(self, name, default)
 
+    def _check_not_handed(self) -> None:
+        if self._handed:
+            raise ConnectomeError("this accumulator's sums are the edge columns of the graph to_graph returned; "
+                                  "start a new FlowAccumulator to accumulate more")
+
     def tensors(self, reduce: str) -> list[torch.Tensor]:
-        """Every state tensor combined by ``reduce``, flattened in declaration order."""
+        """Every state tensor combined by ``reduce``, flattened in declaration order (to combine
+        them in place: refused once :meth:`to_graph` handed the sums to a graph)."""
+        self._check_not_handed()
         out: list[torch.Tensor] = []
 
         def walk(v: Any) -> None:
@@ -214,6 +221,7 @@ class FlowAccumulator:
                 raise bad(what)
             return like.copy_(saved)  # in place: dense blocks stay views of their column's buffer
 
+        self._check_not_handed()
         if not isinstance(state, dict):
             raise bad("not a dict of sums")
         try:
@@ -320,9 +328,7 @@ class FlowAccumulator:
         ``index``: the dataset index of each image, for the dataset examples (default: the
         count of images accumulated before).
         """
-        if self._handed:
-            raise ConnectomeError("this accumulator's sums are the edge columns of the graph to_graph returned; "
-                                  "start a new FlowAccumulator to accumulate more")
+        self._check_not_handed()
         ug = self.ug
         x = x.to(self.device, dtype=self.dtype, non_blocking=True).detach().requires_grad_(True)
         leaves: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
@@ -610,10 +616,10 @@ class FlowAccumulator:
         if self.per_sample:
             extra = {"abs_weight": {li: v for li, v in enumerate(self.abs_edges) if v is not None}}
         columns, self._columns = self._columns.result() if self._columns is not None else None, None
-        if self.device.type == "cpu":  # the sums themselves become the graph's columns
-            columns = [self._handover(name) for name in ("edges", "abs_edges") if name in self._flat]
-            self._handed = any(c is not None for c in columns)
-            columns = [c for c in columns if c is not None]
+        if self.device.type == "cpu":  # the sums themselves become the graph's columns, all or none
+            handed = [self._handover(name) for name in ("edges", "abs_edges") if name in self._flat]
+            if all(c is not None for c in handed):
+                columns, self._handed = handed, True
         return assemble(ug, graph_layers(ug, labels), values, extra=extra, node_attrs=node_attrs, meta=meta,
                         columns=columns)
 

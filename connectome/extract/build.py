@@ -244,8 +244,15 @@ def _claim(ug: UnitGraph) -> tuple[Future, bool]:
 def _build_into(ug: UnitGraph, fut: Future) -> None:
     try:
         fut.set_result(_build_skeleton(ug))
-    except BaseException as exc:  # raised where the skeleton is read
+    except BaseException as exc:  # raised where the skeleton is read; the next call builds again
+        _unclaim(ug, fut)
         fut.set_exception(exc)
+
+
+def _unclaim(ug: UnitGraph, fut: Future) -> None:
+    with _LOCK:
+        if ug.__dict__.get("_skeleton") is fut:
+            del ug.__dict__["_skeleton"]
 
 
 def prefetch_skeleton(ug: UnitGraph, columns: int = 0) -> Future | None:
@@ -258,8 +265,8 @@ def prefetch_skeleton(ug: UnitGraph, columns: int = 0) -> Future | None:
     """
     fut, mine = _claim(ug)
     if not columns:
-        if mine:
-            threading.Thread(target=_build_into, args=(ug, fut), name="connectome-skeleton", daemon=True).start()
+        if mine and not _start(_build_into, ug, fut):
+            _build_into(ug, fut)  # no thread to be had: build it now (never leave the future unresolved)
         return None
     cols: Future = Future()
 
@@ -277,8 +284,18 @@ def prefetch_skeleton(ug: UnitGraph, columns: int = 0) -> Future | None:
         except BaseException as exc:
             cols.set_exception(exc)
 
-    threading.Thread(target=work, name="connectome-skeleton", daemon=True).start()
+    if not _start(work):
+        work()  # no thread to be had: now, in this one
     return cols
+
+
+def _start(target: Any, *args: Any) -> bool:
+    """Run ``target(*args)`` in a daemon thread; False (nothing started) where no thread can start."""
+    try:
+        threading.Thread(target=target, args=args, name="connectome-skeleton", daemon=True).start()
+    except RuntimeError:  # "can't start new thread": the graph is then built where it is needed
+        return False
+    return True
 
 
 def skeleton(ug: UnitGraph) -> Skeleton:

@@ -270,3 +270,45 @@ def test_traced_copies_of_one_architecture_share_one_skeleton_while_a_graph_hold
     src, dst, _ = _reference(ug4, _values(ug4, rng), {})
     np.testing.assert_array_equal(g4.src, src)
     np.testing.assert_array_equal(g4.dst, dst)
+
+
+def test_handover_is_all_or_nothing_and_the_handed_sums_cannot_change():
+    """Review findings: with per_sample, a rebound weight block must not hand over the abs
+    buffer alone (it was taken as the weight column); once handed over, nothing that writes
+    the sums in place (all_reduce's tensors, load_state_dict) is allowed."""
+    from connectome.errors import ConnectomeError
+
+    _, ref_acc, _ = _small_run(per_sample=True)
+    ref = ref_acc.to_graph(None, {})
+    ug, acc, x = _small_run(per_sample=True)
+    li = next(b.li for b in layout(ug).blocks if b.order is None)
+    acc.edges[li] = acc.edges[li].clone()
+    g = acc.to_graph(None, {})
+    np.testing.assert_array_equal(g.weight, ref.weight)
+    np.testing.assert_array_equal(g.edge_attrs["abs_weight"], ref.edge_attrs["abs_weight"])
+    assert not np.shares_memory(g.edge_attrs["abs_weight"], acc._flat["abs_edges"].numpy())
+    for call in (lambda: ref_acc.tensors("sum"), lambda: ref_acc.load_state_dict(acc.state_dict())):
+        with pytest.raises(ConnectomeError, match="new FlowAccumulator"):
+            call()
+    np.testing.assert_array_equal(ref.weight, g.weight)
+
+
+def test_a_failed_skeleton_build_is_tried_again(monkeypatch):
+    import connectome.extract.build as build
+
+    model = _Mixed().eval()
+    ug = trace_units(model, torch.zeros(1, 3, 4, 4))
+    real, calls = build._build_skeleton, []
+
+    def flaky(ug):
+        calls.append(1)
+        if len(calls) == 1:
+            raise MemoryError("out of memory once")
+        return real(ug)
+
+    monkeypatch.setattr(build, "_build_skeleton", flaky)
+    values = _values(ug, np.random.default_rng(0))
+    with pytest.raises(MemoryError):
+        assemble(ug, graph_layers(ug), values)
+    g = assemble(ug, graph_layers(ug), values)
+    assert len(calls) == 2 and g.num_edges == build.skeleton(ug).src.size
