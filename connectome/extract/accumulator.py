@@ -33,7 +33,7 @@ from connectome.extract.build import assemble, edge_shapes, graph_layers, layout
 from connectome.extract.rules import (DETACHED_OPERAND, FIXED_CONSTANT, NAMED_INPUT, RULES, ChainOp, RunContext,
                                       Terms, attention_forward)
 from connectome.extract.trace import LayerSpec, UnitGraph, run_nodes
-from connectome.extract.unit_sums import UnitView
+from connectome.extract.unit_sums import UnitView, _acc_dtype
 from connectome.graph import Connectome
 from connectome.kinds import DENSE, IDENTITY, KINDS, Kind
 
@@ -374,10 +374,12 @@ class FlowAccumulator:
                     # so W * dW needs no temporary the size of the weights
                     prod = gr.mul_(tensor) if gr.dtype == tensor.dtype and gr.is_contiguous() else tensor * gr
                     if spec.kind == Kind.LINEAR:
-                        e = prod.reshape(prod.shape[0], -1, spec.operands[0].group).sum(-1).double()
+                        e = prod.reshape(prod.shape[0], -1, spec.operands[0].group)
                     else:
-                        e = prod.reshape(prod.shape[0], prod.shape[1], -1).sum(-1).double()
-                    self.edges[key] += e
+                        e = prod.reshape(prod.shape[0], prod.shape[1], -1)
+                    # summed over the kernel in its own dtype (not at all for 1x1 kernels), widened by
+                    # the float64 accumulation itself: no float64 copy of every edge per batch
+                    self.edges[key] += e[..., 0] if e.shape[-1] == 1 else e.sum(-1, dtype=_acc_dtype(e))
                 elif kind == "b":
                     self.bias[key] += tensor.double() * gr.double()
                 else:
