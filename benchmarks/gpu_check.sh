@@ -8,7 +8,8 @@
 #   3. completeness residuals and flow errors under each precision, against float64 flows;
 #   4. a torch.profiler table of one ResNet-50 attribution step and of one plain step;
 #   5. modern convnets and transformers (efficientnet_b0, convnext_tiny, regnet_y_1_6gf, vit_b_16,
-#      swin_t) end to end as in 2, batch 64, 512 images, exact float32.
+#      swin_t) end to end as in 2, batch 64, 512 images, exact float32;
+#   6. host overhead: the time of a step on the host and on the device, tiny and at batch 128.
 # Extraction only: nothing here imports igraph or leidenalg.
 #
 # Usage (from the repository root):  PYTHONPATH=. bash benchmarks/gpu_check.sh
@@ -155,12 +156,57 @@ EOF
 part rules "${LIMITS[4]}" $PY benchmarks/bench_extract.py --only e2e --device "$DEVICE" "${RULES[@]}" \
     --precisions exact --out "$OUT/rules_e2e.json"
 
+# 6. host overhead: a step on one 32x32 image, where the device does almost nothing, against a
+#    training step; and at batch 128 (224x224, tf32) the host's and the device's time per step,
+#    to tell a host-bound step (it waits on launching kernels) from a device-bound one
+part overhead 60 $PY - <<'EOF'
+import os, time
+import torch, torchvision
+from connectome.extract._model import precision_mode
+from connectome.extract.accumulator import FlowAccumulator
+from connectome.extract.trace import trace_units
+
+dev, small = torch.device(os.environ["DEVICE"]), os.environ["SMALL"] == "1"
+sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+for name in ["resnet18"] if small else ["resnet50", "resnet18"]:
+    m = torchvision.models.get_model(name).eval().to(dev)
+    for n, size, precision in [(1, 32, "exact")] + ([] if small else [(128, 224, "tf32")]):
+        x = torch.randn(n, 3, size, size, device=dev)
+        y = torch.randint(0, 1000, (n,), device=dev)
+        fn = lambda l: l.gather(1, y[:, None])[:, 0]  # noqa: E731
+        with precision_mode(precision):
+            acc = FlowAccumulator(trace_units(m, x[:1]), dev, torch.float32)
+
+            def plain():
+                m.zero_grad(set_to_none=True)
+                m(x.clone().requires_grad_(True)).gather(1, y[:, None]).sum().backward()
+
+            def host_and_total(f):
+                f()
+                sync()
+                best_total, best_host = 1e9, 1e9
+                for _ in range(5):
+                    t0 = time.perf_counter()
+                    f()
+                    t1 = time.perf_counter()
+                    sync()
+                    t2 = time.perf_counter()
+                    best_host, best_total = min(best_host, t1 - t0), min(best_total, t2 - t0)
+                return best_host, best_total
+
+            hp, tp = host_and_total(plain)
+            ha, ta = host_and_total(lambda: acc.step(x, fn))
+        print(f"{name} batch {n} {size}x{size} {precision}: step {ta*1e3:.1f} ms (host {ha*1e3:.1f}) vs training step "
+              f"{tp*1e3:.1f} ms (host {hp*1e3:.1f}): x{ta/tp:.2f}", flush=True)
+EOF
+
 {
     echo "gpu_check: device $DEVICE, small=$SMALL, $(( $(date +%s) - T0 ))s in all; failed parts: ${FAILED[*]:-none}"
     grep -h "passed\|failed\|skipped\|error" "$OUT/tests_gpu.log" | tail -n 3
     grep -h "plain .* API " "$OUT/e2e.log"
     grep -h "completeness\|reference" "$OUT/precision.log"
     grep -h " x[0-9]" "$OUT/rules.log"
+    grep -h "training step" "$OUT/overhead.log"
 } > "$OUT/summary.txt"
 echo "== summary ($OUT/summary.txt)"
 cat "$OUT/summary.txt"
