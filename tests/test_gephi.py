@@ -54,6 +54,15 @@ def test_connectomes_own_files_read_back(g, tmp_path, ext):
         assert back.meta["model"] == "toy" and back.meta["category"] == "tiger"
 
 
+def _gephi_nodes(g: Connectome, order: np.ndarray):
+    """Per node in Gephi's order: index, quoted id, label, layer, kind, unit, attribution, community."""
+    ids, labels = g.node_ids, g.node_labels
+    attribution, community = g.node_attr("attribution"), g.node_attr("community")
+    for i in order.tolist():
+        layer = g.layers[g.node_layer[i]]
+        yield i, quoteattr(str(ids[i])), str(labels[i]), layer.name, layer.kind, g.node_units[i], float(attribution[i]), community[i]
+
+
 def _gephi_graphml(g: Connectome, path: Path, order: np.ndarray, x: np.ndarray, extra: dict) -> None:
     """What Gephi's ExporterGraphML writes for a graph imported from connectome's GraphML
     (keys label/Edge Label/weight/Edge Id/r/g/b/x/y/size, then the table columns)."""
@@ -74,14 +83,12 @@ def _gephi_graphml(g: Connectome, path: Path, order: np.ndarray, x: np.ndarray, 
              '<key attr.name="Modularity Class" attr.type="int" for="node" id="modularity_class"/>',
              '<key attr.name="signed_weight" attr.type="double" for="edge" id="signed_weight"/>',
              '<graph edgedefault="directed">']
-    labels = g.node_labels
-    for i in order.tolist():
-        li = g.node_layer[i]
+    for i, nid, label, layer, kind, unit, attribution, community in _gephi_nodes(g, order):
         lines.append(
-            f"<node id={quoteattr(str(ids[i]))}><data key=\"label\">{escape(str(labels[i]))}</data>"
-            f"<data key=\"layer\">{g.layers[li].name}</data><data key=\"kind\">{g.layers[li].kind}</data>"
-            f"<data key=\"index\">{g.node_units[i]}</data><data key=\"attribution\">{float(g.node_attr('attribution')[i])!r}</data>"
-            f"<data key=\"community\">{g.node_attr('community')[i]}</data>"
+            f"<node id={nid}><data key=\"label\">{escape(label)}</data>"
+            f"<data key=\"layer\">{layer}</data><data key=\"kind\">{kind}</data>"
+            f"<data key=\"index\">{unit}</data><data key=\"attribution\">{attribution!r}</data>"
+            f"<data key=\"community\">{community}</data>"
             f"<data key=\"modularity_class\">{extra['modularity_class'][i]}</data>"
             f"<data key=\"size\">10.0</data><data key=\"r\">153</data><data key=\"g\">0</data><data key=\"b\">0</data>"
             f"<data key=\"x\">{float(x[i])!r}</data><data key=\"y\">{float(i)!r}</data></node>")
@@ -96,7 +103,7 @@ def _gephi_graphml(g: Connectome, path: Path, order: np.ndarray, x: np.ndarray, 
 
 def _gephi_gexf(g: Connectome, path: Path, order: np.ndarray, x: np.ndarray) -> None:
     """What Gephi's ExporterGEXF (0.9, GEXF 1.3) writes."""
-    ids, labels = g.node_ids, g.node_labels
+    ids = g.node_ids
     lines = ['<?xml version="1.0" encoding="UTF-8"?>',
              '<gexf xmlns="http://www.gexf.net/1.3" version="1.3" xmlns:viz="http://www.gexf.net/1.3/viz" '
              'xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" '
@@ -110,14 +117,13 @@ def _gephi_gexf(g: Connectome, path: Path, order: np.ndarray, x: np.ndarray) -> 
              '</attributes>',
              '<attributes class="edge" mode="static"><attribute id="signed_weight" title="signed_weight" type="double"/></attributes>',
              '<nodes>']
-    for i in order.tolist():
-        li = g.node_layer[i]
+    for i, nid, label, layer, kind, unit, attribution, community in _gephi_nodes(g, order):
         lines.append(
-            f"<node id={quoteattr(str(ids[i]))} label={quoteattr(str(labels[i]))}><attvalues>"
-            f"<attvalue for=\"layer\" value=\"{g.layers[li].name}\"/><attvalue for=\"kind\" value=\"{g.layers[li].kind}\"/>"
-            f"<attvalue for=\"index\" value=\"{g.node_units[i]}\"/>"
-            f"<attvalue for=\"attribution\" value=\"{float(g.node_attr('attribution')[i])!r}\"/>"
-            f"<attvalue for=\"community\" value=\"{g.node_attr('community')[i]}\"/></attvalues>"
+            f"<node id={nid} label={quoteattr(label)}><attvalues>"
+            f"<attvalue for=\"layer\" value=\"{layer}\"/><attvalue for=\"kind\" value=\"{kind}\"/>"
+            f"<attvalue for=\"index\" value=\"{unit}\"/>"
+            f"<attvalue for=\"attribution\" value=\"{attribution!r}\"/>"
+            f"<attvalue for=\"community\" value=\"{community}\"/></attvalues>"
             f"<viz:size value=\"10.0\"/><viz:position x=\"{float(x[i])!r}\" y=\"{float(i)!r}\"/>"
             f"<viz:color r=\"153\" g=\"0\" b=\"0\"/></node>")
     lines.append("</nodes><edges>")
