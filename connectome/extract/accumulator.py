@@ -631,7 +631,9 @@ class FlowAccumulator:
         flat = self._flat[name]
         if self._handed or flat.device.type != "cpu":
             return None
-        for b, t in zip(layout(self.ug).blocks, (getattr(self, name)[b.li] for b in layout(self.ug).blocks)):
+        blocks = getattr(self, name)
+        for b in layout(self.ug).blocks:
+            t = blocks[b.li]
             if b.order is None and (not isinstance(t, torch.Tensor) or t.data_ptr() != flat[b.pos:].data_ptr()
                                     or t.numel() != b.size or not t.is_contiguous()):
                 return None
