@@ -210,6 +210,7 @@ def compare_activations(
     """
     from connectome.extract.probe import profile_node, traced
     from connectome.extract.trace import run_nodes
+    from connectome.extract.targets import as_layer_names
 
     if isinstance(top, bool) or int(top) != top or top < 1:
         raise ValueError(f"top must be a positive integer, got {top!r}")
@@ -219,7 +220,7 @@ def compare_activations(
         raise ValueError(f"the two images differ in shape: {tuple(a.shape[1:])} vs {tuple(b.shape[1:])}; "
                          "preprocess both to the model's input size")
     if layers is not None:
-        layers = [layers] if isinstance(layers, str) else list(layers)
+        layers = as_layer_names(layers)
         if not layers:
             raise ValueError("layers is empty; pass layer names or None for all")
     with traced(model, a, device) as t:

@@ -12,7 +12,7 @@ from connectome.errors import ConnectomeError
 from connectome.extract._model import check_model, eval_mode, model_dtype, model_on, resolve_device
 from connectome.extract.build import graph_layers
 from connectome.extract.data import make_loader, unpack_batch
-from connectome.extract.targets import resolve_layer
+from connectome.extract.targets import as_layer_names, resolve_layer
 from connectome.extract.trace import UnitGraph, run_nodes, trace_units
 
 __all__ = ["activations", "Activations"]
@@ -45,6 +45,7 @@ def _read_node(ug: UnitGraph, i: int, spatial: bool) -> str:
 
 
 def _resolve_layers(ug: UnitGraph, names: Sequence[str] | None) -> list[int]:
+    names = as_layer_names(names)
     if names is None:
         return list(range(len(ug.layers)))
     glayers = graph_layers(ug)

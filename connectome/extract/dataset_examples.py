@@ -329,6 +329,7 @@ def examples(
     from connectome.extract.data import make_loader, unpack_batch, warn_skipped
     from connectome.extract.flow import _labels_for_output, _versions
     from connectome.extract.trace import run_nodes, trace_units
+    from connectome.extract.targets import as_layer_names
     from connectome.graph import Connectome
 
     check_model(model)
@@ -362,7 +363,8 @@ def examples(
                 x = x[:n_used].to(dev, dtype=dtype, non_blocking=True)
                 if tracker is None:
                     ug = trace_units(m, x[:1])
-                    wanted = None if layers is None else [ug.layer_index(str(l)) for l in layers]
+                    names = as_layer_names(layers)
+                    wanted = None if names is None else [ug.layer_index(n) for n in names]
                     tracker = ExampleTracker(ug, dev, k, wanted)
                     state = tracker.empty()
                     for li in tracker.layers:

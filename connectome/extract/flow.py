@@ -45,7 +45,7 @@ from connectome.extract._model import (check_model, eval_mode, model_dtype, mode
                                        precision_mode, resolve_device, resolve_precision, run_precision)
 from connectome.extract.accumulator import FlowAccumulator
 from connectome.extract.data import dataset_targets, make_loader, subset_loader, unpack_batch, warn_skipped
-from connectome.extract.targets import check_labels
+from connectome.extract.targets import as_layer_names, check_labels
 from connectome.extract.trace import trace_units
 from connectome.graph import Connectome
 
@@ -274,7 +274,7 @@ def _attribution(model: nn.Module, info: Any, target: Any = "label", *, per_samp
         if "abs_weight" in g.edge_attrs:
             warnings.warn("layers=: the contracted graph has no abs_weight (per-image |flow| does not split "
                           "through dropped layers); contract the signed flows only", stacklevel=2)
-        g = g.contract([_layer_name(g, l) for l in layers])
+        g = g.contract([_layer_name(g, l) for l in as_layer_names(layers)])
     return g
 
 

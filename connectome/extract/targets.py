@@ -191,6 +191,14 @@ def check_labels(labels: torch.Tensor | None, n_classes: int) -> torch.Tensor:
     return labels.long()
 
 
+def as_layer_names(layers: Any) -> list[str] | None:
+    """A ``layers=`` argument as a list of names: one name alone is a list of one (not of its
+    letters); None stays None (all layers)."""
+    if layers is None:
+        return None
+    return [layers] if isinstance(layers, str) else [str(l) for l in layers]
+
+
 def layer_position(name: str, layers: Sequence[Any], traced: Sequence[Any] | None = None) -> int | None:
     """Position of the layer called ``name``, or None.
 

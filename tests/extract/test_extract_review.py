@@ -339,3 +339,25 @@ def test_per_sample_over_repeated_columns_is_refused():
                                progress=False, device="cpu")
     with pytest.raises(ExtractionError, match="reduce='l2' cannot be split"):
         cn.extract.weights(m.float(), (3, 4, 4), reduce="l2")
+
+
+def test_one_layer_name_is_one_layer_not_its_letters():
+    """``layers="conv"`` is the layer conv, as ``layers=["conv"]`` (it was read letter by letter:
+    "no layer 'c'"), in attribution, activations and examples alike."""
+    import connectome as cn
+
+    torch.manual_seed(0)
+    from collections import OrderedDict
+
+    m = nn.Sequential(OrderedDict(conv=nn.Conv2d(3, 4, 3), relu=nn.ReLU(), pool=nn.AdaptiveAvgPool2d(1),
+                                  flat=nn.Flatten(), fc=nn.Linear(4, 3))).eval()
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 0])
+    names = lambda g: [l.name for l in g.layers]  # noqa: E731
+    one = cn.extract.attribution(m, (x, y), layers="conv", progress=False)
+    assert names(one) == names(cn.extract.attribution(m, (x, y), layers=["conv"], progress=False)) == ["input", "conv", "logits"]
+    assert list(cn.extract.activations(m, x, layers="fc")) == list(cn.extract.activations(m, x, layers=["fc"])) == ["logits"]
+    e1 = cn.extract.examples(m, (x, y), layers="conv", k=2, progress=False)
+    e2 = cn.extract.examples(m, (x, y), layers=["conv"], k=2, progress=False)
+    for col in ("example_index_0", "example_index_1"):
+        np.testing.assert_array_equal(e1.node_attr(col), e2.node_attr(col))
+    assert (e1.node_attr("example_index_0", "conv") >= 0).all()
