@@ -537,9 +537,15 @@ class Checkpoint:
 
     def __init__(self, folder: str | os.PathLike[str], rank: int, fingerprint: dict[str, Any]):
         self.folder = Path(folder)
-        if self.folder.exists() and not self.folder.is_dir():
-            raise ConnectomeError(f"checkpoint {str(self.folder)!r} is a file; give a folder (it is created if missing)")
-        self.folder.mkdir(parents=True, exist_ok=True)
+        for p in (self.folder, *self.folder.parents):  # the folder, or one above it, may be a file
+            if p.exists() and not p.is_dir():
+                where = "is a file" if p == self.folder else f"is under the file {str(p)!r}"
+                raise ConnectomeError(f"checkpoint {str(self.folder)!r} {where}; give a folder (it is created if missing)")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConnectomeError(f"cannot create the checkpoint folder {str(self.folder)!r} "
+                                  f"({exc.strerror or exc}); give a folder that can be written") from None
         self.rank = rank
         self.path = self.folder / f"rank{rank}.pt"
         self.fingerprint = fingerprint

@@ -480,8 +480,6 @@ def attribution_by_category(
         try:
             from connectome.extract.distributed import category_folder
 
-            if checkpoint is not None and Path(checkpoint).exists() and not Path(checkpoint).is_dir():
-                raise ConnectomeError(f"checkpoint {str(checkpoint)!r} is a file; give a folder for checkpoints")
             ck = None if checkpoint is None else Path(checkpoint) / category_folder(label, cname)
             g = _attribution(model, sub_info, target, progress=progress, category=cname, checkpoint=ck,
                              category_label=int(label),

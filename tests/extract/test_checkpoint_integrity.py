@@ -237,3 +237,18 @@ def test_checkpointed_run_with_a_category_name_at_the_file_name_limit(tmp_path):
     again = attribution_by_category(_float_model(), str(tmp_path / "imgs"), **kw)  # resumes from complete checkpoints
     for name in names:
         np.testing.assert_array_equal(again[name].weight, graphs[name].weight)
+
+
+@pytest.mark.parametrize("by_category", [False, True])
+def test_checkpoint_under_a_file_is_one_line_error(tmp_path, by_category):
+    """A checkpoint path inside a file: one line naming the file (it was NotADirectoryError
+    from deep in pathlib, and the category run checked only the path itself, per category)."""
+    from connectome.extract.flow import attribution_by_category
+
+    a_file = tmp_path / "taken"
+    a_file.write_text("x")
+    run = attribution_by_category if by_category else attribution
+    with pytest.raises(ConnectomeError, match="is under the file .*taken.*; give a folder") as err:
+        run(_model(), _data(), checkpoint=a_file / "ck", progress=False)
+    assert "\n" not in str(err.value)
+    assert a_file.read_text() == "x"
