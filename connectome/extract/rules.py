@@ -52,7 +52,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ChainOp", "Rule", "RULES", "Terms", "rule_of", "frozen", "FIXED_CONSTANT", "NAMED_INPUT", "DETACHED_OPERAND", "ATTENTION"]
+__all__ = ["ChainOp", "Rule", "RULES", "Terms", "frozen", "FIXED_CONSTANT", "NAMED_INPUT", "DETACHED_OPERAND", "ATTENTION"]
 
 
 @dataclass
@@ -284,6 +284,3 @@ DETACHED_OPERAND = frozenset({"gate", "pattern"})
 #: Ops attention rules apply to: their pattern must not mix the units of v.
 ATTENTION = frozenset({"attention", "pattern"})
 
-
-def rule_of(op: ChainOp) -> Rule:
-    return RULES[op.kind]

@@ -80,7 +80,6 @@ _LAYOUT_FUNCS: set[Any] = {torch.flatten, torch.reshape, torch.permute, torch.tr
                            torch.unsqueeze, torch.chunk, torch.split, torch.narrow, torch.movedim, torch.mean,
                            operator.getitem, torch.swapaxes, torch.unbind}
 _LAYOUT_MODULES = (nn.Flatten, nn.Unflatten)
-_SHAPE_METHODS = {"size", "dim", "numel", "shape"}
 
 
 def _stochastic_depth() -> Any:
@@ -963,13 +962,6 @@ def _split_group(idx: np.ndarray, layer_size: int) -> tuple[int, np.ndarray | No
     if base.size == layer_size and np.array_equal(base, np.arange(layer_size)):
         return group, None
     return group, base.astype(np.int64)
-
-
-def _prod(xs: tuple[int, ...]) -> int:
-    p = 1
-    for x in xs:
-        p *= int(x)
-    return p
 
 
 # ----------------------------------------------------------------------------- building
