@@ -369,6 +369,12 @@ def warn_skipped(skipped: Sequence[str]) -> None:
         warnings.warn(f"skipped {len(skipped)} image(s) that could not be decoded: {names}", stacklevel=3)
 
 
+def no_images_error(skipped: Sequence[str]) -> DataError:
+    """The error of a run that read no image: all failed to decode, or the data is empty."""
+    return DataError("no images could be read"
+                     + (f": all {len(skipped)} files failed to decode" if len(skipped) else "; the data is empty"))
+
+
 def subset_loader(info: LoaderInfo, indices: Sequence[int], batch_size: int, num_workers: int | None = None,
                   pin_memory: bool = False) -> LoaderInfo:
     """The items ``indices`` of ``info``'s dataset (one category), read like ``info`` reads them."""

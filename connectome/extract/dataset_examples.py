@@ -322,11 +322,10 @@ def examples(
     """
     from tqdm.auto import tqdm
 
-    from connectome.errors import DataError
     from connectome.extract._model import check_model, eval_mode, model_dtype, model_on, resolve_device
     from connectome.extract.unit_sums import UnitView
     from connectome.extract.build import graph_layers
-    from connectome.extract.data import make_loader, unpack_batch, warn_skipped
+    from connectome.extract.data import make_loader, no_images_error, unpack_batch, warn_skipped
     from connectome.extract.flow import _labels_for_output, _versions
     from connectome.extract.trace import run_nodes, trace_units
     from connectome.extract.targets import as_layer_names
@@ -388,8 +387,7 @@ def examples(
         bar.close()
     warn_skipped(skipped)
     if tracker is None:
-        raise DataError("no images could be read" + (f": all {len(skipped)} files failed to decode" if skipped
-                                                     else "; the data is empty"))
+        raise no_images_error(skipped)
     n_out = ug.layers[ug.output_layer].size
     cols = tracker.columns(state, "activation")
     used = np.concatenate([v for c, v in cols.items() if c.startswith("example_index_")])

@@ -731,10 +731,10 @@ class ShardedRun:
 
         Returns the longest time any rank took. Raises on every rank if any rank failed.
         """
+        from connectome.extract.data import no_images_error
+
         if error is None and acc is None:
-            error = DataError("no images could be read"
-                              + (f": all {len(self.skipped)} files failed to decode" if len(self.skipped) else
-                                 "; the data is empty"))
+            error = no_images_error(self.skipped)
         if error is None and self.ckpt is not None:
             try:
                 self.ckpt.save(acc, self.batches_done, self.skipped, complete=True)

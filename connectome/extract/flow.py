@@ -44,7 +44,7 @@ from connectome.errors import ConnectomeError, DataError
 from connectome.extract._model import (check_model, eval_mode, model_dtype, model_on, no_inplace, precision_meta,
                                        precision_mode, resolve_device, resolve_precision, run_precision)
 from connectome.extract.accumulator import FlowAccumulator
-from connectome.extract.data import dataset_targets, make_loader, subset_loader, unpack_batch, warn_skipped
+from connectome.extract.data import dataset_targets, make_loader, no_images_error, subset_loader, unpack_batch, warn_skipped
 from connectome.extract.targets import as_layer_names, check_labels
 from connectome.extract.trace import trace_units
 from connectome.graph import Connectome
@@ -394,9 +394,7 @@ def _accumulate(model, info, target, dev, per_sample, precision, progress, max_i
         t_info["seconds"] = run.finish(acc, error, time.perf_counter() - t0)
     warn_skipped(skipped)
     if acc is None:
-        raise DataError(
-            "no images could be read" + (f": all {len(skipped)} files failed to decode" if skipped else "; the data is empty")
-        )
+        raise no_images_error(skipped)
     t_info["skipped"] = skipped
     t_info.setdefault("seconds", time.perf_counter() - t0)
     return acc, t_info
