@@ -508,24 +508,34 @@ def _cmd_view(a: argparse.Namespace) -> int:
     from connectome.io import load
     from connectome.viz.viewer import write_viewer
 
+    if not 0 < a.mass <= 1:  # before any graph is read
+        raise ConnectomeError(f"--mass must be in (0, 1], got {a.mass}")
     graphs: dict[str, Any] = {}
     for item in a.graphs:
         p = Path(item)
         if p.is_dir():
-            index = p / "index.json"
-            if not index.is_file():
-                raise ConnectomeError(f"folder {item!r} has no index.json; pass .npz files or a folder written by extract")
-            for cname, entry in json.loads(index.read_text()).get("categories", {}).items():
-                graphs[cname] = load(p / entry["file"])
+            for cname, file in _index_files(p, item).items():
+                graphs[cname] = load(p / file)
         else:
             g = load(p)
             graphs[str(g.meta.get("category") or p.stem)] = g
-    if not 0 < a.mass <= 1:
-        raise ConnectomeError(f"--mass must be in (0, 1], got {a.mass}")
     _check_out_file(a.out)
     path = write_viewer(graphs, a.out, images=a.data, mass=a.mass)
     print(f"viewer: {path}")
     return 0
+
+
+def _index_files(folder: Path, item: str) -> dict[str, str]:
+    """Category -> graph file, from the index.json that ``extract`` writes in its folder."""
+    index = folder / "index.json"
+    if not index.is_file():
+        raise ConnectomeError(f"folder {item!r} has no index.json; pass .npz files or a folder written by extract")
+    try:
+        cats = json.loads(index.read_text())["categories"]
+        return {str(c): str(entry["file"]) for c, entry in cats.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ConnectomeError(f"folder {item!r}: index.json is damaged ({type(exc).__name__}: {exc}); "
+                              "run extract again or pass the .npz files") from None
 
 
 def _cmd_demo(a: argparse.Namespace) -> int:

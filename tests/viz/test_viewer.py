@@ -155,6 +155,17 @@ def test_cli_view_export_and_report(graphs, tmp_path, capsys):
     assert "--out" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("text", ["{not json", '{"categories": {"a": {}}}', '{"categories": ["a.npz"]}', "[]"])
+def test_cli_view_of_a_damaged_index_is_one_line(tmp_path, capsys, text):
+    """A damaged index.json: one line and exit 2 (it was a KeyError or AttributeError traceback)."""
+    (tmp_path / "index.json").write_text(text)
+    assert main(["view", str(tmp_path), "--out", str(tmp_path / "v.html")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "index.json is damaged" in err and "run extract again" in err, err
+    assert main(["view", str(tmp_path / "missing.npz"), "--mass", "2", "--out", str(tmp_path / "v.html")]) == 2
+    assert "--mass" in capsys.readouterr().err, "--mass is checked before any graph is read"
+
+
 def test_cli_export_examples_from_an_image_folder(tmp_path, capsys):
     from PIL import Image
 
