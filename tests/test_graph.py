@@ -656,6 +656,13 @@ def test_duplicate_layer_check_is_linear():
     assert _CountingName.compared < 10 * n  # names.count in a loop made it n**2 = 4,000,000
 
 
+def test_sorted_duplicate_edges_are_refused():
+    """Edges already in (dst, src) order skip the sort, not the duplicate check."""
+    with pytest.raises(ConnectomeError, match="duplicate edge"):
+        Connectome(layers=[("a", "input", 1), ("b", "conv", 1)], node_units=[0, 0], src=np.array([0, 0]),
+                   dst=np.array([1, 1]), weight=np.array([1.0, 2.0]))
+
+
 def test_shared_order_check_is_not_fooled_by_a_writeable_base():
     """Edge arrays found canonical are remembered by identity, so graphs that share them skip
     the check; a read-only view of memory the caller can still write must not be remembered:
@@ -670,8 +677,13 @@ def test_shared_order_check_is_not_fooled_by_a_writeable_base():
     w.setflags(write=False)
     g1 = Connectome(layers=layers, node_units=np.array([0, 1, 0, 1]), src=src, dst=dst, weight=w)
     assert edge_dict(g1) == {("input:0", "h:0"): 1.0, ("input:1", "h:0"): 2.0, ("input:0", "h:1"): 3.0}
+    from connectome.graph import is_canonical
+
+    offsets = np.array([0, 2, 4])
+    assert is_canonical(src, dst, offsets, remember=True)  # what extraction's skeleton asks
     src_mem[:] = [0, 0, 1]  # now (dst, src) order is broken: (2,0), (3,0), (2,1)
     dst_mem[:] = [2, 3, 2]
+    assert not is_canonical(src, dst, offsets), "a view of writable memory must not be remembered"
     g2 = Connectome(layers=layers, node_units=np.array([0, 1, 0, 1]), src=src, dst=dst, weight=w)
     assert list(zip(g2.dst.tolist(), g2.src.tolist())) == [(2, 0), (2, 1), (3, 0)], "edges must be sorted again"
     assert edge_dict(g2) == {("input:0", "h:0"): 1.0, ("input:1", "h:0"): 3.0, ("input:0", "h:1"): 2.0}

@@ -555,6 +555,7 @@ def test_export_is_well_formed_whatever_the_names(tmp_path, writer):
     assert sorted(G.nodes) == sorted(ids)
     # CR, LF, tab, '<&>' and quotes travel unchanged; only what XML cannot carry became U+FFFD
     assert G.nodes[ids[0]]["label"] == _expected_text(_NASTY)
+    assert G.nodes[ids[0]]["label"] == "a\ufffdb" + "\ufffd" * 9 + "|\t\n\r\r\n<&>\"'"  # spelled out, not xml_safe's
     assert G.nodes[ids[-1]]["label"] == "carriage\rreturn"
     assert G.nodes[ids[-2]]["label"] == "x\ufffdy"
     assert G.number_of_edges() == 4
