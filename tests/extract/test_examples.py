@@ -199,6 +199,19 @@ def test_crop_is_tight_on_a_linear_conv_stack():
         assert patches.crop_box(ex, "2:1", pos) == (rows[0], rows[-1] + 1, cols[0], cols[-1] + 1)
 
 
+def test_crop_is_tight_through_a_dilated_conv():
+    m = nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.Conv2d(3, 2, 3, padding=2, dilation=2),
+                      nn.Flatten(), nn.Linear(2 * 8 * 8, 2)).double().eval()
+    x = torch.randn(4, 2, 16, 16, dtype=torch.float64)
+    ex = cn.extract.examples(m, x, k=1, progress=False)
+    ug = trace_units(m, x[:1])
+    spec = ug.layers[ug.layer_index("1")]
+    for pos in (0, 27, 63):
+        sup = _support(m, ug, spec.out_node, 1, pos, x)
+        rows, cols = np.flatnonzero(sup.any(1)), np.flatnonzero(sup.any(0))
+        assert patches.crop_box(ex, "1:1", pos) == (rows[0], rows[-1] + 1, cols[0], cols[-1] + 1)
+
+
 # ----------------------------------------------------------------------------- the examples travel
 def test_examples_survive_save_load_prune_subgraph_contract(run, tmp_path):
     _, _, _, g = run
