@@ -118,6 +118,17 @@ def test_gate_on_a_one_by_one_map_is_still_a_gate():
     x, y = _data(2, size=3)
     g = _flows(m, x, y)
     _assert_exact(g)
+    # a map of 1x1 for real (the 3x3 map above takes the broadcast branch): the gate is still
+    # the factor from the other operand, against the hand linearisation
+    m.conv1, m.conv2 = nn.Conv2d(3, 6, 3).double(), nn.Conv2d(6, 5, 1).double()
+
+    def hand(x):
+        a = F.relu(m.conv1(x))
+        return m.fc(F.relu(m.conv2(a * m.gate(a).detach())).mean((2, 3)))
+
+    g = _check(m, hand, x, y, "gate")
+    for layer in ("fc1", "fc2"):
+        assert np.all(g.node_attr("attribution")[g.layer_slice(layer)] == 0.0)
 
 
 def test_two_branch_product_is_refused():
