@@ -45,6 +45,7 @@ _TMP_MARK = "cntmp"
 _TMP_RE = re.compile(r"\..*\.cntmp-([0-9a-f]{8})-([0-9]+)\.[a-z0-9_]+\.tmp", re.S)
 _TMP_NAME_BYTES = 80
 STALE_AFTER_S = 60.0  # a temp file untouched this long, whose writer has died, is garbage
+_LAST_SCAN: dict[str, float] = {}  # folder -> when this process last looked for stale temp files
 STALE_OTHER_HOST_S = 86400.0  # on a shared folder another host's writer cannot be asked: wait a day
 
 
@@ -132,7 +133,8 @@ def atomic_write(path: Any, mode: str = "wb") -> Iterator[IO[Any]]:
     Overwriting keeps the existing file's permission bits; a new file gets those a plain
     ``open()`` would give it. When ``path`` is a symbolic link the link's target is written,
     as ``open()`` would, and the link stays. Temporary files left behind by a killed writer
-    in the folder are removed (see :func:`_remove_stale_temps`).
+    in the folder are removed (see :func:`_remove_stale_temps`; a folder is looked at once per
+    :data:`STALE_AFTER_S` seconds, the age a temp file needs to be stale).
 
     Raises
     ------
@@ -148,7 +150,12 @@ def atomic_write(path: Any, mode: str = "wb") -> Iterator[IO[Any]]:
     if not folder.is_dir():
         where = folder if given.is_symlink() else (given.parent if str(given.parent) else Path("."))
         raise ExportError(f"cannot write {str(given)!r}: folder {str(where)!r} does not exist; create it first")
-    _remove_stale_temps(folder)
+    _scan_now = time.monotonic()
+    if _scan_now - _LAST_SCAN.get(str(folder), -math.inf) >= STALE_AFTER_S:
+        # once per folder and STALE_AFTER_S: a file has to be that old to be stale anyway, and a
+        # scan per write made writing a folder of n files (export --examples) quadratic
+        _LAST_SCAN[str(folder)] = _scan_now
+        _remove_stale_temps(folder)
     try:
         mode_bits = stat.S_IMODE(os.stat(target).st_mode)
     except FileNotFoundError:

@@ -684,3 +684,18 @@ def test_gephi_community_colours_are_the_figures_colours():
     g = g.with_node_attrs(community=labels.astype(np.float64))
     expect = np.clip(np.round(np.asarray(community_rgb(labels)) * 255), 0, 255).astype(np.int64)
     np.testing.assert_array_equal(cio.node_colors(g), expect)
+
+
+def test_a_folder_is_scanned_for_stale_temps_once_per_interval(g, tmp_path, monkeypatch):
+    """Writing n files into one folder (export --examples: one per unit) scanned the whole folder
+    per file, quadratic in n; now once per STALE_AFTER_S, the age a temp file needs to be stale."""
+    scans = []
+    real = cio._remove_stale_temps
+    monkeypatch.setattr(cio, "_remove_stale_temps", lambda folder: scans.append(folder) or real(folder))
+    for i in range(20):
+        with cio.atomic_write(tmp_path / f"u{i}.bin", "wb") as fh:
+            fh.write(b"x")
+    assert len(scans) == 1
+    monkeypatch.setitem(cio._LAST_SCAN, str(tmp_path.resolve()), -cio.STALE_AFTER_S - 1.0)  # long ago
+    g.save(tmp_path / "g.npz")
+    assert len(scans) == 2
