@@ -170,6 +170,15 @@ def _graphml_tables(path: Path) -> tuple[bool, dict[str, Any], list[tuple[str, d
 
 def _from_tables(directed: bool, graph_data: dict[str, Any], node_rows: list[tuple[Any, dict]],
                  edge_rows: list[tuple[Any, Any, dict]], path: Path) -> Connectome:
+    try:
+        return _tables_to_graph(directed, graph_data, node_rows, edge_rows, path)
+    except (ValueError, TypeError) as exc:  # a column value of the wrong type (index "a", weight "x")
+        raise BadFileError(f"cannot read {str(path)!r}: a value of the wrong type ({exc}); "
+                           "was it edited by hand? export it again from Gephi or connectome") from None
+
+
+def _tables_to_graph(directed: bool, graph_data: dict[str, Any], node_rows: list[tuple[Any, dict]],
+                     edge_rows: list[tuple[Any, Any, dict]], path: Path) -> Connectome:
     if not directed:
         raise ConnectomeError(f"{str(path)!r} holds an undirected graph; a connectome's edges have a direction "
                               "(export it from Gephi as directed)")
@@ -183,6 +192,13 @@ def _from_tables(directed: bool, graph_data: dict[str, Any], node_rows: list[tup
             raise ConnectomeError(f"node {n!r} of {str(path)!r} has no 'layer'/'index' columns and its id is not "
                                   "'<layer>:<unit>'; was the file written by connectome?")
         where[n] = (lname, int(unit))
+    if len(set(where.values())) < len(where):
+        seen: dict[tuple[str, int], Any] = {}
+        for n, lu in where.items():
+            if lu in seen:
+                raise BadFileError(f"{str(path)!r}: nodes {seen[lu]!r} and {n!r} are both unit {lu[1]} of layer "
+                                   f"{lu[0]!r}; each (layer, index) must be one node")
+            seen[lu] = n
     unknown = {u for u, v, _ in edge_rows for u in (u, v) if u not in where}
     if unknown:
         raise ConnectomeError(f"{str(path)!r} has edges to nodes it does not list: {sorted(map(str, unknown))[:3]}")

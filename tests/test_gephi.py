@@ -225,3 +225,31 @@ def test_graphml_key_defaults_types_and_graph_data(tmp_path):
     assert g.node_attr("community").tolist() == [1, 0, 1] and g.node_attr("community").dtype.kind == "i"
     assert sorted(g.weight.tolist()) == [-1.5, 2.0]
     assert sorted(g.edge_attr("flag").tolist()) == [0.0, 1.0]
+
+
+def test_hand_edited_values_and_duplicate_units_are_bad_files(tmp_path):
+    """A non-integer index or a non-numeric weight was a bare ValueError from deep inside the
+    reader; two nodes claiming one (layer, index) were read as a graph with repeated ids."""
+    import networkx as nx
+
+    H = nx.DiGraph()
+    H.add_node("n0", layer="a", index="zero")
+    H.add_node("n1", layer="b", index=0)
+    H.add_edge("n0", "n1")
+    nx.write_graphml(H, tmp_path / "index.graphml")
+    with pytest.raises(BadFileError, match="wrong type.*export it again") as err:
+        gephi.read_graphml(tmp_path / "index.graphml")
+    assert "\n" not in str(err.value)
+    H = nx.DiGraph()
+    H.add_edge("a:0", "b:0", signed_weight="heavy")
+    nx.write_graphml(H, tmp_path / "weight.graphml")
+    with pytest.raises(BadFileError, match="wrong type"):
+        gephi.read_graphml(tmp_path / "weight.graphml")
+    H = nx.DiGraph()
+    H.add_node("x", layer="a", index=0)
+    H.add_node("y", layer="a", index=0)
+    H.add_node("z", layer="b", index=0)
+    H.add_edges_from([("x", "z"), ("y", "z")])
+    nx.write_graphml(H, tmp_path / "dup.graphml")
+    with pytest.raises(BadFileError, match="both unit 0 of layer 'a'"):
+        gephi.read_graphml(tmp_path / "dup.graphml")
