@@ -457,7 +457,6 @@ def _export_size(g: Any) -> float:
 def _annotated(g: Any) -> Any:
     """``g`` with centralities, Leiden communities and the circuit as node columns."""
     from connectome import analysis as an
-    from connectome.analysis.circuits import target_node
 
     measures = ["strength", "pagerank"] + (["flow"] if "attribution" in g.node_attrs else [])
     c = an.centrality(g, measures)
@@ -466,12 +465,10 @@ def _annotated(g: Any) -> Any:
     except ConnectomeError as exc:
         print(f"connectome export: communities skipped ({_one_line(exc)})", file=sys.stderr)
         p = None
-    circ = None
     try:
-        target_node(g, None)
         circ = an.circuit(g, mass=0.8)
     except ConnectomeError:
-        pass  # a weight graph has no class to trace a circuit to
+        circ = None  # a weight graph has no class to trace a circuit to
     return an.annotate(g, centrality=c, partition=p, circuit=circ)
 
 

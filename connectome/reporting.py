@@ -94,17 +94,6 @@ def _plain_text() -> Iterator[None]:
         yield
 
 
-def _has_target(g: Connectome) -> bool:
-    """Whether the graph names its class unit (the circuit's default target)."""
-    from connectome.analysis.circuits import target_node
-
-    try:
-        target_node(g, None)
-    except ConnectomeError:
-        return False
-    return True
-
-
 #: Circuit units a report draws at most (``circuit(..., max_units=)``): readable on ResNet-50.
 FIGURE_UNITS = 150
 #: Layers (from the output back) of the circuit skeleton placed in the other graph.
@@ -174,8 +163,10 @@ def graph_sections(g: Connectome, top: int = 10, seed: int = 0, report: Any = No
         if len(rows) < p.n_communities:
             text.append(f"(the {len(rows)} largest of {p.n_communities} communities)")
     # circuit
+    from connectome.analysis.circuits import has_target
+
     circ = groups = None
-    if _has_target(g):
+    if has_target(g):
         circ = an.circuit(g_comm, mass=mass, top_k=top_k, max_units=max_units)
         sizes = {l.name: l.size for l in circ.layers}
         capped = circ.meta["circuit"].get("capped", {})
@@ -314,7 +305,9 @@ def compare_report(ga: Connectome, gb: Connectome, top: int = 20, out: str | Non
     text = [repr(cmp)]
     na, nb = ga.meta.get("category") or "A", gb.meta.get("category") or "B"
     analog = None
-    if _has_target(ga) and _has_target(gb):
+    from connectome.analysis.circuits import has_target
+
+    if has_target(ga) and has_target(gb):
         by = "abs_weight" if "abs_weight" in ga.edge_attrs and "abs_weight" in gb.edge_attrs else "weight"
         # a sparse pattern (each circuit unit's strongest input) into a host that keeps more
         skeleton = an.circuit(ga, top_k=2).prune(top_k=1, by=by)

@@ -49,6 +49,16 @@ def _target_examples(g: Connectome) -> str:
     return text
 
 
+def has_target(g: Connectome) -> bool:
+    """Whether the graph names its class unit: the default target of :func:`circuit` (an
+    attribution graph of one category has one; a weight graph has none)."""
+    try:
+        target_node(g, None)
+    except ConnectomeError:
+        return False
+    return True
+
+
 def target_node(g: Connectome, target: Any) -> int:
     """Global node index of the unit a circuit is traced back from.
 

@@ -136,11 +136,9 @@ def _as_membership(p: Any, g: Connectome, which: str) -> np.ndarray:
 
 def _circuit_nodes(g: Connectome, mass: float) -> set[str] | None:
     """Node ids of the graph's circuit, ``None`` when it has no category target."""
-    from connectome.analysis.circuits import circuit, target_node
+    from connectome.analysis.circuits import circuit, has_target
 
-    try:
-        target_node(g, None)
-    except ConnectomeError:
+    if not has_target(g):
         return None
     try:
         return set(circuit(g, mass=mass).node_ids.tolist())

@@ -45,16 +45,11 @@ def circuit_levels(g: Connectome, mass: float = 0.9) -> tuple[list[float], np.nd
         target unit (weight graphs) use, per layer, the strongest units by ``|attribution|``
         (or strength) that hold ``levels[j]`` of the layer's total.
     """
-    from connectome.analysis.circuits import circuit, target_node
+    from connectome.analysis.circuits import circuit, has_target
 
     levels = [v for v in LEVELS if v < mass] + [float(mass)]
     member = np.zeros((len(levels), g.num_nodes), dtype=bool)
-    try:
-        target_node(g, None)
-        has_target = g.num_edges > 0
-    except ConnectomeError:
-        has_target = False
-    if has_target:
+    if has_target(g) and g.num_edges > 0:
         for j, m in enumerate(levels):
             try:
                 c = circuit(g, mass=m)
