@@ -248,6 +248,8 @@ def _vector_scale(op: ChainOp) -> Any:
     return op.params[0]
 
 
+_ATTENTION_RULE = "attention: the pattern softmax(q k^T / sqrt(d)) held constant (CP-LRP)"
+
 RULES: dict[str, Rule] = {
     r.kind: r
     for r in (
@@ -263,12 +265,9 @@ RULES: dict[str, Rule] = {
         Rule("smooth", "identity rule: f(x) = f(0) + x * r(x), r held constant",
              constant=lambda op, ctx, like: op.params[0] if op.params[0] != 0 else None, forward=_smooth_forward,
              weight_note="element-wise, not folded"),
-        Rule("attention", "attention: the pattern softmax(q k^T / sqrt(d)) held constant (CP-LRP)",
-             weight_note="token mixing has no weights: V's units pass through"),
-        Rule("pattern", "attention: the pattern softmax(q k^T / sqrt(d)) held constant (CP-LRP)",
-             weight_note="token mixing has no weights: V's units pass through"),
-        Rule("window", "attention: the pattern softmax(q k^T / sqrt(d)) held constant (CP-LRP)",
-             weight_note="Swin's window attention: token mixing has no weights"),
+        Rule("attention", _ATTENTION_RULE, weight_note="token mixing has no weights: V's units pass through"),
+        Rule("pattern", _ATTENTION_RULE, weight_note="token mixing has no weights: V's units pass through"),
+        Rule("window", _ATTENTION_RULE, weight_note="Swin's window attention: token mixing has no weights"),
         Rule("norm", "normalisation: mean and standard deviation held constant", constant=_stashed,
              forward=_norm_forward, weight_note="statistics depend on data: not folded"),
     )

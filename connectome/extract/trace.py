@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from connectome.errors import ExtractionError
-from connectome.extract.rules import ATTENTION, NAMED_INPUT, ChainOp
+from connectome.extract.rules import ATTENTION, NAMED_INPUT, RULES, ChainOp
 from connectome.kinds import Kind
 
 __all__ = ["UnitGraph", "LayerSpec", "Operand", "ChainOp", "Units", "trace_units", "run_nodes"]
@@ -268,8 +268,9 @@ class _Tracer(fx.Tracer):
 
 
 def _trace(model: nn.Module) -> fx.GraphModule:
-    if not isinstance(model, nn.Module):
-        raise ExtractionError(f"expected a torch.nn.Module, got {type(model).__name__}; pass the model object itself")
+    from connectome.extract._model import check_model
+
+    check_model(model)
     tracer = _Tracer()
     try:
         graph = tracer.trace(model)
@@ -1180,7 +1181,7 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                 raise ExtractionError(f"{_where(node)} reads q, k, v that are not one Linear's units")
             units[node.name] = Units(u.layer, u.dims, np.arange(2 * c3 // 3, c3, dtype=np.int64))
             layers[u.layer].bias_ops.append(ChainOp(node.name, "window", q.name, ()))
-            rules.add("attention: the pattern softmax(q k^T / sqrt(d)) held constant (CP-LRP)")
+            rules.add(RULES["window"].name)
         elif what == "concat" and _const_cat(node, info, ctx, units, layers):
             pass  # constants (a class token) joined to data along positions: a per-unit op
         elif what in ("residual", "concat"):
