@@ -186,30 +186,28 @@ def test_crop_covers_the_gradient_support_of_every_unit(run):
             assert not (sup & ~inside).any(), f"{s.name} pos {pos}: gradient outside the crop {(y0, y1, x0, x1)}"
 
 
-def test_crop_is_tight_on_a_linear_conv_stack():
-    m = nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.AvgPool2d(2), nn.Conv2d(3, 2, 3, padding=1),
-                      nn.Flatten(), nn.Linear(2 * 4 * 4, 2)).double().eval()
+def _conv_stack():
+    return nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.AvgPool2d(2), nn.Conv2d(3, 2, 3, padding=1),
+                         nn.Flatten(), nn.Linear(2 * 4 * 4, 2))
+
+
+def _dilated_stack():
+    return nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.Conv2d(3, 2, 3, padding=2, dilation=2),
+                         nn.Flatten(), nn.Linear(2 * 8 * 8, 2))
+
+
+@pytest.mark.parametrize("build,layer,positions", [(_conv_stack, "2", (0, 5, 15)), (_dilated_stack, "1", (0, 27, 63))],
+                         ids=["conv stack", "dilated conv"])
+def test_crop_is_tight_on_a_linear_conv_stack(build, layer, positions):
+    m = build().double().eval()
     x = torch.randn(4, 2, 16, 16, dtype=torch.float64)
     ex = cn.extract.examples(m, x, k=1, progress=False)
     ug = trace_units(m, x[:1])
-    spec = ug.layers[ug.layer_index("2")]
-    for pos in (0, 5, 15):
+    spec = ug.layers[ug.layer_index(layer)]
+    for pos in positions:
         sup = _support(m, ug, spec.out_node, 1, pos, x)
         rows, cols = np.flatnonzero(sup.any(1)), np.flatnonzero(sup.any(0))
-        assert patches.crop_box(ex, "2:1", pos) == (rows[0], rows[-1] + 1, cols[0], cols[-1] + 1)
-
-
-def test_crop_is_tight_through_a_dilated_conv():
-    m = nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.Conv2d(3, 2, 3, padding=2, dilation=2),
-                      nn.Flatten(), nn.Linear(2 * 8 * 8, 2)).double().eval()
-    x = torch.randn(4, 2, 16, 16, dtype=torch.float64)
-    ex = cn.extract.examples(m, x, k=1, progress=False)
-    ug = trace_units(m, x[:1])
-    spec = ug.layers[ug.layer_index("1")]
-    for pos in (0, 27, 63):
-        sup = _support(m, ug, spec.out_node, 1, pos, x)
-        rows, cols = np.flatnonzero(sup.any(1)), np.flatnonzero(sup.any(0))
-        assert patches.crop_box(ex, "1:1", pos) == (rows[0], rows[-1] + 1, cols[0], cols[-1] + 1)
+        assert patches.crop_box(ex, f"{layer}:1", pos) == (rows[0], rows[-1] + 1, cols[0], cols[-1] + 1)
 
 
 # ----------------------------------------------------------------------------- the examples travel
