@@ -8,6 +8,14 @@ and outputs, highlighted in the drawing), click to pin, a slider for the circuit
 a menu of categories and a search by unit id. The data (JSON) and the patches (one PNG
 sprite per category) are inlined with a small script of its own: nothing is fetched.
 
+The page is safe to open whatever the names in the graphs are (they come from folder names
+and model files, and the file is mailed around): it is filled in one pass, so no name is
+read as a placeholder; the inlined JSON has ``<``, ``>``, ``&``, U+2028 and U+2029 escaped,
+so it can neither end its ``<script>`` element nor open a comment; the script puts every
+name into the page as text (``textContent``), never as HTML; and a Content-Security-Policy
+lets the browser run only the page's own inline script and style (by their SHA-256 hashes)
+and show only ``data:`` images: no other script, no event handler attribute, no network.
+
 The slider steps through circuit masses; at each it shows exactly the units of
 :func:`connectome.analysis.circuit` of that mass (:func:`circuit_levels`); graphs without a
 target unit (weight graphs) use each layer's strongest units by ``|attribution|`` (or
@@ -16,8 +24,11 @@ strength) instead.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import html
 import json
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -26,7 +37,7 @@ import numpy as np
 from connectome.errors import ConnectomeError
 from connectome.graph import Connectome
 
-__all__ = ["viewer_html", "write_viewer", "circuit_levels"]
+__all__ = ["viewer_html", "write_viewer", "circuit_levels", "inline_json", "content_security_policy"]
 
 LEVELS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 
@@ -184,20 +195,63 @@ def viewer_html(graphs: Connectome | Mapping[str, Connectome], images: Any = Non
         raise ValueError("graphs is empty; pass a Connectome or a dict of category -> Connectome")
     if not 0 < mass <= 1:
         raise ValueError(f"mass must be in (0, 1], got {mass}")
-    from connectome.reporting import for_display
+    from connectome.reporting import for_display, printable
 
     cats = []
     for name, g in graphs.items():
         if not isinstance(g, Connectome):
             raise TypeError(f"graphs[{name!r}] is a {type(g).__name__}, not a Connectome")
         imgs = images.get(name) if isinstance(images, Mapping) else images
-        cats.append(_category(for_display(g), str(name), imgs, mass, max_units, max_edges, n_patches, patch_size))
+        cats.append(_category(for_display(g), printable(str(name)), imgs, mass, max_units, max_edges, n_patches,
+                              patch_size))
     first = next(iter(graphs.values()))
-    title = title or f"connectome viewer: {first.meta.get('model', '')}".strip()
-    data = json.dumps({"title": title, "categories": cats}, separators=(",", ":"), allow_nan=False)
-    data = data.replace("</", "<\\/")  # a name such as "</script>" must not end the script
-    return (_PAGE.replace("__TITLE__", html.escape(title)).replace("__CSS__", _CSS)
-            .replace("__DATA__", data).replace("__SCRIPT__", _SCRIPT))
+    title = printable(title or f"connectome viewer: {first.meta.get('model', '')}".strip())
+    return _fill(_PAGE, {
+        "TITLE": html.escape(title),
+        "CSP": html.escape(content_security_policy()),
+        "CSS": _CSS,
+        "DATA": inline_json({"title": title, "categories": cats}),
+        "SCRIPT": _SCRIPT,
+    })
+
+
+#: Characters that must not appear raw in JSON inside ``<script>``: ``<`` (``</script>``,
+#: ``<!--``), ``>`` and ``&`` (kept out for good measure), and the line separators older
+#: JavaScript parsers read as line ends.
+_JSON_ESCAPES = {ord("<"): "\\u003c", ord(">"): "\\u003e", ord("&"): "\\u0026",
+                 0x2028: "\\u2028", 0x2029: "\\u2029"}
+_SLOT = re.compile(r"__(TITLE|CSP|CSS|DATA|SCRIPT)__")
+
+
+def inline_json(obj: Any) -> str:
+    """``obj`` as JSON that is safe inside an HTML ``<script type="application/json">`` element.
+
+    Outside strings JSON holds none of the escaped characters, so the text parses back to
+    ``obj`` with any JSON parser.
+
+    Examples
+    --------
+    >>> inline_json({"name": "</script><!--"})
+    '{"name":"\\\\u003c/script\\\\u003e\\\\u003c!--"}'
+    """
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).translate(_JSON_ESCAPES)
+
+
+def _fill(template: str, values: Mapping[str, str]) -> str:
+    """Every ``__NAME__`` slot of ``template`` filled in one pass: text put in a slot is never
+    searched again, so a name that reads ``__DATA__`` stays a name."""
+    return _SLOT.sub(lambda m: values[m.group(1)], template)
+
+
+def _sha256_source(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii") + "'"
+
+
+def content_security_policy() -> str:
+    """The page's Content-Security-Policy: its own inline script and style (by hash), data:
+    images, nothing else (no network, no other script, no event handler attributes)."""
+    return (f"default-src 'none'; script-src {_sha256_source(_SCRIPT)}; style-src {_sha256_source(_CSS)}; "
+            "img-src data:; base-uri 'none'; form-action 'none'")
 
 
 def write_viewer(graphs: Connectome | Mapping[str, Connectome], path: Any, images: Any = None, **kw: Any) -> Path:
@@ -239,6 +293,7 @@ def write_viewer(graphs: Connectome | Mapping[str, Connectome], path: Any, image
 
 _PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="__CSP__">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>__TITLE__</title><style>__CSS__</style></head>
 <body>
@@ -249,7 +304,7 @@ _PAGE = """<!DOCTYPE html>
   <label><input id="search" type="search" placeholder="unit id, e.g. conv2:5" list="ids" size="18"></label>
   <datalist id="ids"></datalist>
   <span id="count"></span>
-  <span class="legend"><i style="background:#d62728"></i>positive flow <i style="background:#1f77b4"></i>negative flow</span>
+  <span class="legend"><i class="pos"></i>positive flow <i class="neg"></i>negative flow</span>
 </div>
 <canvas id="view"></canvas>
 <div id="card" hidden></div>
@@ -274,6 +329,8 @@ html, body { margin: 0; height: 100%; overflow: hidden; font: 13px -apple-system
 #card .sub { color: #666; margin-top: 6px; }
 #help { position: fixed; bottom: 6px; left: 10px; color: #888; font-size: 12px; }
 .legend i { display: inline-block; width: 18px; height: 3px; vertical-align: middle; margin: 0 4px 0 8px; }
+.legend i.pos { background: #d62728; } .legend i.neg { background: #1f77b4; }
+#card td.pos { color: #d62728; } #card td.neg { color: #1f77b4; }
 """
 
 _SCRIPT = r"""
@@ -306,7 +363,7 @@ _SCRIPT = r"""
     }
     sprite = null;
     if (C.sprite) { sprite = new Image(); sprite.onload = function () { showCard(); }; sprite.src = C.sprite; }
-    var dl = document.getElementById("ids"); dl.innerHTML = "";
+    var dl = document.getElementById("ids"); dl.textContent = "";
     C.nodes.id.forEach(function (id) { var o = document.createElement("option"); o.value = id; dl.appendChild(o); });
     hover = -1; pinned = -1; card.hidden = true;
     filter(); fit(); draw();
@@ -401,33 +458,47 @@ _SCRIPT = r"""
     return best;
   }
 
-  function edgeRows(list, other) {
-    var E = C.edges;
-    return list.slice(0, 5).map(function (e) {
-      return "<tr><td>" + esc(C.nodes.id[other(e)]) + "</td><td class='n' style='color:" +
-        (E.w[e] >= 0 ? "#d62728" : "#1f77b4") + "'>" + fmt(E.w[e]) + "</td></tr>";
-    }).join("");
+  // Names reach the page only as text (textContent): a unit, layer or category called
+  // "<img onerror=...>" is shown as those characters, never parsed as HTML.
+  function el(tag, text, cls) {
+    var e = document.createElement(tag);
+    if (text !== undefined && text !== null) e.textContent = String(text);
+    if (cls) e.className = cls;
+    return e;
   }
 
-  function esc(s) { return String(s).replace(/[&<>"']/g, function (c) { return "&#" + c.charCodeAt(0) + ";"; }); }
+  function table(rows) {  // rows: [label, value, class of the value cell]
+    var t = el("table");
+    rows.forEach(function (r) {
+      var tr = el("tr"); tr.appendChild(el("td", r[0])); tr.appendChild(el("td", r[1], "n" + (r[2] ? " " + r[2] : "")));
+      t.appendChild(tr);
+    });
+    return t;
+  }
+
+  function edgeRows(list, other) {
+    var E = C.edges;
+    return list.slice(0, 5).map(function (e) { return [C.nodes.id[other(e)], fmt(E.w[e]), E.w[e] >= 0 ? "pos" : "neg"]; });
+  }
 
   function showCard() {
     var k = focusNode();
     if (k < 0) { card.hidden = true; return; }
     var N = C.nodes, E = C.edges, masses = C.levels.filter(function (m, j) { return (N.mask[k] >> j) & 1; });
-    var h = "<h3>" + esc(N.id[k]) + "</h3>" +
-      "<table><tr><td>attribution</td><td class='n'>" + fmt(N.attr[k]) + "</td></tr>" +
-      "<tr><td>flow in</td><td class='n'>" + fmt(N.fin[k]) + "</td></tr>" +
-      "<tr><td>flow out</td><td class='n'>" + fmt(N.fout[k]) + "</td></tr>" +
-      "<tr><td>community</td><td class='n'>" + (N.comm[k] >= 0 ? N.comm[k] : "-") + "</td></tr>" +
-      "<tr><td>in the circuits of mass</td><td class='n'>" +
-      masses.map(function (m) { return Math.round(m * 100); }).join(", ") + "%</td></tr></table>";
-    if (N.row[k] >= 0) h += "<div class='sub'>top images, cropped to the receptive field</div><canvas id='patches'></canvas>";
+    var parts = [el("h3", N.id[k]), table([
+      ["attribution", fmt(N.attr[k])], ["flow in", fmt(N.fin[k])], ["flow out", fmt(N.fout[k])],
+      ["community", N.comm[k] >= 0 ? N.comm[k] : "-"],
+      ["in the circuits of mass", masses.map(function (m) { return Math.round(m * 100); }).join(", ") + "%"]])];
+    if (N.row[k] >= 0) {
+      parts.push(el("div", "top images, cropped to the receptive field", "sub"));
+      var pcv = el("canvas"); pcv.id = "patches"; parts.push(pcv);
+    }
     var ins = inE[k].filter(function (e) { return shown[E.s[e]]; });
     var outs = outE[k].filter(function (e) { return shown[E.t[e]]; });
-    if (ins.length) h += "<div class='sub'>strongest inputs</div><table>" + edgeRows(ins, function (e) { return E.s[e]; }) + "</table>";
-    if (outs.length) h += "<div class='sub'>strongest outputs</div><table>" + edgeRows(outs, function (e) { return E.t[e]; }) + "</table>";
-    card.innerHTML = h;
+    if (ins.length) parts.push(el("div", "strongest inputs", "sub"), table(edgeRows(ins, function (e) { return E.s[e]; })));
+    if (outs.length) parts.push(el("div", "strongest outputs", "sub"), table(edgeRows(outs, function (e) { return E.t[e]; })));
+    card.textContent = "";
+    parts.forEach(function (p) { card.appendChild(p); });
     card.className = pinned >= 0 ? "pinned" : "";
     var left = sx(k) > canvas.width / devicePixelRatio / 2;  // on the other side: never over the unit
     card.style.left = left ? "10px" : "auto"; card.style.right = left ? "auto" : "10px";
