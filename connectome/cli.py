@@ -194,7 +194,7 @@ def _cmd_weights(a: argparse.Namespace) -> int:
     shape = _shape(a.input_shape) or spec.input_shape
     if shape is None:
         raise ConnectomeError(f"give --input-shape for {a.model!r} (for example 3,224,224)")
-    _check_out_file(a.out)
+    _check_out_file(a.out, [a.weights, a.model.rpartition(":")[0]])  # the weights file, the model's .py
     g = extract.weights(spec.model, shape, reduce=a.reduce, labels=spec.classes, name=spec.name)
     g = g.with_meta(**spec.meta)  # what was assumed (random weights) travels with the graph
     g.save(a.out)
@@ -203,10 +203,23 @@ def _cmd_weights(a: argparse.Namespace) -> int:
     return 0
 
 
-def _check_out_file(path: str) -> None:
+def _check_out_file(path: str, inputs: Sequence[Any] = ()) -> None:
+    """Refuse ``--out`` in a folder that does not exist, or naming one of the command's input
+    files (also through a symbolic or hard link): writing it would replace the input."""
     parent = Path(path).parent
     if str(parent) and not parent.is_dir():
         raise ConnectomeError(f"cannot write {path!r}: folder {str(parent)!r} does not exist")
+    if not os.path.exists(path):  # a file that does not exist is no input
+        return
+    for item in inputs:
+        try:
+            same = os.path.samefile(path, item)
+        except (OSError, TypeError, ValueError):  # an input that is not a file here (torchvision:resnet18)
+            continue
+        if same:
+            how = "" if os.path.abspath(path) == os.path.abspath(item) else " (the same file through a link)"
+            raise ConnectomeError(f"--out {path!r} is the input {str(item)!r}{how}; writing it would replace "
+                                  "the input: choose another --out")
 
 
 def _check_out_dir(path: str | None) -> None:
@@ -416,7 +429,7 @@ def _cmd_export(a: argparse.Namespace) -> int:
     fmt = a.format or _format_from(a.out)
     if a.prune_top_k is not None and a.prune_top_k < 1:
         raise ConnectomeError(f"--prune-top-k must be >= 1, got {a.prune_top_k}")
-    _check_out_file(a.out)
+    _check_out_file(a.out, [a.graph])
     g = io.load(a.graph)
     if a.annotate:
         g = _annotated(g)
@@ -473,12 +486,19 @@ def _annotated(g: Any) -> Any:
 
 
 def _write_patches(g: Any, folder: str, data: str | None, beside: Path) -> Any:
-    """Each unit's top patches as one PNG strip ``DIR/<layer>_<unit>.png``; returns ``g`` with the
-    file of each unit (relative to the exported file's folder) as node attribute ``example_file``."""
+    """Each unit's top patches as one PNG strip ``DIR/<graph>-<key>/<layer>_<unit>.png``; returns
+    ``g`` with the file of each unit (relative to the exported file's folder) as node attribute
+    ``example_file``.
+
+    The subfolder is named by the graph (its category or model) and
+    :func:`connectome.patches.examples_key`, so graphs exported into one ``DIR`` keep their own
+    patches; file names are distinct also where the file system ignores case or Unicode
+    normalisation (:func:`connectome.io.file_stems`).
+    """
     import numpy as np
 
-    from connectome.io import atomic_write, file_stem
-    from connectome.patches import has_examples, image_source, unit_patches
+    from connectome.io import atomic_write, file_stem, file_stems
+    from connectome.patches import examples_key, has_examples, image_source, unit_patches
     from connectome.viz.units import patch_strip, png_bytes
 
     if not has_examples(g):
@@ -486,18 +506,20 @@ def _write_patches(g: Any, folder: str, data: str | None, beside: Path) -> Any:
     images = image_source(g, data)
     if images is None:
         raise ConnectomeError("--examples: the graph does not record where its images are; pass --data DATA")
-    out = Path(folder)
-    if out.exists() and not out.is_dir():
+    if Path(folder).exists() and not Path(folder).is_dir():
         raise ConnectomeError(f"--examples {folder!r} is a file; give a folder")
+    label = str(g.meta.get("category") or g.meta.get("model") or "graph")
+    out = Path(folder) / f"{file_stem(label, max_bytes=40)}-{examples_key(g, data)}"
     out.mkdir(parents=True, exist_ok=True)
     patches = unit_patches(g, images, n=8, size=48)
+    stems = file_stems(nid.replace(":", "_") for nid in patches)  # "layer:3" -> "layer_3", one to one
     files = np.full(g.num_nodes, "", dtype=object)
     for nid, items in patches.items():
-        name = file_stem(nid.replace(":", "_")) + ".png"
+        name = stems[nid.replace(":", "_")] + ".png"
         with atomic_write(out / name) as fh:
             fh.write(png_bytes(patch_strip([p["patch"] for p in items], 48)))
         files[g.index_of(nid)] = os.path.relpath(out / name, beside)
-    print(f"wrote {len(patches)} unit patch strips to {folder}", file=sys.stderr)
+    print(f"wrote {len(patches)} unit patch strips to {out}", file=sys.stderr)
     return g.with_node_attrs(example_file=files.astype(str))
 
 
@@ -507,19 +529,59 @@ def _cmd_view(a: argparse.Namespace) -> int:
 
     if not 0 < a.mass <= 1:  # before any graph is read
         raise ConnectomeError(f"--mass must be in (0, 1], got {a.mass}")
-    graphs: dict[str, Any] = {}
+    entries: list[tuple[str | None, Path]] = []  # (category from an index.json, graph file)
+    inputs: list[Path] = []
     for item in a.graphs:
         p = Path(item)
         if p.is_dir():
-            for cname, file in _index_files(p, item).items():
-                graphs[cname] = load(p / file)
+            entries += [(cname, p / file) for cname, file in _index_files(p, item).items()]
+            inputs.append(p / "index.json")
         else:
-            g = load(p)
-            graphs[str(g.meta.get("category") or p.stem)] = g
-    _check_out_file(a.out)
-    path = write_viewer(graphs, a.out, images=a.data, mass=a.mass)
+            entries.append((None, p))
+    inputs += [f for _, f in entries]
+    _check_out_file(a.out, inputs)
+    names, graphs, seen = [], [], set()
+    for cname, f in entries:
+        real = os.path.realpath(f)
+        if real in seen:  # one file named twice (a folder and a file in it): one graph
+            continue
+        seen.add(real)
+        g = load(f)
+        graphs.append(g)
+        names.append((cname if cname is not None else str(g.meta.get("category") or f.stem), f))
+    path = write_viewer(dict(zip(_distinct_names(names), graphs)), a.out, images=a.data, mass=a.mass)
     print(f"viewer: {path}")
     return 0
+
+
+def _distinct_names(named: Sequence[tuple[str, Path]]) -> list[str]:
+    """The names of graphs (name, file) read from several places, made distinct by their
+    folders: two ``circle`` graphs from ``a/`` and ``b/`` become ``a/circle`` and ``b/circle``
+    (the fewest trailing folder names that tell the folders apart); two from one folder get
+    their file names, ``circle (x.npz)``. A name no other graph has stays as it is."""
+    out = [n for n, _ in named]
+    groups: dict[str, list[int]] = {}
+    for i, n in enumerate(out):
+        groups.setdefault(n, []).append(i)
+    for n, idx in groups.items():
+        if len(idx) < 2:
+            continue
+        folders = [Path(os.path.abspath(named[i][1])).parent.parts[1:] for i in idx]
+        k = 0
+        while len({f[max(0, len(f) - k):] for f in folders}) < len(set(folders)):
+            k += 1
+        labels = ["/".join(f[max(0, len(f) - k):] + (n,)) for f in folders]
+        for i, label in zip(idx, labels):
+            out[i] = label if labels.count(label) == 1 else f"{label} ({named[i][1].name})"
+    taken: set[str] = set()
+    for i, n in enumerate(out):  # still alike (a category named "a/circle" beside them): number them
+        j, name = 1, n
+        while name in taken:
+            j += 1
+            name = f"{n} ({j})"
+        taken.add(name)
+        out[i] = name
+    return out
 
 
 def _index_files(folder: Path, item: str) -> dict[str, str]:

@@ -20,10 +20,11 @@ import socket
 import stat
 import tempfile
 import time
+import unicodedata
 import zipfile
 import zlib
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator
+from typing import IO, Any, Callable, Iterable, Iterator
 from xml.sax.saxutils import escape, quoteattr
 
 import numpy as np
@@ -123,6 +124,50 @@ def file_stem(name: str, max_bytes: int = STEM_BYTES, hashed: bool = False) -> s
         return name
     cut = safe.encode("utf-8", "surrogatepass")[:max_bytes].decode("utf-8", "ignore") or "_"
     return f"{cut}-{hashlib.sha256(raw).hexdigest()[:10]}"
+
+
+def folded_name(name: str) -> str:
+    """``name`` as case-insensitive file systems compare it: Unicode NFC, then case-folded.
+
+    macOS and Windows file systems treat ``Conv_0.png`` and ``conv_0.png`` as one file, and
+    macOS treats the NFC and NFD spellings of ``é`` as one name too.
+    """
+    return unicodedata.normalize("NFC", name).casefold()
+
+
+def file_stems(names: Iterable[str], max_bytes: int = STEM_BYTES) -> dict[str, str]:
+    """One file name stem per distinct name (see :func:`file_stem`), distinct on every file system.
+
+    Names whose stems only a case- or normalisation-insensitive file system would merge
+    (``Conv``, ``conv``; the NFC and NFD spellings of one word) all get their hash, so no
+    file of one is written over a file of another, and a name keeps its stem from run to run
+    whatever the other names are, except for the hash it gets beside such a twin.
+
+    Raises
+    ------
+    ConnectomeError
+        Two names still map to one stem (a hash collision in 40 bits): rename one.
+
+    Examples
+    --------
+    >>> s = file_stems(["circle", "Conv", "conv"])
+    >>> s["circle"], s["Conv"] != s["conv"], s["Conv"].startswith("Conv-")
+    ('circle', True, True)
+    """
+    stems = {n: file_stem(n, max_bytes) for n in dict.fromkeys(names)}
+    by_folded: dict[str, list[str]] = {}
+    for n, stem in stems.items():
+        by_folded.setdefault(folded_name(stem), []).append(n)
+    for group in by_folded.values():
+        if len(group) > 1:
+            for n in group:
+                stems[n] = file_stem(n, max_bytes, hashed=True)
+    seen: dict[str, str] = {}
+    for n, stem in stems.items():
+        other = seen.setdefault(folded_name(stem), n)
+        if other != n:
+            raise ConnectomeError(f"names {other!r} and {n!r} map to one file name even with their hashes; rename one")
+    return stems
 
 
 @contextlib.contextmanager

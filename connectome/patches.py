@@ -22,6 +22,8 @@ image files).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -32,7 +34,7 @@ from connectome.errors import ConnectomeError, DataError
 from connectome.graph import Connectome
 
 __all__ = ["LISTS", "example_columns", "has_examples", "example_arrays", "crop_box", "with_examples",
-           "image_source", "unit_patches", "top_example"]
+           "image_source", "unit_patches", "top_example", "examples_key"]
 
 LISTS = {"activation": "example", "attribution": "example_attr"}
 _COLUMN = re.compile(r"^(example|example_attr)_(index|value|pos)_(\d+)$")
@@ -85,6 +87,34 @@ def top_example(g: Connectome, by: str = "activation") -> tuple[np.ndarray, list
     index = example_arrays(g, by)[0][:, 0]
     paths = (g.meta.get("examples") or {}).get("paths") or {}
     return index, [paths.get(str(int(i)), "") if i >= 0 else "" for i in index]
+
+
+def examples_key(g: Connectome, data: Any = None) -> str:
+    """A short hash of everything a graph's patches are cut from: the units, their stored
+    examples (both lists), ``meta["examples"]`` and the data named for the images.
+
+    Two graphs get one key only if every unit's patches are the same, so files named by it
+    (``export --examples DIR``) are never written over by another graph's patches.
+
+    Parameters
+    ----------
+    g : Connectome
+    data : str, PathLike or None
+        The data spec the images are read from (``--data``); None: as recorded.
+
+    Returns
+    -------
+    str
+        12 hexadecimal digits.
+    """
+    h = hashlib.sha256()
+    h.update(json.dumps(g.meta.get("examples") or {}, sort_keys=True, default=str).encode("utf-8", "surrogatepass"))
+    h.update(json.dumps(None if data is None else str(data)).encode("utf-8", "surrogatepass"))
+    h.update("\0".join(g.node_ids.tolist()).encode("utf-8", "surrogatepass"))
+    for c in sorted(c for c in g.node_attrs if _COLUMN.match(c) and not c.split("_")[-2] == "value"):
+        h.update(c.encode())
+        h.update(np.ascontiguousarray(g.node_attrs[c], dtype=np.int64).tobytes())
+    return h.hexdigest()[:12]
 
 
 def crop_box(g: Connectome, node: str | int, pos: int) -> tuple[int, int, int, int]:

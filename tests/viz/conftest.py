@@ -73,3 +73,38 @@ class UI:
 @pytest.fixture
 def ui(browser) -> UI:
     return UI(browser)
+
+
+MODEL = """
+import torch
+import torch.nn as nn
+
+
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, stride=2, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(h, 1), 1))
+
+
+def make():
+    torch.manual_seed(0)
+    return Small()
+"""
+
+
+@pytest.fixture
+def model_file() -> Callable[[Path], str]:
+    """``write(folder)`` writes a small CNN's model file ``folder/m.py``; returns its spec ``.../m.py:make``."""
+
+    def write(folder: Path) -> str:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "m.py").write_text(MODEL)
+        return f"{folder / 'm.py'}:make"
+
+    return write

@@ -177,40 +177,17 @@ def test_the_policy_blocks_injected_script_handlers_and_network(ui, hostile, tmp
     assert any("Content Security Policy" in m and "127.0.0.1:9/s.css" in m for m in refused), refused
 
 
-MODEL = '''
-import torch
-import torch.nn as nn
-
-
-class Small(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
-        self.fc = nn.Linear(4 * 8 * 8, 3)
-
-    def forward(self, x):
-        return self.fc(torch.flatten(torch.relu(self.conv1(x)), 1))
-
-
-def make():
-    torch.manual_seed(0)
-    return Small()
-'''
-
-
-def test_cli_extract_and_view_with_a_model_in_a_folder_named_like_a_slot(ui, tmp_path, capsys):
+def test_cli_extract_and_view_with_a_model_in_a_folder_named_like_a_slot(ui, model_file, tmp_path, capsys):
     """No hostile file needed: a model under __DATA__/ and hostile category folders, extracted and viewed."""
     from PIL import Image
 
-    (tmp_path / "__DATA__").mkdir()
-    (tmp_path / "__DATA__" / "m.py").write_text(MODEL)
     cats = [PWN, "__SCRIPT__ <!--<script>", "a\u2028b"]
     rng = np.random.default_rng(0)
     for c in cats:
         (tmp_path / "data" / c).mkdir(parents=True)
         for i in range(2):
             Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "data" / c / f"{i}.png")
-    spec = str(tmp_path / "__DATA__" / "m.py") + ":make"
+    spec = model_file(tmp_path / "__DATA__")
     assert main(["extract", spec, str(tmp_path / "data"), "--out", str(tmp_path / "g"), "--examples", "2",
                  "--image-size", "8", "--quiet"]) == 0
     assert main(["view", str(tmp_path / "g"), "--out", str(tmp_path / "v.html")]) == 0
