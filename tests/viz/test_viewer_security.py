@@ -152,7 +152,7 @@ def test_hostile_names_are_shown_as_text_and_never_run(ui, hostile):
         shown = V("visibleUnits()")
         assert shown and set(shown) <= set(g.node_ids.tolist())  # the page drew the units
         assert c["target"] in js("return document.getElementById('count').textContent")
-        for unit in shown:
+        for unit in {u.rpartition(":")[0]: u for u in shown}.values():  # a unit of every layer shown
             cells = _check_card(ui, V, unit)
             assert set(cells) & set(g.node_ids.tolist())  # its inputs or outputs, named as text
         painted = js("var c = document.getElementById('patches'); return c ? c.width : 0")
@@ -189,7 +189,7 @@ def test_cli_extract_and_view_with_a_model_in_a_folder_named_like_a_slot(ui, mod
             Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "data" / c / f"{i}.png")
     spec = model_file(tmp_path / "__DATA__")
     assert main(["extract", spec, str(tmp_path / "data"), "--out", str(tmp_path / "g"), "--examples", "2",
-                 "--image-size", "8", "--quiet"]) == 0
+                 "--image-size", "8", "--quiet", "--num-workers", "0"]) == 0
     assert main(["view", str(tmp_path / "g"), "--out", str(tmp_path / "v.html")]) == 0
     capsys.readouterr()
     V = ui.open(tmp_path / "v.html", ready=False)
