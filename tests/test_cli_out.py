@@ -101,7 +101,8 @@ def test_view_keeps_graphs_of_one_name_from_two_folders(tmp_path, capsys):
         (tmp_path / folder).mkdir()
         _graph("circle", width).save(tmp_path / folder / "circle.npz")
     out = tmp_path / "v.html"
-    assert main(["view", str(tmp_path / "a" / "circle.npz"), str(tmp_path / "b" / "circle.npz"), "--out", str(out)]) == 0
+    files = [str(tmp_path / "a" / "circle.npz"), str(tmp_path / "b" / "circle.npz")]
+    assert main(["view", *files, "--out", str(out)]) == 0
     cats = _viewer_categories(out)
     assert sorted(cats) == ["a/circle", "b/circle"]
     # each name shows its own graph: 3 and 5 hidden units
