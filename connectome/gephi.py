@@ -26,12 +26,13 @@ import io
 import json
 from xml.etree import ElementTree
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
 from connectome.errors import BadFileError, ConnectomeError
 from connectome.graph import Connectome, Layer
+from connectome.io import warn_non_finite
 
 __all__ = ["read_graphml", "read_gexf", "read"]
 
@@ -81,7 +82,12 @@ def read_gexf(path: Any) -> Connectome:
     # Gephi's GEXF 1.3 namespace, which networkx spells without "www."
     data = data.replace(b"http://www.gexf.net/1.3", b"http://gexf.net/1.3")
     try:
+        # networkx merges a repeated node id and invents the nodes an edge names but the file
+        # does not declare: the ids are checked on the file itself first
+        _check_ids(*_gexf_ids(data), p)
         G = nx.read_gexf(io.BytesIO(data))
+    except BadFileError:
+        raise
     except Exception as exc:  # ElementTree, networkx and value errors all mean "not a GEXF file"
         raise BadFileError(f"cannot read {str(p)!r} as GEXF ({type(exc).__name__}: {exc})") from None
     return _from_tables(G.is_directed(), dict(G.graph), list(G.nodes(data=True)), list(G.edges(data=True)), p)
@@ -171,10 +177,94 @@ def _graphml_tables(path: Path) -> tuple[bool, dict[str, Any], list[tuple[str, d
 def _from_tables(directed: bool, graph_data: dict[str, Any], node_rows: list[tuple[Any, dict]],
                  edge_rows: list[tuple[Any, Any, dict]], path: Path) -> Connectome:
     try:
-        return _tables_to_graph(directed, graph_data, node_rows, edge_rows, path)
-    except (ValueError, TypeError) as exc:  # a column value of the wrong type (index "a", weight "x")
+        g = _tables_to_graph(directed, graph_data, node_rows, edge_rows, path)
+    except (ValueError, TypeError, OverflowError) as exc:
+        # a column value of the wrong type (index "a", weight "x") or out of any range (index 1e400)
         raise BadFileError(f"cannot read {str(path)!r}: a value of the wrong type ({exc}); "
                            "was it edited by hand? export it again from Gephi or connectome") from None
+    warn_non_finite(g, str(path), stacklevel=4)
+    return g
+
+
+def _check_ids(node_ids: Iterable[Any], edges: Iterable[tuple[Any, Any]], path: Path) -> None:
+    """Each node declared once, each edge between declared nodes; else one BadFileError naming the id."""
+    declared: set[Any] = set()
+    for n in node_ids:
+        if n in declared:
+            raise BadFileError(f"{str(path)!r} declares node {_clip(n)} twice; node ids must be unique "
+                               "(was it edited by hand? export it again from Gephi or connectome)")
+        declared.add(n)
+    for u, v in edges:
+        for end in (u, v):
+            if end not in declared:
+                raise BadFileError(f"{str(path)!r} has an edge {_clip(u)} -> {_clip(v)} to node {_clip(end)}, "
+                                   "which the file does not declare; every edge must join two of its nodes "
+                                   "(export it again)")
+
+
+def _gexf_ids(data: bytes) -> tuple[list[Any], list[tuple[Any, Any]]]:
+    """The node ids (in file order, repeats kept) and edge endpoints of a GEXF document."""
+    nodes: list[Any] = []
+    edges: list[tuple[Any, Any]] = []
+    for _, el in ElementTree.iterparse(io.BytesIO(data), events=("end",)):
+        tag = el.tag.rpartition("}")[2]
+        if tag == "node":
+            nodes.append(el.get("id"))
+        elif tag == "edge":
+            edges.append((el.get("source"), el.get("target")))
+        else:
+            continue
+        el.clear()
+    return nodes, edges
+
+
+#: Units are int64 in a Connectome.
+_UNIT_RANGE = (-(1 << 63), 1 << 63)
+
+
+def _unit(value: Any, node: Any, path: Path) -> int:
+    """A node's unit index from its ``index`` column or id: a whole number within int64."""
+    if isinstance(value, float):
+        if not value.is_integer():  # also NaN and inf
+            raise BadFileError(f"{str(path)!r}: node {_clip(node)} has the index {value!r}, not a whole number; "
+                               "export it again from Gephi or connectome")
+        value = int(value)
+    unit = int(value)
+    if not _UNIT_RANGE[0] <= unit < _UNIT_RANGE[1]:
+        raise BadFileError(f"{str(path)!r}: node {_clip(node)} has the index {_clip(unit)}, beyond a 64-bit integer; "
+                           "export it again from Gephi or connectome")
+    return unit
+
+
+def _clip(v: Any, n: int = 60) -> str:
+    """``repr(v)`` for a message, cut to ``n`` characters (an id or index may be megabytes long)."""
+    s = repr(v)
+    return s if len(s) <= n else f"{s[:n]}... ({len(s)} characters)"
+
+
+def _node_columns(nodes: list[tuple[Any, dict]]) -> dict[str, np.ndarray]:
+    """The numeric node columns; NaN where a node has no number in a column.
+
+    One pass over the rows per column: linear in nodes x columns.
+    """
+    skip = DRAWING_KEYS | {"layer", "index", "kind"}
+    names: dict[str, None] = {}
+    for _, d in nodes:
+        for k, v in d.items():
+            if k not in names and k not in skip and _number(v):
+                names[k] = None
+    attrs: dict[str, np.ndarray] = {}
+    for k in names:
+        vals = [d.get(k) for _, d in nodes]
+        vals = [x if _number(x) else None for x in vals]
+        if all(isinstance(x, (bool, np.bool_)) for x in vals):
+            attrs[k] = np.array(vals, dtype=bool)
+        elif not any(x is None or isinstance(x, (bool, np.bool_, float, np.floating)) for x in vals):
+            # whole-number columns (community, modularity class, written as int/long) stay integers
+            attrs[k] = np.array(vals, dtype=np.int64)
+        else:
+            attrs[k] = np.array([np.nan if x is None else x for x in vals], dtype=np.float64)
+    return attrs
 
 
 def _tables_to_graph(directed: bool, graph_data: dict[str, Any], node_rows: list[tuple[Any, dict]],
@@ -182,16 +272,17 @@ def _tables_to_graph(directed: bool, graph_data: dict[str, Any], node_rows: list
     if not directed:
         raise ConnectomeError(f"{str(path)!r} holds an undirected graph; a connectome's edges have a direction "
                               "(export it from Gephi as directed)")
+    _check_ids((n for n, _ in node_rows), ((u, v) for u, v, _ in edge_rows), path)
     where: dict[Any, tuple[str, int]] = {}
     for n, d in node_rows:
         if "layer" in d and "index" in d:
-            where[n] = (str(d["layer"]), int(d["index"]))
+            where[n] = (str(d["layer"]), _unit(d["index"], n, path))
             continue
         lname, sep, unit = str(n).rpartition(":")
         if not sep or not unit.lstrip("-").isdigit():
             raise ConnectomeError(f"node {n!r} of {str(path)!r} has no 'layer'/'index' columns and its id is not "
                                   "'<layer>:<unit>'; was the file written by connectome?")
-        where[n] = (lname, int(unit))
+        where[n] = (lname, _unit(unit, n, path))
     if len(set(where.values())) < len(where):
         seen: dict[tuple[str, int], Any] = {}
         for n, lu in where.items():
@@ -199,9 +290,6 @@ def _tables_to_graph(directed: bool, graph_data: dict[str, Any], node_rows: list
                 raise BadFileError(f"{str(path)!r}: nodes {seen[lu]!r} and {n!r} are both unit {lu[1]} of layer "
                                    f"{lu[0]!r}; each (layer, index) must be one node")
             seen[lu] = n
-    unknown = {u for u, v, _ in edge_rows for u in (u, v) if u not in where}
-    if unknown:
-        raise ConnectomeError(f"{str(path)!r} has edges to nodes it does not list: {sorted(map(str, unknown))[:3]}")
     order = _layer_order(node_rows, edge_rows, where, path)
     pos = {name: i for i, name in enumerate(order)}
 
@@ -210,25 +298,13 @@ def _tables_to_graph(directed: bool, graph_data: dict[str, Any], node_rows: list
     index = {n: i for i, (n, _) in enumerate(nodes)}
     kinds: dict[str, str] = {}
     labels: dict[str, list[str | None]] = {name: [] for name in order}
-    cols: dict[str, list[Any]] = {}
-    for i, (n, d) in enumerate(nodes):
+    for n, d in nodes:
         lname, unit = where[n]
         if "kind" in d:
             kinds.setdefault(lname, str(d["kind"]))
         label = d.get("label")
         labels[lname].append(str(label) if label is not None and str(label) != f"{lname}:{unit}" else None)
-        for k, v in d.items():
-            if k in DRAWING_KEYS or k in ("layer", "index", "kind") or not _number(v):
-                continue
-            cols.setdefault(k, [np.nan] * len(nodes))[i] = v
-    node_attrs = {}
-    for k, v in cols.items():
-        # whole-number columns (community, modularity class, written as int/long) stay integers
-        if all(isinstance(x, (bool, np.bool_)) for x in v):
-            node_attrs[k] = np.array(v, dtype=bool)
-        else:
-            ints = all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in v)
-            node_attrs[k] = np.array(v, dtype=np.int64 if ints else np.float64)
+    node_attrs = _node_columns(nodes)
     counts = {name: len(labels[name]) for name in order}
     layers = [Layer(name=name, kind=kinds.get(name, "other"), size=counts[name],
                     labels=tuple(labels[name]) if labels[name] and all(x is not None for x in labels[name]) else None)
@@ -254,8 +330,11 @@ def _tables_to_graph(directed: bool, graph_data: dict[str, Any], node_rows: list
     if isinstance(meta, str):
         try:
             meta = json.loads(meta)
-        except ValueError:
+        except ValueError:  # not connectome's JSON: Gephi's own description, kept out of meta
             meta = None
+        except RecursionError:
+            raise BadFileError(f"{str(path)!r}: its meta JSON is nested too deeply to read; "
+                               "export it again from connectome") from None
     meta = dict(meta) if isinstance(meta, dict) else {}
     meta["read_from"] = str(path)
     try:
