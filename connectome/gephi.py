@@ -22,11 +22,13 @@ reader does not know (it expects ``http://gexf.net/1.3``); :func:`read_gexf` rea
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import io
 import json
 from xml.etree import ElementTree
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -57,17 +59,26 @@ def read_graphml(path: Any) -> Connectome:
     Raises
     ------
     BadFileError
-        The file is missing or not GraphML.
+        The file is missing or not GraphML; a node id declared twice, an edge to a node the
+        file does not declare, two nodes with one (layer, index), an index that is not a
+        whole number within int64, a value of the wrong type, meta JSON nested too deeply.
     ConnectomeError
         Node ids that are not ``"<layer>:<unit>"`` (and no ``layer``/``index`` columns), or
         edges that cannot be put in a forward layer order.
+
+    Warns
+    -----
+    UserWarning
+        NaN or infinite edge weights, or infinite node attributes (read as they are), with
+        their count per layer pair (see :func:`connectome.io.warn_non_finite`).
     """
     p = _existing(path)
-    try:
-        tables = _graphml_tables(p)
-    except (ElementTree.ParseError, ValueError, KeyError) as exc:
-        raise BadFileError(f"cannot read {str(p)!r} as GraphML ({type(exc).__name__}: {exc})") from None
-    return _from_tables(*tables, p)
+    with _no_gc():
+        try:
+            tables = _graphml_tables(p)
+        except (ElementTree.ParseError, ValueError, KeyError) as exc:
+            raise BadFileError(f"cannot read {str(p)!r} as GraphML ({type(exc).__name__}: {exc})") from None
+        return _from_tables(*tables, p)
 
 
 def read_gexf(path: Any) -> Connectome:
@@ -81,16 +92,17 @@ def read_gexf(path: Any) -> Connectome:
     data = p.read_bytes()
     # Gephi's GEXF 1.3 namespace, which networkx spells without "www."
     data = data.replace(b"http://www.gexf.net/1.3", b"http://gexf.net/1.3")
-    try:
-        # networkx merges a repeated node id and invents the nodes an edge names but the file
-        # does not declare: the ids are checked on the file itself first
-        _endpoints(*_gexf_ids(data), p)
-        G = nx.read_gexf(io.BytesIO(data))
-    except BadFileError:
-        raise
-    except Exception as exc:  # ElementTree, networkx and value errors all mean "not a GEXF file"
-        raise BadFileError(f"cannot read {str(p)!r} as GEXF ({type(exc).__name__}: {exc})") from None
-    return _from_tables(G.is_directed(), dict(G.graph), list(G.nodes(data=True)), list(G.edges(data=True)), p)
+    with _no_gc():
+        try:
+            # networkx merges a repeated node id and invents the nodes an edge names but the file
+            # does not declare: the ids are checked on the file itself first
+            _endpoints(*_gexf_ids(data), p)
+            G = nx.read_gexf(io.BytesIO(data))
+        except BadFileError:
+            raise
+        except Exception as exc:  # ElementTree, networkx and value errors all mean "not a GEXF file"
+            raise BadFileError(f"cannot read {str(p)!r} as GEXF ({type(exc).__name__}: {exc})") from None
+        return _from_tables(G.is_directed(), dict(G.graph), list(G.nodes(data=True)), list(G.edges(data=True)), p)
 
 
 def read(path: Any) -> Connectome:
@@ -101,6 +113,23 @@ def read(path: Any) -> Connectome:
     if suffix == ".gexf":
         return read_gexf(path)
     raise ValueError(f"cannot tell the format of {str(path)!r}; name it .graphml or .gexf, or call read_graphml/read_gexf")
+
+
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """The cyclic garbage collector paused while a file's tables are built.
+
+    The tables are millions of small dicts and tuples that hold no reference cycles; the
+    collector's passes over them (each a walk of every live object) cost about a third of
+    the read. Restored as it was on the way out, also when an exception flies.
+    """
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def _existing(path: Any) -> Path:
@@ -185,7 +214,7 @@ def _from_tables(directed: bool, graph_data: dict[str, Any], node_rows: list[tup
     try:
         g = _tables_to_graph(directed, graph_data, node_rows, edge_rows, path)
     except (ValueError, TypeError, OverflowError) as exc:
-        # a column value of the wrong type (index "a", weight "x") or out of any range (index 1e400)
+        # a value of the wrong type (index "a", weight "x") or beyond float/int64 (an x or a count of 10^400)
         raise BadFileError(f"cannot read {str(path)!r}: a value of the wrong type ({exc}); "
                            "was it edited by hand? export it again from Gephi or connectome") from None
     warn_non_finite(g, str(path), stacklevel=4)

@@ -402,3 +402,22 @@ def test_non_finite_weights_are_read_as_they_are_with_a_warning(g, tmp_path, ext
     assert "1 infinite values of node attribute 'attribution' (input: 1)" in msg
     np.testing.assert_array_equal(back.weight, w)  # NaN, inf and -inf read back as themselves
     np.testing.assert_array_equal(back.node_attr("attribution"), attribution)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_garbage_collector_is_left_as_it_was(g, tmp_path, enabled):
+    """The readers pause the cyclic collector while they build their tables."""
+    import gc
+
+    io.write_graphml(g, tmp_path / "g.graphml")
+    (tmp_path / "bad.gexf").write_text("<gexf><graph><nodes><node id='a:0'/><node id='a:0'/></nodes></graph></gexf>")
+    was = gc.isenabled()
+    (gc.enable if enabled else gc.disable)()
+    try:
+        gephi.read_graphml(tmp_path / "g.graphml")
+        assert gc.isenabled() is enabled
+        with pytest.raises(BadFileError, match="twice"):
+            gephi.read_gexf(tmp_path / "bad.gexf")
+        assert gc.isenabled() is enabled
+    finally:
+        (gc.enable if was else gc.disable)()
