@@ -34,7 +34,7 @@ import numpy as np
 
 from connectome.errors import BadFileError, ConnectomeError
 from connectome.graph import Connectome, Layer
-from connectome.io import warn_non_finite
+from connectome.io import check_examples, warn_non_finite
 
 __all__ = ["read_graphml", "read_gexf", "read"]
 
@@ -395,6 +395,7 @@ def _tables_to_graph(directed: bool, graph_data: dict[str, Any], node_rows: list
                                "export it again from connectome") from None
     meta = dict(meta) if isinstance(meta, dict) else {}
     meta["read_from"] = str(path)
+    check_examples(meta.get("examples"), layers, node_attrs, str(path))
     try:
         return Connectome(layers=tuple(layers), node_units=unit_row[perm], src=new_index[src_row],
                           dst=new_index[dst_row], weight=weight, edge_attrs=ecols, node_attrs=node_attrs, meta=meta)

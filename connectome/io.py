@@ -24,7 +24,7 @@ import warnings
 import zipfile
 import zlib
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator
+from typing import IO, Any, Callable, Iterator, Sequence
 from xml.sax.saxutils import escape, quoteattr
 
 import numpy as np
@@ -35,7 +35,7 @@ from connectome.graph import Connectome, Layer
 from connectome.kinds import KINDS
 
 __all__ = ["save", "load", "write_graphml", "write_gexf", "layout", "node_colors", "atomic_write",
-           "warn_non_finite"]
+           "warn_non_finite", "check_examples"]
 
 FORMAT = "connectome-npz"
 FORMAT_VERSION = 1
@@ -390,8 +390,9 @@ _MAX_FIELD = 1 << 24  # any field value; keeps height x width within int64
 _FIELD = ("jump_y", "start_y", "size_y", "jump_x", "start_x", "size_x", "height", "width")
 
 
-def _check_examples(ex: Any, layers: list[Layer], node_attrs: dict[str, np.ndarray], p: str) -> None:
-    """Validate ``meta["examples"]`` against what the extractors write and the patch code reads.
+def check_examples(ex: Any, layers: Sequence[Layer], node_attrs: dict[str, np.ndarray], p: str) -> None:
+    """Validate ``meta["examples"]`` (``ex``) of a graph read from file ``p`` against what the
+    extractors write and the patch code reads; raise a BadFileError naming ``p`` and the field.
 
     The schema, from ``ExampleTracker.meta`` and ``ImageOrder.describe``
     (:mod:`connectome.extract.dataset_examples`) and the CLI's ``data``: ``k`` a positive int;
@@ -554,7 +555,7 @@ def load(path: Any) -> Connectome:
             n = sum(l.size for l in layers)
             units = m.read("node_units", n, _INT)
             node_attrs = {k: m.read(f"node.{k}", n, _ATTR) for k in header["node_attrs"]}
-            _check_examples(header["meta"].get("examples"), layers, node_attrs, ps)
+            check_examples(header["meta"].get("examples"), layers, node_attrs, ps)
             n_edges = m.length("src")
             if n_edges > n * (n - 1) // 2:
                 raise BadFileError(f"{ps!r} declares {n_edges} edges among {n} units, more than one per pair; "

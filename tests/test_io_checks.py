@@ -165,3 +165,18 @@ def test_report_shows_the_warning_line(tmp_path):
     line = next((s for s in run.stderr.splitlines() if "holds non-finite values" in s), None)
     assert line is not None, run.stderr
     assert f"UserWarning: {str(path)!r} holds non-finite values: 3 edge weights (input->conv: 2, conv->logits: 1)" in line
+
+
+def test_graphml_examples_are_checked_as_at_load(tmp_path):
+    """GraphML carries meta (and so meta['examples']) and the example columns back."""
+    from connectome import gephi
+
+    g = with_examples()
+    cn.io.write_graphml(g, tmp_path / "g.graphml")
+    back = gephi.read_graphml(tmp_path / "g.graphml")
+    assert back.meta["examples"] == g.meta["examples"]
+    np.testing.assert_array_equal(back.node_attr("example_attr_pos_1"), g.node_attr("example_attr_pos_1"))
+    crafted = g.with_meta(examples={**g.meta["examples"], "fields": {"conv": _field(start_y=500)}})
+    cn.io.write_graphml(crafted, tmp_path / "crafted.graphml")
+    with pytest.raises(BadFileError, match=r"crafted\.graphml' has damaged example metadata: meta\['examples'\]\['fields'\]"):
+        gephi.read_graphml(tmp_path / "crafted.graphml")
