@@ -360,6 +360,15 @@ def test_deeply_nested_meta_is_a_bad_file(g, tmp_path):
         gephi.read_graphml(_edited(g, tmp_path, "graphml", nest))
 
 
+def test_deeply_nested_gexf_nodes_are_a_bad_file(tmp_path):
+    """GEXF nests nodes in nodes (a hierarchy) and networkx reads them recursively."""
+    depth = 20_000
+    path = _gexf(tmp_path, "", "".join(f'<node id="a:{i}"><nodes>' for i in range(depth))
+                 + "</nodes></node>" * depth, "")
+    with pytest.raises(BadFileError, match="RecursionError"):
+        gephi.read_gexf(path)
+
+
 def test_missing_values_are_nan_and_columns_keep_their_types(tmp_path):
     """The columns are built per column now (the per-node rebuild was quadratic): a node without
     a value gets NaN and turns an int column into floats, a full int or bool column keeps its type."""
