@@ -22,16 +22,19 @@ reader does not know (it expects ``http://gexf.net/1.3``); :func:`read_gexf` rea
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import io
 import json
 from xml.etree import ElementTree
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
 from connectome.errors import BadFileError, ConnectomeError
 from connectome.graph import Connectome, Layer
+from connectome.io import check_examples, warn_non_finite
 
 __all__ = ["read_graphml", "read_gexf", "read"]
 
@@ -56,17 +59,26 @@ def read_graphml(path: Any) -> Connectome:
     Raises
     ------
     BadFileError
-        The file is missing or not GraphML.
+        The file is missing or not GraphML; a node id declared twice, an edge to a node the
+        file does not declare, two nodes with one (layer, index), an index that is not a
+        whole number within int64, a value of the wrong type, meta JSON nested too deeply.
     ConnectomeError
         Node ids that are not ``"<layer>:<unit>"`` (and no ``layer``/``index`` columns), or
         edges that cannot be put in a forward layer order.
+
+    Warns
+    -----
+    UserWarning
+        NaN or infinite edge weights, or infinite node attributes (read as they are), with
+        their count per layer pair (see :func:`connectome.io.warn_non_finite`).
     """
     p = _existing(path)
-    try:
-        tables = _graphml_tables(p)
-    except (ElementTree.ParseError, ValueError, KeyError) as exc:
-        raise BadFileError(f"cannot read {str(p)!r} as GraphML ({type(exc).__name__}: {exc})") from None
-    return _from_tables(*tables, p)
+    with _no_gc():
+        try:
+            tables = _graphml_tables(p)
+        except (ElementTree.ParseError, ValueError, KeyError) as exc:
+            raise BadFileError(f"cannot read {str(p)!r} as GraphML ({type(exc).__name__}: {exc})") from None
+        return _from_tables(*tables, p)
 
 
 def read_gexf(path: Any) -> Connectome:
@@ -80,11 +92,17 @@ def read_gexf(path: Any) -> Connectome:
     data = p.read_bytes()
     # Gephi's GEXF 1.3 namespace, which networkx spells without "www."
     data = data.replace(b"http://www.gexf.net/1.3", b"http://gexf.net/1.3")
-    try:
-        G = nx.read_gexf(io.BytesIO(data))
-    except Exception as exc:  # ElementTree, networkx and value errors all mean "not a GEXF file"
-        raise BadFileError(f"cannot read {str(p)!r} as GEXF ({type(exc).__name__}: {exc})") from None
-    return _from_tables(G.is_directed(), dict(G.graph), list(G.nodes(data=True)), list(G.edges(data=True)), p)
+    with _no_gc():
+        try:
+            # networkx merges a repeated node id and invents the nodes an edge names but the file
+            # does not declare: the ids are checked on the file itself first
+            _endpoints(*_gexf_ids(data), p)
+            G = nx.read_gexf(io.BytesIO(data))
+        except BadFileError:
+            raise
+        except Exception as exc:  # ElementTree, networkx and value errors all mean "not a GEXF file"
+            raise BadFileError(f"cannot read {str(p)!r} as GEXF ({type(exc).__name__}: {exc})") from None
+        return _from_tables(G.is_directed(), dict(G.graph), list(G.nodes(data=True)), list(G.edges(data=True)), p)
 
 
 def read(path: Any) -> Connectome:
@@ -95,6 +113,23 @@ def read(path: Any) -> Connectome:
     if suffix == ".gexf":
         return read_gexf(path)
     raise ValueError(f"cannot tell the format of {str(path)!r}; name it .graphml or .gexf, or call read_graphml/read_gexf")
+
+
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """The cyclic garbage collector paused while a file's tables are built.
+
+    The tables are millions of small dicts and tuples that hold no reference cycles; the
+    collector's passes over them (each a walk of every live object) cost about a third of
+    the read. Restored as it was on the way out, also when an exception flies.
+    """
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def _existing(path: Any) -> Path:
@@ -120,23 +155,28 @@ def _graphml_tables(path: Path) -> tuple[bool, dict[str, Any], list[tuple[str, d
     GraphML specification defines them; nested graphs and hyperedges are refused.
     """
     keys: dict[str, tuple[str, str, Any, Any]] = {}  # id -> (for, name, convert, default)
+    defaults: dict[str, list[tuple[str, Any]]] | None = None  # "node"/"edge" -> (name, default), once keys are read
+    local: dict[str, str] = {}  # "{namespace}tag" -> "tag"
     directed = True
     graph_data: dict[str, Any] = {}
     nodes: list[tuple[str, dict]] = []
     edges: list[tuple[str, str, dict]] = []
     graphs = 0
     for _, el in ElementTree.iterparse(path, events=("end",)):
-        tag = el.tag.rpartition("}")[2]
+        tag = local.get(el.tag) or local.setdefault(el.tag, el.tag.rpartition("}")[2])
         if tag == "data":
             continue  # read with the element that holds it
         if tag in ("node", "edge"):
             data = {}
             for c in el:
-                if c.tag.rpartition("}")[2] == "data":
+                if (local.get(c.tag) or local.setdefault(c.tag, c.tag.rpartition("}")[2])) == "data":
                     _, name, conv, _ = keys[c.get("key")]
                     data[name] = conv(c.text or "")
-            for kfor, name, _, default in keys.values():
-                if default is not None and kfor in (tag, "all") and name not in data:
+            if defaults is None:
+                defaults = {t: [(name, default) for kfor, name, _, default in keys.values()
+                                if default is not None and kfor in (t, "all")] for t in ("node", "edge")}
+            for name, default in defaults[tag]:
+                if name not in data:
                     data[name] = default
             if tag == "node":
                 nodes.append((el.get("id"), data))
@@ -150,6 +190,7 @@ def _graphml_tables(path: Path) -> tuple[bool, dict[str, Any], list[tuple[str, d
             conv = _GRAPHML_TYPES.get(el.get("attr.type", "string"), str)
             keys[el.get("id")] = (el.get("for", "all"), el.get("attr.name", el.get("id")), conv,
                                   None if default is None else conv(default))
+            defaults = None
         elif tag == "graph":
             graphs += 1
             if graphs > 1:
@@ -171,10 +212,123 @@ def _graphml_tables(path: Path) -> tuple[bool, dict[str, Any], list[tuple[str, d
 def _from_tables(directed: bool, graph_data: dict[str, Any], node_rows: list[tuple[Any, dict]],
                  edge_rows: list[tuple[Any, Any, dict]], path: Path) -> Connectome:
     try:
-        return _tables_to_graph(directed, graph_data, node_rows, edge_rows, path)
-    except (ValueError, TypeError) as exc:  # a column value of the wrong type (index "a", weight "x")
+        g = _tables_to_graph(directed, graph_data, node_rows, edge_rows, path)
+    except (ValueError, TypeError, OverflowError) as exc:
+        # a value of the wrong type (index "a", weight "x") or beyond float/int64 (an x or a count of 10^400)
         raise BadFileError(f"cannot read {str(path)!r}: a value of the wrong type ({exc}); "
                            "was it edited by hand? export it again from Gephi or connectome") from None
+    warn_non_finite(g, str(path), stacklevel=4)
+    return g
+
+
+def _endpoints(node_ids: list[Any], edges: list[tuple[Any, ...]], path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Row of each edge's source and target in ``node_ids``, shape (n_edges,) each.
+
+    Each node must be declared once and each edge join two declared nodes; else one
+    BadFileError naming the id.
+    """
+    row: dict[Any, int] = {}
+    for i, n in enumerate(node_ids):
+        if row.setdefault(n, i) != i:
+            raise BadFileError(f"{str(path)!r} declares node {_clip(n)} twice; node ids must be unique "
+                               "(was it edited by hand? export it again from Gephi or connectome)")
+    src = np.fromiter((row.get(e[0], -1) for e in edges), dtype=np.int64, count=len(edges))
+    dst = np.fromiter((row.get(e[1], -1) for e in edges), dtype=np.int64, count=len(edges))
+    missing = np.flatnonzero((src < 0) | (dst < 0))
+    if missing.size:
+        u, v = edges[int(missing[0])][:2]
+        raise BadFileError(f"{str(path)!r} has an edge {_clip(u)} -> {_clip(v)} to node "
+                           f"{_clip(u if u not in row else v)}, which the file does not declare; every edge must "
+                           "join two of its nodes (export it again)")
+    return src, dst
+
+
+def _gexf_ids(data: bytes) -> tuple[list[Any], list[tuple[Any, Any]]]:
+    """The node ids (in file order, repeats kept) and edge endpoints of a GEXF document."""
+    nodes: list[Any] = []
+    edges: list[tuple[Any, Any]] = []
+    for _, el in ElementTree.iterparse(io.BytesIO(data), events=("end",)):
+        tag = el.tag.rpartition("}")[2]
+        if tag == "node":
+            nodes.append(el.get("id"))
+        elif tag == "edge":
+            edges.append((el.get("source"), el.get("target")))
+        else:
+            continue
+        el.clear()
+    return nodes, edges
+
+
+#: Units are int64 in a Connectome.
+_UNIT_RANGE = (-(1 << 63), 1 << 63)
+
+
+def _unit(value: Any, node: Any, path: Path) -> int:
+    """A node's unit index from its ``index`` column or id: a whole number within int64."""
+    if isinstance(value, float):
+        if not value.is_integer():  # also NaN and inf
+            raise BadFileError(f"{str(path)!r}: node {_clip(node)} has the index {value!r}, not a whole number; "
+                               "export it again from Gephi or connectome")
+        value = int(value)
+    unit = int(value)
+    if not _UNIT_RANGE[0] <= unit < _UNIT_RANGE[1]:
+        raise BadFileError(f"{str(path)!r}: node {_clip(node)} has the index {_clip(unit)}, beyond a 64-bit integer; "
+                           "export it again from Gephi or connectome")
+    return unit
+
+
+def _clip(v: Any, n: int = 60) -> str:
+    """``repr(v)`` for a message, cut to ``n`` characters (an id or index may be megabytes long)."""
+    s = repr(v)
+    return s if len(s) <= n else f"{s[:n]}... ({len(s)} characters)"
+
+
+def _columns(rows: list[dict], skip: frozenset[str] | set[str]) -> dict[str, list[Any]]:
+    """The numeric columns of ``rows`` (keys not in ``skip`` with a number somewhere), one list
+    per column with None where a row has no number. One pass per column: linear in rows x columns."""
+    names: dict[str, None] = {}
+    for d in rows:
+        for k, v in d.items():
+            if k not in names and k not in skip and _number(v):
+                names[k] = None
+    out = {}
+    for k in names:
+        vals = [d.get(k) for d in rows]
+        out[k] = [v if _number(v) else None for v in vals]
+    return out
+
+
+def _node_columns(nodes: list[tuple[Any, dict]]) -> dict[str, np.ndarray]:
+    """The numeric node columns; NaN where a node has no number in a column."""
+    attrs: dict[str, np.ndarray] = {}
+    for k, vals in _columns([d for _, d in nodes], DRAWING_KEYS | {"layer", "index", "kind"}).items():
+        if all(isinstance(x, (bool, np.bool_)) for x in vals):
+            attrs[k] = np.array(vals, dtype=bool)
+        elif not any(x is None or isinstance(x, (bool, np.bool_, float, np.floating)) for x in vals):
+            # whole-number columns (community, modularity class, written as int/long) stay integers
+            attrs[k] = np.array(vals, dtype=np.int64)
+        else:
+            attrs[k] = np.array([np.nan if x is None else x for x in vals], dtype=np.float64)
+    return attrs
+
+
+def _where(n: Any, d: dict, path: Path) -> tuple[str, int]:
+    """(layer, unit) of a node: its ``layer``/``index`` columns, else its id ``"<layer>:<unit>"``."""
+    if "layer" in d and "index" in d:
+        return str(d["layer"]), _unit(d["index"], n, path)
+    lname, sep, unit = str(n).rpartition(":")
+    if not sep or not unit.lstrip("-").isdigit():
+        raise ConnectomeError(f"node {_clip(n)} of {str(path)!r} has no 'layer'/'index' columns and its id is not "
+                              "'<layer>:<unit>'; was the file written by connectome?")
+    return lname, _unit(unit, n, path)
+
+
+def _x(d: dict) -> float:
+    """A node's x position (GraphML ``x``, GEXF ``<viz:position x=...>``), NaN when it has none."""
+    x = d.get("x")
+    if x is None and isinstance(d.get("viz"), dict):
+        x = d["viz"].get("position", {}).get("x")
+    return float(x) if _number(x) else np.nan
 
 
 def _tables_to_graph(directed: bool, graph_data: dict[str, Any], node_rows: list[tuple[Any, dict]],
@@ -182,133 +336,102 @@ def _tables_to_graph(directed: bool, graph_data: dict[str, Any], node_rows: list
     if not directed:
         raise ConnectomeError(f"{str(path)!r} holds an undirected graph; a connectome's edges have a direction "
                               "(export it from Gephi as directed)")
-    where: dict[Any, tuple[str, int]] = {}
-    for n, d in node_rows:
-        if "layer" in d and "index" in d:
-            where[n] = (str(d["layer"]), int(d["index"]))
-            continue
-        lname, sep, unit = str(n).rpartition(":")
-        if not sep or not unit.lstrip("-").isdigit():
-            raise ConnectomeError(f"node {n!r} of {str(path)!r} has no 'layer'/'index' columns and its id is not "
-                                  "'<layer>:<unit>'; was the file written by connectome?")
-        where[n] = (lname, int(unit))
-    if len(set(where.values())) < len(where):
+    ids = [n for n, _ in node_rows]
+    src_row, dst_row = _endpoints(ids, edge_rows, path)
+    where = [_where(n, d, path) for n, d in node_rows]
+    if len(set(where)) < len(where):
         seen: dict[tuple[str, int], Any] = {}
-        for n, lu in where.items():
+        for n, lu in zip(ids, where):
             if lu in seen:
-                raise BadFileError(f"{str(path)!r}: nodes {seen[lu]!r} and {n!r} are both unit {lu[1]} of layer "
-                                   f"{lu[0]!r}; each (layer, index) must be one node")
+                raise BadFileError(f"{str(path)!r}: nodes {_clip(seen[lu])} and {_clip(n)} are both unit {lu[1]} of "
+                                   f"layer {lu[0]!r}; each (layer, index) must be one node")
             seen[lu] = n
-    unknown = {u for u, v, _ in edge_rows for u in (u, v) if u not in where}
-    if unknown:
-        raise ConnectomeError(f"{str(path)!r} has edges to nodes it does not list: {sorted(map(str, unknown))[:3]}")
-    order = _layer_order(node_rows, edge_rows, where, path)
-    pos = {name: i for i, name in enumerate(order)}
+    names = list(dict.fromkeys(lname for lname, _ in where))  # in order of first appearance
+    code = {name: i for i, name in enumerate(names)}
+    layer_row = np.array([code[lname] for lname, _ in where], dtype=np.int64).reshape(-1)
+    unit_row = np.array([unit for _, unit in where], dtype=np.int64).reshape(-1)
+    inside = np.flatnonzero(layer_row[src_row] == layer_row[dst_row])
+    if inside.size:
+        u, v = edge_rows[int(inside[0])][:2]
+        raise ConnectomeError(f"{str(path)!r} has an edge inside layer {where[src_row[inside[0]]][0]!r} "
+                              f"({_clip(u)} -> {_clip(v)}); a connectome's edges go from one layer to a later one")
+    x = np.array([_x(d) for _, d in node_rows], dtype=np.float64).reshape(-1)
+    order = _layer_order(names, layer_row, x, layer_row[src_row], layer_row[dst_row], path)
+    rank = np.empty(len(names), dtype=np.int64)
+    rank[order] = np.arange(len(order))
 
     # Nodes in layer order, then unit order; numeric columns, unit labels and layer kinds.
-    nodes = sorted(node_rows, key=lambda nd: (pos[where[nd[0]][0]], where[nd[0]][1]))
-    index = {n: i for i, (n, _) in enumerate(nodes)}
+    perm = np.lexsort((unit_row, rank[layer_row]))
+    new_index = np.empty(len(perm), dtype=np.int64)
+    new_index[perm] = np.arange(len(perm))
+    nodes = [node_rows[i] for i in perm.tolist()]
     kinds: dict[str, str] = {}
-    labels: dict[str, list[str | None]] = {name: [] for name in order}
-    cols: dict[str, list[Any]] = {}
-    for i, (n, d) in enumerate(nodes):
-        lname, unit = where[n]
+    labels: dict[str, list[str | None]] = {names[i]: [] for i in order}
+    for i in perm.tolist():
+        n, d = node_rows[i]
+        lname, unit = where[i]
         if "kind" in d:
             kinds.setdefault(lname, str(d["kind"]))
         label = d.get("label")
         labels[lname].append(str(label) if label is not None and str(label) != f"{lname}:{unit}" else None)
-        for k, v in d.items():
-            if k in DRAWING_KEYS or k in ("layer", "index", "kind") or not _number(v):
-                continue
-            cols.setdefault(k, [np.nan] * len(nodes))[i] = v
-    node_attrs = {}
-    for k, v in cols.items():
-        # whole-number columns (community, modularity class, written as int/long) stay integers
-        if all(isinstance(x, (bool, np.bool_)) for x in v):
-            node_attrs[k] = np.array(v, dtype=bool)
-        else:
-            ints = all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in v)
-            node_attrs[k] = np.array(v, dtype=np.int64 if ints else np.float64)
-    counts = {name: len(labels[name]) for name in order}
-    layers = [Layer(name=name, kind=kinds.get(name, "other"), size=counts[name],
+    node_attrs = _node_columns(nodes)
+    layers = [Layer(name=name, kind=kinds.get(name, "other"), size=len(labels[name]),
                     labels=tuple(labels[name]) if labels[name] and all(x is not None for x in labels[name]) else None)
-              for name in order]
-    units = np.array([where[n][1] for n, _ in nodes], dtype=np.int64)
+              for name in labels]
 
-    m = len(edge_rows)
-    src = np.empty(m, dtype=np.int64)
-    dst = np.empty(m, dtype=np.int64)
-    weight = np.empty(m, dtype=np.float64)
-    ecols: dict[str, np.ndarray] = {}
-    for e, (u, v, d) in enumerate(edge_rows):
-        src[e], dst[e] = index[u], index[v]
-        # the exports write weight = |w| (Gephi wants it >= 0) and the sign as signed_weight
-        weight[e] = d.get("signed_weight", d.get("weight", 1.0))
-        for k, val in d.items():
-            if k in EDGE_SKIP or k in ("weight", "signed_weight") or not _number(val):
-                continue
-            if k not in ecols:
-                ecols[k] = np.full(m, np.nan)
-            ecols[k][e] = val
+    # the exports write weight = |w| (Gephi wants it >= 0) and the sign as signed_weight
+    weight = np.array([d.get("signed_weight", d.get("weight", 1.0)) for *_, d in edge_rows],
+                      dtype=np.float64).reshape(-1)
+    ecols = {k: np.array([np.nan if x is None else x for x in v], dtype=np.float64) for k, v in
+             _columns([d for *_, d in edge_rows], EDGE_SKIP | {"weight", "signed_weight"}).items()}
     meta = graph_data.get("meta")
     if isinstance(meta, str):
         try:
             meta = json.loads(meta)
-        except ValueError:
+        except ValueError:  # not connectome's JSON: Gephi's own description, kept out of meta
             meta = None
+        except RecursionError:
+            raise BadFileError(f"{str(path)!r}: its meta JSON is nested too deeply to read; "
+                               "export it again from connectome") from None
     meta = dict(meta) if isinstance(meta, dict) else {}
     meta["read_from"] = str(path)
+    check_examples(meta.get("examples"), layers, node_attrs, str(path))
     try:
-        return Connectome(layers=tuple(layers), node_units=units, src=src, dst=dst, weight=weight,
-                          edge_attrs=ecols, node_attrs=node_attrs, meta=meta)
+        return Connectome(layers=tuple(layers), node_units=unit_row[perm], src=new_index[src_row],
+                          dst=new_index[dst_row], weight=weight, edge_attrs=ecols, node_attrs=node_attrs, meta=meta)
     except ConnectomeError as exc:
         raise ConnectomeError(f"{str(path)!r}: {exc}") from None
 
 
-def _layer_order(node_rows: list[tuple[Any, dict]], edge_rows: list[tuple[Any, Any, dict]],
-                 where: dict[Any, tuple[str, int]], path: Path) -> list[str]:
-    """Layers in an order every edge goes forward in; ties by mean x, then first appearance."""
+def _layer_order(names: list[str], layer_row: np.ndarray, x: np.ndarray, src_layer: np.ndarray,
+                 dst_layer: np.ndarray, path: Path) -> list[int]:
+    """Layers (indices into ``names``, numbered by first appearance) in an order every edge goes
+    forward in; ties by the mean x of their nodes, then by first appearance."""
     import heapq
 
-    first: dict[str, int] = {}
-    xs: dict[str, list[float]] = {}
-    for i, (n, d) in enumerate(node_rows):
-        lname = where[n][0]
-        first.setdefault(lname, i)
-        x = d.get("x")
-        if x is None and isinstance(d.get("viz"), dict):  # GEXF: <viz:position x=...>
-            x = d["viz"].get("position", {}).get("x")
-        if _number(x):
-            xs.setdefault(lname, []).append(float(x))
-    mean_x = {k: float(np.mean(v)) for k, v in xs.items()}
-    succ: dict[str, set[str]] = {k: set() for k in first}
-    indeg = {k: 0 for k in first}
-    for u, v, _ in edge_rows:
-        a, b = where[u][0], where[v][0]
-        if a != b and b not in succ[a]:
-            succ[a].add(b)
-            indeg[b] += 1
-    same = [(u, v) for u, v, _ in edge_rows if where[u][0] == where[v][0]]
-    if same:
-        u, v = same[0]
-        raise ConnectomeError(f"{str(path)!r} has an edge inside layer {where[u][0]!r} ({u} -> {v}); a connectome's "
-                              "edges go from one layer to a later one")
-
-    def key(name: str) -> tuple[float, int, str]:
-        return (mean_x.get(name, np.inf), first[name], name)
-
-    heap = [key(k) for k, deg in indeg.items() if deg == 0]
+    k = len(names)
+    has_x = ~np.isnan(x)
+    count = np.bincount(layer_row[has_x], minlength=k)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_x = np.where(count > 0, np.bincount(layer_row[has_x], weights=x[has_x], minlength=k) / count, np.inf)
+    pairs = np.unique(src_layer * k + dst_layer)
+    succ: list[list[int]] = [[] for _ in range(k)]
+    indeg = np.zeros(k, dtype=np.int64)
+    for a, b in zip((pairs // k).tolist(), (pairs % k).tolist()):
+        succ[a].append(b)
+        indeg[b] += 1
+    heap = [(float(mean_x[i]), i) for i in range(k) if indeg[i] == 0]
     heapq.heapify(heap)
-    order = []
+    order: list[int] = []
     while heap:
-        name = heapq.heappop(heap)[2]
-        order.append(name)
-        for b in succ[name]:
+        i = heapq.heappop(heap)[1]
+        order.append(i)
+        for b in succ[i]:
             indeg[b] -= 1
             if indeg[b] == 0:
-                heapq.heappush(heap, key(b))
-    if len(order) < len(first):
-        stuck = sorted(set(first) - set(order))[:4]
+                heapq.heappush(heap, (float(mean_x[b]), b))
+    if len(order) < k:
+        stuck = sorted(names[i] for i in set(range(k)) - set(order))[:4]
         raise ConnectomeError(f"{str(path)!r}: the edges between layers {stuck} form a cycle, so no layer order "
                               "makes every edge go forward")
     return order

@@ -21,10 +21,11 @@ import stat
 import tempfile
 import time
 import unicodedata
+import warnings
 import zipfile
 import zlib
 from pathlib import Path
-from typing import IO, Any, Callable, Iterable, Iterator
+from typing import IO, Any, Callable, Iterable, Iterator, Sequence
 from xml.sax.saxutils import escape, quoteattr
 
 import numpy as np
@@ -34,7 +35,8 @@ from connectome.errors import BadFileError, ConnectomeError, ExportError
 from connectome.graph import Connectome, Layer
 from connectome.kinds import KINDS
 
-__all__ = ["save", "load", "write_graphml", "write_gexf", "layout", "node_colors", "atomic_write"]
+__all__ = ["save", "load", "write_graphml", "write_gexf", "layout", "node_colors", "atomic_write",
+           "warn_non_finite", "check_examples"]
 
 FORMAT = "connectome-npz"
 FORMAT_VERSION = 1
@@ -425,6 +427,148 @@ class _Members:
         return out
 
 
+#: The largest model input side ``meta["examples"]["input_size"]`` may state. Classifiers are
+#: traced at 224 to 1,024 pixels; ``view``, ``report`` and ``export`` allocate images of this
+#: size (and a zoo data set of them), so a crafted size of 10^6 would ask for terabytes.
+MAX_EXAMPLE_IMAGE_SIDE = 4096
+_MAX_FIELD = 1 << 24  # any field value; keeps height x width within int64
+_FIELD = ("jump_y", "start_y", "size_y", "jump_x", "start_x", "size_x", "height", "width")
+
+
+def check_examples(ex: Any, layers: Sequence[Layer], node_attrs: dict[str, np.ndarray], p: str) -> None:
+    """Validate ``meta["examples"]`` (``ex``) of a graph read from file ``p`` against what the
+    extractors write and the patch code reads; raise a BadFileError naming ``p`` and the field.
+
+    The schema, from ``ExampleTracker.meta`` and ``ImageOrder.describe``
+    (:mod:`connectome.extract.dataset_examples`) and the CLI's ``data``: ``k`` a positive int;
+    ``input_size`` ``[height, width]`` in 1..:data:`MAX_EXAMPLE_IMAGE_SIDE` or null; ``fields``
+    layer name -> null or the 8 ints of :func:`connectome.extract.receptive.receptive_fields`
+    (jumps, sizes and the map's height and width >= 1); ``lists`` names of
+    :data:`connectome.patches.LISTS`; ``index``, ``dataset`` and ``data`` strings;
+    ``paths`` image index -> path. Other keys are kept unread. Every stored position
+    (``example_pos_j``) of a layer with a field must lie on its ``height x width`` map and
+    its receptive field must overlap the image, so no crop that
+    :func:`connectome.patches.crop_box` cuts is empty (a layer that pads by more than its
+    kernel reaches would have positions that see only padding; no classifier does).
+    """
+    from connectome.patches import LISTS
+
+    def bad(field: str, what: str) -> BadFileError:
+        return BadFileError(f"{p!r} has damaged example metadata: meta['examples'][{field!r}] {what}; "
+                            "extract the graph again with --examples")
+
+    if ex is None:
+        return
+    if not isinstance(ex, dict):
+        raise BadFileError(f"{p!r} has damaged example metadata: meta['examples'] is a {type(ex).__name__}, "
+                           "not an object; extract the graph again with --examples")
+    k = ex.get("k")
+    if k is not None and (not _is_int(k) or k < 1):
+        raise bad("k", f"is {_clip(k)}, not a positive number of examples per unit")
+    size = ex.get("input_size")
+    if size is not None and (not isinstance(size, list) or len(size) != 2
+                             or not all(_is_int(v) and 1 <= v <= MAX_EXAMPLE_IMAGE_SIDE for v in size)):
+        raise bad("input_size", f"is {_clip(size)}, not [height, width] in 1..{MAX_EXAMPLE_IMAGE_SIDE} pixels")
+    fields = ex.get("fields", {})
+    if not isinstance(fields, dict):
+        raise bad("fields", f"is a {type(fields).__name__}, not an object")
+    for name, f in fields.items():
+        if f is None:
+            continue
+        if not isinstance(f, list) or len(f) != len(_FIELD) or not all(_is_int(v) and abs(v) <= _MAX_FIELD for v in f):
+            raise bad("fields", f"of layer {_clip(name)} is {_clip(f)}, not 8 integers {list(_FIELD)}")
+        low = [n for n, v in zip(_FIELD, f) if not n.startswith("start") and v < 1]
+        if low:
+            raise bad("fields", f"of layer {_clip(name)} has {low[0]} {f[_FIELD.index(low[0])]}, not >= 1")
+    lists = ex.get("lists", [])
+    if not isinstance(lists, list) or not all(isinstance(v, str) and v in LISTS for v in lists):
+        raise bad("lists", f"is {_clip(lists)}, not a list of {sorted(LISTS)}")
+    for key in ("index", "dataset", "data"):
+        if ex.get(key) is not None and not isinstance(ex[key], str):
+            raise bad(key, f"is a {type(ex[key]).__name__}, not a string")
+    paths = ex.get("paths", {})
+    if not isinstance(paths, dict) or not all(isinstance(v, str) for v in paths.values()):
+        raise bad("paths", "is not an object of image index -> file path")
+    # every stored position lies on its layer's map and its crop on the image: a crop outside
+    # it is empty, and the patch code divides by its size
+    maps = [fields.get(l.name) for l in layers]
+    sizes = [l.size for l in layers]
+    f = np.repeat(np.array([[0] * 8 if m is None else m for m in maps], dtype=np.int64).reshape(-1, 8), sizes, axis=0)
+    has = np.repeat(np.array([m is not None for m in maps], dtype=bool), sizes)
+    for prefix in LISTS.values():
+        j = 0
+        while f"{prefix}_pos_{j}" in node_attrs:
+            col = f"{prefix}_pos_{j}"
+            pos = node_attrs[col]
+            if pos.dtype.kind not in _INT:
+                raise bad("fields", f"cannot place column {col!r} of type {pos.dtype}")
+            stored = has & (pos >= 0)
+            off = stored & (pos >= f[:, 6] * f[:, 7])
+            if size is not None:
+                r, c = np.divmod(np.where(off | ~stored, 0, pos), np.maximum(f[:, 7], 1))
+                y0, x0 = f[:, 1] + r * f[:, 0], f[:, 4] + c * f[:, 3]
+                off |= stored & ((y0 >= size[0]) | (y0 + f[:, 2] <= 0) | (x0 >= size[1]) | (x0 + f[:, 5] <= 0))
+            if off.any():
+                i = int(np.flatnonzero(off)[0])
+                layer = layers[int(np.searchsorted(np.cumsum(sizes), i, side="right"))].name
+                raise bad("fields", f"of layer {_clip(layer)} puts position {int(pos[i])} (column {col!r}) off its "
+                                    f"{int(f[i, 6])}x{int(f[i, 7])} map or the {_clip(size)} image")
+            j += 1
+
+
+def _non_finite(g: Connectome) -> list[str]:
+    """Where ``g`` holds values that cannot be right: NaN or infinite edge weights per layer
+    pair, infinite node attributes per layer.
+
+    NaN in a node attribute is this package's "no value" (no example in that slot, a statistic
+    not measured on the input layer, a unit a Gephi column does not cover) and is not counted.
+    """
+    names = [l.name for l in g.layers]
+    nl = g.node_layer
+
+    def per(keys: np.ndarray, name: Callable[[int], str]) -> str:
+        vals, counts = np.unique(keys, return_counts=True)
+        items = [f"{name(v)}: {c}" for v, c in zip(vals.tolist(), counts.tolist())]
+        return ", ".join(items[:6]) + (f", ... ({len(items)} in all)" if len(items) > 6 else "")
+
+    out: list[str] = []
+    if g.weight.dtype.kind == "f":
+        bad = ~np.isfinite(g.weight)
+        if bad.any():
+            pairs = nl[g.src[bad]] * len(names) + nl[g.dst[bad]]
+            out.append(f"{int(bad.sum())} edge weights ("
+                       + per(pairs, lambda v: f"{names[v // len(names)]}->{names[v % len(names)]}") + ")")
+    for k, v in g.node_attrs.items():
+        bad = np.isinf(v) if v.dtype.kind == "f" else None
+        if bad is not None and bad.any():
+            out.append(f"{int(bad.sum())} infinite values of node attribute {k!r} ("
+                       + per(nl[bad], lambda i: names[i]) + ")")
+    return out
+
+
+def warn_non_finite(g: Connectome, source: str, stacklevel: int = 3) -> None:
+    """Warn, naming ``source``, when ``g`` has NaN or infinite edge weights or infinite node attributes.
+
+    Warned, not refused: every format this package writes keeps them exactly (``.npz`` stores
+    the doubles, GraphML and GEXF write ``NaN``/``INF``/``-INF`` and read them back), so saving
+    is never silently wrong; the harm is downstream (drawings size them as 0, sums turn NaN),
+    and refusing would lock the user out of the very file they need to open to find the cause.
+
+    Parameters
+    ----------
+    g : Connectome
+    source : str
+        The file ``g`` was read from, named in the message.
+    stacklevel : int, default 3
+        Passed to :func:`warnings.warn` (3: the caller of the function that calls this one).
+    """
+    found = _non_finite(g)
+    if found:
+        warnings.warn(f"{source!r} holds non-finite values: {'; '.join(found)}; they are kept, but drawings treat "
+                      "them as 0 and sums over them are NaN - check the model and data it came from",
+                      stacklevel=stacklevel)
+
+
 def load(path: Any) -> Connectome:
     """Read a graph written by :meth:`Connectome.save` (no pickle is ever loaded).
 
@@ -456,6 +600,7 @@ def load(path: Any) -> Connectome:
             n = sum(l.size for l in layers)
             units = m.read("node_units", n, _INT)
             node_attrs = {k: m.read(f"node.{k}", n, _ATTR) for k in header["node_attrs"]}
+            check_examples(header["meta"].get("examples"), layers, node_attrs, ps)
             n_edges = m.length("src")
             if n_edges > n * (n - 1) // 2:
                 raise BadFileError(f"{ps!r} declares {n_edges} edges among {n} units, more than one per pair; "
@@ -473,10 +618,12 @@ def load(path: Any) -> Connectome:
             "or another kind of file - write it again with Connectome.save"
         ) from None
     try:
-        return Connectome(layers=tuple(layers), node_units=units, src=src, dst=dst, weight=weight,
-                          node_attrs=node_attrs, edge_attrs=edge_attrs, meta=header["meta"])
+        g = Connectome(layers=tuple(layers), node_units=units, src=src, dst=dst, weight=weight,
+                       node_attrs=node_attrs, edge_attrs=edge_attrs, meta=header["meta"])
     except (ConnectomeError, TypeError, ValueError) as exc:
         raise BadFileError(f"{ps!r} holds inconsistent arrays ({_one_line(exc)}); the file is damaged") from None
+    warn_non_finite(g, ps)
+    return g
 
 
 # ---------------------------------------------------------------------------- layout and colour

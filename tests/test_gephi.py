@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
@@ -253,3 +254,179 @@ def test_hand_edited_values_and_duplicate_units_are_bad_files(tmp_path):
     nx.write_graphml(H, tmp_path / "dup.graphml")
     with pytest.raises(BadFileError, match="both unit 0 of layer 'a'"):
         gephi.read_graphml(tmp_path / "dup.graphml")
+
+
+# ----------------------------------------------------------------------------- hand-edited ids
+def _edited(g: Connectome, tmp_path: Path, ext: str, edit) -> Path:
+    """``g`` written by connectome, then edited as text by ``edit(lines) -> lines``."""
+    path = tmp_path / f"edited.{ext}"
+    (io.write_graphml if ext == "graphml" else io.write_gexf)(g, path)
+    path.write_text("\n".join(edit(path.read_text(encoding="utf-8").split("\n"))), encoding="utf-8")
+    return path
+
+
+def _node_line(lines: list[str], node_id: str) -> int:
+    return next(i for i, s in enumerate(lines) if f"<node id={quoteattr(node_id)}" in s)
+
+
+@pytest.mark.parametrize("ext", ["graphml", "gexf"])
+def test_a_repeated_node_id_is_refused(g, tmp_path, ext):
+    """GEXF merged the two nodes silently (networkx keeps the last); GraphML kept both rows."""
+    def repeat(lines):
+        i = _node_line(lines, "conv1:2")
+        return lines[: i + 1] + [lines[i]] + lines[i + 1 :]
+
+    with pytest.raises(BadFileError, match=r"edited\.%s.*declares node 'conv1:2' twice" % ext) as err:
+        gephi.read(_edited(g, tmp_path, ext, repeat))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("ext", ["graphml", "gexf"])
+def test_an_edge_to_an_undeclared_node_is_refused(g, tmp_path, ext):
+    """read_gexf invented the node (and, for a new layer name, the layer); read_graphml refused it
+    with another message and another error class."""
+    e = int(np.flatnonzero(g.dst == g.index_of("logits:1"))[0])
+
+    def retarget(lines):  # the edge goes to "ghost:7" instead, and no node ghost:7 exists
+        target = f"target={quoteattr('logits:1')}"
+        i = next(i for i, s in enumerate(lines) if f"source={quoteattr(str(g.node_ids[g.src[e]]))}" in s
+                 and target in s)
+        return lines[:i] + [lines[i].replace(target, f"target={quoteattr('ghost:7')}")] + lines[i + 1 :]
+
+    with pytest.raises(BadFileError, match="to node 'ghost:7', which the file does not declare"):
+        gephi.read(_edited(g, tmp_path, ext, retarget))
+
+
+def _graphml(tmp_path: Path, keys: str, body: str, name: str = "t.graphml") -> Path:
+    path = tmp_path / name
+    path.write_text('<?xml version="1.0"?><graphml xmlns="http://graphml.graphdrawing.org/xmlns">' + keys
+                    + f'<graph edgedefault="directed">{body}</graph></graphml>', encoding="utf-8")
+    return path
+
+
+def _gexf(tmp_path: Path, attributes: str, nodes: str, edges: str, name: str = "t.gexf") -> Path:
+    path = tmp_path / name
+    path.write_text('<?xml version="1.0"?><gexf xmlns="http://www.gexf.net/1.3" version="1.3">'
+                    f'<graph defaultedgetype="directed"><attributes class="node">{attributes}</attributes>'
+                    f'<nodes>{nodes}</nodes><edges>{edges}</edges></graph></gexf>', encoding="utf-8")
+    return path
+
+
+def _index_file(tmp_path: Path, ext: str, index: str) -> Path:
+    """Nodes n0 (layer a, the given index) -> n1 (layer b, index 0), with layer/index columns."""
+    if ext == "graphml":
+        return _graphml(tmp_path, '<key id="l" for="node" attr.name="layer" attr.type="string"/>'
+                                  '<key id="i" for="node" attr.name="index" attr.type="double"/>',
+                        f'<node id="n0"><data key="l">a</data><data key="i">{index}</data></node>'
+                        '<node id="n1"><data key="l">b</data><data key="i">0</data></node>'
+                        '<edge source="n0" target="n1"/>')
+    return _gexf(tmp_path, '<attribute id="l" title="layer" type="string"/>'
+                           '<attribute id="i" title="index" type="double"/>',
+                 f'<node id="n0"><attvalues><attvalue for="l" value="a"/><attvalue for="i" value="{index}"/>'
+                 '</attvalues></node><node id="n1"><attvalues><attvalue for="l" value="b"/>'
+                 '<attvalue for="i" value="0"/></attvalues></node>', '<edge id="0" source="n0" target="n1"/>')
+
+
+@pytest.mark.parametrize("ext", ["graphml", "gexf"])
+@pytest.mark.parametrize("index, what", [("INF", "not a whole number"), ("NaN", "not a whole number"),
+                                         ("1.5", "not a whole number"), ("1e30", "beyond a 64-bit integer")])
+def test_an_index_column_that_is_not_an_int64_is_refused(tmp_path, ext, index, what):
+    """index=inf was an OverflowError from int(); 1.5 was read as unit 1."""
+    with pytest.raises(BadFileError, match=f"node 'n0' has the index .*{what}"):
+        gephi.read(_index_file(tmp_path, ext, index))
+
+
+@pytest.mark.parametrize("ext", ["graphml", "gexf"])
+def test_an_over_long_index_in_a_node_id_is_refused(tmp_path, ext):
+    """A unit index beyond int64 in an id was an OverflowError from numpy."""
+    huge = str(1 << 70)
+    if ext == "graphml":
+        path = _graphml(tmp_path, "", f'<node id="a:0"/><node id="b:{huge}"/><edge source="a:0" target="b:{huge}"/>')
+    else:
+        path = _gexf(tmp_path, "", f'<node id="a:0"/><node id="b:{huge}"/>',
+                     f'<edge id="0" source="a:0" target="b:{huge}"/>')
+    with pytest.raises(BadFileError, match=f"b:{huge}' has the index {huge}, beyond a 64-bit integer"):
+        gephi.read(path)
+
+
+def test_deeply_nested_meta_is_a_bad_file(g, tmp_path):
+    """json.loads raised RecursionError on meta nested 100,000 deep."""
+    deep = "[" * 100_000 + "]" * 100_000
+
+    def nest(lines):
+        return [s if '<data key="g0">' not in s else f'    <data key="g0">{{"model": {deep}}}</data>' for s in lines]
+
+    with pytest.raises(BadFileError, match="meta JSON is nested too deeply"):
+        gephi.read_graphml(_edited(g, tmp_path, "graphml", nest))
+
+
+def test_deeply_nested_gexf_nodes_are_a_bad_file(tmp_path):
+    """GEXF nests nodes in nodes (a hierarchy) and networkx reads them recursively."""
+    depth = 20_000
+    path = _gexf(tmp_path, "", "".join(f'<node id="a:{i}"><nodes>' for i in range(depth))
+                 + "</nodes></node>" * depth, "")
+    with pytest.raises(BadFileError, match="RecursionError"):
+        gephi.read_gexf(path)
+
+
+def test_missing_values_are_nan_and_columns_keep_their_types(tmp_path):
+    """The columns are built per column now (the per-node rebuild was quadratic): a node without
+    a value gets NaN and turns an int column into floats, a full int or bool column keeps its type."""
+    path = _graphml(tmp_path,
+                    '<key id="c" for="node" attr.name="community" attr.type="int"/>'
+                    '<key id="s" for="node" attr.name="score" attr.type="int"/>'
+                    '<key id="h" for="node" attr.name="hub" attr.type="boolean"/>'
+                    '<key id="t" for="node" attr.name="note" attr.type="string"/>',
+                    '<node id="a:0"><data key="c">2</data><data key="s">5</data><data key="h">true</data>'
+                    '<data key="t">x</data></node>'
+                    '<node id="a:1"><data key="c">0</data><data key="h">false</data></node>'
+                    '<node id="b:0"><data key="c">1</data><data key="s">-3</data><data key="h">true</data></node>'
+                    '<edge source="a:0" target="b:0"/><edge source="a:1" target="b:0"/>')
+    back = gephi.read_graphml(path)
+    assert back.node_attr("community").tolist() == [2, 0, 1] and back.node_attr("community").dtype == np.int64
+    np.testing.assert_array_equal(back.node_attr("score"), [5.0, np.nan, -3.0])
+    assert back.node_attr("hub").tolist() == [True, False, True] and back.node_attr("hub").dtype == bool
+    assert "note" not in back.node_attrs  # text columns are not data
+
+
+@pytest.mark.parametrize("ext", ["graphml", "gexf"])
+def test_non_finite_weights_are_read_as_they_are_with_a_warning(g, tmp_path, ext):
+    """NaN and inf weights came back without a word; they still come back exactly, with a
+    warning naming the file and the count per layer pair (node attributes: inf only)."""
+    w = g.weight.copy()
+    pick = {int(np.flatnonzero((g.node_layer[g.src] == 0) & (g.node_layer[g.dst] == 1))[k]): v
+            for k, v in enumerate([np.nan, np.inf])}
+    pick[int(np.flatnonzero(g.node_layer[g.dst] == 3)[0])] = -np.inf
+    w[list(pick)] = list(pick.values())
+    attribution = g.node_attr("attribution").copy()
+    attribution[[0, 4]] = [np.inf, np.nan]  # NaN in a node column means "no value": not counted
+    bad = dataclasses.replace(g, weight=w).with_node_attrs(attribution=attribution)
+    path = tmp_path / f"nan.{ext}"
+    (io.write_graphml if ext == "graphml" else io.write_gexf)(bad, path)
+    with pytest.warns(UserWarning) as rec:
+        back = gephi.read(path)
+    msg = " ".join(str(r.message) for r in rec)
+    src_layer = g.layers[int(g.node_layer[g.src[list(pick)[-1]]])].name
+    assert f"{str(path)!r} holds non-finite values: 3 edge weights (input->conv1: 2, {src_layer}->logits: 1)" in msg
+    assert "1 infinite values of node attribute 'attribution' (input: 1)" in msg
+    np.testing.assert_array_equal(back.weight, w)  # NaN, inf and -inf read back as themselves
+    np.testing.assert_array_equal(back.node_attr("attribution"), attribution)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_garbage_collector_is_left_as_it_was(g, tmp_path, enabled):
+    """The readers pause the cyclic collector while they build their tables."""
+    import gc
+
+    io.write_graphml(g, tmp_path / "g.graphml")
+    (tmp_path / "bad.gexf").write_text("<gexf><graph><nodes><node id='a:0'/><node id='a:0'/></nodes></graph></gexf>")
+    was = gc.isenabled()
+    (gc.enable if enabled else gc.disable)()
+    try:
+        gephi.read_graphml(tmp_path / "g.graphml")
+        assert gc.isenabled() is enabled
+        with pytest.raises(BadFileError, match="twice"):
+            gephi.read_gexf(tmp_path / "bad.gexf")
+        assert gc.isenabled() is enabled
+    finally:
+        (gc.enable if was else gc.disable)()
