@@ -168,11 +168,12 @@ def _file_loader(size: Sequence[int]) -> Callable[[str], np.ndarray]:
     ``size * 8/7``, center-crop to ``size`` (torchvision's recipe, without normalisation)."""
     from PIL import Image
 
+    from connectome._image import read_rgb
+
     h, w = int(size[0]), int(size[1])
 
     def load(path: str) -> np.ndarray:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
+        with read_rgb(path) as im:  # 16-bit grey scaled as the extraction's loader does
             short = int(round(min(h, w) * 256 / 224))
             scale = short / min(im.size)
             im = im.resize((max(1, round(im.size[0] * scale)), max(1, round(im.size[1] * scale))), Image.BILINEAR)
