@@ -183,6 +183,20 @@ def _file_loader(size: Sequence[int]) -> Callable[[str], np.ndarray]:
     return load
 
 
+def _warn_if_changed(path: str, stamp: Any) -> None:
+    """Warn when the file at ``path`` is not the one extracted: its ``[size, mtime_ns]`` differ
+    from ``stamp`` (``meta["examples"]["stamps"]``; graphs written before it have none)."""
+    import os
+    import warnings
+
+    if not (isinstance(stamp, (list, tuple)) and len(stamp) == 2):
+        return
+    st = os.stat(path)
+    if [st.st_size, st.st_mtime_ns] != [stamp[0], stamp[1]]:
+        warnings.warn(f"example image {path!r} changed since the graph was extracted (size or modification "
+                      "time differ): its patches may not show what the units saw; extract again", stacklevel=3)
+
+
 def image_source(g: Connectome, data: Any = None) -> Callable[[int], np.ndarray] | None:
     """A function ``index -> (H, W, 3) image in [0, 1]`` for the graph's stored image indices.
 
@@ -212,6 +226,7 @@ def image_source(g: Connectome, data: Any = None) -> Callable[[int], np.ndarray]
                 if p is None or not Path(p).is_file():
                     raise DataError(f"image {int(i)} ({p!r}) of the graph's examples is not on this machine; "
                                     "pass the data the graph was extracted from")
+                _warn_if_changed(p, (ex.get("stamps") or {}).get(str(int(i))))
                 return load(p)
 
             return from_paths
