@@ -68,6 +68,8 @@ def test_links_to_other_folders_are_followed_once(tmp_path):
     os.symlink(extra, root / "cat" / "b_link")  # the same folder again: not read twice
     os.symlink(root / "cat" / "0.png", root / "cat" / "z.png")  # a second name for a file: once
     os.symlink(root / "dog", root / "cat" / "dogs")  # another category: stays dog's
+    os.symlink(extra, extra / "loop")  # loops outside the data end too
+    os.symlink(tmp_path, extra / "up")  # holds root and extra: read, neither again
     with pytest.warns(UserWarning, match=r"folder link\(s\).*1 image file\(s\) reached twice in one category"):
         samples = _samples(root)
     rel = [(Path(p).relative_to(root).as_posix(), c) for p, c in samples]
