@@ -94,16 +94,15 @@ def image_samples(root: str, class_to_idx: dict[str, int]) -> list[tuple[str, in
     once by its real path: the category folders themselves (also when they are links) and
     the real folders under them are read first; a folder link is then followed only to a
     folder that is not already part of the data (a link back to the root, to a folder
-    above, to another category or to itself is not: torchvision follows such a loop about
-    40 times, counting each image that often). A file reached by several links counts once
-    in its category. What was not read twice is said in one warning.
+    above it, to another category or to itself is not: torchvision follows such a loop
+    about 40 times, counting each image that often). A file link to a file its category
+    already holds is left out. What was not read twice is said in one warning.
     """
-    from torchvision.datasets.folder import has_file_allowed_extension
-
     seen = {os.path.realpath(root)}  # real folders read (or queued) so far
     tops = [(os.path.join(root, c), i) for c, i in sorted(class_to_idx.items())]
     seen.update(os.path.realpath(p) for p, _ in tops)
-    files: list[tuple[str, str, int]] = []  # (path as found, real path, class)
+    # per folder read: (class, folder as found, its real path, image names, {link name: real target})
+    folders: list[tuple[int, str, str, list[str], dict[str, str]]] = []
     links: list[tuple[str, int]] = []  # folder links, followed once every real folder is known
     repeated: list[str] = []  # folder links to a folder already read
 
@@ -112,27 +111,35 @@ def image_samples(root: str, class_to_idx: dict[str, int]) -> list[tuple[str, in
         while stack:
             folder, real = stack.pop()
             try:
-                entries = sorted(os.scandir(folder), key=lambda e: e.name)
+                entries = list(os.scandir(folder))
             except OSError:  # unreadable folder: os.walk (torchvision) skips it too
                 continue
+            names: list[str] = []
+            file_links: dict[str, str] = {}
+            subs = []
             for e in entries:
-                link = e.is_symlink()
                 try:
                     is_dir = e.is_dir()
                 except OSError:
                     is_dir = False
                 if is_dir:
-                    if link and not follow:
-                        links.append((e.path, cls))
-                        continue
-                    r = os.path.realpath(e.path) if link else os.path.join(real, e.name)
-                    if r in seen:
-                        repeated.append(e.path)
-                        continue
-                    seen.add(r)
-                    stack.append((e.path, r))
-                elif has_file_allowed_extension(e.name, IMAGE_EXTENSIONS):
-                    files.append((e.path, os.path.realpath(e.path) if link else os.path.join(real, e.name), cls))
+                    subs.append(e)
+                elif e.name.lower().endswith(IMAGE_EXTENSIONS):
+                    names.append(e.name)
+                    if e.is_symlink():
+                        file_links[e.name] = os.path.realpath(e.path)
+            folders.append((cls, folder, real, names, file_links))
+            for e in sorted(subs, key=lambda d: d.name, reverse=True):  # depth first, by name
+                link = e.is_symlink()
+                if link and not follow:
+                    links.append((e.path, cls))
+                    continue
+                r = os.path.realpath(e.path) if link else os.path.join(real, e.name)
+                if r in seen:
+                    repeated.append(e.path)
+                    continue
+                seen.add(r)
+                stack.append((e.path, r))
 
     for top, cls in tops:
         if os.path.isdir(top):
@@ -144,26 +151,33 @@ def image_samples(root: str, class_to_idx: dict[str, int]) -> list[tuple[str, in
             continue
         seen.add(r)
         scan(link, r, cls, follow=True)
-    files.sort(key=lambda f: (f[2], os.path.dirname(f[0]), os.path.basename(f[0])))
-    kept: list[tuple[str, int]] = []
-    once: set[tuple[str, int]] = set()
+    held: dict[str, tuple[int, set[str]]] = {}  # real folder -> its class and the files in it that are not links
+    if any(f[4] for f in folders):
+        held = {real: (cls, set(names) - set(fl)) for cls, _, real, names, fl in folders}
+    linked: set[tuple[str, int]] = set()
     twice = 0
-    for path, real, cls in files:
-        if (real, cls) in once:
-            twice += 1
-            continue
-        once.add((real, cls))
-        kept.append((path, cls))
+    out: list[tuple[str, int]] = []
+    for cls, folder, _, names, file_links in sorted(folders, key=lambda f: (f[0], f[1])):
+        for name in sorted(names):
+            target = file_links.get(name)
+            if target is not None:
+                where = held.get(os.path.dirname(target))
+                if (where is not None and where[0] == cls and os.path.basename(target) in where[1]) \
+                        or (target, cls) in linked:
+                    twice += 1
+                    continue
+                linked.add((target, cls))
+            out.append((os.path.join(folder, name), cls))
     if repeated or twice:
         shown = ", ".join(repr(os.path.relpath(p, root)) for p in sorted(repeated)[:3])
         warnings.warn(
             f"image folder {root!r}: links are followed once per real folder and file"
             + (f"; {len(repeated)} folder link(s) lead to a folder already read (a loop, the root or another "
                f"category) and were not read again: {shown}{' ...' if len(repeated) > 3 else ''}" if repeated else "")
-            + (f"; {twice} image file(s) reached twice in one category counted once" if twice else ""),
+            + (f"; {twice} file link(s) to an image already in their category left out" if twice else ""),
             stacklevel=4,
         )
-    return kept
+    return out
 
 
 def _collate(batch: list[tuple[Any, Any]]) -> tuple[torch.Tensor | None, torch.Tensor, list[str]]:

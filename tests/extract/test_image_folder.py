@@ -70,7 +70,7 @@ def test_links_to_other_folders_are_followed_once(tmp_path):
     os.symlink(root / "dog", root / "cat" / "dogs")  # another category: stays dog's
     os.symlink(extra, extra / "loop")  # loops outside the data end too
     os.symlink(tmp_path, extra / "up")  # holds root and extra: read, neither again
-    with pytest.warns(UserWarning, match=r"folder link\(s\).*1 image file\(s\) reached twice in one category"):
+    with pytest.warns(UserWarning, match=r"folder link\(s\).*1 file link\(s\) to an image already in their category"):
         samples = _samples(root)
     rel = [(Path(p).relative_to(root).as_posix(), c) for p, c in samples]
     assert rel == [("cat/0.png", 0), ("cat/1.png", 0), ("cat/a_link/more/0.png", 0), ("cat/a_link/more/1.png", 0),
