@@ -14,7 +14,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 from connectome._text import printable, printable_lines
 from connectome.errors import ConnectomeError
@@ -33,8 +33,16 @@ EXAMPLES = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser; its usage errors quote the arguments (``unrecognized arguments: ...``),
+    which may be file names: printed :func:`printable` (the subcommands' parsers are of this class too)."""
+
+    def error(self, message: str) -> NoReturn:
+        super().error(printable_lines(message))
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="connectome",
         description="Trained neural networks as connectomes: extract, analyse and draw their wiring.",
         epilog="Example: " + EXAMPLES["demo"],

@@ -165,3 +165,12 @@ def test_warnings_quoting_names_are_inert(monkeypatch, capsys):
     assert "image title\\x1b]0;pwned\\x07/rtl\\u202egnp.exe.png changed" in err
     assert warnings.showwarning is not cli._show_warning  # restored after the command
 
+
+
+def test_usage_errors_quoting_arguments_are_inert(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["zoo", "list", TITLE])  # argparse: "unrecognized arguments: ..."
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    _inert(err)
+    assert "unrecognized arguments: title\\x1b]0;pwned\\x07" in err
