@@ -73,7 +73,7 @@ def hostile(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("hostile")
     model, imgs = _folder(root, NAMES)
     rc = main(["extract", model, str(imgs), "--out", str(root / "graphs"), "--image-size", "8", "--device", "cpu",
-               "--examples", "2", "--num-workers", "0"])
+               "--examples", "2", "--num-workers", "0", "--quiet"])
     assert rc == 0
     return root
 
