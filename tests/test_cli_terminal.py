@@ -69,13 +69,24 @@ def _folder(root: Path, names: list[str], n: int = 2) -> tuple[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def hostile(tmp_path_factory) -> Path:
+def hostile(tmp_path_factory) -> dict[str, Path]:
+    """One graph file per hostile category, with dataset examples (written here, so that the
+    tests below do not depend on how ``extract`` lays out its output folder)."""
+    import torch.nn as nn
+
+    from connectome.extract.data import default_transform
+
     root = tmp_path_factory.mktemp("hostile")
-    model, imgs = _folder(root, NAMES)
-    rc = main(["extract", model, str(imgs), "--out", str(root / "graphs"), "--image-size", "8", "--device", "cpu",
-               "--examples", "2", "--num-workers", "0", "--quiet"])
-    assert rc == 0
-    return root
+    _, imgs = _folder(root, NAMES)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, len(NAMES))).eval()
+    graphs = cn.extract.attribution_by_category(model, str(imgs), transform=default_transform(8), progress=False,
+                                                device="cpu", examples=2, num_workers=0)
+    files = {}
+    for i, (cname, g) in enumerate(sorted(graphs.items())):
+        files[cname] = root / f"g{i}.npz"
+        g.save(files[cname])
+    return files
 
 
 def test_extract_prints_folder_names_inert(tmp_path, capsys):
@@ -92,8 +103,7 @@ def test_extract_prints_folder_names_inert(tmp_path, capsys):
 
 
 def test_report_compare_export_view_print_names_inert(hostile, tmp_path, capsys):
-    index = json.loads((hostile / "graphs" / "index.json").read_text())
-    files = {c: hostile / "graphs" / e["file"] for c, e in index["categories"].items()}
+    files = hostile
     assert sorted(files) == sorted(NAMES)
     capsys.readouterr()
     out_dir = tmp_path / f"out{CLEAR}"  # the paths printed are names too
@@ -104,7 +114,7 @@ def test_report_compare_export_view_print_names_inert(hostile, tmp_path, capsys)
         ["compare", str(files[TITLE]), str(files[BIDI])],
         ["export", str(files[CLEAR]), "--out", str(out_dir / f"g{BIDI}.graphml"),
          "--examples", str(out_dir / f"ex{CLIP}")],
-        ["view", str(hostile / "graphs"), "--out", str(out_dir / f"v{TITLE}.html")],
+        ["view", *map(str, files.values()), "--out", str(out_dir / f"v{TITLE}.html")],
     ]
     for argv in runs:
         assert main(argv) == 0, argv
@@ -137,14 +147,14 @@ def test_report_of_a_crafted_graph_prints_it_inert(tmp_path, capsys):
     assert data["graph"]["meta"]["model"] == printable(CLIP)
 
 
-def test_errors_naming_a_file_or_category_are_inert(hostile, tmp_path, capsys):
+def test_errors_naming_a_file_or_category_are_inert(tmp_path, capsys):
     missing = tmp_path / f"nope{TITLE}.npz"
     assert main(["report", str(missing)]) == 2
     err = capsys.readouterr().err
     _inert(err)
     assert "nope" in err and "pwned" in err and len(err.strip().splitlines()) == 1
-    model = f"{hostile / 'm.py'}:build"
-    assert main(["extract", model, str(hostile / "imgs"), "--out", str(tmp_path / "g"), "--quiet",
+    model, imgs = _folder(tmp_path, [TITLE, BIDI], n=1)
+    assert main(["extract", model, str(imgs), "--out", str(tmp_path / "g"), "--quiet",
                  "--device", "cpu", "--categories", f"absent{CLIP}"]) == 2
     err = capsys.readouterr().err
     _inert(err)
