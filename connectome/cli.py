@@ -14,8 +14,9 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
+from connectome._text import printable, printable_lines
 from connectome.errors import ConnectomeError
 
 __all__ = ["main"]
@@ -32,8 +33,16 @@ EXAMPLES = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser; its usage errors quote the arguments (``unrecognized arguments: ...``),
+    which may be file names: printed :func:`printable` (the subcommands' parsers are of this class too)."""
+
+    def error(self, message: str) -> NoReturn:
+        super().error(printable_lines(message))
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="connectome",
         description="Trained neural networks as connectomes: extract, analyse and draw their wiring.",
         epilog="Example: " + EXAMPLES["demo"],
@@ -198,8 +207,8 @@ def _cmd_weights(a: argparse.Namespace) -> int:
     g = extract.weights(spec.model, shape, reduce=a.reduce, labels=spec.classes, name=spec.name)
     g = g.with_meta(**spec.meta)  # what was assumed (random weights) travels with the graph
     g.save(a.out)
-    print(g)
-    print(f"wrote {a.out}", file=sys.stderr)
+    print(printable_lines(g))
+    print(f"wrote {printable(a.out)}", file=sys.stderr)
     return 0
 
 
@@ -364,7 +373,7 @@ def _cmd_report(a: argparse.Namespace) -> int:
     result = graph_report(g, top=a.top, out=a.out, seed=a.seed, mass=a.mass, top_k=top_k, max_units=max_units,
                           measures=measures, betweenness_samples=samples, images=a.data, viewer=a.html)
     if a.html:
-        print(f"viewer: {result.data['viewer']}", file=sys.stderr)
+        print(f"viewer: {printable(result.data['viewer'])}", file=sys.stderr)
     return _emit(result, a.json)
 
 
@@ -396,11 +405,11 @@ def _samples(text: str) -> Any:
 def _emit(result: Any, as_json: bool) -> int:
     """Print a report: tables for people, or JSON for machines; the HTML path to stderr."""
     if as_json:
-        print(json.dumps(result.data, indent=2, default=_json_default))
+        print(json.dumps(result.data, indent=2, default=_json_default))  # ensure_ascii: escapes every control
     else:
-        print(result.text)
+        print(printable_lines(result.text))
     if result.path:
-        print(f"report: {result.path}", file=sys.stderr)
+        print(f"report: {printable(result.path)}", file=sys.stderr)
     return 0
 
 
@@ -439,12 +448,12 @@ def _cmd_export(a: argparse.Namespace) -> int:
     size = _export_size(g)
     if size > EXPORT_WARN_BYTES:
         hint = "" if a.prune_top_k else "; --prune-top-k 8 keeps each unit's 8 strongest inputs"
-        print(f"connectome export: warning: {a.out} will be about {size / 1e6:,.0f} MB ({g.num_edges:,} edges){hint}",
+        print(f"connectome export: warning: {printable(a.out)} will be about {size / 1e6:,.0f} MB ({g.num_edges:,} edges){hint}",
               file=sys.stderr)
     if a.examples is not None:
         g = _write_patches(g, a.examples, a.data, Path(a.out).parent)
     (io.write_graphml if fmt == "graphml" else io.write_gexf)(g, a.out)
-    print(f"wrote {a.out} ({fmt}, {g.num_nodes} nodes, {g.num_edges} edges)", file=sys.stderr)
+    print(f"wrote {printable(a.out)} ({fmt}, {g.num_nodes} nodes, {g.num_edges} edges)", file=sys.stderr)
     return 0
 
 
@@ -476,7 +485,7 @@ def _annotated(g: Any) -> Any:
     try:
         p = an.communities(g, seed=0)
     except ConnectomeError as exc:
-        print(f"connectome export: communities skipped ({_one_line(exc)})", file=sys.stderr)
+        print(f"connectome export: communities skipped ({printable(_one_line(exc))})", file=sys.stderr)
         p = None
     try:
         circ = an.circuit(g, mass=0.8)
@@ -519,7 +528,7 @@ def _write_patches(g: Any, folder: str, data: str | None, beside: Path) -> Any:
         with atomic_write(out / name) as fh:
             fh.write(png_bytes(patch_strip([p["patch"] for p in items], 48)))
         files[g.index_of(nid)] = os.path.relpath(out / name, beside)
-    print(f"wrote {len(patches)} unit patch strips to {out}", file=sys.stderr)
+    print(f"wrote {len(patches)} unit patch strips to {printable(str(out))}", file=sys.stderr)
     return g.with_node_attrs(example_file=files.astype(str))
 
 
@@ -550,7 +559,7 @@ def _cmd_view(a: argparse.Namespace) -> int:
         graphs.append(g)
         names.append((cname if cname is not None else str(g.meta.get("category") or f.stem), f))
     path = write_viewer(dict(zip(_distinct_names(names), graphs)), a.out, images=a.data, mass=a.mass)
-    print(f"viewer: {path}")
+    print(f"viewer: {printable(path)}")
     return 0
 
 
@@ -602,7 +611,7 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 
     _check_out_dir(a.out)
     path = run_demo(a.out, progress=not a.quiet)
-    print(f"report: {path}")
+    print(f"report: {printable(path)}")
     return 0
 
 
@@ -614,7 +623,7 @@ def _cmd_zoo(a: argparse.Namespace) -> int:
             info = zoo.model_info(name)
             acc = info.get("accuracy")
             acc_s = f"{acc:.3f}" if isinstance(acc, (int, float)) else "?"
-            print(f"{name:<14} {info.get('architecture', ''):<12} held-out accuracy {acc_s}")
+            print(f"{printable(name):<14} {printable(info.get('architecture', '')):<12} held-out accuracy {acc_s}")
         return 0
     out = Path(a.out).resolve()
     package = Path(zoo.__file__).resolve().parent
@@ -625,8 +634,8 @@ def _cmd_zoo(a: argparse.Namespace) -> int:
         raise ConnectomeError(f"--out {a.out!r} is a file; give a folder")
     results = zoo.train_all(out)
     print(json.dumps(results, indent=2, default=_json_default))
-    print(f"wrote the weights to {out}; use them with --weights {out}/NAME.pt (e.g. zoo:smallresnet) or "
-          f"connectome.zoo.load_model(NAME, weights_dir={str(out)!r})", file=sys.stderr)
+    print(printable(f"wrote the weights to {out}; use them with --weights {out}/NAME.pt (e.g. zoo:smallresnet) or "
+                    f"connectome.zoo.load_model(NAME, weights_dir={str(out)!r})"), file=sys.stderr)
     return 0
 
 
@@ -652,14 +661,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``connectome`` command; returns the exit status (0 ok, 2 bad input)."""
     args = _parser().parse_args(argv)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # restores showwarning too
             warnings.simplefilter("default")
+            warnings.showwarning = _show_warning
             return COMMANDS[args.command](args)
     except ConnectomeError as exc:
-        print(f"connectome {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"connectome {args.command}: error: {printable(_one_line(exc))}", file=sys.stderr)
         return 2
     except (ValueError, OSError) as exc:  # argument mistakes; a path that is a file, a full disk
-        print(f"connectome {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"connectome {args.command}: error: {printable(_one_line(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -668,6 +678,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    """Warnings as Python prints them, with the names they quote (skipped image files, changed
+    example images) made :func:`printable`."""
+    text = warnings.formatwarning(message, category, filename, lineno, line)
+    try:
+        (file or sys.stderr).write(printable_lines(text.rstrip("\n")) + "\n")
+    except OSError:  # stderr closed: a warning is not worth a crash
+        pass
 
 
 if __name__ == "__main__":  # pragma: no cover

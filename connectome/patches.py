@@ -198,11 +198,12 @@ def _file_loader(size: Sequence[int]) -> Callable[[str], np.ndarray]:
     ``size * 8/7``, center-crop to ``size`` (torchvision's recipe, without normalisation)."""
     from PIL import Image
 
+    from connectome._image import read_rgb
+
     h, w = int(size[0]), int(size[1])
 
     def load(path: str) -> np.ndarray:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
+        with read_rgb(path) as im:  # 16-bit grey scaled as the extraction's loader does
             short = int(round(min(h, w) * 256 / 224))
             scale = short / min(im.size)
             im = im.resize((max(1, round(im.size[0] * scale)), max(1, round(im.size[1] * scale))), Image.BILINEAR)
@@ -210,6 +211,20 @@ def _file_loader(size: Sequence[int]) -> Callable[[str], np.ndarray]:
             return np.asarray(im.crop((left, top, left + w, top + h)), dtype=np.float64) / 255.0
 
     return load
+
+
+def _warn_if_changed(path: str, stamp: Any) -> None:
+    """Warn when the file at ``path`` is not the one extracted: its ``[size, mtime_ns]`` differ
+    from ``stamp`` (``meta["examples"]["stamps"]``; graphs written before it have none)."""
+    import os
+    import warnings
+
+    if not (isinstance(stamp, (list, tuple)) and len(stamp) == 2):
+        return
+    st = os.stat(path)
+    if [st.st_size, st.st_mtime_ns] != [stamp[0], stamp[1]]:
+        warnings.warn(f"example image {path!r} changed since the graph was extracted (size or modification "
+                      "time differ): its patches may not show what the units saw; extract again", stacklevel=3)
 
 
 def image_source(g: Connectome, data: Any = None) -> Callable[[int], np.ndarray] | None:
@@ -241,6 +256,7 @@ def image_source(g: Connectome, data: Any = None) -> Callable[[int], np.ndarray]
                 if p is None or not Path(p).is_file():
                     raise DataError(f"image {int(i)} ({p!r}) of the graph's examples is not on this machine; "
                                     "pass the data the graph was extracted from")
+                _warn_if_changed(p, (ex.get("stamps") or {}).get(str(int(i))))
                 return load(p)
 
             return from_paths

@@ -14,6 +14,7 @@ from typing import Any, Iterator
 import numpy as np
 
 
+from connectome._text import printable
 from connectome.errors import ConnectomeError
 from connectome.graph import Connectome
 from connectome.kinds import is_hidden
@@ -52,19 +53,6 @@ def _numeric(s: str) -> bool:
         return False
 
 
-def printable(text: str) -> str:
-    """``text`` safe to print, draw and encode as UTF-8.
-
-    Names read from a file system that are not valid UTF-8 reach Python as lone surrogates,
-    which neither a UTF-8 terminal, the HTML file nor matplotlib's fonts accept: each such
-    byte becomes U+FFFD.
-    """
-    try:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    except UnicodeEncodeError:  # a surrogate that no file-name decoding produced
-        return text.encode("utf-8", "replace").decode("utf-8")
-
-
 def _printable_json(v: Any) -> Any:
     if isinstance(v, str):
         return printable(v)
@@ -76,11 +64,13 @@ def _printable_json(v: Any) -> Any:
 
 
 def for_display(g: Connectome) -> Connectome:
-    """``g`` with unit labels and ``meta`` made :func:`printable` (names from non-UTF-8 folders)."""
+    """``g`` with unit labels and ``meta`` made :func:`~connectome._text.printable`: control
+    characters shown as escapes, non-UTF-8 bytes of folder names as U+FFFD. The example
+    image paths (``meta["examples"]``) are kept as they are: they are read, not shown."""
     for l in g.layers:
         if l.labels is not None and any(printable(s) != s for s in l.labels):
             g = g.with_labels(l.name, [printable(s) for s in l.labels])
-    meta = {k: _printable_json(v) for k, v in g.meta.items()}
+    meta = {k: v if k == "examples" else _printable_json(v) for k, v in g.meta.items()}
     return g if meta == g.meta else g.with_meta(**meta)
 
 

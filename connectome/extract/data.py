@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, SequentialSampler, Subset, Ten
 from connectome.errors import DataError
 
 __all__ = ["default_transform", "make_loader", "subset_loader", "LoaderInfo", "TensorLoader", "dataset_targets",
-           "unpack_batch", "default_num_workers"]
+           "unpack_batch", "default_num_workers", "image_samples"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -49,22 +49,29 @@ class _Skipped:
 
 
 class _SafeImageFolder(Dataset):
-    """ImageFolder whose undecodable files come back as a marker instead of an exception."""
+    """ImageFolder whose undecodable files come back as a marker instead of an exception.
+
+    Its files are torchvision's ``ImageFolder``'s, in the same order, but each file counts
+    once however many links lead to it (see :func:`image_samples`), and 16-bit grey images
+    are scaled, not clipped (:func:`connectome._image.read_rgb`).
+    """
 
     def __init__(self, root: Path, transform: Callable[[Any], Any]):
-        from torchvision.datasets import ImageFolder
-        from torchvision.datasets.folder import default_loader
+        from torchvision.datasets.folder import find_classes
+
+        from connectome._image import read_rgb
 
         try:
-            self.inner = ImageFolder(str(root), transform=None, loader=default_loader, allow_empty=True)
+            classes, class_to_idx = find_classes(str(root))
         except FileNotFoundError as exc:
             raise DataError(f"image folder {str(root)!r} has no class sub-folders: {exc}; expected one sub-folder of images per category") from None
-        if not self.inner.classes:
+        if not classes:
             raise DataError(f"image folder {str(root)!r} has no class sub-folders; expected ROOT/<category>/<image files>")
+        self.loader = read_rgb
         self.transform = transform
-        self.classes = list(self.inner.classes)
-        self.targets = list(self.inner.targets)
-        self.samples = list(self.inner.samples)
+        self.classes = list(classes)
+        self.samples = image_samples(str(root), class_to_idx)
+        self.targets = [t for _, t in self.samples]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -72,11 +79,105 @@ class _SafeImageFolder(Dataset):
     def __getitem__(self, i: int) -> tuple[Any, int]:
         path, target = self.samples[i]
         try:
-            img = self.inner.loader(path)
+            img = self.loader(path)
             img = self.transform(img)
         except Exception as exc:  # PIL raises many kinds for a bad file
             return _Skipped(path, f"{type(exc).__name__}: {exc}"), target
         return img, target
+
+
+def image_samples(root: str, class_to_idx: dict[str, int]) -> list[tuple[str, int]]:
+    """``(path, class index)`` of every image file of an ImageFolder, each file once.
+
+    The order is torchvision's ``ImageFolder``'s (by category, folder path, file name), and
+    so is the result on a folder without links. Links are followed, each folder and file
+    once by its real path: the category folders themselves (also when they are links) and
+    the real folders under them are read first; a folder link is then followed only to a
+    folder that is not already part of the data (a link back to the root, to a folder
+    above it, to another category or to itself is not: torchvision follows such a loop
+    about 40 times, counting each image that often). A file link to a file its category
+    already holds is left out. What was not read twice is said in one warning.
+    """
+    seen = {os.path.realpath(root)}  # real folders read (or queued) so far
+    tops = [(os.path.join(root, c), i) for c, i in sorted(class_to_idx.items())]
+    seen.update(os.path.realpath(p) for p, _ in tops)
+    # per folder read: (class, folder as found, its real path, image names, {link name: real target})
+    folders: list[tuple[int, str, str, list[str], dict[str, str]]] = []
+    links: list[tuple[str, int]] = []  # folder links, followed once every real folder is known
+    repeated: list[str] = []  # folder links to a folder already read
+
+    def scan(top: str, real_top: str, cls: int, follow: bool) -> None:
+        stack = [(top, real_top)]
+        while stack:
+            folder, real = stack.pop()
+            try:
+                entries = list(os.scandir(folder))
+            except OSError:  # unreadable folder: os.walk (torchvision) skips it too
+                continue
+            names: list[str] = []
+            file_links: dict[str, str] = {}
+            subs = []
+            for e in entries:
+                try:
+                    is_dir = e.is_dir()
+                except OSError:
+                    is_dir = False
+                if is_dir:
+                    subs.append(e)
+                elif e.name.lower().endswith(IMAGE_EXTENSIONS):
+                    names.append(e.name)
+                    if e.is_symlink():
+                        file_links[e.name] = os.path.realpath(e.path)
+            folders.append((cls, folder, real, names, file_links))
+            for e in sorted(subs, key=lambda d: d.name, reverse=True):  # depth first, by name
+                link = e.is_symlink()
+                if link and not follow:
+                    links.append((e.path, cls))
+                    continue
+                r = os.path.realpath(e.path) if link else os.path.join(real, e.name)
+                if r in seen:
+                    repeated.append(e.path)
+                    continue
+                seen.add(r)
+                stack.append((e.path, r))
+
+    for top, cls in tops:
+        if os.path.isdir(top):
+            scan(top, os.path.realpath(top), cls, follow=False)
+    for link, cls in sorted(links):  # into folders that are not part of the data otherwise
+        r = os.path.realpath(link)
+        if r in seen:
+            repeated.append(link)
+            continue
+        seen.add(r)
+        scan(link, r, cls, follow=True)
+    held: dict[str, tuple[int, set[str]]] = {}  # real folder -> its class and the files in it that are not links
+    if any(f[4] for f in folders):
+        held = {real: (cls, set(names) - set(fl)) for cls, _, real, names, fl in folders}
+    linked: set[tuple[str, int]] = set()
+    twice = 0
+    out: list[tuple[str, int]] = []
+    for cls, folder, _, names, file_links in sorted(folders, key=lambda f: (f[0], f[1])):
+        for name in sorted(names):
+            target = file_links.get(name)
+            if target is not None:
+                where = held.get(os.path.dirname(target))
+                if (where is not None and where[0] == cls and os.path.basename(target) in where[1]) \
+                        or (target, cls) in linked:
+                    twice += 1
+                    continue
+                linked.add((target, cls))
+            out.append((os.path.join(folder, name), cls))
+    if repeated or twice:
+        shown = ", ".join(repr(os.path.relpath(p, root)) for p in sorted(repeated)[:3])
+        warnings.warn(
+            f"image folder {root!r}: links are followed once per real folder and file"
+            + (f"; {len(repeated)} folder link(s) lead to a folder already read (a loop, the root or another "
+               f"category) and were not read again: {shown}{' ...' if len(repeated) > 3 else ''}" if repeated else "")
+            + (f"; {twice} file link(s) to an image already in their category left out" if twice else ""),
+            stacklevel=4,
+        )
+    return out
 
 
 def _collate(batch: list[tuple[Any, Any]]) -> tuple[torch.Tensor | None, torch.Tensor, list[str]]:

@@ -260,7 +260,22 @@ class ImageOrder:
             used = np.unique(used[used >= 0])
             # absolute: the graph is read again from other folders (view, report, export)
             out["paths"] = {str(int(i)): os.path.abspath(str(samples[int(i)][0])) for i in used if int(i) < len(samples)}
+            out["stamps"] = file_stamps(out["paths"])
         return out
+
+
+def file_stamps(paths: dict[str, str]) -> dict[str, list[int]]:
+    """``index -> [size in bytes, modification time in ns]`` of each example image file, so that
+    patches cut later from a file that changed since (:func:`connectome.patches.image_source`)
+    are said to be suspect. A file that cannot be read now gets no stamp."""
+    out: dict[str, list[int]] = {}
+    for i, p in paths.items():
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue
+        out[i] = [int(st.st_size), int(st.st_mtime_ns)]
+    return out
 
 
 # ----------------------------------------------------------------------------- without flows

@@ -291,6 +291,7 @@ def _accumulate(model, info, target, dev, per_sample, precision, progress, max_i
                 examples: int = 0) -> tuple[FlowAccumulator, dict[str, Any]]:
     from tqdm.auto import tqdm
 
+    from connectome._text import printable
     from connectome.extract.distributed import ShardedRun, SkippedNames, rank_world
 
     t0 = time.perf_counter()
@@ -307,7 +308,7 @@ def _accumulate(model, info, target, dev, per_sample, precision, progress, max_i
                          precision=precision)
         skipped, total, max_images = run.skipped, run.n, None  # the shards already stop at max_images
     scale = run.world if run is not None else 1  # rank 0's bar shows the whole job's images/s (about)
-    desc = f"attribution {category}" if category else "attribution"
+    desc = f"attribution {printable(category)}" if category else "attribution"  # a folder name on the terminal
     bar = tqdm(total=total, unit="img", desc=desc, disable=not progress or (run is not None and run.rank != 0),
                leave=False, dynamic_ncols=True, initial=run.images_done if run is not None else 0)
     acc = None
