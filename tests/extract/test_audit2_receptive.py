@@ -53,6 +53,7 @@ class PoolNoStride(nn.Module):
         return self.fc(self.c2(h).flatten(1))
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths:UserWarning")
 @pytest.mark.parametrize("build,n", [(SameDilated, 2), (AsymmetricPads, 2), (PoolNoStride, 32)],
                          ids=["same padding, dilated", "asymmetric F.pad and ZeroPad2d", "max_pool2d without stride"])
 def test_crop_holds_the_gradient_support_and_is_its_bounding_box(build, n):
