@@ -74,7 +74,7 @@ def test_crop_holds_the_gradient_support_and_is_its_bounding_box(build, n):
             _, kept = run_nodes(ug.gm, (xg,), keep={node})
             v = kept[node]
             n_pos = v.shape[2] * v.shape[3]
-            for pos in range(0, n_pos, max(1, n_pos // 25)):  # about 25 positions per layer, all rows and columns
+            for pos in range(0, n_pos, max(1, n_pos // 25)):  # about 25 positions per layer, spread over the map
                 r, c = divmod(pos, v.shape[3])
                 (gx,) = torch.autograd.grad(v[:, 1, r, c].sum(), xg, retain_graph=True)
                 sup = (gx.abs().sum((0, 1)) > 0).numpy()
