@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from connectome.errors import ConnectomeError, ExtractionError
 
-__all__ = ["resolve_device", "check_model", "eval_mode", "kept_buffers", "no_inplace", "model_dtype", "model_on",
+__all__ = ["resolve_device", "check_model", "eval_mode", "kept_buffers", "no_inplace", "model_dtype", "model_on", "copy_model",
            "PRECISIONS", "resolve_precision", "run_precision", "precision_mode", "precision_meta"]
 
 PRECISIONS = ("exact", "tf32", "bf16")
@@ -158,7 +158,19 @@ def model_on(model: nn.Module, device: torch.device) -> nn.Module:
     md = model_device(model)
     if md.type == device.type and (device.index is None or md.index in (None, device.index)):
         return model
-    return copy.deepcopy(model).to(device)
+    return copy_model(model).to(device)
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model``, also when it holds computed tensors that ``copy.deepcopy``
+    refuses: the weight a pruning, weight_norm or spectral_norm pre-hook set (``weight_orig *
+    weight_mask``, with its autograd history) is copied detached; the hook computes it again."""
+    memo: dict[int, Any] = {}
+    for m in model.modules():
+        for v in m.__dict__.values():
+            if isinstance(v, torch.Tensor) and not v.is_leaf:
+                memo[id(v)] = v.detach().clone()
+    return copy.deepcopy(model, memo)
 
 
 def resolve_precision(precision: Any = "exact", amp: bool = False) -> str:
