@@ -49,11 +49,16 @@ def resolve_device(device: Any = None) -> torch.device:
 
 
 def check_model(model: Any) -> nn.Module:
+    """``model`` if extraction can take it: an ``nn.Module`` without hooks the traced graph
+    would leave out (:func:`connectome.extract.fx_root.check_hooks`); checked before any data is read."""
     if not isinstance(model, nn.Module):
         raise ExtractionError(
             f"expected a torch.nn.Module, got {type(model).__name__}; pass the model object itself "
             "(for example torchvision.models.resnet18())"
         )
+    from connectome.extract.fx_root import check_hooks
+
+    check_hooks(model)
     return model
 
 

@@ -75,7 +75,8 @@ def check_hooks(model: nn.Module) -> None:
     found: list[str] = []
     for attr, kind in _GLOBAL_HOOKS:
         for hook in getattr(tm, attr, {}).values():
-            found.append(f"global {kind} {_hook_name(hook)} (torch.nn.modules.module.register_module_{kind.replace(' ', '_').replace('-', '_')})")
+            found.append(f"global {kind} {_hook_name(hook)} (registered for every module with "
+                         "torch.nn.modules.module.register_module_...)")
     for path, m in model.named_modules(remove_duplicate=True):
         where = f"module {path!r} ({type(m).__name__})" if path else f"the model itself ({type(m).__name__})"
         for attr, kind in _MODULE_HOOKS:

@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from connectome.errors import ExtractionError
-from connectome.extract.fx_root import alias_targets, check_hooks, real_target, traced_root
+from connectome.extract.fx_root import alias_targets, real_target, traced_root
 from connectome.extract.rules import ATTENTION, NAMED_INPUT, RULES, ChainOp
 from connectome.kinds import Kind
 
@@ -271,8 +271,7 @@ class _Tracer(fx.Tracer):
 def _trace(model: nn.Module) -> fx.GraphModule:
     from connectome.extract._model import check_model
 
-    check_model(model)
-    check_hooks(model)
+    check_model(model)  # hooks included
     tracer = _Tracer()
     try:
         graph = tracer.trace(traced_root(model))

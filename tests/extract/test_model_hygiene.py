@@ -89,9 +89,20 @@ def test_every_extraction_refuses_hooks_and_without_them_is_unchanged():
                 lambda: cn.extract.examples(model, (x, y), k=2, progress=False, device="cpu")):
         with pytest.raises(ExtractionError, match=r"forward hook _scale_output on module '0'"):
             run()
+    # refused before any image is read
+    with pytest.raises(ExtractionError, match="forward hook _scale_output"):
+        cn.extract.attribution(model, _Unreadable(), progress=False, device="cpu")
     # without the hook, the same model gives the graph of a model that never had one
     handle.remove()
     _same_graph(_attribution(model, x, y), _attribution(_net(), x, y))
+
+
+class _Unreadable(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        raise AssertionError("the data was read")
 
 
 def test_a_modifying_hook_is_not_silently_left_out():
@@ -195,6 +206,22 @@ def test_reparametrised_weights_are_the_weights_the_model_uses(apply, remove):
         assert torch.equal(v, before[k]), k
     assert any(m._forward_pre_hooks for m in model.modules())
     model(x).sum().backward()
+
+
+def test_a_pruned_model_is_copied_for_another_device():
+    # model_on copies a model that is not on the run's device; copy.deepcopy refuses a pruned one
+    model = _net()
+    _prune(model)
+    with pytest.raises(RuntimeError, match="deepcopy"):
+        copy.deepcopy(model)
+    twin = copy_model(model)
+    x = _data()[0]
+    with torch.no_grad():
+        assert torch.equal(twin(x), model(x))
+    assert prune.is_pruned(twin) and twin[0].weight_orig is not model[0].weight_orig
+    with torch.no_grad():
+        twin[0].weight_orig.zero_()
+    assert model[0].weight_orig.any()
 
 
 def test_pruned_weights_are_zero_in_the_weight_graph():
