@@ -196,8 +196,8 @@ def alias_targets(graph: fx.Graph, root: nn.Module) -> tuple[nn.Module, dict[str
             h._parameters[alias.get(k, k)] = p
         for k, b in m._buffers.items():
             h._buffers[alias.get(k, k)] = b
-        for k, v in m.__dict__.items():  # plain tensor attributes (a pruned weight, constants)
-            if isinstance(v, torch.Tensor) and not k.startswith("_"):
+        for k, v in m.__dict__.items():  # plain tensor attributes (fx's _tensor_constant0, a model's constants)
+            if isinstance(v, torch.Tensor):
                 h.__dict__[alias.get(k, k)] = v
         return h
 
