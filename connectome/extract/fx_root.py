@@ -188,6 +188,7 @@ def alias_targets(graph: fx.Graph, root: nn.Module) -> tuple[nn.Module, dict[str
         if id(m) in memo:
             return memo[id(m)]
         h = nn.Module()
+        h.training = m.training
         memo[id(m)] = h
         for k, c in m._modules.items():
             if c is not None:

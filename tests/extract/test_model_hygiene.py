@@ -424,3 +424,49 @@ def test_a_16_bit_model_states_its_dtype_and_error(dtype, roundoff):
     f32 = cn.extract.attribution(model.float(), (x.float(), y), progress=False, device="cpu")
     assert f32.meta["exact"] is True and f32.meta["expected_error"] < g.meta["expected_error"]
     assert f32.meta["dtype"] == "float32" and f32.meta["unit_roundoff"] == 2.0**-24
+
+
+# ----------------------------------------------------------------------------- command line
+MODEL_FILE = '''
+import torch
+import torch.nn as nn
+import torch.nn.utils.prune as prune
+
+
+def _net():
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 4))
+
+
+def hooked():
+    m = _net()
+    m[0].register_forward_hook(lambda mod, inputs, out: out * 2)
+    return m
+
+
+def pruned():
+    torch.manual_seed(0)
+    m = _net()
+    odd = nn.Sequential()
+    odd.add_module("class", m)
+    prune.l1_unstructured(m[0], "weight", 0.5)
+    return odd
+'''
+
+
+def test_the_command_line_refuses_hooks_in_one_line_and_takes_pruned_models(tmp_path, capsys):
+    from connectome.cli import main
+
+    (tmp_path / "models.py").write_text(MODEL_FILE)
+    spec = str(tmp_path / "models.py")
+    assert main(["weights", f"{spec}:hooked", "--input-shape", "3,8,8", "--out", str(tmp_path / "h.npz")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "forward hook" in err and "module '0' (Conv2d)" in err
+    assert not (tmp_path / "h.npz").exists()
+    assert main(["weights", f"{spec}:pruned", "--input-shape", "3,8,8", "--out", str(tmp_path / "p.npz")]) == 0
+    g = cn.load(tmp_path / "p.npz")
+    assert [l.name for l in g.layers] == ["input", "class.0", "logits"]
+    from connectome.modelspec import load_model_spec
+
+    model = load_model_spec(f"{spec}:pruned").model
+    prune.remove(model.get_submodule("class.0"), "weight")
+    _same_graph(g, cn.extract.weights(model, (3, 8, 8)))
