@@ -172,7 +172,10 @@ def attribution(
         (``meta["completeness_relative"]`` says how well). Every graph states
         ``meta["precision"]``, ``meta["expected_error"]`` (the relative distance of its flows
         to float64 flows to expect, an order of magnitude: 3e-4 exact, 1e-2 tf32, 1e-1 bf16)
-        and ``meta["unit_roundoff"]``. Float64 models always run in float64.
+        and ``meta["unit_roundoff"]``. Float64 models always run in float64. Float16 and
+        bfloat16 models run in their dtype (``meta["dtype"]``): their graphs state that
+        dtype's unit roundoff and expected error (1e-2 float16, 1e-1 bfloat16) and
+        ``meta["exact"]`` False.
     amp : bool, default False
         Same as ``precision="bf16"`` (kept for older code).
     progress : bool, default True
@@ -259,9 +262,10 @@ def _attribution(model: nn.Module, info: Any, target: Any = "label", *, per_samp
         "skipped_images": len(t_info["skipped"]),
         "versions": _versions(),
     })
-    # float32 flows computed in TF32 or bfloat16 are approximations, whatever the ops
-    g = g.with_meta(exact=bool(g.meta["exact"]) and t_info["precision"] == "exact",
-                    **precision_meta(t_info["precision"], acc.dtype))
+    # float32 flows computed in TF32 or bfloat16, and a 16-bit model's, are approximations, whatever the ops
+    arith = precision_meta(t_info["precision"], acc.dtype)
+    arith["exact"] = bool(g.meta["exact"]) and t_info["precision"] == "exact" and arith.pop("exact", True)
+    g = g.with_meta(**arith)
     if examples:  # what a stored image index means: dataset order, and the files of an ImageFolder
         from connectome.patches import example_arrays
 

@@ -41,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from connectome.errors import ExtractionError
+from connectome.extract.fx_root import alias_targets, real_target, traced_root
 from connectome.extract.rules import ATTENTION, NAMED_INPUT, RULES, ChainOp
 from connectome.kinds import Kind
 
@@ -270,10 +271,10 @@ class _Tracer(fx.Tracer):
 def _trace(model: nn.Module) -> fx.GraphModule:
     from connectome.extract._model import check_model
 
-    check_model(model)
+    check_model(model)  # hooks included
     tracer = _Tracer()
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(traced_root(model))
     except ExtractionError:
         raise  # our own, from a module written out while tracing (attention)
     except Exception as exc:  # fx raises many kinds (TraceError, TypeError, RuntimeError ...)
@@ -286,8 +287,17 @@ def _trace(model: nn.Module) -> fx.GraphModule:
     for n in graph.nodes:
         if n.meta.pop("connectome_expanded", False):
             n.meta.pop("is_wrapped", None)
-    name = type(model).__name__
-    return fx.GraphModule(tracer.root, graph, name)
+    root, aliases = alias_targets(graph, tracer.root)
+    gm = fx.GraphModule(root, graph, type(model).__name__)
+    gm.meta["connectome_aliases"] = aliases
+    return gm
+
+
+def _module_path(node: fx.Node, target: Any = None) -> str:
+    """The caller's module path of a ``call_module`` node (or of ``target``), whatever alias fx traced it under."""
+    gm = node.graph.owning_module
+    t = str(node.target if target is None else target)
+    return real_target(gm, t) if gm is not None else t
 
 
 def _scope(node: fx.Node) -> str:
@@ -300,7 +310,7 @@ def _scope(node: fx.Node) -> str:
 
 def _where(node: fx.Node) -> str:
     if node.op == "call_module":
-        return f"module {node.target!r}"
+        return f"module {_module_path(node)!r}"
     s = _scope(node)
     return f"fx node {node.name!r}" + (f" in module {s!r}" if s else "")
 
@@ -1113,7 +1123,7 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
             s_in, s_out = shapes[x.name], shapes[node.name]
             if node.op == "call_module":
                 m = ctx.modules[node.target]
-                module_name = str(node.target)
+                module_name = _module_path(node)
                 if module_name in seen_modules:
                     raise ExtractionError(
                         f"module {module_name!r} is called twice (shared weights); a unit graph needs one layer "
@@ -1133,7 +1143,8 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                     raise ExtractionError(f"{_where(node)}: the weight is not a tensor of the model")
                 wshape = shapes.get(wnode.name) or tuple(_attr_value(gm, wnode).shape)
                 module_name = node.meta.get("connectome_name") or (
-                    str(wnode.target).rsplit(".", 1)[0] if wnode.op == "get_attr" else (_scope(node) or node.name))
+                    _module_path(node, wnode.target).rsplit(".", 1)[0] if wnode.op == "get_attr"
+                    else (_scope(node) or node.name))
                 if info == Kind.CONV:
                     groups = int(_const(node, 6, "groups", 1))
                     in_feat = wshape[1] * groups
@@ -1257,7 +1268,7 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                 if RULES[info.kind].name:
                     rules.add(RULES[info.kind].name)
                 if info.kind == "smooth":
-                    layers[u.layer].nonlinear.append(str(node.target) if node.op == "call_module" else _where(node))
+                    layers[u.layer].nonlinear.append(_module_path(node) if node.op == "call_module" else _where(node))
 
     if output_node is None:
         raise ExtractionError("the traced model has no output")
