@@ -30,6 +30,11 @@ _LAZY = {
     "fidelity": "ablation",
     # activations.py (runs models)
     "compare_activations": "activations",
+    # functional.py (runs models; coupling compares graphs)
+    "functional_connectivity": "functional",
+    "FunctionalConnectivity": "functional",
+    "coupling": "functional",
+    "Coupling": "functional",
 }
 
 __all__ = sorted([
