@@ -29,6 +29,7 @@ EXAMPLES = {
     "view": "connectome view graphs/ --out viewer.html",
     "demo": "connectome demo --out demo_out",
     "zoo": "connectome zoo list",
+    "functional": "connectome functional zoo:simplecnn_a zoo:shapes --method pearson --out functional.npz",
 }
 
 
@@ -129,6 +130,9 @@ def _parser() -> argparse.ArgumentParser:
     d = add("demo", "Run the whole toolkit on the embedded zoo and write a report.")
     d.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
     d.add_argument("--quiet", action="store_true")
+
+    _functional_parser(add("functional", "Write the functional connectivity of a model's units over images (.npz)."),
+                       model_help)
 
     z = add("zoo", "List or retrain the embedded zoo models.")
     z.add_argument("action", choices=["list", "train"], help="list the models, or train them from scratch")
@@ -568,6 +572,64 @@ def _cmd_zoo(a: argparse.Namespace) -> int:
     return 0
 
 
+def _functional_parser(f: argparse.ArgumentParser, model_help: str) -> None:
+    f.add_argument("model", metavar="MODEL", help=model_help)
+    f.add_argument("data", metavar="DATA", help="ImageFolder directory (ROOT/<category>/<images>) or zoo:shapes[:N]")
+    f.add_argument("--out", required=True, help="output .npz: the units with the between-layer correlations as edges")
+    f.add_argument("--within", default=None, metavar="FILE.npz",
+                   help="also write the within-layer pairs (layer/src/dst/r/p/q arrays) to this file")
+    f.add_argument("--weights", default=None, help="state_dict FILE, or DEFAULT for torchvision's pretrained weights")
+    f.add_argument("--method", default="pearson", choices=["pearson", "spearman", "partial"])
+    f.add_argument("--layers", default=None, metavar="L,L", help="comma-separated layer names (default: all)")
+    f.add_argument("--between", default="adjacent", choices=["adjacent", "all", "none"],
+                   help="layer pairs tested besides each layer with itself (default adjacent)")
+    f.add_argument("--fdr", default="0.05", metavar="Q|none",
+                   help="false discovery rate of the kept correlations (default 0.05; none keeps every pair)")
+    f.add_argument("--top-k", type=int, default=None, metavar="K", help="keep each unit's K strongest edges")
+    f.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    f.add_argument("--batch-size", type=int, default=64)
+
+
+def _cmd_functional(a: argparse.Namespace) -> int:
+    from connectome.analysis.functional import functional_connectivity
+    from connectome.extract.distributed import launched
+    from connectome.modelspec import load_data_spec, load_model_spec
+
+    if a.batch_size < 1:
+        raise ConnectomeError(f"--batch-size must be >= 1, got {a.batch_size}")
+    fdr: float | None = None
+    if a.fdr.strip().lower() != "none":
+        try:
+            fdr = float(a.fdr)
+        except ValueError:
+            raise ConnectomeError(f"--fdr must be a number in (0, 1] or none, got {a.fdr!r}") from None
+    _check_out_file(a.out)
+    if a.within:
+        _check_out_file(a.within)
+    spec = load_model_spec(a.model, a.weights)
+    data = load_data_spec(a.data, image_size=spec.input_shape[-1] if spec.input_shape else None)
+    layers = [s.strip() for s in a.layers.split(",") if s.strip()] if a.layers else None
+    with launched(a.device) as (rank, _):
+        fc = functional_connectivity(spec.model, data, layers, a.method, between=a.between, fdr=fdr, top_k=a.top_k,
+                                     device=a.device, batch_size=a.batch_size)
+        if rank != 0:
+            return 0
+    fc.graph.with_meta(**spec.meta, model=spec.name).save(a.out)
+    if a.within:
+        import numpy as np
+
+        from connectome.io import atomic_write
+
+        names = list(fc.within)
+        cols = {k: np.concatenate([fc.within[n][k] for n in names]) for k in ("src", "dst", "r", "p", "q")}
+        layer = np.concatenate([np.full(fc.within[n]["r"].size, n, dtype=object) for n in names]).astype(str)
+        with atomic_write(a.within, "wb") as fh:
+            np.savez(fh, layer=layer, **cols)
+    print(fc)
+    print(f"wrote {a.out}" + (f" and {a.within}" if a.within else ""), file=sys.stderr)
+    return 0
+
+
 def _json_default(o: Any) -> Any:
     import numpy as np
 
@@ -583,6 +645,7 @@ def _json_default(o: Any) -> Any:
 COMMANDS = {
     "weights": _cmd_weights, "extract": _cmd_extract, "report": _cmd_report, "compare": _cmd_compare,
     "export": _cmd_export, "demo": _cmd_demo, "zoo": _cmd_zoo, "view": _cmd_view,
+    "functional": _cmd_functional,
 }
 
 

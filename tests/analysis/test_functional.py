@@ -309,3 +309,20 @@ def test_coupling_of_structure_and_function_on_a_model():
     c = analysis.coupling(cn.extract.weights(model, (3, 8, 8)), fc, n_permutations=50)
     assert c.rows and all(r.n_pairs > 0 for r in c.rows)
     assert all(-1 <= r.rho <= 1 for r in c.rows if math.isfinite(r.rho))
+
+
+# ----------------------------------------------------------------------------- CLI
+def test_cli_functional_writes_the_graph_and_within_pairs(tmp_path, capsys):
+    from connectome.cli import main
+
+    out, within = tmp_path / "fc.npz", tmp_path / "within.npz"
+    assert main(["functional", "zoo:simplecnn_a", "zoo:shapes:3", "--out", str(out), "--within", str(within),
+                 "--fdr", "none", "--device", "cpu", "--top-k", "3"]) == 0
+    g = cn.load(out)
+    assert g.meta["kind"] == "functional" and g.meta["fdr"] is None and g.meta["top_k"] == 3
+    w = np.load(within)
+    assert set(w["layer"].tolist()) <= set(g.layer_names)
+    assert np.all(np.abs(w["r"]) <= 1) and w["src"].size == w["dst"].size == w["q"].size
+    assert main(["functional", "zoo:simplecnn_a", "zoo:shapes:3", "--out", str(out), "--fdr", "often"]) == 2
+    assert "--fdr must be" in capsys.readouterr().err
+    assert main(["functional", "zoo:simplecnn_a", "zoo:shapes:3", "--out", str(tmp_path / "no" / "f.npz")]) == 2
