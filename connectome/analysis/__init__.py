@@ -35,6 +35,10 @@ _LAZY = {
     "FunctionalConnectivity": "functional",
     "coupling": "functional",
     "Coupling": "functional",
+    # lesion.py (runs models)
+    "lesion_curve": "lesion",
+    "lesion_edges": "lesion",
+    "LesionCurve": "lesion",
 }
 
 __all__ = sorted([
