@@ -138,6 +138,9 @@ def _parser() -> argparse.ArgumentParser:
     z.add_argument("action", choices=["list", "train"], help="list the models, or train them from scratch")
     z.add_argument("--out", default="zoo_weights", metavar="DIR",
                    help="train: folder for the new weights (default zoo_weights/; never the installed package's)")
+    z.add_argument("--save-every", type=int, default=None, metavar="N",
+                   help="train: also keep checkpoints every N optimizer steps in DIR/checkpoints/NAME/ "
+                        "(for connectomes over training)")
     return p
 
 
@@ -565,7 +568,9 @@ def _cmd_zoo(a: argparse.Namespace) -> int:
                               "pick a folder of your own, e.g. zoo_weights")
     if out.exists() and not out.is_dir():
         raise ConnectomeError(f"--out {a.out!r} is a file; give a folder")
-    results = zoo.train_all(out)
+    if a.save_every is not None and a.save_every < 1:
+        raise ConnectomeError(f"--save-every must be >= 1 step, got {a.save_every}")
+    results = zoo.train_all(out, save_every=a.save_every)
     print(json.dumps(results, indent=2, default=_json_default))
     print(f"wrote the weights to {out}; use them with --weights {out}/NAME.pt (e.g. zoo:smallresnet) or "
           f"connectome.zoo.load_model(NAME, weights_dir={str(out)!r})", file=sys.stderr)
