@@ -110,6 +110,7 @@ def over_training(
     data: Any = None,
     *,
     input_shape: Sequence[int] | None = None,
+    labels: Sequence[str] | None = None,
     steps: Sequence[int] | None = None,
     target: Any = "label",
     categories: Sequence[str] | None = None,
@@ -133,6 +134,9 @@ def over_training(
         (:func:`connectome.extract.attribution_by_category`).
     input_shape : sequence of int, optional
         ``C, H, W`` of one input, for weight graphs.
+    labels : sequence of str, optional
+        Class names of the output units (weight graphs; attribution takes them from the data
+        or from ``labels=`` in ``kwargs``).
     steps : sequence of int, optional
         The training step of each checkpoint (stored as ``meta["step"]``); default the last
         number in each file name, else the position.
@@ -188,7 +192,7 @@ def over_training(
             raise ConnectomeError(f"checkpoint {i} does not fit the model: {first}") from None
         info = {"step": int(steps[i]), "checkpoint": i}
         if data is None:
-            per_step.append(weights(m, tuple(input_shape)).with_meta(**info))
+            per_step.append(weights(m, tuple(input_shape), labels=labels).with_meta(**info))
         else:
             gs = attribution_by_category(m, data, target, categories=categories, device=device, batch_size=batch_size,
                                          **kwargs)

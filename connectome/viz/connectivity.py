@@ -93,7 +93,11 @@ def plot_functional(functional: Any, effective: Any = None, src_layer: str | Non
     if src_layer is None or dst_layer is None:
         if not pairs:
             raise ValueError("the functional graph tested no pair of different layers; pass src_layer and dst_layer")
-        src_layer, dst_layer = pairs[0]
+        from connectome.kinds import is_hidden
+
+        kind = {l.name: l.kind for l in functional.graph.layers}
+        hidden = [p for p in pairs if all(is_hidden(kind[n]) for n in p)]
+        src_layer, dst_layer = (hidden or pairs)[0]  # a pair of hidden layers when there is one
     R = functional.matrix(src_layer, dst_layer)
     n = 2 if effective is not None else 1
     fig, axs = grid(n, 2, (4.2, 3.6))
@@ -153,5 +157,5 @@ def plot_trajectory(traj: Any, *, what: str = "change", title: str | None = None
     a2.set_ylim(-0.02, 1.02)
     a2.set_xlabel("checkpoint")
     a2.grid(alpha=0.3)
-    a2.legend(fontsize=6, frameon=False, ncols=2)
+    a2.legend(fontsize=6, frameon=False, ncols=3, loc="upper center", bbox_to_anchor=(0.5, -0.3))
     return fig

@@ -107,6 +107,7 @@ def train_model(
     num_threads: int | None = None,
     save_every: int | None = None,
     checkpoint_dir: str | os.PathLike[str] | None = None,
+    heldout_per_class: int = HELDOUT_PER_CLASS,
 ) -> tuple[nn.Module, float]:
     """Train one zoo model from scratch on the shapes dataset.
 
@@ -136,6 +137,9 @@ def train_model(
         :func:`connectome.extract.over_training`.
     checkpoint_dir : path-like, optional
         Folder for the checkpoints (created if needed); required with ``save_every``.
+    heldout_per_class : int, optional
+        Images per class of the held-out sample the accuracy is measured on (fewer for a
+        quick run).
 
     Returns
     -------
@@ -209,7 +213,7 @@ def train_model(
         finally:
             bar.close()
         save(model, epochs * steps_per_epoch)
-        heldout = shapes(HELDOUT_PER_CLASS, seed=HELDOUT_SEED, size=image_size)
+        heldout = shapes(int(heldout_per_class), seed=HELDOUT_SEED, size=image_size)
         accuracy = evaluate(model, heldout)
     model.eval()
     if progress:

@@ -177,6 +177,16 @@ def test_partial_correlation_matches_the_hand_formula_on_3_units():
     assert w["p"][i] == pytest.approx(2 * norm.sf(abs(math.atanh(hand(0, 2, 1))) * math.sqrt(200 - 4)), rel=1e-9)
 
 
+def test_bh_adjust_equals_scipy():
+    from scipy.stats import false_discovery_control
+
+    from connectome.analysis.functional import bh_adjust
+
+    p = np.random.default_rng(0).uniform(size=500) ** 3
+    p[:5] = p[5]  # ties
+    np.testing.assert_allclose(bh_adjust(p), false_discovery_control(p, method="bh"), rtol=1e-12)
+
+
 def test_fdr_is_benjamini_hochberg_and_top_k_keeps_each_units_strongest():
     model, x = _tiny(), _images(60)
     full = _fc(model, x, fdr=None, between="all")
@@ -326,3 +336,21 @@ def test_cli_functional_writes_the_graph_and_within_pairs(tmp_path, capsys):
     assert main(["functional", "zoo:simplecnn_a", "zoo:shapes:3", "--out", str(out), "--fdr", "often"]) == 2
     assert "--fdr must be" in capsys.readouterr().err
     assert main(["functional", "zoo:simplecnn_a", "zoo:shapes:3", "--out", str(tmp_path / "no" / "f.npz")]) == 2
+
+
+def test_report_section_draws_functional_next_to_effective():
+    from connectome.viz.report import Report, functional_section
+
+    model, x = _tiny(), _images(30)
+    fc = _fc(model, x, fdr=None)
+    w = cn.extract.weights(model, (3, 8, 8))
+    rep = Report("r")
+    functional_section(rep, fc, w, coupling(w, fc, n_permutations=20))
+    html = rep.to_html()
+    assert "Functional connectivity" in html and 'data-file="functional.png"' in html
+    assert "Spearman rho" in html
+    from connectome.viz.connectivity import plot_functional
+
+    fig = plot_functional(fc, w)
+    assert fig._suptitle.get_text() == "conv1 -> conv2"  # the first pair of hidden layers
+    np.testing.assert_allclose(np.asarray(fig.axes[0].images[0].get_array()), fc.matrix("conv1", "conv2"))

@@ -149,3 +149,14 @@ def test_attack_plot_draws_each_order_and_the_random_band():
     np.testing.assert_allclose(ax.lines[1].get_ydata(), rnd.accuracy_mean)
     assert sum(isinstance(c, PolyCollection) for c in ax.collections) == 1  # the band of the random orders
     assert "AUC" in ax.get_legend().get_texts()[0].get_text()
+
+
+def test_report_section_lists_the_areas():
+    from connectome.viz.report import Report, lesion_section
+
+    model, x, y = _data(30)
+    rep = Report("r")
+    c = analysis.lesion_curve(model, (x, y), "strength", steps=2, device="cpu")
+    lesion_section(rep, {"strength": c})
+    html = rep.to_html()
+    assert 'data-file="lesion.png"' in html and f"{c.auc_accuracy:.4g}" in html

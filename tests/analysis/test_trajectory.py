@@ -149,3 +149,15 @@ def test_zoo_training_keeps_checkpoints_every_n_steps(tmp_path, capsys):
         train_model("simplecnn_a", epochs=1, n_per_class=1, progress=False, save_every=1)
     assert main(["zoo", "train", "--save-every", "0", "--out", str(tmp_path / "w")]) == 2
     assert "--save-every must be" in capsys.readouterr().err
+
+
+def test_report_section_names_when_each_circuit_formed():
+    from connectome.viz.report import Report, trajectory_section
+
+    cat, dog = toy_attribution("cat"), toy_attribution("dog")
+    gs = [g.with_meta(step=s) for g, s in zip(same_topology([dog, cat, cat]), (0, 5, 10))]
+    rep = Report("r")
+    trajectory_section(rep, analysis.trajectory(gs, categories=["cat", "dog"]))
+    html = rep.to_html()
+    assert 'data-file="trajectory.png"' in html and "circuit formed at step" in html
+    assert "<td>cat</td><td class=\"num\">5</td>" in html.replace("\n", "")
