@@ -30,6 +30,8 @@ EXAMPLES = {
     "demo": "connectome demo --out demo_out",
     "zoo": "connectome zoo list",
     "functional": "connectome functional zoo:simplecnn_a zoo:shapes --method pearson --out functional.npz",
+    "lesion": "connectome lesion zoo:smallresnet zoo:shapes:8 --order pagerank --random 5 --out lesion.json --plot attack.png",
+    "trajectory": "connectome trajectory zoo:simplecnn_a zoo_weights/checkpoints/simplecnn_a --out trajectory.json",
 }
 
 
@@ -133,6 +135,9 @@ def _parser() -> argparse.ArgumentParser:
 
     _functional_parser(add("functional", "Write the functional connectivity of a model's units over images (.npz)."),
                        model_help)
+    _lesion_parser(add("lesion", "Remove units cumulatively (targeted and random orders): accuracy per step."),
+                   model_help)
+    _trajectory_parser(add("trajectory", "Follow a model's connectome over training checkpoints."), model_help)
 
     z = add("zoo", "List or retrain the embedded zoo models.")
     z.add_argument("action", choices=["list", "train"], help="list the models, or train them from scratch")
@@ -635,6 +640,106 @@ def _cmd_functional(a: argparse.Namespace) -> int:
     return 0
 
 
+def _lesion_parser(p: argparse.ArgumentParser, model_help: str) -> None:
+    p.add_argument("model", metavar="MODEL", help=model_help)
+    p.add_argument("data", metavar="DATA", help="ImageFolder directory or zoo:shapes[:N] (held in memory; with labels)")
+    p.add_argument("--weights", default=None, help="state_dict FILE, or DEFAULT for torchvision's pretrained weights")
+    p.add_argument("--order", default="strength", choices=["strength", "pagerank", "attribution"],
+                   help="targeted order: most important unit first (default strength, of the weight graph)")
+    p.add_argument("--random", type=int, default=5, metavar="N",
+                   help="also N random orders, drawn as a band (default 5; 0: none)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--fraction", type=float, default=1.0, help="largest fraction of hidden units removed (default 1)")
+    p.add_argument("--scope", default="global", choices=["global", "layer"])
+    p.add_argument("--target", default="label", help="label (default), predicted, or a class index/name")
+    p.add_argument("--out", required=True, help="output .json with the curves and their areas")
+    p.add_argument("--plot", default=None, metavar="FILE.png", help="also draw the targeted-vs-random attack plot")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+
+
+def _cmd_lesion(a: argparse.Namespace) -> int:
+    from connectome.analysis.lesion import lesion_curve
+    from connectome.modelspec import load_data_spec, load_model_spec
+
+    if a.random < 0:
+        raise ConnectomeError(f"--random must be >= 0 orders, got {a.random}")
+    _check_out_file(a.out)
+    if a.plot:
+        _check_out_file(a.plot)
+    spec = load_model_spec(a.model, a.weights)
+    data = load_data_spec(a.data, image_size=spec.input_shape[-1] if spec.input_shape else None)
+    kw = dict(steps=a.steps, fraction=a.fraction, scope=a.scope, target=a.target, device=a.device)
+    curves = {f"{a.order} (targeted)": lesion_curve(spec.model, data, a.order, **kw)}
+    if a.random:
+        curves["random"] = lesion_curve(spec.model, data, "random", seeds=a.random, **kw)
+    _write_json(a.out, {"model": spec.name, "data": a.data, "curves": {k: c.to_dict() for k, c in curves.items()}})
+    if a.plot:
+        from connectome.viz.connectivity import plot_attack
+
+        _save_figure(a.plot, plot_attack(curves))
+    for k, c in curves.items():
+        print(f"{k}: {c!r}")
+    print(f"wrote {a.out}" + (f" and {a.plot}" if a.plot else ""), file=sys.stderr)
+    return 0
+
+
+def _trajectory_parser(p: argparse.ArgumentParser, model_help: str) -> None:
+    p.add_argument("model", metavar="MODEL", help=model_help + " (the architecture; its weights are not used)")
+    p.add_argument("checkpoints", metavar="CHECKPOINTS",
+                   help="folder of state_dict files in training order (zoo train --save-every writes one)")
+    p.add_argument("--data", default=None,
+                   help="ImageFolder directory or zoo:shapes[:N]: attribution graphs per category (default: weights)")
+    p.add_argument("--input-shape", default=None, help="C,H,W of one input (default: the model's usual size)")
+    p.add_argument("--mass", type=float, default=0.8, help="circuit mass (default 0.8)")
+    p.add_argument("--out", required=True, help="output .json: per step edge change, NMI, circuit Jaccard, hubs")
+    p.add_argument("--plot", default=None, metavar="FILE.png", help="also draw the layer x step heatmap")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+
+
+def _cmd_trajectory(a: argparse.Namespace) -> int:
+    from connectome.analysis.trajectory import trajectory
+    from connectome.extract.over_training import over_training
+    from connectome.modelspec import load_data_spec, load_model_spec
+
+    _check_out_file(a.out)
+    if a.plot:
+        _check_out_file(a.plot)
+    spec = load_model_spec(a.model, None)
+    shape = _shape(a.input_shape) or spec.input_shape
+    data = None
+    if a.data:
+        data = load_data_spec(a.data, image_size=shape[-1] if shape else None)
+    elif shape is None:
+        raise ConnectomeError(f"give --input-shape for {a.model!r} (for example 3,224,224)")
+    graphs = over_training(spec.model, a.checkpoints, data, input_shape=shape, labels=spec.classes, device=a.device)
+    traj = trajectory(graphs, mass=a.mass)
+    _write_json(a.out, {"model": spec.name, "checkpoints": a.checkpoints, **traj.to_dict()})
+    if a.plot:
+        from connectome.viz.connectivity import plot_trajectory
+
+        _save_figure(a.plot, plot_trajectory(traj))
+    print(traj)
+    print(f"wrote {a.out}" + (f" and {a.plot}" if a.plot else ""), file=sys.stderr)
+    return 0
+
+
+def _write_json(path: str, obj: Any) -> None:
+    from connectome.io import atomic_write
+
+    with atomic_write(path, "w") as fh:
+        json.dump(obj, fh, indent=2, default=_json_default)
+        fh.write("\n")
+
+
+def _save_figure(path: str, fig: Any) -> None:
+    from connectome.io import atomic_write
+    from connectome.viz._mpl import pyplot
+
+    with atomic_write(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=110, bbox_inches="tight", facecolor="white")
+    pyplot().close(fig)
+
+
 def _json_default(o: Any) -> Any:
     import numpy as np
 
@@ -650,7 +755,7 @@ def _json_default(o: Any) -> Any:
 COMMANDS = {
     "weights": _cmd_weights, "extract": _cmd_extract, "report": _cmd_report, "compare": _cmd_compare,
     "export": _cmd_export, "demo": _cmd_demo, "zoo": _cmd_zoo, "view": _cmd_view,
-    "functional": _cmd_functional,
+    "functional": _cmd_functional, "lesion": _cmd_lesion, "trajectory": _cmd_trajectory,
 }
 
 

@@ -160,3 +160,19 @@ def test_report_section_lists_the_areas():
     lesion_section(rep, {"strength": c})
     html = rep.to_html()
     assert 'data-file="lesion.png"' in html and f"{c.auc_accuracy:.4g}" in html
+
+
+def test_cli_lesion_writes_curves_and_the_attack_plot(tmp_path, capsys):
+    import json
+
+    from connectome.cli import main
+
+    out, png = tmp_path / "l.json", tmp_path / "a.png"
+    assert main(["lesion", "zoo:simplecnn_a", "zoo:shapes:2", "--steps", "2", "--random", "2", "--fraction", "0.5",
+                 "--device", "cpu", "--out", str(out), "--plot", str(png)]) == 0
+    d = json.loads(out.read_text())
+    assert list(d["curves"]) == ["strength (targeted)", "random"]
+    assert len(d["curves"]["random"]["accuracy"]) == 2 and d["curves"]["random"]["x"] == [0.0, 0.25, 0.5]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["lesion", "zoo:simplecnn_a", "zoo:shapes:2", "--steps", "0", "--out", str(out)]) == 2
+    assert "steps must be a positive integer" in capsys.readouterr().err

@@ -161,3 +161,23 @@ def test_report_section_names_when_each_circuit_formed():
     html = rep.to_html()
     assert 'data-file="trajectory.png"' in html and "circuit formed at step" in html
     assert "<td>cat</td><td class=\"num\">5</td>" in html.replace("\n", "")
+
+
+def test_cli_trajectory_reads_a_checkpoint_folder(tmp_path, capsys):
+    import json
+
+    from connectome.cli import main
+    from connectome.zoo import build_model
+
+    m = build_model("simplecnn_a")
+    s0 = {k: v.clone() for k, v in m.state_dict().items()}
+    for step in (0, 50):
+        torch.save(s0, tmp_path / f"step_{step:06d}.pt")
+    out = tmp_path / "t.json"
+    assert main(["trajectory", "zoo:simplecnn_a", str(tmp_path), "--out", str(out), "--plot",
+                 str(tmp_path / "t.png")]) == 0
+    d = json.loads(out.read_text())
+    assert d["steps"] == [0, 50] and d["nmi"] == [1.0]
+    assert all(j == [1.0, 1.0] for j in d["jaccard"].values()) and "circle" in d["jaccard"]
+    assert main(["trajectory", "zoo:simplecnn_a", str(tmp_path / "none"), "--out", str(out)]) == 2
+    assert "not a folder" in capsys.readouterr().err
