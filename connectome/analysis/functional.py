@@ -79,6 +79,12 @@ class Moments:
                 self.mean[l] = self.mean[l] + d[l] * (nb / tot)
         self.n += nb
 
+    def to_numpy(self) -> None:
+        """Move the moments (torch tensors on the device while streaming) to numpy arrays."""
+        conv = (lambda v: v.cpu().numpy() if hasattr(v, "cpu") else np.asarray(v))
+        self.mean = {l: conv(v) for l, v in self.mean.items()}
+        self.m2 = {k: conv(v) for k, v in self.m2.items()}
+
     def all_reduce(self, comm: Any) -> None:
         """Merge the moments of every process (collective; ``torch.distributed`` initialised).
 
@@ -321,11 +327,8 @@ def _collect(model: Any, data: Any, layers: Sequence[str] | None, between: str, 
         if world > 1:
             mom.all_reduce(_comm_device(dev))
         n = mom.n
-    mom_np = mom
-    if mom is not None and values is None:
-        mom_np.mean = {l: v.cpu().numpy() if hasattr(v, "cpu") else np.asarray(v) for l, v in mom.mean.items()}
-        mom_np.m2 = {k: v.cpu().numpy() if hasattr(v, "cpu") else np.asarray(v) for k, v in mom.m2.items()}
-    return glayers, picks, pairs, mom_np, stacked, n
+        mom.to_numpy()
+    return glayers, picks, pairs, mom, stacked, n
 
 
 def functional_connectivity(

@@ -22,11 +22,11 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 
-from connectome.errors import ConnectomeError, EmptyGraphError, short_list
+from connectome.errors import ConnectomeError, EmptyGraphError
 from connectome.graph import Connectome
 
 __all__ = ["lesion_curve", "lesion_edges", "LesionCurve", "ORDERS"]
@@ -170,7 +170,7 @@ def _node_scores(order: Any, graph: Connectome | None, model: Any, x: Any, y: An
     return "scores", graph, s
 
 
-def _ranked_units(t: Any, name: str, graph: Connectome | None, scores: Any) -> list[tuple[int, int]]:
+def _ranked_units(t: Any, graph: Connectome | None, scores: Any) -> list[tuple[int, int]]:
     """Hidden units of the model as ``(traced layer, unit)``, highest score first (ties and
     unscored units last, in layer-then-unit order)."""
     from connectome.extract.probe import IO_KINDS
@@ -310,7 +310,7 @@ def lesion_curve(
                 perm = np.random.default_rng(s).permutation(len(all_units))
                 orders.append([all_units[i] for i in perm])
         else:
-            orders = [_ranked_units(t, name, graph, scores)]
+            orders = [_ranked_units(t, graph, scores)]
         xs = fraction * np.arange(steps + 1) / steps
         P = steps + 1
         acc, prob, counts = [], [], None
