@@ -53,8 +53,8 @@ class Trajectory:
         Per category, the first step whose circuit has Jaccard >= ``FORMED_AT`` with the final
         one.
     hubs : list of str
-        Units among the ``top`` strongest at every step (persistent hubs), strongest at the
-        final step first.
+        Hidden units among the ``top`` strongest (total ``|w|``) at every step (persistent
+        hubs), strongest at the final step first.
     hub_presence : dict of str -> float
         For every unit that is a hub at some step, the fraction of steps it is one.
     memberships : list of ndarray
@@ -244,10 +244,13 @@ def trajectory(
         formed[c] = int(steps[hit[0]]) if hit.size else None
 
     # hubs
+    from connectome.kinds import is_hidden
+
+    hidden = np.array([is_hidden(l.kind) for l in base[0].layers])[base[0].node_layer]
     tops = []
     for g in comm_graphs:
-        s = strength(g)
-        order = np.lexsort((np.arange(s.size), -s))[: max(1, int(top))]
+        s = np.where(hidden, strength(g), -np.inf)  # hubs among hidden units, not the image or the logits
+        order = np.lexsort((np.arange(s.size), -s))[: min(max(1, int(top)), int(hidden.sum()) or 1)]
         tops.append(set(g.node_ids[order].tolist()))
     final = strength(comm_graphs[-1])
     ids = comm_graphs[-1].node_ids.tolist()

@@ -181,3 +181,15 @@ def test_cli_trajectory_reads_a_checkpoint_folder(tmp_path, capsys):
     assert all(j == [1.0, 1.0] for j in d["jaccard"].values()) and "circle" in d["jaccard"]
     assert main(["trajectory", "zoo:simplecnn_a", str(tmp_path / "none"), "--out", str(out)]) == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_persistent_hubs_are_the_hidden_units_strongest_at_every_step():
+    cat = toy_attribution("cat")
+    w = cat.weight.copy()
+    gs = [cat.with_meta(step=0), cat.with_weight(w * 2).with_meta(step=1)]
+    traj = analysis.trajectory(gs, categories=["cat"], top=2)
+    s = analysis.strength(cat)
+    hidden = [i for i, n in enumerate(cat.node_ids) if n.startswith("h")]
+    best = sorted(hidden, key=lambda i: (-s[i], i))[:2]
+    assert traj.hubs == [cat.node_ids[i] for i in best]
+    assert set(traj.hub_presence.values()) == {1.0}
