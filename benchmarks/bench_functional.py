@@ -14,7 +14,9 @@ per class, 576 images), batches of 64, float32.
   timed) against k + 1 plain forward passes of the same images (goal: ratio about 1, i.e.
   "a lesion curve of k steps costs about k forward passes").
 
-Times are the minimum over ``--repeats`` runs. Run:
+Times are the minimum over ``--repeats`` rounds, baseline and candidate interleaved in each
+round. On a loaded machine use ``--threads 1``: with several threads per process a busy
+machine deschedules them at every barrier and times vary several-fold. Run:
 ``python benchmarks/bench_functional.py [--model smallresnet] [--per-class 64] [--steps 10] [--device cpu]``;
 writes ``benchmarks/results/functional.json`` (``functional_<device>.json`` off the CPU).
 """
@@ -38,16 +40,20 @@ import torch  # noqa: E402
 from connectome import analysis, extract, zoo  # noqa: E402
 
 
-def _best(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) -> float:
-    fn()  # warm-up (tracing caches, allocator)
-    sync()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
+def _best(fns: dict[str, Callable[[], Any]], repeats: int, sync: Callable[[], None]) -> dict[str, float]:
+    """Minimum time of each function over ``repeats`` rounds, the functions interleaved within
+    a round (so that a change of machine load hits baseline and candidate alike)."""
+    for fn in fns.values():  # warm-up (tracing caches, allocator)
         fn()
-        sync()
-        times.append(time.perf_counter() - t)
-    return min(times)
+    sync()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            sync()
+            times[k].append(time.perf_counter() - t)
+    return {k: min(v) for k, v in times.items()}
 
 
 def main() -> None:
@@ -83,9 +89,8 @@ def main() -> None:
     def acts() -> None:
         extract.activations(model, (x, y), device=dev, batch_size=bs)
 
-    t_plain = _best(plain, args.repeats, sync)
-    t_fc = _best(functional, args.repeats, sync)
-    t_act = _best(acts, args.repeats, sync)
+    t = _best({"plain": plain, "functional": functional, "activations": acts}, args.repeats, sync)
+    t_plain, t_fc, t_act = t["plain"], t["functional"], t["activations"]
 
     k = args.steps
     # a probe the size of one batch, so that a step is one forward pass
@@ -101,8 +106,8 @@ def main() -> None:
     def lesion() -> None:
         analysis.lesion_curve(model, (xp, yp), "strength", graph=w, steps=k, fraction=0.5, device=dev)
 
-    t_plain_k = _best(plain_k, args.repeats, sync)
-    t_lesion = _best(lesion, args.repeats, sync)
+    t = _best({"plain_k": plain_k, "lesion": lesion}, args.repeats, sync)
+    t_plain_k, t_lesion = t["plain_k"], t["lesion"]
 
     fc = analysis.functional_connectivity(model, (x, y), fdr=None, device=dev, batch_size=bs)
     res = {
