@@ -176,3 +176,24 @@ def test_cli_lesion_writes_curves_and_the_attack_plot(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["lesion", "zoo:simplecnn_a", "zoo:shapes:2", "--steps", "0", "--out", str(out)]) == 2
     assert "steps must be a positive integer" in capsys.readouterr().err
+
+
+def test_layer_scope_removes_the_same_share_of_every_layer():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2)).eval()
+    x = torch.randn(40, 4, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    g = cn.extract.weights(model, (4,))
+    c = analysis.lesion_curve(model, (x, y), "strength", steps=2, fraction=0.5, scope="layer", device="cpu")
+    assert c.n_removed.tolist() == [0, 2 + 2, 4 + 3]  # round(0.25 * 8) + round(0.25 * 6), then 4 + 3
+    s = analysis.strength(g)
+    hidden = [n for n in g.layer_names if n not in ("input", "logits")]
+    for k, frac in ((1, 0.25), (2, 0.5)):
+        units = []
+        for layer in hidden:
+            sl = g.layer_slice(layer)
+            order = np.lexsort((np.arange(sl.stop - sl.start), -s[sl]))
+            units += [f"{layer}:{u}" for u in order[: int(round(frac * (sl.stop - sl.start)))]]
+        r = analysis.ablate(model, units, (x, y), device="cpu")
+        assert c.prob[0, k] == pytest.approx(r.prob_after, abs=1e-12)
