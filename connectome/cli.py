@@ -30,6 +30,9 @@ EXAMPLES = {
     "view": "connectome view graphs/ --out viewer.html",
     "demo": "connectome demo --out demo_out",
     "zoo": "connectome zoo list",
+    "functional": "connectome functional zoo:simplecnn_a zoo:shapes --method pearson --out functional.npz",
+    "lesion": "connectome lesion zoo:smallresnet zoo:shapes:8 --order pagerank --random 5 --out lesion.json --plot attack.png",
+    "trajectory": "connectome trajectory zoo:simplecnn_a zoo_weights/checkpoints/simplecnn_a --out trajectory.json",
 }
 
 
@@ -139,10 +142,19 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
     d.add_argument("--quiet", action="store_true")
 
+    _functional_parser(add("functional", "Write the functional connectivity of a model's units over images (.npz)."),
+                       model_help)
+    _lesion_parser(add("lesion", "Remove units cumulatively (targeted and random orders): accuracy per step."),
+                   model_help)
+    _trajectory_parser(add("trajectory", "Follow a model's connectome over training checkpoints."), model_help)
+
     z = add("zoo", "List or retrain the embedded zoo models.")
     z.add_argument("action", choices=["list", "train"], help="list the models, or train them from scratch")
     z.add_argument("--out", default="zoo_weights", metavar="DIR",
                    help="train: folder for the new weights (default zoo_weights/; never the installed package's)")
+    z.add_argument("--save-every", type=int, default=None, metavar="N",
+                   help="train: also keep checkpoints every N optimizer steps in DIR/checkpoints/NAME/ "
+                        "(for connectomes over training)")
     return p
 
 
@@ -632,11 +644,171 @@ def _cmd_zoo(a: argparse.Namespace) -> int:
                               "pick a folder of your own, e.g. zoo_weights")
     if out.exists() and not out.is_dir():
         raise ConnectomeError(f"--out {a.out!r} is a file; give a folder")
-    results = zoo.train_all(out)
+    if a.save_every is not None and a.save_every < 1:
+        raise ConnectomeError(f"--save-every must be >= 1 step, got {a.save_every}")
+    results = zoo.train_all(out, save_every=a.save_every)
     print(json.dumps(results, indent=2, default=_json_default))
     print(printable(f"wrote the weights to {out}; use them with --weights {out}/NAME.pt (e.g. zoo:smallresnet) or "
                     f"connectome.zoo.load_model(NAME, weights_dir={str(out)!r})"), file=sys.stderr)
     return 0
+
+
+def _functional_parser(f: argparse.ArgumentParser, model_help: str) -> None:
+    f.add_argument("model", metavar="MODEL", help=model_help)
+    f.add_argument("data", metavar="DATA", help="ImageFolder directory (ROOT/<category>/<images>) or zoo:shapes[:N]")
+    f.add_argument("--out", required=True, help="output .npz: the units with the between-layer correlations as edges")
+    f.add_argument("--within", default=None, metavar="FILE.npz",
+                   help="also write the within-layer pairs (layer/src/dst/r/p/q arrays) to this file")
+    f.add_argument("--weights", default=None, help="state_dict FILE, or DEFAULT for torchvision's pretrained weights")
+    f.add_argument("--method", default="pearson", choices=["pearson", "spearman", "partial"])
+    f.add_argument("--layers", default=None, metavar="L,L", help="comma-separated layer names (default: all)")
+    f.add_argument("--between", default="adjacent", choices=["adjacent", "all", "none"],
+                   help="layer pairs tested besides each layer with itself (default adjacent)")
+    f.add_argument("--fdr", default="0.05", metavar="Q|none",
+                   help="false discovery rate of the kept correlations (default 0.05; none keeps every pair)")
+    f.add_argument("--top-k", type=int, default=None, metavar="K", help="keep each unit's K strongest edges")
+    f.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    f.add_argument("--batch-size", type=int, default=64)
+
+
+def _cmd_functional(a: argparse.Namespace) -> int:
+    from connectome.analysis.functional import functional_connectivity
+    from connectome.extract.distributed import launched
+    from connectome.modelspec import load_data_spec, load_model_spec
+
+    if a.batch_size < 1:
+        raise ConnectomeError(f"--batch-size must be >= 1, got {a.batch_size}")
+    fdr: float | None = None
+    if a.fdr.strip().lower() != "none":
+        try:
+            fdr = float(a.fdr)
+        except ValueError:
+            raise ConnectomeError(f"--fdr must be a number in (0, 1] or none, got {a.fdr!r}") from None
+    _check_out_file(a.out)
+    if a.within:
+        _check_out_file(a.within)
+    spec = load_model_spec(a.model, a.weights)
+    data = load_data_spec(a.data, image_size=spec.input_shape[-1] if spec.input_shape else None)
+    layers = [s.strip() for s in a.layers.split(",") if s.strip()] if a.layers else None
+    with launched(a.device) as (rank, _):
+        fc = functional_connectivity(spec.model, data, layers, a.method, between=a.between, fdr=fdr, top_k=a.top_k,
+                                     device=a.device, batch_size=a.batch_size)
+        if rank != 0:
+            return 0
+    fc.graph.with_meta(**spec.meta, model=spec.name).save(a.out)
+    if a.within:
+        import numpy as np
+
+        from connectome.io import atomic_write
+
+        names = list(fc.within)
+        cols = {k: np.concatenate([fc.within[n][k] for n in names]) for k in ("src", "dst", "r", "p", "q")}
+        layer = np.concatenate([np.full(fc.within[n]["r"].size, n, dtype=object) for n in names]).astype(str)
+        with atomic_write(a.within, "wb") as fh:
+            np.savez(fh, layer=layer, **cols)
+    print(fc)
+    print(f"wrote {a.out}" + (f" and {a.within}" if a.within else ""), file=sys.stderr)
+    return 0
+
+
+def _lesion_parser(p: argparse.ArgumentParser, model_help: str) -> None:
+    p.add_argument("model", metavar="MODEL", help=model_help)
+    p.add_argument("data", metavar="DATA", help="ImageFolder directory or zoo:shapes[:N] (held in memory; with labels)")
+    p.add_argument("--weights", default=None, help="state_dict FILE, or DEFAULT for torchvision's pretrained weights")
+    p.add_argument("--order", default="strength", choices=["strength", "pagerank", "attribution"],
+                   help="targeted order: most important unit first (default strength, of the weight graph)")
+    p.add_argument("--random", type=int, default=5, metavar="N",
+                   help="also N random orders, drawn as a band (default 5; 0: none)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--fraction", type=float, default=1.0, help="largest fraction of hidden units removed (default 1)")
+    p.add_argument("--scope", default="global", choices=["global", "layer"])
+    p.add_argument("--target", default="label", help="label (default), predicted, or a class index/name")
+    p.add_argument("--out", required=True, help="output .json with the curves and their areas")
+    p.add_argument("--plot", default=None, metavar="FILE.png", help="also draw the targeted-vs-random attack plot")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+
+
+def _cmd_lesion(a: argparse.Namespace) -> int:
+    from connectome.analysis.lesion import lesion_curve
+    from connectome.modelspec import load_data_spec, load_model_spec
+
+    if a.random < 0:
+        raise ConnectomeError(f"--random must be >= 0 orders, got {a.random}")
+    _check_out_file(a.out)
+    if a.plot:
+        _check_out_file(a.plot)
+    spec = load_model_spec(a.model, a.weights)
+    data = load_data_spec(a.data, image_size=spec.input_shape[-1] if spec.input_shape else None)
+    kw = dict(steps=a.steps, fraction=a.fraction, scope=a.scope, target=a.target, device=a.device)
+    curves = {f"{a.order} (targeted)": lesion_curve(spec.model, data, a.order, **kw)}
+    if a.random:
+        curves["random"] = lesion_curve(spec.model, data, "random", seeds=a.random, **kw)
+    _write_json(a.out, {"model": spec.name, "data": a.data, "curves": {k: c.to_dict() for k, c in curves.items()}})
+    if a.plot:
+        from connectome.viz.connectivity import plot_attack
+
+        _save_figure(a.plot, plot_attack(curves))
+    for k, c in curves.items():
+        print(f"{k}: {c!r}")
+    print(f"wrote {a.out}" + (f" and {a.plot}" if a.plot else ""), file=sys.stderr)
+    return 0
+
+
+def _trajectory_parser(p: argparse.ArgumentParser, model_help: str) -> None:
+    p.add_argument("model", metavar="MODEL", help=model_help + " (the architecture; its weights are not used)")
+    p.add_argument("checkpoints", metavar="CHECKPOINTS",
+                   help="folder of state_dict files in training order (zoo train --save-every writes one)")
+    p.add_argument("--data", default=None,
+                   help="ImageFolder directory or zoo:shapes[:N]: attribution graphs per category (default: weights)")
+    p.add_argument("--input-shape", default=None, help="C,H,W of one input (default: the model's usual size)")
+    p.add_argument("--mass", type=float, default=0.8, help="circuit mass (default 0.8)")
+    p.add_argument("--out", required=True, help="output .json: per step edge change, NMI, circuit Jaccard, hubs")
+    p.add_argument("--plot", default=None, metavar="FILE.png", help="also draw the layer x step heatmap")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+
+
+def _cmd_trajectory(a: argparse.Namespace) -> int:
+    from connectome.analysis.trajectory import trajectory
+    from connectome.extract.over_training import over_training
+    from connectome.modelspec import load_data_spec, load_model_spec
+
+    _check_out_file(a.out)
+    if a.plot:
+        _check_out_file(a.plot)
+    spec = load_model_spec(a.model, None)
+    shape = _shape(a.input_shape) or spec.input_shape
+    data = None
+    if a.data:
+        data = load_data_spec(a.data, image_size=shape[-1] if shape else None)
+    elif shape is None:
+        raise ConnectomeError(f"give --input-shape for {a.model!r} (for example 3,224,224)")
+    graphs = over_training(spec.model, a.checkpoints, data, input_shape=shape, labels=spec.classes, device=a.device)
+    traj = trajectory(graphs, mass=a.mass)
+    _write_json(a.out, {"model": spec.name, "checkpoints": a.checkpoints, **traj.to_dict()})
+    if a.plot:
+        from connectome.viz.connectivity import plot_trajectory
+
+        _save_figure(a.plot, plot_trajectory(traj))
+    print(traj)
+    print(f"wrote {a.out}" + (f" and {a.plot}" if a.plot else ""), file=sys.stderr)
+    return 0
+
+
+def _write_json(path: str, obj: Any) -> None:
+    from connectome.io import atomic_write
+
+    with atomic_write(path, "w") as fh:
+        json.dump(obj, fh, indent=2, default=_json_default)
+        fh.write("\n")
+
+
+def _save_figure(path: str, fig: Any) -> None:
+    from connectome.io import atomic_write
+    from connectome.viz._mpl import pyplot
+
+    with atomic_write(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=110, bbox_inches="tight", facecolor="white")
+    pyplot().close(fig)
 
 
 def _json_default(o: Any) -> Any:
@@ -654,6 +826,7 @@ def _json_default(o: Any) -> Any:
 COMMANDS = {
     "weights": _cmd_weights, "extract": _cmd_extract, "report": _cmd_report, "compare": _cmd_compare,
     "export": _cmd_export, "demo": _cmd_demo, "zoo": _cmd_zoo, "view": _cmd_view,
+    "functional": _cmd_functional, "lesion": _cmd_lesion, "trajectory": _cmd_trajectory,
 }
 
 

@@ -220,6 +220,11 @@ def run_demo(out: str | Path = "demo_out", progress: bool = True, n_per_class: i
                  "for its top image patches and strongest flows, click to pin it, move the circuit-mass slider, "
                  "switch categories, search a unit by id. It is one file and needs no network.")
 
+    # 8. functional connectivity, lesions, the connectome over training
+    _log(f"[{time.perf_counter() - t0:5.1f}s] functional connectivity, lesion curves, connectomes over training",
+         progress)
+    summary["toolbox"] = _toolbox(rep, models[MAIN], main, data, classes, out)
+
     seconds = time.perf_counter() - t0
     summary["seconds"] = round(seconds, 1)
     rep.add_heading("Files", 2)
@@ -230,6 +235,53 @@ def run_demo(out: str | Path = "demo_out", progress: bool = True, n_per_class: i
         json.dump(summary, fh, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
     print(_summary_text(summary, path))
     return str(path)
+
+
+TRAIN_STEPS = 9  # optimizer steps of the short training run whose checkpoints section 8 reads
+SAVE_EVERY = 3
+
+
+def _toolbox(rep: Any, model: Any, main: dict[str, Any], data: Any, classes: list[str], out: Path) -> dict[str, Any]:
+    """Section 8: functional vs effective connectivity, targeted vs random lesions, and a
+    class circuit forming over a short training run of simplecnn_a (checkpoints every 3 steps)."""
+    import torch
+
+    from connectome import analysis as an
+    from connectome import extract, zoo
+    from connectome.viz.report import functional_section, lesion_section, trajectory_section
+    from connectome.zoo.train import train_model
+
+    t = time.perf_counter()
+    rep.add_heading("8. Fire together, break apart, grow: functional connectivity, lesions, training", 2)
+    fc = an.functional_connectivity(model, data, device="cpu", fdr=None)
+    effective = main["circle"]
+    coup = an.coupling(effective, fc, absolute=True, n_permutations=200)
+    functional_section(rep, fc, effective, coup, level=3)
+    pick = list(range(0, len(data), 4))
+    x = torch.stack([data[i][0] for i in pick])
+    y = torch.tensor([int(data.targets[i]) for i in pick])
+    w = extract.weights(model, tuple(x.shape[1:]))
+    ref = next(iter(main.values()))  # every category's graph has the same units
+    flow = sum(np.abs(np.asarray(g.node_attrs["attribution"], dtype=np.float64)) for g in main.values())
+    curves = {
+        "attribution (targeted)": an.lesion_curve(model, (x, y), flow, graph=ref, steps=6, fraction=0.5,
+                                                  device="cpu"),
+        "strength (targeted)": an.lesion_curve(model, (x, y), "strength", graph=w, steps=6, fraction=0.5,
+                                               device="cpu"),
+        "random": an.lesion_curve(model, (x, y), "random", steps=6, fraction=0.5, seeds=3, device="cpu"),
+    }
+    lesion_section(rep, curves, level=3)
+    ck = out / "checkpoints"
+    n_per_class = -(-TRAIN_STEPS * 64 // len(classes))  # TRAIN_STEPS batches of 64 in one epoch
+    grown, acc = train_model("simplecnn_a", epochs=1, n_per_class=n_per_class, progress=False, save_every=SAVE_EVERY,
+                             checkpoint_dir=ck, heldout_per_class=10)
+    graphs = extract.over_training(zoo.build_model("simplecnn_a"), ck, input_shape=tuple(x.shape[1:]), labels=classes)
+    traj = an.trajectory(graphs, mass=MASS)
+    trajectory_section(rep, traj, level=3)
+    return {"seconds": round(time.perf_counter() - t, 1), "functional_edges": fc.n_edges,
+            "coupling_rho": coup.overall.rho,
+            "lesion_auc": {k: c.auc_accuracy for k, c in curves.items()},
+            "trajectory_steps": list(traj.steps), "circuit_formed": traj.formed, "trained_accuracy": acc}
 
 
 def _curves(fid: Any) -> dict[str, tuple[Any, Any]]:

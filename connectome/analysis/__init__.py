@@ -19,6 +19,7 @@ from connectome.analysis.communities import Community, Partition, ResolutionSwee
 from connectome.analysis.compare import CategoryCorrelation, Comparison, LayerComparison, compare, compare_categories
 from connectome.analysis.isomorphism import Match, MatchList, find_analogous
 from connectome.analysis.nulls import NullStat, Significance, hub_roles, motif_counts, null_models, rich_club, significance
+from connectome.analysis.trajectory import Trajectory, trajectory
 
 _LAZY = {
     # matching.py (runs models)
@@ -30,6 +31,15 @@ _LAZY = {
     "fidelity": "ablation",
     # activations.py (runs models)
     "compare_activations": "activations",
+    # functional.py (runs models; coupling compares graphs)
+    "functional_connectivity": "functional",
+    "FunctionalConnectivity": "functional",
+    "coupling": "functional",
+    "Coupling": "functional",
+    # lesion.py (runs models)
+    "lesion_curve": "lesion",
+    "lesion_edges": "lesion",
+    "LesionCurve": "lesion",
 }
 
 __all__ = sorted([
@@ -38,7 +48,7 @@ __all__ = sorted([
     "top_contributors", "Partition", "communities", "resolution_sweep", "CategoryCorrelation", "Comparison",
     "LayerComparison", "compare", "compare_categories", "Match", "MatchList", "find_analogous", "hub_roles",
     "motif_counts", "null_models", "rich_club", "significance", "MEASURES", "Community", "ResolutionSweep",
-    "SweepRow", "NullStat", "Significance", *_LAZY,
+    "SweepRow", "NullStat", "Significance", "Trajectory", "trajectory", *_LAZY,
 ])
 
 

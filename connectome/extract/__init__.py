@@ -7,7 +7,8 @@ from __future__ import annotations
 from connectome.extract.activations import activations
 from connectome.extract.dataset_examples import examples
 from connectome.extract.flow import attribution, attribution_by_category
+from connectome.extract.over_training import over_training
 from connectome.extract.trace import trace_units
 from connectome.extract.weights import weights
 
-__all__ = ["weights", "attribution", "attribution_by_category", "activations", "examples", "trace_units"]
+__all__ = ["weights", "attribution", "attribution_by_category", "activations", "examples", "trace_units", "over_training"]

@@ -338,3 +338,93 @@ class Report:
     def __repr__(self) -> str:
         n_fig = sum(k == "figure" for k, _ in self._items)
         return f"Report({self.title!r}, {len(self._items)} items, {n_fig} figures)"
+
+
+# ---------------------------------------------------------------------- toolbox sections
+# Sections for functional connectivity, lesion studies and connectomes over training: each
+# adds a heading, one figure and a table to a Report. Figures come from
+# connectome.viz.connectivity (matplotlib is imported only when a section is drawn).
+
+
+def functional_section(rep: Report, fc: Any, effective: Any = None, coupling: Any = None, *,
+                       src_layer: str | None = None, dst_layer: str | None = None, level: int = 2,
+                       name: str = "functional") -> None:
+    """Functional connectivity next to effective (or structural) connectivity for a layer
+    pair, the edge counts per layer, and the structure-function coupling when given.
+
+    Parameters
+    ----------
+    rep : Report
+    fc : FunctionalConnectivity
+    effective : Connectome, optional
+        An attribution (or weight) graph of the same model, drawn beside.
+    coupling : Coupling, optional
+        From :func:`connectome.analysis.coupling`; one table row per layer pair.
+    src_layer, dst_layer : str, optional
+        The pair drawn (default the first tested pair of different layers).
+    level : int, default 2
+    name : str, default "functional"
+        File name of the figure.
+    """
+    from connectome.viz.connectivity import plot_functional
+
+    rep.add_heading("Functional connectivity", level)
+    thr = "every pair" if fc.fdr is None else f"pairs significant at FDR {fc.fdr:g} (Fisher z, Benjamini-Hochberg)"
+    rep.add_text(f"Correlation ({fc.method}) of unit activations over {fc.n_images} images; {thr}"
+                 + (f", the {fc.top_k} strongest per unit" if fc.top_k else "") + ".")
+    rep.add_figure(plot_functional(fc, effective, src_layer, dst_layer),
+                   "Which units fire together (left) versus how the flow runs between them (right), over the same "
+                   "units of one layer pair.", name)
+    g = fc.graph
+    rows = [[layer, g.layer(layer).size, int(w["r"].size)] for layer, w in fc.within.items()]
+    rep.add_table(rows, headers=["layer", "units", "edges within"],
+                  caption=f"{g.num_edges} edges between layers, {fc.n_edges - g.num_edges} within.")
+    if coupling is not None:
+        rep.add_table([[f"{r.src_layer} -> {r.dst_layer}", r.n_pairs, r.rho, r.p_value]
+                       for r in (*coupling.rows, coupling.overall)],
+                      headers=["layer pair", "shared pairs", "Spearman rho", "permutation p"],
+                      caption=f"Coupling of the two graphs ({coupling.n_permutations} permutations).")
+
+
+def lesion_section(rep: Report, curves: Any, *, level: int = 2, name: str = "lesion") -> None:
+    """The targeted-vs-random attack plot and the areas under the curves.
+
+    Parameters
+    ----------
+    rep : Report
+    curves : mapping of label -> LesionCurve
+    level : int, default 2
+    name : str, default "lesion"
+    """
+    from connectome.viz.connectivity import plot_attack
+
+    rep.add_heading("Lesion study: targeted vs random attack", level)
+    rep.add_figure(plot_attack(curves), "Accuracy as units are removed cumulatively: hubs first (targeted) or in "
+                   "random order (band: min-max over seeds).", name)
+    rep.add_table([[k, c.what, c.scope, int(c.n_removed[-1]), c.auc_accuracy, c.auc_prob, len(c.seeds) or 1]
+                   for k, c in curves.items()],
+                  headers=["order", "removed", "scope", "removed at the end", "accuracy AUC", "probability AUC",
+                           "curves"],
+                  caption="Areas under the mean curves over the removed fraction, divided by its span.")
+
+
+def trajectory_section(rep: Report, traj: Any, *, level: int = 2, name: str = "trajectory") -> None:
+    """The layer x step heatmap of a connectome over training, and when each circuit formed.
+
+    Parameters
+    ----------
+    rep : Report
+    traj : Trajectory
+    level : int, default 2
+    name : str, default "trajectory"
+    """
+    from connectome.viz.connectivity import plot_trajectory
+
+    rep.add_heading("The connectome over training", level)
+    rep.add_figure(plot_trajectory(traj), "Top: relative change of the edge weights into each layer between "
+                   "consecutive checkpoints. Bottom: stability of the Leiden communities (NMI) and of each "
+                   "category's circuit (Jaccard to the final circuit; dotted: 0.5, when it counts as formed).", name)
+    rep.add_table([[c, traj.formed[c], float(j[0]), float(j[-2]) if j.size > 1 else float("nan")]
+                   for c, j in traj.jaccard.items()],
+                  headers=["category", "circuit formed at step", "Jaccard at first step", "Jaccard one step before the end"])
+    rep.add_text(f"Persistent hubs (top units by strength at every checkpoint): {', '.join(traj.hubs) or 'none'}.")

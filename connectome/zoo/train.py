@@ -105,6 +105,9 @@ def train_model(
     image_size: int = _IMAGE_SIZE,
     progress: bool = True,
     num_threads: int | None = None,
+    save_every: int | None = None,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    heldout_per_class: int = HELDOUT_PER_CLASS,
 ) -> tuple[nn.Module, float]:
     """Train one zoo model from scratch on the shapes dataset.
 
@@ -128,6 +131,15 @@ def train_model(
     num_threads : int, optional
         Torch CPU threads during training (restored afterwards); defaults to
         ``min(4, os.cpu_count())``.
+    save_every : int, optional
+        Keep a checkpoint (the state dict) every this many optimizer steps, and the
+        initial and final ones, as ``checkpoint_dir/step_NNNNNN.pt`` (NNNNNN the step), for
+        :func:`connectome.extract.over_training`.
+    checkpoint_dir : path-like, optional
+        Folder for the checkpoints (created if needed); required with ``save_every``.
+    heldout_per_class : int, optional
+        Images per class of the held-out sample the accuracy is measured on (fewer for a
+        quick run).
 
     Returns
     -------
@@ -157,6 +169,7 @@ def train_model(
     n_per_class = recipe["n_per_class"] if n_per_class is None else int(n_per_class)
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
+    save = _checkpointer(save_every, checkpoint_dir)
 
     with _threads(num_threads):
         torch.manual_seed(seed)
@@ -170,6 +183,7 @@ def train_model(
             optimizer, max_lr=recipe["lr"], total_steps=epochs * steps_per_epoch
         )
         loss_fn = nn.CrossEntropyLoss()
+        save(model, 0)
         bar = tqdm(
             total=epochs * steps_per_epoch,
             desc=f"train {name}",
@@ -191,16 +205,38 @@ def train_model(
                     optimizer.step()
                     scheduler.step()
                     bar.update(1)
+                    done = epoch * steps_per_epoch + step + 1
+                    if save_every and done % save_every == 0 and done < epochs * steps_per_epoch:
+                        save(model, done)
                     if step % 20 == 0:
                         bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
         finally:
             bar.close()
-        heldout = shapes(HELDOUT_PER_CLASS, seed=HELDOUT_SEED, size=image_size)
+        save(model, epochs * steps_per_epoch)
+        heldout = shapes(int(heldout_per_class), seed=HELDOUT_SEED, size=image_size)
         accuracy = evaluate(model, heldout)
     model.eval()
     if progress:
         print(f"{name}: held-out accuracy {accuracy:.4f}", file=sys.stderr)
     return model, accuracy
+
+
+def _checkpointer(save_every: int | None, checkpoint_dir: Any) -> Any:
+    """``save(model, step)``: writes ``checkpoint_dir/step_NNNNNN.pt`` atomically, or nothing."""
+    if save_every is None:
+        return lambda model, step: None
+    if isinstance(save_every, bool) or int(save_every) != save_every or save_every < 1:
+        raise ValueError(f"save_every must be a positive number of steps, got {save_every!r}")
+    if checkpoint_dir is None:
+        raise ValueError("save_every needs checkpoint_dir, the folder for the checkpoints")
+    folder = Path(checkpoint_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def save(model: nn.Module, step: int) -> None:
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        _atomic_write(folder / f"step_{step:06d}.pt", lambda p, s=state: torch.save(s, p))
+
+    return save
 
 
 def _atomic_write(path: Path, write: Any) -> None:
@@ -219,7 +255,7 @@ def _atomic_write(path: Path, write: Any) -> None:
 
 
 def train_all(
-    out_dir: str | os.PathLike[str] | None = None, progress: bool = True
+    out_dir: str | os.PathLike[str] | None = None, progress: bool = True, save_every: int | None = None
 ) -> dict[str, float]:
     """Train every zoo model and write its weights and ``models.json``.
 
@@ -230,6 +266,9 @@ def train_all(
         weights directory, overwriting the shipped files.
     progress : bool, optional
         Show progress bars on stderr.
+    save_every : int, optional
+        Also keep each model's checkpoints every this many optimizer steps in
+        ``out_dir/checkpoints/NAME/step_NNNNNN.pt`` (see :func:`train_model`).
 
     Returns
     -------
@@ -248,7 +287,8 @@ def train_all(
     accuracies: dict[str, float] = {}
     for name in list_models():
         start = time.perf_counter()
-        model, accuracy = train_model(name, progress=progress)
+        ckpt = out / "checkpoints" / name if save_every else None
+        model, accuracy = train_model(name, progress=progress, save_every=save_every, checkpoint_dir=ckpt)
         seconds = time.perf_counter() - start
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         _atomic_write(out / f"{name}.pt", lambda p, s=state: torch.save(s, p))
