@@ -247,7 +247,7 @@ def run_demo(out: str | Path = "demo_out", progress: bool = True, n_per_class: i
 # adds seconds, not minutes (benchmarks/bench_faithfulness.py runs the full measurement).
 FAITH_LEVELS = (0.1, 0.3, 0.6)
 FAITH_RANDOM = 4
-FAITH_IMAGES = 12
+FAITH_IMAGES = 8
 
 
 def _faithfulness(model: Any, graphs: dict[str, Any], data: Any, classes: list[str], n_per_class: int) -> Any:

@@ -166,15 +166,22 @@ def test_verdict_logic():
     assert _verdict(math.nan, 9.0, beats, 2.0)[0] == "not faithful"
 
 
-def test_curves_over_levels_baselines_and_bootstrap_interval(model, data, graph):
+@pytest.fixture(scope="module")
+def two(model, data, graph) -> FaithfulnessResult:
+    """Two categories on one model: the graph of class 0 and of class 1, labels 0 and 1.
+
+    Zero ablation: the labels of this toy are arbitrary, so replacing a unit by its mean (or
+    another image's value) costs nothing on average; zeroing hidden:0 silences logit 0.
+    """
     x, _ = data
-    # two categories on one model: the graph of class 0 and of class 1, labels 0 and 1
     y = torch.tensor([0, 1] * 12)
     g1 = attribution(model, (x, y), target=1, device="cpu", progress=False)
-    # zero ablation: the labels of this toy are arbitrary, so replacing a unit by its mean (or
-    # another image's value) costs nothing on average; zeroing hidden:0 silences logit 0
-    f = faithfulness(model, {"a": graph, "b": g1}, (x, y), levels=(0.3, 0.6, 0.9), n_random=5, n_boot=200,
-                     value="zero")
+    return faithfulness(model, {"a": graph, "b": g1}, (x, y), levels=(0.3, 0.6, 0.9), n_random=5, n_boot=200,
+                        value="zero")
+
+
+def test_curves_over_levels_baselines_and_bootstrap_interval(two):
+    f = two
     r = f["a"]
     assert r.n_images == 12 and r.levels.tolist() == [0.3, 0.6, 0.9]
     assert np.all(np.diff(r.n_units) >= 0)
@@ -220,3 +227,40 @@ def test_flow_share_conserves_per_layer_and_global_circuit_is_wired():
         assert np.any(c.src == i)
     with pytest.raises(ValueError, match="select"):
         analysis.circuit(g, select="greedy")
+
+
+# ---------------------------------------------------------------------- report and demo summary
+def test_report_section_draws_circuit_and_every_baseline(two, tmp_path):
+    from connectome.viz.report import Report, add_faithfulness, plot_faithfulness
+
+    fig = plot_faithfulness(two, categories=["a"])
+    axes = fig.axes
+    assert len(axes) == 2  # necessity, sufficiency
+    for ax, curves in zip(axes, (two["a"].necessity, two["a"].sufficiency)):
+        lines = {ln.get_label(): ln.get_ydata() for ln in ax.get_lines()}
+        assert set(lines) == {"circuit", "random", "activation", "weight", "gradxact", "other"}
+        np.testing.assert_allclose(lines["circuit"], curves["circuit"])
+    assert two["a"].verdict in axes[0].get_title()
+    with pytest.raises(KeyError, match="no category 'zebra'"):
+        plot_faithfulness(two, categories=["zebra"])
+    rep = Report("t")
+    add_faithfulness(rep, {"wired": two})
+    html = rep.to_html()
+    assert 'data-file="faithfulness_wired.png"' in html
+    for c, r in two.categories.items():
+        assert f"<td>{r.verdict}</td>" in html
+
+
+def test_demo_summary_names_categories_that_do_not_beat_the_baselines():
+    from connectome.demo import _summary_text
+
+    s = {"seconds": 1.0, "circuits": {"a": {"units": 3}}, "category_pairs": [], "matching": {},
+         "analogous_circle_in_ring": 0, "analogous_across_models": 0, "completeness_relative_max": 0.0,
+         "viewer": "viewer.html", "fidelity": [["a", 0.9, 0.5, 0.2, 0.1]],
+         "faithfulness": {"a": {"verdict": "faithful", "reason": "fine"},
+                          "b": {"verdict": "not faithful", "reason": "necessity only 1.2 sd above random"},
+                          "c": {"verdict": "partial", "reason": "necessity not above gradxact"}}}
+    text = _summary_text(s, "out/report.html")
+    assert "  faithful: a" in text and "  partial: c" in text and "  not faithful: b" in text
+    assert "b: necessity only 1.2 sd above random" in text and "c: necessity not above gradxact" in text
+    assert "a 0.90 vs 0.50+-0.20" in text  # the random spread is printed, not only its mean
