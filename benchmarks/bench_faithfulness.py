@@ -13,7 +13,8 @@ selector, the counts the issue's goal asks for.
 This is a measurement, not a timing: the images and seeds are fixed; nothing is tuned.
 
 Run: ``python benchmarks/bench_faithfulness.py [--models a,b] [--select layer,global]
-[--n-per-class 32]``; writes ``benchmarks/results/faithfulness.json``.
+[--n-per-class 32] [--value mean|zero|resample] [--out FILE]``; writes
+``benchmarks/results/faithfulness.json``.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def main() -> None:
     ap.add_argument("--n-per-class", type=int, default=32)
     ap.add_argument("--n-boot", type=int, default=300)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--value", default="mean", choices=("mean", "zero", "resample"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "faithfulness.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -58,7 +60,7 @@ def main() -> None:
         t_graph = time.perf_counter() - t0
         for sel in args.select.split(","):
             t0 = time.perf_counter()
-            f = an.faithfulness(model, graphs, data, select=sel, device="cpu", n_boot=args.n_boot)
+            f = an.faithfulness(model, graphs, data, select=sel, device="cpu", n_boot=args.n_boot, value=args.value)
             secs = time.perf_counter() - t0
             print(f"\n== {name}, select={sel} ({secs:.0f} s; graphs {t_graph:.0f} s), ablation value {f.value!r}, "
                   f"metric {f.metric!r}")

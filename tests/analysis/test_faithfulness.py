@@ -264,3 +264,15 @@ def test_demo_summary_names_categories_that_do_not_beat_the_baselines():
     assert "  faithful: a" in text and "  partial: c" in text and "  not faithful: b" in text
     assert "b: necessity only 1.2 sd above random" in text and "c: necessity not above gradxact" in text
     assert "a 0.90 vs 0.50+-0.20" in text  # the random spread is printed, not only its mean
+
+
+def test_export_is_the_function_and_importing_analysis_loads_no_torch():
+    import subprocess
+    import sys
+
+    import connectome.analysis.faithfulness as mod
+
+    assert analysis.faithfulness is mod.faithfulness  # the submodule does not shadow the function
+    code = "import sys, connectome.analysis as an; an.faithfulness; an.flow_share; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
