@@ -11,6 +11,8 @@ standard deviations above the random sets the circuit is, and the verdict; per m
 selector, the counts the issue's goal asks for.
 
 This is a measurement, not a timing: the images and seeds are fixed; nothing is tuned.
+``--demo-cost`` instead times what the demo adds (its faithfulness section: the call and the
+report figure) against the demo's existing fidelity section, in the same run.
 
 Run: ``python benchmarks/bench_faithfulness.py [--models a,b] [--select layer,global]
 [--n-per-class 32] [--value mean|zero|resample] [--out FILE]``; writes
@@ -48,8 +50,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--value", default="mean", choices=("mean", "zero", "resample"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "faithfulness.json"))
+    ap.add_argument("--demo-cost", action="store_true", help="time the demo's faithfulness section instead")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.demo_cost:
+        demo_cost()
+        return
     classes = list(zoo.SHAPE_CLASSES)
     out: dict[str, dict] = {}
     for name in args.models.split(","):
@@ -95,6 +101,30 @@ def main() -> None:
         print(f"  {name:<12} " + "   ".join(f"{sel}: {v['beats_random']}/{v['n_categories']}, {v['beats_all']}/"
                                            f"{v['n_categories']}, {v['faithful']}/{v['n_categories']}"
                                            for sel, v in by.items()))
+
+
+def demo_cost() -> None:
+    """Wall and CPU seconds of the demo's faithfulness section vs its fidelity section."""
+    from connectome import demo
+    from connectome.viz.report import Report, add_faithfulness
+
+    classes = list(zoo.SHAPE_CLASSES)
+    data = zoo.shapes(demo.N_PER_CLASS, seed=demo.PROBE_SEED)
+    model = zoo.load_model(demo.MAIN)
+    graphs = attribution_by_category(model, data, "label", device="cpu", labels=classes, progress=False)
+    c0, w0 = time.process_time(), time.perf_counter()
+    f = demo._faithfulness(model, graphs, data, classes, demo.N_PER_CLASS)
+    add_faithfulness(Report("x"), {demo.MAIN: f}, categories=["circle", "square", "hstripes"], level=3)
+    c1, w1 = time.process_time(), time.perf_counter()
+    for cname in classes:
+        idx = [i for i, t in enumerate(data.targets) if int(t) == classes.index(cname)]
+        xs = torch.stack([data[i][0] for i in idx])
+        ys = torch.tensor([classes.index(cname)] * len(idx))
+        an.fidelity(model, an.circuit(graphs[cname], mass=demo.MASS), (xs, ys), n_random=20, seed=0,
+                    curves=cname == "circle", device="cpu")
+    c2, w2 = time.process_time(), time.perf_counter()
+    print(f"demo faithfulness section: wall {w1 - w0:.1f} s (cpu {c1 - c0:.1f} s); existing fidelity section: "
+          f"wall {w2 - w1:.1f} s (cpu {c2 - c1:.1f} s); ratio {(w1 - w0) / (w2 - w1):.2f}")
 
 
 if __name__ == "__main__":
