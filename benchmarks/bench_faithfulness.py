@@ -92,15 +92,32 @@ def main() -> None:
                   f"verdict faithful: {n_faith}/{k}")
             out.setdefault(name, {})[sel] = {
                 "seconds": round(secs, 1), "beats_random": n_rand, "beats_all": n_all, "faithful": n_faith,
-                "n_categories": k, "result": f.to_dict(),
+                "n_categories": k, "result": _compact(f.to_dict()),
             }
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(out, indent=1))
+            Path(args.out).write_text(json.dumps(out, separators=(",", ":")))
     print("\nsummary (necessity > 2 sd above random / above every baseline / faithful):")
     for name, by in out.items():
         print(f"  {name:<12} " + "   ".join(f"{sel}: {v['beats_random']}/{v['n_categories']}, {v['beats_all']}/"
                                            f"{v['n_categories']}, {v['faithful']}/{v['n_categories']}"
                                            for sel, v in by.items()))
+
+
+def _compact(d: dict) -> dict:
+    """The result without per-seed and per-other-category curves, numbers to 4 decimals."""
+    def r(v):
+        if isinstance(v, float):
+            return round(v, 4)
+        if isinstance(v, list):
+            return [r(a) for a in v]
+        if isinstance(v, dict):
+            return {k: r(a) for k, a in v.items() if not str(k).startswith("other:")}
+        return v
+
+    for c in d["categories"].values():
+        c.pop("random_necessity", None)
+        c.pop("random_sufficiency", None)
+    return r(d)
 
 
 def demo_cost() -> None:
