@@ -4,7 +4,8 @@ Generates the shapes probe images (fixed seed, never used in training), extracts
 attribution graph per category for each zoo model, and reports: hubs, communities,
 circuits and neuron groups per category; category similarity per layer; units shared
 between categories; analogous circuits across categories and across two independently
-trained models; unit matching and universality; circuit fidelity by ablation; a two-image
+trained models; unit matching and universality; circuit fidelity by ablation and faithfulness
+(necessity and sufficiency against same-size baselines, with verdicts); a two-image
 comparison; GraphML and GEXF per category for Gephi.
 """
 
@@ -48,6 +49,7 @@ def run_demo(out: str | Path = "demo_out", progress: bool = True, n_per_class: i
     from connectome import io, viz, zoo
     from connectome.extract import attribution_by_category
     from connectome.reporting import graph_sections
+    from connectome.viz.report import add_faithfulness
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -200,6 +202,15 @@ def run_demo(out: str | Path = "demo_out", progress: bool = True, n_per_class: i
                        "Removing circuit units in order of attribution (deletion) or restoring them (insertion).",
                        "curves")
 
+    # 5b. faithfulness: necessity and sufficiency against baselines of the same size
+    _log(f"[{time.perf_counter() - t0:5.1f}s] faithfulness of the circuits", progress)
+    faith = _faithfulness(models[MAIN], main, data, classes, n_per_class)
+    summary["faithfulness"] = {c: {"verdict": r.verdict, "reason": r.reason, "z_necessity": r.z_necessity,
+                                   "auc_necessity": r.auc_necessity["circuit"], "auc_sufficiency":
+                                   r.auc_sufficiency["circuit"]} for c, r in faith.categories.items()}
+    add_faithfulness(rep, {MAIN: faith}, categories=["circle", "square", "hstripes"], level=3,
+                     heading=f"Faithfulness of {MAIN}'s circuits (mean ablation, same-size baselines)")
+
     # 6. two images compared
     rep.add_heading("6. Compare two images", 2)
     ia = next(i for i, t in enumerate(data.targets) if int(t) == classes.index("circle"))
@@ -284,6 +295,26 @@ def _toolbox(rep: Any, model: Any, main: dict[str, Any], data: Any, classes: lis
             "trajectory_steps": list(traj.steps), "circuit_formed": traj.formed, "trained_accuracy": acc}
 
 
+# Faithfulness in the demo: a few mass levels, random sets and images per category, so that it
+# adds seconds, not minutes (benchmarks/bench_faithfulness.py runs the full measurement).
+FAITH_LEVELS = (0.1, 0.3, 0.6)
+FAITH_RANDOM = 4
+FAITH_IMAGES = 8
+
+
+def _faithfulness(model: Any, graphs: dict[str, Any], data: Any, classes: list[str], n_per_class: int) -> Any:
+    """``an.faithfulness`` of the main model's circuits on the first FAITH_IMAGES images per class."""
+    import torch
+
+    from connectome import analysis as an
+
+    keep = [i for c in range(len(classes)) for i in [j for j, t in enumerate(data.targets) if int(t) == c][:FAITH_IMAGES]]
+    x = torch.stack([data[i][0] for i in keep])
+    y = torch.tensor([int(data.targets[i]) for i in keep])
+    return an.faithfulness(model, graphs, (x, y), levels=FAITH_LEVELS, n_random=FAITH_RANDOM, n_boot=200,
+                           device="cpu")
+
+
 def _curves(fid: Any) -> dict[str, tuple[Any, Any]]:
     """Deletion and insertion curves of a FidelityResult as ``name -> (x, y)`` for plot_curves."""
     if fid.deletion_curve is None:
@@ -332,8 +363,20 @@ def _summary_text(s: dict[str, Any], path: Any) -> str:
                  + ", ".join(f"{k} r={v:.2f}" for k, v in s["matching"].items()))
     lines.append(f"analogous circuits (subgraph isomorphism): circle's circuit skeleton placed in ring's graph "
                  f"{s['analogous_circle_in_ring']}x, triangle's of {PAIR[0]} in {PAIR[1]} {s['analogous_across_models']}x")
-    lines.append("fidelity (prob. drop, circuit vs random): "
-                 + ", ".join(f"{r[0]} {r[1]:.2f} vs {r[2]:.2f}" for r in s["fidelity"]))
+    lines.append("fidelity, zero ablation (prob. drop, circuit vs random mean +- sd): "
+                 + ", ".join(f"{r[0]} {r[1]:.2f} vs {r[2]:.2f}+-{r[3]:.2f}" for r in s["fidelity"]))
+    if "faithfulness" in s:
+        lines.append("faithfulness (mean ablation; circuit vs same-size random, activation, weight, grad x act and "
+                     "other categories' units):")
+        by: dict[str, list[str]] = {}
+        for c, v in s["faithfulness"].items():
+            by.setdefault(v["verdict"], []).append(c)
+        for verdict in ("faithful", "partial", "not faithful"):
+            if verdict in by:
+                lines.append(f"  {verdict}: {', '.join(by[verdict])}")
+        weak = {c: v for c, v in s["faithfulness"].items() if v["verdict"] != "faithful"}
+        for c, v in weak.items():
+            lines.append(f"    {c}: {v['reason']}")
     lines.append(f"max completeness residual (relative): {s['completeness_relative_max']:.1e}")
     lines.append(f"viewer: {Path(path).parent / s['viewer']}")
     return "\n".join(lines)

@@ -15,8 +15,10 @@ from typing import Any
 from connectome.analysis.annotate import annotate
 from connectome.analysis.centrality import MEASURES, centrality, strength, top_nodes
 from connectome.analysis.circuits import GroupGraph, circuit, neuron_groups, relative_depth, top_contributors
+from connectome.analysis.circuits import flow_share
 from connectome.analysis.communities import Community, Partition, ResolutionSweep, SweepRow, communities, resolution_sweep
 from connectome.analysis.compare import CategoryCorrelation, Comparison, LayerComparison, compare, compare_categories
+from connectome.analysis.faithfulness import CategoryFaithfulness, FaithfulnessResult, faithfulness
 from connectome.analysis.isomorphism import Match, MatchList, find_analogous
 from connectome.analysis.nulls import NullStat, Significance, hub_roles, motif_counts, null_models, rich_club, significance
 from connectome.analysis.trajectory import Trajectory, trajectory
@@ -45,10 +47,11 @@ _LAZY = {
 __all__ = sorted([
     "annotate",
     "centrality", "strength", "top_nodes", "GroupGraph", "circuit", "neuron_groups", "relative_depth",
-    "top_contributors", "Partition", "communities", "resolution_sweep", "CategoryCorrelation", "Comparison",
+    "top_contributors", "flow_share", "Partition", "communities", "resolution_sweep", "CategoryCorrelation", "Comparison",
     "LayerComparison", "compare", "compare_categories", "Match", "MatchList", "find_analogous", "hub_roles",
     "motif_counts", "null_models", "rich_club", "significance", "MEASURES", "Community", "ResolutionSweep",
     "SweepRow", "NullStat", "Significance", "Trajectory", "trajectory", *_LAZY,
+    "faithfulness", "FaithfulnessResult", "CategoryFaithfulness",
 ])
 
 

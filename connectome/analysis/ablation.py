@@ -47,17 +47,26 @@ def _run_patterns(
     keep: Mapping[int, torch.Tensor],
     n_patterns: int,
     batch_size: int,
+    fill: Mapping[int, torch.Tensor] | None = None,
+    fill_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Logits of every image under every mask pattern: shape (n_patterns, n_images, n_classes).
 
     ``keep[layer]`` has shape (n_patterns, units): 1 keeps a unit's passed-on value, 0
     silences it. Rows of the (pattern, image) product run ``batch_size`` at a time, several
     patterns per forward when the probe set is small.
+
+    ``fill[layer]`` (optional) is what a silenced unit passes on instead of zero: one value of
+    the layer for every image (shape ``(1, ...)``, e.g. the mean over the data) or, with
+    ``fill_rows`` (image -> row), a row per image (e.g. another image's values).
+    A kept entry ``m`` passes ``m * value + (1 - m) * fill``.
     """
     ug = t.ug
     n = x.shape[0]
     rows = n_patterns * n
     masks = {ug.layers[li].out_node: m.to(t.device, dtype=t.dtype) for li, m in keep.items()}
+    fills = {} if fill is None else {ug.layers[li].out_node: f for li, f in fill.items()}
+    rows_of = None if fill_rows is None else fill_rows.to(t.device)
     out_name = ug.output_node
     chunks: list[torch.Tensor] = []
     step = max(1, int(batch_size))
@@ -66,16 +75,96 @@ def _run_patterns(
         pat, img = r // n, r % n
         cur = {k: m[pat] for k, m in masks.items()}
 
-        def on_value(node: Any, v: Any, cur: dict[str, torch.Tensor] = cur) -> Any:
+        def on_value(node: Any, v: Any, cur: dict[str, torch.Tensor] = cur, img: torch.Tensor = img) -> Any:
             m = cur.get(node.name)
             if m is None or not isinstance(v, torch.Tensor):
                 return v
-            return mask_units(v, m, unit_dim=ug.unit_dim(node.name))
+            d = ug.unit_dim(node.name)
+            f = fills.get(node.name)
+            if f is None:
+                return mask_units(v, m, unit_dim=d)
+            f = f[rows_of[img]] if rows_of is not None else f.expand_as(v)
+            return mask_units(v, m, unit_dim=d) + mask_units(f, 1.0 - m, unit_dim=d)
 
         _, kept = run_nodes(ug.gm, (x[img],), keep={out_name}, on_value=on_value)
         chunks.append(kept[out_name].reshape(r.shape[0], -1))
     logits = torch.cat(chunks)
     return logits.reshape(n_patterns, n, -1)
+
+
+ABLATION_VALUES = ("zero", "mean", "resample")
+
+
+def check_value(value: Any) -> str:
+    """``value`` if it names an ablation value, else a ValueError listing them."""
+    if value not in ABLATION_VALUES:
+        raise ValueError(f"value must be one of {ABLATION_VALUES} (what a silenced unit passes on), got {value!r}")
+    return str(value)
+
+
+def unit_abs_mean(v: torch.Tensor, units: int, unit_dim: int) -> torch.Tensor:
+    """Per image and unit, the mean ``|value|`` over the unit's features: shape (N, units)."""
+    d = unit_dim % v.dim()
+    shape = tuple(v.shape)
+    blocks = v.reshape(shape[:d] + (units, shape[d] // units) + shape[d + 1 :]).abs()
+    dims = [i for i in range(blocks.dim()) if i not in (0, d)]
+    return blocks.mean(dim=dims) if dims else blocks
+
+
+def reference_pass(
+    t: Traced, x_ref: torch.Tensor, layers: Sequence[int], value: str, batch_size: int, abs_mean: bool = False
+) -> tuple[dict[int, torch.Tensor] | None, dict[int, np.ndarray]]:
+    """The intact model run on the reference images once.
+
+    Returns the values a silenced unit passes on (``None`` for zero ablation): for
+    ``"mean"`` each layer's mean over the reference images (shape ``(1, ...)``: per unit and
+    position), for ``"resample"`` every reference image's value (``(n_ref, ...)``). With
+    ``abs_mean``, also per reference image and unit the mean ``|value|`` (numpy, (n_ref, units)).
+    """
+    ug = t.ug
+    nodes = {ug.layers[li].out_node: li for li in layers}
+    sums: dict[int, torch.Tensor] = {}
+    kept_all: dict[int, list[torch.Tensor]] = {li: [] for li in layers}
+    mags: dict[int, list[np.ndarray]] = {li: [] for li in layers}
+    n = x_ref.shape[0]
+    step = max(1, int(batch_size))
+    if value == "zero" and not abs_mean:
+        return None, {}
+    for start in range(0, n, step):
+        xb = x_ref[start : start + step].to(t.device, dtype=t.dtype)
+        _, kept = run_nodes(ug.gm, (xb,), keep=set(nodes))
+        for name, li in nodes.items():
+            v = kept[name]
+            if value == "mean":
+                b = v.double().sum(0, keepdim=True)
+                sums[li] = b if li not in sums else sums[li] + b
+            elif value == "resample":
+                kept_all[li].append(v)
+            if abs_mean:
+                mags[li].append(unit_abs_mean(v, ug.layers[li].size, ug.unit_dim(name)).double().cpu().numpy())
+    mag = {li: np.concatenate(m) for li, m in mags.items()} if abs_mean else {}
+    if value == "mean":
+        return {li: (sm / n).to(t.dtype) for li, sm in sums.items()}, mag
+    if value == "resample":
+        return {li: torch.cat(v) for li, v in kept_all.items()}, mag
+    return None, mag
+
+
+def partners(own: np.ndarray | None, n_run: int, n_ref: int, seed: int) -> np.ndarray:
+    """For each of ``n_run`` images, a random reference row to take resampled values from.
+
+    ``own[i]`` is image ``i``'s own row among the reference images (never drawn), or None
+    when the images are not among them.
+    """
+    rng = np.random.default_rng(seed)
+    if own is None:
+        return rng.integers(0, n_ref, size=n_run)
+    if n_ref < 2:
+        raise ConnectomeError("resample ablation needs at least two reference images (each image takes another's "
+                              "values); pass more images or value='mean'")
+    j = rng.integers(0, n_ref - 1, size=n_run)
+    own = np.asarray(own, dtype=np.int64)
+    return j + (j >= own)
 
 
 def _target(target: Any, y: torch.Tensor | None, t: Traced, classes: Sequence[str] | None, caller: str) -> Target:
@@ -236,8 +325,11 @@ def ablate(
     target: Any = "label",
     device: Any = None,
     batch_size: int = 64,
+    value: str = "zero",
+    reference: Any = None,
+    seed: int = 0,
 ) -> AblationResult:
-    """Silence units (zero the value they pass on) and measure the change in the target.
+    """Silence units and measure the change in the target.
 
     Parameters
     ----------
@@ -258,6 +350,14 @@ def ablate(
         ``None``: CUDA when available, else CPU (a copy of the model runs there).
     batch_size : int, default 64
         Images per forward pass.
+    value : {"zero", "mean", "resample"}, default "zero"
+        What a silenced unit passes on: zero; its mean over the reference images (per unit
+        and position); or its value on another reference image, drawn per image with
+        ``seed`` (never the image itself when the reference is ``data``).
+    reference : optional
+        Images (any form ``data`` takes) for ``"mean"`` and ``"resample"``; default ``data``.
+    seed : int, default 0
+        Seed of the resampling.
 
     Returns
     -------
@@ -284,7 +384,9 @@ def ablate(
     ----------
     Morcos, A. S. et al. (2018). On the importance of single directions for generalization. ICLR.
     """
+    check_value(value)
     x_cpu, y, classes = load_probe(data, batch_size)
+    x_ref = x_cpu if reference is None else load_probe(reference, batch_size)[0]
     with traced(model, x_cpu, device) as t:
         sel = _resolve_units(t, units)
         tgt = _target(target, y, t, classes, "ablate")
@@ -293,8 +395,13 @@ def ablate(
             m = torch.ones(2, t.ug.layers[li].size)
             m[1, torch.as_tensor(us)] = 0.0
             keep[li] = m
+        fill, _ = reference_pass(t, x_ref, list(sel), value, batch_size)
+        rows = None
+        if value == "resample":
+            own = np.arange(x_cpu.shape[0]) if reference is None else None
+            rows = torch.from_numpy(partners(own, x_cpu.shape[0], x_ref.shape[0], seed))
         x = x_cpu.to(t.device, dtype=t.dtype)
-        s = _scores(_run_patterns(t, x, keep, 2, batch_size), tgt, y)
+        s = _scores(_run_patterns(t, x, keep, 2, batch_size, fill, rows), tgt, y)
         ids = _ids(t, sel)
     return AblationResult(
         units=ids,

@@ -20,7 +20,9 @@ import numpy as np
 from connectome.errors import ConnectomeError, EmptyGraphError
 from connectome.graph import Connectome, Layer
 
-__all__ = ["circuit", "top_contributors", "neuron_groups", "GroupGraph", "relative_depth"]
+__all__ = ["circuit", "flow_share", "top_contributors", "neuron_groups", "GroupGraph", "relative_depth"]
+
+SELECTORS = ("layer", "global")
 
 
 # ---------------------------------------------------------------------- targets
@@ -143,6 +145,91 @@ def _flow(g: Connectome, attr: str) -> np.ndarray:
     return np.where(np.isfinite(v), v, 0.0)
 
 
+def flow_share(g: Connectome, target: str | int | None = None, attr: str = "weight") -> np.ndarray:
+    """Each unit's share of the flow that reaches a target unit, over all paths.
+
+    The target has share 1; a unit passes to each of its inputs the part of its share that
+    the input's ``|flow|`` is of the unit's total incoming ``|flow|``, layer by layer in
+    reverse order (skip connections split the share between the paths). Without skip
+    connections the shares of each layer sum to 1 (less where flow enters from biases only).
+
+    Parameters
+    ----------
+    g : Connectome
+    target : str, int or None
+        As in :func:`circuit`.
+    attr : str, default "weight"
+        Edge column holding the flow.
+
+    Returns
+    -------
+    ndarray of float64, shape (n_nodes,)
+        Aligned with ``g.node_ids``; 0 for units with no path to the target.
+
+    Examples
+    --------
+    >>> from connectome.analysis._toys import toy_attribution
+    >>> g = toy_attribution("cat")
+    >>> s = flow_share(g)
+    >>> float(s[g.index_of("logits:0")]), round(float(s[g.index_of("h2:0")]), 3)
+    (1.0, 0.6)
+    """
+    return _share(g, target_node(g, target), _flow(g, attr))
+
+
+def _share(g: Connectome, t: int, flow: np.ndarray) -> np.ndarray:
+    n = g.num_nodes
+    inflow = np.bincount(g.dst, weights=flow, minlength=n)
+    share = np.zeros(n)
+    share[t] = 1.0
+    dst_layer = g.node_layer[g.dst]
+    by_dst = np.argsort(dst_layer, kind="stable")
+    bounds = np.searchsorted(dst_layer[by_dst], np.arange(len(g.layers) + 1))
+    for li in range(int(g.node_layer[t]), 0, -1):
+        e = by_dst[bounds[li] : bounds[li + 1]]
+        d = g.dst[e]
+        w = np.divide(flow[e], inflow[d], out=np.zeros(e.size), where=inflow[d] > 0) * share[d]
+        share += np.bincount(g.src[e], weights=w, minlength=n)
+    return share
+
+
+def _select_global(g: Connectome, t: int, flow: np.ndarray, attr: str, mass: float, top_k: int | None,
+                   max_units: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Kept mask and scores of the global selector (see :func:`circuit`)."""
+    share = _share(g, t, flow)
+    share[t] = 0.0
+    cand = np.flatnonzero(share > 0)
+    ranked = cand[np.lexsort((cand, -share[cand]))]
+    if top_k is not None:
+        n_keep = min(top_k, ranked.size)
+    else:
+        csum = np.cumsum(share[ranked])
+        n_keep = min(int(np.searchsorted(csum, mass * csum[-1] * (1 - 1e-12))) + 1, ranked.size) if ranked.size else 0
+    if max_units is not None:
+        n_keep = min(n_keep, int(max_units) - 1)
+    chosen = np.zeros(g.num_nodes, dtype=bool)
+    chosen[ranked[:n_keep]] = True
+    # a backbone: every layer's strongest unit, so that a small mass still reaches the input
+    # (small layers hold large shares per unit and would otherwise take the whole budget)
+    lay = g.node_layer[cand]
+    for li in np.unique(lay):
+        c = cand[lay == li]
+        chosen[c[np.argmax(share[c])]] = True
+    # keep only units wired to the target through kept units: walk back from the target
+    kept = np.zeros(g.num_nodes, dtype=bool)
+    kept[t] = True
+    node_layer = g.node_layer
+    src_layer = node_layer[g.src]
+    live = flow > 0
+    for li in range(int(node_layer[t]) - 1, -1, -1):
+        e = np.flatnonzero((src_layer == li) & live)
+        e = e[kept[g.dst[e]] & chosen[g.src[e]]]
+        kept[g.src[e]] = True
+    score = share
+    score[t] = flow[g.dst == t].sum()
+    return kept, score
+
+
 # ---------------------------------------------------------------------- circuit
 def circuit(
     g: Connectome,
@@ -151,6 +238,7 @@ def circuit(
     top_k: int | None = None,
     attr: str = "weight",
     max_units: int | None = None,
+    select: str = "layer",
 ) -> Connectome:
     """The units that carry most of the flow into a target unit.
 
@@ -187,6 +275,16 @@ def circuit(
         ``max(max_units, n + 1)`` units. ``mass`` (or ``top_k``) still decides first; the
         cap only trims. On ResNet-50 (70 layers before the logits)
         ``mass=0.8`` keeps about 9,000 units, ``max_units=150`` two per layer.
+    select : {"layer", "global"}, default "layer"
+        ``"layer"``: the per-layer rule above. ``"global"``: every unit is scored by its share
+        of the flow into the target over all paths (:func:`flow_share`); the strongest units
+        of the whole graph are kept until they hold ``mass`` of the summed shares (or the
+        ``top_k`` strongest, or at most ``max_units - 1``), together with each layer's
+        strongest unit, and then only those wired to the target through kept units (an
+        edge-attribution-patching-style circuit). Layers with
+        few units hold larger shares per unit, so the global rule takes fewer units from
+        wide layers. ``circuit_flow`` is then the unit's share. See the README's
+        "Faithfulness" section for how the two rules compare under ablation.
 
     Returns
     -------
@@ -227,9 +325,14 @@ def circuit(
         raise ValueError(f"mass must be in (0, 1], got {mass!r}")
     if max_units is not None and (isinstance(max_units, bool) or int(max_units) != max_units or max_units < 2):
         raise ValueError(f"max_units must be an integer >= 2 (the target and one unit), got {max_units!r}")
+    if select not in SELECTORS:
+        raise ValueError(f"select must be one of {SELECTORS}, got {select!r}")
     t = target_node(g, target)
     n = g.num_nodes
     flow = _flow(g, attr)
+    if select == "global":
+        kept, score = _select_global(g, t, flow, attr, mass, top_k, max_units)
+        return _finish(g, t, kept, score, attr, mass, top_k, max_units, select, {}, {})
     node_layer = g.node_layer
     src_layer = node_layer[g.src]
     # Edges grouped by source layer once, so each layer step touches only its own edges.
@@ -267,6 +370,12 @@ def circuit(
         kept[keep] = True
         score[keep] = vals[:n_keep]
         coverage[g.layers[li].name] = float(vals[:n_keep].sum() / vals.sum())
+    return _finish(g, t, kept, score, attr, mass, top_k, max_units, select, coverage, capped)
+
+
+def _finish(g: Connectome, t: int, kept: np.ndarray, score: np.ndarray, attr: str, mass: float, top_k: int | None,
+            max_units: int | None, select: str, coverage: dict[str, float], capped: dict[str, int]) -> Connectome:
+    """The circuit subgraph on the kept units, with ``circuit_flow`` and ``meta["circuit"]``."""
     tid = str(g.node_ids[t])
     if kept.sum() == 1:
         raise EmptyGraphError(
@@ -283,6 +392,7 @@ def circuit(
         "top_k": top_k,
         "max_units": None if max_units is None else int(max_units),
         "attr": attr,
+        "select": select,
         "sizes": sizes,
         "coverage": {name: coverage[name] for name in sizes if name in coverage},
         "capped": {name: capped[name] for name in sizes if name in capped},

@@ -17,9 +17,11 @@ from numbers import Integral, Real
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import numpy as np
+
 from connectome.io import atomic_write
 
-__all__ = ["Report"]
+__all__ = ["Report", "plot_faithfulness", "add_faithfulness"]
 
 _CSS = """
 body { font-family: -apple-system, BlinkMacSystemFont, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
@@ -428,3 +430,107 @@ def trajectory_section(rep: Report, traj: Any, *, level: int = 2, name: str = "t
                    for c, j in traj.jaccard.items()],
                   headers=["category", "circuit formed at step", "Jaccard at first step", "Jaccard one step before the end"])
     rep.add_text(f"Persistent hubs (top units by strength at every checkpoint): {', '.join(traj.hubs) or 'none'}.")
+
+
+# ---------------------------------------------------------------------- faithfulness section
+_FAITH_STYLE = {  # baseline -> (colour, line style); the circuit is drawn last, on top
+    "random": ("#888888", "-"),
+    "activation": ("#1f77b4", "--"),
+    "weight": ("#2ca02c", "--"),
+    "gradxact": ("#9467bd", "--"),
+    "other": ("#ff7f0e", ":"),
+}
+
+
+def plot_faithfulness(result: Any, *, categories: Sequence[str] | None = None, title: str | None = None) -> Any:
+    """Necessity and sufficiency curves of each category's circuit against its baselines.
+
+    Parameters
+    ----------
+    result : FaithfulnessResult
+        What :func:`connectome.analysis.faithfulness` returned.
+    categories : sequence of str, optional
+        Which categories to draw (default: all), one row each.
+    title : str, optional
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Per category, two panels over the mass levels: necessity (fraction of the class
+        lost when the set is ablated) and sufficiency (fraction kept when only the set is);
+        the circuit in black, the random sets' mean with a band of +-1 sd over the seeds,
+        and each ranked baseline. The row title carries the verdict.
+    """
+    from connectome.viz._mpl import pyplot as _plt
+
+    cats = list(result.categories) if categories is None else [str(c) for c in categories]
+    missing = [c for c in cats if c not in result.categories]
+    if missing:
+        raise KeyError(f"no category {missing[0]!r} in the result; it has {list(result.categories)}")
+    fig, axs = _plt().subplots(len(cats), 2, figsize=(8.5, 2.1 * len(cats) + 0.6), squeeze=False,
+                               layout="constrained", sharex=True)
+    for row, c in enumerate(cats):
+        r = result.categories[c]
+        x = np.asarray(r.levels, dtype=float)
+        for col, (curves, rnd, what) in enumerate(((r.necessity, r.random_necessity, "necessity"),
+                                                   (r.sufficiency, r.random_sufficiency, "sufficiency"))):
+            ax = axs[row, col]
+            for name, (colour, ls) in _FAITH_STYLE.items():
+                if name in curves:
+                    ax.plot(x, curves[name], ls, color=colour, lw=1.2, marker=".", label=name)
+            if rnd.size:
+                sd = rnd.std(axis=0, ddof=1) if rnd.shape[0] > 1 else np.zeros(x.size)
+                ax.fill_between(x, curves["random"] - sd, curves["random"] + sd, color="#888888", alpha=0.2, lw=0)
+            ax.plot(x, curves["circuit"], "-", color="black", lw=2, marker="o", ms=3, label="circuit")
+            ax.set_ylim(-0.05, 1.05)
+            ax.grid(alpha=0.3)
+            ax.set_title(f"{c}: {what}" + (f" ({r.verdict})" if col == 0 else ""), fontsize=9)
+            if col == 0:
+                ax.set_ylabel("fraction of class", fontsize=8)
+            if row == len(cats) - 1:
+                ax.set_xlabel("circuit flow mass", fontsize=8)
+            ax.tick_params(labelsize=7)
+    axs[0, 1].legend(fontsize=7, loc="best")
+    fig.suptitle(title if title is not None else
+                 f"Faithfulness ({result.value} ablation, {result.select} selector)", fontsize=11)
+    return fig
+
+
+def add_faithfulness(rep: Report, results: Any, *, categories: Sequence[str] | None = None, level: int = 2,
+                     heading: str = "Faithfulness: necessity and sufficiency against baselines") -> None:
+    """Add a faithfulness section to a report: per model, the curves and a verdict table.
+
+    Parameters
+    ----------
+    rep : Report
+    results : FaithfulnessResult or mapping of str -> FaithfulnessResult
+        One result, or one per model (by model name).
+    categories : sequence of str, optional
+        Categories drawn in the figures (the tables list all).
+    level : int, default 2
+        Heading level of the section.
+    heading : str
+    """
+    from connectome.analysis.faithfulness import ROW_HEADERS
+
+    if hasattr(results, "categories"):
+        results = {"": results}
+    rep.add_heading(heading, level)
+    any_res = next(iter(results.values()))
+    rep.add_text(
+        f"Necessity: the fraction of the class probability lost when a set of units is ablated (units pass on "
+        f"their {any_res.value} value); sufficiency: the fraction kept when only the set is left in the layers it "
+        f"touches. Each circuit is compared with sets of the same size per layer: {any_res.n_random} random sets, "
+        "the units with the largest activation, weight-flow share or gradient x activation, and the other "
+        f"categories' circuits. Verdicts need {any_res.z_min:g} sd above random in necessity (and sufficiency for "
+        "'faithful') and, for 'faithful', a necessity area above every baseline (95% bootstrap interval of the "
+        "difference over images above 0)."
+    )
+    for name, res in results.items():
+        label = f"{name}: " if name else ""
+        rep.add_figure(plot_faithfulness(res, categories=categories,
+                                         title=f"{label}faithfulness ({res.value} ablation, {res.select} selector)"),
+                       f"{label}necessity and sufficiency over circuit size, circuit (black) vs baselines.",
+                       f"faithfulness_{name}" if name else "faithfulness")
+        rep.add_table(res.rows(), headers=ROW_HEADERS,
+                      caption=f"{label}areas under the curves (mean over the mass levels), z = sd above random.")
