@@ -430,3 +430,16 @@ def test_the_garbage_collector_is_left_as_it_was(g, tmp_path, enabled):
         assert gc.isenabled() is enabled
     finally:
         (gc.enable if was else gc.disable)()
+
+
+@pytest.mark.parametrize("ext", ["graphml", "gexf"])
+def test_an_unknown_xml_encoding_is_a_bad_file(g, tmp_path, ext):
+    """An XML declaration naming an encoding Python lacks raised LookupError out of read_graphml."""
+    (io.write_graphml if ext == "graphml" else io.write_gexf)(g, tmp_path / f"g.{ext}")
+    text = (tmp_path / f"g.{ext}").read_bytes()
+    head, sep, rest = text.partition(b"?>")
+    assert sep and b"encoding=" in head
+    (tmp_path / f"bogus.{ext}").write_bytes(b'<?xml version="1.0" encoding="no-such-codec"?>' + rest)
+    with pytest.raises(BadFileError, match=rf"bogus\.{ext}' as {ext.upper() if ext == 'gexf' else 'GraphML'} "
+                                           r"\(LookupError: unknown encoding: no-such-codec\)"):
+        gephi.read(tmp_path / f"bogus.{ext}")
