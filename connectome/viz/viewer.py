@@ -156,13 +156,18 @@ def _category(g: Connectome, name: str, images: Any, mass: float, max_units: int
             grid = np.concatenate([np.concatenate(strips[i : i + per_row], 1) for i in range(0, len(strips), per_row)], 0)
             sprite = compact_image_uri(grid)
     target = None
-    if g.meta.get("target_class") is not None and g.layers[-1].labels:
-        t = int(g.meta["target_class"])
-        target = g.layers[-1].labels[t] if 0 <= t < len(g.layers[-1].labels) else str(t)
+    tc, n_images = g.meta.get("target_class"), g.meta.get("n_images")
+    if tc is not None and g.layers[-1].labels:
+        try:  # meta is read from a file: a list, a text or inf there is no unit number
+            t = int(tc)
+        except (TypeError, ValueError, OverflowError):
+            t = None
+        if t is not None:
+            target = g.layers[-1].labels[t] if 0 <= t < len(g.layers[-1].labels) else str(t)
     return {
         "name": name,
         "target": target,
-        "n_images": g.meta.get("n_images"),
+        "n_images": int(n_images) if isinstance(n_images, (int, np.integer)) else None,  # JSON has no NaN
         "layers": [sub.layers[li].name for li in shown_layers],
         "nodes": {
             "id": sub.node_ids.tolist(),
