@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import connectome as cn
+from connectome._text import printable
 from connectome.cli import main
 from connectome.viz.viewer import content_security_policy, inline_json, viewer_html, write_viewer
 
@@ -80,10 +81,11 @@ def test_hostile_names_stay_in_their_places(hostile):
     raw = re.search(r'<script type="application/json" id="data">(.*?)</script>', text, re.S).group(1)
     assert not set(raw) & set("<>&\u2028\u2029")
     d = json.loads(raw)  # the data is whole: no slot was filled inside it, nothing pasted into it
-    assert d["title"] == "connectome viewer: " + " ".join(HOSTILE)
+    # names are shown as printable() makes them for the terminal too: U+2028/9 as visible escapes
+    assert d["title"] == printable("connectome viewer: " + " ".join(HOSTILE))
     assert [c["name"] for c in d["categories"]] == [HOSTILE[0], HOSTILE[1] + HOSTILE[4]]
     assert set(d["categories"][0]["layers"]) == {layer.name for layer in g.layers}
-    assert d["categories"][0]["target"] == HOSTILE[5] and d["categories"][1]["target"] == HOSTILE[6]
+    assert d["categories"][0]["target"] == printable(HOSTILE[5]) and d["categories"][1]["target"] == HOSTILE[6]
     # the title is escaped HTML in <title> and in the bar, and the script is the module's own
     from connectome.viz import viewer
 
@@ -199,7 +201,7 @@ def test_cli_extract_and_view_with_a_model_in_a_folder_named_like_a_slot(ui, mod
     assert js("return document.getElementById('title').textContent") == f"connectome viewer: {spec}"
     options = js("return Array.prototype.map.call(document.querySelectorAll('#cat option'), "
                  "function (o) { return o.textContent; })")
-    assert sorted(options) == sorted(cats)
+    assert sorted(options) == sorted(printable(c) for c in cats)
     for i in range(len(cats)):
         V(f"category({i})")
         unit = next(u for u in V("visibleUnits()") if u.startswith("conv1:"))
