@@ -303,6 +303,17 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _is_text(s: str) -> bool:
+    """Whether ``s`` is Unicode text: no lone surrogate (JSON's ``\\ud800``), which no UTF-8
+    file, terminal or font takes (matplotlib raised TypeError drawing such a layer name). Labels
+    may hold them (folder names that are not UTF-8); they are shown through ``printable``."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_header(h: Any, p: str) -> list[Layer]:
     """Validate a parsed header against the format's schema and return its layers.
 
@@ -327,12 +338,12 @@ def _check_header(h: Any, p: str) -> list[Layer]:
             raise _bad_header(p, f"layer {i} is a {type(d).__name__}, not an object")
         name, kind, size = d.get("name"), d.get("kind", "other"), d.get("size")
         labels, module = d.get("labels"), d.get("module")
-        if not isinstance(name, str) or not name or ":" in name:
+        if not isinstance(name, str) or not name or ":" in name or not _is_text(name):
             raise _bad_header(p, f"layer {i} has the name {_clip(name)}")
         if name in seen:
             raise _bad_header(p, f"layer name {_clip(name)} appears twice")
         seen.add(name)
-        if not isinstance(kind, str):
+        if not isinstance(kind, str) or not _is_text(kind):
             raise _bad_header(p, f"layer {_clip(name)} has the kind {_clip(kind)}")
         if not _is_int(size) or not 0 <= size <= _MAX_UNITS:
             raise _bad_header(p, f"layer {_clip(name)} has the size {_clip(size)}")
