@@ -823,7 +823,7 @@ def _export_columns(g: Connectome, in_attribute: bool) -> tuple[dict[str, _Colum
     _distinct(list(g.edge_attrs), "edge attributes")
     x, y = layout(g)
     rgb = node_colors(g)
-    sizes = np.array([l.size for l in g.layers])
+    sizes = np.array([l.size for l in g.layers], dtype=np.int64)  # int also when there are no layers
     node_cols: dict[str, np.ndarray] = {
         "label": g.node_labels,
         "layer": np.repeat(np.array([l.name for l in g.layers], dtype=object), sizes),
