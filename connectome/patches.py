@@ -203,7 +203,11 @@ def _file_loader(size: Sequence[int]) -> Callable[[str], np.ndarray]:
     h, w = int(size[0]), int(size[1])
 
     def load(path: str) -> np.ndarray:
-        with read_rgb(path) as im:  # 16-bit grey scaled as the extraction's loader does
+        try:
+            opened = read_rgb(path)
+        except Exception as exc:  # PIL raises many kinds for a bad file (DecompressionBombError, SyntaxError ...)
+            raise DataError(f"cannot read the example image {path!r} ({type(exc).__name__}: {exc})") from None
+        with opened as im:  # 16-bit grey scaled as the extraction's loader does
             short = int(round(min(h, w) * 256 / 224))
             scale = short / min(im.size)
             im = im.resize((max(1, round(im.size[0] * scale)), max(1, round(im.size[1] * scale))), Image.BILINEAR)
