@@ -29,6 +29,7 @@ import hashlib
 import html
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -133,7 +134,8 @@ def _category(g: Connectome, name: str, images: Any, mass: float, max_units: int
     if has_examples(sub):
         try:
             source = image_source(sub, images)
-        except (ConnectomeError, OSError, TypeError, ValueError):
+        except (ConnectomeError, OSError, TypeError, ValueError) as exc:  # --data mistyped: say so, as report does
+            warnings.warn(f"viewer {name!r}: no patches ({exc})", stacklevel=3)
             source = None
     if source is not None:
         hidden = [str(sub.node_ids[i]) for i in range(sub.num_nodes)
@@ -141,8 +143,6 @@ def _category(g: Connectome, name: str, images: Any, mass: float, max_units: int
         try:
             patches = unit_patches(sub, source, hidden, n=n_patches, size=patch_size)
         except (ConnectomeError, OSError) as exc:  # image files gone: the viewer works without patches
-            import warnings
-
             warnings.warn(f"viewer {name!r}: no patches ({exc})", stacklevel=3)
             patches = {}
         if patches:
