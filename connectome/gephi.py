@@ -76,7 +76,7 @@ def read_graphml(path: Any) -> Connectome:
     with _no_gc():
         try:
             tables = _graphml_tables(p)
-        except (ElementTree.ParseError, ValueError, KeyError) as exc:
+        except (ElementTree.ParseError, ValueError, KeyError, LookupError) as exc:  # LookupError: an unknown encoding
             raise BadFileError(f"cannot read {str(p)!r} as GraphML ({type(exc).__name__}: {exc})") from None
         return _from_tables(*tables, p)
 

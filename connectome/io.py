@@ -303,6 +303,17 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _is_text(s: str) -> bool:
+    """Whether ``s`` is Unicode text: no lone surrogate (JSON's ``\\ud800``), which no UTF-8
+    file, terminal or font takes (matplotlib raised TypeError drawing such a layer name). Labels
+    may hold them (folder names that are not UTF-8); they are shown through ``printable``."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_header(h: Any, p: str) -> list[Layer]:
     """Validate a parsed header against the format's schema and return its layers.
 
@@ -327,12 +338,12 @@ def _check_header(h: Any, p: str) -> list[Layer]:
             raise _bad_header(p, f"layer {i} is a {type(d).__name__}, not an object")
         name, kind, size = d.get("name"), d.get("kind", "other"), d.get("size")
         labels, module = d.get("labels"), d.get("module")
-        if not isinstance(name, str) or not name or ":" in name:
+        if not isinstance(name, str) or not name or ":" in name or not _is_text(name):
             raise _bad_header(p, f"layer {i} has the name {_clip(name)}")
         if name in seen:
             raise _bad_header(p, f"layer name {_clip(name)} appears twice")
         seen.add(name)
-        if not isinstance(kind, str):
+        if not isinstance(kind, str) or not _is_text(kind):
             raise _bad_header(p, f"layer {_clip(name)} has the kind {_clip(kind)}")
         if not _is_int(size) or not 0 <= size <= _MAX_UNITS:
             raise _bad_header(p, f"layer {_clip(name)} has the size {_clip(size)}")
@@ -445,13 +456,15 @@ def check_examples(ex: Any, layers: Sequence[Layer], node_attrs: dict[str, np.nd
     layer name -> null or the 8 ints of :func:`connectome.extract.receptive.receptive_fields`
     (jumps, sizes and the map's height and width >= 1); ``lists`` names of
     :data:`connectome.patches.LISTS`; ``index``, ``dataset`` and ``data`` strings;
-    ``paths`` image index -> path. Other keys are kept unread. Every stored position
+    ``paths`` image index -> path; ``stamps`` an object (image index -> ``[size, mtime_ns]``).
+    Other keys are kept unread. Each example slot has all three columns
+    (``example_index_j``, ``example_value_j``, ``example_pos_j``). Every stored position
     (``example_pos_j``) of a layer with a field must lie on its ``height x width`` map and
     its receptive field must overlap the image, so no crop that
     :func:`connectome.patches.crop_box` cuts is empty (a layer that pads by more than its
     kernel reaches would have positions that see only padding; no classifier does).
     """
-    from connectome.patches import LISTS
+    from connectome.patches import _COLUMN, LISTS
 
     def bad(field: str, what: str) -> BadFileError:
         return BadFileError(f"{p!r} has damaged example metadata: meta['examples'][{field!r}] {what}; "
@@ -489,6 +502,9 @@ def check_examples(ex: Any, layers: Sequence[Layer], node_attrs: dict[str, np.nd
     paths = ex.get("paths", {})
     if not isinstance(paths, dict) or not all(isinstance(v, str) for v in paths.values()):
         raise bad("paths", "is not an object of image index -> file path")
+    stamps = ex.get("stamps")
+    if stamps is not None and not isinstance(stamps, dict):
+        raise bad("stamps", f"is a {type(stamps).__name__}, not an object of image index -> [size, mtime_ns]")
     # every stored position lies on its layer's map and its crop on the image: a crop outside
     # it is empty, and the patch code divides by its size
     maps = [fields.get(l.name) for l in layers]
@@ -496,6 +512,16 @@ def check_examples(ex: Any, layers: Sequence[Layer], node_attrs: dict[str, np.nd
     f = np.repeat(np.array([[0] * 8 if m is None else m for m in maps], dtype=np.int64).reshape(-1, 8), sizes, axis=0)
     has = np.repeat(np.array([m is not None for m in maps], dtype=bool), sizes)
     for prefix in LISTS.values():
+        # the patch code reads the index, value and pos columns of a slot together (a Gephi user
+        # may delete one, or retype it as text, which the reader drops)
+        for c in node_attrs:
+            m = _COLUMN.match(c)
+            if m and m.group(1) == prefix:
+                lacking = [f"{prefix}_{part}_{m.group(3)}" for part in ("index", "value", "pos")
+                           if f"{prefix}_{part}_{m.group(3)}" not in node_attrs]
+                if lacking:
+                    raise BadFileError(f"{p!r} has the example column {c!r} without {lacking[0]!r}; "
+                                       "extract the graph again with --examples")
         j = 0
         while f"{prefix}_pos_{j}" in node_attrs:
             col = f"{prefix}_pos_{j}"
@@ -797,7 +823,7 @@ def _export_columns(g: Connectome, in_attribute: bool) -> tuple[dict[str, _Colum
     _distinct(list(g.edge_attrs), "edge attributes")
     x, y = layout(g)
     rgb = node_colors(g)
-    sizes = np.array([l.size for l in g.layers])
+    sizes = np.array([l.size for l in g.layers], dtype=np.int64)  # int also when there are no layers
     node_cols: dict[str, np.ndarray] = {
         "label": g.node_labels,
         "layer": np.repeat(np.array([l.name for l in g.layers], dtype=object), sizes),

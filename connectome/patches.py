@@ -203,7 +203,11 @@ def _file_loader(size: Sequence[int]) -> Callable[[str], np.ndarray]:
     h, w = int(size[0]), int(size[1])
 
     def load(path: str) -> np.ndarray:
-        with read_rgb(path) as im:  # 16-bit grey scaled as the extraction's loader does
+        try:
+            opened = read_rgb(path)
+        except Exception as exc:  # PIL raises many kinds for a bad file (DecompressionBombError, SyntaxError ...)
+            raise DataError(f"cannot read the example image {path!r} ({type(exc).__name__}: {exc})") from None
+        with opened as im:  # 16-bit grey scaled as the extraction's loader does
             short = int(round(min(h, w) * 256 / 224))
             scale = short / min(im.size)
             im = im.resize((max(1, round(im.size[0] * scale)), max(1, round(im.size[1] * scale))), Image.BILINEAR)
@@ -273,21 +277,36 @@ def image_source(g: Connectome, data: Any = None) -> Callable[[int], np.ndarray]
 
             ds = make_loader(data, batch_size=1).dataset
             load = _file_loader(ex.get("input_size") or (224, 224))
-            return lambda i: load(ds.samples[int(i)][0])
+            return lambda i: load(ds.samples[_within(i, len(ds.samples), data)][0])
     if isinstance(data, (tuple, list)) and len(data) == 2 and hasattr(data[0], "shape"):
         data = data[0]
     if hasattr(data, "shape") and len(data.shape) == 4:
         arr = data
-        return lambda i: _display(np.asarray(arr[int(i)].detach().cpu() if hasattr(arr, "detach") else arr[int(i)]))
+
+        def from_array(i: int) -> np.ndarray:
+            x = arr[_within(i, len(arr), "the images")]
+            return _display(np.asarray(x.detach().cpu() if hasattr(x, "detach") else x))
+
+        return from_array
     if hasattr(data, "__getitem__") and hasattr(data, "__len__"):
         def from_dataset(i: int) -> np.ndarray:
-            item = data[int(i)]
+            item = data[_within(i, len(data), f"the {type(data).__name__}")]
             x = item[0] if isinstance(item, (tuple, list)) else item
             x = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
             return _display(x)
 
         return from_dataset
     raise TypeError(f"cannot read images from a {type(data).__name__}; pass a Dataset, an image tensor or a path")
+
+
+def _within(i: int, n: int, data: Any) -> int:
+    """Image index ``i`` of the graph's examples, if ``data`` (``n`` images) holds it; else a
+    DataError (other data than the graph was extracted from: an IndexError deep inside)."""
+    i = int(i)
+    if not 0 <= i < n:
+        raise DataError(f"image {i} of the graph's examples is not in {str(data)!r}, which holds {n} images; "
+                        "pass the data the graph was extracted from")
+    return i
 
 
 def _resize(a: np.ndarray, size: int) -> np.ndarray:

@@ -430,3 +430,26 @@ def test_the_garbage_collector_is_left_as_it_was(g, tmp_path, enabled):
         assert gc.isenabled() is enabled
     finally:
         (gc.enable if was else gc.disable)()
+
+
+@pytest.mark.parametrize("ext", ["graphml", "gexf"])
+def test_an_unknown_xml_encoding_is_a_bad_file(g, tmp_path, ext):
+    """An XML declaration naming an encoding Python lacks raised LookupError out of read_graphml."""
+    (io.write_graphml if ext == "graphml" else io.write_gexf)(g, tmp_path / f"g.{ext}")
+    text = (tmp_path / f"g.{ext}").read_bytes()
+    head, sep, rest = text.partition(b"?>")
+    assert sep and b"encoding=" in head
+    (tmp_path / f"bogus.{ext}").write_bytes(b'<?xml version="1.0" encoding="no-such-codec"?>' + rest)
+    with pytest.raises(BadFileError, match=rf"bogus\.{ext}' as {ext.upper() if ext == 'gexf' else 'GraphML'} "
+                                           r"\(LookupError: unknown encoding: no-such-codec\)"):
+        gephi.read(tmp_path / f"bogus.{ext}")
+
+
+@pytest.mark.parametrize("ext", ["graphml", "gexf"])
+def test_a_graph_without_layers_exports_and_reads_back(tmp_path, ext):
+    """A file may hold a graph of no layers: the export raised a numpy TypeError (an empty
+    float array of layer sizes given to np.repeat)."""
+    empty = Connectome.from_edges(layers=[], edges=[])
+    (io.write_graphml if ext == "graphml" else io.write_gexf)(empty, tmp_path / f"e.{ext}")
+    back = gephi.read(tmp_path / f"e.{ext}")
+    assert (back.num_nodes, back.num_edges, back.layers) == (0, 0, ())

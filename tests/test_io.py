@@ -501,10 +501,12 @@ _INPUT = {"name": "input", "kind": "input", "size": 2}
         _header_with(node_attrs="attribution"),
         _header_with(edge_attrs=[1]),
         _header_with(node_attrs=["a", "a"]),
+        _header_with(layers=[{**_INPUT, "name": "in\ud800put"}]),  # a lone surrogate: matplotlib's TypeError in report
+        _header_with(layers=[{**_INPUT, "kind": "\udcff"}]),
     ],
     ids=["plain-npy", "deep", "version-str", "version-bool", "layers-object", "layer-str", "size-infinity",
          "size-float", "size-negative", "name-int", "labels-str", "labels-int", "duplicate-layer", "meta-list",
-         "node-attrs-str", "edge-attrs-int", "node-attrs-duplicate"],
+         "node-attrs-str", "edge-attrs-int", "node-attrs-duplicate", "name-surrogate", "kind-surrogate"],
 )
 def test_damaged_headers_are_bad_files(tmp_path, make):
     p = tmp_path / "bad.npz"

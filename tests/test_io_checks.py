@@ -4,6 +4,7 @@ non-finite weights (kept, but said)."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import sys
 import warnings
@@ -77,6 +78,8 @@ CRAFTED = {  # change to meta["examples"] -> the field the error must name
     "data a list": ({"data": ["/data"]}, "data"),
     "paths a list (AttributeError in export)": ({"paths": ["/data/a.png"]}, "paths"),
     "path a number": ({"paths": {"0": 7}}, "paths"),
+    "stamps a list (AttributeError in view, report, export)": ({"stamps": [10, 20]}, "stamps"),
+    "stamps text": ({"stamps": "x"}, "stamps"),
 }
 
 
@@ -180,3 +183,23 @@ def test_graphml_examples_are_checked_as_at_load(tmp_path):
     cn.io.write_graphml(crafted, tmp_path / "crafted.graphml")
     with pytest.raises(BadFileError, match=r"crafted\.graphml' has damaged example metadata: meta\['examples'\]\['fields'\]"):
         gephi.read_graphml(tmp_path / "crafted.graphml")
+
+
+@pytest.mark.parametrize("dropped", ["example_pos_1", "example_value_0", "example_attr_index_1"])
+def test_an_example_slot_missing_a_column_is_refused(tmp_path, dropped):
+    """index, value and pos of a slot are read together (a KeyError deep in view/report/export);
+    a Gephi user may delete one, or retype it as text, which the GraphML reader drops."""
+    from connectome import gephi
+
+    g = with_examples()
+    g = dataclasses.replace(g, node_attrs={k: v for k, v in g.node_attrs.items() if k != dropped})
+    g.save(tmp_path / "g.npz")
+    with pytest.raises(BadFileError, match=rf"g\.npz' has the example column '[a-z_]+_{dropped[-1]}' without '{dropped}'"):
+        cn.load(tmp_path / "g.npz")
+    full = tmp_path / "full.graphml"
+    cn.io.write_graphml(with_examples(), full)
+    retyped = re.sub(rf'(<key [^>]*attr.name="{dropped}" attr.type=)"[a-z]+"', r'\1"string"', full.read_text())
+    assert retyped != full.read_text()
+    (tmp_path / "retyped.graphml").write_text(retyped)
+    with pytest.raises(BadFileError, match=rf"retyped\.graphml' has the example column .* without '{dropped}'"):
+        gephi.read_graphml(tmp_path / "retyped.graphml")

@@ -96,7 +96,7 @@ def target_node(g: Connectome, target: Any) -> int:
         if tc is not None and not isinstance(tc, bool):
             try:
                 idx = _unit_in_layer(g, li, int(tc))
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):  # meta from a file: a list, a text, inf
                 idx = None
             if idx is not None:
                 return idx

@@ -29,6 +29,7 @@ import hashlib
 import html
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -133,7 +134,8 @@ def _category(g: Connectome, name: str, images: Any, mass: float, max_units: int
     if has_examples(sub):
         try:
             source = image_source(sub, images)
-        except (ConnectomeError, OSError, TypeError, ValueError):
+        except (ConnectomeError, OSError, TypeError, ValueError) as exc:  # --data mistyped: say so, as report does
+            warnings.warn(f"viewer {name!r}: no patches ({exc})", stacklevel=3)
             source = None
     if source is not None:
         hidden = [str(sub.node_ids[i]) for i in range(sub.num_nodes)
@@ -141,8 +143,6 @@ def _category(g: Connectome, name: str, images: Any, mass: float, max_units: int
         try:
             patches = unit_patches(sub, source, hidden, n=n_patches, size=patch_size)
         except (ConnectomeError, OSError) as exc:  # image files gone: the viewer works without patches
-            import warnings
-
             warnings.warn(f"viewer {name!r}: no patches ({exc})", stacklevel=3)
             patches = {}
         if patches:
@@ -156,13 +156,18 @@ def _category(g: Connectome, name: str, images: Any, mass: float, max_units: int
             grid = np.concatenate([np.concatenate(strips[i : i + per_row], 1) for i in range(0, len(strips), per_row)], 0)
             sprite = compact_image_uri(grid)
     target = None
-    if g.meta.get("target_class") is not None and g.layers[-1].labels:
-        t = int(g.meta["target_class"])
-        target = g.layers[-1].labels[t] if 0 <= t < len(g.layers[-1].labels) else str(t)
+    tc, n_images = g.meta.get("target_class"), g.meta.get("n_images")
+    if tc is not None and g.layers[-1].labels:
+        try:  # meta is read from a file: a list, a text or inf there is no unit number
+            t = int(tc)
+        except (TypeError, ValueError, OverflowError):
+            t = None
+        if t is not None:
+            target = g.layers[-1].labels[t] if 0 <= t < len(g.layers[-1].labels) else str(t)
     return {
         "name": name,
         "target": target,
-        "n_images": g.meta.get("n_images"),
+        "n_images": int(n_images) if isinstance(n_images, (int, np.integer)) else None,  # JSON has no NaN
         "layers": [sub.layers[li].name for li in shown_layers],
         "nodes": {
             "id": sub.node_ids.tolist(),

@@ -73,6 +73,16 @@ def test_target_class_is_used_without_category():
     assert circuit(g).meta["circuit"]["target"] == "logits:1"
 
 
+@pytest.mark.parametrize("tc", [float("inf"), float("-inf"), [1], "x", {"a": 1}])
+def test_a_target_class_that_is_no_unit_number_falls_back_to_the_category(tc):
+    """meta comes from files: inf there raised OverflowError out of report and compare."""
+    g = toy_attribution("dog")
+    assert circuit(g.with_meta(target_class=tc)).meta["circuit"]["target"] == "logits:1"  # 'dog' is unit 1
+    from connectome.analysis.circuits import target_node
+
+    assert target_node(g.with_meta(target_class=tc, category="cat"), None) == g.index_of("logits:0")
+
+
 def test_mirror_category():
     c = circuit(toy_attribution("dog"), mass=0.8)
     assert c.node_ids.tolist() == ["in:1", "in:2", "h1:2", "h1:3", "h2:2", "h2:3", "logits:1"]

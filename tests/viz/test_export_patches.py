@@ -117,3 +117,68 @@ def test_examples_key_names_what_the_patches_are_cut_from(tmp_path, change):
         assert patches.examples_key(other) != key
     else:
         assert patches.examples_key(g, str(tmp_path)) != key
+
+
+@pytest.mark.parametrize("kind", ["folder", "tensor", "dataset"])
+def test_data_holding_fewer_images_than_the_examples_is_one_data_error(tmp_path, kind):
+    """``--data`` naming other (smaller) data than the graph was extracted from raised an
+    IndexError deep in view, report and export; now a DataError names the image and the data."""
+    import torch
+
+    from connectome.errors import DataError
+
+    g = cn.Connectome.from_edges([("input", "input", 2), ("conv", "conv", 2)],
+                                 [("input:0", "conv:0", 1.0), ("input:1", "conv:1", 2.0)])
+    index = np.array([[0], [1], [2], [5]])  # conv:1's top image is image 5
+    field = [1, 0, 1, 1, 0, 1, 4, 4]
+    g = g.with_node_attrs(**patches.example_columns("example", index, np.ones((4, 1)), np.zeros((4, 1), dtype=np.int64)))
+    g = g.with_meta(examples={"k": 1, "fields": {"input": field, "conv": field}, "input_size": [4, 4], "index": "dataset"})
+    images = torch.rand(3, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    if kind == "folder":
+        _image_folder(tmp_path / "img", np.random.default_rng(0), cats=("a",))  # 3 images
+        data, name = str(tmp_path / "img"), str(tmp_path / "img")
+    else:
+        data = images if kind == "tensor" else torch.utils.data.TensorDataset(images, torch.zeros(3))
+        name = "the images" if kind == "tensor" else "the TensorDataset"
+    source = patches.image_source(g, data)
+    assert source(2).shape == (4, 4, 3)
+    assert set(patches.unit_patches(g, source, ["conv:0"], n=1, size=4)) == {"conv:0"}
+    with pytest.raises(DataError, match=rf"^image 5 of the graph's examples is not in '{name}', which holds 3 images"):
+        patches.unit_patches(g, source, n=1, size=4)
+    if kind == "folder":  # the command line: one line, exit 2
+        g.save(tmp_path / "g.npz")
+        assert main(["export", str(tmp_path / "g.npz"), "--out", str(tmp_path / "g.graphml"), "--data", data,
+                     "--examples", str(tmp_path / "p")]) == 2
+
+
+def test_an_example_image_pil_refuses_is_one_data_error(tmp_path, capsys):
+    """An example file replaced by one PIL will not open (here a PNG header declaring 20000 x
+    20000 pixels: DecompressionBombError, not an OSError) raised a traceback out of view,
+    report and export; now the viewer and report go on without patches and export says why."""
+    import struct
+    import zlib
+
+    from connectome.errors import DataError
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    _image_folder(tmp_path / "img", np.random.default_rng(0), cats=("a",))
+    bomb = tmp_path / "img" / "a" / "1.png"
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0))
+                     + chunk(b"IEND", b""))
+    g = cn.Connectome.from_edges([("input", "input", 1), ("conv", "conv", 2)],
+                                 [("input:0", "conv:0", 1.0), ("input:0", "conv:1", 2.0)])
+    g = g.with_node_attrs(**patches.example_columns("example", np.array([[-1], [0], [1]]), np.ones((3, 1)),
+                                                    np.zeros((3, 1), dtype=np.int64)))
+    g = g.with_meta(examples={"k": 1, "fields": {}, "input_size": [4, 4], "index": "dataset",
+                              "paths": {"0": str(tmp_path / "img" / "a" / "0.png"), "1": str(bomb)}})
+    source = patches.image_source(g)
+    assert source(0).shape == (4, 4, 3)
+    with pytest.raises(DataError, match=r"^cannot read the example image '.*1\.png' \(DecompressionBombError: "):
+        source(1)
+    g.save(tmp_path / "g.npz")
+    assert main(["view", str(tmp_path / "g.npz"), "--out", str(tmp_path / "v.html")]) == 0
+    assert main(["export", str(tmp_path / "g.npz"), "--out", str(tmp_path / "g.graphml"),
+                 "--examples", str(tmp_path / "p")]) == 2
+    assert "DecompressionBombError" in capsys.readouterr().err

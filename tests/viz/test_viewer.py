@@ -265,3 +265,11 @@ def test_two_thousand_units_and_twenty_thousand_edges(browser, ui, tmp_path):
     assert V("state()")["hover"] is not None
     print(f"2,013 units, 20,000 edges: one full redraw took {V('lastDrawMs'):.1f} ms in headless Chromium")
     assert V("errors") == [] and ui.severe() == []
+
+
+def test_viewer_says_when_the_data_given_cannot_be_read(graphs, tmp_path):
+    """``view --data`` naming no data (a typo) wrote a viewer without patches and said nothing
+    (report warns and export refuses)."""
+    with pytest.warns(UserWarning, match=r"viewer '0': no patches \(data '.*nowhere' does not exist"):
+        d = _embedded(viewer_html(graphs["0"], images=str(tmp_path / "nowhere")))
+    assert d["categories"][0]["sprite"] is None

@@ -81,7 +81,7 @@ def test_hostile_names_stay_in_their_places(hostile):
     raw = re.search(r'<script type="application/json" id="data">(.*?)</script>', text, re.S).group(1)
     assert not set(raw) & set("<>&\u2028\u2029")
     d = json.loads(raw)  # the data is whole: no slot was filled inside it, nothing pasted into it
-    # names are shown as text, with control and line/paragraph separators made visible (printable)
+    # names are shown as printable() makes them for the terminal too: U+2028/9 as visible escapes
     assert d["title"] == printable("connectome viewer: " + " ".join(HOSTILE))
     assert [c["name"] for c in d["categories"]] == [HOSTILE[0], HOSTILE[1] + HOSTILE[4]]
     assert set(d["categories"][0]["layers"]) == {layer.name for layer in g.layers}
@@ -209,3 +209,15 @@ def test_cli_extract_and_view_with_a_model_in_a_folder_named_like_a_slot(ui, mod
         assert js("var c = document.getElementById('patches'); return c ? c.width : 0") > 0
     assert js(_NO_MARKUP) == [0, 2, True]
     assert V("errors") == [] and ui.severe() == []
+
+
+@pytest.mark.filterwarnings("ignore:viewer .* no patches")  # its image files do not exist
+@pytest.mark.parametrize("tc", [[1], {"a": 1}, float("inf"), float("nan"), "x"])
+def test_meta_numbers_from_a_file_that_are_not_numbers(tmp_path, tc):
+    """target_class and n_images come from the file: a list or inf raised TypeError/OverflowError
+    out of view, NaN made the page's JSON invalid ("Out of range float values")."""
+    g = _hostile_graph().with_meta(target_class=tc, n_images=float("nan"))
+    g.save(tmp_path / "g.npz")
+    assert main(["view", str(tmp_path / "g.npz"), "--out", str(tmp_path / "v.html")]) == 0
+    d = json.loads(re.search(r'id="data">(.*?)</script>', (tmp_path / "v.html").read_text(encoding="utf-8"), re.S).group(1))
+    assert [(c["target"], c["n_images"]) for c in d["categories"]] == [(None, None)]
