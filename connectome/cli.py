@@ -224,7 +224,7 @@ def _cmd_extract(a: argparse.Namespace) -> int:
 
 
 def _extract(a: argparse.Namespace, rank: int) -> int:
-    from connectome.extract import attribution_by_category
+    from connectome.extract import iter_attribution_by_category
     from connectome.extract.distributed import agree
     from connectome.modelspec import load_data_spec, load_model_spec
     from connectome.reporting import printable
@@ -256,85 +256,168 @@ def _extract(a: argparse.Namespace, rank: int) -> int:
     cats = [c.strip() for c in a.categories.split(",")] if a.categories else None
     target: Any = a.target
     out = Path(a.out)
-    index: dict[str, Any] = {"model": spec.name, "data": a.data, "target": a.target, "complete": False, "categories": {}}
-    # Hours of work must not end in a folder that cannot be written: write the (partial) index
-    # first. Every process takes part in agree(), so none waits for a failed rank 0.
+    new_index: dict[str, Any] = {"model": spec.name, "weights": a.weights, "data": a.data,
+                                 "data_path": _data_path(a.data), "target": a.target, "complete": False,
+                                 "categories": {}}
+    # Hours of work must not end in a folder that cannot be written, nor in one another run is
+    # writing: take the folder's lock and write the (partial, merged) index first. Every
+    # process takes part in agree(), so none waits for a failed rank 0.
+    from connectome.store import WriterLock
+
     error: BaseException | None = None
-    if rank == 0:
-        try:
-            _write_index(out, index, a.out)
-        except BaseException as exc:  # noqa: BLE001 - re-raised by agree()
-            error = exc
-    agree(error)
-    graphs = attribution_by_category(
-        spec.model, data, target, categories=cats, batch_size=a.batch_size, transform=transform,
-        progress=not a.quiet, per_sample=a.per_sample, device=a.device, max_images=a.max_images, precision=a.precision,
-        name=spec.name, labels=spec.classes, num_workers=a.num_workers, checkpoint=a.checkpoint,
-        checkpoint_every=a.checkpoint_every, examples=a.examples,
-    )
-    if rank != 0:
-        return 0
-    if a.examples:  # where the images are: `view` and `report` find the patches again
-        where = str(Path(a.data).resolve()) if isinstance(data, str) else a.data
-        graphs = {c: g.with_meta(examples={**g.meta["examples"], "data": where}) for c, g in graphs.items()}
-    files = category_files(list(graphs))
-    units = []  # say how the category folders were mapped to output units
-    for cname, g in graphs.items():
-        tc = g.meta.get("target_class")
-        labels = g.layers[-1].labels
-        if isinstance(tc, int):
-            units.append(f"{printable(cname)} -> unit {tc}" + (f" ({printable(labels[tc])})" if labels and tc < len(labels) else ""))
-    if units:
-        print("categories mapped to output units: " + ", ".join(units), file=sys.stderr)
-    for cname, g in graphs.items():
-        g = g.with_meta(**spec.meta)  # what was assumed (random weights) travels with the graph
-        g.save(out / files[cname])
-        index["categories"][cname] = {
-            "file": files[cname], "n_images": g.meta["n_images"],
-            "completeness_residual": g.meta["completeness_residual"],
-        }
-        _write_index(out, index, a.out)  # a run stopped here (full disk) lists what it wrote, as partial
-        print(f"{printable(cname):>20}: {g.meta['n_images']:5d} images  {g.num_nodes} units  {g.num_edges} edges  "
-              f"completeness residual {g.meta['completeness_residual']:.2e}")
-    index["complete"] = True
-    _write_index(out, index, a.out)
-    print(f"wrote {len(graphs)} graphs and index.json to {printable(str(out))}", file=sys.stderr)
-    return 0
-
-
-def _write_index(out: Path, index: dict[str, Any], given: str) -> None:
-    from connectome.io import atomic_write
-
+    lock = WriterLock(out, f"--out {a.out!r}") if rank == 0 else None
+    index = new_index
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        with atomic_write(out / "index.json", "w") as fh:
-            json.dump(index, fh, indent=2)
+        if lock is not None:
+            try:
+                _out_op(lock.acquire, a.out)
+                index = _merged_index(out, new_index, a.out)
+                _write_index(out, index, a.out)
+            except BaseException as exc:  # noqa: BLE001 - re-raised by agree()
+                error = exc
+        agree(error)
+        run = iter_attribution_by_category(
+            spec.model, data, target, categories=cats, batch_size=a.batch_size, transform=transform,
+            progress=not a.quiet, per_sample=a.per_sample, device=a.device, max_images=a.max_images,
+            precision=a.precision, name=spec.name, labels=spec.classes, num_workers=a.num_workers,
+            checkpoint=a.checkpoint, checkpoint_every=a.checkpoint_every, examples=a.examples,
+        )
+        old_files = {c: str(e["file"]) for c, e in index["categories"].items()}
+        files = category_files(run.categories, existing=old_files)
+        where = (str(Path(a.data).resolve()) if isinstance(data, str) else a.data) if a.examples else None
+        written, units = 0, []
+        # Each category is written as it finishes: a failure later keeps every earlier one.
+        for cname, g in run:
+            error = None
+            if rank == 0:
+                try:
+                    _write_category(out, index, a.out, cname, g, files[cname], where, spec.meta, units)
+                    written += 1
+                except BaseException as exc:  # noqa: BLE001 - re-raised by agree()
+                    error = exc
+            agree(error)
+        if rank != 0:
+            return 0
+        if units:
+            print("categories mapped to output units: " + ", ".join(units), file=sys.stderr)
+        index["complete"] = True
+        _write_index(out, index, a.out)
+        print(f"wrote {written} graphs and index.json to {printable(str(out))}", file=sys.stderr)
+        return 0
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _out_op(fn: Any, given: str) -> Any:
+    """``fn()``, with a file system error as one line about ``--out``."""
+    try:
+        return fn()
     except OSError as exc:
         raise ConnectomeError(f"cannot write to --out {given!r} ({exc.strerror or exc}); "
                               "choose a folder you can write to") from None
 
 
-def category_files(names: Sequence[str]) -> dict[str, str]:
+def _data_path(data: str) -> str | None:
+    """The absolute path of a local data folder (``data/`` and ``./data`` are one), else None."""
+    p = Path(data)
+    return str(p.resolve()) if p.is_dir() else None
+
+
+#: What an output folder's runs must share for their graphs to be listed in one index.json.
+_SAME = {"model": "model", "weights": "--weights", "data": "data", "target": "--target"}
+
+
+def _merged_index(out: Path, new: dict[str, Any], given: str) -> dict[str, Any]:
+    """The index of ``out`` this run continues: the existing one (its categories kept) when it
+    is of the same model, weights, data and target; a new one when there is none."""
+    path = out / "index.json"
+    if not path.is_file():
+        return new
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+        cats = old["categories"]
+        if not isinstance(cats, dict) or not all(isinstance(e, dict) and isinstance(e.get("file"), str)
+                                                  for e in cats.values()):
+            raise TypeError("categories is not a mapping of name -> {file: ...}")
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise ConnectomeError(f"--out {given!r}: its index.json is damaged ({type(exc).__name__}); move the folder "
+                              "away or choose another --out") from None
+    for key, what in _SAME.items():
+        was, now = old.get(key), new.get(key)
+        if key == "data" and old.get("data_path") and new.get("data_path"):
+            was, now = old["data_path"], new["data_path"]
+        if was != now:
+            raise ConnectomeError(f"--out {given!r} holds graphs of another run ({what} {was!r}, this run {now!r}); "
+                                  "choose another --out to keep both, or the same arguments to add categories")
+    return {**new, "categories": dict(cats)}
+
+
+def _write_category(out: Path, index: dict[str, Any], given: str, cname: str, g: Any, file: str,
+                    where: str | None, spec_meta: dict[str, Any], units: list[str]) -> None:
+    """Save one category's graph and list it in index.json (a run stopped later keeps it)."""
+    from connectome.reporting import printable
+
+    if where is not None:  # where the images are: `view` and `report` find the patches again
+        g = g.with_meta(examples={**g.meta["examples"], "data": where})
+    g = g.with_meta(**spec_meta)  # what was assumed (random weights) travels with the graph
+    tc = g.meta.get("target_class")
+    labels = g.layers[-1].labels
+    if isinstance(tc, int):  # how the category folder was mapped to an output unit, said at the end
+        units.append(f"{printable(cname)} -> unit {tc}" + (f" ({printable(labels[tc])})" if labels and tc < len(labels) else ""))
+    g.save(out / file)
+    index["categories"][cname] = {
+        "file": file, "n_images": g.meta["n_images"], "completeness_residual": g.meta["completeness_residual"],
+    }
+    _write_index(out, index, given)
+    print(f"{printable(cname):>20}: {g.meta['n_images']:5d} images  {g.num_nodes} units  {g.num_edges} edges  "
+          f"completeness residual {g.meta['completeness_residual']:.2e}")
+
+
+def _write_index(out: Path, index: dict[str, Any], given: str) -> None:
+    from connectome.io import atomic_write
+
+    def write() -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_write(out / "index.json", "w") as fh:
+            json.dump(index, fh, indent=2)
+
+    _out_op(write, given)
+
+
+def category_files(names: Sequence[str], existing: dict[str, str] | None = None) -> dict[str, str]:
     """One distinct ``.npz`` file name per category, stable from run to run.
 
     A category whose name is a safe, short file name keeps it (``circle.npz``); any other
     gets its safe characters, cut to a bounded length, and a hash of the full name
-    (``a_b-c8687a08aa.npz``). Names that only a case-insensitive file system would merge
-    (``Cat``, ``cat``) both get the hash.
+    (``a_b-c8687a08aa.npz``). Names that a case-insensitive or normalising file system
+    (macOS, Windows) would merge, ``Cat`` and ``cat``, or one name in Unicode NFC and NFD
+    form, all get the hash. ``existing`` (category -> file of an earlier run into the same
+    folder) keeps those categories' files, and no new name may collide with them.
     """
     from connectome.io import file_stem
 
-    stems = {n: file_stem(n) for n in names}
+    existing = dict(existing or {})
+    every = list(existing) + [n for n in names if n not in existing]
+    stems = {n: file_stem(n) for n in every}
     by_folded: dict[str, list[str]] = {}
     for n, stem in stems.items():
-        by_folded.setdefault(stem.casefold(), []).append(n)
+        by_folded.setdefault(_folded(stem), []).append(n)
     for group in by_folded.values():
         if len(group) > 1:
             for n in group:
                 stems[n] = file_stem(n, hashed=True)
-    if len({s.casefold() for s in stems.values()}) != len(stems):
+    files = {n: existing.get(n) or f"{stems[n]}.npz" for n in every}
+    if len({_folded(f) for f in files.values()}) != len(files):
         raise ConnectomeError("two category names map to one file name even with their hashes; rename one category")
-    return {n: f"{s}.npz" for n, s in stems.items()}
+    return {n: files[n] for n in names}
+
+
+def _folded(name: str) -> str:
+    """``name`` as a case-insensitive, normalising file system (macOS, Windows) compares it."""
+    import unicodedata
+
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFC", name).casefold())
 
 
 def _cmd_report(a: argparse.Namespace) -> int:

@@ -34,7 +34,7 @@ from __future__ import annotations
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -49,7 +49,7 @@ from connectome.extract.targets import as_layer_names, check_labels
 from connectome.extract.trace import trace_units
 from connectome.graph import Connectome
 
-__all__ = ["attribution", "attribution_by_category", "FlowAccumulator"]
+__all__ = ["attribution", "attribution_by_category", "iter_attribution_by_category", "FlowAccumulator"]
 
 # ----------------------------------------------------------------------------- targets
 def _target_fn(target: Any, n_out: int, classes: Sequence[str] | None) -> tuple[Callable[..., torch.Tensor], Any]:
@@ -304,7 +304,7 @@ def _accumulate(model, info, target, dev, per_sample, precision, progress, max_i
     if checkpoint is not None or rank_world()[1] > 1:
         run = ShardedRun(info, m, dev, target=target, per_sample=per_sample, amp=amp, max_images=max_images,
                          checkpoint=checkpoint, checkpoint_every=checkpoint_every, category=category,
-                         precision=precision)
+                         precision=precision, examples=examples)
         skipped, total, max_images = run.skipped, run.n, None  # the shards already stop at max_images
     scale = run.world if run is not None else 1  # rank 0's bar shows the whole job's images/s (about)
     desc = f"attribution {category}" if category else "attribution"
@@ -442,55 +442,114 @@ def attribution_by_category(
     -----
     Under ``torchrun`` every process runs the categories in the same (class) order, each
     split across the processes as in :func:`attribution`, and returns the same graphs.
+    :func:`iter_attribution_by_category` yields each graph as it finishes instead.
     """
-    info = make_loader(data, batch_size=batch_size, transform=transform)
-    ds = info.dataset
-    targets = dataset_targets(ds)
-    if targets is None:
-        targets = []
-        for batch in info.loader:
-            _, y, _ = unpack_batch(batch)
-            if y is None:
-                raise DataError("attribution_by_category needs labels; the data has images only")
-            targets.extend(int(v) for v in y.tolist())
-    classes = info.classes or [str(c) for c in sorted(set(targets))]
-    by_label: dict[int, list[int]] = {}
-    for i, t in enumerate(targets):
-        by_label.setdefault(int(t), []).append(i)
-    names = {i: (classes[i] if i < len(classes) else str(i)) for i in by_label}
-    if info.classes is not None and isinstance(data, (str, Path)):
-        empty = [c for i, c in enumerate(info.classes) if i not in by_label]
-        if empty:
-            raise DataError(
-                f"category folder(s) {empty} under {str(data)!r} hold no images; add images or remove the folders"
-            )
-    if categories is not None:
-        unknown = [c for c in categories if c not in names.values()]
-        if unknown:
-            raise DataError(f"categories {unknown} are not in the data; it has {sorted(names.values())}")
-    out: dict[str, Connectome] = {}
-    for label in sorted(by_label):
-        cname = names[label]
-        if categories is not None and cname not in categories:
-            continue
-        sub_info = subset_loader(info, by_label[label], batch_size, num_workers=kwargs.get("num_workers"),
-                                 pin_memory=resolve_device(kwargs.get("device")).type == "cuda")
-        try:
-            from connectome.extract.distributed import category_folder
+    return dict(iter_attribution_by_category(model, data, target, categories=categories, batch_size=batch_size,
+                                             transform=transform, progress=progress, checkpoint=checkpoint,
+                                             checkpoint_every=checkpoint_every, **kwargs))
 
-            ck = None if checkpoint is None else Path(checkpoint) / category_folder(label, cname)
-            g = _attribution(model, sub_info, target, progress=progress, category=cname, checkpoint=ck,
-                             category_label=int(label),
-                             checkpoint_every=checkpoint_every,
-                             **{k: v for k, v in kwargs.items() if k != "num_workers"})
-        except DataError as exc:
-            raise DataError(f"category {cname!r}: {exc}") from None
-        if g.meta.get("target_class") is None and target == "label":
-            g = g.with_meta(target_class=int(label))
-        out[cname] = g
-    if not out:
-        raise DataError("no category had images")
-    return out
+
+def iter_attribution_by_category(
+    model: nn.Module,
+    data: Any,
+    target: Any = "label",
+    *,
+    categories: Sequence[str] | None = None,
+    skip: Collection[str] = (),
+    batch_size: int = 64,
+    transform: Callable[[Any], Any] | None = None,
+    progress: bool = True,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 50,
+    **kwargs: Any,
+) -> "CategoryRun":
+    """``(category, graph)`` for each category as it finishes, in class order.
+
+    As :func:`attribution_by_category` (same parameters), but only one category's graph
+    exists at a time: write each where it belongs before asking for the next. The data and
+    the category names are checked here, before any image is read; the result's
+    ``categories`` lists the names it will yield.
+
+    Parameters
+    ----------
+    skip : collection of str, optional
+        Categories not to compute (done by an earlier run).
+
+    Returns
+    -------
+    CategoryRun
+        An iterable of ``(str, Connectome)``.
+    """
+    return CategoryRun(model, data, target, categories=categories, skip=skip, batch_size=batch_size,
+                       transform=transform, progress=progress, checkpoint=checkpoint,
+                       checkpoint_every=checkpoint_every, **kwargs)
+
+
+class CategoryRun:
+    """The categories of a dataset, checked, and an iterator that computes them one at a time.
+
+    Built by :func:`iter_attribution_by_category`. ``categories``: the names in the order they
+    come (class order), without the skipped ones; ``labels``: name -> dataset label.
+    """
+
+    def __init__(self, model: nn.Module, data: Any, target: Any, *, categories: Sequence[str] | None,
+                 skip: Collection[str], batch_size: int, transform: Callable[[Any], Any] | None, progress: bool,
+                 checkpoint: str | Path | None, checkpoint_every: int, **kwargs: Any):
+        info = make_loader(data, batch_size=batch_size, transform=transform)
+        targets = dataset_targets(info.dataset)
+        if targets is None:
+            targets = []
+            for batch in info.loader:
+                _, y, _ = unpack_batch(batch)
+                if y is None:
+                    raise DataError("attribution_by_category needs labels; the data has images only")
+                targets.extend(int(v) for v in y.tolist())
+        classes = info.classes or [str(c) for c in sorted(set(targets))]
+        by_label: dict[int, list[int]] = {}
+        for i, t in enumerate(targets):
+            by_label.setdefault(int(t), []).append(i)
+        names = {i: (classes[i] if i < len(classes) else str(i)) for i in by_label}
+        if info.classes is not None and isinstance(data, (str, Path)):
+            empty = [c for i, c in enumerate(info.classes) if i not in by_label]
+            if empty:
+                raise DataError(
+                    f"category folder(s) {empty} under {str(data)!r} hold no images; add images or remove the folders"
+                )
+        if categories is not None:
+            unknown = [c for c in categories if c not in names.values()]
+            if unknown:
+                raise DataError(f"categories {unknown} are not in the data; it has {sorted(names.values())}")
+        todo = [label for label in sorted(by_label) if categories is None or names[label] in categories]
+        if not todo:
+            raise DataError("no category had images")
+        skip = set(skip)
+        self.labels = {names[label]: label for label in todo if names[label] not in skip}
+        self.categories = list(self.labels)
+        self._by_label, self._info, self._model, self._target = by_label, info, model, target
+        self._batch_size, self._progress, self._checkpoint = batch_size, progress, checkpoint
+        self._checkpoint_every, self._kwargs = checkpoint_every, kwargs
+
+    def __len__(self) -> int:
+        return len(self.categories)
+
+    def __iter__(self) -> Iterator[tuple[str, Connectome]]:
+        from connectome.extract.distributed import category_folder
+
+        kwargs, target = self._kwargs, self._target
+        for cname, label in self.labels.items():
+            sub_info = subset_loader(self._info, self._by_label[label], self._batch_size,
+                                     num_workers=kwargs.get("num_workers"),
+                                     pin_memory=resolve_device(kwargs.get("device")).type == "cuda")
+            ck = None if self._checkpoint is None else Path(self._checkpoint) / category_folder(label, cname)
+            try:
+                g = _attribution(self._model, sub_info, target, progress=self._progress, category=cname,
+                                 checkpoint=ck, category_label=int(label), checkpoint_every=self._checkpoint_every,
+                                 **{k: v for k, v in kwargs.items() if k != "num_workers"})
+            except DataError as exc:
+                raise DataError(f"category {cname!r}: {exc}") from None
+            if g.meta.get("target_class") is None and target == "label":
+                g = g.with_meta(target_class=int(label))
+            yield cname, g
 
 
 def _versions() -> dict[str, str]:
