@@ -8,6 +8,7 @@ from the library print as one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -77,6 +78,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="batches between checkpoints (default 50)")
     e.add_argument("--examples", type=int, default=0, metavar="K",
                    help="also keep each unit's top K images (dataset examples for unit cards and the viewer)")
+    e.add_argument("--layout", default="store", choices=["store", "npz"],
+                   help="store (default): one Zarr category store in --out, each category written as it "
+                        "finishes, a rerun continues it; npz: one .npz per category and index.json (older layout)")
+    e.add_argument("--dtype", default="float32", choices=["float32", "float64"],
+                   help="store: on-disk dtype of the edge flows (default float32; sums are float64 in memory)")
 
     r = add("report", "Analyse one graph: hubs, communities, circuit; print and write report.html.")
     r.add_argument("graph", metavar="GRAPH.npz", help="a graph written by extract or weights")
@@ -254,6 +260,13 @@ def _extract(a: argparse.Namespace, rank: int) -> int:
 
         transform = default_transform(size)
     cats = [c.strip() for c in a.categories.split(",")] if a.categories else None
+    where = (str(Path(a.data).resolve()) if isinstance(data, str) else a.data) if a.examples else None
+    options = dict(categories=cats, batch_size=a.batch_size, transform=transform, progress=not a.quiet,
+                   per_sample=a.per_sample, device=a.device, max_images=a.max_images, precision=a.precision,
+                   name=spec.name, labels=spec.classes, num_workers=a.num_workers, checkpoint=a.checkpoint,
+                   checkpoint_every=a.checkpoint_every, examples=a.examples)
+    if a.layout == "store":
+        return _extract_store(a, rank, spec, data, options, where)
     target: Any = a.target
     out = Path(a.out)
     new_index: dict[str, Any] = {"model": spec.name, "weights": a.weights, "data": a.data,
@@ -276,15 +289,9 @@ def _extract(a: argparse.Namespace, rank: int) -> int:
             except BaseException as exc:  # noqa: BLE001 - re-raised by agree()
                 error = exc
         agree(error)
-        run = iter_attribution_by_category(
-            spec.model, data, target, categories=cats, batch_size=a.batch_size, transform=transform,
-            progress=not a.quiet, per_sample=a.per_sample, device=a.device, max_images=a.max_images,
-            precision=a.precision, name=spec.name, labels=spec.classes, num_workers=a.num_workers,
-            checkpoint=a.checkpoint, checkpoint_every=a.checkpoint_every, examples=a.examples,
-        )
+        run = iter_attribution_by_category(spec.model, data, target, **options)
         old_files = {c: str(e["file"]) for c, e in index["categories"].items()}
         files = category_files(run.categories, existing=old_files)
-        where = (str(Path(a.data).resolve()) if isinstance(data, str) else a.data) if a.examples else None
         written, units = 0, []
         # Each category is written as it finishes: a failure later keeps every earlier one.
         for cname, g in run:
@@ -307,6 +314,58 @@ def _extract(a: argparse.Namespace, rank: int) -> int:
     finally:
         if lock is not None:
             lock.release()
+
+
+def _extract_store(a: argparse.Namespace, rank: int, spec: Any, data: Any, options: dict[str, Any],
+                   where: str | None) -> int:
+    """``extract`` into a category store (see :mod:`connectome.store`): each category written as it
+    finishes, the categories already in the store skipped (the store is the run's checkpoint)."""
+    from connectome.extract import iter_attribution_by_category
+    from connectome.extract.flow import _shared_done, write_stream
+    from connectome.reporting import printable
+
+    run_info = {"model": spec.name, "weights": a.weights, "data": _data_path(a.data) or a.data, "target": a.target}
+    units: list[str] = []
+
+    def prepare(cname: str, g: Any) -> Any:
+        if where is not None:  # where the images are: `view` and `report` find the patches again
+            g = g.with_meta(examples={**g.meta["examples"], "data": where})
+        return g.with_meta(**spec.meta)  # what was assumed (random weights) travels with the graph
+
+    def written(cname: str, g: Any) -> None:
+        tc, labels = g.meta.get("target_class"), g.layers[-1].labels
+        if isinstance(tc, int):
+            units.append(f"{printable(cname)} -> unit {tc}" + (f" ({printable(labels[tc])})" if labels and tc < len(labels) else ""))
+        print(f"{printable(cname):>20}: {g.meta['n_images']:5d} images  {g.num_nodes} units  {g.num_edges} edges  "
+              f"completeness residual {g.meta['completeness_residual']:.2e}")
+
+    with _out_writer(a, run_info) as writer:
+        done = _shared_done(writer)
+        run = iter_attribution_by_category(spec.model, data, a.target, skip=done, **options)
+        if rank == 0 and done and len(run):
+            print(f"resuming: {len(done)} categories already in {printable(a.out)}, {len(run)} to go", file=sys.stderr)
+        n = write_stream(run, writer, prepare, written)
+    if rank != 0:
+        return 0
+    if units:
+        print("categories mapped to output units: " + ", ".join(units), file=sys.stderr)
+    print(f"wrote {n} categories to the store {printable(a.out)} ({len(done) + n} in all)", file=sys.stderr)
+    return 0
+
+
+@contextlib.contextmanager
+def _out_writer(a: argparse.Namespace, run_info: dict[str, Any]) -> Any:
+    """The store writer of ``--out`` (process 0), a file system error as one line about ``--out``."""
+    from connectome.extract.flow import _rank0_writer
+
+    stack = contextlib.ExitStack()
+    try:
+        writer = stack.enter_context(_rank0_writer(a.out, run_info, a.dtype, what=f"--out {a.out!r}"))
+    except OSError as exc:
+        raise ConnectomeError(f"cannot write to --out {a.out!r} ({exc.strerror or exc}); "
+                              "choose a folder you can write to") from None
+    with stack:
+        yield writer
 
 
 def _out_op(fn: Any, given: str) -> Any:
@@ -430,7 +489,7 @@ def _cmd_report(a: argparse.Namespace) -> int:
     top_k, max_units = _circuit_args(a)
     measures = [m.strip() for m in a.measures.split(",") if m.strip()] if a.measures else None
     samples = _samples(a.betweenness_samples)
-    g = load(a.graph)
+    g = _load_graph(a.graph)
     result = graph_report(g, top=a.top, out=a.out, seed=a.seed, mass=a.mass, top_k=top_k, max_units=max_units,
                           measures=measures, betweenness_samples=samples, images=a.data, viewer=a.html)
     if a.html:
@@ -483,7 +542,7 @@ def _cmd_compare(a: argparse.Namespace) -> int:
         raise ConnectomeError(f"--mass must be in (0, 1], got {a.mass}")
     if not a.time_budget > 0:
         raise ConnectomeError(f"--time-budget must be positive seconds, got {a.time_budget}")
-    ga, gb = load(a.a), load(a.b)
+    ga, gb = _load_graph(a.a), _load_graph(a.b)
     return _emit(compare_report(ga, gb, top=a.top, out=a.out, mass=a.mass, time_budget=a.time_budget), a.json)
 
 
@@ -500,7 +559,7 @@ def _cmd_export(a: argparse.Namespace) -> int:
     if a.prune_top_k is not None and a.prune_top_k < 1:
         raise ConnectomeError(f"--prune-top-k must be >= 1, got {a.prune_top_k}")
     _check_out_file(a.out)
-    g = io.load(a.graph)
+    g = _load_graph(a.graph)
     if a.annotate:
         g = _annotated(g)
     if a.prune_top_k is not None:
@@ -594,10 +653,13 @@ def _cmd_view(a: argparse.Namespace) -> int:
     for item in a.graphs:
         p = Path(item)
         if p.is_dir():
-            for cname, file in _index_files(p, item).items():
-                graphs[cname] = load(p / file)
+            from connectome.store import open_folder
+
+            folder = open_folder(p)
+            for cname in folder:
+                graphs[cname] = folder[cname]
         else:
-            g = load(p)
+            g = _load_graph(item)
             graphs[str(g.meta.get("category") or p.stem)] = g
     _check_out_file(a.out)
     path = write_viewer(graphs, a.out, images=a.data, mass=a.mass)
@@ -605,17 +667,26 @@ def _cmd_view(a: argparse.Namespace) -> int:
     return 0
 
 
-def _index_files(folder: Path, item: str) -> dict[str, str]:
-    """Category -> graph file, from the index.json that ``extract`` writes in its folder."""
-    index = folder / "index.json"
-    if not index.is_file():
-        raise ConnectomeError(f"folder {item!r} has no index.json; pass .npz files or a folder written by extract")
-    try:
-        cats = json.loads(index.read_text())["categories"]
-        return {str(c): str(entry["file"]) for c, entry in cats.items()}
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise ConnectomeError(f"folder {item!r}: index.json is damaged ({type(exc).__name__}: {exc}); "
-                              "run extract again or pass the .npz files") from None
+def _load_graph(text: str) -> Any:
+    """One graph: a ``.npz`` file, or ``DIR:CATEGORY`` of a folder written by ``extract`` (a store
+    or an older folder of ``.npz`` files), reading that category only."""
+    from connectome.io import load
+    from connectome.store import open_folder
+
+    p = Path(text)
+    if p.is_dir():
+        names = list(open_folder(p))
+        example = f"{text}:{names[0]}" if names else f"{text}:CATEGORY"
+        raise ConnectomeError(f"{text!r} is a folder of {len(names)} categories; name one, e.g. {example!r}")
+    if not p.exists():
+        for i, ch in enumerate(text):  # DIR:CATEGORY: the first ':' after which a folder ends
+            if ch == ":" and i and Path(text[:i]).is_dir():
+                folder = open_folder(text[:i])
+                try:
+                    return folder[text[i + 1:]]
+                except KeyError as exc:
+                    raise ConnectomeError(str(exc.args[0]) if exc.args else str(exc)) from None
+    return load(p)
 
 
 def _cmd_demo(a: argparse.Namespace) -> int:

@@ -389,12 +389,19 @@ def load(path: Any) -> Connectome:
     what the graph its header describes would (and never more than deflate's 1032:1 of the
     file's size).
 
+    A folder written by ``connectome extract`` opens as a read-only mapping category ->
+    Connectome that reads each category when asked (:func:`connectome.store.open_folder`).
+
     Raises
     ------
     BadFileError
         The file is missing, not an ``.npz``, truncated, damaged, or not a connectome.
     """
     p = Path(path)
+    if p.is_dir():
+        from connectome.store import open_folder
+
+        return open_folder(p)  # type: ignore[return-value]
     ps = str(p)
     if not p.is_file():
         raise BadFileError(f"no such file: {ps!r}; pass the path of a .npz written by Connectome.save")

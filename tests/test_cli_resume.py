@@ -42,8 +42,9 @@ def _data(root: Path, names: list[str], n: int = 2, outputs: int | None = None) 
     return f"{root / 'm.py'}:build"
 
 
-def _run(tmp_path: Path, model: str, *extra: str, out: Path | None = None) -> int:
-    return main(["extract", model, str(tmp_path / "imgs"), "--out", str(out or tmp_path / "graphs"),
+def _run(tmp_path: Path, model: str, *extra: str, out: Path | None = None, layout: str = "npz") -> int:
+    """``extract`` in the older layout (one .npz per category and index.json); the store has its tests."""
+    return main(["extract", "--layout", layout, model, str(tmp_path / "imgs"), "--out", str(out or tmp_path / "graphs"),
                  "--image-size", "8", "--quiet", "--device", "cpu", *extra])
 
 
@@ -51,63 +52,87 @@ def _index(out: Path) -> dict:
     return json.loads((out / "index.json").read_text())
 
 
+LAYOUTS = ["npz", "store"]
+
+
+def _listed(out: Path, layout: str) -> list[str]:
+    """The categories an output folder lists as complete."""
+    return list(_index(out)["categories"]) if layout == "npz" else list(cn.load(out))
+
+
+def _graph(out: Path, layout: str, cname: str) -> cn.Connectome:
+    return cn.load(out / _index(out)["categories"][cname]["file"]) if layout == "npz" else cn.load(out)[cname]
+
+
+def _listing(out: Path, layout: str) -> Path:
+    return out / ("index.json" if layout == "npz" else "manifest.json")
+
+
 # ---------------------------------------------------------------------- item 3: merge, never reset
-def test_two_runs_into_one_out_keep_both_runs_categories(tmp_path, capsys):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_two_runs_into_one_out_keep_both_runs_categories(tmp_path, capsys, layout):
     model = _data(tmp_path, ["ants", "bees", "cats"])
     out = tmp_path / "graphs"
-    assert _run(tmp_path, model, "--categories", "ants") == 0
-    first = (out / "ants.npz").read_bytes()
-    assert _run(tmp_path, model, "--categories", "bees,cats") == 0, capsys.readouterr().err
-    index = _index(out)
-    assert sorted(index["categories"]) == ["ants", "bees", "cats"] and index["complete"] is True
-    for cname, entry in index["categories"].items():
-        assert cn.load(out / entry["file"]).meta["category"] == cname
-    assert (out / "ants.npz").read_bytes() == first  # the first run's graph is untouched
+    assert _run(tmp_path, model, "--categories", "ants", layout=layout) == 0
+    first = _graph(out, layout, "ants")
+    assert _run(tmp_path, model, "--categories", "bees,cats", layout=layout) == 0, capsys.readouterr().err
+    assert sorted(_listed(out, layout)) == ["ants", "bees", "cats"]
+    if layout == "npz":
+        assert _index(out)["complete"] is True
+    for cname in ["ants", "bees", "cats"]:
+        assert _graph(out, layout, cname).meta["category"] == cname
+    assert _graph(out, layout, "ants").equals(first)  # the first run's graph is untouched
 
 
-def test_a_failed_rerun_keeps_the_index_of_the_earlier_run(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_failed_rerun_keeps_the_index_of_the_earlier_run(tmp_path, monkeypatch, capsys, layout):
     import connectome.extract.flow as flow
 
     model = _data(tmp_path, ["ants", "bees"])
     out = tmp_path / "graphs"
-    assert _run(tmp_path, model) == 0
-    before = _index(out)["categories"]
+    assert _run(tmp_path, model, "--categories", "ants", layout=layout) == 0
+    before = _listing(out, layout).read_text()
 
     def fail(*a, **k):
         raise cn.errors.DataError("every image is broken")
 
     monkeypatch.setattr(flow, "_attribution", fail)
-    assert _run(tmp_path, model) == 2
-    index = _index(out)
-    assert index["categories"] == before and index["complete"] is False  # before: reset to nothing
+    assert _run(tmp_path, model, layout=layout) == 2
+    assert _listed(out, layout) == ["ants"]  # before: reset to nothing
+    if layout == "npz":
+        assert _index(out)["categories"] == json.loads(before)["categories"] and _index(out)["complete"] is False
+    else:
+        assert _listing(out, layout).read_text() == before
     assert not (out / LOCK_NAME).exists()  # released on failure too
 
 
-@pytest.mark.parametrize("change, word", [(["--target", "0"], "--target"), ("other", "model")])
-def test_a_run_of_another_model_or_target_into_the_same_out_is_refused(tmp_path, capsys, change, word):
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("change, word", [(["--target", "0"], "target"), ("other", "model")])
+def test_a_run_of_another_model_or_target_into_the_same_out_is_refused(tmp_path, capsys, change, word, layout):
     model = _data(tmp_path, ["ants", "bees"])
     out = tmp_path / "graphs"
-    assert _run(tmp_path, model) == 0
-    before = (out / "index.json").read_bytes()
+    assert _run(tmp_path, model, layout=layout) == 0
+    before = _listing(out, layout).read_bytes()
     capsys.readouterr()
     if change == "other":
-        rc = _run(tmp_path, model.replace(":build", ":other"))
+        rc = _run(tmp_path, model.replace(":build", ":other"), layout=layout)
     else:
-        rc = _run(tmp_path, model, *change)
+        rc = _run(tmp_path, model, *change, layout=layout)
     assert rc == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "holds graphs of another run" in err and word in err, err
-    assert (out / "index.json").read_bytes() == before
+    assert _listing(out, layout).read_bytes() == before
 
 
-def test_the_same_data_folder_named_two_ways_is_one_data(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_the_same_data_folder_named_two_ways_is_one_data(tmp_path, monkeypatch, capsys, layout):
     model = _data(tmp_path, ["ants", "bees"])
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "graphs"
-    base = ["extract", model, "--out", str(out), "--image-size", "8", "--quiet", "--device", "cpu"]
-    assert main([*base[:2], "imgs", *base[2:], "--categories", "ants"]) == 0
-    assert main([*base[:2], "./imgs/", *base[2:], "--categories", "bees"]) == 0, capsys.readouterr().err
-    assert sorted(_index(out)["categories"]) == ["ants", "bees"]
+    base = ["extract", "--layout", layout, model, "--out", str(out), "--image-size", "8", "--quiet", "--device", "cpu"]
+    assert main([*base[:4], "imgs", *base[4:], "--categories", "ants"]) == 0
+    assert main([*base[:4], "./imgs/", *base[4:], "--categories", "bees"]) == 0, capsys.readouterr().err
+    assert sorted(_listed(out, layout)) == ["ants", "bees"]
 
 
 def test_a_damaged_index_is_refused_and_kept(tmp_path, capsys):
@@ -127,14 +152,15 @@ def _lock(out: Path, pid: int, host: str | None = None) -> None:
     (out / LOCK_NAME).write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(), "started": 0.0}))
 
 
-def test_a_second_concurrent_writer_is_refused(tmp_path, capsys):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_second_concurrent_writer_is_refused(tmp_path, capsys, layout):
     model = _data(tmp_path, ["ants"])
     out = tmp_path / "graphs"
     _lock(out, os.getppid())  # a live process on this host holds the folder
-    assert _run(tmp_path, model) == 2
+    assert _run(tmp_path, model, layout=layout) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"being written by process {os.getppid()}" in err, err
-    assert not (out / "index.json").exists() and (out / LOCK_NAME).exists()  # nothing written, lock kept
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # nothing written, the lock kept
 
 
 def test_a_lock_of_another_host_is_refused(tmp_path, capsys):
@@ -145,15 +171,16 @@ def test_a_lock_of_another_host_is_refused(tmp_path, capsys):
     assert "on some-other-machine" in capsys.readouterr().err
 
 
-def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_warning(tmp_path, capsys):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_warning(tmp_path, capsys, layout):
     model = _data(tmp_path, ["ants"])
     out = tmp_path / "graphs"
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()  # its pid is now free (reused only after the pid space wraps)
     _lock(out, p.pid)
     with pytest.warns(UserWarning, match=f"taking over the lock of process {p.pid}"):
-        assert _run(tmp_path, model) == 0
-    assert sorted(_index(out)["categories"]) == ["ants"]
+        assert _run(tmp_path, model, layout=layout) == 0
+    assert _listed(out, layout) == ["ants"]
     assert not (out / LOCK_NAME).exists()  # released at the end
 
 
@@ -171,7 +198,8 @@ def test_the_writer_lock_excludes_a_second_holder_in_one_process(tmp_path):
 
 
 # ---------------------------------------------------------------------- item 4: a late failure
-def test_a_failure_in_the_last_category_keeps_the_earlier_ones(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_failure_in_the_last_category_keeps_the_earlier_ones(tmp_path, monkeypatch, capsys, layout):
     import connectome.extract.flow as flow
 
     model = _data(tmp_path, ["ants", "bees", "cats"])
@@ -184,27 +212,30 @@ def test_a_failure_in_the_last_category_keeps_the_earlier_ones(tmp_path, monkeyp
 
     monkeypatch.setattr(flow, "_attribution", fail_on_cats)
     out = tmp_path / "graphs"
-    assert _run(tmp_path, model) == 2
+    assert _run(tmp_path, model, layout=layout) == 2
     assert "the last category's images are broken" in capsys.readouterr().err
-    index = _index(out)
-    assert index["complete"] is False and list(index["categories"]) == ["ants", "bees"]  # before: nothing at all
-    for cname, entry in index["categories"].items():
-        g = cn.load(out / entry["file"])
+    assert _listed(out, layout) == ["ants", "bees"]  # before: nothing at all
+    if layout == "npz":
+        assert _index(out)["complete"] is False
+    for cname in ["ants", "bees"]:
+        g = _graph(out, layout, cname)
         assert g.meta["category"] == cname and g.meta["n_images"] == 2
-    # the rerun (the fault gone) adds the missing category to the same index
+    # the rerun (the fault gone) adds the missing category
     monkeypatch.setattr(flow, "_attribution", real)
-    assert _run(tmp_path, model) == 0
-    assert sorted(_index(out)["categories"]) == ["ants", "bees", "cats"]
+    assert _run(tmp_path, model, layout=layout) == 0
+    assert sorted(_listed(out, layout)) == ["ants", "bees", "cats"]
 
 
-def test_a_corrupt_image_in_the_last_category_keeps_the_earlier_ones(tmp_path, capsys):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_corrupt_image_in_the_last_category_keeps_the_earlier_ones(tmp_path, capsys, layout):
     model = _data(tmp_path, ["ants", "bees"], n=1)
     (tmp_path / "imgs" / "bees" / "0.png").write_bytes(b"not a png")  # its only image
     out = tmp_path / "graphs"
-    assert _run(tmp_path, model) == 2
+    with pytest.warns(UserWarning, match="could not be decoded"):
+        assert _run(tmp_path, model, layout=layout) == 2
     assert "bees" in capsys.readouterr().err
-    assert list(_index(out)["categories"]) == ["ants"]
-    assert cn.load(out / "ants.npz").meta["category"] == "ants"
+    assert _listed(out, layout) == ["ants"]
+    assert _graph(out, layout, "ants").meta["category"] == "ants"
 
 
 # ---------------------------------------------------------------------- item 18: what differs

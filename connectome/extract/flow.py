@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterator, Sequence
 
@@ -240,7 +241,8 @@ def _attribution(model: nn.Module, info: Any, target: Any = "label", *, per_samp
                  max_images: int | None = None, precision: str = "exact", amp: bool = False, progress: bool = True,
                  name: str | None = None, category: str | None = None, checkpoint: Any = None,
                  checkpoint_every: int = 50, _batch_hook: Callable[[int], None] | None = None,
-                 category_label: int | None = None, examples: int = 0) -> Connectome:
+                 category_label: int | None = None, examples: int = 0,
+                 trace_cache: dict[Any, Any] | None = None) -> Connectome:
     from connectome.extract.distributed import rank_device, rank_world
 
     check_model(model)
@@ -249,7 +251,7 @@ def _attribution(model: nn.Module, info: Any, target: Any = "label", *, per_samp
     acc, t_info = _accumulate(model, info, target, dev, per_sample, precision, progress, max_images, labels,
                               batch_hook=_batch_hook, category=category, checkpoint=checkpoint,
                               checkpoint_every=checkpoint_every, category_label=category_label,
-                              examples=examples)
+                              examples=examples, trace_cache=trace_cache)
     g = acc.to_graph(t_info["labels"], {
         "model": name or type(model).__name__,
         "target": target if isinstance(target, (str, int)) else getattr(target, "__name__", "callable"),
@@ -288,7 +290,7 @@ def _accumulate(model, info, target, dev, per_sample, precision, progress, max_i
                 batch_hook: Callable[[int], None] | None = None, category: str | None = None,
                 category_label: int | None = None,
                 checkpoint: Any = None, checkpoint_every: int = 50,
-                examples: int = 0) -> tuple[FlowAccumulator, dict[str, Any]]:
+                examples: int = 0, trace_cache: dict[Any, Any] | None = None) -> tuple[FlowAccumulator, dict[str, Any]]:
     from tqdm.auto import tqdm
 
     from connectome.extract.distributed import ShardedRun, SkippedNames, rank_world
@@ -315,7 +317,14 @@ def _accumulate(model, info, target, dev, per_sample, precision, progress, max_i
     t_info: dict[str, Any] = {"labels": None, "target_class": None, "precision": precision}
 
     def start(x: torch.Tensor) -> tuple[FlowAccumulator, Callable[..., torch.Tensor], int]:
-        ug = trace_units(m, x[:1].to(dev, dtype=dtype))
+        # the categories of one run share the model: trace it once (a second or more per trace)
+        key = (id(m), tuple(x.shape[1:]), dtype, str(dev))
+        ug = None if trace_cache is None else trace_cache.get(key)
+        if ug is None:
+            ug = trace_units(m, x[:1].to(dev, dtype=dtype))
+            if trace_cache is not None:
+                trace_cache.clear()
+                trace_cache[key] = ug
         n_out = ug.layers[ug.output_layer].size
         t_info["labels"] = _labels_for_output(labels, info.classes, n_out)
         fn, t_info["target_class"] = _target_fn(target, n_out, t_info["labels"] or info.classes)
@@ -411,8 +420,10 @@ def attribution_by_category(
     progress: bool = True,
     checkpoint: str | Path | None = None,
     checkpoint_every: int = 50,
+    out: str | Path | None = None,
+    dtype: str = "float32",
     **kwargs: Any,
-) -> dict[str, Connectome]:
+) -> Any:
     """One attribution graph per image category, named by class name.
 
     Images are grouped by label (read from the dataset's ``targets`` without decoding
@@ -430,23 +441,126 @@ def attribution_by_category(
         :func:`attribution`; categories finished before an interruption are not read again.
     checkpoint_every : int, default 50
         Batches between checkpoints.
+    out : str or Path, optional
+        Stream the graphs into a category store in this folder (see :mod:`connectome.store`)
+        instead of returning them: memory holds one category's sums and the topology,
+        whatever the number of categories. Each category is written when it finishes; the
+        store is also the checkpoint: run again, and the categories in it are skipped.
+    dtype : {"float32", "float64"}, default "float32"
+        With ``out``: the on-disk dtype of the edge flows.
     **kwargs
         Passed to :func:`attribution` (``per_sample``, ``device``, ``precision``, ``layers`` ...).
 
     Returns
     -------
-    dict of str -> Connectome
-        In class order; ``meta["category"]`` and ``meta["target_class"]`` set.
+    dict of str -> Connectome, or CategoryStore
+        In class order; ``meta["category"]`` and ``meta["target_class"]`` set. With ``out``,
+        the store (opened read-only, lazily).
 
     Notes
     -----
     Under ``torchrun`` every process runs the categories in the same (class) order, each
-    split across the processes as in :func:`attribution`, and returns the same graphs.
-    :func:`iter_attribution_by_category` yields each graph as it finishes instead.
+    split across the processes as in :func:`attribution`, and returns the same graphs; with
+    ``out`` process 0 writes. :func:`iter_attribution_by_category` yields each graph as it
+    finishes instead.
     """
+    if out is not None:
+        from connectome.store import CategoryStore
+
+        run_info = {"model": kwargs.get("name") or type(model).__name__,
+                    "target": target if isinstance(target, (str, int)) else getattr(target, "__name__", "callable")}
+        with _rank0_writer(out, run_info, dtype) as writer:
+            run = iter_attribution_by_category(model, data, target, categories=categories, batch_size=batch_size,
+                                               transform=transform, progress=progress, checkpoint=checkpoint,
+                                               checkpoint_every=checkpoint_every, skip=_shared_done(writer),
+                                               **kwargs)
+            write_stream(run, writer)
+        return CategoryStore(out)
     return dict(iter_attribution_by_category(model, data, target, categories=categories, batch_size=batch_size,
                                              transform=transform, progress=progress, checkpoint=checkpoint,
                                              checkpoint_every=checkpoint_every, **kwargs))
+
+
+@contextmanager
+def _rank0_writer(out: str | Path, run_info: dict[str, Any], dtype: str, what: str | None = None
+                  ) -> Iterator[Any]:
+    """On process 0, the folder's lock and a :class:`~connectome.store.StoreWriter`; None on the
+    others. Every process learns of a failure (none waits forever)."""
+    from connectome.extract.distributed import agree, rank_world
+    from connectome.store import StoreWriter, WriterLock
+
+    lock = writer = error = None
+    if rank_world()[0] == 0:
+        try:
+            lock = WriterLock(out, what)
+            lock.acquire()
+            writer = StoreWriter(out, run_info, dtype=dtype, what=what)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by agree()
+            error = exc
+    try:
+        agree(error)
+        yield writer
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _shared_done(writer: Any) -> list[str]:
+    """The categories already in the store, as process 0 sees them, on every process."""
+    from connectome.extract.distributed import rank_world
+
+    done = writer.done if writer is not None else []
+    if rank_world()[1] > 1:
+        import torch.distributed as dist
+
+        box = [done]
+        dist.broadcast_object_list(box, src=0)
+        done = box[0]
+    return list(done)
+
+
+def circuit_mask(g: Connectome, mass: float | None = None) -> np.ndarray | None:
+    """1 for the units of ``g``'s circuit (:func:`connectome.analysis.circuit` at ``mass``), 0 else;
+    None when the graph has no circuit (no target, no flow)."""
+    from connectome.analysis.circuits import circuit
+    from connectome.store import CIRCUIT_MASS
+
+    try:
+        c = circuit(g, mass=CIRCUIT_MASS if mass is None else mass)
+    except ConnectomeError:
+        return None
+    mask = np.zeros(g.num_nodes, dtype=np.int64)
+    mask[np.asarray(g.index_of(c.node_ids), dtype=np.int64)] = 1
+    return mask
+
+
+def write_stream(run: Any, writer: Any, prepare: Callable[[str, Connectome], Connectome] | None = None,
+                 written: Callable[[str, Connectome], None] | None = None) -> int:
+    """Write each ``(category, graph)`` of ``run`` into ``writer`` as it comes (process 0 only).
+
+    ``prepare`` may change a graph before it is written, ``written`` is told after. Under
+    ``torchrun`` every process iterates ``run`` (the categories' images are split across
+    them) and learns of a failure to write. Returns the number of categories written.
+    """
+    from connectome.extract.distributed import agree
+
+    n = 0
+    writer.reserve(len(run)) if writer is not None else None
+    for cname, g in run:
+        error = None
+        if writer is not None:
+            try:
+                if prepare is not None:
+                    g = prepare(cname, g)
+                writer.write(cname, g, circuit=circuit_mask(g))
+                n += 1
+                if written is not None:
+                    written(cname, g)
+            except BaseException as exc:  # noqa: BLE001 - re-raised by agree()
+                error = exc
+        del g  # one category's graph at a time
+        agree(error)
+    return n
 
 
 def iter_attribution_by_category(
@@ -536,6 +650,7 @@ class CategoryRun:
         from connectome.extract.distributed import category_folder
 
         kwargs, target = self._kwargs, self._target
+        cache: dict[Any, Any] = {}
         for cname, label in self.labels.items():
             sub_info = subset_loader(self._info, self._by_label[label], self._batch_size,
                                      num_workers=kwargs.get("num_workers"),
@@ -544,7 +659,7 @@ class CategoryRun:
             try:
                 g = _attribution(self._model, sub_info, target, progress=self._progress, category=cname,
                                  checkpoint=ck, category_label=int(label), checkpoint_every=self._checkpoint_every,
-                                 **{k: v for k, v in kwargs.items() if k != "num_workers"})
+                                 trace_cache=cache, **{k: v for k, v in kwargs.items() if k != "num_workers"})
             except DataError as exc:
                 raise DataError(f"category {cname!r}: {exc}") from None
             if g.meta.get("target_class") is None and target == "label":
