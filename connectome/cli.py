@@ -83,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
                         "finishes, a rerun continues it; npz: one .npz per category and index.json (older layout)")
     e.add_argument("--dtype", default="float32", choices=["float32", "float64"],
                    help="store: on-disk dtype of the edge flows (default float32; sums are float64 in memory)")
+    e.add_argument("--no-circuits", action="store_true",
+                   help="store: do not store each category's circuit (saves seconds per category on large models; "
+                        "compare then has no circuit overlaps)")
 
     r = add("report", "Analyse one graph: hubs, communities, circuit; print and write report.html.")
     r.add_argument("graph", metavar="GRAPH.npz", help="a graph written by extract or weights")
@@ -344,7 +347,7 @@ def _extract_store(a: argparse.Namespace, rank: int, spec: Any, data: Any, optio
         run = iter_attribution_by_category(spec.model, data, a.target, skip=done, **options)
         if rank == 0 and done and len(run):
             print(f"resuming: {len(done)} categories already in {printable(a.out)}, {len(run)} to go", file=sys.stderr)
-        n = write_stream(run, writer, prepare, written)
+        n = write_stream(run, writer, prepare, written, circuits=not a.no_circuits)
     if rank != 0:
         return 0
     if units:

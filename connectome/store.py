@@ -179,8 +179,8 @@ def open_folder(path: str | os.PathLike[str]) -> Mapping[str, Connectome]:
         return CategoryStore(p)
     if (p / "index.json").is_file():
         return FolderOfGraphs(p)
-    raise BadFileError(f"folder {str(p)!r} holds no graphs (no category store, no index.json); pass a folder "
-                       "written by `connectome extract` or a .npz file")
+    raise BadFileError(f"no such file: {str(p)!r} is a folder, and not one written by `connectome extract` (no "
+                       "category store, no index.json); pass a .npz file or an extract output folder")
 
 
 def _unknown(name: str, names: Sequence[str], where: str) -> KeyError:

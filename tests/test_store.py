@@ -266,3 +266,65 @@ def test_an_older_npz_folder_still_opens(tmp_path, capsys):
     assert main(["report", f"{out}:ring", "--json"]) == 0
     with pytest.raises(ConnectomeError, match="older connectome"):  # never mixed with a store
         cn.extract.attribution_by_category(_model(), _data(), out=out, progress=False, device="cpu")
+
+
+def test_cli_under_torchrun_writes_the_store_of_one_process(tmp_path):
+    """Two processes split each category's images; process 0 writes; a rerun under torchrun
+    learns from process 0 which categories are done."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["extract", "zoo:simplecnn_a", "zoo:shapes:2", "--device", "cpu", "--quiet", "--batch-size", "1"]
+    assert main(args + ["--out", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+           "-m", "connectome", *args, "--out", str(tmp_path / "two")]
+    done = subprocess.run([*cmd, "--categories", "circle,ring"], env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)  # continues the store
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("completeness residual") == 7  # the 7 missing categories, printed by process 0 only
+    one, two = cn.load(tmp_path / "one"), cn.load(tmp_path / "two")
+    assert sorted(one) == sorted(two) and len(one) == 9
+    for c in one:
+        a, b = one[c], two[c]
+        assert a.meta["n_images"] == b.meta["n_images"] == 2
+        np.testing.assert_allclose(b.weight, a.weight, rtol=1e-4, atol=1e-5 * np.abs(a.weight).max())
+
+
+def test_cli_killed_with_sigkill_between_categories_resumes_bit_identical(tmp_path, cli_store):
+    """kill -9 once the store lists a category; the same command continues and the arrays equal an
+    uninterrupted run's (cli_store: the same categories in one go)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "connectome", "extract", "zoo:simplecnn_a", "zoo:shapes:2", "--out", str(out),
+           "--quiet", "--device", "cpu", "--categories", "circle,ring,square"]
+    env = {**os.environ, "PYTHONPATH": str(Path(cn.__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and p.poll() is None:
+        m = out / "manifest.json"
+        if m.is_file() and json.loads(m.read_text())["categories"]:
+            os.kill(p.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    p.wait()
+    if p.returncode == 0:
+        pytest.skip("the run finished before it could be killed")
+    assert p.returncode == -signal.SIGKILL
+    listed = list(cn.load(out))
+    assert 1 <= len(listed) < 3  # stopped between categories, the finished ones listed
+    assert main(["extract", "zoo:simplecnn_a", "zoo:shapes:2", "--out", str(out), "--quiet", "--device", "cpu",
+                 "--categories", "circle,ring,square"]) == 0  # the stale lock of the dead process is taken over
+    assert list(cn.load(out)) == list(cn.load(cli_store))
+    assert _chunk_files(out) == _chunk_files(cli_store)

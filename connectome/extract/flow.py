@@ -422,6 +422,7 @@ def attribution_by_category(
     checkpoint_every: int = 50,
     out: str | Path | None = None,
     dtype: str = "float32",
+    circuits: bool = True,
     **kwargs: Any,
 ) -> Any:
     """One attribution graph per image category, named by class name.
@@ -448,6 +449,9 @@ def attribution_by_category(
         store is also the checkpoint: run again, and the categories in it are skipped.
     dtype : {"float32", "float64"}, default "float32"
         With ``out``: the on-disk dtype of the edge flows.
+    circuits : bool, default True
+        With ``out``: also store each category's circuit (mass 0.8), which
+        ``compare_categories(store)`` overlaps.
     **kwargs
         Passed to :func:`attribution` (``per_sample``, ``device``, ``precision``, ``layers`` ...).
 
@@ -474,7 +478,7 @@ def attribution_by_category(
                                                transform=transform, progress=progress, checkpoint=checkpoint,
                                                checkpoint_every=checkpoint_every, skip=_shared_done(writer),
                                                **kwargs)
-            write_stream(run, writer)
+            write_stream(run, writer, circuits=circuits)
         return CategoryStore(out)
     return dict(iter_attribution_by_category(model, data, target, categories=categories, batch_size=batch_size,
                                              transform=transform, progress=progress, checkpoint=checkpoint,
@@ -535,10 +539,12 @@ def circuit_mask(g: Connectome, mass: float | None = None) -> np.ndarray | None:
 
 
 def write_stream(run: Any, writer: Any, prepare: Callable[[str, Connectome], Connectome] | None = None,
-                 written: Callable[[str, Connectome], None] | None = None) -> int:
+                 written: Callable[[str, Connectome], None] | None = None, circuits: bool = True) -> int:
     """Write each ``(category, graph)`` of ``run`` into ``writer`` as it comes (process 0 only).
 
-    ``prepare`` may change a graph before it is written, ``written`` is told after. Under
+    ``prepare`` may change a graph before it is written, ``written`` is told after;
+    ``circuits``: also store each category's circuit (for circuit overlaps; on ResNet-50 a
+    few seconds of CPU per category). Under
     ``torchrun`` every process iterates ``run`` (the categories' images are split across
     them) and learns of a failure to write. Returns the number of categories written.
     """
@@ -552,7 +558,7 @@ def write_stream(run: Any, writer: Any, prepare: Callable[[str, Connectome], Con
             try:
                 if prepare is not None:
                     g = prepare(cname, g)
-                writer.write(cname, g, circuit=circuit_mask(g))
+                writer.write(cname, g, circuit=circuit_mask(g) if circuits else None)
                 n += 1
                 if written is not None:
                     written(cname, g)

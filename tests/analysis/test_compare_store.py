@@ -128,3 +128,11 @@ def test_the_store_as_a_dask_array(made):
     with distributed.Client(distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False)):
         X = store.dask().compute()
     np.testing.assert_array_equal(X, np.vstack([store[c].weight for c in graphs]))
+
+
+def test_a_store_without_circuits_has_no_overlaps(tmp_path):
+    path = tmp_path / "s"
+    cn.extract.attribution_by_category(_model(), _data(), out=path, progress=False, device="cpu", circuits=False)
+    r = cn.analysis.compare_categories(cn.load(path))
+    assert np.isnan(r.jaccard).all() and r.linkage is None and not r.sharing.any()
+    assert r.flow  # the flow correlations do not need circuits
