@@ -393,6 +393,11 @@ _SAME = {"model": "model", "weights": "--weights", "data": "data", "target": "--
 def _merged_index(out: Path, new: dict[str, Any], given: str) -> dict[str, Any]:
     """The index of ``out`` this run continues: the existing one (its categories kept) when it
     is of the same model, weights, data and target; a new one when there is none."""
+    from connectome.store import is_store
+
+    if is_store(out):
+        raise ConnectomeError(f"--out {given!r} is a category store; choose another --out for --layout npz, or "
+                              "leave --layout out to add to the store")
     path = out / "index.json"
     if not path.is_file():
         return new

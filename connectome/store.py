@@ -34,7 +34,6 @@ as a read-only mapping category -> Connectome.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import os
 import socket

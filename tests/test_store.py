@@ -328,3 +328,12 @@ def test_cli_killed_with_sigkill_between_categories_resumes_bit_identical(tmp_pa
                  "--categories", "circle,ring,square"]) == 0  # the stale lock of the dead process is taken over
     assert list(cn.load(out)) == list(cn.load(cli_store))
     assert _chunk_files(out) == _chunk_files(cli_store)
+
+
+def test_the_two_layouts_never_mix_in_one_folder(cli_store, tmp_path, capsys):
+    before = (cli_store / "manifest.json").read_bytes()
+    assert main(["extract", "--layout", "npz", "zoo:simplecnn_a", "zoo:shapes:2", "--out", str(cli_store), "--quiet",
+                 "--device", "cpu", "--categories", "circle"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is a category store" in err, err
+    assert not (cli_store / "index.json").exists() and (cli_store / "manifest.json").read_bytes() == before
