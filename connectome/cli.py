@@ -324,8 +324,11 @@ def _extract_store(a: argparse.Namespace, rank: int, spec: Any, data: Any, optio
     """``extract`` into a category store (see :mod:`connectome.store`): each category written as it
     finishes, the categories already in the store skipped (the store is the run's checkpoint)."""
     from connectome.extract import iter_attribution_by_category
+    import functools
+
     from connectome.extract.flow import _shared_done, write_stream
     from connectome.reporting import printable
+    from connectome.store import StoreWriter
 
     run_info = {"model": spec.name, "weights": a.weights, "data": _data_path(a.data) or a.data, "target": a.target}
     units: list[str] = []
@@ -347,7 +350,8 @@ def _extract_store(a: argparse.Namespace, rank: int, spec: Any, data: Any, optio
         run = iter_attribution_by_category(spec.model, data, a.target, skip=done, **options)
         if rank == 0 and done and len(run):
             print(f"resuming: {len(done)} categories already in {printable(a.out)}, {len(run)} to go", file=sys.stderr)
-        n = write_stream(run, writer, prepare, written, circuits=not a.no_circuits)
+        part = functools.partial(StoreWriter, a.out, run_info, dtype=a.dtype, what=f"--out {a.out!r}")
+        n = write_stream(run, writer, prepare, written, circuits=not a.no_circuits, part=part)
     if rank != 0:
         return 0
     if units:

@@ -283,6 +283,16 @@ class CategoryStore(Mapping[str, Connectome]):
                 isinstance(e, dict) and isinstance(e.get("row"), int) and e["row"] >= 0 for e in cats.values()):
             raise BadFileError(f"{where}: {MANIFEST} is damaged (categories without rows); "
                                "the categories cannot be found")
+        for part in sorted(self.path.glob("manifest.rank*.json")):  # a run split across processes
+            more = _read_json(part, where)
+            more = more.get("categories") if isinstance(more, dict) else None
+            if not isinstance(more, dict) or not all(
+                    isinstance(e, dict) and isinstance(e.get("row"), int) and e["row"] >= 0 for e in more.values()):
+                raise BadFileError(f"{where}: {part.name} is damaged (categories without rows)")
+            cats = {**cats, **{k: v for k, v in more.items() if k not in cats}}
+        if len({e["row"] for e in cats.values()}) != len(cats):
+            raise BadFileError(f"{where}: two categories claim one row in {MANIFEST}; the store is damaged")
+        cats = dict(sorted(cats.items(), key=lambda kv: kv[1]["row"]))
         self._entries: dict[str, dict[str, Any]] = cats
         self._topology: tuple[tuple[Layer, ...], np.ndarray, np.ndarray, np.ndarray] | None = None
         self._arrays: dict[str, Any] = {}
@@ -462,9 +472,11 @@ class StoreWriter:
     """
 
     def __init__(self, path: str | os.PathLike[str], run: Mapping[str, Any], dtype: str = "float32",
-                 what: str | None = None):
+                 what: str | None = None, part: int | None = None):
         import zarr
 
+        self.part = part  # process `part` of a run split across processes: its own rows and manifest
+        self._mine: dict[str, dict[str, Any]] = {}
         if dtype not in FLOW_DTYPES:
             raise ValueError(f"dtype must be one of {FLOW_DTYPES}, got {dtype!r}")
         self.path = Path(path)
@@ -490,6 +502,8 @@ class StoreWriter:
                 self._topology = store.topology()
             self._group = zarr.open_group(str(self.path), mode="r+")
         else:
+            if part is not None:
+                raise ConnectomeError(f"{self.what} is not a category store yet; process 0 creates it")
             if (self.path / "index.json").exists():
                 raise ConnectomeError(f"{self.what} holds graphs of an older connectome (.npz files and index.json); "
                                       "choose a new folder for the category store")
@@ -510,6 +524,11 @@ class StoreWriter:
         self._capacity = max(self._rows, 1)
 
     @property
+    def next_row(self) -> int:
+        """The row the next new category gets."""
+        return self._rows
+
+    @property
     def done(self) -> list[str]:
         """The complete categories, in the order written."""
         return list(self.entries)
@@ -519,6 +538,8 @@ class StoreWriter:
         self._grow(self._rows + max(0, int(n_more)))
 
     def _grow(self, rows: int) -> None:
+        if self.part is not None:  # process 0 reserved the rows: never resize beside it
+            return
         if rows <= self._capacity:
             return
         self._capacity = rows
@@ -537,8 +558,11 @@ class StoreWriter:
                 if a.shape[1] != length or a.dtype != dtype:
                     raise ConnectomeError(f"{self.what}: column {key} holds {a.dtype} x {a.shape[1]}, this run "
                                           f"{np.dtype(dtype)} x {length}; choose another folder")
-                if a.shape[0] < self._capacity:
+                if a.shape[0] < self._capacity and self.part is None:
                     a.resize((self._capacity, length))
+            elif self.part is not None:
+                raise ConnectomeError(f"{self.what}: column {key} is not in the store; every process of a run "
+                                      "must write the same columns")
             else:
                 fill = np.nan if np.dtype(dtype).kind == "f" else _INT_FILL
                 chunk = EDGE_CHUNK if kind == "edge" else max(1, length)
@@ -567,10 +591,11 @@ class StoreWriter:
             raise ConnectomeError(f"{self.what}: the graph of category {name!r} has other layers or edges than the "
                                   "store's (another model, or other layers); choose another folder")
 
-    def write(self, name: str, g: Connectome, circuit: np.ndarray | None = None) -> None:
+    def write(self, name: str, g: Connectome, circuit: np.ndarray | None = None, row: int | None = None) -> None:
         """Add category ``name`` (its row is reused when it is already there).
 
-        ``circuit``: optional mask of ``g``'s units in its circuit, shape (n_nodes,).
+        ``circuit``: optional mask of ``g``'s units in its circuit, shape (n_nodes,);
+        ``row``: the row to write (processes splitting a run agree on them beforehand).
         """
         import zlib
 
@@ -581,8 +606,11 @@ class StoreWriter:
             self._write_topology(g)
         else:
             self._check_topology(name, g)
-        row = self.entries[name]["row"] if name in self.entries else self._rows
+        if row is None:
+            row = self.entries[name]["row"] if name in self.entries else self._rows
         self._grow(row + 1)
+        if self.part is not None and row >= self._array("edge", "weight", g.num_edges, self.dtype).shape[0]:
+            raise ConnectomeError(f"{self.what}: row {row} was not reserved by process 0")
         crc: dict[str, int] = {}
         columns: dict[str, list[str]] = {"edge": [], "node": []}
         for col, v in [("weight", g.weight), *g.edge_attrs.items()]:
@@ -598,19 +626,31 @@ class StoreWriter:
             vv = np.ascontiguousarray(v, dtype=dtype)
             self._array("node", col, g.num_nodes, dtype)[row] = vv
             crc[f"node/{col}"], columns["node"] = zlib.crc32(vv), [*columns["node"], col]
-        if circuit is not None:
+        if circuit is not None and (self.part is None or "circuit/units" in self._group):
             vv = np.ascontiguousarray(circuit, dtype=np.int64)
             self._array("circuit", "units", g.num_nodes, np.int64)[row] = vv
             crc["circuit/units"] = zlib.crc32(vv)
         with atomic_write(self.path / "meta" / f"{row}.json", "w") as fh:
             json.dump({"name": name, "meta": g.meta, "columns": columns, "crc32": crc}, fh)
-        self.entries[name] = {"row": row, "n_images": g.meta.get("n_images"),
-                              "completeness_residual": g.meta.get("completeness_residual")}
+        self.entries[name] = self._mine[name] = {"row": row, "n_images": g.meta.get("n_images"),
+                                                 "completeness_residual": g.meta.get("completeness_residual")}
         self._rows = max(self._rows, row + 1)
         self._write_manifest()
 
     def _write_manifest(self) -> None:
         from connectome.io import atomic_write
 
-        with atomic_write(self.path / MANIFEST, "w") as fh:
-            json.dump({"format": STORE_FORMAT, "version": STORE_VERSION, "categories": self.entries}, fh)
+        name, entries = (MANIFEST, self.entries) if self.part is None else (f"manifest.rank{self.part}.json", self._mine)
+        with atomic_write(self.path / name, "w") as fh:
+            json.dump({"format": STORE_FORMAT, "version": STORE_VERSION, "categories": entries}, fh)
+
+    def merge_parts(self) -> None:
+        """Fold the manifests of the other processes of a split run into the manifest, then remove them."""
+        parts = sorted(self.path.glob("manifest.rank*.json"))
+        if not parts:
+            return
+        self.entries = dict(CategoryStore(self.path)._entries)  # this manifest and every part, by row
+        self._rows = max((e["row"] for e in self.entries.values()), default=-1) + 1
+        self._write_manifest()
+        for p in parts:
+            p.unlink(missing_ok=True)

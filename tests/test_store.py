@@ -128,12 +128,12 @@ def test_a_full_disk_leaves_the_completed_categories_readable(tmp_path, monkeypa
     calls = []
     real = StoreWriter.write
 
-    def disk_full_on_third(self, name, g, circuit=None):
+    def disk_full_on_third(self, name, g, circuit=None, row=None):
         calls.append(name)
         if len(calls) == 3:
             self._array("edge", "weight", g.num_edges, self.dtype)[self._rows] = g.weight.astype(self.dtype)
             raise OSError(errno.ENOSPC, "No space left on device")  # after part of its columns
-        return real(self, name, g, circuit)
+        return real(self, name, g, circuit, row)
 
     monkeypatch.setattr(StoreWriter, "write", disk_full_on_third)
     with pytest.raises(OSError, match="No space"):
@@ -269,8 +269,8 @@ def test_an_older_npz_folder_still_opens(tmp_path, capsys):
 
 
 def test_cli_under_torchrun_writes_the_store_of_one_process(tmp_path):
-    """Two processes split each category's images; process 0 writes; a rerun under torchrun
-    learns from process 0 which categories are done."""
+    """Fewer categories than processes: the two split each category's images and process 0 writes; a
+    rerun under torchrun learns from process 0 which categories are done (and splits the other 8)."""
     import os
     import socket
     import subprocess
@@ -284,11 +284,12 @@ def test_cli_under_torchrun_writes_the_store_of_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
            "-m", "connectome", *args, "--out", str(tmp_path / "two")]
-    done = subprocess.run([*cmd, "--categories", "circle,ring"], env=env, capture_output=True, text=True, timeout=180)
+    done = subprocess.run([*cmd, "--categories", "circle"], env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("completeness residual") == 1  # printed by process 0 only
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)  # continues the store
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.count("completeness residual") == 7  # the 7 missing categories, printed by process 0 only
+    assert done.stdout.count("completeness residual") == 8  # the 8 missing categories, each once
     one, two = cn.load(tmp_path / "one"), cn.load(tmp_path / "two")
     assert sorted(one) == sorted(two) and len(one) == 9
     for c in one:
@@ -337,3 +338,32 @@ def test_the_two_layouts_never_mix_in_one_folder(cli_store, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "is a category store" in err, err
     assert not (cli_store / "index.json").exists() and (cli_store / "manifest.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_torchrun_splits_the_categories_and_equals_one_process_bit_for_bit(tmp_path, world, cli_store):
+    """At least as many categories as processes: each process computes its own categories with all their
+    images (no communication per category) and writes their rows; the arrays are those of one process."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": str(Path(cn.__file__).resolve().parents[1])}
+    out = tmp_path / "split"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world), "--master-port", str(port),
+           "-m", "connectome", "extract", "zoo:simplecnn_a", "zoo:shapes:2", "--out", str(out), "--quiet",
+           "--device", "cpu", "--categories", "circle,ring,square"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("completeness residual") == 3  # each category once, by the process that made it
+    assert "wrote 3 categories" in done.stderr
+    store, one = cn.load(out), cn.load(cli_store)
+    assert list(store) == list(one) and not list(out.glob("manifest.rank*"))  # the parts merged
+    assert _chunk_files(out) == _chunk_files(cli_store)  # bit for bit: each category computed whole
+    for c in one:
+        assert "world_size" not in store[c].meta and store[c].meta["n_images"] == 2

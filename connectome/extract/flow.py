@@ -242,7 +242,7 @@ def _attribution(model: nn.Module, info: Any, target: Any = "label", *, per_samp
                  name: str | None = None, category: str | None = None, checkpoint: Any = None,
                  checkpoint_every: int = 50, _batch_hook: Callable[[int], None] | None = None,
                  category_label: int | None = None, examples: int = 0,
-                 trace_cache: dict[Any, Any] | None = None) -> Connectome:
+                 trace_cache: dict[Any, Any] | None = None, local: bool = False) -> Connectome:
     from connectome.extract.distributed import rank_device, rank_world
 
     check_model(model)
@@ -251,7 +251,7 @@ def _attribution(model: nn.Module, info: Any, target: Any = "label", *, per_samp
     acc, t_info = _accumulate(model, info, target, dev, per_sample, precision, progress, max_images, labels,
                               batch_hook=_batch_hook, category=category, checkpoint=checkpoint,
                               checkpoint_every=checkpoint_every, category_label=category_label,
-                              examples=examples, trace_cache=trace_cache)
+                              examples=examples, trace_cache=trace_cache, local=local)
     g = acc.to_graph(t_info["labels"], {
         "model": name or type(model).__name__,
         "target": target if isinstance(target, (str, int)) else getattr(target, "__name__", "callable"),
@@ -269,7 +269,7 @@ def _attribution(model: nn.Module, info: Any, target: Any = "label", *, per_samp
 
         used = np.concatenate([example_arrays(g, by)[0].ravel() for by in ("activation", "attribution")])
         g = g.with_meta(examples={**g.meta["examples"], **t_info["order"].describe(used)})
-    world = rank_world()[1]
+    world = 1 if local else rank_world()[1]
     if world > 1:  # every process returns the same graph: no per-process device in it
         g = g.with_meta(device=dev.type, world_size=world)
     if layers:
@@ -290,7 +290,8 @@ def _accumulate(model, info, target, dev, per_sample, precision, progress, max_i
                 batch_hook: Callable[[int], None] | None = None, category: str | None = None,
                 category_label: int | None = None,
                 checkpoint: Any = None, checkpoint_every: int = 50,
-                examples: int = 0, trace_cache: dict[Any, Any] | None = None) -> tuple[FlowAccumulator, dict[str, Any]]:
+                examples: int = 0, trace_cache: dict[Any, Any] | None = None,
+                local: bool = False) -> tuple[FlowAccumulator, dict[str, Any]]:
     from tqdm.auto import tqdm
 
     from connectome.extract.distributed import ShardedRun, SkippedNames, rank_world
@@ -303,7 +304,8 @@ def _accumulate(model, info, target, dev, per_sample, precision, progress, max_i
     skipped = SkippedNames()  # counts every file, keeps a few names: memory does not grow with the data
     total = info.n_images if max_images is None else min(info.n_images or max_images, max_images)
     run = None  # this process's shard of a distributed run, and/or a run resumable from a checkpoint
-    if checkpoint is not None or rank_world()[1] > 1:
+    # local: this process runs all of the images alone (categories split across processes)
+    if not local and (checkpoint is not None or rank_world()[1] > 1):
         run = ShardedRun(info, m, dev, target=target, per_sample=per_sample, amp=amp, max_images=max_images,
                          checkpoint=checkpoint, checkpoint_every=checkpoint_every, category=category,
                          precision=precision, examples=examples)
@@ -469,7 +471,9 @@ def attribution_by_category(
     finishes instead.
     """
     if out is not None:
-        from connectome.store import CategoryStore
+        from functools import partial
+
+        from connectome.store import CategoryStore, StoreWriter
 
         run_info = {"model": kwargs.get("name") or type(model).__name__,
                     "target": target if isinstance(target, (str, int)) else getattr(target, "__name__", "callable")}
@@ -478,7 +482,7 @@ def attribution_by_category(
                                                transform=transform, progress=progress, checkpoint=checkpoint,
                                                checkpoint_every=checkpoint_every, skip=_shared_done(writer),
                                                **kwargs)
-            write_stream(run, writer, circuits=circuits)
+            write_stream(run, writer, circuits=circuits, part=partial(StoreWriter, out, run_info, dtype=dtype))
         return CategoryStore(out)
     return dict(iter_attribution_by_category(model, data, target, categories=categories, batch_size=batch_size,
                                              transform=transform, progress=progress, checkpoint=checkpoint,
@@ -539,34 +543,93 @@ def circuit_mask(g: Connectome, mass: float | None = None) -> np.ndarray | None:
 
 
 def write_stream(run: Any, writer: Any, prepare: Callable[[str, Connectome], Connectome] | None = None,
-                 written: Callable[[str, Connectome], None] | None = None, circuits: bool = True) -> int:
-    """Write each ``(category, graph)`` of ``run`` into ``writer`` as it comes (process 0 only).
+                 written: Callable[[str, Connectome], None] | None = None, circuits: bool = True,
+                 part: Callable[..., Any] | None = None) -> int:
+    """Write each ``(category, graph)`` of ``run`` into ``writer`` as it comes.
 
     ``prepare`` may change a graph before it is written, ``written`` is told after;
     ``circuits``: also store each category's circuit (for circuit overlaps; on ResNet-50 a
-    few seconds of CPU per category). Under
-    ``torchrun`` every process iterates ``run`` (the categories' images are split across
-    them) and learns of a failure to write. Returns the number of categories written.
-    """
-    from connectome.extract.distributed import agree
+    few seconds of CPU per category). Returns the number of categories written (by all
+    processes).
 
+    Under ``torchrun`` (``writer`` on process 0, None on the others): with at least as many
+    categories as processes and ``part`` given (``part(part=rank)`` opens the store for
+    process ``rank``), the categories are split across the processes, each computing its own
+    with all their images and writing them into their rows of the store, with no
+    communication per category; otherwise every process takes part in every category (its
+    images split across them) and process 0 writes. Either way every process learns of a
+    failure.
+    """
+    from connectome.extract.distributed import agree, rank_world
+
+    rank, world = rank_world()
+    if world > 1 and part is not None and len(run) >= world:
+        return _write_split(run, writer, prepare, written, circuits, part)
     n = 0
     writer.reserve(len(run)) if writer is not None else None
     for cname, g in run:
         error = None
         if writer is not None:
             try:
-                if prepare is not None:
-                    g = prepare(cname, g)
-                writer.write(cname, g, circuit=circuit_mask(g) if circuits else None)
-                n += 1
-                if written is not None:
-                    written(cname, g)
+                n += _write_one(writer, cname, g, prepare, written, circuits)
             except BaseException as exc:  # noqa: BLE001 - re-raised by agree()
                 error = exc
         del g  # one category's graph at a time
         agree(error)
     return n
+
+
+def _write_one(writer: Any, cname: str, g: Connectome, prepare: Any, written: Any, circuits: bool,
+               row: int | None = None) -> int:
+    if prepare is not None:
+        g = prepare(cname, g)
+    writer.write(cname, g, circuit=circuit_mask(g) if circuits else None, row=row)
+    if written is not None:
+        written(cname, g)
+    return 1
+
+
+def _write_split(run: Any, writer: Any, prepare: Any, written: Any, circuits: bool, part: Callable[..., Any]) -> int:
+    """Categories split across the processes; see :func:`write_stream`."""
+    import torch.distributed as dist
+
+    from connectome.extract.distributed import _comm_device, agree, rank_world
+
+    rank, world = rank_world()
+    box = [writer.next_row if writer is not None else None]
+    dist.broadcast_object_list(box, src=0)
+    rows = {c: int(box[0]) + i for i, c in enumerate(run.categories)}  # the rows one process would give them
+    error: BaseException | None = None
+    n = 0
+    run.split_across_processes()
+    it = iter(run)
+    first = None
+    try:
+        first = next(it, None)  # every process computes its first category
+        if writer is not None:
+            writer.reserve(len(run))
+            if first is not None:  # process 0 writes first: the topology and every column's array
+                n += _write_one(writer, *first, prepare, written, circuits, row=rows[first[0]])
+                first = None
+    except BaseException as exc:  # noqa: BLE001 - re-raised by agree()
+        error = exc
+    agree(error)
+    try:
+        mine = writer if writer is not None else part(part=rank)
+        if first is not None:
+            n += _write_one(mine, *first, prepare, written, circuits, row=rows[first[0]])
+            first = None
+        for cname, g in it:
+            n += _write_one(mine, cname, g, prepare, written, circuits, row=rows[cname])
+            del g
+    except BaseException as exc:  # noqa: BLE001 - re-raised by agree() once every process is done
+        error = exc
+    agree(error)
+    total = torch.tensor([float(n)], dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(total)
+    if writer is not None:
+        writer.merge_parts()
+    return int(total.item())
 
 
 def iter_attribution_by_category(
@@ -648,6 +711,18 @@ class CategoryRun:
         self._by_label, self._info, self._model, self._target = by_label, info, model, target
         self._batch_size, self._progress, self._checkpoint = batch_size, progress, checkpoint
         self._checkpoint_every, self._kwargs = checkpoint_every, kwargs
+        self.split = False
+
+    def split_across_processes(self) -> list[str]:
+        """Under ``torchrun``: this process computes only its categories, ``categories[rank::world]``,
+        each with all its images and no communication (instead of every category's images split
+        across the processes). Returns them. Checkpoint folders are not used: the categories
+        done are the checkpoint."""
+        from connectome.extract.distributed import rank_world
+
+        rank, world = rank_world()
+        self.split = True
+        return self.categories[rank::world]
 
     def __len__(self) -> int:
         return len(self.categories)
@@ -655,17 +730,23 @@ class CategoryRun:
     def __iter__(self) -> Iterator[tuple[str, Connectome]]:
         from connectome.extract.distributed import category_folder
 
+        from connectome.extract.distributed import rank_world
+
         kwargs, target = self._kwargs, self._target
         cache: dict[Any, Any] = {}
+        mine = set(self.split_across_processes()) if self.split else None
         for cname, label in self.labels.items():
+            if mine is not None and cname not in mine:
+                continue
             sub_info = subset_loader(self._info, self._by_label[label], self._batch_size,
                                      num_workers=kwargs.get("num_workers"),
                                      pin_memory=resolve_device(kwargs.get("device")).type == "cuda")
-            ck = None if self._checkpoint is None else Path(self._checkpoint) / category_folder(label, cname)
+            ck = None if self._checkpoint is None or self.split else Path(self._checkpoint) / category_folder(label, cname)
             try:
-                g = _attribution(self._model, sub_info, target, progress=self._progress, category=cname,
-                                 checkpoint=ck, category_label=int(label), checkpoint_every=self._checkpoint_every,
-                                 trace_cache=cache, **{k: v for k, v in kwargs.items() if k != "num_workers"})
+                g = _attribution(self._model, sub_info, target, progress=self._progress and rank_world()[0] == 0,
+                                 category=cname, checkpoint=ck, category_label=int(label),
+                                 checkpoint_every=self._checkpoint_every, trace_cache=cache, local=self.split,
+                                 **{k: v for k, v in kwargs.items() if k != "num_workers"})
             except DataError as exc:
                 raise DataError(f"category {cname!r}: {exc}") from None
             if g.meta.get("target_class") is None and target == "label":
