@@ -466,9 +466,11 @@ def attribution_by_category(
     Notes
     -----
     Under ``torchrun`` every process runs the categories in the same (class) order, each
-    split across the processes as in :func:`attribution`, and returns the same graphs; with
-    ``out`` process 0 writes. :func:`iter_attribution_by_category` yields each graph as it
-    finishes instead.
+    split across the processes as in :func:`attribution`, and returns the same graphs. With
+    ``out`` and at least as many categories as processes, the categories are split instead:
+    each process computes its own (all their images, no communication) and writes them
+    (see :func:`write_stream`); every process returns the store.
+    :func:`iter_attribution_by_category` yields each graph as it finishes instead.
     """
     if out is not None:
         from functools import partial
