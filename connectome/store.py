@@ -497,6 +497,10 @@ class StoreWriter:
                 raise ConnectomeError(f"{self.what} stores flows as {store.dtype}, this run asks for {dtype}; "
                                       "choose another folder or the same dtype")
             self.entries = dict(store._entries)
+            if part is not None:  # this process's part of an earlier, interrupted split run stays listed
+                mine = self.path / f"manifest.rank{part}.json"
+                old = _read_json(mine, self.what) if mine.exists() else {}
+                self._mine = {k: v for k, v in (old.get("categories") or {}).items() if k in self.entries}
             self.info = dict(store.info)
             if self.info.get("layers") is not None:
                 self._topology = store.topology()

@@ -367,3 +367,20 @@ def test_torchrun_splits_the_categories_and_equals_one_process_bit_for_bit(tmp_p
     assert _chunk_files(out) == _chunk_files(cli_store)  # bit for bit: each category computed whole
     for c in one:
         assert "world_size" not in store[c].meta and store[c].meta["n_images"] == 2
+
+
+def test_manifest_parts_of_an_interrupted_split_run_are_read_and_merged(tmp_path):
+    """A split run killed before process 0 merged the parts: readers see every part's categories,
+    and the next run folds them into the manifest."""
+    _store(tmp_path / "s", categories=["0", "1"])
+    m = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    part = {"format": m["format"], "version": m["version"], "categories": {"1": m["categories"].pop("1")}}
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(m))
+    (tmp_path / "s" / "manifest.rank1.json").write_text(json.dumps(part))  # as process 1 left it
+    assert list(cn.load(tmp_path / "s")) == ["0", "1"]
+    store = _store(tmp_path / "s")  # computes 2 and 3 only, and merges
+    assert list(store) == ["0", "1", "2", "3"] and not list((tmp_path / "s").glob("manifest.rank*"))
+    assert list(json.loads((tmp_path / "s" / "manifest.json").read_text())["categories"]) == ["0", "1", "2", "3"]
+    (tmp_path / "s" / "manifest.rank2.json").write_text(json.dumps({"categories": {"x": {"row": 0}}}))
+    with pytest.raises(BadFileError, match="two categories claim one row"):
+        cn.load(tmp_path / "s")

@@ -578,6 +578,8 @@ def write_stream(run: Any, writer: Any, prepare: Callable[[str, Connectome], Con
                 error = exc
         del g  # one category's graph at a time
         agree(error)
+    if writer is not None:
+        writer.merge_parts()  # the parts an interrupted split run left
     return n
 
 
