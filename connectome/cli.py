@@ -24,9 +24,9 @@ __all__ = ["main"]
 EXAMPLES = {
     "weights": "connectome weights torchvision:resnet18 --input-shape 3,224,224 --out resnet18.npz",
     "extract": "connectome extract zoo:simplecnn_a zoo:shapes --out graphs/ --per-sample",
-    "report": "connectome report graphs/circle.npz --top 10 --out report/",
-    "compare": "connectome compare graphs/circle.npz graphs/ring.npz --json",
-    "export": "connectome export graphs/circle.npz --format graphml --prune-top-k 8 --out circle.graphml",
+    "report": "connectome report graphs:circle --top 10 --out report/",
+    "compare": "connectome compare graphs:circle graphs:ring --json",
+    "export": "connectome export graphs:circle --format graphml --prune-top-k 8 --out circle.graphml",
     "view": "connectome view graphs/ --out viewer.html",
     "demo": "connectome demo --out demo_out",
     "zoo": "connectome zoo list",
@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--reduce", default="sum", choices=["sum", "l1", "l2"], help="kernel reduction (default sum)")
     w.add_argument("--out", required=True, help="output .npz")
 
-    e = add("extract", "Extract one attribution graph per image category (.npz each + index.json).")
+    e = add("extract", "Extract one attribution graph per image category into a category store (DIR).")
     e.add_argument("model", metavar="MODEL", help=model_help)
     e.add_argument("data", metavar="DATA", help="ImageFolder directory (ROOT/<category>/<images>) or zoo:shapes[:N]")
     e.add_argument("--out", required=True, help="output directory")
@@ -88,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
                         "compare then has no circuit overlaps)")
 
     r = add("report", "Analyse one graph: hubs, communities, circuit; print and write report.html.")
-    r.add_argument("graph", metavar="GRAPH.npz", help="a graph written by extract or weights")
+    r.add_argument("graph", metavar="GRAPH", help="a .npz graph, or DIR:CATEGORY of a folder written by extract")
     r.add_argument("--top", type=int, default=10, help="top units to list (default 10)")
     r.add_argument("--json", action="store_true", help="print machine-readable results instead of tables")
     r.add_argument("--out", default=None, help="directory for report.html and PNGs")
@@ -104,8 +104,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--data", default=None, help="the images the graph's examples index (default: as recorded)")
 
     c = add("compare", "Compare two graphs of one model: shared and analogous units and circuits.")
-    c.add_argument("a", metavar="A.npz", help="graph of the first category")
-    c.add_argument("b", metavar="B.npz", help="graph of the second category (same model)")
+    c.add_argument("a", metavar="A", help="graph of the first category (.npz or DIR:CATEGORY)")
+    c.add_argument("b", metavar="B", help="graph of the second category, same model (.npz or DIR:CATEGORY)")
     c.add_argument("--top", type=int, default=20, help="most important units per layer compared (default 20)")
     c.add_argument("--json", action="store_true", help="print machine-readable results instead of tables")
     c.add_argument("--out", default=None, help="directory for report.html and PNGs")
@@ -115,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="seconds for the search of A's circuit skeleton in B's graph (default 5)")
 
     x = add("export", "Export a graph to GraphML or GEXF for Gephi.")
-    x.add_argument("graph", metavar="GRAPH.npz", help="a graph written by extract or weights")
+    x.add_argument("graph", metavar="GRAPH", help="a .npz graph, or DIR:CATEGORY of a folder written by extract")
     x.add_argument("--format", default=None, choices=["graphml", "gexf"],
                    help="file format (default: from the extension of --out, .graphml or .gexf)")
     x.add_argument("--prune-top-k", type=int, default=None, metavar="K",
