@@ -105,7 +105,9 @@ def _parser() -> argparse.ArgumentParser:
 
     c = add("compare", "Compare two graphs of one model: shared and analogous units and circuits.")
     c.add_argument("a", metavar="A", help="graph of the first category (.npz or DIR:CATEGORY)")
-    c.add_argument("b", metavar="B", help="graph of the second category, same model (.npz or DIR:CATEGORY)")
+    c.add_argument("b", metavar="B", nargs="?", default=None,
+                   help="graph of the second category, same model (.npz or DIR:CATEGORY); without B, A is a "
+                        "folder written by extract and all its categories are compared")
     c.add_argument("--top", type=int, default=20, help="most important units per layer compared (default 20)")
     c.add_argument("--json", action="store_true", help="print machine-readable results instead of tables")
     c.add_argument("--out", default=None, help="directory for report.html and PNGs")
@@ -554,8 +556,43 @@ def _cmd_compare(a: argparse.Namespace) -> int:
         raise ConnectomeError(f"--mass must be in (0, 1], got {a.mass}")
     if not a.time_budget > 0:
         raise ConnectomeError(f"--time-budget must be positive seconds, got {a.time_budget}")
+    if a.b is None:
+        return _compare_store(a)
     ga, gb = _load_graph(a.a), _load_graph(a.b)
     return _emit(compare_report(ga, gb, top=a.top, out=a.out, mass=a.mass, time_budget=a.time_budget), a.json)
+
+
+def _compare_store(a: argparse.Namespace) -> int:
+    """``compare DIR``: every category of a store with every other; figures into ``--out``."""
+    from connectome.analysis import compare_categories
+    from connectome.io import atomic_write
+    from connectome.store import CategoryStore, open_folder
+    from connectome.viz._mpl import pyplot
+
+    if not Path(a.a).is_dir():
+        raise ConnectomeError(f"compare needs two graphs, or one folder written by extract; got only {a.a!r}")
+    store = open_folder(a.a)
+    if not isinstance(store, CategoryStore):
+        raise ConnectomeError(f"{a.a!r} is an older folder of .npz files; compare all categories of a category store "
+                              "(extract writes one), or name two graphs")
+    r = compare_categories(store)
+    if a.json:
+        print(json.dumps(r.to_dict(), default=_json_default))
+    else:
+        print(r)
+    if a.out:
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, plot in (("dendrogram.png", r.plot_dendrogram), ("sharing.png", r.plot_sharing)):
+            ax = plot()
+            fig = ax.get_figure()
+            with atomic_write(out / name) as fh:
+                fig.savefig(fh, format="png", dpi=110)
+            pyplot().close(fig)
+        with atomic_write(out / "categories.json", "w") as fh:
+            json.dump(r.to_dict(), fh, default=_json_default)
+        print(f"wrote dendrogram.png, sharing.png and categories.json to {a.out}", file=sys.stderr)
+    return 0
 
 
 #: export warns before writing a file larger than this (Gephi slows down well before).

@@ -384,3 +384,14 @@ def test_manifest_parts_of_an_interrupted_split_run_are_read_and_merged(tmp_path
     (tmp_path / "s" / "manifest.rank2.json").write_text(json.dumps({"categories": {"x": {"row": 0}}}))
     with pytest.raises(BadFileError, match="two categories claim one row"):
         cn.load(tmp_path / "s")
+
+
+def test_cli_compare_of_a_store_writes_the_dendrogram(cli_store, tmp_path, capsys):
+    assert main(["compare", str(cli_store), "--out", str(tmp_path / "cmp")]) == 0
+    assert "circuit overlap (Jaccard)" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == ["categories.json", "dendrogram.png", "sharing.png"]
+    data = json.loads((tmp_path / "cmp" / "categories.json").read_text())
+    assert data["classes"] == ["circle", "ring", "square"] and len(data["jaccard"]) == 3
+    assert (tmp_path / "cmp" / "dendrogram.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["compare", f"{cli_store}:ring"]) == 2
+    assert "one folder written by extract" in capsys.readouterr().err
