@@ -8,6 +8,7 @@ from the library print as one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -24,9 +25,9 @@ __all__ = ["main"]
 EXAMPLES = {
     "weights": "connectome weights torchvision:resnet18 --input-shape 3,224,224 --out resnet18.npz",
     "extract": "connectome extract zoo:simplecnn_a zoo:shapes --out graphs/ --per-sample",
-    "report": "connectome report graphs/circle.npz --top 10 --out report/",
-    "compare": "connectome compare graphs/circle.npz graphs/ring.npz --json",
-    "export": "connectome export graphs/circle.npz --format graphml --prune-top-k 8 --out circle.graphml",
+    "report": "connectome report graphs:circle --top 10 --out report/",
+    "compare": "connectome compare graphs:circle graphs:ring --json",
+    "export": "connectome export graphs:circle --format graphml --prune-top-k 8 --out circle.graphml",
     "view": "connectome view graphs/ --out viewer.html",
     "demo": "connectome demo --out demo_out",
     "zoo": "connectome zoo list",
@@ -66,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--reduce", default="sum", choices=["sum", "l1", "l2"], help="kernel reduction (default sum)")
     w.add_argument("--out", required=True, help="output .npz")
 
-    e = add("extract", "Extract one attribution graph per image category (.npz each + index.json).")
+    e = add("extract", "Extract one attribution graph per image category into a category store (DIR).")
     e.add_argument("model", metavar="MODEL", help=model_help)
     e.add_argument("data", metavar="DATA", help="ImageFolder directory (ROOT/<category>/<images>) or zoo:shapes[:N]")
     e.add_argument("--out", required=True, help="output directory")
@@ -89,9 +90,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="batches between checkpoints (default 50)")
     e.add_argument("--examples", type=int, default=0, metavar="K",
                    help="also keep each unit's top K images (dataset examples for unit cards and the viewer)")
+    e.add_argument("--layout", default="store", choices=["store", "npz"],
+                   help="store (default): one Zarr category store in --out, each category written as it "
+                        "finishes, a rerun continues it; npz: one .npz per category and index.json (older layout)")
+    e.add_argument("--dtype", default="float32", choices=["float32", "float64"],
+                   help="store: on-disk dtype of the edge flows (default float32; sums are float64 in memory)")
+    e.add_argument("--no-circuits", action="store_true",
+                   help="store: do not store each category's circuit (saves seconds per category on large models; "
+                        "compare then has no circuit overlaps)")
 
     r = add("report", "Analyse one graph: hubs, communities, circuit; print and write report.html.")
-    r.add_argument("graph", metavar="GRAPH.npz", help="a graph written by extract or weights")
+    r.add_argument("graph", metavar="GRAPH", help="a .npz graph, or DIR:CATEGORY of a folder written by extract")
     r.add_argument("--top", type=int, default=10, help="top units to list (default 10)")
     r.add_argument("--json", action="store_true", help="print machine-readable results instead of tables")
     r.add_argument("--out", default=None, help="directory for report.html and PNGs")
@@ -107,8 +116,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--data", default=None, help="the images the graph's examples index (default: as recorded)")
 
     c = add("compare", "Compare two graphs of one model: shared and analogous units and circuits.")
-    c.add_argument("a", metavar="A.npz", help="graph of the first category")
-    c.add_argument("b", metavar="B.npz", help="graph of the second category (same model)")
+    c.add_argument("a", metavar="A", help="graph of the first category (.npz or DIR:CATEGORY)")
+    c.add_argument("b", metavar="B", nargs="?", default=None,
+                   help="graph of the second category, same model (.npz or DIR:CATEGORY); without B, A is a "
+                        "folder written by extract and all its categories are compared")
     c.add_argument("--top", type=int, default=20, help="most important units per layer compared (default 20)")
     c.add_argument("--json", action="store_true", help="print machine-readable results instead of tables")
     c.add_argument("--out", default=None, help="directory for report.html and PNGs")
@@ -118,7 +129,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="seconds for the search of A's circuit skeleton in B's graph (default 5)")
 
     x = add("export", "Export a graph to GraphML or GEXF for Gephi.")
-    x.add_argument("graph", metavar="GRAPH.npz", help="a graph written by extract or weights")
+    x.add_argument("graph", metavar="GRAPH", help="a .npz graph, or DIR:CATEGORY of a folder written by extract")
     x.add_argument("--format", default=None, choices=["graphml", "gexf"],
                    help="file format (default: from the extension of --out, .graphml or .gexf)")
     x.add_argument("--prune-top-k", type=int, default=None, metavar="K",
@@ -258,7 +269,7 @@ def _cmd_extract(a: argparse.Namespace) -> int:
 
 
 def _extract(a: argparse.Namespace, rank: int) -> int:
-    from connectome.extract import attribution_by_category
+    from connectome.extract import iter_attribution_by_category
     from connectome.extract.distributed import agree
     from connectome.modelspec import load_data_spec, load_model_spec
     from connectome.reporting import printable
@@ -288,91 +299,221 @@ def _extract(a: argparse.Namespace, rank: int) -> int:
 
         transform = default_transform(size)
     cats = [c.strip() for c in a.categories.split(",")] if a.categories else None
+    where = (str(Path(a.data).resolve()) if isinstance(data, str) else a.data) if a.examples else None
+    options = dict(categories=cats, batch_size=a.batch_size, transform=transform, progress=not a.quiet,
+                   per_sample=a.per_sample, device=a.device, max_images=a.max_images, precision=a.precision,
+                   name=spec.name, labels=spec.classes, num_workers=a.num_workers, checkpoint=a.checkpoint,
+                   checkpoint_every=a.checkpoint_every, examples=a.examples)
+    if a.layout == "store":
+        return _extract_store(a, rank, spec, data, options, where)
     target: Any = a.target
     out = Path(a.out)
-    index: dict[str, Any] = {"model": spec.name, "data": a.data, "target": a.target, "complete": False, "categories": {}}
-    # Hours of work must not end in a folder that cannot be written: write the (partial) index
-    # first. Every process takes part in agree(), so none waits for a failed rank 0.
+    new_index: dict[str, Any] = {"model": spec.name, "weights": a.weights, "data": a.data,
+                                 "data_path": _data_path(a.data), "target": a.target, "complete": False,
+                                 "categories": {}}
+    # Hours of work must not end in a folder that cannot be written, nor in one another run is
+    # writing: take the folder's lock and write the (partial, merged) index first. Every
+    # process takes part in agree(), so none waits for a failed rank 0.
+    from connectome.store import WriterLock
+
     error: BaseException | None = None
-    if rank == 0:
-        try:
-            _write_index(out, index, a.out)
-        except BaseException as exc:  # noqa: BLE001 - re-raised by agree()
-            error = exc
-    agree(error)
-    graphs = attribution_by_category(
-        spec.model, data, target, categories=cats, batch_size=a.batch_size, transform=transform,
-        progress=not a.quiet, per_sample=a.per_sample, device=a.device, max_images=a.max_images, precision=a.precision,
-        name=spec.name, labels=spec.classes, num_workers=a.num_workers, checkpoint=a.checkpoint,
-        checkpoint_every=a.checkpoint_every, examples=a.examples,
-    )
-    if rank != 0:
+    lock = WriterLock(out, f"--out {a.out!r}") if rank == 0 else None
+    index = new_index
+    try:
+        if lock is not None:
+            try:
+                _out_op(lock.acquire, a.out)
+                index = _merged_index(out, new_index, a.out)
+                _write_index(out, index, a.out)
+            except BaseException as exc:  # noqa: BLE001 - re-raised by agree()
+                error = exc
+        agree(error)
+        run = iter_attribution_by_category(spec.model, data, target, **options)
+        old_files = {c: str(e["file"]) for c, e in index["categories"].items()}
+        files = category_files(run.categories, existing=old_files)
+        written, units = 0, []
+        # Each category is written as it finishes: a failure later keeps every earlier one.
+        for cname, g in run:
+            error = None
+            if rank == 0:
+                try:
+                    _write_category(out, index, a.out, cname, g, files[cname], where, spec.meta, units)
+                    written += 1
+                except BaseException as exc:  # noqa: BLE001 - re-raised by agree()
+                    error = exc
+            agree(error)
+        if rank != 0:
+            return 0
+        if units:
+            print("categories mapped to output units: " + ", ".join(units), file=sys.stderr)
+        index["complete"] = True
+        _write_index(out, index, a.out)
+        print(f"wrote {written} graphs and index.json to {printable(str(out))}", file=sys.stderr)
         return 0
-    if a.examples:  # where the images are: `view` and `report` find the patches again
-        where = str(Path(a.data).resolve()) if isinstance(data, str) else a.data
-        graphs = {c: g.with_meta(examples={**g.meta["examples"], "data": where}) for c, g in graphs.items()}
-    files = category_files(list(graphs))
-    units = []  # say how the category folders were mapped to output units
-    for cname, g in graphs.items():
-        tc = g.meta.get("target_class")
-        labels = g.layers[-1].labels
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _extract_store(a: argparse.Namespace, rank: int, spec: Any, data: Any, options: dict[str, Any],
+                   where: str | None) -> int:
+    """``extract`` into a category store (see :mod:`connectome.store`): each category written as it
+    finishes, the categories already in the store skipped (the store is the run's checkpoint)."""
+    from connectome.extract import iter_attribution_by_category
+    import functools
+
+    from connectome.extract.flow import _shared_done, write_stream
+    from connectome.reporting import printable
+    from connectome.store import StoreWriter
+
+    run_info = {"model": spec.name, "weights": a.weights, "data": _data_path(a.data) or a.data, "target": a.target}
+    units: list[str] = []
+
+    def prepare(cname: str, g: Any) -> Any:
+        if where is not None:  # where the images are: `view` and `report` find the patches again
+            g = g.with_meta(examples={**g.meta["examples"], "data": where})
+        return g.with_meta(**spec.meta)  # what was assumed (random weights) travels with the graph
+
+    def written(cname: str, g: Any) -> None:
+        tc, labels = g.meta.get("target_class"), g.layers[-1].labels
         if isinstance(tc, int):
             units.append(f"{printable(cname)} -> unit {tc}" + (f" ({printable(labels[tc])})" if labels and tc < len(labels) else ""))
-    if units:
-        print("categories mapped to output units: " + ", ".join(units), file=sys.stderr)
-    for cname, g in graphs.items():
-        g = g.with_meta(**spec.meta)  # what was assumed (random weights) travels with the graph
-        g.save(out / files[cname])
-        index["categories"][cname] = {
-            "file": files[cname], "n_images": g.meta["n_images"],
-            "completeness_residual": g.meta["completeness_residual"],
-        }
-        _write_index(out, index, a.out)  # a run stopped here (full disk) lists what it wrote, as partial
         print(f"{printable(cname):>20}: {g.meta['n_images']:5d} images  {g.num_nodes} units  {g.num_edges} edges  "
               f"completeness residual {g.meta['completeness_residual']:.2e}")
-    index["complete"] = True
-    _write_index(out, index, a.out)
-    print(f"wrote {len(graphs)} graphs and index.json to {printable(str(out))}", file=sys.stderr)
+
+    with _out_writer(a, run_info) as writer:
+        done = _shared_done(writer)
+        run = iter_attribution_by_category(spec.model, data, a.target, skip=done, **options)
+        if rank == 0 and done and len(run):
+            print(f"resuming: {len(done)} categories already in {printable(a.out)}, {len(run)} to go", file=sys.stderr)
+        part = functools.partial(StoreWriter, a.out, run_info, dtype=a.dtype, what=f"--out {a.out!r}")
+        n = write_stream(run, writer, prepare, written, circuits=not a.no_circuits, part=part)
+    if rank != 0:
+        return 0
+    if units:
+        print("categories mapped to output units: " + ", ".join(units), file=sys.stderr)
+    print(f"wrote {n} categories to the store {printable(a.out)} ({len(done) + n} in all)", file=sys.stderr)
     return 0
 
 
-def _write_index(out: Path, index: dict[str, Any], given: str) -> None:
-    from connectome.io import atomic_write
+@contextlib.contextmanager
+def _out_writer(a: argparse.Namespace, run_info: dict[str, Any]) -> Any:
+    """The store writer of ``--out`` (process 0), a file system error as one line about ``--out``."""
+    from connectome.extract.flow import _rank0_writer
 
+    stack = contextlib.ExitStack()
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        with atomic_write(out / "index.json", "w") as fh:
-            json.dump(index, fh, indent=2)
+        writer = stack.enter_context(_rank0_writer(a.out, run_info, a.dtype, what=f"--out {a.out!r}"))
+    except OSError as exc:
+        raise ConnectomeError(f"cannot write to --out {a.out!r} ({exc.strerror or exc}); "
+                              "choose a folder you can write to") from None
+    with stack:
+        yield writer
+
+
+def _out_op(fn: Any, given: str) -> Any:
+    """``fn()``, with a file system error as one line about ``--out``."""
+    try:
+        return fn()
     except OSError as exc:
         raise ConnectomeError(f"cannot write to --out {given!r} ({exc.strerror or exc}); "
                               "choose a folder you can write to") from None
 
 
-def category_files(names: Sequence[str]) -> dict[str, str]:
+def _data_path(data: str) -> str | None:
+    """The absolute path of a local data folder (``data/`` and ``./data`` are one), else None."""
+    p = Path(data)
+    return str(p.resolve()) if p.is_dir() else None
+
+
+#: What an output folder's runs must share for their graphs to be listed in one index.json.
+_SAME = {"model": "model", "weights": "--weights", "data": "data", "target": "--target"}
+
+
+def _merged_index(out: Path, new: dict[str, Any], given: str) -> dict[str, Any]:
+    """The index of ``out`` this run continues: the existing one (its categories kept) when it
+    is of the same model, weights, data and target; a new one when there is none."""
+    from connectome.store import is_store
+
+    if is_store(out):
+        raise ConnectomeError(f"--out {given!r} is a category store; choose another --out for --layout npz, or "
+                              "leave --layout out to add to the store")
+    path = out / "index.json"
+    if not path.is_file():
+        return new
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+        cats = old["categories"]
+        if not isinstance(cats, dict) or not all(isinstance(e, dict) and isinstance(e.get("file"), str)
+                                                  for e in cats.values()):
+            raise TypeError("categories is not a mapping of name -> {file: ...}")
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise ConnectomeError(f"--out {given!r}: its index.json is damaged ({type(exc).__name__}); move the folder "
+                              "away or choose another --out") from None
+    for key, what in _SAME.items():
+        was, now = old.get(key), new.get(key)
+        if key == "data" and old.get("data_path") and new.get("data_path"):
+            was, now = old["data_path"], new["data_path"]
+        if was != now:
+            raise ConnectomeError(f"--out {given!r} holds graphs of another run ({what} {was!r}, this run {now!r}); "
+                                  "choose another --out to keep both, or the same arguments to add categories")
+    return {**new, "categories": dict(cats)}
+
+
+def _write_category(out: Path, index: dict[str, Any], given: str, cname: str, g: Any, file: str,
+                    where: str | None, spec_meta: dict[str, Any], units: list[str]) -> None:
+    """Save one category's graph and list it in index.json (a run stopped later keeps it)."""
+    from connectome.reporting import printable
+
+    if where is not None:  # where the images are: `view` and `report` find the patches again
+        g = g.with_meta(examples={**g.meta["examples"], "data": where})
+    g = g.with_meta(**spec_meta)  # what was assumed (random weights) travels with the graph
+    tc = g.meta.get("target_class")
+    labels = g.layers[-1].labels
+    if isinstance(tc, int):  # how the category folder was mapped to an output unit, said at the end
+        units.append(f"{printable(cname)} -> unit {tc}" + (f" ({printable(labels[tc])})" if labels and tc < len(labels) else ""))
+    g.save(out / file)
+    index["categories"][cname] = {
+        "file": file, "n_images": g.meta["n_images"], "completeness_residual": g.meta["completeness_residual"],
+    }
+    _write_index(out, index, given)
+    print(f"{printable(cname):>20}: {g.meta['n_images']:5d} images  {g.num_nodes} units  {g.num_edges} edges  "
+          f"completeness residual {g.meta['completeness_residual']:.2e}")
+
+
+def _write_index(out: Path, index: dict[str, Any], given: str) -> None:
+    from connectome.io import atomic_write
+
+    def write() -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_write(out / "index.json", "w") as fh:
+            json.dump(index, fh, indent=2)
+
+    _out_op(write, given)
+
+
+def category_files(names: Sequence[str], existing: dict[str, str] | None = None) -> dict[str, str]:
     """One distinct ``.npz`` file name per category, stable from run to run.
 
     A category whose name is a safe, short file name keeps it (``circle.npz``); any other
     gets its safe characters, cut to a bounded length, and a hash of the full name
-    (``a_b-c8687a08aa.npz``). Names that only a case-insensitive file system would merge
-    (``Cat``, ``cat``) both get the hash.
+    (``a_b-c8687a08aa.npz``). Names that a case-insensitive or normalising file system
+    (macOS, Windows) would merge, ``Cat`` and ``cat``, or one name in Unicode NFC and NFD
+    form, all get the hash. ``existing`` (category -> file of an earlier run into the same
+    folder) keeps those categories' files, and no new name may collide with them.
     """
-    from connectome.io import file_stem
+    from connectome.io import file_stems, folded_name
 
-    stems = {n: file_stem(n) for n in names}
-    by_folded: dict[str, list[str]] = {}
-    for n, stem in stems.items():
-        by_folded.setdefault(stem.casefold(), []).append(n)
-    for group in by_folded.values():
-        if len(group) > 1:
-            for n in group:
-                stems[n] = file_stem(n, hashed=True)
-    if len({s.casefold() for s in stems.values()}) != len(stems):
+    existing = dict(existing or {})
+    every = list(existing) + [n for n in names if n not in existing]
+    stems = file_stems(every)  # names a case-insensitive or normalising file system merges get hashes
+    files = {n: existing.get(n) or f"{stems[n]}.npz" for n in every}
+    if len({folded_name(f) for f in files.values()}) != len(files):
         raise ConnectomeError("two category names map to one file name even with their hashes; rename one category")
-    return {n: f"{s}.npz" for n, s in stems.items()}
+    return {n: files[n] for n in names}
 
 
 def _cmd_report(a: argparse.Namespace) -> int:
-    from connectome.io import load
     from connectome.reporting import graph_report
 
     _check_out_dir(a.out)
@@ -381,7 +522,7 @@ def _cmd_report(a: argparse.Namespace) -> int:
     top_k, max_units = _circuit_args(a)
     measures = [m.strip() for m in a.measures.split(",") if m.strip()] if a.measures else None
     samples = _samples(a.betweenness_samples)
-    g = load(a.graph)
+    g = _load_graph(a.graph)
     result = graph_report(g, top=a.top, out=a.out, seed=a.seed, mass=a.mass, top_k=top_k, max_units=max_units,
                           measures=measures, betweenness_samples=samples, images=a.data, viewer=a.html)
     if a.html:
@@ -426,7 +567,6 @@ def _emit(result: Any, as_json: bool) -> int:
 
 
 def _cmd_compare(a: argparse.Namespace) -> int:
-    from connectome.io import load
     from connectome.reporting import compare_report
 
     _check_out_dir(a.out)
@@ -434,8 +574,43 @@ def _cmd_compare(a: argparse.Namespace) -> int:
         raise ConnectomeError(f"--mass must be in (0, 1], got {a.mass}")
     if not a.time_budget > 0:
         raise ConnectomeError(f"--time-budget must be positive seconds, got {a.time_budget}")
-    ga, gb = load(a.a), load(a.b)
+    if a.b is None:
+        return _compare_store(a)
+    ga, gb = _load_graph(a.a), _load_graph(a.b)
     return _emit(compare_report(ga, gb, top=a.top, out=a.out, mass=a.mass, time_budget=a.time_budget), a.json)
+
+
+def _compare_store(a: argparse.Namespace) -> int:
+    """``compare DIR``: every category of a store with every other; figures into ``--out``."""
+    from connectome.analysis import compare_categories
+    from connectome.io import atomic_write
+    from connectome.store import CategoryStore, open_folder
+    from connectome.viz._mpl import pyplot
+
+    if not Path(a.a).is_dir():
+        raise ConnectomeError(f"compare needs two graphs, or one folder written by extract; got only {a.a!r}")
+    store = open_folder(a.a)
+    if not isinstance(store, CategoryStore):
+        raise ConnectomeError(f"{a.a!r} is an older folder of .npz files; compare all categories of a category store "
+                              "(extract writes one), or name two graphs")
+    r = compare_categories(store)
+    if a.json:
+        print(json.dumps(r.to_dict(), default=_json_default))
+    else:
+        print(r)
+    if a.out:
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, plot in (("dendrogram.png", r.plot_dendrogram), ("sharing.png", r.plot_sharing)):
+            ax = plot()
+            fig = ax.get_figure()
+            with atomic_write(out / name) as fh:
+                fig.savefig(fh, format="png", dpi=110)
+            pyplot().close(fig)
+        with atomic_write(out / "categories.json", "w") as fh:
+            json.dump(r.to_dict(), fh, default=_json_default)
+        print(f"wrote dendrogram.png, sharing.png and categories.json to {a.out}", file=sys.stderr)
+    return 0
 
 
 #: export warns before writing a file larger than this (Gephi slows down well before).
@@ -450,8 +625,8 @@ def _cmd_export(a: argparse.Namespace) -> int:
     fmt = a.format or _format_from(a.out)
     if a.prune_top_k is not None and a.prune_top_k < 1:
         raise ConnectomeError(f"--prune-top-k must be >= 1, got {a.prune_top_k}")
-    _check_out_file(a.out, [a.graph])
-    g = io.load(a.graph)
+    _check_out_file(a.out, _graph_inputs([a.graph]))
+    g = _load_graph(a.graph)
     if a.annotate:
         g = _annotated(g)
     if a.prune_top_k is not None:
@@ -545,34 +720,48 @@ def _write_patches(g: Any, folder: str, data: str | None, beside: Path) -> Any:
 
 
 def _cmd_view(a: argparse.Namespace) -> int:
-    from connectome.io import load
     from connectome.viz.viewer import write_viewer
 
     if not 0 < a.mass <= 1:  # before any graph is read
         raise ConnectomeError(f"--mass must be in (0, 1], got {a.mass}")
-    entries: list[tuple[str | None, Path]] = []  # (category from an index.json, graph file)
-    inputs: list[Path] = []
+    # (category of a folder, where the graph is, how to read it): read after --out is checked
+    entries: list[tuple[str | None, Path, Any]] = []
     for item in a.graphs:
         p = Path(item)
         if p.is_dir():
-            entries += [(cname, p / file) for cname, file in _index_files(p, item).items()]
-            inputs.append(p / "index.json")
+            from connectome.store import open_folder
+
+            folder = open_folder(p)
+            entries += [(cname, p / cname, lambda f=folder, c=cname: f[c]) for cname in folder]
         else:
-            entries.append((None, p))
-    inputs += [f for _, f in entries]
-    _check_out_file(a.out, inputs)
+            entries.append((None, p, lambda t=item: _load_graph(t)))
+    _check_out_file(a.out, _graph_inputs(a.graphs))
     names, graphs, seen = [], [], set()
-    for cname, f in entries:
-        real = os.path.realpath(f)
-        if real in seen:  # one file named twice (a folder and a file in it): one graph
+    for cname, where, read in entries:
+        real = os.path.realpath(where)
+        if real in seen:  # one graph named twice: shown once
             continue
         seen.add(real)
-        g = load(f)
+        g = read()
         graphs.append(g)
-        names.append((cname if cname is not None else str(g.meta.get("category") or f.stem), f))
+        names.append((cname if cname is not None else str(g.meta.get("category") or where.stem), where))
     path = write_viewer(dict(zip(_distinct_names(names), graphs)), a.out, images=a.data, mass=a.mass)
     print(f"viewer: {printable(path)}")
     return 0
+
+
+def _graph_inputs(items: Sequence[str]) -> list[Path]:
+    """The files a command reads its graphs from, which ``--out`` must not replace: each graph
+    file, and every file directly in a folder given (its index.json, .npz files, the store's
+    metadata)."""
+    out: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            out += [f for f in p.iterdir() if f.is_file()]
+        elif p.exists():
+            out.append(p)
+    return out
 
 
 def _distinct_names(named: Sequence[tuple[str, Path]]) -> list[str]:
@@ -605,17 +794,26 @@ def _distinct_names(named: Sequence[tuple[str, Path]]) -> list[str]:
     return out
 
 
-def _index_files(folder: Path, item: str) -> dict[str, str]:
-    """Category -> graph file, from the index.json that ``extract`` writes in its folder."""
-    index = folder / "index.json"
-    if not index.is_file():
-        raise ConnectomeError(f"folder {item!r} has no index.json; pass .npz files or a folder written by extract")
-    try:
-        cats = json.loads(index.read_text())["categories"]
-        return {str(c): str(entry["file"]) for c, entry in cats.items()}
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise ConnectomeError(f"folder {item!r}: index.json is damaged ({type(exc).__name__}: {exc}); "
-                              "run extract again or pass the .npz files") from None
+def _load_graph(text: str) -> Any:
+    """One graph: a ``.npz`` file, or ``DIR:CATEGORY`` of a folder written by ``extract`` (a store
+    or an older folder of ``.npz`` files), reading that category only."""
+    from connectome.io import load
+    from connectome.store import open_folder
+
+    p = Path(text)
+    if p.is_dir():
+        names = list(open_folder(p))
+        example = f"{text}:{names[0]}" if names else f"{text}:CATEGORY"
+        raise ConnectomeError(f"{text!r} is a folder of {len(names)} categories; name one, e.g. {example!r}")
+    if not p.exists():
+        for i, ch in enumerate(text):  # DIR:CATEGORY: the first ':' after which a folder ends
+            if ch == ":" and i and Path(text[:i]).is_dir():
+                folder = open_folder(text[:i])
+                try:
+                    return folder[text[i + 1:]]
+                except KeyError as exc:
+                    raise ConnectomeError(str(exc.args[0]) if exc.args else str(exc)) from None
+    return load(p)
 
 
 def _cmd_demo(a: argparse.Namespace) -> int:

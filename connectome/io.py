@@ -132,9 +132,10 @@ def folded_name(name: str) -> str:
     """``name`` as case-insensitive file systems compare it: Unicode NFC, then case-folded.
 
     macOS and Windows file systems treat ``Conv_0.png`` and ``conv_0.png`` as one file, and
-    macOS treats the NFC and NFD spellings of ``é`` as one name too.
+    macOS treats the NFC and NFD spellings of ``é`` as one name too. Case folding can leave a
+    name out of NFC (the Angstrom sign folds to a decomposed form), so it is normalised again.
     """
-    return unicodedata.normalize("NFC", name).casefold()
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFC", name).casefold())
 
 
 def file_stems(names: Iterable[str], max_bytes: int = STEM_BYTES) -> dict[str, str]:
@@ -604,12 +605,19 @@ def load(path: Any) -> Connectome:
     what the graph its header describes would (and never more than deflate's 1032:1 of the
     file's size).
 
+    A folder written by ``connectome extract`` opens as a read-only mapping category ->
+    Connectome that reads each category when asked (:func:`connectome.store.open_folder`).
+
     Raises
     ------
     BadFileError
         The file is missing, not an ``.npz``, truncated, damaged, or not a connectome.
     """
     p = Path(path)
+    if p.is_dir():
+        from connectome.store import open_folder
+
+        return open_folder(p)  # type: ignore[return-value]
     ps = str(p)
     if not p.is_file():
         raise BadFileError(f"no such file: {ps!r}; pass the path of a .npz written by Connectome.save")

@@ -16,7 +16,7 @@ from connectome.cli import main
 @pytest.fixture(scope="module")
 def extracted(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("graphs")
-    rc = main(["extract", "zoo:smallresnet", "zoo:shapes:3", "--out", str(out), "--quiet", "--per-sample",
+    rc = main(["extract", "--layout", "npz", "zoo:smallresnet", "zoo:shapes:3", "--out", str(out), "--quiet", "--per-sample",
                "--device", "cpu", "--categories", "circle,ring,square"])
     assert rc == 0
     return out
@@ -152,7 +152,7 @@ def test_own_model_file_and_image_folder(tmp_path, capsys):
         for i in range(3):
             Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "imgs" / cname / f"{i}.png")
     out = tmp_path / "graphs"
-    rc = main(["extract", f"{tmp_path / 'mymodel.py'}:build", str(tmp_path / "imgs"), "--out", str(out),
+    rc = main(["extract", "--layout", "npz", f"{tmp_path / 'mymodel.py'}:build", str(tmp_path / "imgs"), "--out", str(out),
                "--image-size", "32", "--quiet", "--device", "cpu"])
     assert rc == 0
     index = json.loads((out / "index.json").read_text())
@@ -208,7 +208,7 @@ def _image_folder(root: Path, names: list[str], n: int = 2) -> str:
 def _extract(tmp_path, names, *extra) -> tuple[int, Path]:
     model = _image_folder(tmp_path, names)
     out = tmp_path / "graphs"
-    rc = main(["extract", model, str(tmp_path / "imgs"), "--out", str(out), "--image-size", "8", "--quiet",
+    rc = main(["extract", "--layout", "npz", model, str(tmp_path / "imgs"), "--out", str(out), "--image-size", "8", "--quiet",
                "--device", "cpu", *extra])
     return rc, out
 
@@ -375,7 +375,7 @@ def test_extract_precision_is_recorded(extracted, tmp_path):
     g = cn.load(extracted / next(iter(index["categories"].values()))["file"])
     assert g.meta["precision"] == "exact" and g.meta["exact"] is True
     out = tmp_path / "bf16"
-    assert main(["extract", "zoo:simplecnn_a", "zoo:shapes:2", "--out", str(out), "--quiet", "--device", "cpu",
+    assert main(["extract", "--layout", "npz", "zoo:simplecnn_a", "zoo:shapes:2", "--out", str(out), "--quiet", "--device", "cpu",
                  "--categories", "circle", "--precision", "bf16"]) == 0
     g = cn.load(out / json.loads((out / "index.json").read_text())["categories"]["circle"]["file"])
     assert g.meta["precision"] == "bf16" and g.meta["exact"] is False

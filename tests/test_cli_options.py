@@ -16,7 +16,7 @@ from connectome.cli import main
 @pytest.fixture(scope="module")
 def graphs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("graphs")
-    assert main(["extract", "zoo:smallresnet", "zoo:shapes:3", "--out", str(out), "--quiet", "--device", "cpu",
+    assert main(["extract", "--layout", "npz", "zoo:smallresnet", "zoo:shapes:3", "--out", str(out), "--quiet", "--device", "cpu",
                  "--categories", "circle,ring"]) == 0
     return out
 

@@ -496,8 +496,13 @@ class CategoryCorrelation:
         return "\n".join(lines)
 
 
-def compare_categories(graphs: Mapping[str, Connectome], attr: str = "attribution") -> CategoryCorrelation:
+def compare_categories(graphs: Mapping[str, Connectome], attr: str = "attribution", **kwargs: Any) -> Any:
     """Correlate per-unit profiles across categories, layer by layer.
+
+    Given a category store (``cn.load(DIR)`` of an ``extract`` folder), compares every
+    category with every other without holding the graphs: see
+    :func:`connectome.analysis.categories.compare_store` (flows and ``attr`` per layer,
+    circuit overlap, clustering, generalist and specialist units); ``kwargs`` go there.
 
     For each layer, each category's profile is the vector of node attribute ``attr`` over
     the layer's units; the result holds the Pearson correlation matrix of these profiles.
@@ -513,9 +518,10 @@ def compare_categories(graphs: Mapping[str, Connectome], attr: str = "attributio
 
     Returns
     -------
-    CategoryCorrelation
+    CategoryCorrelation or StoreComparison
         Mapping ``layer -> (classes, matrix)``; matrices are symmetric with unit diagonal
-        (NaN rows and columns where a profile is constant or the layer has one unit).
+        (NaN rows and columns where a profile is constant or the layer has one unit). For
+        a store, a :class:`~connectome.analysis.categories.StoreComparison`.
 
     Raises
     ------
@@ -529,6 +535,14 @@ def compare_categories(graphs: Mapping[str, Connectome], attr: str = "attributio
     >>> cc["h1"][1].shape
     (2, 2)
     """
+    from connectome.store import CategoryStore
+
+    if isinstance(graphs, CategoryStore):
+        from connectome.analysis.categories import compare_store
+
+        return compare_store(graphs, attr, **kwargs)
+    if kwargs:
+        raise TypeError(f"compare_categories of graphs takes no {sorted(kwargs)} (those are for a store)")
     if not graphs:
         raise ValueError("compare_categories needs at least one graph")
     graphs = {str(k): v for k, v in graphs.items()}

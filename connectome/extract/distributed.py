@@ -429,7 +429,7 @@ def _target_fingerprint(target: Any) -> Any:
 
 def fingerprint(model: torch.nn.Module, dataset: Any, n_images: int, classes: Sequence[str] | None, *,
                 target: Any, per_sample: bool, amp: bool, batch_size: int, world_size: int,
-                category: str | None = None, precision: str | None = None) -> dict[str, Any]:
+                category: str | None = None, precision: str | None = None, examples: int = 0) -> dict[str, Any]:
     """What must match for a checkpoint to be continued: plain values only (saved with the checkpoint).
 
     Model: a hash of parameter/buffer names, shapes and dtypes, a hash of a strided sample
@@ -451,6 +451,7 @@ def fingerprint(model: torch.nn.Module, dataset: Any, n_images: int, classes: Se
         "precision": precision or ("bf16" if amp else "exact"),  # a tf32 run must not continue an exact one
         "batch_size": int(batch_size),
         "world_size": int(world_size),
+        "examples": int(examples),
     })
     return fp
 
@@ -469,13 +470,17 @@ _WHAT = {
     "amp": "amp",
     "batch_size": "batch size",
     "world_size": "number of processes",
+    "examples": "examples (images kept per unit, --examples)",
 }
+
+#: fingerprint entries added later, with the value a checkpoint written before them had
+_DEFAULTS = {"examples": 0}
 
 
 def _differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     out: list[str] = []
     for key in now:
-        a, b = saved.get(key), now[key]
+        a, b = saved.get(key, _DEFAULTS.get(key)), now[key]
         if key == "model_checksum" and isinstance(a, list) and len(a) == len(b):
             same = all(math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12) for x, y in zip(a, b))
         else:
@@ -640,7 +645,8 @@ class ShardedRun:
 
     def __init__(self, info: Any, model: torch.nn.Module, device: torch.device, *, target: Any,
                  per_sample: bool, amp: bool, max_images: int | None, checkpoint: Any = None,
-                 checkpoint_every: int = 50, category: str | None = None, precision: str | None = None):
+                 checkpoint_every: int = 50, category: str | None = None, precision: str | None = None,
+                 examples: int = 0):
         self.rank, self.world = rank_world()
         self.info = info
         self.every = int(checkpoint_every)
@@ -675,7 +681,7 @@ class ShardedRun:
             if checkpoint is not None:
                 fp = fingerprint(model, ds, self.n, info.classes, target=target, per_sample=per_sample, amp=amp,
                                  batch_size=self.batch_size, world_size=self.world, category=category,
-                                 precision=precision)
+                                 precision=precision, examples=examples)
                 self.ckpt = Checkpoint(checkpoint, self.rank, fp)
                 payload = self.ckpt.load()
                 if payload is not None:

@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -49,7 +50,7 @@ from connectome.extract.targets import as_layer_names, check_labels
 from connectome.extract.trace import trace_units
 from connectome.graph import Connectome
 
-__all__ = ["attribution", "attribution_by_category", "FlowAccumulator"]
+__all__ = ["attribution", "attribution_by_category", "iter_attribution_by_category", "FlowAccumulator"]
 
 # ----------------------------------------------------------------------------- targets
 def _target_fn(target: Any, n_out: int, classes: Sequence[str] | None) -> tuple[Callable[..., torch.Tensor], Any]:
@@ -243,7 +244,8 @@ def _attribution(model: nn.Module, info: Any, target: Any = "label", *, per_samp
                  max_images: int | None = None, precision: str = "exact", amp: bool = False, progress: bool = True,
                  name: str | None = None, category: str | None = None, checkpoint: Any = None,
                  checkpoint_every: int = 50, _batch_hook: Callable[[int], None] | None = None,
-                 category_label: int | None = None, examples: int = 0) -> Connectome:
+                 category_label: int | None = None, examples: int = 0,
+                 trace_cache: dict[Any, Any] | None = None, local: bool = False) -> Connectome:
     from connectome.extract.distributed import rank_device, rank_world
 
     check_model(model)
@@ -252,7 +254,7 @@ def _attribution(model: nn.Module, info: Any, target: Any = "label", *, per_samp
     acc, t_info = _accumulate(model, info, target, dev, per_sample, precision, progress, max_images, labels,
                               batch_hook=_batch_hook, category=category, checkpoint=checkpoint,
                               checkpoint_every=checkpoint_every, category_label=category_label,
-                              examples=examples)
+                              examples=examples, trace_cache=trace_cache, local=local)
     g = acc.to_graph(t_info["labels"], {
         "model": name or type(model).__name__,
         "target": target if isinstance(target, (str, int)) else getattr(target, "__name__", "callable"),
@@ -271,7 +273,7 @@ def _attribution(model: nn.Module, info: Any, target: Any = "label", *, per_samp
 
         used = np.concatenate([example_arrays(g, by)[0].ravel() for by in ("activation", "attribution")])
         g = g.with_meta(examples={**g.meta["examples"], **t_info["order"].describe(used)})
-    world = rank_world()[1]
+    world = 1 if local else rank_world()[1]
     if world > 1:  # every process returns the same graph: no per-process device in it
         g = g.with_meta(device=dev.type, world_size=world)
     if layers:
@@ -292,7 +294,8 @@ def _accumulate(model, info, target, dev, per_sample, precision, progress, max_i
                 batch_hook: Callable[[int], None] | None = None, category: str | None = None,
                 category_label: int | None = None,
                 checkpoint: Any = None, checkpoint_every: int = 50,
-                examples: int = 0) -> tuple[FlowAccumulator, dict[str, Any]]:
+                examples: int = 0, trace_cache: dict[Any, Any] | None = None,
+                local: bool = False) -> tuple[FlowAccumulator, dict[str, Any]]:
     from tqdm.auto import tqdm
 
     from connectome._text import printable
@@ -306,10 +309,11 @@ def _accumulate(model, info, target, dev, per_sample, precision, progress, max_i
     skipped = SkippedNames()  # counts every file, keeps a few names: memory does not grow with the data
     total = info.n_images if max_images is None else min(info.n_images or max_images, max_images)
     run = None  # this process's shard of a distributed run, and/or a run resumable from a checkpoint
-    if checkpoint is not None or rank_world()[1] > 1:
+    # local: this process runs all of the images alone (categories split across processes)
+    if not local and (checkpoint is not None or rank_world()[1] > 1):
         run = ShardedRun(info, m, dev, target=target, per_sample=per_sample, amp=amp, max_images=max_images,
                          checkpoint=checkpoint, checkpoint_every=checkpoint_every, category=category,
-                         precision=precision)
+                         precision=precision, examples=examples)
         skipped, total, max_images = run.skipped, run.n, None  # the shards already stop at max_images
     scale = run.world if run is not None else 1  # rank 0's bar shows the whole job's images/s (about)
     desc = f"attribution {printable(category)}" if category else "attribution"  # a folder name on the terminal
@@ -320,7 +324,14 @@ def _accumulate(model, info, target, dev, per_sample, precision, progress, max_i
     t_info: dict[str, Any] = {"labels": None, "target_class": None, "precision": precision}
 
     def start(x: torch.Tensor) -> tuple[FlowAccumulator, Callable[..., torch.Tensor], int]:
-        ug = trace_units(m, x[:1].to(dev, dtype=dtype))
+        # the categories of one run share the model: trace it once (a second or more per trace)
+        key = (id(m), tuple(x.shape[1:]), dtype, str(dev))
+        ug = None if trace_cache is None else trace_cache.get(key)
+        if ug is None:
+            ug = trace_units(m, x[:1].to(dev, dtype=dtype))
+            if trace_cache is not None:
+                trace_cache.clear()
+                trace_cache[key] = ug
         n_out = ug.layers[ug.output_layer].size
         t_info["labels"] = _labels_for_output(labels, info.classes, n_out)
         fn, t_info["target_class"] = _target_fn(target, n_out, t_info["labels"] or info.classes)
@@ -416,8 +427,11 @@ def attribution_by_category(
     progress: bool = True,
     checkpoint: str | Path | None = None,
     checkpoint_every: int = 50,
+    out: str | Path | None = None,
+    dtype: str = "float32",
+    circuits: bool = True,
     **kwargs: Any,
-) -> dict[str, Connectome]:
+) -> Any:
     """One attribution graph per image category, named by class name.
 
     Images are grouped by label (read from the dataset's ``targets`` without decoding
@@ -435,67 +449,318 @@ def attribution_by_category(
         :func:`attribution`; categories finished before an interruption are not read again.
     checkpoint_every : int, default 50
         Batches between checkpoints.
+    out : str or Path, optional
+        Stream the graphs into a category store in this folder (see :mod:`connectome.store`)
+        instead of returning them: memory holds one category's sums and the topology,
+        whatever the number of categories. Each category is written when it finishes; the
+        store is also the checkpoint: run again, and the categories in it are skipped.
+    dtype : {"float32", "float64"}, default "float32"
+        With ``out``: the on-disk dtype of the edge flows.
+    circuits : bool, default True
+        With ``out``: also store each category's circuit (mass 0.8), which
+        ``compare_categories(store)`` overlaps.
     **kwargs
         Passed to :func:`attribution` (``per_sample``, ``device``, ``precision``, ``layers`` ...).
 
     Returns
     -------
-    dict of str -> Connectome
-        In class order; ``meta["category"]`` and ``meta["target_class"]`` set.
+    dict of str -> Connectome, or CategoryStore
+        In class order; ``meta["category"]`` and ``meta["target_class"]`` set. With ``out``,
+        the store (opened read-only, lazily).
 
     Notes
     -----
     Under ``torchrun`` every process runs the categories in the same (class) order, each
-    split across the processes as in :func:`attribution`, and returns the same graphs.
+    split across the processes as in :func:`attribution`, and returns the same graphs. With
+    ``out`` and at least as many categories as processes, the categories are split instead:
+    each process computes its own (all their images, no communication) and writes them
+    (see :func:`write_stream`); every process returns the store.
+    :func:`iter_attribution_by_category` yields each graph as it finishes instead.
     """
-    info = make_loader(data, batch_size=batch_size, transform=transform)
-    ds = info.dataset
-    targets = dataset_targets(ds)
-    if targets is None:
-        targets = []
-        for batch in info.loader:
-            _, y, _ = unpack_batch(batch)
-            if y is None:
-                raise DataError("attribution_by_category needs labels; the data has images only")
-            targets.extend(int(v) for v in y.tolist())
-    classes = info.classes or [str(c) for c in sorted(set(targets))]
-    by_label: dict[int, list[int]] = {}
-    for i, t in enumerate(targets):
-        by_label.setdefault(int(t), []).append(i)
-    names = {i: (classes[i] if i < len(classes) else str(i)) for i in by_label}
-    if info.classes is not None and isinstance(data, (str, Path)):
-        empty = [c for i, c in enumerate(info.classes) if i not in by_label]
-        if empty:
-            raise DataError(
-                f"category folder(s) {empty} under {str(data)!r} hold no images; add images or remove the folders"
-            )
-    if categories is not None:
-        unknown = [c for c in categories if c not in names.values()]
-        if unknown:
-            raise DataError(f"categories {unknown} are not in the data; it has {sorted(names.values())}")
-    out: dict[str, Connectome] = {}
-    for label in sorted(by_label):
-        cname = names[label]
-        if categories is not None and cname not in categories:
-            continue
-        sub_info = subset_loader(info, by_label[label], batch_size, num_workers=kwargs.get("num_workers"),
-                                 pin_memory=resolve_device(kwargs.get("device")).type == "cuda")
-        try:
-            from connectome.extract.distributed import category_folder
+    if out is not None:
+        from functools import partial
 
-            ck = None if checkpoint is None else Path(checkpoint) / category_folder(label, cname)
-            g = _attribution(model, sub_info, target, progress=progress, category=cname, checkpoint=ck,
-                             category_label=int(label),
-                             checkpoint_every=checkpoint_every,
-                             **{k: v for k, v in kwargs.items() if k != "num_workers"})
-        except DataError as exc:
-            raise DataError(f"category {cname!r}: {exc}") from None
-        if g.meta.get("target_class") is None and target == "label":
-            g = g.with_meta(target_class=int(label))
-        out[cname] = g
-    if not out:
-        raise DataError("no category had images")
-    return out
+        from connectome.store import CategoryStore, StoreWriter
+
+        run_info = {"model": kwargs.get("name") or type(model).__name__,
+                    "target": target if isinstance(target, (str, int)) else getattr(target, "__name__", "callable")}
+        with _rank0_writer(out, run_info, dtype) as writer:
+            run = iter_attribution_by_category(model, data, target, categories=categories, batch_size=batch_size,
+                                               transform=transform, progress=progress, checkpoint=checkpoint,
+                                               checkpoint_every=checkpoint_every, skip=_shared_done(writer),
+                                               **kwargs)
+            write_stream(run, writer, circuits=circuits, part=partial(StoreWriter, out, run_info, dtype=dtype))
+        return CategoryStore(out)
+    return dict(iter_attribution_by_category(model, data, target, categories=categories, batch_size=batch_size,
+                                             transform=transform, progress=progress, checkpoint=checkpoint,
+                                             checkpoint_every=checkpoint_every, **kwargs))
+
+
+@contextmanager
+def _rank0_writer(out: str | Path, run_info: dict[str, Any], dtype: str, what: str | None = None
+                  ) -> Iterator[Any]:
+    """On process 0, the folder's lock and a :class:`~connectome.store.StoreWriter`; None on the
+    others. Every process learns of a failure (none waits forever)."""
+    from connectome.extract.distributed import agree, rank_world
+    from connectome.store import StoreWriter, WriterLock
+
+    lock = writer = error = None
+    if rank_world()[0] == 0:
+        try:
+            lock = WriterLock(out, what)
+            lock.acquire()
+            writer = StoreWriter(out, run_info, dtype=dtype, what=what)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by agree()
+            error = exc
+    try:
+        agree(error)
+        yield writer
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _shared_done(writer: Any) -> list[str]:
+    """The categories already in the store, as process 0 sees them, on every process."""
+    from connectome.extract.distributed import rank_world
+
+    done = writer.done if writer is not None else []
+    if rank_world()[1] > 1:
+        import torch.distributed as dist
+
+        box = [done]
+        dist.broadcast_object_list(box, src=0)
+        done = box[0]
+    return list(done)
+
+
+def circuit_mask(g: Connectome, mass: float | None = None) -> np.ndarray | None:
+    """1 for the units of ``g``'s circuit (:func:`connectome.analysis.circuit` at ``mass``), 0 else;
+    None when the graph has no circuit (no target, no flow)."""
+    from connectome.analysis.circuits import circuit
+    from connectome.store import CIRCUIT_MASS
+
+    try:
+        c = circuit(g, mass=CIRCUIT_MASS if mass is None else mass)
+    except ConnectomeError:
+        return None
+    mask = np.zeros(g.num_nodes, dtype=np.int64)
+    mask[np.asarray(g.index_of(c.node_ids), dtype=np.int64)] = 1
+    return mask
+
+
+def write_stream(run: Any, writer: Any, prepare: Callable[[str, Connectome], Connectome] | None = None,
+                 written: Callable[[str, Connectome], None] | None = None, circuits: bool = True,
+                 part: Callable[..., Any] | None = None) -> int:
+    """Write each ``(category, graph)`` of ``run`` into ``writer`` as it comes.
+
+    ``prepare`` may change a graph before it is written, ``written`` is told after;
+    ``circuits``: also store each category's circuit (for circuit overlaps; on ResNet-50 a
+    few seconds of CPU per category). Returns the number of categories written (by all
+    processes).
+
+    Under ``torchrun`` (``writer`` on process 0, None on the others): with at least as many
+    categories as processes and ``part`` given (``part(part=rank)`` opens the store for
+    process ``rank``), the categories are split across the processes, each computing its own
+    with all their images and writing them into their rows of the store, with no
+    communication per category; otherwise every process takes part in every category (its
+    images split across them) and process 0 writes. Either way every process learns of a
+    failure.
+    """
+    from connectome.extract.distributed import agree, rank_world
+
+    rank, world = rank_world()
+    if world > 1 and part is not None and len(run) >= world:
+        return _write_split(run, writer, prepare, written, circuits, part)
+    n = 0
+    writer.reserve(len(run)) if writer is not None else None
+    for cname, g in run:
+        error = None
+        if writer is not None:
+            try:
+                n += _write_one(writer, cname, g, prepare, written, circuits)
+            except BaseException as exc:  # noqa: BLE001 - re-raised by agree()
+                error = exc
+        del g  # one category's graph at a time
+        agree(error)
+    if writer is not None:
+        writer.merge_parts()  # the parts an interrupted split run left
+    return n
+
+
+def _write_one(writer: Any, cname: str, g: Connectome, prepare: Any, written: Any, circuits: bool,
+               row: int | None = None) -> int:
+    if prepare is not None:
+        g = prepare(cname, g)
+    writer.write(cname, g, circuit=circuit_mask(g) if circuits else None, row=row)
+    if written is not None:
+        written(cname, g)
+    return 1
+
+
+def _write_split(run: Any, writer: Any, prepare: Any, written: Any, circuits: bool, part: Callable[..., Any]) -> int:
+    """Categories split across the processes; see :func:`write_stream`."""
+    import torch.distributed as dist
+
+    from connectome.extract.distributed import _comm_device, agree, rank_world
+
+    rank, world = rank_world()
+    box = [writer.next_row if writer is not None else None]
+    dist.broadcast_object_list(box, src=0)
+    rows = {c: int(box[0]) + i for i, c in enumerate(run.categories)}  # the rows one process would give them
+    error: BaseException | None = None
+    n = 0
+    run.split_across_processes()
+    it = iter(run)
+    first = None
+    try:
+        first = next(it, None)  # every process computes its first category
+        if writer is not None:
+            writer.reserve(len(run))
+            if first is not None:  # process 0 writes first: the topology and every column's array
+                n += _write_one(writer, *first, prepare, written, circuits, row=rows[first[0]])
+                first = None
+    except BaseException as exc:  # noqa: BLE001 - re-raised by agree()
+        error = exc
+    agree(error)
+    try:
+        mine = writer if writer is not None else part(part=rank)
+        if first is not None:
+            n += _write_one(mine, *first, prepare, written, circuits, row=rows[first[0]])
+            first = None
+        for cname, g in it:
+            n += _write_one(mine, cname, g, prepare, written, circuits, row=rows[cname])
+            del g
+    except BaseException as exc:  # noqa: BLE001 - re-raised by agree() once every process is done
+        error = exc
+    agree(error)
+    total = torch.tensor([float(n)], dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(total)
+    if writer is not None:
+        writer.merge_parts()
+    return int(total.item())
+
+
+def iter_attribution_by_category(
+    model: nn.Module,
+    data: Any,
+    target: Any = "label",
+    *,
+    categories: Sequence[str] | None = None,
+    skip: Collection[str] = (),
+    batch_size: int = 64,
+    transform: Callable[[Any], Any] | None = None,
+    progress: bool = True,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 50,
+    **kwargs: Any,
+) -> "CategoryRun":
+    """``(category, graph)`` for each category as it finishes, in class order.
+
+    As :func:`attribution_by_category` (same parameters), but only one category's graph
+    exists at a time: write each where it belongs before asking for the next. The data and
+    the category names are checked here, before any image is read; the result's
+    ``categories`` lists the names it will yield.
+
+    Parameters
+    ----------
+    skip : collection of str, optional
+        Categories not to compute (done by an earlier run).
+
+    Returns
+    -------
+    CategoryRun
+        An iterable of ``(str, Connectome)``.
+    """
+    return CategoryRun(model, data, target, categories=categories, skip=skip, batch_size=batch_size,
+                       transform=transform, progress=progress, checkpoint=checkpoint,
+                       checkpoint_every=checkpoint_every, **kwargs)
+
+
+class CategoryRun:
+    """The categories of a dataset, checked, and an iterator that computes them one at a time.
+
+    Built by :func:`iter_attribution_by_category`. ``categories``: the names in the order they
+    come (class order), without the skipped ones; ``labels``: name -> dataset label.
+    """
+
+    def __init__(self, model: nn.Module, data: Any, target: Any, *, categories: Sequence[str] | None,
+                 skip: Collection[str], batch_size: int, transform: Callable[[Any], Any] | None, progress: bool,
+                 checkpoint: str | Path | None, checkpoint_every: int, **kwargs: Any):
+        info = make_loader(data, batch_size=batch_size, transform=transform)
+        targets = dataset_targets(info.dataset)
+        if targets is None:
+            targets = []
+            for batch in info.loader:
+                _, y, _ = unpack_batch(batch)
+                if y is None:
+                    raise DataError("attribution_by_category needs labels; the data has images only")
+                targets.extend(int(v) for v in y.tolist())
+        classes = info.classes or [str(c) for c in sorted(set(targets))]
+        by_label: dict[int, list[int]] = {}
+        for i, t in enumerate(targets):
+            by_label.setdefault(int(t), []).append(i)
+        names = {i: (classes[i] if i < len(classes) else str(i)) for i in by_label}
+        if info.classes is not None and isinstance(data, (str, Path)):
+            empty = [c for i, c in enumerate(info.classes) if i not in by_label]
+            if empty:
+                raise DataError(
+                    f"category folder(s) {empty} under {str(data)!r} hold no images; add images or remove the folders"
+                )
+        if categories is not None:
+            unknown = [c for c in categories if c not in names.values()]
+            if unknown:
+                raise DataError(f"categories {unknown} are not in the data; it has {sorted(names.values())}")
+        todo = [label for label in sorted(by_label) if categories is None or names[label] in categories]
+        if not todo:
+            raise DataError("no category had images")
+        skip = set(skip)
+        self.labels = {names[label]: label for label in todo if names[label] not in skip}
+        self.categories = list(self.labels)
+        self._by_label, self._info, self._model, self._target = by_label, info, model, target
+        self._batch_size, self._progress, self._checkpoint = batch_size, progress, checkpoint
+        self._checkpoint_every, self._kwargs = checkpoint_every, kwargs
+        self.split = False
+
+    def split_across_processes(self) -> list[str]:
+        """Under ``torchrun``: this process computes only its categories, ``categories[rank::world]``,
+        each with all its images and no communication (instead of every category's images split
+        across the processes). Returns them. Checkpoint folders are not used: the categories
+        done are the checkpoint."""
+        from connectome.extract.distributed import rank_world
+
+        rank, world = rank_world()
+        self.split = True
+        return self.categories[rank::world]
+
+    def __len__(self) -> int:
+        return len(self.categories)
+
+    def __iter__(self) -> Iterator[tuple[str, Connectome]]:
+        from connectome.extract.distributed import category_folder
+
+        from connectome.extract.distributed import rank_world
+
+        kwargs, target = self._kwargs, self._target
+        cache: dict[Any, Any] = {}
+        mine = set(self.split_across_processes()) if self.split else None
+        for cname, label in self.labels.items():
+            if mine is not None and cname not in mine:
+                continue
+            sub_info = subset_loader(self._info, self._by_label[label], self._batch_size,
+                                     num_workers=kwargs.get("num_workers"),
+                                     pin_memory=resolve_device(kwargs.get("device")).type == "cuda")
+            ck = None if self._checkpoint is None or self.split else Path(self._checkpoint) / category_folder(label, cname)
+            try:
+                g = _attribution(self._model, sub_info, target, progress=self._progress and rank_world()[0] == 0,
+                                 category=cname, checkpoint=ck, category_label=int(label),
+                                 checkpoint_every=self._checkpoint_every, trace_cache=cache, local=self.split,
+                                 **{k: v for k, v in kwargs.items() if k != "num_workers"})
+            except DataError as exc:
+                raise DataError(f"category {cname!r}: {exc}") from None
+            if g.meta.get("target_class") is None and target == "label":
+                g = g.with_meta(target_class=int(label))
+            yield cname, g
 
 
 def _versions() -> dict[str, str]:

@@ -288,7 +288,7 @@ def test_checkpoint_from_another_file_kind_is_refused(finished):
 def test_cli_under_torchrun_matches_one_process(tmp_path):
     from connectome.cli import main
 
-    args = ["extract", "zoo:simplecnn_a", "zoo:shapes:2", "--device", "cpu", "--quiet", "--batch-size", "3"]
+    args = ["extract", "--layout", "npz", "zoo:simplecnn_a", "zoo:shapes:2", "--device", "cpu", "--quiet", "--batch-size", "3"]
     assert main(args + ["--out", str(tmp_path / "one")]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),

@@ -176,7 +176,7 @@ def test_cli_export_examples_from_an_image_folder(tmp_path, capsys):
     torch.manual_seed(0)
     torch.save(Small().state_dict(), tmp_path / "w.pt")
     spec = f"{__file__}:Small"
-    assert main(["extract", spec, str(tmp_path / "img"), "--out", str(tmp_path / "g"), "--examples", "2",
+    assert main(["extract", "--layout", "npz", spec, str(tmp_path / "img"), "--out", str(tmp_path / "g"), "--examples", "2",
                  "--image-size", "12", "--quiet", "--categories", "a"]) == 0
     g = cn.load(tmp_path / "g" / "a.npz")
     assert g.meta["examples"]["paths"] and g.meta["examples"]["data"] == str((tmp_path / "img").resolve())
