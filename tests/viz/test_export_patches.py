@@ -52,7 +52,7 @@ def test_two_graphs_exported_into_one_examples_folder_keep_their_own_patches(mod
 
     _image_folder(tmp_path / "img", np.random.default_rng(3))
     assert main(["extract", model_file(tmp_path), str(tmp_path / "img"), "--out", str(tmp_path / "g"),
-                 "--examples", "2", "--image-size", "12", "--quiet", "--num-workers", "0"]) == 0
+                 "--examples", "2", "--image-size", "12", "--quiet", "--num-workers", "0", "--layout", "npz"]) == 0
     out = tmp_path / "gephi"
     out.mkdir()
     for c in ("a", "b"):
