@@ -795,8 +795,10 @@ def _distinct_names(named: Sequence[tuple[str, Path]]) -> list[str]:
 
 
 def _load_graph(text: str) -> Any:
-    """One graph: a ``.npz`` file, or ``DIR:CATEGORY`` of a folder written by ``extract`` (a store
-    or an older folder of ``.npz`` files), reading that category only."""
+    """One graph: a ``.npz`` file, a GraphML or GEXF file (as Gephi or ``export`` wrote it), or
+    ``DIR:CATEGORY`` of a folder written by ``extract`` (a store or an older folder of ``.npz``
+    files), reading that category only."""
+    from connectome.gephi import read_gexf, read_graphml
     from connectome.io import load
     from connectome.store import open_folder
 
@@ -813,7 +815,8 @@ def _load_graph(text: str) -> Any:
                     return folder[text[i + 1:]]
                 except KeyError as exc:
                     raise ConnectomeError(str(exc.args[0]) if exc.args else str(exc)) from None
-    return load(p)
+    readers = {".graphml": read_graphml, ".gexf": read_gexf}
+    return readers.get(p.suffix.lower(), load)(p)
 
 
 def _cmd_demo(a: argparse.Namespace) -> int:
