@@ -111,7 +111,8 @@ def examples_key(g: Connectome, data: Any = None) -> str:
     h.update(json.dumps(g.meta.get("examples") or {}, sort_keys=True, default=str).encode("utf-8", "surrogatepass"))
     h.update(json.dumps(None if data is None else str(data)).encode("utf-8", "surrogatepass"))
     h.update("\0".join(g.node_ids.tolist()).encode("utf-8", "surrogatepass"))
-    for c in sorted(c for c in g.node_attrs if _COLUMN.match(c) and not c.split("_")[-2] == "value"):
+    # the index and pos columns place every patch; the values only rank them
+    for c in sorted(c for c in g.node_attrs if (m := _COLUMN.match(c)) and m.group(2) != "value"):
         h.update(c.encode())
         h.update(np.ascontiguousarray(g.node_attrs[c], dtype=np.int64).tobytes())
     return h.hexdigest()[:12]

@@ -106,14 +106,19 @@ def test_patch_files_of_units_named_alike_do_not_collide(tmp_path, capsys):
     assert len({f.rsplit("/", 1)[0] for f in files}) == 1  # one folder for the graph
 
 
-@pytest.mark.parametrize("change", ["examples", "data"])
+@pytest.mark.parametrize("change", ["examples", "positions", "data"])
 def test_examples_key_names_what_the_patches_are_cut_from(tmp_path, change):
     g = _twins_graph(tmp_path)
     key = patches.examples_key(g)
     assert patches.examples_key(g) == key and len(key) == 12
     assert patches.examples_key(g.prune(top_k=1)) == key  # edges do not change a unit's patches
+    # the values only rank the examples: the same images and positions cut the same patches
+    assert patches.examples_key(g.with_node_attrs(example_value_0=2 * np.asarray(g.node_attrs["example_value_0"]))) == key
     if change == "examples":
         other = g.with_node_attrs(example_index_0=1 - np.asarray(g.node_attrs["example_index_0"]))
+        assert patches.examples_key(other) != key
+    elif change == "positions":
+        other = g.with_node_attrs(example_pos_0=1 - np.asarray(g.node_attrs["example_pos_0"]))
         assert patches.examples_key(other) != key
     else:
         assert patches.examples_key(g, str(tmp_path)) != key
