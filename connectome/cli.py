@@ -1039,10 +1039,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.simplefilter("default")
             warnings.showwarning = _show_warning
             return COMMANDS[args.command](args)
-    except ConnectomeError as exc:
-        print(f"connectome {args.command}: error: {printable(_one_line(exc))}", file=sys.stderr)
-        return 2
-    except (ValueError, OSError) as exc:  # argument mistakes; a path that is a file, a full disk
+    except (ConnectomeError, ValueError, OSError) as exc:  # also argument mistakes; a path that is a file, a full disk
         print(f"connectome {args.command}: error: {printable(_one_line(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
