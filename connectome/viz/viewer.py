@@ -200,7 +200,8 @@ def viewer_html(graphs: Connectome | Mapping[str, Connectome], images: Any = Non
         raise ValueError("graphs is empty; pass a Connectome or a dict of category -> Connectome")
     if not 0 < mass <= 1:
         raise ValueError(f"mass must be in (0, 1], got {mass}")
-    from connectome.reporting import for_display, printable
+    from connectome._text import printable
+    from connectome.reporting import for_display
 
     cats = []
     for name, g in graphs.items():
