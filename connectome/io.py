@@ -512,17 +512,16 @@ def check_examples(ex: Any, layers: Sequence[Layer], node_attrs: dict[str, np.nd
     sizes = [l.size for l in layers]
     f = np.repeat(np.array([[0] * 8 if m is None else m for m in maps], dtype=np.int64).reshape(-1, 8), sizes, axis=0)
     has = np.repeat(np.array([m is not None for m in maps], dtype=bool), sizes)
+    # the patch code reads the index, value and pos columns of a slot together (a Gephi user
+    # may delete one, or retype it as text, which the reader drops)
+    for c in node_attrs:
+        if m := _COLUMN.match(c):
+            lacking = [f"{m.group(1)}_{part}_{m.group(3)}" for part in ("index", "value", "pos")
+                       if f"{m.group(1)}_{part}_{m.group(3)}" not in node_attrs]
+            if lacking:
+                raise BadFileError(f"{p!r} has the example column {c!r} without {lacking[0]!r}; "
+                                   "extract the graph again with --examples")
     for prefix in LISTS.values():
-        # the patch code reads the index, value and pos columns of a slot together (a Gephi user
-        # may delete one, or retype it as text, which the reader drops)
-        for c in node_attrs:
-            m = _COLUMN.match(c)
-            if m and m.group(1) == prefix:
-                lacking = [f"{prefix}_{part}_{m.group(3)}" for part in ("index", "value", "pos")
-                           if f"{prefix}_{part}_{m.group(3)}" not in node_attrs]
-                if lacking:
-                    raise BadFileError(f"{p!r} has the example column {c!r} without {lacking[0]!r}; "
-                                       "extract the graph again with --examples")
         j = 0
         while f"{prefix}_pos_{j}" in node_attrs:
             col = f"{prefix}_pos_{j}"
