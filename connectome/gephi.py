@@ -34,7 +34,7 @@ import numpy as np
 
 from connectome.errors import BadFileError, ConnectomeError
 from connectome.graph import Connectome, Layer
-from connectome.io import check_examples, warn_non_finite
+from connectome.io import _clip, check_examples, warn_non_finite  # _clip: an id or index may be megabytes long
 
 __all__ = ["read_graphml", "read_gexf", "read"]
 
@@ -275,12 +275,6 @@ def _unit(value: Any, node: Any, path: Path) -> int:
         raise BadFileError(f"{str(path)!r}: node {_clip(node)} has the index {_clip(unit)}, beyond a 64-bit integer; "
                            "export it again from Gephi or connectome")
     return unit
-
-
-def _clip(v: Any, n: int = 60) -> str:
-    """``repr(v)`` for a message, cut to ``n`` characters (an id or index may be megabytes long)."""
-    s = repr(v)
-    return s if len(s) <= n else f"{s[:n]}... ({len(s)} characters)"
 
 
 def _columns(rows: list[dict], skip: frozenset[str] | set[str]) -> dict[str, list[Any]]:
