@@ -297,6 +297,18 @@ def test_an_edge_to_an_undeclared_node_is_refused(g, tmp_path, ext):
         gephi.read(_edited(g, tmp_path, ext, retarget))
 
 
+@pytest.mark.parametrize("ext", ["graphml", "gexf"])
+def test_a_long_repeated_node_id_is_clipped_in_the_message(tmp_path, ext):
+    """The message quotes the id cut short: a file may hold an id of megabytes."""
+    long_id = "a:" + "7" * 100_000
+    nodes = f'<node id="{long_id}"/><node id="{long_id}"/><node id="b:0"/>'
+    path = (_graphml(tmp_path, "", nodes) if ext == "graphml"
+            else _gexf(tmp_path, "", nodes, ""))
+    with pytest.raises(BadFileError, match=r"declares node 'a:7777.*\.\.\. twice") as err:
+        gephi.read(path)
+    assert len(str(err.value)) < 300
+
+
 def _graphml(tmp_path: Path, keys: str, body: str, name: str = "t.graphml") -> Path:
     path = tmp_path / name
     path.write_text('<?xml version="1.0"?><graphml xmlns="http://graphml.graphdrawing.org/xmlns">' + keys
