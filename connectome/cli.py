@@ -752,11 +752,12 @@ def _cmd_view(a: argparse.Namespace) -> int:
 
 def _graph_inputs(items: Sequence[str]) -> list[Path]:
     """The files a command reads its graphs from, which ``--out`` must not replace: each graph
-    file, and every file directly in a folder given (its index.json, .npz files, the store's
-    metadata)."""
+    file, and every file directly in a folder given or named by ``DIR:CATEGORY`` (its
+    index.json, .npz files, the store's metadata)."""
     out: list[Path] = []
     for item in items:
-        p = Path(item)
+        split = _category_spec(item)
+        p = Path(item if split is None else split[0])  # DIR:CATEGORY: the folder's files
         if p.is_dir():
             out += [f for f in p.iterdir() if f.is_file()]
         elif p.exists():
@@ -794,6 +795,16 @@ def _distinct_names(named: Sequence[tuple[str, Path]]) -> list[str]:
     return out
 
 
+def _category_spec(text: str) -> tuple[str, str] | None:
+    """``(DIR, CATEGORY)`` when ``text`` is no path but ``DIR:CATEGORY`` of a folder (split at
+    the first ':' before which a folder ends); else None."""
+    if not Path(text).exists():
+        for i, ch in enumerate(text):
+            if ch == ":" and i and Path(text[:i]).is_dir():
+                return text[:i], text[i + 1:]
+    return None
+
+
 def _load_graph(text: str) -> Any:
     """One graph: a ``.npz`` file, a GraphML or GEXF file (as Gephi or ``export`` wrote it), or
     ``DIR:CATEGORY`` of a folder written by ``extract`` (a store or an older folder of ``.npz``
@@ -807,14 +818,13 @@ def _load_graph(text: str) -> Any:
         names = list(open_folder(p))
         example = f"{text}:{names[0]}" if names else f"{text}:CATEGORY"
         raise ConnectomeError(f"{text!r} is a folder of {len(names)} categories; name one, e.g. {example!r}")
-    if not p.exists():
-        for i, ch in enumerate(text):  # DIR:CATEGORY: the first ':' after which a folder ends
-            if ch == ":" and i and Path(text[:i]).is_dir():
-                folder = open_folder(text[:i])
-                try:
-                    return folder[text[i + 1:]]
-                except KeyError as exc:
-                    raise ConnectomeError(str(exc.args[0]) if exc.args else str(exc)) from None
+    split = _category_spec(text)
+    if split is not None:
+        folder = open_folder(split[0])
+        try:
+            return folder[split[1]]
+        except KeyError as exc:
+            raise ConnectomeError(str(exc.args[0]) if exc.args else str(exc)) from None
     readers = {".graphml": read_graphml, ".gexf": read_gexf}
     return readers.get(p.suffix.lower(), load)(p)
 

@@ -121,3 +121,18 @@ def test_view_names_from_folders_of_one_name_and_from_one_folder(tmp_path):
     cats = _viewer_categories(out)
     assert {n: sum(u.startswith("hidden:") for u in ids) for n, ids in cats.items()} == {
         "x/data/circle (g.npz)": 2, "y/data/circle": 3, "x/data/circle (h.npz)": 4}
+
+
+def test_export_of_a_folder_category_refuses_the_folder_files_as_output(tmp_path, capsys):
+    """``DIR:CATEGORY`` is no path, so its folder's files were not counted as inputs: export
+    wrote GraphML over the category's own .npz."""
+    folder = tmp_path / "g"
+    folder.mkdir()
+    _graph("circle", 3).save(folder / "circle.npz")
+    (folder / "index.json").write_text(json.dumps({"categories": {"circle": {"file": "circle.npz"}}}))
+    for victim in ("index.json", "circle.npz"):
+        before = (folder / victim).read_bytes()
+        assert main(["export", f"{folder}:circle", "--format", "graphml", "--out", str(folder / victim)]) == 2
+        _one_line_refusal(capsys, "is the input", victim)
+        assert (folder / victim).read_bytes() == before
+    assert main(["export", f"{folder}:circle", "--out", str(folder / "circle.graphml")]) == 0  # a new file beside them
