@@ -565,8 +565,7 @@ def _non_finite(g: Connectome) -> list[str]:
             out.append(f"{int(bad.sum())} edge weights ("
                        + per(pairs, lambda v: f"{names[v // len(names)]}->{names[v % len(names)]}") + ")")
     for k, v in g.node_attrs.items():
-        bad = np.isinf(v) if v.dtype.kind == "f" else None
-        if bad is not None and bad.any():
+        if v.dtype.kind == "f" and (bad := np.isinf(v)).any():
             out.append(f"{int(bad.sum())} infinite values of node attribute {k!r} ("
                        + per(nl[bad], lambda i: names[i]) + ")")
     return out
