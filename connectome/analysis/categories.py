@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from connectome.analysis._util import finish_correlation
 from connectome.analysis._util import nan_to_none as _nan_to_none
 from connectome.errors import BadFileError, ConnectomeError
 
@@ -34,14 +35,8 @@ def _pearson(gram: np.ndarray, sums: np.ndarray, n: int) -> np.ndarray:
     bad = var <= 1e-9 * np.maximum(scale, 1e-300)  # constant up to rounding
     sd = np.sqrt(np.where(bad, 1.0, var))
     with np.errstate(divide="ignore", invalid="ignore"):
-        c = np.clip(cov / np.outer(sd, sd), -1.0, 1.0)
-    c[bad, :] = np.nan
-    c[:, bad] = np.nan
-    idx = np.flatnonzero(~bad)
-    c[idx, idx] = 1.0
-    c = (c + c.T) / 2
-    c.setflags(write=False)
-    return c
+        c = cov / np.outer(sd, sd)
+    return finish_correlation(c, bad)
 
 
 @dataclass(frozen=True)
