@@ -226,6 +226,15 @@ def _read_json(path: Path, what: str) -> Any:
         raise BadFileError(f"{what}: {path.name} cannot be read ({type(exc).__name__}); the store is damaged") from None
 
 
+def _listed(manifest: Any) -> dict[str, dict[str, Any]] | None:
+    """The ``categories`` of a manifest when each has a row (an int >= 0), else None (damaged)."""
+    cats = manifest.get("categories") if isinstance(manifest, dict) else None
+    if isinstance(cats, dict) and all(isinstance(e, dict) and isinstance(e.get("row"), int) and e["row"] >= 0
+                                      for e in cats.values()):
+        return cats
+    return None
+
+
 class CategoryStore(Mapping[str, Connectome]):
     """A category store, opened read-only: a mapping category -> :class:`Connectome`.
 
@@ -278,16 +287,13 @@ class CategoryStore(Mapping[str, Connectome]):
         if self.dtype not in FLOW_DTYPES:
             raise BadFileError(f"{where} declares the flow dtype {self.dtype!r}; the store is damaged")
         manifest = _read_json(self.path / MANIFEST, where) if (self.path / MANIFEST).exists() else {"categories": {}}
-        cats = manifest.get("categories") if isinstance(manifest, dict) else None
-        if not isinstance(cats, dict) or not all(
-                isinstance(e, dict) and isinstance(e.get("row"), int) and e["row"] >= 0 for e in cats.values()):
+        cats = _listed(manifest)
+        if cats is None:
             raise BadFileError(f"{where}: {MANIFEST} is damaged (categories without rows); "
                                "the categories cannot be found")
         for part in sorted(self.path.glob("manifest.rank*.json")):  # a run split across processes
-            more = _read_json(part, where)
-            more = more.get("categories") if isinstance(more, dict) else None
-            if not isinstance(more, dict) or not all(
-                    isinstance(e, dict) and isinstance(e.get("row"), int) and e["row"] >= 0 for e in more.values()):
+            more = _listed(_read_json(part, where))
+            if more is None:
                 raise BadFileError(f"{where}: {part.name} is damaged (categories without rows)")
             cats = {**cats, **{k: v for k, v in more.items() if k not in cats}}
         if len({e["row"] for e in cats.values()}) != len(cats):
