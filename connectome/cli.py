@@ -359,9 +359,9 @@ def _extract_store(a: argparse.Namespace, rank: int, spec: Any, data: Any, optio
                    where: str | None) -> int:
     """``extract`` into a category store (see :mod:`connectome.store`): each category written as it
     finishes, the categories already in the store skipped (the store is the run's checkpoint)."""
-    from connectome.extract import iter_attribution_by_category
     import functools
 
+    from connectome.extract import iter_attribution_by_category
     from connectome.extract.flow import _shared_done, write_stream
     from connectome.reporting import printable
     from connectome.store import StoreWriter
@@ -370,16 +370,10 @@ def _extract_store(a: argparse.Namespace, rank: int, spec: Any, data: Any, optio
     units: list[str] = []
 
     def prepare(cname: str, g: Any) -> Any:
-        if where is not None:  # where the images are: `view` and `report` find the patches again
-            g = g.with_meta(examples={**g.meta["examples"], "data": where})
-        return g.with_meta(**spec.meta)  # what was assumed (random weights) travels with the graph
+        return _with_run_meta(g, where, spec.meta)
 
     def written(cname: str, g: Any) -> None:
-        tc, labels = g.meta.get("target_class"), g.layers[-1].labels
-        if isinstance(tc, int):
-            units.append(f"{printable(cname)} -> unit {tc}" + (f" ({printable(labels[tc])})" if labels and tc < len(labels) else ""))
-        print(f"{printable(cname):>20}: {g.meta['n_images']:5d} images  {g.num_nodes} units  {g.num_edges} edges  "
-              f"completeness residual {g.meta['completeness_residual']:.2e}")
+        _tell_written(cname, g, units)
 
     with _out_writer(a, run_info) as writer:
         done = _shared_done(writer)
@@ -463,20 +457,31 @@ def _merged_index(out: Path, new: dict[str, Any], given: str) -> dict[str, Any]:
 def _write_category(out: Path, index: dict[str, Any], given: str, cname: str, g: Any, file: str,
                     where: str | None, spec_meta: dict[str, Any], units: list[str]) -> None:
     """Save one category's graph and list it in index.json (a run stopped later keeps it)."""
-    from connectome.reporting import printable
-
-    if where is not None:  # where the images are: `view` and `report` find the patches again
-        g = g.with_meta(examples={**g.meta["examples"], "data": where})
-    g = g.with_meta(**spec_meta)  # what was assumed (random weights) travels with the graph
-    tc = g.meta.get("target_class")
-    labels = g.layers[-1].labels
-    if isinstance(tc, int):  # how the category folder was mapped to an output unit, said at the end
-        units.append(f"{printable(cname)} -> unit {tc}" + (f" ({printable(labels[tc])})" if labels and tc < len(labels) else ""))
+    g = _with_run_meta(g, where, spec_meta)
     g.save(out / file)
     index["categories"][cname] = {
         "file": file, "n_images": g.meta["n_images"], "completeness_residual": g.meta["completeness_residual"],
     }
     _write_index(out, index, given)
+    _tell_written(cname, g, units)
+
+
+def _with_run_meta(g: Any, where: str | None, spec_meta: dict[str, Any]) -> Any:
+    """``g`` with where its images are (``view`` and ``report`` find the patches again) and what
+    the model spec assumed (random weights ...) in its meta."""
+    if where is not None:
+        g = g.with_meta(examples={**g.meta["examples"], "data": where})
+    return g.with_meta(**spec_meta)
+
+
+def _tell_written(cname: str, g: Any, units: list[str]) -> None:
+    """Print one line for a written category; note in ``units`` which output unit it was mapped
+    to (said once at the end)."""
+    from connectome.reporting import printable
+
+    tc, labels = g.meta.get("target_class"), g.layers[-1].labels
+    if isinstance(tc, int):
+        units.append(f"{printable(cname)} -> unit {tc}" + (f" ({printable(labels[tc])})" if labels and tc < len(labels) else ""))
     print(f"{printable(cname):>20}: {g.meta['n_images']:5d} images  {g.num_nodes} units  {g.num_edges} edges  "
           f"completeness residual {g.meta['completeness_residual']:.2e}")
 
