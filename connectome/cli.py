@@ -396,11 +396,8 @@ def _out_writer(a: argparse.Namespace, run_info: dict[str, Any]) -> Any:
     from connectome.extract.flow import _rank0_writer
 
     stack = contextlib.ExitStack()
-    try:
-        writer = stack.enter_context(_rank0_writer(a.out, run_info, a.dtype, what=f"--out {a.out!r}"))
-    except OSError as exc:
-        raise ConnectomeError(f"cannot write to --out {a.out!r} ({exc.strerror or exc}); "
-                              "choose a folder you can write to") from None
+    writer = _out_op(lambda: stack.enter_context(_rank0_writer(a.out, run_info, a.dtype, what=f"--out {a.out!r}")),
+                     a.out)
     with stack:
         yield writer
 
