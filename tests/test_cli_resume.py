@@ -280,3 +280,20 @@ def test_a_rerun_never_gives_a_new_category_a_file_an_earlier_one_folds_to(tmp_p
     files = {c: e["file"] for c, e in _index(out)["categories"].items()}
     assert files["Cat"] == "Cat.npz" and _fold(files["cat"]) != "cat.npz"
     assert cn.load(out / files["Cat"]).meta["category"] == "Cat"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_what_the_model_spec_assumed_travels_with_every_graph(tmp_path, monkeypatch, layout):
+    import dataclasses
+
+    import connectome.modelspec as modelspec
+
+    load = modelspec.load_model_spec
+    monkeypatch.setattr(modelspec, "load_model_spec",
+                        lambda *a, **k: dataclasses.replace(load(*a, **k), meta={"weights": "random init"}))
+    model = image_folder_model(tmp_path, ["ants", "bees"])
+    assert _run(tmp_path, model, "--examples", "1", layout=layout) == 0
+    for cname in ["ants", "bees"]:
+        g = _graph(tmp_path / "graphs", layout, cname)
+        assert g.meta["weights"] == "random init"
+        assert g.meta["examples"]["data"] == str((tmp_path / "imgs").resolve())
