@@ -585,9 +585,7 @@ def _cmd_compare(a: argparse.Namespace) -> int:
 def _compare_store(a: argparse.Namespace) -> int:
     """``compare DIR``: every category of a store with every other; figures into ``--out``."""
     from connectome.analysis import compare_categories
-    from connectome.io import atomic_write
     from connectome.store import CategoryStore, open_folder
-    from connectome.viz._mpl import pyplot
 
     if not Path(a.a).is_dir():
         raise ConnectomeError(f"compare needs two graphs, or one folder written by extract; got only {a.a!r}")
@@ -604,13 +602,8 @@ def _compare_store(a: argparse.Namespace) -> int:
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
         for name, plot in (("dendrogram.png", r.plot_dendrogram), ("sharing.png", r.plot_sharing)):
-            ax = plot()
-            fig = ax.get_figure()
-            with atomic_write(out / name) as fh:
-                fig.savefig(fh, format="png", dpi=110)
-            pyplot().close(fig)
-        with atomic_write(out / "categories.json", "w") as fh:
-            json.dump(r.to_dict(), fh, default=_json_default)
+            _save_figure(str(out / name), plot().get_figure())
+        _write_json(str(out / "categories.json"), r.to_dict())
         print(f"wrote dendrogram.png, sharing.png and categories.json to {a.out}", file=sys.stderr)
     return 0
 
