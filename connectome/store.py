@@ -626,7 +626,8 @@ class StoreWriter:
         for col, v in [("weight", g.weight), *g.edge_attrs.items()]:
             vv = np.ascontiguousarray(v, dtype=self.dtype)
             self._array("edge", col, g.num_edges, self.dtype)[row] = vv
-            crc[f"edge/{col}"], columns["edge"] = zlib.crc32(vv), [*columns["edge"], col]
+            crc[f"edge/{col}"] = zlib.crc32(vv)
+            columns["edge"].append(col)
         for col, v in g.node_attrs.items():
             kind = np.asarray(v).dtype.kind
             if kind not in "fiub":
@@ -635,7 +636,8 @@ class StoreWriter:
             dtype = np.float64 if kind == "f" else np.int64
             vv = np.ascontiguousarray(v, dtype=dtype)
             self._array("node", col, g.num_nodes, dtype)[row] = vv
-            crc[f"node/{col}"], columns["node"] = zlib.crc32(vv), [*columns["node"], col]
+            crc[f"node/{col}"] = zlib.crc32(vv)
+            columns["node"].append(col)
         if circuit is not None and (self.part is None or "circuit/units" in self._group):
             vv = np.ascontiguousarray(circuit, dtype=np.int64)
             self._array("circuit", "units", g.num_nodes, np.int64)[row] = vv
