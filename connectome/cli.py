@@ -359,9 +359,9 @@ def _extract_store(a: argparse.Namespace, rank: int, spec: Any, data: Any, optio
                    where: str | None) -> int:
     """``extract`` into a category store (see :mod:`connectome.store`): each category written as it
     finishes, the categories already in the store skipped (the store is the run's checkpoint)."""
-    from connectome.extract import iter_attribution_by_category
     import functools
 
+    from connectome.extract import iter_attribution_by_category
     from connectome.extract.flow import _shared_done, write_stream
     from connectome.reporting import printable
     from connectome.store import StoreWriter
@@ -370,16 +370,10 @@ def _extract_store(a: argparse.Namespace, rank: int, spec: Any, data: Any, optio
     units: list[str] = []
 
     def prepare(cname: str, g: Any) -> Any:
-        if where is not None:  # where the images are: `view` and `report` find the patches again
-            g = g.with_meta(examples={**g.meta["examples"], "data": where})
-        return g.with_meta(**spec.meta)  # what was assumed (random weights) travels with the graph
+        return _with_run_meta(g, where, spec.meta)
 
     def written(cname: str, g: Any) -> None:
-        tc, labels = g.meta.get("target_class"), g.layers[-1].labels
-        if isinstance(tc, int):
-            units.append(f"{printable(cname)} -> unit {tc}" + (f" ({printable(labels[tc])})" if labels and tc < len(labels) else ""))
-        print(f"{printable(cname):>20}: {g.meta['n_images']:5d} images  {g.num_nodes} units  {g.num_edges} edges  "
-              f"completeness residual {g.meta['completeness_residual']:.2e}")
+        _tell_written(cname, g, units)
 
     with _out_writer(a, run_info) as writer:
         done = _shared_done(writer)
@@ -402,11 +396,8 @@ def _out_writer(a: argparse.Namespace, run_info: dict[str, Any]) -> Any:
     from connectome.extract.flow import _rank0_writer
 
     stack = contextlib.ExitStack()
-    try:
-        writer = stack.enter_context(_rank0_writer(a.out, run_info, a.dtype, what=f"--out {a.out!r}"))
-    except OSError as exc:
-        raise ConnectomeError(f"cannot write to --out {a.out!r} ({exc.strerror or exc}); "
-                              "choose a folder you can write to") from None
+    writer = _out_op(lambda: stack.enter_context(_rank0_writer(a.out, run_info, a.dtype, what=f"--out {a.out!r}")),
+                     a.out)
     with stack:
         yield writer
 
@@ -463,20 +454,31 @@ def _merged_index(out: Path, new: dict[str, Any], given: str) -> dict[str, Any]:
 def _write_category(out: Path, index: dict[str, Any], given: str, cname: str, g: Any, file: str,
                     where: str | None, spec_meta: dict[str, Any], units: list[str]) -> None:
     """Save one category's graph and list it in index.json (a run stopped later keeps it)."""
-    from connectome.reporting import printable
-
-    if where is not None:  # where the images are: `view` and `report` find the patches again
-        g = g.with_meta(examples={**g.meta["examples"], "data": where})
-    g = g.with_meta(**spec_meta)  # what was assumed (random weights) travels with the graph
-    tc = g.meta.get("target_class")
-    labels = g.layers[-1].labels
-    if isinstance(tc, int):  # how the category folder was mapped to an output unit, said at the end
-        units.append(f"{printable(cname)} -> unit {tc}" + (f" ({printable(labels[tc])})" if labels and tc < len(labels) else ""))
+    g = _with_run_meta(g, where, spec_meta)
     g.save(out / file)
     index["categories"][cname] = {
         "file": file, "n_images": g.meta["n_images"], "completeness_residual": g.meta["completeness_residual"],
     }
     _write_index(out, index, given)
+    _tell_written(cname, g, units)
+
+
+def _with_run_meta(g: Any, where: str | None, spec_meta: dict[str, Any]) -> Any:
+    """``g`` with where its images are (``view`` and ``report`` find the patches again) and what
+    the model spec assumed (random weights ...) in its meta."""
+    if where is not None:
+        g = g.with_meta(examples={**g.meta["examples"], "data": where})
+    return g.with_meta(**spec_meta)
+
+
+def _tell_written(cname: str, g: Any, units: list[str]) -> None:
+    """Print one line for a written category; note in ``units`` which output unit it was mapped
+    to (said once at the end)."""
+    from connectome.reporting import printable
+
+    tc, labels = g.meta.get("target_class"), g.layers[-1].labels
+    if isinstance(tc, int):
+        units.append(f"{printable(cname)} -> unit {tc}" + (f" ({printable(labels[tc])})" if labels and tc < len(labels) else ""))
     print(f"{printable(cname):>20}: {g.meta['n_images']:5d} images  {g.num_nodes} units  {g.num_edges} edges  "
           f"completeness residual {g.meta['completeness_residual']:.2e}")
 
@@ -583,9 +585,7 @@ def _cmd_compare(a: argparse.Namespace) -> int:
 def _compare_store(a: argparse.Namespace) -> int:
     """``compare DIR``: every category of a store with every other; figures into ``--out``."""
     from connectome.analysis import compare_categories
-    from connectome.io import atomic_write
     from connectome.store import CategoryStore, open_folder
-    from connectome.viz._mpl import pyplot
 
     if not Path(a.a).is_dir():
         raise ConnectomeError(f"compare needs two graphs, or one folder written by extract; got only {a.a!r}")
@@ -602,13 +602,8 @@ def _compare_store(a: argparse.Namespace) -> int:
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
         for name, plot in (("dendrogram.png", r.plot_dendrogram), ("sharing.png", r.plot_sharing)):
-            ax = plot()
-            fig = ax.get_figure()
-            with atomic_write(out / name) as fh:
-                fig.savefig(fh, format="png", dpi=110)
-            pyplot().close(fig)
-        with atomic_write(out / "categories.json", "w") as fh:
-            json.dump(r.to_dict(), fh, default=_json_default)
+            _save_figure(str(out / name), plot().get_figure())
+        _write_json(str(out / "categories.json"), r.to_dict())
         print(f"wrote dendrogram.png, sharing.png and categories.json to {a.out}", file=sys.stderr)
     return 0
 

@@ -226,6 +226,15 @@ def _read_json(path: Path, what: str) -> Any:
         raise BadFileError(f"{what}: {path.name} cannot be read ({type(exc).__name__}); the store is damaged") from None
 
 
+def _listed(manifest: Any) -> dict[str, dict[str, Any]] | None:
+    """The ``categories`` of a manifest when each has a row (an int >= 0), else None (damaged)."""
+    cats = manifest.get("categories") if isinstance(manifest, dict) else None
+    if isinstance(cats, dict) and all(isinstance(e, dict) and isinstance(e.get("row"), int) and e["row"] >= 0
+                                      for e in cats.values()):
+        return cats
+    return None
+
+
 class CategoryStore(Mapping[str, Connectome]):
     """A category store, opened read-only: a mapping category -> :class:`Connectome`.
 
@@ -278,16 +287,13 @@ class CategoryStore(Mapping[str, Connectome]):
         if self.dtype not in FLOW_DTYPES:
             raise BadFileError(f"{where} declares the flow dtype {self.dtype!r}; the store is damaged")
         manifest = _read_json(self.path / MANIFEST, where) if (self.path / MANIFEST).exists() else {"categories": {}}
-        cats = manifest.get("categories") if isinstance(manifest, dict) else None
-        if not isinstance(cats, dict) or not all(
-                isinstance(e, dict) and isinstance(e.get("row"), int) and e["row"] >= 0 for e in cats.values()):
+        cats = _listed(manifest)
+        if cats is None:
             raise BadFileError(f"{where}: {MANIFEST} is damaged (categories without rows); "
                                "the categories cannot be found")
         for part in sorted(self.path.glob("manifest.rank*.json")):  # a run split across processes
-            more = _read_json(part, where)
-            more = more.get("categories") if isinstance(more, dict) else None
-            if not isinstance(more, dict) or not all(
-                    isinstance(e, dict) and isinstance(e.get("row"), int) and e["row"] >= 0 for e in more.values()):
+            more = _listed(_read_json(part, where))
+            if more is None:
                 raise BadFileError(f"{where}: {part.name} is damaged (categories without rows)")
             cats = {**cats, **{k: v for k, v in more.items() if k not in cats}}
         if len({e["row"] for e in cats.values()}) != len(cats):
@@ -620,7 +626,8 @@ class StoreWriter:
         for col, v in [("weight", g.weight), *g.edge_attrs.items()]:
             vv = np.ascontiguousarray(v, dtype=self.dtype)
             self._array("edge", col, g.num_edges, self.dtype)[row] = vv
-            crc[f"edge/{col}"], columns["edge"] = zlib.crc32(vv), [*columns["edge"], col]
+            crc[f"edge/{col}"] = zlib.crc32(vv)
+            columns["edge"].append(col)
         for col, v in g.node_attrs.items():
             kind = np.asarray(v).dtype.kind
             if kind not in "fiub":
@@ -629,7 +636,8 @@ class StoreWriter:
             dtype = np.float64 if kind == "f" else np.int64
             vv = np.ascontiguousarray(v, dtype=dtype)
             self._array("node", col, g.num_nodes, dtype)[row] = vv
-            crc[f"node/{col}"], columns["node"] = zlib.crc32(vv), [*columns["node"], col]
+            crc[f"node/{col}"] = zlib.crc32(vv)
+            columns["node"].append(col)
         if circuit is not None and (self.part is None or "circuit/units" in self._group):
             vv = np.ascontiguousarray(circuit, dtype=np.int64)
             self._array("circuit", "units", g.num_nodes, np.int64)[row] = vv

@@ -12,6 +12,8 @@ import pytest
 import connectome as cn
 from connectome.cli import main
 
+from _image_folder import image_folder_model
+
 
 @pytest.fixture(scope="module")
 def extracted(tmp_path_factory) -> Path:
@@ -184,29 +186,8 @@ def test_out_that_is_the_wrong_kind_of_path(cmd, extracted, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------- nothing lost, nothing silently wrong
-def _image_folder(root: Path, names: list[str], n: int = 2) -> str:
-    """An ImageFolder with one folder per name and a model file with one output per name."""
-    import os
-
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for name in names:
-        d = os.path.join(os.fsencode(root / "imgs"), os.fsencode(name))
-        os.makedirs(d)
-        for i in range(n):
-            Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(os.path.join(d, b"%d.png" % i))
-    (root / "m.py").write_text(
-        "import torch.nn as nn\n"
-        "def build():\n"
-        "    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),\n"
-        f"                         nn.Flatten(), nn.Linear(4, {len(names)}))\n"
-    )
-    return f"{root / 'm.py'}:build"
-
-
 def _extract(tmp_path, names, *extra) -> tuple[int, Path]:
-    model = _image_folder(tmp_path, names)
+    model = image_folder_model(tmp_path, names)
     out = tmp_path / "graphs"
     rc = main(["extract", "--layout", "npz", model, str(tmp_path / "imgs"), "--out", str(out), "--image-size", "8", "--quiet",
                "--device", "cpu", *extra])
@@ -273,7 +254,7 @@ def test_extract_checks_the_output_folder_before_any_work(tmp_path, monkeypatch,
     calls = []
     monkeypatch.setattr(connectome.extract, "attribution_by_category", lambda *a, **k: calls.append(1))
     (tmp_path / "afile").write_text("x")
-    model = _image_folder(tmp_path, ["cats", "dogs"])
+    model = image_folder_model(tmp_path, ["cats", "dogs"])
     rc = main(["extract", model, str(tmp_path / "imgs"), "--out", str(tmp_path / "afile" / "graphs"),
                "--image-size", "8", "--quiet", "--device", "cpu"])
     assert rc == 2 and not calls  # refused before the first batch
@@ -290,7 +271,7 @@ def test_extract_refuses_a_read_only_output_folder_before_any_work(tmp_path, mon
 
     calls = []
     monkeypatch.setattr(connectome.extract, "attribution_by_category", lambda *a, **k: calls.append(1))
-    model = _image_folder(tmp_path, ["cats", "dogs"])
+    model = image_folder_model(tmp_path, ["cats", "dogs"])
     (tmp_path / "ro").mkdir()
     os.chmod(tmp_path / "ro", 0o555)
     try:

@@ -12,34 +12,13 @@ import sys
 import unicodedata
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import connectome as cn
 from connectome.cli import category_files, main
 from connectome.store import LOCK_NAME
 
-
-def _data(root: Path, names: list[str], n: int = 2, outputs: int | None = None) -> str:
-    """An ImageFolder ``root/imgs/<name>/`` per name and a model file with one output per name."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for name in names:
-        d = os.path.join(os.fsencode(root / "imgs"), os.fsencode(name))
-        os.makedirs(d)
-        for i in range(n):
-            Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(os.path.join(d, b"%d.png" % i))
-    (root / "m.py").write_text(
-        "import torch.nn as nn\n"
-        "def build():\n"
-        "    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),\n"
-        f"                         nn.Flatten(), nn.Linear(4, {outputs or len(names)}))\n"
-        "def other():\n"
-        "    return nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),\n"
-        f"                         nn.Flatten(), nn.Linear(5, {outputs or len(names)}))\n"
-    )
-    return f"{root / 'm.py'}:build"
+from _image_folder import image_folder_model
 
 
 def _run(tmp_path: Path, model: str, *extra: str, out: Path | None = None, layout: str = "npz") -> int:
@@ -71,7 +50,7 @@ def _listing(out: Path, layout: str) -> Path:
 # ---------------------------------------------------------------------- item 3: merge, never reset
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_two_runs_into_one_out_keep_both_runs_categories(tmp_path, capsys, layout):
-    model = _data(tmp_path, ["ants", "bees", "cats"])
+    model = image_folder_model(tmp_path, ["ants", "bees", "cats"])
     out = tmp_path / "graphs"
     assert _run(tmp_path, model, "--categories", "ants", layout=layout) == 0
     first = _graph(out, layout, "ants")
@@ -88,7 +67,7 @@ def test_two_runs_into_one_out_keep_both_runs_categories(tmp_path, capsys, layou
 def test_a_failed_rerun_keeps_the_index_of_the_earlier_run(tmp_path, monkeypatch, capsys, layout):
     import connectome.extract.flow as flow
 
-    model = _data(tmp_path, ["ants", "bees"])
+    model = image_folder_model(tmp_path, ["ants", "bees"])
     out = tmp_path / "graphs"
     assert _run(tmp_path, model, "--categories", "ants", layout=layout) == 0
     before = _listing(out, layout).read_text()
@@ -109,7 +88,7 @@ def test_a_failed_rerun_keeps_the_index_of_the_earlier_run(tmp_path, monkeypatch
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("change, word", [(["--target", "0"], "target"), ("other", "model")])
 def test_a_run_of_another_model_or_target_into_the_same_out_is_refused(tmp_path, capsys, change, word, layout):
-    model = _data(tmp_path, ["ants", "bees"])
+    model = image_folder_model(tmp_path, ["ants", "bees"])
     out = tmp_path / "graphs"
     assert _run(tmp_path, model, layout=layout) == 0
     before = _listing(out, layout).read_bytes()
@@ -126,7 +105,7 @@ def test_a_run_of_another_model_or_target_into_the_same_out_is_refused(tmp_path,
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_the_same_data_folder_named_two_ways_is_one_data(tmp_path, monkeypatch, capsys, layout):
-    model = _data(tmp_path, ["ants", "bees"])
+    model = image_folder_model(tmp_path, ["ants", "bees"])
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "graphs"
     base = ["extract", "--layout", layout, model, "--out", str(out), "--image-size", "8", "--quiet", "--device", "cpu"]
@@ -136,7 +115,7 @@ def test_the_same_data_folder_named_two_ways_is_one_data(tmp_path, monkeypatch, 
 
 
 def test_a_damaged_index_is_refused_and_kept(tmp_path, capsys):
-    model = _data(tmp_path, ["ants"])
+    model = image_folder_model(tmp_path, ["ants"])
     out = tmp_path / "graphs"
     out.mkdir()
     (out / "index.json").write_text("{not json")
@@ -154,7 +133,7 @@ def _lock(out: Path, pid: int, host: str | None = None) -> None:
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_a_second_concurrent_writer_is_refused(tmp_path, capsys, layout):
-    model = _data(tmp_path, ["ants"])
+    model = image_folder_model(tmp_path, ["ants"])
     out = tmp_path / "graphs"
     _lock(out, os.getppid())  # a live process on this host holds the folder
     assert _run(tmp_path, model, layout=layout) == 2
@@ -164,7 +143,7 @@ def test_a_second_concurrent_writer_is_refused(tmp_path, capsys, layout):
 
 
 def test_a_lock_of_another_host_is_refused(tmp_path, capsys):
-    model = _data(tmp_path, ["ants"])
+    model = image_folder_model(tmp_path, ["ants"])
     out = tmp_path / "graphs"
     _lock(out, 1, host="some-other-machine")
     assert _run(tmp_path, model) == 2
@@ -173,7 +152,7 @@ def test_a_lock_of_another_host_is_refused(tmp_path, capsys):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_warning(tmp_path, capsys, layout):
-    model = _data(tmp_path, ["ants"])
+    model = image_folder_model(tmp_path, ["ants"])
     out = tmp_path / "graphs"
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()  # its pid is now free (reused only after the pid space wraps)
@@ -203,7 +182,7 @@ def test_the_writer_lock_excludes_a_second_holder_in_one_process(tmp_path):
 def test_a_failure_in_the_last_category_keeps_the_earlier_ones(tmp_path, monkeypatch, capsys, layout):
     import connectome.extract.flow as flow
 
-    model = _data(tmp_path, ["ants", "bees", "cats"])
+    model = image_folder_model(tmp_path, ["ants", "bees", "cats"])
     real = flow._attribution
 
     def fail_on_cats(*a, **k):
@@ -229,7 +208,7 @@ def test_a_failure_in_the_last_category_keeps_the_earlier_ones(tmp_path, monkeyp
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_a_corrupt_image_in_the_last_category_keeps_the_earlier_ones(tmp_path, capsys, layout):
-    model = _data(tmp_path, ["ants", "bees"], n=1)
+    model = image_folder_model(tmp_path, ["ants", "bees"], n=1)
     (tmp_path / "imgs" / "bees" / "0.png").write_bytes(b"not a png")  # its only image
     out = tmp_path / "graphs"
     assert _run(tmp_path, model, layout=layout) == 2
@@ -241,7 +220,7 @@ def test_a_corrupt_image_in_the_last_category_keeps_the_earlier_ones(tmp_path, c
 
 # ---------------------------------------------------------------------- item 18: what differs
 def test_resuming_with_other_examples_names_the_setting(tmp_path, capsys):
-    model = _data(tmp_path, ["ants"])
+    model = image_folder_model(tmp_path, ["ants"])
     ck = str(tmp_path / "ck")
     assert _run(tmp_path, model, "--checkpoint", ck) == 0
     capsys.readouterr()
@@ -280,7 +259,7 @@ def test_names_a_normalising_file_system_merges_get_distinct_files(pair):
 def test_nfc_and_nfd_category_folders_extract_to_distinct_files(tmp_path, capsys):
     nfc, nfd = "\ud55c", unicodedata.normalize("NFD", "\ud55c")
     assert nfc != nfd
-    model = _data(tmp_path, [nfc, nfd])
+    model = image_folder_model(tmp_path, [nfc, nfd])
     out = tmp_path / "graphs"
     assert _run(tmp_path, model) == 0, capsys.readouterr().err
     files = {c: e["file"] for c, e in _index(out)["categories"].items()}
@@ -293,7 +272,7 @@ def test_a_rerun_never_gives_a_new_category_a_file_an_earlier_one_folds_to(tmp_p
     files = category_files(["cat"], existing={"Cat": "Cat.npz"})
     assert _fold(files["cat"]) != _fold("Cat.npz")
     # end to end: a category differing in case only comes in a second run
-    model = _data(tmp_path, ["Cat", "cat"])
+    model = image_folder_model(tmp_path, ["Cat", "cat"])
     out = tmp_path / "graphs"
     assert _run(tmp_path, model, "--categories", "Cat") == 0
     assert _index(out)["categories"]["Cat"]["file"] == "Cat.npz"
@@ -301,3 +280,20 @@ def test_a_rerun_never_gives_a_new_category_a_file_an_earlier_one_folds_to(tmp_p
     files = {c: e["file"] for c, e in _index(out)["categories"].items()}
     assert files["Cat"] == "Cat.npz" and _fold(files["cat"]) != "cat.npz"
     assert cn.load(out / files["Cat"]).meta["category"] == "Cat"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_what_the_model_spec_assumed_travels_with_every_graph(tmp_path, monkeypatch, layout):
+    import dataclasses
+
+    import connectome.modelspec as modelspec
+
+    load = modelspec.load_model_spec
+    monkeypatch.setattr(modelspec, "load_model_spec",
+                        lambda *a, **k: dataclasses.replace(load(*a, **k), meta={"weights": "random init"}))
+    model = image_folder_model(tmp_path, ["ants", "bees"])
+    assert _run(tmp_path, model, "--examples", "1", layout=layout) == 0
+    for cname in ["ants", "bees"]:
+        g = _graph(tmp_path / "graphs", layout, cname)
+        assert g.meta["weights"] == "random init"
+        assert g.meta["examples"]["data"] == str((tmp_path / "imgs").resolve())

@@ -384,6 +384,9 @@ def test_manifest_parts_of_an_interrupted_split_run_are_read_and_merged(tmp_path
     (tmp_path / "s" / "manifest.rank2.json").write_text(json.dumps({"categories": {"x": {"row": 0}}}))
     with pytest.raises(BadFileError, match="two categories claim one row"):
         cn.load(tmp_path / "s")
+    (tmp_path / "s" / "manifest.rank2.json").write_text(json.dumps({"categories": {"x": {"row": -1}}}))
+    with pytest.raises(BadFileError, match="manifest.rank2.json is damaged"):
+        cn.load(tmp_path / "s")
 
 
 def test_cli_compare_of_a_store_writes_the_dendrogram(cli_store, tmp_path, capsys):

@@ -30,6 +30,20 @@ def nan_to_none(x: Any) -> Any:
     return x
 
 
+def finish_correlation(c: np.ndarray, bad: np.ndarray) -> np.ndarray:
+    """A correlation matrix made exact where it is known: ``c`` clipped to [-1, 1], NaN rows and
+    columns where ``bad`` (a constant profile), 1 on the other diagonal entries, symmetric and
+    read-only. ``c`` is modified in place and returned."""
+    c = np.clip(c, -1.0, 1.0, out=c)
+    c[bad, :] = np.nan
+    c[:, bad] = np.nan
+    idx = np.flatnonzero(~bad)
+    c[idx, idx] = 1.0
+    c = (c + c.T) / 2
+    c.setflags(write=False)
+    return c
+
+
 def topology(g: Connectome) -> igraph.Graph:
     """The directed igraph graph of ``g``'s edges, no attributes; vertex ``i`` is node ``i``,
     edge ``e`` is edge ``e`` of ``g``. One cache for the package: :mod:`connectome._igraph`.

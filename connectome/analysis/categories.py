@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from connectome.analysis._util import finish_correlation
 from connectome.analysis._util import nan_to_none as _nan_to_none
 from connectome.errors import BadFileError, ConnectomeError
 
@@ -34,14 +35,8 @@ def _pearson(gram: np.ndarray, sums: np.ndarray, n: int) -> np.ndarray:
     bad = var <= 1e-9 * np.maximum(scale, 1e-300)  # constant up to rounding
     sd = np.sqrt(np.where(bad, 1.0, var))
     with np.errstate(divide="ignore", invalid="ignore"):
-        c = np.clip(cov / np.outer(sd, sd), -1.0, 1.0)
-    c[bad, :] = np.nan
-    c[:, bad] = np.nan
-    idx = np.flatnonzero(~bad)
-    c[idx, idx] = 1.0
-    c = (c + c.T) / 2
-    c.setflags(write=False)
-    return c
+        c = cov / np.outer(sd, sd)
+    return finish_correlation(c, bad)
 
 
 @dataclass(frozen=True)
@@ -220,7 +215,7 @@ def compare_store(store: Any, attr: str = "attribution", *, generalist: float = 
     n_edges = int(src.size)
     for a in range(0, n_edges, w):
         b = min(n_edges, a + w)
-        X = _read(store, weight, rows, a, b, names, "edge/weight")
+        X = _read(store, weight, rows, slice(a, b), names, "edge/weight")
         for i in range(k):
             crc[i] = zlib.crc32(X[i], crc[i])
         for li in grams:
@@ -283,18 +278,18 @@ def _rows_block(arr: Any, rows: np.ndarray, cols: slice) -> np.ndarray:
     return out
 
 
-def _read(store: Any, arr: Any, rows: np.ndarray, a: int, b: int, names: list[str], column: str) -> np.ndarray:
+def _read(store: Any, arr: Any, rows: np.ndarray, cols: slice, names: list[str], column: str) -> np.ndarray:
+    """``arr[rows, cols]``; a chunk that does not decode is a BadFileError naming its category."""
     try:
-        X = _rows_block(arr, rows, slice(a, b))
+        return _rows_block(arr, rows, cols)
     except Exception as exc:  # noqa: BLE001 - a chunk that does not decode: find whose
         for i, r in enumerate(rows):
             try:
-                arr[int(r), a:b]
+                arr[int(r), cols]
             except Exception:  # noqa: BLE001
                 raise BadFileError(f"store {str(store.path)!r}, category {names[i]!r}, column {column} is damaged "
                                    f"({type(exc).__name__}); extract this category again") from None
         raise BadFileError(f"store {str(store.path)!r}: column {column} cannot be read ({exc})") from None
-    return np.ascontiguousarray(X)
 
 
 def _node_matrix(store: Any, column: str | None, rows: np.ndarray, names: list[str],
@@ -308,7 +303,7 @@ def _node_matrix(store: Any, column: str | None, rows: np.ndarray, names: list[s
     if column is None and key not in store.group():
         return np.full((len(names), sum(l.size for l in store.layers())), -1, dtype=np.int64)
     arr = store.array(kind, col)
-    M = _read_rows(store, arr, rows, names, key)
+    M = _read(store, arr, rows, slice(None), names, key)
     for i, n in enumerate(names):
         want = metas[i]["crc32"].get(key)
         if want is None:
@@ -317,16 +312,3 @@ def _node_matrix(store: Any, column: str | None, rows: np.ndarray, names: list[s
             raise BadFileError(f"store {str(store.path)!r}, category {n!r}, column {key} is damaged (its checksum "
                                "does not match); extract this category again")
     return M
-
-
-def _read_rows(store: Any, arr: Any, rows: np.ndarray, names: list[str], key: str) -> np.ndarray:
-    try:
-        return _rows_block(arr, rows, slice(None))
-    except Exception as exc:  # noqa: BLE001
-        for i, r in enumerate(rows):
-            try:
-                arr[int(r)]
-            except Exception:  # noqa: BLE001
-                raise BadFileError(f"store {str(store.path)!r}, category {names[i]!r}, column {key} is damaged "
-                                   f"({type(exc).__name__}); extract this category again") from None
-        raise BadFileError(f"store {str(store.path)!r}: column {key} cannot be read ({exc})") from None

@@ -17,6 +17,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from connectome.analysis._util import finish_correlation
 from connectome.analysis._util import nan_to_none as _nan_to_none
 from connectome.analysis._util import progress_bar
 from connectome.errors import ConnectomeError, EmptyGraphError
@@ -570,12 +571,5 @@ def compare_categories(graphs: Mapping[str, Connectome], attr: str = "attributio
         with np.errstate(divide="ignore", invalid="ignore"):
             C = (Pc @ Pc.T) / np.outer(norm, norm)
         bad = norm <= 1e-12 * np.maximum(np.abs(P).max(axis=1), 1e-300)
-        C = np.clip(C, -1.0, 1.0)
-        C[bad, :] = np.nan
-        C[:, bad] = np.nan
-        idx = np.flatnonzero(~bad)
-        C[idx, idx] = 1.0
-        C = (C + C.T) / 2
-        C.setflags(write=False)
-        matrices[l.name] = C
+        matrices[l.name] = finish_correlation(C, bad)
     return CategoryCorrelation(classes=classes, attr=attr, matrices=matrices)

@@ -136,3 +136,15 @@ def test_a_store_without_circuits_has_no_overlaps(tmp_path):
     r = cn.analysis.compare_categories(cn.load(path))
     assert np.isnan(r.jaccard).all() and r.linkage is None and not r.sharing.any()
     assert r.flow  # the flow correlations do not need circuits
+
+
+def test_pearson_from_the_gram_matrix_is_corrcoef_and_nan_for_a_constant_category():
+    from connectome.analysis.categories import _pearson
+
+    X = np.random.default_rng(0).normal(size=(4, 50))
+    X[2] = 3.0  # no spread: its correlations are undefined
+    C = _pearson(X @ X.T, X.sum(axis=1), X.shape[1])
+    ok = np.ix_([0, 1, 3], [0, 1, 3])
+    np.testing.assert_allclose(C[ok], _corr(X)[ok], atol=1e-12)
+    assert np.isnan(C[2]).all() and np.isnan(C[:, 2]).all()
+    assert (np.diag(C[ok]) == 1.0).all() and (C == C.T)[ok].all() and not C.flags.writeable
