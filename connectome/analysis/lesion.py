@@ -212,6 +212,31 @@ def _seeds(seeds: Any) -> list[int]:
     return out
 
 
+def _step_masks(ranked: np.ndarray, sizes: Mapping[int, int], xs: np.ndarray,
+                scope: str) -> tuple[dict[int, np.ndarray], np.ndarray]:
+    """Keep-masks ``(len(xs), size)`` per hidden layer and units removed per step: step ``k``
+    removes the first ``round(xs[k] * total hidden units)`` of ``ranked`` (``(n, 2)`` rows of
+    ``(layer, unit)``), or with ``scope == "layer"`` the first ``round(xs[k] * size)`` of each
+    layer's own ranked units."""
+    big = np.iinfo(np.int64).max  # units left out of ``ranked`` are never removed
+    masks, cut = {}, np.zeros(len(xs), dtype=np.int64)
+    if scope == "global":
+        total = sum(sizes.values())
+        cut = np.asarray([int(round(f * total)) for f in xs], dtype=np.int64)
+    for li, size in sizes.items():
+        at = np.flatnonzero(ranked[:, 0] == li)
+        pos = np.full(size, big, dtype=np.int64)
+        if scope == "global":
+            pos[ranked[at, 1]] = at
+            c = cut
+        else:
+            pos[ranked[at, 1]] = np.arange(at.size)
+            c = np.minimum([int(round(f * size)) for f in xs], at.size)
+            cut += c
+        masks[li] = (pos[None, :] >= c[:, None]).astype(np.float32)
+    return masks, cut
+
+
 # ----------------------------------------------------------------------------- unit lesions
 def lesion_curve(
     model: Any,
@@ -302,40 +327,20 @@ def lesion_curve(
         hidden = [i for i, l in enumerate(t.layers) if l.kind not in IO_KINDS]
         if not hidden:
             raise EmptyGraphError("the model has no hidden units to remove")
+        sizes = {li: t.ug.layers[li].size for li in hidden}
         if rand:
             name = "random"
-            all_units = [(li, u) for li in hidden for u in range(t.ug.layers[li].size)]
-            orders = []
-            for s in seed_list:
-                perm = np.random.default_rng(s).permutation(len(all_units))
-                orders.append([all_units[i] for i in perm])
+            all_units = np.array([(li, u) for li in hidden for u in range(sizes[li])], dtype=np.int64).reshape(-1, 2)
+            orders = [all_units[np.random.default_rng(s).permutation(len(all_units))] for s in seed_list]
         else:
-            orders = [_ranked_units(t, graph, scores)]
+            orders = [np.asarray(_ranked_units(t, graph, scores), dtype=np.int64)]
         xs = fraction * np.arange(steps + 1) / steps
         P = steps + 1
         acc, prob, counts = [], [], None
         x = x_cpu.to(t.device, dtype=t.dtype)
         for ranked in orders:
-            masks = {li: np.ones((P, t.ug.layers[li].size), dtype=np.float32) for li in hidden}
-            if scope == "global":
-                total = sum(t.ug.layers[li].size for li in hidden)
-                cut = [int(round(f * total)) for f in xs]
-                for k, c in enumerate(cut):
-                    for li, u in ranked[:c]:
-                        masks[li][k, u] = 0.0
-            else:
-                per_layer: dict[int, list[int]] = {}
-                for li, u in ranked:
-                    per_layer.setdefault(li, []).append(u)
-                cut = [0] * P
-                for li in hidden:
-                    us = per_layer.get(li, [])
-                    size = t.ug.layers[li].size
-                    for k, f in enumerate(xs):
-                        c = min(int(round(f * size)), len(us))
-                        masks[li][k, us[:c]] = 0.0
-                        cut[k] += c
-            counts = np.asarray(cut, dtype=np.int64) if counts is None else counts
+            masks, cut = _step_masks(ranked, sizes, xs, scope)
+            counts = cut if counts is None else counts
             s = _scores(_run_patterns(t, x, {li: torch.from_numpy(m) for li, m in masks.items()}, P, bs), tgt, y)
             acc.append(s["acc"])
             prob.append(s["prob"])
