@@ -15,32 +15,21 @@ import torch.nn as nn
 
 import connectome as cn
 from connectome import analysis
+from connectome.analysis._toys import wired_mlp
 from connectome.errors import ConnectomeError
 
 
-class Hub(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.hidden = nn.Linear(4, 8)
-        self.relu = nn.ReLU()
-        self.out = nn.Linear(8, 2)
-        with torch.no_grad():
-            w = torch.full((8, 4), 0.1)
-            w[0] = torch.tensor([4.0, 0.0, 0.0, 0.0])
-            self.hidden.weight.copy_(w)
-            self.hidden.bias.copy_(torch.tensor([0.0] + [1.0] * 7))
-            o = torch.full((2, 8), 0.01)
-            o[:, 0] = torch.tensor([0.0, 1.0])
-            self.out.weight.copy_(o)
-            self.out.bias.copy_(torch.tensor([0.5, 0.0]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.relu(self.hidden(x)))
+def _hub() -> nn.Module:
+    w = torch.full((8, 4), 0.1)
+    w[0] = torch.tensor([4.0, 0.0, 0.0, 0.0])
+    o = torch.full((2, 8), 0.01)
+    o[:, 0] = torch.tensor([0.0, 1.0])
+    return wired_mlp(w, [0.0] + [1.0] * 7, o, [0.5, 0.0])
 
 
 def _data(n: int = 200):
     x = torch.randn(n, 4, generator=torch.Generator().manual_seed(0))
-    model = Hub().eval()
+    model = _hub()
     with torch.no_grad():
         y = model(x).argmax(1)
     return model, x, y
@@ -77,7 +66,7 @@ def test_removing_nothing_changes_nothing():
     assert c.accuracy[0, 0] == 1.0 and c.prob[0, 0] == pytest.approx(p, abs=1e-7)
     e = analysis.lesion_edges(model, cn.extract.weights(model, (4,)), (x, y), steps=2, device="cpu")
     assert e.accuracy[0, 0] == 1.0 and e.prob[0, 0] == pytest.approx(p, abs=1e-7)
-    for name, v in Hub().state_dict().items():  # the caller's model is untouched
+    for name, v in _hub().state_dict().items():  # the caller's model is untouched
         torch.testing.assert_close(model.state_dict()[name], v)
 
 
@@ -107,7 +96,7 @@ def test_edge_lesions_zero_the_strongest_weights_first():
     frac0 = float((y == 0).float().mean())
     assert e.accuracy[0, 1] == pytest.approx(frac0)
     # the same by hand: zero W[0, 0] of a copy
-    m2 = Hub().eval()
+    m2 = _hub()
     with torch.no_grad():
         m2.hidden.weight[0, 0] = 0.0
         want = torch.softmax(m2(x).double(), 1)[torch.arange(80), y].mean().item()
