@@ -170,27 +170,30 @@ def _node_scores(order: Any, graph: Connectome | None, model: Any, x: Any, y: An
     return "scores", graph, s
 
 
-def _ranked_units(t: Any, graph: Connectome | None, scores: Any) -> list[tuple[int, int]]:
-    """Hidden units of the model as ``(traced layer, unit)``, highest score first (ties and
-    unscored units last, in layer-then-unit order)."""
+def _ranked_units(t: Any, graph: Connectome | None, scores: Any) -> np.ndarray:
+    """Every hidden unit of the model as ``(traced layer, unit)`` rows, highest score first
+    (ties in layer-then-unit order; unscored units last, in that order too)."""
     from connectome.extract.probe import IO_KINDS
 
     if graph is None:  # a mapping without a graph
         ids, s = scores
     else:
         ids, s = graph.node_ids.tolist(), np.asarray(scores, dtype=np.float64)
-    units, score = [], []
+    hidden = [li for li, l in enumerate(t.layers) if l.kind not in IO_KINDS]
+    score = {li: np.full(t.ug.layers[li].size, -np.inf) for li in hidden}
+    scored = 0
     for nid, v in zip(ids, s.tolist()):
         layer, _, unit = str(nid).rpartition(":")
         li = t.index(layer)
-        if li is None or t.layers[li].kind in IO_KINDS or not unit.isdigit() or int(unit) >= t.ug.layers[li].size:
+        if li not in score or not unit.isdigit() or int(unit) >= score[li].size:
             continue
-        units.append((li, int(unit)))
-        score.append(v if math.isfinite(v) else -np.inf)
-    if not units:
+        score[li][int(unit)] = v if math.isfinite(v) else -np.inf
+        scored += 1
+    if not scored:
         raise EmptyGraphError("no hidden unit of the model is scored; pass a graph (or scores) of this model's units")
-    pos = np.lexsort((np.array([u for _, u in units]), np.array([l for l, _ in units]), -np.array(score)))
-    return [units[i] for i in pos]
+    units = np.array([(li, u) for li in hidden for u in range(score[li].size)], dtype=np.int64).reshape(-1, 2)
+    flat = np.concatenate([score[li] for li in hidden])
+    return units[np.lexsort((units[:, 1], units[:, 0], -flat))]
 
 
 def _check_steps(steps: Any, fraction: Any) -> tuple[int, float]:
@@ -333,7 +336,7 @@ def lesion_curve(
             all_units = np.array([(li, u) for li in hidden for u in range(sizes[li])], dtype=np.int64).reshape(-1, 2)
             orders = [all_units[np.random.default_rng(s).permutation(len(all_units))] for s in seed_list]
         else:
-            orders = [np.asarray(_ranked_units(t, graph, scores), dtype=np.int64)]
+            orders = [_ranked_units(t, graph, scores)]
         xs = fraction * np.arange(steps + 1) / steps
         P = steps + 1
         acc, prob, counts = [], [], None

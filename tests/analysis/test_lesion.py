@@ -86,6 +86,11 @@ def test_each_step_equals_ablating_its_units():
     m = analysis.lesion_curve(model, (x, y), {"hidden:3": 2.0, "hidden:0": 1.0}, steps=8, device="cpu")
     assert m.removed[:2] == ("hidden:3", "hidden:0")
     assert m.accuracy[0, 1] == 1.0 and m.accuracy[0, 2] < 1.0
+    # ... and are removed too: the last step takes all 8 hidden units, as n_removed says
+    assert m.n_removed[-1] == len(m.removed) == 8
+    assert m.removed[2:] == tuple(f"hidden:{u}" for u in (1, 2, 4, 5, 6, 7))
+    everything = analysis.ablate(model, [f"hidden:{u}" for u in range(8)], (x, y), device="cpu")
+    assert m.prob[0, -1] == pytest.approx(everything.prob_after, abs=1e-12)
 
 
 def test_edge_lesions_zero_the_strongest_weights_first():
