@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -358,9 +358,10 @@ def lesion_curve(
 
 
 # ----------------------------------------------------------------------------- edge lesions
-def _edge_slices(model: Any, t: Any, graph: Connectome) -> tuple[list[tuple[str, int, Any]], list[int]]:
+def _edge_slices(model: Any, t: Any, graph: Connectome) -> tuple[list[tuple[str, int, int, int]], list[int]]:
     """For every edge of ``graph`` into a Conv2d / Linear layer fed directly by the source
-    layer: ``(parameter name, output row, input index or slice)`` to zero; and the edges kept."""
+    layer: ``(parameter name, output row, first input column, columns)`` to zero; and the
+    edges kept."""
     import torch.nn as nn
 
     modules = dict(model.named_modules())
@@ -377,14 +378,28 @@ def _edge_slices(model: Any, t: Any, graph: Connectome) -> tuple[list[tuple[str,
         size = t.ug.layers[li].size
         i, j = int(graph.node_units[graph.src[e]]), int(graph.node_units[graph.dst[e]])
         if isinstance(mod, nn.Conv2d) and mod.groups == 1 and mod.in_channels == size:
-            where.append((f"{ld.module or ld.name}.weight", j, i))
+            where.append((f"{ld.module or ld.name}.weight", j, i, 1))
         elif isinstance(mod, nn.Linear) and size and mod.in_features % size == 0:
             p = mod.in_features // size
-            where.append((f"{ld.module or ld.name}.weight", j, slice(i * p, (i + 1) * p)))
+            where.append((f"{ld.module or ld.name}.weight", j, i * p, p))
         else:
             continue
         keep.append(e)
     return where, keep
+
+
+def _zero_edges(params: Mapping[str, Any], where: Sequence[np.ndarray], edges: np.ndarray) -> None:
+    """Zero the weights of ``edges``: one indexed write per parameter. ``where`` holds the
+    columns of :func:`_edge_slices`'s rows as arrays (name, row, first column, columns)."""
+    import torch
+
+    names, row, start, width = (v[edges] for v in where)
+    for pname in np.unique(names).tolist():
+        at = names == pname
+        w = width[at]
+        offset = np.arange(int(w.sum())) - np.repeat(np.cumsum(w) - w, w)  # 0..w-1 within each edge
+        rows, cols = np.repeat(row[at], w), np.repeat(start[at], w) + offset
+        params[pname][torch.from_numpy(rows), torch.from_numpy(cols)] = 0.0
 
 
 def lesion_edges(
@@ -453,6 +468,7 @@ def lesion_edges(
         raise ConnectomeError("no edge of the graph has a weight of its own to zero (edges into Conv2d or Linear "
                               "layers fed by their source layer); pass the model's weight graph")
     w = np.abs(np.asarray(graph.weight, dtype=np.float64))[keep]
+    slices = [np.asarray(v) for v in zip(*where)]  # names, rows, first columns, widths
     ids = graph.node_ids
     names = [f"{ids[graph.src[e]]}->{ids[graph.dst[e]]}" for e in keep]
     if order == "random":
@@ -471,9 +487,7 @@ def lesion_edges(
         with eval_mode(m), torch.inference_mode():
             done = 0
             for c in cut.tolist():
-                for e in perm[done:c].tolist():
-                    pname, j, i = where[e]
-                    params[pname][j, i] = 0.0
+                _zero_edges(params, slices, perm[done:c])
                 done = c
                 out = [m(x_cpu[s:s + bs].to(dev, dtype=dtype)) for s in range(0, n, bs)]
                 logits.append(torch.cat(out).reshape(n, -1))

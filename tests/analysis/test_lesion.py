@@ -8,6 +8,9 @@ weights and feeds both logits equally: removing it changes no decision.
 
 from __future__ import annotations
 
+import copy
+from collections import OrderedDict
+
 import numpy as np
 import pytest
 import torch
@@ -109,6 +112,30 @@ def test_edge_lesions_zero_the_strongest_weights_first():
     r = analysis.lesion_edges(model, g, (x, y), "random", steps=4, seeds=[3, 4], device="cpu")
     assert r.seeds == (3, 4) and r.accuracy.shape == (2, 5)
 
+
+
+def test_edge_lesions_into_a_linear_layer_zero_all_columns_of_the_source_channel():
+    """conv(3 channels of 4 x 4) -> flatten -> fc: the edge ``conv:i -> logits:j`` is the 16
+    columns ``fc.weight[j, 16 i : 16 (i + 1)]``; ``input:0 -> conv:j`` is ``conv.weight[j, 0]``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(conv=nn.Conv2d(1, 3, 3, padding=1), relu=nn.ReLU(), flat=nn.Flatten(),
+                                      fc=nn.Linear(48, 2))).eval()
+    x = torch.randn(30, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    g = cn.extract.weights(model, (1, 4, 4))
+    e = analysis.lesion_edges(model, g, (x, y), steps=g.num_edges, device="cpu")
+    assert e.n_removed.tolist() == list(range(10)) and len(e.removed) == 9
+    by_hand = copy.deepcopy(model)
+    for k, edge in enumerate(e.removed, start=1):
+        (src, i), (dst, j) = (n.split(":") for n in edge.split("->"))
+        with torch.no_grad():
+            if dst == "logits":
+                by_hand.fc.weight[int(j), 16 * int(i):16 * (int(i) + 1)] = 0.0
+            else:
+                by_hand.conv.weight[int(j), int(i)] = 0.0
+            want = torch.softmax(by_hand(x).double(), 1)[torch.arange(30), y].mean().item()
+        assert e.prob[0, k] == pytest.approx(want, abs=1e-6), edge
 
 def test_bad_arguments_are_refused():
     model, x, y = _data(10)
