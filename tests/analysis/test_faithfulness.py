@@ -174,6 +174,7 @@ def test_curves_over_levels_baselines_and_bootstrap_interval(two):
     assert np.all(np.diff(r.n_units) >= 0)
     assert set(r.necessity) == {"circuit", "random", "activation", "weight", "gradxact", "other", "other:b"}
     assert r.random_necessity.shape == (5, 3)
+    assert len({tuple(np.round(row, 9)) for row in r.random_necessity}) > 1  # 5 independent draws, not 1
     np.testing.assert_allclose(r.necessity["random"], r.random_necessity.mean(0))
     lo, hi = r.ci_necessity
     assert lo <= r.auc_necessity["circuit"] <= hi
