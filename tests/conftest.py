@@ -11,6 +11,7 @@ under the same profile.
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 from hypothesis import settings
@@ -26,3 +27,11 @@ def pytest_configure(config: pytest.Config) -> None:
     if profile not in PROFILES:
         raise pytest.UsageError(f"CONNECTOME_HYPOTHESIS must be one of {PROFILES}, got {profile!r}; unset it for 'ci'")
     settings.load_profile(profile)
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago, for a test's process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

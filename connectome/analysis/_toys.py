@@ -3,6 +3,7 @@
 Nothing here runs a model. ``flow_graph`` turns hand-written flows into an attribution graph
 whose node attributes satisfy conservation (a unit's ``attribution`` is its total outgoing
 flow, and its incoming flow plus ``bias_attribution``); the other builders use it.
+``wired_mlp`` builds (does not run) a two-layer model with hand-set weights.
 """
 
 from __future__ import annotations
@@ -19,7 +20,30 @@ __all__ = [
     "toy_two_groups",
     "random_flow_graph",
     "random_layered_graph",
+    "wired_mlp",
 ]
+
+
+def wired_mlp(hidden_weight: Any, hidden_bias: Any, out_weight: Any, out_bias: Any) -> Any:
+    """``input -> hidden -> ReLU -> logits`` with the given weights, in eval mode.
+
+    The modules are named ``hidden``, ``relu`` and ``out`` (so the hidden units are
+    ``hidden:0``, ``hidden:1``, ...); the sizes are those of the weights (``hidden_weight`` is
+    ``(hidden, input)``, ``out_weight`` ``(classes, hidden)``), all float32.
+    """
+    from collections import OrderedDict
+
+    import torch
+    import torch.nn as nn
+
+    hw, hb, ow, ob = (torch.as_tensor(v, dtype=torch.float32)
+                      for v in (hidden_weight, hidden_bias, out_weight, out_bias))
+    m = nn.Sequential(OrderedDict(hidden=nn.Linear(hw.shape[1], hw.shape[0]), relu=nn.ReLU(),
+                                  out=nn.Linear(ow.shape[1], ow.shape[0])))
+    with torch.no_grad():
+        for p, v in ((m.hidden.weight, hw), (m.hidden.bias, hb), (m.out.weight, ow), (m.out.bias, ob)):
+            p.copy_(v)
+    return m.eval()
 
 
 def flow_graph(

@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -170,27 +170,30 @@ def _node_scores(order: Any, graph: Connectome | None, model: Any, x: Any, y: An
     return "scores", graph, s
 
 
-def _ranked_units(t: Any, graph: Connectome | None, scores: Any) -> list[tuple[int, int]]:
-    """Hidden units of the model as ``(traced layer, unit)``, highest score first (ties and
-    unscored units last, in layer-then-unit order)."""
+def _ranked_units(t: Any, graph: Connectome | None, scores: Any) -> np.ndarray:
+    """Every hidden unit of the model as ``(traced layer, unit)`` rows, highest score first
+    (ties in layer-then-unit order; unscored units last, in that order too)."""
     from connectome.extract.probe import IO_KINDS
 
     if graph is None:  # a mapping without a graph
         ids, s = scores
     else:
         ids, s = graph.node_ids.tolist(), np.asarray(scores, dtype=np.float64)
-    units, score = [], []
+    hidden = [li for li, l in enumerate(t.layers) if l.kind not in IO_KINDS]
+    score = {li: np.full(t.ug.layers[li].size, -np.inf) for li in hidden}
+    scored = 0
     for nid, v in zip(ids, s.tolist()):
         layer, _, unit = str(nid).rpartition(":")
         li = t.index(layer)
-        if li is None or t.layers[li].kind in IO_KINDS or not unit.isdigit() or int(unit) >= t.ug.layers[li].size:
+        if li not in score or not unit.isdigit() or int(unit) >= score[li].size:
             continue
-        units.append((li, int(unit)))
-        score.append(v if math.isfinite(v) else -np.inf)
-    if not units:
+        score[li][int(unit)] = v if math.isfinite(v) else -np.inf
+        scored += 1
+    if not scored:
         raise EmptyGraphError("no hidden unit of the model is scored; pass a graph (or scores) of this model's units")
-    pos = np.lexsort((np.array([u for _, u in units]), np.array([l for l, _ in units]), -np.array(score)))
-    return [units[i] for i in pos]
+    units = np.array([(li, u) for li in hidden for u in range(score[li].size)], dtype=np.int64).reshape(-1, 2)
+    flat = np.concatenate([score[li] for li in hidden])
+    return units[np.lexsort((units[:, 1], units[:, 0], -flat))]
 
 
 def _check_steps(steps: Any, fraction: Any) -> tuple[int, float]:
@@ -210,6 +213,31 @@ def _seeds(seeds: Any) -> list[int]:
     if not out:
         raise ConnectomeError("seeds is empty; pass a count (e.g. 10) or a list of seeds")
     return out
+
+
+def _step_masks(ranked: np.ndarray, sizes: Mapping[int, int], xs: np.ndarray,
+                scope: str) -> tuple[dict[int, np.ndarray], np.ndarray]:
+    """Keep-masks ``(len(xs), size)`` per hidden layer and units removed per step: step ``k``
+    removes the first ``round(xs[k] * total hidden units)`` of ``ranked`` (``(n, 2)`` rows of
+    ``(layer, unit)``), or with ``scope == "layer"`` the first ``round(xs[k] * size)`` of each
+    layer's own ranked units."""
+    big = np.iinfo(np.int64).max  # units left out of ``ranked`` are never removed
+    masks, cut = {}, np.zeros(len(xs), dtype=np.int64)
+    if scope == "global":
+        total = sum(sizes.values())
+        cut = np.asarray([int(round(f * total)) for f in xs], dtype=np.int64)
+    for li, size in sizes.items():
+        at = np.flatnonzero(ranked[:, 0] == li)
+        pos = np.full(size, big, dtype=np.int64)
+        if scope == "global":
+            pos[ranked[at, 1]] = at
+            c = cut
+        else:
+            pos[ranked[at, 1]] = np.arange(at.size)
+            c = np.minimum([int(round(f * size)) for f in xs], at.size)
+            cut += c
+        masks[li] = (pos[None, :] >= c[:, None]).astype(np.float32)
+    return masks, cut
 
 
 # ----------------------------------------------------------------------------- unit lesions
@@ -302,13 +330,11 @@ def lesion_curve(
         hidden = [i for i, l in enumerate(t.layers) if l.kind not in IO_KINDS]
         if not hidden:
             raise EmptyGraphError("the model has no hidden units to remove")
+        sizes = {li: t.ug.layers[li].size for li in hidden}
         if rand:
             name = "random"
-            all_units = [(li, u) for li in hidden for u in range(t.ug.layers[li].size)]
-            orders = []
-            for s in seed_list:
-                perm = np.random.default_rng(s).permutation(len(all_units))
-                orders.append([all_units[i] for i in perm])
+            all_units = np.array([(li, u) for li in hidden for u in range(sizes[li])], dtype=np.int64).reshape(-1, 2)
+            orders = [all_units[np.random.default_rng(s).permutation(len(all_units))] for s in seed_list]
         else:
             orders = [_ranked_units(t, graph, scores)]
         xs = fraction * np.arange(steps + 1) / steps
@@ -316,26 +342,8 @@ def lesion_curve(
         acc, prob, counts = [], [], None
         x = x_cpu.to(t.device, dtype=t.dtype)
         for ranked in orders:
-            masks = {li: np.ones((P, t.ug.layers[li].size), dtype=np.float32) for li in hidden}
-            if scope == "global":
-                total = sum(t.ug.layers[li].size for li in hidden)
-                cut = [int(round(f * total)) for f in xs]
-                for k, c in enumerate(cut):
-                    for li, u in ranked[:c]:
-                        masks[li][k, u] = 0.0
-            else:
-                per_layer: dict[int, list[int]] = {}
-                for li, u in ranked:
-                    per_layer.setdefault(li, []).append(u)
-                cut = [0] * P
-                for li in hidden:
-                    us = per_layer.get(li, [])
-                    size = t.ug.layers[li].size
-                    for k, f in enumerate(xs):
-                        c = min(int(round(f * size)), len(us))
-                        masks[li][k, us[:c]] = 0.0
-                        cut[k] += c
-            counts = np.asarray(cut, dtype=np.int64) if counts is None else counts
+            masks, cut = _step_masks(ranked, sizes, xs, scope)
+            counts = cut if counts is None else counts
             s = _scores(_run_patterns(t, x, {li: torch.from_numpy(m) for li, m in masks.items()}, P, bs), tgt, y)
             acc.append(s["acc"])
             prob.append(s["prob"])
@@ -350,9 +358,10 @@ def lesion_curve(
 
 
 # ----------------------------------------------------------------------------- edge lesions
-def _edge_slices(model: Any, t: Any, graph: Connectome) -> tuple[list[tuple[str, int, Any]], list[int]]:
+def _edge_slices(model: Any, t: Any, graph: Connectome) -> tuple[list[tuple[str, int, int, int]], list[int]]:
     """For every edge of ``graph`` into a Conv2d / Linear layer fed directly by the source
-    layer: ``(parameter name, output row, input index or slice)`` to zero; and the edges kept."""
+    layer: ``(parameter name, output row, first input column, columns)`` to zero; and the
+    edges kept."""
     import torch.nn as nn
 
     modules = dict(model.named_modules())
@@ -369,14 +378,28 @@ def _edge_slices(model: Any, t: Any, graph: Connectome) -> tuple[list[tuple[str,
         size = t.ug.layers[li].size
         i, j = int(graph.node_units[graph.src[e]]), int(graph.node_units[graph.dst[e]])
         if isinstance(mod, nn.Conv2d) and mod.groups == 1 and mod.in_channels == size:
-            where.append((f"{ld.module or ld.name}.weight", j, i))
+            where.append((f"{ld.module or ld.name}.weight", j, i, 1))
         elif isinstance(mod, nn.Linear) and size and mod.in_features % size == 0:
             p = mod.in_features // size
-            where.append((f"{ld.module or ld.name}.weight", j, slice(i * p, (i + 1) * p)))
+            where.append((f"{ld.module or ld.name}.weight", j, i * p, p))
         else:
             continue
         keep.append(e)
     return where, keep
+
+
+def _zero_edges(params: Mapping[str, Any], where: Sequence[np.ndarray], edges: np.ndarray) -> None:
+    """Zero the weights of ``edges``: one indexed write per parameter. ``where`` holds the
+    columns of :func:`_edge_slices`'s rows as arrays (name, row, first column, columns)."""
+    import torch
+
+    names, row, start, width = (v[edges] for v in where)
+    for pname in np.unique(names).tolist():
+        at = names == pname
+        w = width[at]
+        offset = np.arange(int(w.sum())) - np.repeat(np.cumsum(w) - w, w)  # 0..w-1 within each edge
+        rows, cols = np.repeat(row[at], w), np.repeat(start[at], w) + offset
+        params[pname][torch.from_numpy(rows), torch.from_numpy(cols)] = 0.0
 
 
 def lesion_edges(
@@ -445,6 +468,7 @@ def lesion_edges(
         raise ConnectomeError("no edge of the graph has a weight of its own to zero (edges into Conv2d or Linear "
                               "layers fed by their source layer); pass the model's weight graph")
     w = np.abs(np.asarray(graph.weight, dtype=np.float64))[keep]
+    slices = [np.asarray(v) for v in zip(*where)]  # names, rows, first columns, widths
     ids = graph.node_ids
     names = [f"{ids[graph.src[e]]}->{ids[graph.dst[e]]}" for e in keep]
     if order == "random":
@@ -463,9 +487,7 @@ def lesion_edges(
         with eval_mode(m), torch.inference_mode():
             done = 0
             for c in cut.tolist():
-                for e in perm[done:c].tolist():
-                    pname, j, i = where[e]
-                    params[pname][j, i] = 0.0
+                _zero_edges(params, slices, perm[done:c])
                 done = c
                 out = [m(x_cpu[s:s + bs].to(dev, dtype=dtype)) for s in range(0, n, bs)]
                 logits.append(torch.cat(out).reshape(n, -1))

@@ -87,14 +87,6 @@ class Trajectory:
                 f"NMI {nmi}; circuits formed {formed}; {len(self.hubs)} persistent hubs {self.hubs[:5]})")
 
 
-def _nmi(a: np.ndarray, b: np.ndarray) -> float:
-    import igraph
-
-    if np.array_equal(a, b):
-        return 1.0
-    return float(igraph.compare_communities(a.tolist(), b.tolist(), method="nmi"))
-
-
 def _jaccard(a: set[str], b: set[str]) -> float:
     u = len(a | b)
     return 1.0 if u == 0 else len(a & b) / u
@@ -201,7 +193,7 @@ def trajectory(
     """
     from connectome.analysis.centrality import strength
     from connectome.analysis.circuits import circuit
-    from connectome.analysis.communities import communities
+    from connectome.analysis.communities import _compare, communities
 
     series, base = _as_series(graphs)
     steps = tuple(int(g.meta.get("step", i)) for i, g in enumerate(base))
@@ -218,7 +210,7 @@ def trajectory(
         comm_graphs = [base[t].with_weight(sum(np.abs(v[t].weight.astype(np.float64)) for v in series.values()))
                        for t in range(T)]
     memberships = [np.asarray(communities(g, seed=seed).membership) for g in comm_graphs]
-    nmi = np.array([_nmi(memberships[t - 1], memberships[t]) for t in range(1, T)])
+    nmi = np.array([_compare(memberships[t - 1], memberships[t], "nmi") for t in range(1, T)])
 
     # circuits per category
     if series is None:

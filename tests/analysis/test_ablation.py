@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from connectome import analysis
+from connectome.analysis._toys import wired_mlp
 from connectome.analysis.ablation import AblationResult, FidelityResult
 from connectome.errors import ConnectomeError, DataError, EmptyGraphError
 from connectome.graph import Connectome
@@ -22,30 +23,17 @@ fidelity = partial(analysis.fidelity, device="cpu")
 BIAS0, BIAS1 = 0.5, 2.0
 
 
-class Wired(nn.Module):
+def _wired() -> nn.Module:
     """input(4) -> hidden(8) -> ReLU -> logits(2).
 
     Hidden units are ``relu(small weights . x + 3)``, active on small inputs; logit 0 is
     ``hidden:0 + 0.5 * hidden:1 + 0.5`` and logit 1 the constant 2.0: only hidden:0 and
     hidden:1 matter.
     """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.hidden = nn.Linear(4, 8)
-        self.relu = nn.ReLU()
-        self.out = nn.Linear(8, 2)
-        with torch.no_grad():
-            g = torch.Generator().manual_seed(0)
-            self.hidden.weight.copy_(0.1 * torch.randn(8, 4, generator=g))
-            self.hidden.bias.fill_(3.0)
-            w = torch.zeros(2, 8)
-            w[0, 0], w[0, 1] = 1.0, 0.5
-            self.out.weight.copy_(w)
-            self.out.bias.copy_(torch.tensor([BIAS0, BIAS1]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.relu(self.hidden(x)))
+    w = torch.zeros(2, 8)
+    w[0, 0], w[0, 1] = 1.0, 0.5
+    return wired_mlp(0.1 * torch.randn(8, 4, generator=torch.Generator().manual_seed(0)), torch.full((8,), 3.0), w,
+                     [BIAS0, BIAS1])
 
 
 class WiredCNN(nn.Module):
@@ -75,11 +63,11 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.fixture
-def model() -> Wired:
-    return Wired().eval()
+def model() -> nn.Module:
+    return _wired()
 
 
-def _hidden_mean(model: Wired, x: torch.Tensor) -> torch.Tensor:
+def _hidden_mean(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return torch.relu(model.hidden(x)).mean(0)
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from connectome import analysis
-from connectome.analysis._toys import toy_attribution
+from connectome.analysis._toys import toy_attribution, wired_mlp
 from connectome.analysis.ablation import partners, reference_pass
 from connectome.analysis.faithfulness import CategoryFaithfulness, FaithfulnessResult, _verdict
 from connectome.errors import ConnectomeError, DataError
@@ -24,37 +24,24 @@ ablate = partial(analysis.ablate, device="cpu")
 DEAD = 7  # hidden unit that never fires
 
 
-class Wired(nn.Module):
+def _wired() -> nn.Module:
     """input(4) -> hidden(8) -> ReLU -> logits(2).
 
     Hidden units are ``relu(small weights . x + 3)``, but unit 7 has bias -100 and is dead.
     Logit 0 is ``hidden:0 + 0.5 * hidden:1 + hidden:7 + 0.5``; logit 1 reads hidden:2..6 with
     small weights, plus 2.0. All the flow into logit 0 goes through hidden:0 and hidden:1.
     """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.hidden = nn.Linear(4, 8)
-        self.relu = nn.ReLU()
-        self.out = nn.Linear(8, 2)
-        with torch.no_grad():
-            g = torch.Generator().manual_seed(0)
-            self.hidden.weight.copy_(0.5 * torch.randn(8, 4, generator=g))
-            self.hidden.bias.fill_(3.0)
-            self.hidden.bias[DEAD] = -100.0
-            w = torch.zeros(2, 8)
-            w[0, 0], w[0, 1], w[0, DEAD] = 1.0, 0.5, 1.0
-            w[1, 2:7] = 0.1
-            self.out.weight.copy_(w)
-            self.out.bias.copy_(torch.tensor([0.5, 2.0]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.relu(self.hidden(x)))
+    bias = torch.full((8,), 3.0)
+    bias[DEAD] = -100.0
+    w = torch.zeros(2, 8)
+    w[0, 0], w[0, 1], w[0, DEAD] = 1.0, 0.5, 1.0
+    w[1, 2:7] = 0.1
+    return wired_mlp(0.5 * torch.randn(8, 4, generator=torch.Generator().manual_seed(0)), bias, w, [0.5, 2.0])
 
 
 @pytest.fixture(scope="module")
-def model() -> Wired:
-    return Wired().eval()
+def model() -> nn.Module:
+    return _wired()
 
 
 @pytest.fixture(scope="module")
@@ -68,12 +55,12 @@ def graph(model, data):
     return attribution(model, data, target=0, device="cpu", progress=False)
 
 
-def _hidden(model: Wired, x: torch.Tensor) -> torch.Tensor:
+def _hidden(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return torch.relu(model.hidden(x))
 
 
-def _prob0(model: Wired, h: torch.Tensor) -> np.ndarray:
+def _prob0(model: nn.Module, h: torch.Tensor) -> np.ndarray:
     with torch.no_grad():
         return torch.softmax(model.out(h), dim=1)[:, 0].double().numpy()
 
@@ -187,6 +174,7 @@ def test_curves_over_levels_baselines_and_bootstrap_interval(two):
     assert np.all(np.diff(r.n_units) >= 0)
     assert set(r.necessity) == {"circuit", "random", "activation", "weight", "gradxact", "other", "other:b"}
     assert r.random_necessity.shape == (5, 3)
+    assert len({tuple(np.round(row, 9)) for row in r.random_necessity}) > 1  # 5 independent draws, not 1
     np.testing.assert_allclose(r.necessity["random"], r.random_necessity.mean(0))
     lo, hi = r.ci_necessity
     assert lo <= r.auc_necessity["circuit"] <= hi

@@ -8,7 +8,6 @@ partial correlation matches the 3-variable formula, processes give the result of
 from __future__ import annotations
 
 import math
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -231,8 +230,8 @@ def test_fdr_is_benjamini_hochberg_and_top_k_keeps_each_units_strongest():
     assert kept == best_of  # ... and only edges that are the strongest of one of their ends
 
 
-def test_processes_give_the_result_of_one_process(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+def test_processes_give_the_result_of_one_process(tmp_path, free_port):
+    mp.spawn(_worker, args=(2, free_port, str(tmp_path)), nprocs=2, join=True)
     model, x = _tiny(), _images(13)
     for method in ("pearson", "spearman"):
         one = _fc(model, x, method=method, fdr=None, batch_size=3)
@@ -241,12 +240,6 @@ def test_processes_give_the_result_of_one_process(tmp_path):
             for (a, b), m in one.blocks.items():
                 np.testing.assert_allclose(got[f"{a}|{b}"], m, rtol=1e-10, atol=1e-12)
             assert int(got["n"]) == 13
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:

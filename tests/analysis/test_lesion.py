@@ -8,6 +8,9 @@ weights and feeds both logits equally: removing it changes no decision.
 
 from __future__ import annotations
 
+import copy
+from collections import OrderedDict
+
 import numpy as np
 import pytest
 import torch
@@ -15,32 +18,21 @@ import torch.nn as nn
 
 import connectome as cn
 from connectome import analysis
+from connectome.analysis._toys import wired_mlp
 from connectome.errors import ConnectomeError
 
 
-class Hub(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.hidden = nn.Linear(4, 8)
-        self.relu = nn.ReLU()
-        self.out = nn.Linear(8, 2)
-        with torch.no_grad():
-            w = torch.full((8, 4), 0.1)
-            w[0] = torch.tensor([4.0, 0.0, 0.0, 0.0])
-            self.hidden.weight.copy_(w)
-            self.hidden.bias.copy_(torch.tensor([0.0] + [1.0] * 7))
-            o = torch.full((2, 8), 0.01)
-            o[:, 0] = torch.tensor([0.0, 1.0])
-            self.out.weight.copy_(o)
-            self.out.bias.copy_(torch.tensor([0.5, 0.0]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.relu(self.hidden(x)))
+def _hub() -> nn.Module:
+    w = torch.full((8, 4), 0.1)
+    w[0] = torch.tensor([4.0, 0.0, 0.0, 0.0])
+    o = torch.full((2, 8), 0.01)
+    o[:, 0] = torch.tensor([0.0, 1.0])
+    return wired_mlp(w, [0.0] + [1.0] * 7, o, [0.5, 0.0])
 
 
 def _data(n: int = 200):
     x = torch.randn(n, 4, generator=torch.Generator().manual_seed(0))
-    model = Hub().eval()
+    model = _hub()
     with torch.no_grad():
         y = model(x).argmax(1)
     return model, x, y
@@ -77,7 +69,7 @@ def test_removing_nothing_changes_nothing():
     assert c.accuracy[0, 0] == 1.0 and c.prob[0, 0] == pytest.approx(p, abs=1e-7)
     e = analysis.lesion_edges(model, cn.extract.weights(model, (4,)), (x, y), steps=2, device="cpu")
     assert e.accuracy[0, 0] == 1.0 and e.prob[0, 0] == pytest.approx(p, abs=1e-7)
-    for name, v in Hub().state_dict().items():  # the caller's model is untouched
+    for name, v in _hub().state_dict().items():  # the caller's model is untouched
         torch.testing.assert_close(model.state_dict()[name], v)
 
 
@@ -97,6 +89,11 @@ def test_each_step_equals_ablating_its_units():
     m = analysis.lesion_curve(model, (x, y), {"hidden:3": 2.0, "hidden:0": 1.0}, steps=8, device="cpu")
     assert m.removed[:2] == ("hidden:3", "hidden:0")
     assert m.accuracy[0, 1] == 1.0 and m.accuracy[0, 2] < 1.0
+    # ... and are removed too: the last step takes all 8 hidden units, as n_removed says
+    assert m.n_removed[-1] == len(m.removed) == 8
+    assert m.removed[2:] == tuple(f"hidden:{u}" for u in (1, 2, 4, 5, 6, 7))
+    everything = analysis.ablate(model, [f"hidden:{u}" for u in range(8)], (x, y), device="cpu")
+    assert m.prob[0, -1] == pytest.approx(everything.prob_after, abs=1e-12)
 
 
 def test_edge_lesions_zero_the_strongest_weights_first():
@@ -107,7 +104,7 @@ def test_edge_lesions_zero_the_strongest_weights_first():
     frac0 = float((y == 0).float().mean())
     assert e.accuracy[0, 1] == pytest.approx(frac0)
     # the same by hand: zero W[0, 0] of a copy
-    m2 = Hub().eval()
+    m2 = _hub()
     with torch.no_grad():
         m2.hidden.weight[0, 0] = 0.0
         want = torch.softmax(m2(x).double(), 1)[torch.arange(80), y].mean().item()
@@ -115,6 +112,30 @@ def test_edge_lesions_zero_the_strongest_weights_first():
     r = analysis.lesion_edges(model, g, (x, y), "random", steps=4, seeds=[3, 4], device="cpu")
     assert r.seeds == (3, 4) and r.accuracy.shape == (2, 5)
 
+
+
+def test_edge_lesions_into_a_linear_layer_zero_all_columns_of_the_source_channel():
+    """conv(3 channels of 4 x 4) -> flatten -> fc: the edge ``conv:i -> logits:j`` is the 16
+    columns ``fc.weight[j, 16 i : 16 (i + 1)]``; ``input:0 -> conv:j`` is ``conv.weight[j, 0]``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(conv=nn.Conv2d(1, 3, 3, padding=1), relu=nn.ReLU(), flat=nn.Flatten(),
+                                      fc=nn.Linear(48, 2))).eval()
+    x = torch.randn(30, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    g = cn.extract.weights(model, (1, 4, 4))
+    e = analysis.lesion_edges(model, g, (x, y), steps=g.num_edges, device="cpu")
+    assert e.n_removed.tolist() == list(range(10)) and len(e.removed) == 9
+    by_hand = copy.deepcopy(model)
+    for k, edge in enumerate(e.removed, start=1):
+        (src, i), (dst, j) = (n.split(":") for n in edge.split("->"))
+        with torch.no_grad():
+            if dst == "logits":
+                by_hand.fc.weight[int(j), 16 * int(i):16 * (int(i) + 1)] = 0.0
+            else:
+                by_hand.conv.weight[int(j), int(i)] = 0.0
+            want = torch.softmax(by_hand(x).double(), 1)[torch.arange(30), y].mean().item()
+        assert e.prob[0, k] == pytest.approx(want, abs=1e-6), edge
 
 def test_bad_arguments_are_refused():
     model, x, y = _data(10)

@@ -15,6 +15,7 @@ import torch.nn as nn
 import connectome as cn
 from connectome import analysis
 from connectome.analysis._toys import toy_attribution
+from connectome.analysis.compare import _nmi as nmi_numpy
 from connectome.errors import BadFileError, ConnectomeError
 from connectome.extract.over_training import same_topology
 
@@ -96,6 +97,11 @@ def test_a_circuit_forms_at_the_step_it_appears():
     assert j[0] == j[1] < 0.5 and j[2] == j[3] == 1.0
     assert traj.formed == {"cat": 200}
     assert traj.nmi.shape == (3,)
+    # NMI of consecutive Leiden partitions, against compare's own numpy NMI
+    parts = [analysis.communities(g, seed=0).membership for g in gs]
+    want = [nmi_numpy(parts[t - 1], parts[t]) for t in range(1, 4)]
+    np.testing.assert_allclose(traj.nmi, want, rtol=1e-12)
+    assert traj.nmi[1] < 1.0  # the dog-to-cat step changes the communities
 
 
 def test_bad_checkpoints_are_refused(tmp_path):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -139,12 +138,6 @@ def test_skipped_names_are_capped_but_counted():
 
 
 # ----------------------------------------------------------------------------- several processes
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -170,8 +163,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_processes_give_the_graph_of_one_process(world, tmp_path):
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+def test_processes_give_the_graph_of_one_process(world, tmp_path, free_port):
+    mp.spawn(_worker, args=(world, free_port, str(tmp_path)), nprocs=world, join=True)
     x, y = _data()
     single = _run((x, y), per_sample=True, examples=3)
     flats = [cn.load(tmp_path / f"flat{r}.npz") for r in range(world)]
@@ -285,13 +278,13 @@ def test_checkpoint_from_another_file_kind_is_refused(finished):
 
 
 # ----------------------------------------------------------------------------- command line
-def test_cli_under_torchrun_matches_one_process(tmp_path):
+def test_cli_under_torchrun_matches_one_process(tmp_path, free_port):
     from connectome.cli import main
 
     args = ["extract", "--layout", "npz", "zoo:simplecnn_a", "zoo:shapes:2", "--device", "cpu", "--quiet", "--batch-size", "3"]
     assert main(args + ["--out", str(tmp_path / "one")]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port),
            "-m", "connectome", *args, "--out", str(tmp_path / "two"), "--checkpoint", str(tmp_path / "ck")]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
