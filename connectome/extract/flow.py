@@ -738,9 +738,7 @@ class CategoryRun:
         return len(self.categories)
 
     def __iter__(self) -> Iterator[tuple[str, Connectome]]:
-        from connectome.extract.distributed import category_folder
-
-        from connectome.extract.distributed import rank_world
+        from connectome.extract.distributed import category_folder, rank_world
 
         kwargs, target = self._kwargs, self._target
         cache: dict[Any, Any] = {}
