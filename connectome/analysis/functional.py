@@ -250,11 +250,11 @@ def _collect(model: Any, data: Any, layers: Sequence[str] | None, between: str, 
     from torch.utils.data import DataLoader
 
     from connectome.extract._model import check_model, eval_mode, model_dtype, model_on, resolve_device
-    from connectome.extract.activations import _read_node, _resolve_layers
+    from connectome.extract.activations import _read_node, _resolve_layers, traced_batches
     from connectome.extract.build import graph_layers
-    from connectome.extract.data import make_loader, unpack_batch
+    from connectome.extract.data import make_loader
     from connectome.extract.distributed import ShardSampler, _comm_device, agree, rank_device, rank_world
-    from connectome.extract.trace import run_nodes, trace_units
+    from connectome.extract.trace import run_nodes
 
     check_model(model)
     rank, world = rank_world()
@@ -277,15 +277,8 @@ def _collect(model: Any, data: Any, layers: Sequence[str] | None, between: str, 
     error: BaseException | None = None
     try:
         with eval_mode(m), torch.inference_mode():
-            for b, batch in enumerate(loader):
-                if b % stride != rank % stride:
-                    continue
-                x, _, _ = unpack_batch(batch)
-                if x is None:
-                    continue
-                x = x.to(dev, dtype=dtype, non_blocking=True)
-                if ug is None:
-                    ug = trace_units(m, x[:1])
+            for b, (ug, x, _) in enumerate(traced_batches(m, loader, dev, dtype, rank=rank, stride=stride)):
+                if b == 0:
                     glayers = graph_layers(ug)
                     picks = sorted(dict.fromkeys(_resolve_layers(ug, layers)))
                     if len(picks) < 1:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -15,7 +15,7 @@ from connectome.extract.data import make_loader, unpack_batch
 from connectome.extract.targets import as_layer_names, resolve_layer
 from connectome.extract.trace import UnitGraph, run_nodes, trace_units
 
-__all__ = ["activations", "Activations"]
+__all__ = ["activations", "Activations", "traced_batches"]
 
 
 class Activations(dict):
@@ -42,6 +42,27 @@ def _read_node(ug: UnitGraph, i: int, spatial: bool) -> str:
         if len(ug.shapes.get(name, ())) > 2:
             best = name
     return best if len(ug.shapes.get(best, ())) > 2 else s.out_node
+
+
+def traced_batches(m: nn.Module, loader: Any, dev: torch.device, dtype: torch.dtype, *, rank: int = 0,
+                   stride: int = 1) -> Iterator[tuple[UnitGraph, torch.Tensor, Any]]:
+    """``(unit graph, images, labels or None)`` of each batch of ``loader`` that holds images,
+    the images on ``dev`` in ``dtype``; the model ``m`` is traced once, on the first batch.
+
+    ``stride``: only every ``stride``-th batch, from the ``rank``-th on (a process's share
+    when the data are tensors that no sampler splits).
+    """
+    ug = None
+    for b, batch in enumerate(loader):
+        if b % stride != rank % stride:
+            continue
+        x, y, _ = unpack_batch(batch)
+        if x is None:
+            continue
+        x = x.to(dev, dtype=dtype, non_blocking=True)
+        if ug is None:
+            ug = trace_units(m, x[:1])
+        yield ug, x, y
 
 
 def _resolve_layers(ug: UnitGraph, names: Sequence[str] | None) -> list[int]:
@@ -101,13 +122,8 @@ def activations(
     out = Activations()
     with eval_mode(m), torch.inference_mode():
         ug = None
-        for batch in info.loader:
-            x, y, _ = unpack_batch(batch)
-            if x is None:
-                continue
-            x = x.to(dev, dtype=dtype, non_blocking=True)
-            if ug is None:
-                ug = trace_units(m, x[:1])
+        for b, (ug, x, y) in enumerate(traced_batches(m, info.loader, dev, dtype)):
+            if b == 0:
                 glayers = graph_layers(ug)
                 picks = list(dict.fromkeys(_resolve_layers(ug, layers)))
                 read = {i: _read_node(ug, i, spatial) for i in picks}

@@ -265,8 +265,9 @@ def _attribution(model: nn.Module, info: Any, target: Any = "label", *, per_samp
         "versions": _versions(),
     })
     # float32 flows computed in TF32 or bfloat16, and a 16-bit model's, are approximations, whatever the ops
+    # (precision_meta says exact=False for those)
     arith = precision_meta(t_info["precision"], acc.dtype)
-    arith["exact"] = bool(g.meta["exact"]) and t_info["precision"] == "exact" and arith.pop("exact", True)
+    arith["exact"] = bool(g.meta["exact"]) and arith.get("exact", True)
     g = g.with_meta(**arith)
     if examples:  # what a stored image index means: dataset order, and the files of an ImageFolder
         from connectome.patches import example_arrays
@@ -737,9 +738,7 @@ class CategoryRun:
         return len(self.categories)
 
     def __iter__(self) -> Iterator[tuple[str, Connectome]]:
-        from connectome.extract.distributed import category_folder
-
-        from connectome.extract.distributed import rank_world
+        from connectome.extract.distributed import category_folder, rank_world
 
         kwargs, target = self._kwargs, self._target
         cache: dict[Any, Any] = {}

@@ -77,6 +77,20 @@ def test_links_to_other_folders_are_followed_once(tmp_path):
                    ("dog/0.png", 1)]
 
 
+def test_file_links_count_once_per_category(tmp_path):
+    root, extra = tmp_path / "root", tmp_path / "extra"
+    _images(root / "cat", 1)
+    _images(root / "dog", 1, seed=1)
+    _images(extra, 1, seed=2)
+    os.symlink(extra / "0.png", root / "cat" / "a.png")  # a file outside the data: once
+    os.symlink(extra / "0.png", root / "cat" / "b.png")  # the same file again in the same category: left out
+    os.symlink(root / "dog" / "0.png", root / "cat" / "dog.png")  # another category's image: cat's too
+    with pytest.warns(UserWarning, match=r"; 1 file link\(s\) to an image already in their category left out$"):
+        samples = _samples(root)
+    rel = [(Path(p).relative_to(root).as_posix(), c) for p, c in samples]
+    assert rel == [("cat/0.png", 0), ("cat/a.png", 0), ("cat/dog.png", 0), ("dog/0.png", 1)]
+
+
 def test_a_category_folder_that_is_a_link_is_read(tmp_path):
     real = tmp_path / "elsewhere"
     _images(real, 2)

@@ -407,6 +407,17 @@ def test_a_buffer_registered_or_replaced_by_forward_is_undone():
     assert "made" not in dict(model.lin.named_buffers()) and model.last is last and not last.any()
 
 
+def test_an_inference_tensor_buffer_written_by_forward_is_put_back():
+    # a model built under torch.inference_mode has inference-tensor buffers: no version counter to tell a write
+    with torch.inference_mode():
+        model = Counting().double().eval()
+    assert model.calls.is_inference()
+    with torch.inference_mode(), kept_buffers(model):
+        model(torch.randn(1, 3, 8, 8, dtype=torch.float64))
+        assert model.calls.item() == 1  # forward did write it
+    assert model.calls.item() == 0 and torch.equal(model.running, torch.ones(4, dtype=torch.float64))
+
+
 # ----------------------------------------------------------------------------- 16-bit models (item 12)
 @pytest.mark.parametrize("dtype, roundoff", [(torch.float16, 2.0**-11), (torch.bfloat16, 2.0**-8)])
 def test_a_16_bit_model_states_its_dtype_and_error(dtype, roundoff):
