@@ -52,6 +52,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from connectome.extract.attention import attend
+
 __all__ = ["ChainOp", "Rule", "RULES", "Terms", "frozen", "FIXED_CONSTANT", "NAMED_INPUT", "DETACHED_OPERAND", "ATTENTION"]
 
 
@@ -210,11 +212,9 @@ def attention_forward(op: ChainOp, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     of ``v`` is mixed over tokens by the constant pattern, and ``q``, ``k`` get no gradient.
 
     ``op.params[2]`` is the number of heads of (batch, tokens, dim) tensors
-    (:func:`connectome.extract.trace.attend`), or the keyword arguments of
+    (:func:`connectome.extract.attention.attend`), or the keyword arguments of
     ``F.scaled_dot_product_attention`` on (..., tokens, head_dim) tensors.
     """
-    from connectome.extract.trace import attend
-
     how = op.params[2]
     if isinstance(how, int):
         heads = how

@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import operator
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -41,7 +41,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from connectome.errors import ExtractionError
-from connectome.extract.fx_root import alias_targets, real_target, traced_root
+from connectome.extract.attention import attend
+from connectome.extract.fx_root import real_target
+from connectome.extract.tracer import trace_graph
+from connectome.extract.unitgraph import LayerSpec, Operand, UnitGraph, Units
 from connectome.extract.rules import ATTENTION, NAMED_INPUT, RULES, ChainOp
 from connectome.kinds import Kind
 
@@ -91,208 +94,7 @@ def _stochastic_depth() -> Any:
     return stochastic_depth
 
 
-# ----------------------------------------------------------------------------- structures
-@dataclass
-class Units:
-    """Where the units of a tensor are: layer, tensor dims that index units, unit of each index.
-
-    ``index`` has the shape of the tensor along ``dims`` (None: ``arange(layer size)`` along one
-    dim, the natural order). ``dims == ()`` means every element belongs to the one unit
-    ``int(index)``.
-    """
-
-    layer: int
-    dims: tuple[int, ...] = (1,)
-    index: np.ndarray | None = None
-    batch: int = 0  # the batch dim (a layout op may move it for a while: timm's qkv permute)
-
-    @property
-    def natural(self) -> bool:
-        return self.index is None and len(self.dims) == 1 and self.batch == 0
-
-    def along(self, dim: int, size: int, layer_size: int) -> np.ndarray | None:
-        """Unit of each index of ``dim`` when units lie along that one dim, else None."""
-        if self.batch != 0:
-            return None
-        if self.dims == ():
-            return np.full(size, int(self.index), dtype=np.int64)
-        if self.dims != (dim,):
-            return None
-        return np.arange(layer_size, dtype=np.int64) if self.index is None else np.asarray(self.index, np.int64)
-
-
-@dataclass
-class Operand:
-    """One input of a layer: the value of fx node ``node``, whose channels are units of ``layer``.
-
-    A dense layer reads ``group`` consecutive input features per column of its edge block
-    (a flattened ``C x H x W`` map: positions per unit), and column ``c`` of that block is
-    unit ``cols[c]`` of the source (None: unit ``c``). An identity operand (residual, concat)
-    fills the units ``offset ...`` of its layer along ``dim``, channel ``c`` from unit ``cols[c]``.
-    """
-
-    layer: int
-    node: str
-    group: int = 1
-    offset: int = 0  # first unit of the destination this operand fills (concat)
-    sign: float = 1.0  # residual sub gives -1
-    path: list[str] = field(default_factory=list)  # per-unit ops between the source's value and this read
-    cols: np.ndarray | None = None
-    width: int = 0  # channels read (columns of the edge block after grouping)
-    dim: int = 1  # the dim of the destination's value holding its units
-
-
-@dataclass
-class LayerSpec:
-    """A layer of units in the traced model."""
-
-    name: str
-    kind: str  # a key of connectome.kinds.KINDS
-    size: int
-    node: str  # fx node that defines the units
-    module: str | None = None
-    operands: list[Operand] = field(default_factory=list)
-    groups: int = 1
-    out_node: str = ""  # end of the unbranched per-unit chain: the value passed on (A)
-    chain: list[str] = field(default_factory=list)  # fx nodes of the unbranched chain after `node`
-    bias_ops: list[ChainOp] = field(default_factory=list)
-    nonlinear: list[str] = field(default_factory=list)  # element-wise non-linear ops on these units
-    weight_node: str | None = None  # for F.conv2d/F.linear calls: the node giving the weight
-    call: dict[str, Any] = field(default_factory=dict)  # conv hyper-parameters
-    dim: int = 1  # the dim of the defining value that holds the units
-
-
-@dataclass
-class UnitGraph:
-    """The model's data flow mapped onto layers of units."""
-
-    gm: fx.GraphModule
-    layers: list[LayerSpec]
-    units: dict[str, Units]  # fx node -> where its units are
-    output_layer: int
-    output_node: str
-    shapes: dict[str, tuple[int, ...]]
-    rules: list[str] = field(default_factory=list)  # names of the linearisation rules used
-
-    def unit_dim(self, node: str) -> int:
-        """The one dim that holds the units of ``node``'s value (1 for NCHW, -1 for channels-last)."""
-        u = self.units.get(node)
-        return u.dims[0] if u is not None and len(u.dims) == 1 else 1
-
-    def layer_index(self, name: str) -> int:
-        from connectome.extract.targets import resolve_layer
-
-        return resolve_layer(name, self.layers, where="in the traced model", error=ExtractionError)
-
-
 # ----------------------------------------------------------------------------- tracing
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """Multi-head attention of (batch, tokens, dim) tensors: ``softmax(q k^T / sqrt(d)) v`` per head.
-
-    One node in the traced graph (the attention rule of :mod:`.rules` linearises it), the
-    computation of ``nn.MultiheadAttention`` between its projections.
-    """
-    n, t, e = q.shape
-    d = e // heads
-    split = lambda z: z.reshape(z.shape[0], z.shape[1], heads, d).transpose(1, 2)  # noqa: E731
-    out = F.scaled_dot_product_attention(split(q), split(k), split(v))
-    return out.transpose(1, 2).reshape(n, t, v.shape[-1])
-
-
-class _Tracer(fx.Tracer):
-    """A tracer whose leaves are torch.nn modules that run their stock forward.
-
-    ``nn.MultiheadAttention`` is written out as its parts, so that each projection is a layer
-    of units: ``q``, ``k`` and ``v`` Linear maps (slices of the packed ``in_proj_weight``),
-    the attention itself (:func:`attend`) and ``out_proj``.
-    """
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, _CONV_MODULES):
-            # Subclasses with their own forward (TF "same" padding) are traced through: the
-            # F.conv2d call inside becomes the layer.
-            return type(m).forward in (nn.Conv2d.forward, nn.Linear.forward)
-        return super().is_leaf_module(m, qualname)
-
-    def create_proxy(self, kind: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any], *a: Any, **kw: Any) -> Any:
-        from connectome.extract import windows
-
-        out = None
-        if kind == "call_function" and windows.is_swin_attention(target):
-            out = windows.expand(self, args, kwargs, self.module_stack and list(self.module_stack)[-1] or "")
-        elif kind == "call_function" and windows.is_patch_merging_pad(target):
-            out = windows.expand_patch_merging(self, args[0])
-        if out is not None:
-            # fx marks what a wrapped function returns as "is_wrapped" and its generated code would
-            # register the target (here torch.cat or ours) as a wrapped global: not ours to register
-            out.node.meta["connectome_expanded"] = True
-            return out
-        return super().create_proxy(kind, target, args, kwargs, *a, **kw)
-
-    def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if isinstance(m, nn.MultiheadAttention):
-            return self._attention(m, self.path_of_module(m), args, kwargs)
-        return super().call_module(m, forward, args, kwargs)
-
-    def _attention(self, m: nn.MultiheadAttention, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        names = ("query", "key", "value")
-        qkv = [args[i] if len(args) > i else kwargs.get(n) for i, n in enumerate(names)]
-        extra = {k: v for k, v in kwargs.items() if k not in names and v is not None}
-        extra.pop("need_weights", None)
-        if extra or len(args) > 4 or not m.batch_first or m.bias_k is not None or m.add_zero_attn:
-            raise ExtractionError(
-                f"nn.MultiheadAttention {name!r}: only batch_first=True self- or cross-attention without masks, "
-                "bias_k or zero attention maps to units (the attention rule)"
-            )
-        e = m.embed_dim
-
-        def attr(target: str) -> Any:
-            return self.create_proxy("get_attr", f"{name}.{target}", (), {})
-
-        out = []
-        for i, (part, x) in enumerate(zip("qkv", qkv)):
-            if m._qkv_same_embed_dim:
-                w = attr("in_proj_weight")[i * e : (i + 1) * e]
-            else:
-                w = attr(f"{part}_proj_weight")
-            b = attr("in_proj_bias")[i * e : (i + 1) * e] if m.in_proj_bias is not None else None
-            y = self.create_proxy("call_function", F.linear, (x, w, b), {})
-            y.node.meta["connectome_name"] = f"{name}.{part}"
-            y.node.meta["connectome_heads"] = m.num_heads
-            out.append(y)
-        a = self.create_proxy("call_function", attend, tuple(out), {"heads": m.num_heads})
-        a.node.meta["connectome_name"] = f"{name}.attention"
-        ob = attr("out_proj.bias") if m.out_proj.bias is not None else None
-        o = self.create_proxy("call_function", F.linear, (a, attr("out_proj.weight"), ob), {})
-        o.node.meta["connectome_name"] = f"{name}.out_proj"
-        return o, None
-
-
-def _trace(model: nn.Module) -> fx.GraphModule:
-    from connectome.extract._model import check_model
-
-    check_model(model)  # hooks included
-    tracer = _Tracer()
-    try:
-        graph = tracer.trace(traced_root(model))
-    except ExtractionError:
-        raise  # our own, from a module written out while tracing (attention)
-    except Exception as exc:  # fx raises many kinds (TraceError, TypeError, RuntimeError ...)
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExtractionError(
-            f"torch.fx cannot trace {type(model).__name__}: {msg}. Make forward free of "
-            "data-dependent Python control flow (if/for on tensor values), or wrap the untraceable "
-            "part in a module and register it with torch.fx.wrap"
-        ) from None
-    for n in graph.nodes:
-        if n.meta.pop("connectome_expanded", False):
-            n.meta.pop("is_wrapped", None)
-    root, aliases = alias_targets(graph, tracer.root)
-    gm = fx.GraphModule(root, graph, type(model).__name__)
-    gm.meta["connectome_aliases"] = aliases
-    return gm
-
-
 def _module_path(node: fx.Node, target: Any = None) -> str:
     """The caller's module path of a ``call_module`` node (or of ``target``), whatever alias fx traced it under."""
     gm = node.graph.owning_module
@@ -995,7 +797,7 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
     ExtractionError
         The model is untraceable, fails on the example, or uses an op that fits no rule.
     """
-    gm = _trace(model)
+    gm = trace_graph(model)
     if example.dim() >= 1 and example.shape[0] == 1:
         # a batch of two, so that a squeeze() cannot be mistaken for a change of batch size
         example = example.repeat(2, *([1] * (example.dim() - 1)))
