@@ -659,7 +659,7 @@ def _annotated(g: Any) -> Any:
     """``g`` with centralities, Leiden communities and the circuit as node columns."""
     from connectome import analysis as an
 
-    measures = ["strength", "pagerank"] + (["flow"] if "attribution" in g.node_attrs else [])
+    measures = an.default_measures(g, betweenness=False)
     c = an.centrality(g, measures)
     try:
         p = an.communities(g, seed=0)

@@ -95,7 +95,7 @@ def graph_sections(g: Connectome, top: int = 10, seed: int = 0, report: Any = No
     text: list[str] = [repr(g), ""]
     # hubs
     if measures is None:
-        measures = ["strength", "pagerank"] + (["flow"] if "attribution" in g.node_attrs else [])
+        measures = an.default_measures(g, betweenness=False)
     measures = list(dict.fromkeys([*measures, "pagerank"]))  # the hub table ranks by pagerank too
     c = an.centrality(g, measures, betweenness_samples=betweenness_samples, seed=seed)
     if "betweenness" in c:
