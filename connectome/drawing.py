@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from connectome.kinds import KINDS
+from connectome.kinds import info
 from connectome.palette import community_rgb
 
 if TYPE_CHECKING:
@@ -28,17 +28,15 @@ def layout(g: Connectome, x_spacing: float = 200.0, y_spacing: float = 12.0) -> 
     return x, y
 
 
-_KIND_HUE = {k: v.hue for k, v in KINDS.items()}  # one table of kinds: connectome/kinds.py
-
-
 def node_colors(g: Connectome) -> np.ndarray:
     """RGB colours (0-255), shape (n_nodes, 3): by community if present, else by layer kind."""
     if "community" in g.node_attrs:
         # the palette of every figure, so that a community has one colour in Gephi and in the report
         rgb = np.asarray(community_rgb(g.node_attrs["community"]), dtype=np.float64).reshape(-1, 3)
     else:
-        kinds = [g.layers[i].kind for i in g.node_layer]
-        rgb = np.array([colorsys.hsv_to_rgb(_KIND_HUE.get(k, 0.0), 0.55 if k != "input" else 0.0, 0.85) for k in kinds])
+        # one colour per layer from the one table of kinds (connectome/kinds.py), repeated per unit
+        per_layer = [colorsys.hsv_to_rgb(info(l.kind).hue, info(l.kind).saturation, 0.85) for l in g.layers]
+        rgb = np.asarray(per_layer, dtype=np.float64).reshape(-1, 3)[g.node_layer]
     return np.clip(np.round(rgb * 255), 0, 255).astype(np.int64).reshape(-1, 3)
 
 

@@ -689,6 +689,22 @@ def test_gephi_community_colours_are_the_figures_colours():
     np.testing.assert_array_equal(cio.node_colors(g), expect)
 
 
+def test_kind_colours_follow_the_kinds_table(monkeypatch):
+    """Hue and saturation both come from connectome/kinds.py (the saturation was a second,
+    hard-coded table: 0.55, or 0 for the image); a kind outside the table is drawn quieter."""
+    import colorsys
+
+    from connectome import kinds
+
+    g = Connectome.from_edges([("x", "input", 2), ("c", "conv", 2), ("grp", "group", 1), ("o", "output", 2)],
+                              [("x:0", "c:0", 1.0), ("c:1", "grp:0", 1.0), ("grp:0", "o:1", 1.0)])
+    hsv = {"input": (0.0, 0.0), "conv": (0.58, 0.55), "group": (0.0, 0.3), "output": (0.95, 0.55)}
+    expect = [colorsys.hsv_to_rgb(*hsv[l.kind], 0.85) for l in g.layers for _ in range(l.size)]
+    np.testing.assert_array_equal(cio.node_colors(g), np.round(np.asarray(expect) * 255).astype(np.int64))
+    monkeypatch.setitem(kinds.KINDS, "conv", kinds.KindInfo("conv", kinds.DENSE, True, 0.58, 1.0))
+    assert cio.node_colors(g)[2].tolist() == np.round(np.asarray(colorsys.hsv_to_rgb(0.58, 1.0, 0.85)) * 255).tolist()
+
+
 def test_a_folder_is_scanned_for_stale_temps_once_per_interval(g, tmp_path, monkeypatch):
     """Writing n files into one folder (export --examples: one per unit) scanned the whole folder
     per file, quadratic in n; now once per STALE_AFTER_S, the age a temp file needs to be stale."""
