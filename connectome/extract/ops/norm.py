@@ -97,13 +97,28 @@ def _last_dims(call: Call) -> dict[str, Any]:
     return {"dims": tuple(range(-len(shape), 0))}
 
 
+def _bn_example() -> nn.Module:
+    bn = nn.BatchNorm2d(4)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for t in (bn.running_mean, bn.weight, bn.bias):
+            t.copy_(torch.randn(4, generator=g))
+        bn.running_var.copy_(torch.rand(4, generator=g) + 0.5)
+    return bn
+
+
+def _channels_last(f: Any) -> Any:
+    return lambda x: f(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
 add(Op("batch_norm", "bn", Receptive.POINTWISE, modules=(nn.BatchNorm1d, nn.BatchNorm2d), functions=(F.batch_norm,),
-       params=_batch_norm))
+       params=_batch_norm, examples=(_bn_example,)))
 add(Op("layer_norm", "norm", Receptive.STATS, modules=(nn.LayerNorm,), functions=(F.layer_norm,), params=_layer_norm,
-       geometry=_last_dims))
+       geometry=_last_dims, examples=(lambda: nn.LayerNorm(8), lambda: _channels_last(lambda x: F.layer_norm(x, (4,))))))
 add(Op("group_norm", "norm", Receptive.GLOBAL, modules=(nn.GroupNorm,), functions=(F.group_norm,),
-       params=_group_norm))
+       params=_group_norm, examples=(lambda: nn.GroupNorm(2, 4),)))
 add(Op("rms_norm", "norm", Receptive.STATS, modules=(nn.RMSNorm,), functions=(F.rms_norm,), params=_rms_norm,
-       geometry=_last_dims))
+       geometry=_last_dims, examples=(lambda: nn.RMSNorm(8), lambda: _channels_last(lambda x: F.rms_norm(x, (4,))))))
 add(Op("normalize", "norm", Receptive.STATS, functions=(F.normalize,), params=_normalize,
-       geometry=lambda call: {"dims": (int(call.plain(2, "dim", 1)),)}))
+       geometry=lambda call: {"dims": (int(call.plain(2, "dim", 1)),)},
+       examples=(lambda: lambda x: F.normalize(x, dim=1), lambda: lambda x: F.normalize(x, 1.5, 3))))

@@ -30,14 +30,19 @@ def _pad_params(call: Call) -> tuple[tuple[int, ...], float] | None:
 
 
 add(Op("pool2d", NONE, Receptive.WINDOW, modules=(nn.MaxPool2d, nn.AvgPool2d),
-       functions=(F.max_pool2d, torch.max_pool2d, F.avg_pool2d), geometry=_window, pooled=2))
+       functions=(F.max_pool2d, torch.max_pool2d, F.avg_pool2d), geometry=_window, pooled=2,
+       examples=(lambda: nn.MaxPool2d(2), lambda: nn.AvgPool2d(3, 1, 1), lambda: lambda x: F.max_pool2d(x, 3, 2, 1))))
 add(Op("pool1d", NONE, Receptive.GLOBAL, modules=(nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d,
                                                   nn.AdaptiveMaxPool1d),
-       functions=(F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d, F.adaptive_max_pool1d), pooled=1))
+       functions=(F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d, F.adaptive_max_pool1d), pooled=1,
+       examples=(lambda: lambda x: F.max_pool1d(x.flatten(2), 2).view(x.shape[0], 4, 4, 8),
+                 lambda: nn.Sequential(nn.Flatten(2), nn.AdaptiveAvgPool1d(32), nn.Unflatten(2, (4, 8))))))
 # to any output size: the box is kept where the grid is (a pool to 1x1 reads the whole image)
 add(Op("adaptive_pool2d", NONE, Receptive.POINTWISE, modules=(nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d),
-       functions=(F.adaptive_avg_pool2d, F.adaptive_max_pool2d), pooled=2))
+       functions=(F.adaptive_avg_pool2d, F.adaptive_max_pool2d), pooled=2,
+       examples=(lambda: nn.AdaptiveAvgPool2d(8), lambda: nn.AdaptiveMaxPool2d(3))))
 add(Op("zero_pad2d", NONE, Receptive.PAD, modules=(nn.ZeroPad2d,), geometry=lambda call: {"pad": call.module.padding},
-       pooled=2))
+       pooled=2, examples=(lambda: nn.ZeroPad2d((1, 0, 2, 1)),)))
 add(Op("pad", "pad", Receptive.PAD, functions=(F.pad,), params=_pad_params,
-       geometry=lambda call: {"pad": call.arg(1, "pad", ())}))
+       geometry=lambda call: {"pad": call.arg(1, "pad", ())},
+       examples=(lambda: lambda x: F.pad(x, (1, 1, 0, 2), value=0.5), lambda: lambda x: F.pad(x, (2, 0, 1, 0)))))

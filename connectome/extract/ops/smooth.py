@@ -20,8 +20,10 @@ P = Receptive.POINTWISE
 
 def _smooth(name: str, modules: tuple[type, ...] = (), functions: tuple = (), methods: tuple[str, ...] = (),
             inplace_arg: int | None = None) -> Op:
+    examples = (*modules, *[(lambda f: lambda: f)(f) for f in functions[:1]],
+                *[(lambda m: lambda: lambda x: getattr(x, m)())(m) for m in methods[:1]])
     return add(Op(name, "smooth", P, modules=modules, functions=functions, methods=methods, params=smooth_params,
-                  inplace_arg=inplace_arg))
+                  inplace_arg=inplace_arg, examples=examples))
 
 
 def _pow_params(call: Call) -> tuple[float]:
@@ -49,4 +51,5 @@ _smooth("logsigmoid", (nn.LogSigmoid,), (F.logsigmoid,))
 _smooth("softsign", (nn.Softsign,), (F.softsign,))
 _smooth("tanhshrink", (nn.Tanhshrink,), (F.tanhshrink,))
 _smooth("erf", (), (torch.erf,), ("erf", "erf_"))
-add(Op("pow", "smooth", P, functions=(torch.pow, operator.pow), methods=("pow", "pow_"), params=_pow_params))
+add(Op("pow", "smooth", P, functions=(torch.pow, operator.pow), methods=("pow", "pow_"), params=_pow_params,
+       examples=(lambda: lambda x: x ** 2, lambda: lambda x: x.pow(3), lambda: lambda x: torch.pow(x, 2.0))))
