@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from connectome.errors import BadFileError, ConnectomeError, DataError, ExtractionError
 from connectome.extract._model import no_inplace
 from connectome.extract.build import assemble, edge_shapes, graph_layers, layout, prefetch_skeleton
-from connectome.extract.rules import (DETACHED_OPERAND, FIXED_CONSTANT, NAMED_INPUT, RULES, ChainOp, RunContext,
-                                      Terms, attention_forward)
+from connectome.extract import ops
+from connectome.extract.rules import RULES, ChainOp, RunContext, Terms, attention_forward
 from connectome.extract.trace import LayerSpec, UnitGraph, run_nodes
 from connectome.extract.unit_sums import UnitView, _acc_dtype
 from connectome.graph import Connectome
@@ -39,9 +39,6 @@ from connectome.kinds import DENSE, IDENTITY, KINDS, Kind
 
 __all__ = ["FlowAccumulator", "edge_shapes"]
 
-# Positional index of the `inplace` argument of functional ops, to switch it off.
-_INPLACE_POS = {F.relu: 1, F.relu6: 1, F.hardtanh: 3, F.leaky_relu: 2, F.dropout: 3, F.elu: 2,
-                F.silu: 1, F.hardswish: 1, F.hardsigmoid: 1, F.selu: 1, F.celu: 2, F.mish: 1}
 _PER_SAMPLE_BUDGET = 1 << 26  # elements of scratch per chunk (~256 MB in float32)
 _REDUCTIONS = ("sum", "max", "topk")
 
@@ -65,7 +62,7 @@ class FlowAccumulator:
         self.modules = dict(ug.gm.named_modules())
         self.spec_of = {s.node: (i, s) for i, s in enumerate(ug.layers)}
         self.rule_ops: dict[str, ChainOp] = {op.node: op for s in ug.layers for op in s.bias_ops
-                                             if RULES[op.kind].forward is not None or op.kind in NAMED_INPUT}
+                                             if RULES[op.kind].forward is not None or RULES[op.kind].named_input}
         keep: set[str] = set()
         grad: list[str] = []
         for li, s in enumerate(ug.layers):
@@ -91,7 +88,7 @@ class FlowAccumulator:
                 if RULES[op.kind].constant is not None:
                     keep.add(op.node)
                     grad.append(op.node)
-                if op.kind in ("clamp", "pad"):
+                if RULES[op.kind].reads_input:
                     keep.add(op.input_node)
         self.keep = keep
         self.grad_nodes = list(dict.fromkeys(grad))
@@ -253,11 +250,11 @@ class FlowAccumulator:
             if node.op == "call_function":
                 if kwargs.get("inplace"):
                     kwargs = {**kwargs, "inplace": False}
-                pos = _INPLACE_POS.get(node.target)
+                pos = ops.inplace_position(node.target)
                 if pos is not None and len(args) > pos and args[pos] is True:
                     args = list(args)
                     args[pos] = False
-                return node.target(*args, **kwargs)
+                return ops.out_of_place(node.target)(*args, **kwargs)
             name = node.target
             if name.endswith("_") and not name.startswith("_"):
                 name = name[:-1]
@@ -294,7 +291,7 @@ class FlowAccumulator:
                 return node.target(*args, **kwargs)
             op = rule_ops.get(node.name)
             if op is not None:
-                if op.kind in DETACHED_OPERAND:
+                if RULES[op.kind].detached_operand:
                     # signal takes all: the gate's (the attention pattern's) value is used, its gradient is not
                     gate = op.params[0]
                     args = [a.detach() if isinstance(n, fx.Node) and n.name == gate else a
@@ -310,9 +307,8 @@ class FlowAccumulator:
                 with torch.no_grad():  # the rule takes the value only: no autograd record of the op
                     y = run_plain(node, args, kwargs)
                 return RULES[op.kind].forward(op, x, y, ctx)
-            if node.op == "call_function" and (kwargs.get("inplace") or (
-                    _INPLACE_POS.get(node.target) is not None and len(args) > _INPLACE_POS[node.target]
-                    and args[_INPLACE_POS[node.target]] is True)):
+            if node.op == "call_function" and (kwargs.get("inplace") or ops.is_inplace_function(node.target) or (
+                    (pos := ops.inplace_position(node.target)) is not None and len(args) > pos and args[pos] is True)):
                 return run_plain(node, args, kwargs)
             if node.op == "call_method" and isinstance(node.target, str) and node.target.endswith("_") \
                     and not node.target.startswith("_"):
@@ -472,12 +468,13 @@ class FlowAccumulator:
     def _constant_term(self, op: ChainOp, ctx: RunContext, gv: torch.Tensor) -> torch.Tensor | None:
         """The flow of ``op``'s constant part, ``sum(c * dT/dy)`` per unit, or None."""
         view = self._view(op.node)
-        if op.kind in FIXED_CONSTANT and op.node in self._fixed:  # a parameter: its per-unit values, kept
+        fixed = RULES[op.kind].fixed_constant
+        if fixed and op.node in self._fixed:  # a parameter: its per-unit values, kept
             c, per_slot = self._fixed[op.node]
         else:
             c = RULES[op.kind].constant(op, ctx, gv)
             per_slot = view.per_slot(c, gv.shape) if isinstance(c, torch.Tensor) else None
-            if op.kind in FIXED_CONSTANT:
+            if fixed:
                 self._fixed[op.node] = (c, per_slot)
         if c is None:
             return None

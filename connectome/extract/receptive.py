@@ -23,14 +23,15 @@ Networks", Distill.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+
+from connectome.extract import ops
+from connectome.extract.ops import Receptive
 
 __all__ = ["Box", "receptive_fields"]
 
@@ -42,24 +43,6 @@ class Box:
     dims: tuple[int, int]  # tensor dims of the height and width axes
     y: tuple[int, int, int]  # (jump, start, size) along the height
     x: tuple[int, int, int]
-
-
-_POINTWISE_MODULES = (
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.Hardtanh, nn.Identity,
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh,
-    nn.Hardswish, nn.Hardsigmoid, nn.ELU, nn.CELU, nn.SELU, nn.Softplus, nn.Mish,
-)
-_POINTWISE_FUNCS: set[Any] = {
-    F.relu, torch.relu, F.relu_, F.relu6, F.hardtanh, F.leaky_relu, F.dropout, F.dropout2d, torch.dropout,
-    F.silu, F.gelu, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.hardswish, F.hardsigmoid, F.elu, F.mish,
-    torch.clamp, torch.clip, operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd,
-    torch.add, torch.sub, torch.mul, torch.div, F.batch_norm, F.layer_norm, F.linear,
-}
-_POINTWISE_METHODS = {
-    "relu", "relu_", "clone", "detach", "float", "double", "to", "type_as", "contiguous", "sigmoid", "tanh",
-    "clamp", "clamp_", "clip", "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "expand_as",
-}
-_SPLIT = ({torch.chunk, torch.split, torch.unbind}, {"chunk", "split", "unbind"})
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -100,10 +83,6 @@ def _union(boxes: list[Box]) -> Box | None:
     return Box(first.dims, axis([b.y for b in boxes]), axis([b.x for b in boxes]))
 
 
-def _call(node: fx.Node, i: int, name: str, default: Any) -> Any:
-    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
-
-
 def _node_box(node: fx.Node, inputs: list[tuple[fx.Node, Box]], shapes: dict[str, tuple[int, ...]],
               modules: dict[str, nn.Module], conv_calls: dict[str, dict[str, Any]]) -> Box | None:
     """The box of ``node``'s value from its data inputs' boxes; None: the whole image."""
@@ -120,58 +99,41 @@ def _node_box(node: fx.Node, inputs: list[tuple[fx.Node, Box]], shapes: dict[str
         if b.dims != (len(src) - 2, len(src) - 1):
             return None
         return _window(b, c["kernel_size"], c["stride"], c["padding"], c["dilation"])
-    if node.op == "call_module":
-        m = modules[t]
-        if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
-            return _window(b, m.kernel_size, m.stride, m.padding, getattr(m, "dilation", 1))
-        if isinstance(m, nn.ZeroPad2d):
-            return _pad(b, m.padding, src)
-        if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
-            return b if same else None
-        if isinstance(m, nn.Linear):
-            return b if same and max(b.dims) < len(src) - 1 else None
-        if isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
-            # statistics over the channels of each position only (a channels-last LayerNorm)
-            return b if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1 and max(b.dims) < len(src) - 1 else None
-        if isinstance(m, _POINTWISE_MODULES):
-            return _union(signal) if same and signal else None
+    module = modules[t] if node.op == "call_module" else None
+    if isinstance(module, nn.Linear) or (node.op == "call_function" and t is F.linear):
+        # a dense layer over the last dim: per position when the positions are not that dim
+        if not same or max(b.dims) >= len(src) - 1:
+            return None
+        return b if module is not None else _union(signal) if signal else None
+    op = ops.op_for_node(node, modules)
+    if op is None:
         return None
-    if node.op == "call_function":
-        if t in (F.max_pool2d, torch.max_pool2d, F.avg_pool2d):
-            return _window(b, _call(node, 1, "kernel_size", 1), _call(node, 2, "stride", None),
-                           _call(node, 3, "padding", 0), _call(node, 4, "dilation", 1) if t is not F.avg_pool2d else 1)
-        if t is F.pad:
-            return _pad(b, _call(node, 1, "pad", ()), src)
-        if t in (torch.permute,):
-            return _permute(b, _call(node, 1, "dims", ()))
-        if t in (torch.transpose, torch.swapaxes):
-            return _transpose(b, node.args[1], node.args[2], len(src))
-        if t is torch.cat:
-            dim = _call(node, 1, "dim", 0) % len(src)
-            return None if dim in b.dims or not signal else _union(signal)
-        if t in _SPLIT[0] or t is operator.getitem:
-            return _inherit(node, b, src, out)
-        if t in (torch.flatten, torch.reshape):
-            return _reshaped(b, src, out)
-        if t in _POINTWISE_FUNCS or getattr(t, "__name__", "") == "stochastic_depth":  # identity in eval mode
-            if t in (F.linear, F.layer_norm) and max(b.dims) >= len(src) - 1:
-                return None
-            return _union(signal) if same and signal else None
-        return None
-    if node.op == "call_method":
-        if t == "permute":
-            dims = node.args[1:] if len(node.args) > 2 or not isinstance(_call(node, 1, "dims", 0), (tuple, list)) \
-                else node.args[1]
-            return _permute(b, dims)
-        if t in ("transpose", "swapaxes"):
-            return _transpose(b, node.args[1], node.args[2], len(src))
-        if t in ("view", "reshape", "flatten"):
-            return _reshaped(b, src, out)
-        if t in _SPLIT[1]:
-            return _inherit(node, b, src, out)
-        if t in _POINTWISE_METHODS:
-            return _union(signal) if same and signal else None
-    return None
+    how = op.receptive
+    call = ops.Call(node, module)
+    geometry = op.geometry(call) if op.geometry is not None else {}
+    if how == Receptive.POINTWISE:
+        return _union(signal) if same and signal else None
+    if how == Receptive.STATS:
+        nd = len(src)
+        if any(int(d) % nd in b.dims for d in geometry["dims"]):
+            return None  # statistics over positions
+        return _union(signal) if same and signal else None
+    if how == Receptive.WINDOW:
+        return _window(b, geometry["kernel_size"], geometry["stride"], geometry["padding"], geometry["dilation"])
+    if how == Receptive.PAD:
+        return _pad(b, geometry["pad"], src)
+    if how == Receptive.PERMUTE:
+        return _permute(b, geometry["dims"])
+    if how == Receptive.TRANSPOSE:
+        return _transpose(b, *geometry["dims"], len(src))
+    if how == Receptive.RESHAPE:
+        return _reshaped(b, src, out)
+    if how == Receptive.SPLIT:
+        return _inherit(b, src, out, geometry.get("dim", 0))
+    if how == Receptive.CONCAT:
+        dim = geometry["dim"] % len(src)
+        return None if dim in b.dims or not signal else _union(signal)
+    return None  # Receptive.GLOBAL
 
 
 def _pad(b: Box, pad: Any, src: tuple[int, ...] | None) -> Box | None:
@@ -207,14 +169,13 @@ def _reshaped(b: Box, src: tuple[int, ...] | None, out: tuple[int, ...] | None) 
     return Box((len(out) - 2, len(out) - 1), b.y, b.x)
 
 
-def _inherit(node: fx.Node, b: Box, src: tuple[int, ...] | None, out: tuple[int, ...] | None) -> Box | None:
+def _inherit(b: Box, src: tuple[int, ...] | None, out: tuple[int, ...] | None, dim: Any) -> Box | None:
     """chunk/split/getitem: keep the box when no spatial axis is cut."""
     if src is None:
         return b  # an item of a tuple of tensors: its parent was checked
     if out is not None and len(out) == len(src) and all(out[d] == src[d] for d in b.dims):
         return b
     if out is None:  # a tuple: split along a dim that is not spatial
-        dim = _call(node, 2, "dim", 0) if node.target not in (torch.unbind, "unbind") else _call(node, 1, "dim", 0)
         return None if int(dim) % len(src) in b.dims else b
     return None
 

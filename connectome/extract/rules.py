@@ -17,20 +17,22 @@ Each :class:`Rule` says, for one kind of per-unit op (a :class:`ChainOp` on a la
   input ``x`` and its true output ``y``; None when the op is exact as it is (piecewise
   linear or affine).
 
-The rules (``name`` is what ``meta["rules"]`` lists):
+The rules (``name`` is what ``meta["rules"]`` lists; which ops use each is declared in the op
+registry, :mod:`connectome.extract.ops`):
 
 ==================== ================================================ ==========================
 kind                 op                                               held constant
 ==================== ================================================ ==========================
 bn                   BatchNorm in eval mode (module or F.batch_norm)  nothing (affine)
 affine               products and sums with parameters or buffers     nothing (affine)
-shift / scale        ``x + c``, ``x * a`` with Python numbers         nothing (affine)
+shift / scale        ``x + c``, ``x * a`` with numbers, ``-x``        nothing (affine)
 clamp                ReLU6, hardtanh, clamp                           nothing (piecewise linear)
 pad                  constant padding with a non-zero value           nothing (affine)
 const_cat            constants joined along positions (class token)   nothing (affine)
 gate                 ``x * s`` with ``s`` data-dependent, broadcast   ``s`` (signal takes all)
-smooth               SiLU, GELU, sigmoid, tanh, ... element-wise      ``r = (f(x) - f(0)) / x``
+smooth               SiLU, GELU, sigmoid, tanh, erf, ``x ** c`` ...   ``r = (f(x) - f(0)) / x``
 norm                 LayerNorm, GroupNorm                             mean and standard deviation
+                     RMSNorm (``F.rms_norm``), ``F.normalize``        the root mean square / norm
 attention            ``softmax(q k^T / sqrt(d)) v``                   the pattern (CP-LRP)
 pattern              hand-written ``softmax(...) @ v`` (einsum, bmm)  the pattern (CP-LRP)
 ==================== ================================================ ==========================
@@ -54,7 +56,7 @@ import torch.nn.functional as F
 
 from connectome.extract.attention import attend
 
-__all__ = ["ChainOp", "Rule", "RULES", "Terms", "frozen", "FIXED_CONSTANT", "NAMED_INPUT", "DETACHED_OPERAND", "ATTENTION"]
+__all__ = ["ChainOp", "Rule", "RULES", "Terms", "frozen"]
 
 
 @dataclass
@@ -83,6 +85,18 @@ class Rule:
     constant: Callable[[ChainOp, RunContext, torch.Tensor], Any] | None = None
     forward: Callable[[ChainOp, torch.Tensor, torch.Tensor, RunContext], torch.Tensor] | None = None
     weight_note: str = ""  # what the weight connectome does with it, when not folded
+    #: its constant part is a parameter or number, the same every batch (computed once per run)
+    fixed_constant: bool = False
+    #: its data input is named by the rule (the other operands are held constant), not inferred
+    named_input: bool = False
+    #: linearised by running the op with one operand (``params[0]``) detached: a gate, a pattern
+    detached_operand: bool = False
+    #: an attention rule: its pattern must not mix the units of v
+    attention: bool = False
+    #: its constant part reads the op's input value (kept while the batch runs)
+    reads_input: bool = False
+    #: element-wise non-linear: listed in ``meta["nonlinear_ops"]``
+    nonlinear: bool = False
 
 
 class _Frozen(torch.autograd.Function):
@@ -186,6 +200,18 @@ def _norm_forward(op: ChainOp, x: torch.Tensor, y: torch.Tensor, ctx: RunContext
     # Both the slope and the constant stay factored: no tensor the size of x is built or kept.
     kind, shape_or_groups, weight, eps, bias = op.params
     xd = x.detach()
+    if kind in ("rms", "lp"):
+        # no mean taken out: y = x * s * w with s = 1 / rms over the normalised dims (RMSNorm)
+        # or 1 / max(|x|_p, eps) along one dim (F.normalize); the constant part is 0
+        if kind == "rms":
+            dims = tuple(range(xd.dim() - len(shape_or_groups), xd.dim()))
+            e = torch.finfo(xd.dtype).eps if eps is None else eps
+            s = torch.rsqrt(xd.pow(2).mean(dims, keepdim=True) + e)
+        else:
+            p, dim = shape_or_groups
+            s = 1.0 / xd.norm(p, dim, keepdim=True).clamp_min(eps)
+        w = weight.to(x.device, s.dtype) if weight is not None else None
+        return frozen(x, y, s, w)
     if kind == "layer":
         dims = tuple(range(xd.dim() - len(shape_or_groups), xd.dim()))
         var, mean = torch.var_mean(xd, dim=dims, unbiased=False, keepdim=True)
@@ -253,33 +279,26 @@ _ATTENTION_RULE = "attention: the pattern softmax(q k^T / sqrt(d)) held constant
 RULES: dict[str, Rule] = {
     r.kind: r
     for r in (
-        Rule("bn", "", scale=_vector_scale, constant=_bn_constant),
-        Rule("affine", "", scale=_vector_scale, constant=lambda op, ctx, like: op.params[1]),
-        Rule("shift", "", constant=lambda op, ctx, like: op.params[0]),
+        Rule("bn", "", scale=_vector_scale, constant=_bn_constant, fixed_constant=True),
+        Rule("affine", "", scale=_vector_scale, constant=lambda op, ctx, like: op.params[1], fixed_constant=True),
+        Rule("shift", "", constant=lambda op, ctx, like: op.params[0], fixed_constant=True),
         Rule("scale", "", scale=_vector_scale),
-        Rule("clamp", "", constant=_clamp_constant),
-        Rule("pad", "", constant=_pad_constant),
+        Rule("clamp", "", constant=_clamp_constant, reads_input=True),
+        Rule("pad", "", constant=_pad_constant, reads_input=True),
         Rule("const_cat", "", constant=_const_cat_constant),
         Rule("gate", "gate: the data-dependent factor held constant (signal takes all)",
-             weight_note="a gate multiplies by data: not folded into weights"),
+             weight_note="a gate multiplies by data: not folded into weights", named_input=True, detached_operand=True),
         Rule("smooth", "identity rule: f(x) = f(0) + x * r(x), r held constant",
              constant=lambda op, ctx, like: op.params[0] if op.params[0] != 0 else None, forward=_smooth_forward,
-             weight_note="element-wise, not folded"),
-        Rule("attention", _ATTENTION_RULE, weight_note="token mixing has no weights: V's units pass through"),
-        Rule("pattern", _ATTENTION_RULE, weight_note="token mixing has no weights: V's units pass through"),
-        Rule("window", _ATTENTION_RULE, weight_note="Swin's window attention: token mixing has no weights"),
+             weight_note="element-wise, not folded", nonlinear=True),
+        Rule("attention", _ATTENTION_RULE, weight_note="token mixing has no weights: V's units pass through",
+             named_input=True, attention=True),
+        Rule("pattern", _ATTENTION_RULE, weight_note="token mixing has no weights: V's units pass through",
+             named_input=True, detached_operand=True, attention=True),
+        Rule("window", _ATTENTION_RULE, weight_note="Swin's window attention: token mixing has no weights",
+             named_input=True),
         Rule("norm", "normalisation: mean and standard deviation held constant", constant=_stashed,
              forward=_norm_forward, weight_note="statistics depend on data: not folded"),
     )
 }
-
-
-#: Ops whose constant part is a parameter or number (the same every batch: computed once per run).
-FIXED_CONSTANT = frozenset({"bn", "affine", "shift"})
-#: Ops whose data input is named by the rule (the other operands are held constant), not inferred.
-NAMED_INPUT = frozenset({"gate", "attention", "pattern", "window"})
-#: Ops linearised by running them with one operand detached (the gate, the attention pattern).
-DETACHED_OPERAND = frozenset({"gate", "pattern"})
-#: Ops attention rules apply to: their pattern must not mix the units of v.
-ATTENTION = frozenset({"attention", "pattern"})
 

@@ -45,53 +45,14 @@ from connectome.extract.attention import attend
 from connectome.extract.fx_root import real_target
 from connectome.extract.tracer import trace_graph
 from connectome.extract.unitgraph import LayerSpec, Operand, UnitGraph, Units
-from connectome.extract.rules import ATTENTION, NAMED_INPUT, RULES, ChainOp
+from connectome.extract import ops
+from connectome.extract.rules import RULES, ChainOp
 from connectome.kinds import Kind
 
 __all__ = ["UnitGraph", "LayerSpec", "Operand", "ChainOp", "Units", "trace_units", "run_nodes"]
 
-# ----------------------------------------------------------------------------- op tables
+# dense layers (the op registry, connectome.extract.ops, holds every other op)
 _CONV_MODULES = (nn.Conv2d, nn.Linear)
-# Modules that keep each unit and are exact for flow as they are (piecewise linear, or linear).
-_PL_MODULES = (
-    nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity, nn.ZeroPad2d,
-)
-# Element-wise, not piecewise linear: the identity rule (see rules.py).
-_SMOOTH_MODULES = (
-    nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.ELU, nn.CELU,
-    nn.SELU, nn.Softplus, nn.Mish, nn.LogSigmoid, nn.Softsign, nn.Tanhshrink,
-)
-_PL_FUNCS: set[Any] = {
-    F.relu, torch.relu, F.relu_, torch.relu_, F.leaky_relu, F.max_pool1d, F.max_pool2d,
-    torch.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
-    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.dropout, F.dropout1d, F.dropout2d,
-    F.pad, torch.dropout,
-}
-_SMOOTH_FUNCS: set[Any] = {
-    F.silu, F.gelu, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.hardswish, F.hardsigmoid,
-    F.elu, F.celu, F.selu, F.softplus, F.mish, F.logsigmoid, F.softsign, torch.erf,
-}
-_CLAMP_FUNCS: set[Any] = {F.relu6, F.hardtanh, torch.clamp, torch.clip}
-_PL_METHODS = {"relu", "relu_", "clone", "detach", "float", "double", "to", "type_as"}
-_SMOOTH_METHODS = {"sigmoid", "tanh", "sigmoid_", "tanh_", "erf"}
-_CLAMP_METHODS = {"clamp", "clamp_", "clip", "clip_"}
-# Ops that move or select units; run on a tensor of unit numbers to see where each unit goes.
-_LAYOUT_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
-                   "chunk", "split", "narrow", "movedim", "mean", "unflatten", "expand_as", "swapaxes", "unbind"}
-_LAYOUT_FUNCS: set[Any] = {torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
-                           torch.unsqueeze, torch.chunk, torch.split, torch.narrow, torch.movedim, torch.mean,
-                           operator.getitem, torch.swapaxes, torch.unbind}
-_LAYOUT_MODULES = (nn.Flatten, nn.Unflatten)
-
-
-def _stochastic_depth() -> Any:
-    try:
-        from torchvision.ops import stochastic_depth
-    except Exception:  # torchvision missing or broken: nothing to recognise
-        return None
-    return stochastic_depth
 
 
 # ----------------------------------------------------------------------------- tracing
@@ -235,12 +196,6 @@ def _const(node: fx.Node, i: int, name: str, default: Any) -> Any:
     return node.kwargs.get(name, default)
 
 
-def _f0(fn: Callable[[torch.Tensor], torch.Tensor]) -> float:
-    """f(0) of an element-wise function: the constant that the identity rule makes a bias term."""
-    with torch.no_grad():
-        return float(fn(torch.zeros(1, dtype=torch.float64)).reshape(-1)[0])
-
-
 @dataclass
 class _Ctx:
     modules: dict[str, nn.Module]
@@ -263,15 +218,25 @@ class _Ctx:
         return [a for a in args if self.is_data(a)]
 
 
+def _op_of(node: Any, c: _Ctx) -> ops.Op | None:
+    return ops.op_for_node(node, c.modules) if node.op in ("call_module", "call_function", "call_method") else None
+
+
+def _call(node: Any, c: _Ctx, module: nn.Module | None = None) -> ops.Call:
+    """``node`` as the registry's params and geometry functions read it."""
+    return ops.Call(node, module, const_of=c.const, value_of=lambda a: c.values.get(a.name, a), is_data=c.is_data,
+                    shape_of=lambda a: c.shapes.get(a.name) if isinstance(a, fx.Node) else None)
+
+
 def _classify(node: Any, c: _Ctx) -> tuple[str, Any]:
     """What an fx node does to units: ('layer', kind) | ('residual', signs) | ('concat', dim)
     | ('chain', ChainOp or None) | ('layout', None) | ('skip', None) | ('unsupported', why)."""
     t = node.target
     if node.name in c.values:
         return ("skip", None)  # a plain value (a size, a tuple of sizes)
-    if node.op == "call_function" and t in (torch.chunk, torch.split, torch.unbind, operator.getitem) or \
-            node.op == "call_method" and t in ("chunk", "split", "unbind"):
-        if node.name in c.data:
+    if node.op in ("call_function", "call_method"):
+        op = _op_of(node, c)
+        if op is not None and op.multi_output and node.name in c.data:
             return ("layout", None)  # may give a tuple of tensors: not in shapes
     if node.name not in c.shapes or node.name not in c.data:
         return ("skip", None)  # not a tensor (sizes, tuples of sizes ...), or a constant
@@ -280,23 +245,32 @@ def _classify(node: Any, c: _Ctx) -> tuple[str, Any]:
     if node.op == "call_function":
         return _classify_function(node, c)
     if node.op == "call_method":
-        if t in _PL_METHODS:
-            return ("chain", None)
-        if t in _CLAMP_METHODS:
-            lo, hi = _const(node, 1, "min", None), _const(node, 2, "max", None)
-            if any(isinstance(b, (fx.Node, torch.Tensor)) for b in (lo, hi)):
-                return ("unsupported", "a clamp with tensor bounds (only number bounds map)")
-            return ("chain", ChainOp(node.name, "clamp", "", (lo, hi)))
-        if t in _SMOOTH_METHODS:
-            fn = getattr(torch, t.rstrip("_"))
-            return ("chain", ChainOp(node.name, "smooth", "", (_f0(fn),)))
-        if t in _LAYOUT_METHODS:
-            return ("layout", None)
-        if t in ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"):
-            fn = {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.truediv}[t.rstrip("_")]
-            return _classify_function(_shadow(node, "call_function", fn), c)
-        return ("unsupported", f"method .{t}() is not a per-unit op we can map (no rule in connectome.extract.rules)")
+        op = ops.op_for_method(t)
+        if op is not None:
+            return _registered(op, node, c)
+        return ("unsupported", f"method .{t}() is not a per-unit op we can map (no entry in connectome.extract.ops; "
+                               "register a module that calls it with connectome.extract.register_op)")
     return ("skip", None)
+
+
+def _registered(op: ops.Op, node: Any, c: _Ctx, module: nn.Module | None = None) -> tuple[str, Any]:
+    """What a registered op does to units: its rule's :class:`ChainOp` from its params."""
+    if op.rule == ops.LAYOUT:
+        return ("layout", None)
+    if op.rule == ops.CONSTRUCT:
+        if node.op == "call_method":  # x.add(y) as x + y
+            node = _shadow(node, "call_function", op.functions[0])
+        return _CONSTRUCTS[op.construct](node, c)
+    try:
+        params = op.params(_call(node, c, module)) if op.params is not None else None
+    except ops.Unsupported as exc:
+        return ("unsupported", str(exc))
+    if op.rule == ops.NONE or params is None:
+        return ("chain", None)
+    if RULES[op.rule].named_input:  # the params name the data input
+        x, params = params
+        return ("chain", ChainOp(node.name, op.rule, x, params))
+    return ("chain", ChainOp(node.name, op.rule, "", params))
 
 
 def _classify_module(node: Any, m: nn.Module, c: _Ctx) -> tuple[str, Any]:
@@ -304,45 +278,16 @@ def _classify_module(node: Any, m: nn.Module, c: _Ctx) -> tuple[str, Any]:
         return ("layer", Kind.CONV)
     if isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward:
         return ("layer", Kind.LINEAR)
-    if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        if m.running_mean is None or m.running_var is None:
-            return ("unsupported", "BatchNorm without running statistics cannot be folded; build it with track_running_stats=True")
-        return ("chain", _bn_op(node, m.running_mean, m.running_var, m.weight, m.bias, m.eps))
-    if isinstance(m, nn.LayerNorm):
-        w = m.weight.detach() if m.weight is not None else None
-        b = m.bias.detach() if m.bias is not None else None
-        return ("chain", ChainOp(node.name, "norm", "", ("layer", tuple(m.normalized_shape), w, m.eps, b)))
-    if isinstance(m, nn.GroupNorm):
-        w = m.weight.detach() if m.weight is not None else None
-        b = m.bias.detach() if m.bias is not None else None
-        return ("chain", ChainOp(node.name, "norm", "", ("group", m.num_groups, w, m.eps, b)))
-    if isinstance(m, (nn.ReLU6, nn.Hardtanh)):
-        lo, hi = (0.0, 6.0) if isinstance(m, nn.ReLU6) else (m.min_val, m.max_val)
-        return ("chain", ChainOp(node.name, "clamp", "", (lo, hi)))
-    if isinstance(m, _PL_MODULES):
-        return ("chain", None)
-    if isinstance(m, _SMOOTH_MODULES):
-        return ("chain", ChainOp(node.name, "smooth", "", (_f0(m),)))
-    if isinstance(m, _LAYOUT_MODULES):
-        return ("layout", None)
+    op = ops.op_for_module(m)
+    if op is not None:
+        return _registered(op, node, c, m)
     if isinstance(m, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose2d)):
         return ("unsupported", f"{type(m).__name__} layers are not supported yet (Conv2d and Linear are)")
     if isinstance(m, (nn.Softmax, nn.LogSoftmax, nn.Softmin)):
         return ("unsupported", f"{type(m).__name__} mixes units (it normalises across them); no rule fits it "
                                "outside attention (softmax(...) @ v), where the attention rule holds the pattern constant")
-    return ("unsupported", f"module type {type(m).__name__} is not a per-unit op we can map "
-                           "(no rule in connectome.extract.rules)")
-
-
-def _bn_op(node: Any, mean: Any, var: Any, weight: Any, bias: Any, eps: float) -> ChainOp:
-    var = var.detach()
-    scale = torch.rsqrt(var + eps)
-    if weight is not None:
-        scale = scale * weight.detach()
-    shift = -mean.detach() * scale
-    if bias is not None:
-        shift = shift + bias.detach()
-    return ChainOp(node.name, "bn", "", (scale, shift))
+    return ("unsupported", f"module type {type(m).__name__} is not a per-unit op we can map (no entry in "
+                           "connectome.extract.ops; register it with connectome.extract.register_op)")
 
 
 def _classify_function(node: Any, c: _Ctx) -> tuple[str, Any]:
@@ -351,68 +296,9 @@ def _classify_function(node: Any, c: _Ctx) -> tuple[str, Any]:
         return ("layer", Kind.CONV)
     if t in (F.linear,):
         return ("layer", Kind.LINEAR)
-    if t in (operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub):
-        return _classify_sum(node, c)
-    if t in (operator.mul, operator.imul, torch.mul, operator.truediv, operator.itruediv, torch.div):
-        return _classify_product(node, c)
-    if t in (torch.cat, torch.concat):
-        dim = _const(node, 1, "dim", 0)
-        if not isinstance(dim, int) or not isinstance(node.args[0], (list, tuple)):
-            return ("unsupported", "torch.cat with a computed dim")
-        return ("concat", dim % len(c.shapes[node.name]))
-    if t in _CLAMP_FUNCS:
-        if t is F.relu6:
-            lo, hi = 0.0, 6.0
-        elif t is F.hardtanh:
-            lo, hi = _const(node, 1, "min_val", -1.0), _const(node, 2, "max_val", 1.0)
-        else:
-            lo, hi = _const(node, 1, "min", None), _const(node, 2, "max", None)
-        if any(isinstance(b, (fx.Node, torch.Tensor)) for b in (lo, hi)):
-            return ("unsupported", "a clamp with tensor bounds (only number bounds map)")
-        return ("chain", ChainOp(node.name, "clamp", "", (lo, hi)))
-    if t is F.pad:
-        value = _const(node, 3, "value", None)
-        mode = _const(node, 2, "mode", "constant")
-        if mode == "constant" and value not in (None, 0, 0.0):
-            return ("chain", ChainOp(node.name, "pad", "", (tuple(_const(node, 1, "pad", ())), float(value))))
-        return ("chain", None)
-    if t is F.batch_norm:
-        if _const(node, 5, "training", False):
-            return ("unsupported", "F.batch_norm in training mode; extraction runs the model in eval mode")
-        mean, var = c.const(_const(node, 1, "running_mean", None)), c.const(_const(node, 2, "running_var", None))
-        if mean is None or var is None:
-            return ("unsupported", "F.batch_norm without running statistics cannot be folded")
-        w, b = c.const(_const(node, 3, "weight", None)), c.const(_const(node, 4, "bias", None))
-        return ("chain", _bn_op(node, mean, var, w, b, float(_const(node, 7, "eps", 1e-5))))
-    if t in (F.layer_norm, F.group_norm):
-        for pos, key in ((2, "weight"), (3, "bias")):
-            a = _const(node, pos, key, None)
-            if a is not None and not isinstance(a, (int, float)) and c.const(a) is None:
-                return ("unsupported", f"{t.__name__} with a {key} computed from the data (only parameters and "
-                                       "buffers map: the normalisation rule holds them constant)")
-    if t is F.layer_norm:
-        shape = _const(node, 1, "normalized_shape", None)
-        shape = c.values.get(shape.name, shape) if isinstance(shape, fx.Node) else shape
-        return ("chain", ChainOp(node.name, "norm", "", ("layer", tuple(shape), c.const(_const(node, 2, "weight", None)),
-                                                           float(_const(node, 4, "eps", 1e-5)),
-                                                           c.const(_const(node, 3, "bias", None)))))
-    if t is F.group_norm:
-        return ("chain", ChainOp(node.name, "norm", "", ("group", int(_const(node, 1, "num_groups", 1)),
-                                                           c.const(_const(node, 2, "weight", None)),
-                                                           float(_const(node, 4, "eps", 1e-5)),
-                                                           c.const(_const(node, 3, "bias", None)))))
-    if t is _stochastic_depth() and t is not None:
-        if _const(node, 3, "training", True):
-            return ("unsupported", "stochastic depth in training mode; extraction runs the model in eval mode")
-        return ("chain", None)  # the identity in eval mode
-    if t in _LAYOUT_FUNCS:
-        return ("layout", None)
-    if t in _PL_FUNCS:
-        return ("chain", None)
-    if t in _SMOOTH_FUNCS:
-        extra = [a for a in node.args[1:] if not isinstance(a, fx.Node)]
-        return ("chain", ChainOp(node.name, "smooth", "", (_f0(lambda z: t(z, *extra, **{
-            k: v for k, v in node.kwargs.items() if not isinstance(v, fx.Node) and k != "inplace"})),)))
+    op = ops.op_for_function(t)
+    if op is not None:
+        return _registered(op, node, c)
     from connectome.extract import windows
 
     if t is windows.window_pad:
@@ -451,8 +337,16 @@ def _classify_function(node: Any, c: _Ctx) -> tuple[str, Any]:
     if t in (torch.softmax, F.softmax, torch.matmul, torch.bmm):
         return ("unsupported", f"{getattr(t, '__name__', t)} mixes units outside an attention form (the attention "
                                "rule maps softmax(...) @ v, F.scaled_dot_product_attention and nn.MultiheadAttention)")
-    return ("unsupported", f"function {getattr(t, '__name__', t)!s} is not a per-unit op we can map "
-                           "(no rule in connectome.extract.rules)")
+    return ("unsupported", f"function {getattr(t, '__name__', t)!s} is not a per-unit op we can map (no entry in "
+                           "connectome.extract.ops; register a module that calls it with "
+                           "connectome.extract.register_op)")
+
+
+def _classify_cat(node: Any, c: _Ctx) -> tuple[str, Any]:
+    dim = _const(node, 1, "dim", 0)
+    if not isinstance(dim, int) or not isinstance(node.args[0], (list, tuple)):
+        return ("unsupported", "torch.cat with a computed dim")
+    return ("concat", dim % len(c.shapes[node.name]))
 
 
 def _batchless(v: Any, data_shape: tuple[int, ...]) -> Any:
@@ -571,6 +465,12 @@ def _classify_product(node: Any, c: _Ctx) -> tuple[str, Any]:
                            "attention needs the attention rule")
 
 
+#: The registry's constructs (``Op.construct``): mapped by code of their own.
+_CONSTRUCTS: dict[str, Callable[[Any, _Ctx], tuple[str, Any]]] = {
+    "sum": _classify_sum, "product": _classify_product, "concat": _classify_cat,
+}
+
+
 def _const_cat(node: fx.Node, dim: int, c: _Ctx, units: dict[str, Units], layers: list[LayerSpec]) -> bool:
     """``torch.cat`` of one data tensor with constants along a dim that does not hold its units
     (a ViT's class token joined to the patch tokens): the data keeps its units and the constant
@@ -608,20 +508,10 @@ def _is_softmax(n: fx.Node) -> bool:
     return (n.op == "call_function" and n.target in _SOFTMAX) or (n.op == "call_method" and n.target == "softmax")
 
 
-_POOL1 = (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d)
-_POOL2 = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.ZeroPad2d)
-_POOL1_FUNCS = {F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d, F.adaptive_max_pool1d}
-_POOL2_FUNCS = {F.max_pool2d, torch.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
-
-
 def _pooled_dims(node: fx.Node, c: "_Ctx", nd: int) -> set[int]:
     """The dims a pooling (or padding) op works over: the last one or two."""
-    k = 0
-    if node.op == "call_module":
-        m = c.modules[node.target]
-        k = 1 if isinstance(m, _POOL1) else 2 if isinstance(m, _POOL2) else 0
-    elif node.op == "call_function":
-        k = 1 if node.target in _POOL1_FUNCS else 2 if node.target in _POOL2_FUNCS else 0
+    op = _op_of(node, c) if node.op != "call_method" else None
+    k = op.pooled if op is not None else 0
     return set(range(nd - k, nd)) if k else set()
 
 
@@ -679,9 +569,9 @@ def _attention_products(nodes: list[fx.Node], c: "_Ctx") -> tuple[dict[str, tupl
     return products, pattern
 
 
-_INPLACE_FUNCS = {F.relu, F.relu6, F.hardtanh, F.leaky_relu, F.dropout, F.elu, F.silu, F.hardswish, F.hardsigmoid,
-                  F.selu, F.celu, F.mish, F.threshold}
-_IOPS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+def _inplace_flag(n: fx.Node, pos: int | None) -> bool:
+    """Whether a function with an ``inplace`` flag at ``pos`` is called with it on."""
+    return pos is not None and (n.kwargs.get("inplace") is True or (len(n.args) > pos and n.args[pos] is True))
 
 
 def _check_in_place(nodes: list[fx.Node], modules: dict[str, nn.Module]) -> None:
@@ -693,9 +583,8 @@ def _check_in_place(nodes: list[fx.Node], modules: dict[str, nn.Module]) -> None
         t = n.target
         inplace = (
             (n.op == "call_method" and isinstance(t, str) and t.endswith("_") and not t.startswith("_"))
-            or (n.op == "call_function" and (t in _IOPS or getattr(t, "__name__", "").endswith("_")
-                                            or (t in _INPLACE_FUNCS and (n.kwargs.get("inplace") is True
-                                                                         or True in n.args[1:]))))
+            or (n.op == "call_function" and (ops.is_inplace_function(t) or getattr(t, "__name__", "").endswith("_")
+                                            or _inplace_flag(n, ops.inplace_position(t))))
             or (n.op == "call_module" and (getattr(modules.get(t), "inplace", False) is True
                                            or getattr(modules.get(t), "_connectome_inplace", False)))
         )
@@ -849,7 +738,8 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                 return consts[n.name].detach().cpu()
             raise ExtractionError(f"{_where(node)} reads {n.name!r}, which is neither mapped data nor a constant")
 
-        if node.op == "call_method" and node.target == "mean" or node.op == "call_function" and node.target is torch.mean:
+        op = _op_of(node, ctx)
+        if op is not None and op.reduces:
             dims = _const(node, 1, "dim", None)
             u = units.get(src[0].name)
             nd = len(shapes[src[0].name])
@@ -1032,7 +922,7 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                                     module=scope or None, operands=ops, dim=dim % nd))
             units[node.name] = Units(len(layers) - 1, (dim % nd,), None)
         else:  # chain: keeps the units of its data input
-            if isinstance(info, ChainOp) and info.kind in NAMED_INPUT:
+            if isinstance(info, ChainOp) and RULES[info.kind].named_input:
                 x = by_name[info.input_node]
             else:
                 targs = ctx.data_args(node) if node.op != "call_module" else [a for a in node.all_input_nodes if ctx.is_data(a)]
@@ -1041,7 +931,7 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                 x = targs[0]
             u = source(node, x)
             s_in, s_out = shapes[x.name], shapes[node.name]
-            if isinstance(info, ChainOp) and info.kind in ATTENTION and \
+            if isinstance(info, ChainOp) and RULES[info.kind].attention and \
                     set(u.dims) & _mixed_dims(node, x, len(s_in)):
                 raise ExtractionError(
                     f"cannot map {_where(node)}: its pattern mixes the dim that holds the units of v (attention "
@@ -1065,11 +955,9 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
             if info is not None:
                 info.input_node = x.name
                 layers[u.layer].bias_ops.append(info)
-                from connectome.extract.rules import RULES
-
                 if RULES[info.kind].name:
                     rules.add(RULES[info.kind].name)
-                if info.kind == "smooth":
+                if RULES[info.kind].nonlinear:
                     layers[u.layer].nonlinear.append(_module_path(node) if node.op == "call_module" else _where(node))
 
     if output_node is None:
@@ -1121,7 +1009,7 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                 path.append(cur.name)
                 nxt = [a for a in cur.all_input_nodes if ctx.is_data(a) or a.name in multi]
                 k = kinds[cur.name][1]
-                if isinstance(k, ChainOp) and k.kind in NAMED_INPUT:
+                if isinstance(k, ChainOp) and RULES[k.kind].named_input:
                     nxt = [by_name[k.input_node]]
                 if len(nxt) != 1:
                     break

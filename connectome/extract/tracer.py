@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from connectome.errors import ExtractionError
 from connectome.extract._model import check_model
-from connectome.extract import windows
+from connectome.extract import ops, windows
 from connectome.extract.attention import attend
 from connectome.extract.fx_root import alias_targets, traced_root
 
@@ -33,6 +33,8 @@ class _Tracer(fx.Tracer):
             # Subclasses with their own forward (TF "same" padding) are traced through: the
             # F.conv2d call inside becomes the layer.
             return type(m).forward in (nn.Conv2d.forward, nn.Linear.forward)
+        if ops.is_leaf_module(m):  # a users' module registered with register_op: one op
+            return True
         return super().is_leaf_module(m, qualname)
 
     def create_proxy(self, kind: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any], *a: Any, **kw: Any) -> Any:
@@ -91,7 +93,8 @@ def trace_graph(model: nn.Module) -> fx.GraphModule:
     check_model(model)  # hooks included
     tracer = _Tracer()
     try:
-        graph = tracer.trace(traced_root(model))
+        with ops.leaf_functions(tracer):  # users' autograd functions: one call each
+            graph = tracer.trace(traced_root(model))
     except ExtractionError:
         raise  # our own, from a module written out while tracing (attention)
     except Exception as exc:  # fx raises many kinds (TraceError, TypeError, RuntimeError ...)

@@ -1,0 +1,50 @@
+"""Layout ops: they move or select units (views, permutes, splits, indexing, means over
+positions) and are followed by running them on a tensor of unit numbers; and ``torch.cat``."""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from connectome.extract.ops._core import CONSTRUCT, LAYOUT, Call, Op, Receptive, add
+
+
+def _permute_dims(call: Call) -> dict[str, Any]:
+    node = call.node
+    if node.op == "call_function":
+        return {"dims": call.arg(1, "dims", ())}
+    first = call.arg(1, "dims", 0)
+    return {"dims": node.args[1:] if len(node.args) > 2 or not isinstance(first, (tuple, list)) else first}
+
+
+add(Op("reshape", LAYOUT, Receptive.RESHAPE, modules=(nn.Flatten, nn.Unflatten), functions=(torch.flatten, torch.reshape),
+       methods=("view", "reshape", "flatten"),
+       examples=(lambda: lambda x: x.view(x.shape[0], 2, 2, 8, 8).flatten(1, 2),
+                 lambda: nn.Sequential(nn.Unflatten(1, (2, 2)), nn.Flatten(1, 2)))))
+add(Op("permute", LAYOUT, Receptive.PERMUTE, functions=(torch.permute,), methods=("permute",), geometry=_permute_dims,
+       examples=(lambda: lambda x: x.permute(0, 2, 3, 1).permute(0, 3, 1, 2),
+                 lambda: lambda x: torch.permute(x, (0, 1, 3, 2)))))
+add(Op("transpose", LAYOUT, Receptive.TRANSPOSE, functions=(torch.transpose, torch.swapaxes),
+       methods=("transpose", "swapaxes"), geometry=lambda call: {"dims": (call.node.args[1], call.node.args[2])},
+       examples=(lambda: lambda x: x.transpose(1, 3).transpose(3, 1), lambda: lambda x: torch.swapaxes(x, 3, 2))))
+add(Op("contiguous", LAYOUT, Receptive.POINTWISE, methods=("contiguous", "expand_as"),
+       examples=(lambda: lambda x: x.contiguous(),)))
+add(Op("squeeze", LAYOUT, Receptive.GLOBAL, functions=(torch.squeeze, torch.unsqueeze, torch.narrow, torch.movedim),
+       methods=("squeeze", "unsqueeze", "narrow", "movedim", "unflatten"),
+       examples=(lambda: lambda x: x.unsqueeze(1).squeeze(1), lambda: lambda x: torch.narrow(x, 2, 1, 5))))
+add(Op("split", LAYOUT, Receptive.SPLIT, functions=(torch.chunk, torch.split), methods=("chunk", "split"),
+       geometry=lambda call: {"dim": call.arg(2, "dim", 0)}, multi_output=True,
+       examples=(lambda: lambda x: torch.chunk(x, 2, 1)[0], lambda: lambda x: x.split(2, 1)[1])))
+# an item of unbind's tuple has one dim less than the tensor: its box is not followed
+add(Op("unbind", LAYOUT, Receptive.GLOBAL, functions=(torch.unbind,), methods=("unbind",), multi_output=True,
+       examples=(lambda: lambda x: x.view(x.shape[0], 2, 2, 8, 8).unbind(1)[1],)))
+add(Op("getitem", LAYOUT, Receptive.SPLIT, functions=(operator.getitem,), multi_output=True,
+       examples=(lambda: lambda x: x[:, 1:3],)))
+add(Op("mean", LAYOUT, Receptive.GLOBAL, functions=(torch.mean,), methods=("mean",), reduces=True,
+       examples=(lambda: lambda x: x.mean(3, keepdim=True),)))
+add(Op("cat", CONSTRUCT, Receptive.CONCAT, functions=(torch.cat, torch.concat), construct="concat",
+       geometry=lambda call: {"dim": call.arg(1, "dim", 0)},
+       examples=(lambda: lambda x: torch.cat([x, x.relu()], 1),)))
