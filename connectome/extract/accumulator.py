@@ -24,10 +24,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 import torch.fx as fx
-import torch.nn as nn
 import torch.nn.functional as F
 
 from connectome.errors import BadFileError, ConnectomeError, DataError, ExtractionError
+from connectome.extract import dense
 from connectome.extract._model import no_inplace
 from connectome.extract.build import assemble, edge_shapes, graph_layers, layout, prefetch_skeleton
 from connectome.extract.rules import (DETACHED_OPERAND, FIXED_CONSTANT, NAMED_INPUT, RULES, ChainOp, RunContext,
@@ -42,7 +42,6 @@ __all__ = ["FlowAccumulator", "edge_shapes"]
 # Positional index of the `inplace` argument of functional ops, to switch it off.
 _INPLACE_POS = {F.relu: 1, F.relu6: 1, F.hardtanh: 3, F.leaky_relu: 2, F.dropout: 3, F.elu: 2,
                 F.silu: 1, F.hardswish: 1, F.hardsigmoid: 1, F.selu: 1, F.celu: 2, F.mish: 1}
-_PER_SAMPLE_BUDGET = 1 << 26  # elements of scratch per chunk (~256 MB in float32)
 _REDUCTIONS = ("sum", "max", "topk")
 
 
@@ -272,9 +271,7 @@ class FlowAccumulator:
                     w = m.weight.detach().requires_grad_(True)
                     b = m.bias.detach().requires_grad_(True) if m.bias is not None else None
                     leaves[li] = (w, b)
-                    if isinstance(m, nn.Conv2d):
-                        return m._conv_forward(args[0], w, b)
-                    return F.linear(args[0], w, b)
+                    return dense.of_spec(spec).forward(m, args[0], w, b)
                 args = list(args)
                 kwargs = dict(kwargs)
                 if len(args) > 1:
@@ -373,10 +370,7 @@ class FlowAccumulator:
                     # in place: the gradient of this run's own weight leaf is read nowhere else,
                     # so W * dW needs no temporary the size of the weights
                     prod = gr.mul_(tensor) if gr.dtype == tensor.dtype and gr.is_contiguous() else tensor * gr
-                    if spec.kind == Kind.LINEAR:
-                        e = prod.reshape(prod.shape[0], -1, spec.operands[0].group)
-                    else:
-                        e = prod.reshape(prod.shape[0], prod.shape[1], -1)
+                    e = dense.of_spec(spec).blocks(prod, spec.groups, spec.operands[0].group)
                     # summed over the kernel in its own dtype (not at all for 1x1 kernels), widened by
                     # the float64 accumulation itself: no float64 copy of every edge per batch
                     self.edges[key] += e[..., 0] if e.shape[-1] == 1 else e.sum(-1, dtype=_acc_dtype(e))
@@ -506,53 +500,10 @@ class FlowAccumulator:
         return cache[s.name]
 
     def _per_sample_abs(self, li: int, s: LayerSpec, x: torch.Tensor, gz: torch.Tensor) -> torch.Tensor:
-        """sum over images of |E_n| for a conv/linear layer, chunked to bound memory."""
+        """sum over images of |E_n| for a dense layer (its strategy's, chunked to bound memory)."""
         w = self._weight(s).to(gz.dtype)
-        n = x.shape[0]
-        x = x.to(gz.dtype)
-        if s.kind == Kind.LINEAR:
-            grp = s.operands[0].group
-            o = w.shape[0]
-            c = w.shape[1] // grp
-            wv = w.reshape(o, c, grp)
-            # positions of a channels-last or token tensor are summed like a conv's
-            p = max(1, x[:1].numel() // (c * grp))
-            per = max(1, _PER_SAMPLE_BUDGET // max(1, o * c * p))
-            out = torch.zeros(o, c, dtype=torch.float64, device=self.device)
-            for a in range(0, n, per):
-                xs = x[a : a + per].reshape(-1, p, c, grp)
-                gs = gz[a : a + per].reshape(-1, p, o)
-                e = torch.einsum("npcs,ocs,npo->noc", xs, wv, gs)
-                out += e.abs().sum(0, dtype=torch.float64)
-            return out
-        call = s.call
-        groups = call["groups"]
-        k = tuple(call["kernel_size"])
-        pad, stride, dil = call["padding"], call["stride"], call["dilation"]
-        if call.get("padding_mode", "zeros") != "zeros" or isinstance(pad, str):
-            x, pad = _explicit_pad(x, call, k)
-        o, cg = w.shape[0], w.shape[1]
-        og = o // groups
-        K = int(np.prod(k))
-        L = gz.shape[2] * gz.shape[3]
-        per_img = o * cg * K + x.shape[1] * K * L
-        per = max(1, _PER_SAMPLE_BUDGET // per_img)
-        wv = w.reshape(groups, og, cg, K)
-        out = torch.zeros(groups, og, cg, dtype=torch.float64, device=self.device)
-        for a in range(0, n, per):
-            xs = x[a : a + per]
-            b = xs.shape[0]
-            if K == 1 and _is_zero(pad):
-                # a 1x1 conv reads each position once: strided view instead of an im2col copy
-                st = (stride, stride) if isinstance(stride, int) else tuple(stride)
-                U = xs[:, :, :: st[0], :: st[1]].reshape(b, groups, cg, L)
-            else:
-                U = F.unfold(xs, k, dilation=dil, padding=pad, stride=stride).reshape(b, groups, cg * K, L)
-            G = gz[a : a + per].reshape(b, groups, og, L)
-            P = torch.einsum("ngol,ngkl->ngok", G, U).reshape(b, groups, og, cg, K)
-            E = torch.einsum("ngock,gock->ngoc", P, wv)
-            out += E.abs().sum(0, dtype=torch.float64)
-        return out.reshape(o, cg)
+        return dense.of_spec(s).per_sample_abs(s.call, s.groups, s.operands[0].group, w, x.to(gz.dtype), gz,
+                                               self.device)
 
     # ------------------------------------------------------------------ results
 
@@ -651,24 +602,3 @@ class _Run(RunContext):
             if isinstance(n, fx.Node) and n.name == op.input_node:
                 return kwargs[k]
         return args[0]
-
-
-def _is_zero(pad: Any) -> bool:
-    return pad == 0 or pad == "valid" or (isinstance(pad, (tuple, list)) and all(p == 0 for p in pad))
-
-
-def _explicit_pad(x: torch.Tensor, call: dict[str, Any], k: tuple[int, ...]) -> tuple[torch.Tensor, int]:
-    pad = call["padding"]
-    dil = call["dilation"]
-    dil = (dil, dil) if isinstance(dil, int) else tuple(dil)
-    if pad == "valid":
-        return x, 0
-    if pad == "same":
-        tot = [d * (kk - 1) for d, kk in zip(dil, k)]
-        p = (tot[1] // 2, tot[1] - tot[1] // 2, tot[0] // 2, tot[0] - tot[0] // 2)
-    else:
-        pad = (pad, pad) if isinstance(pad, int) else tuple(pad)
-        p = (pad[1], pad[1], pad[0], pad[0])
-    mode = call.get("padding_mode", "zeros")
-    mode = "constant" if mode == "zeros" else mode
-    return F.pad(x, p, mode=mode), 0

@@ -32,6 +32,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from connectome.extract import dense
+
 __all__ = ["Box", "receptive_fields"]
 
 
@@ -105,7 +107,7 @@ def _call(node: fx.Node, i: int, name: str, default: Any) -> Any:
 
 
 def _node_box(node: fx.Node, inputs: list[tuple[fx.Node, Box]], shapes: dict[str, tuple[int, ...]],
-              modules: dict[str, nn.Module], conv_calls: dict[str, dict[str, Any]]) -> Box | None:
+              modules: dict[str, nn.Module], windows: dict[str, tuple[Any, Any, Any, Any]]) -> Box | None:
     """The box of ``node``'s value from its data inputs' boxes; None: the whole image."""
     first_node, b = inputs[0]
     out = shapes.get(node.name)
@@ -115,11 +117,10 @@ def _node_box(node: fx.Node, inputs: list[tuple[fx.Node, Box]], shapes: dict[str
     # operands of the output's own grid: a residual add's branches (a broadcast gate left out)
     signal = [bb for a, bb in inputs if spatial(shapes.get(a.name)) == spatial(out)]
     t = node.target
-    if node.name in conv_calls:
-        c = conv_calls[node.name]
+    if node.name in windows:  # a dense layer that is a window over the image grid (its strategy's geometry)
         if b.dims != (len(src) - 2, len(src) - 1):
             return None
-        return _window(b, c["kernel_size"], c["stride"], c["padding"], c["dilation"])
+        return _window(b, *windows[node.name])
     if node.op == "call_module":
         m = modules[t]
         if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
@@ -237,7 +238,7 @@ def receptive_fields(ug: Any) -> tuple[dict[str, list[int] | None], list[int] | 
     gm = ug.gm
     shapes = ug.shapes
     modules = dict(gm.named_modules())
-    conv_calls = {s.node: s.call for s in ug.layers if s.call and "kernel_size" in s.call}
+    windows = {s.node: g for s in ug.layers if s.dense and (g := dense.of_spec(s).geometry(s.call)) is not None}
     boxes: dict[str, Box | None] = {}
     data: set[str] = set()
     input_size = None
@@ -275,7 +276,7 @@ def receptive_fields(ug: Any) -> tuple[dict[str, list[int] | None], list[int] | 
         # the operand that carries the signal first (a gate multiplies it, a residual adds to it)
         known.sort(key=lambda t: 0 if shapes.get(t[0].name) == out else 1)
         try:
-            boxes[node.name] = _node_box(node, known, shapes, modules, conv_calls)
+            boxes[node.name] = _node_box(node, known, shapes, modules, windows)
         except (TypeError, ValueError, IndexError):  # arguments we cannot read statically
             boxes[node.name] = None
     fields: dict[str, list[int] | None] = {}
