@@ -32,7 +32,7 @@ from connectome.extract._model import no_inplace
 from connectome.extract.build import assemble, edge_shapes, graph_layers, layout, prefetch_skeleton
 from connectome.extract.rules import (DETACHED_OPERAND, FIXED_CONSTANT, NAMED_INPUT, RULES, ChainOp, RunContext,
                                       Terms, attention_forward)
-from connectome.extract.trace import LayerSpec, UnitGraph, run_nodes
+from connectome.extract.trace import LayerSpec, UnitGraph, layer_weight, run_nodes
 from connectome.extract.unit_sums import UnitView, _acc_dtype
 from connectome.graph import Connectome
 from connectome.kinds import DENSE, IDENTITY, KINDS, Kind
@@ -75,7 +75,8 @@ class FlowAccumulator:
                 keep.add(s.node)
                 grad.append(s.node)
                 keep.update(op.node for op in s.operands)
-            if KINDS[s.kind].edges == DENSE and per_sample:
+            io = KINDS[s.kind].edges == DENSE and dense.of_spec(s).io_edges
+            if KINDS[s.kind].edges == DENSE and per_sample and not io:
                 cols = s.operands[0].cols
                 if cols is not None and np.unique(cols).size < cols.size:
                     raise ExtractionError(
@@ -83,6 +84,7 @@ class FlowAccumulator:
                         "columns (a channels-last flatten or a repeated channel); per_sample=True cannot sum |flow| per edge "
                         "there yet: flatten with the units first (x.permute(0, 3, 1, 2).flatten(1)) or per_sample=False"
                     )
+            if KINDS[s.kind].edges == DENSE and (per_sample or io):
                 keep.add(s.node)
                 grad.append(s.node)
                 keep.add(s.operands[0].node)
@@ -94,6 +96,10 @@ class FlowAccumulator:
                     keep.add(op.input_node)
         self.keep = keep
         self.grad_nodes = list(dict.fromkeys(grad))
+        # dense layers whose edges come from their input and output gradient: their weight and bias
+        self._io_layers = {li: tuple(None if t is None else t.detach().to(device) for t in layer_weight(ug, s))
+                           for li, s in enumerate(ug.layers)
+                           if KINDS[s.kind].edges == DENSE and dense.of_spec(s).io_edges}
         self._views: dict[str, UnitView] = {}
         self._states: dict[str, str] = {}
         self._shapes = edge_shapes(ug)
@@ -365,12 +371,14 @@ class FlowAccumulator:
                     continue
                 if kind == "input":
                     g_x = gr
+                elif kind in ("w", "b") and key in self._io_layers:
+                    continue  # edges and bias from the layer's input and output gradient (_nodes)
                 elif kind == "w":
                     spec = ug.layers[key]
                     # in place: the gradient of this run's own weight leaf is read nowhere else,
                     # so W * dW needs no temporary the size of the weights
                     prod = gr.mul_(tensor) if gr.dtype == tensor.dtype and gr.is_contiguous() else tensor * gr
-                    e = dense.of_spec(spec).blocks(prod, spec.groups, spec.operands[0].group)
+                    e = dense.of_spec(spec).blocks(prod, spec)
                     # summed over the kernel in its own dtype (not at all for 1x1 kernels), widened by
                     # the float64 accumulation itself: no float64 copy of every edge per batch
                     self.edges[key] += e[..., 0] if e.shape[-1] == 1 else e.sum(-1, dtype=_acc_dtype(e))
@@ -451,9 +459,15 @@ class FlowAccumulator:
                 self.edges[li] = [a + b for a, b in zip(self.edges[li], vals)]
                 if self.per_sample:
                     self.abs_edges[li] = [a + b for a, b in zip(self.abs_edges[li], absv)]
-            elif edges == DENSE and self.per_sample:
+            elif edges == DENSE:
                 gz = g.get(s.node)
-                if gz is not None:
+                if gz is not None and li in self._io_layers:
+                    w, b = self._io_layers[li]
+                    e, bias = dense.of_spec(s).io_flows(s.call, w, b, kept[s.operands[0].node].detach(), gz)
+                    self.edges[li] += e
+                    if bias is not None:
+                        self.bias[li] += bias
+                if gz is not None and self.per_sample:
                     self.abs_edges[li] += self._per_sample_abs(li, s, kept[s.operands[0].node], gz)
         # every layer at once: a handful of ops over all units instead of a dozen per layer
         self._flat["attr"] += torch.cat(attr_parts).double()
@@ -491,8 +505,6 @@ class FlowAccumulator:
         return z
 
     def _weight(self, s: LayerSpec) -> torch.Tensor:
-        from connectome.extract.trace import layer_weight
-
         cache = self.__dict__.setdefault("_weights", {})
         if s.name not in cache:  # looked up once per run, not per batch
             w, _ = layer_weight(self.ug, s)

@@ -21,6 +21,9 @@ strategy     op                                        kind      weight -> (out,
 ============ ========================================= ========= ==================================
 conv2d       ``nn.Conv2d``, ``F.conv2d``               conv      ``(O, I/g, kh * kw)``
 conv1d       ``nn.Conv1d``, ``F.conv1d``               conv      ``(O, I/g, k)``
+conv1d_units a Conv1d across the units (ECA attention:   conv      the ``(units, units)`` banded matrix
+             one channel, positions are the units)               it multiplies by; edges from
+                                                                 ``sum_n dT/dy x^T`` (``io_edges``)
 conv_t2d     ``nn.ConvTranspose2d``,                   conv      ``(I, O/g, kh, kw)`` regrouped to
              ``F.conv_transpose2d``                              ``(O, I/g, kh * kw)``
 linear       ``nn.Linear``, ``F.linear``               linear    ``(O, I / group, group)``: a
@@ -47,7 +50,7 @@ import torch.nn.functional as F
 
 from connectome.kinds import Kind
 
-__all__ = ["Dense", "STRATEGIES", "DENSE_MODULES", "DENSE_FUNCTIONS", "of_module", "of_function", "of_spec",
+__all__ = ["Dense", "STRATEGIES", "CONV1D", "CONV1D_UNITS", "DENSE_MODULES", "DENSE_FUNCTIONS", "of_module", "of_function", "of_spec",
            "positions_bias"]
 
 _PER_SAMPLE_BUDGET = 1 << 26  # elements of scratch per chunk (~256 MB in float32)
@@ -71,6 +74,10 @@ class Dense:
     geometry: Callable[[dict[str, Any]], tuple[Any, Any, Any, Any] | None] = lambda call: None
     per_sample: Callable[..., torch.Tensor] | None = None  # a faster sum_n |E_n| than the generic one
     grouped_input: bool = False  # reads a flattened tensor: `group` consecutive features per unit
+    units_along: int = 0  # units along this dim of its input and output (0: the channel dim, or the last)
+    # Edges from the input and the output's gradient (E = W o sum_n dT/dy x^T), not from W * dT/dW:
+    # one kernel tap is shared by many edges (a convolution across units)
+    io_edges: bool = False
 
     def is_stock(self, m: nn.Module) -> bool:
         """Whether ``m`` is this kind's module running its stock forward (a leaf of tracing)."""
@@ -78,13 +85,23 @@ class Dense:
 
     def units_dim(self, ndim: int) -> int:
         """The dim of an ``ndim``-dim input (and output) that holds the units."""
+        if self.units_along:
+            return self.units_along
         return ndim - 1 if self.grouped_input and ndim > 2 else 1
 
-    def blocks(self, w: torch.Tensor, groups: int, group: int = 1) -> torch.Tensor:
-        """``w`` (weight-shaped) as ``(out units, in units per group, k)``: an edge sums the last axis."""
+    def blocks(self, w: torch.Tensor, spec: Any) -> torch.Tensor:
+        """``w`` (weight-shaped) as ``(out units, in units per group, k)`` for the layer ``spec``: an
+        edge sums the last axis (``W * dT/dW`` too, except where ``io_edges``)."""
         if self.grouped_input:
-            return w.reshape(w.shape[0], -1, group)
-        return self.regroup(w, groups)
+            return w.reshape(w.shape[0], -1, spec.operands[0].group)
+        if self.io_edges:
+            return self.unit_matrix(spec.call, w, spec.operands[0].width)[..., None]
+        return self.regroup(w, spec.groups)
+
+    def unit_matrix(self, call: dict[str, Any], w: torch.Tensor, width: int) -> torch.Tensor:
+        """A convolution across units as the ``(out units, in units)`` matrix it multiplies by."""
+        eye = torch.eye(width, dtype=w.dtype, device=w.device)[:, None, :]  # each input unit alone
+        return call["fn"](eye, w, None)[:, 0, :].T
 
     def in_width(self, width: int, groups: int) -> int:
         """Columns of the edge block for an operand of ``width`` units."""
@@ -97,6 +114,9 @@ class Dense:
         ``x`` is the layer's input, ``gz`` the gradient of the target at its output."""
         if self.per_sample is not None:
             return self.per_sample(call, groups, group, w, x, gz, device)
+        if self.io_edges:  # E_n = W o outer(gz_n, x_n): |E_n| = |W| o outer(|gz_n|, |x_n|)
+            m = self.unit_matrix(call, w, x.shape[-1]).abs()
+            return m.double() * (gz.abs().flatten(0, 1).T.double() @ x.abs().flatten(0, 1).double())
         # Generic: per-image weight gradients by vmap over the images of a chunk.
         from torch.func import grad, vmap
 
@@ -109,10 +129,20 @@ class Dense:
         out = None
         for a in range(0, n, per):
             gw = per_image(w, x[a : a + per], gz[a : a + per])
-            e = torch.stack([self.blocks(gi * w, groups, group).sum(-1) for gi in gw])
+            e = torch.stack([self.regroup(gi * w, groups).sum(-1) for gi in gw])
             part = e.abs().sum(0, dtype=torch.float64)
             out = part if out is None else out + part
         return out
+
+    def io_flows(self, call: dict[str, Any], w: torch.Tensor, b: torch.Tensor | None, x: torch.Tensor,
+                 gz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``io_edges`` layers: the edge flows ``(out, in)`` and bias flows ``(out,)`` of a batch, float64.
+
+        ``x`` and ``gz`` are ``(batch, 1, units)``: a single channel convolved across the units."""
+        m = self.unit_matrix(call, w, x.shape[-1])
+        g2, x2 = gz.flatten(0, 1).double(), x.flatten(0, 1).double()
+        bias = None if b is None else b.double() * g2.sum(0)
+        return m.double() * (g2.T @ x2), bias
 
     def forward_call(self, call: dict[str, Any], x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         """The op as a function of its input, weight and bias, from its recorded call."""
@@ -219,6 +249,15 @@ CONV1D = Dense(
 )
 
 
+# A Conv1d across the units of a pooled tensor: ECA attention (Wang et al. 2020) runs a Conv1d with
+# one channel over the channel axis of (batch, 1, channels), so the conv's positions are the units
+# and each unit reads its k neighbours through one shared kernel: a banded (units x units) matrix.
+CONV1D_UNITS = Dense(
+    "conv1d_units", Kind.CONV, (), (), _conv1d_module, _conv1d_function,
+    forward=lambda m, x, w, b: m._conv_forward(x, w, b), regroup=_conv_regroup, units_along=2, io_edges=True,
+)
+
+
 # ----------------------------------------------------------------------------- conv_transpose2d
 def _conv_t_module(m: nn.Module) -> tuple[int, int, dict[str, Any]]:
     call = dict(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups,
@@ -291,7 +330,7 @@ LINEAR = Dense(
     regroup=lambda w, groups: w.reshape(w.shape[0], -1, 1), per_sample=_linear_per_sample, grouped_input=True,
 )
 
-STRATEGIES: dict[str, Dense] = {d.name: d for d in (CONV2D, CONV1D, CONV_T2D, LINEAR)}
+STRATEGIES: dict[str, Dense] = {d.name: d for d in (CONV2D, CONV1D, CONV1D_UNITS, CONV_T2D, LINEAR)}
 #: dense modules, traced as leaves when they run their stock forward
 DENSE_MODULES: tuple[type, ...] = tuple(t for d in STRATEGIES.values() for t in d.modules)
 DENSE_FUNCTIONS: frozenset[Any] = frozenset(f for d in STRATEGIES.values() for f in d.functions)

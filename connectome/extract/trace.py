@@ -547,7 +547,7 @@ def _classify_product(node: Any, c: _Ctx) -> tuple[str, Any]:
     if len(targs) == 2 and not is_div:
         a, b = targs
         sa, sb = c.shapes[a.name], c.shapes[b.name]
-        na, nb = math.prod(sa), math.prod(sb)
+        na, nb = _unexpanded_numel(a, c), _unexpanded_numel(b, c)
         gate = None
         if sa == out_shape and nb < na:
             gate = 1
@@ -568,6 +568,15 @@ def _classify_product(node: Any, c: _Ctx) -> tuple[str, Any]:
     return ("unsupported", "a product of two tensors of full size (attention, or a gate that is not broadcast "
                            "over positions) fits no rule: the gate rule needs one factor broadcast over positions, "
                            "attention needs the attention rule")
+
+
+def _unexpanded_numel(n: fx.Node, c: _Ctx) -> int:
+    """Elements of ``n``'s value before an ``expand``/``expand_as`` (a gate written broadcast out:
+    ECA's ``x * y.expand_as(x)``)."""
+    if n.op == "call_method" and n.target in ("expand", "expand_as") and isinstance(n.args[0], fx.Node) \
+            and n.args[0].name in c.shapes:
+        return math.prod(c.shapes[n.args[0].name])
+    return math.prod(c.shapes[n.name])
 
 
 def _const_cat(node: fx.Node, dim: int, c: _Ctx, units: dict[str, Units], layers: list[LayerSpec]) -> bool:
@@ -922,6 +931,9 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                 raise ExtractionError(f"{_where(node)} has no tensor input")
             u = source(node, x)
             s_in, s_out = shapes[x.name], shapes[node.name]
+            if info is dense.CONV1D and len(s_in) == 3 and s_in[1] == 1 and s_out[1] == 1 and u.batch == 0 \
+                    and u.dims == (2,):
+                info = dense.CONV1D_UNITS  # one channel convolved across the units (ECA attention)
             dim_in = info.units_dim(len(s_in))
             if info.grouped_input and len(s_in) > 2 and u.batch == 0 and len(u.dims) == 1 \
                     and 0 < u.dims[0] < len(s_in) - 1:
@@ -948,13 +960,15 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                     _module_path(node, wnode.target).rsplit(".", 1)[0] if wnode.op == "get_attr"
                     else (_scope(node) or node.name))
                 groups, in_feat, call = info.function_call(lambda i, k, d: _const(node, i, k, d), wshape)
+            if info.units_along:
+                in_feat = s_in[dim_in]  # its positions are the units it reads
             idx = u.along(dim_in, s_in[dim_in], size_of(u))
             if idx is None:
-                if info.kind == Kind.CONV and len(s_in) == 3 and u.batch == 0 and u.dims == (2,):
+                if info is dense.CONV1D and len(s_in) == 3 and u.batch == 0 and u.dims == (2,):
                     raise ExtractionError(
-                        f"cannot map {_where(node)} to units: it convolves along the units (a Conv1d across "
-                        "channels, as in ECA attention), mixing neighbouring units with one kernel; no dense kind "
-                        "maps a convolution over units yet: replace the module (timm: attn_layer='se')"
+                        f"cannot map {_where(node)} to units: it convolves along the units with {s_in[1]} input "
+                        f"and {s_out[1]} output channels; a Conv1d across units maps with one channel in and out "
+                        "(as in ECA attention)"
                     )
                 raise ExtractionError(
                     f"{_where(node)} reads a tensor whose units are not along its "

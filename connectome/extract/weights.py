@@ -170,7 +170,7 @@ def weights(
                     )
                 # Reduce in the model's dtype first: a float64 copy of every kernel costs more
                 # than the reduction (the graph stores float32 weights anyway).
-                w = dense.of_spec(spec).blocks(w.detach(), spec.groups, op.group)
+                w = dense.of_spec(spec).blocks(w.detach(), spec)
                 if reduce == "sum":
                     r = w.sum(-1)
                 elif reduce == "l1":
