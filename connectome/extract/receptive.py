@@ -253,6 +253,8 @@ def receptive_fields(ug: Any) -> tuple[dict[str, list[int] | None], list[int] | 
                 boxes[node.name] = None
             continue
         ins = [a for a in node.all_input_nodes if a.name in data]
+        if node.op == "call_method" and node.target == "expand_as" and isinstance(node.args[0], fx.Node):
+            ins = ins[:1] if node.args[0].name in data else []  # the other tensor gives only its shape
         if not ins or node.op in ("output", "placeholder", "get_attr"):
             continue
         data.add(node.name)
@@ -262,6 +264,8 @@ def receptive_fields(ug: Any) -> tuple[dict[str, list[int] | None], list[int] | 
         for a in ins:
             ba = boxes.get(a.name)
             sa = shapes.get(a.name)
+            if a.op == "call_method" and a.target in ("expand", "expand_as") and isinstance(a.args[0], fx.Node):
+                sa = shapes.get(a.args[0].name, sa)  # a gate written broadcast out (ECA's y.expand_as(x))
             if ba is None:
                 # an operand broadcast over the positions (a gate) is context, not signal
                 if sa is not None and out is not None and len(sa) == len(out) and sa != out and \
