@@ -269,10 +269,11 @@ def test_timm_eca_gate_is_exact():
             super().__init__()
             self.c = nn.Conv2d(2, 6, 3, padding=1)
             self.attn = timm_eca.EcaModule(channels=6, kernel_size=3)
-            self.fc = nn.Linear(6, 3)
+            self.c2 = nn.Conv2d(6, 4, 3, padding=1)
+            self.fc = nn.Linear(4 * 25, 3)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.fc(torch.relu(self.attn(self.c(x))).mean((2, 3)))
+            return self.fc(self.c2(torch.relu(self.attn(self.c(x)))).flatten(1))
 
     torch.manual_seed(0)
     m = Net().double().eval()
@@ -282,7 +283,9 @@ def test_timm_eca_gate_is_exact():
     assert g.layer("attn.conv").size == 6
     assert np.all(_block(g, "c", "attn.conv", (6, 6)) == 0)
     fields = cn.extract.examples(m, x, k=1, progress=False).meta["examples"]["fields"]
-    assert fields["attn.conv"] is None and fields["c"] is not None  # the gate depends on the whole image
+    assert fields["attn.conv"] is None  # the gate depends on the whole image
+    # and, held constant, it is context: the signal's crops go on through x * y.expand_as(x)
+    assert fields["c"] == [1, -1, 3, 1, -1, 3, 5, 5] and fields["c2"] == [1, -2, 5, 1, -2, 5, 5, 5]
 
 
 def test_ecaresnet_and_mixer_extract_exactly():
