@@ -13,6 +13,10 @@ concat   its operands side by side            identity, per operand ``x * dT/dx`
 output   the logits (any dense kind, renamed) as its defining kind  as its defining kind
 ======== ==================================== ===================== ===============================
 
+The dense kinds (``conv``, ``linear``) are made by the layer strategies of
+:mod:`connectome.extract.dense` (Conv2d, Conv1d, ConvTranspose2d, a Conv1d across the channels
+as in ECA attention, Linear): each says how its weight becomes the ``(out, in)`` edge block.
+
 Graphs read from files may carry kinds outside this table (``"group"`` from
 :func:`connectome.analysis.neuron_groups`, ``"other"``); :func:`info` gives them neutral
 defaults. This module imports neither torch nor numpy, so ``graph``, ``io`` and ``analysis``
@@ -58,7 +62,8 @@ KINDS: dict[str, KindInfo] = {
     k.name: k
     for k in (
         KindInfo(Kind.INPUT, None, False, 0.0, 0.0, "the image's channels"),
-        KindInfo(Kind.CONV, DENSE, True, 0.58, doc="output channels of a convolution"),
+        KindInfo(Kind.CONV, DENSE, True, 0.58, doc="output channels of a convolution (1-D, 2-D, transposed; for a "
+                                                   "Conv1d across channels, as in ECA, the channels)"),
         KindInfo(Kind.LINEAR, DENSE, True, 0.75, doc="output features of a Linear (also over the last dim of a "
                                                        "channels-last or token tensor)"),
         KindInfo(Kind.RESIDUAL, IDENTITY, True, 0.33, doc="a residual add or sub of data tensors"),

@@ -943,6 +943,9 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
             if node.op == "call_module":
                 m = ctx.modules[node.target]
                 module_name = _module_path(node)
+                if len(node.args) > 1 or node.kwargs:
+                    raise ExtractionError(f"{_where(node)} is called with more than its input (output_size?); "
+                                          "call it with the input alone")
                 if module_name in seen_modules:
                     raise ExtractionError(
                         f"module {module_name!r} is called twice (shared weights); a unit graph needs one layer "
