@@ -13,6 +13,11 @@ concat   its operands side by side            identity, per operand ``x * dT/dx`
 output   the logits (any dense kind, renamed) as its defining kind  as its defining kind
 ======== ==================================== ===================== ===============================
 
+The dense kinds (``conv``, ``linear``) are made by the layer strategies of
+:mod:`connectome.extract.dense` (Conv2d, Conv1d, ConvTranspose2d, a Conv1d across the channels
+as in ECA attention, whose units are the channels it convolves across, Linear): each says how
+its weight becomes the ``(out, in)`` edge block.
+
 Graphs read from files may carry kinds outside this table (``"group"`` from
 :func:`connectome.analysis.neuron_groups`, ``"other"``); :func:`info` gives them neutral
 defaults. This module imports neither torch nor numpy, so ``graph``, ``io`` and ``analysis``

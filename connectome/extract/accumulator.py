@@ -24,22 +24,19 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 import torch.fx as fx
-import torch.nn as nn
-import torch.nn.functional as F
 
 from connectome.errors import BadFileError, ConnectomeError, DataError, ExtractionError
 from connectome.extract._model import no_inplace
 from connectome.extract.build import assemble, edge_shapes, graph_layers, layout, prefetch_skeleton
-from connectome.extract import ops
+from connectome.extract import dense, ops
 from connectome.extract.rules import RULES, ChainOp, RunContext, Terms, attention_forward
-from connectome.extract.trace import LayerSpec, UnitGraph, run_nodes
+from connectome.extract.trace import LayerSpec, UnitGraph, layer_weight, run_nodes
 from connectome.extract.unit_sums import UnitView, _acc_dtype
 from connectome.graph import Connectome
 from connectome.kinds import DENSE, IDENTITY, KINDS, Kind
 
 __all__ = ["FlowAccumulator", "edge_shapes"]
 
-_PER_SAMPLE_BUDGET = 1 << 26  # elements of scratch per chunk (~256 MB in float32)
 _REDUCTIONS = ("sum", "max", "topk")
 
 
@@ -73,7 +70,8 @@ class FlowAccumulator:
                 keep.add(s.node)
                 grad.append(s.node)
                 keep.update(op.node for op in s.operands)
-            if KINDS[s.kind].edges == DENSE and per_sample:
+            io = KINDS[s.kind].edges == DENSE and dense.of_spec(s).io_edges
+            if KINDS[s.kind].edges == DENSE and per_sample and not io:
                 cols = s.operands[0].cols
                 if cols is not None and np.unique(cols).size < cols.size:
                     raise ExtractionError(
@@ -81,6 +79,7 @@ class FlowAccumulator:
                         "columns (a channels-last flatten or a repeated channel); per_sample=True cannot sum |flow| per edge "
                         "there yet: flatten with the units first (x.permute(0, 3, 1, 2).flatten(1)) or per_sample=False"
                     )
+            if KINDS[s.kind].edges == DENSE and (per_sample or io):
                 keep.add(s.node)
                 grad.append(s.node)
                 keep.add(s.operands[0].node)
@@ -92,6 +91,10 @@ class FlowAccumulator:
                     keep.add(op.input_node)
         self.keep = keep
         self.grad_nodes = list(dict.fromkeys(grad))
+        # dense layers whose edges come from their input and output gradient: their weight and bias
+        self._io_layers = {li: tuple(None if t is None else t.detach().to(device) for t in layer_weight(ug, s))
+                           for li, s in enumerate(ug.layers)
+                           if KINDS[s.kind].edges == DENSE and dense.of_spec(s).io_edges}
         self._views: dict[str, UnitView] = {}
         self._states: dict[str, str] = {}
         self._shapes = edge_shapes(ug)
@@ -269,9 +272,7 @@ class FlowAccumulator:
                     w = m.weight.detach().requires_grad_(True)
                     b = m.bias.detach().requires_grad_(True) if m.bias is not None else None
                     leaves[li] = (w, b)
-                    if isinstance(m, nn.Conv2d):
-                        return m._conv_forward(args[0], w, b)
-                    return F.linear(args[0], w, b)
+                    return dense.of_spec(spec).forward(m, args[0], w, b)
                 args = list(args)
                 kwargs = dict(kwargs)
                 if len(args) > 1:
@@ -364,15 +365,14 @@ class FlowAccumulator:
                     continue
                 if kind == "input":
                     g_x = gr
+                elif kind in ("w", "b") and key in self._io_layers:
+                    continue  # edges and bias from the layer's input and output gradient (_nodes)
                 elif kind == "w":
                     spec = ug.layers[key]
                     # in place: the gradient of this run's own weight leaf is read nowhere else,
                     # so W * dW needs no temporary the size of the weights
                     prod = gr.mul_(tensor) if gr.dtype == tensor.dtype and gr.is_contiguous() else tensor * gr
-                    if spec.kind == Kind.LINEAR:
-                        e = prod.reshape(prod.shape[0], -1, spec.operands[0].group)
-                    else:
-                        e = prod.reshape(prod.shape[0], prod.shape[1], -1)
+                    e = dense.of_spec(spec).blocks(prod, spec)
                     # summed over the kernel in its own dtype (not at all for 1x1 kernels), widened by
                     # the float64 accumulation itself: no float64 copy of every edge per batch
                     self.edges[key] += e[..., 0] if e.shape[-1] == 1 else e.sum(-1, dtype=_acc_dtype(e))
@@ -453,9 +453,15 @@ class FlowAccumulator:
                 self.edges[li] = [a + b for a, b in zip(self.edges[li], vals)]
                 if self.per_sample:
                     self.abs_edges[li] = [a + b for a, b in zip(self.abs_edges[li], absv)]
-            elif edges == DENSE and self.per_sample:
+            elif edges == DENSE:
                 gz = g.get(s.node)
-                if gz is not None:
+                if gz is not None and li in self._io_layers:
+                    w, b = self._io_layers[li]
+                    e, bias = dense.of_spec(s).io_flows(s.call, w, b, kept[s.operands[0].node].detach(), gz)
+                    self.edges[li] += e
+                    if bias is not None:
+                        self.bias[li] += bias
+                if gz is not None and self.per_sample:
                     self.abs_edges[li] += self._per_sample_abs(li, s, kept[s.operands[0].node], gz)
         # every layer at once: a handful of ops over all units instead of a dozen per layer
         self._flat["attr"] += torch.cat(attr_parts).double()
@@ -494,8 +500,6 @@ class FlowAccumulator:
         return z
 
     def _weight(self, s: LayerSpec) -> torch.Tensor:
-        from connectome.extract.trace import layer_weight
-
         cache = self.__dict__.setdefault("_weights", {})
         if s.name not in cache:  # looked up once per run, not per batch
             w, _ = layer_weight(self.ug, s)
@@ -503,53 +507,10 @@ class FlowAccumulator:
         return cache[s.name]
 
     def _per_sample_abs(self, li: int, s: LayerSpec, x: torch.Tensor, gz: torch.Tensor) -> torch.Tensor:
-        """sum over images of |E_n| for a conv/linear layer, chunked to bound memory."""
+        """sum over images of |E_n| for a dense layer (its strategy's, chunked to bound memory)."""
         w = self._weight(s).to(gz.dtype)
-        n = x.shape[0]
-        x = x.to(gz.dtype)
-        if s.kind == Kind.LINEAR:
-            grp = s.operands[0].group
-            o = w.shape[0]
-            c = w.shape[1] // grp
-            wv = w.reshape(o, c, grp)
-            # positions of a channels-last or token tensor are summed like a conv's
-            p = max(1, x[:1].numel() // (c * grp))
-            per = max(1, _PER_SAMPLE_BUDGET // max(1, o * c * p))
-            out = torch.zeros(o, c, dtype=torch.float64, device=self.device)
-            for a in range(0, n, per):
-                xs = x[a : a + per].reshape(-1, p, c, grp)
-                gs = gz[a : a + per].reshape(-1, p, o)
-                e = torch.einsum("npcs,ocs,npo->noc", xs, wv, gs)
-                out += e.abs().sum(0, dtype=torch.float64)
-            return out
-        call = s.call
-        groups = call["groups"]
-        k = tuple(call["kernel_size"])
-        pad, stride, dil = call["padding"], call["stride"], call["dilation"]
-        if call.get("padding_mode", "zeros") != "zeros" or isinstance(pad, str):
-            x, pad = _explicit_pad(x, call, k)
-        o, cg = w.shape[0], w.shape[1]
-        og = o // groups
-        K = int(np.prod(k))
-        L = gz.shape[2] * gz.shape[3]
-        per_img = o * cg * K + x.shape[1] * K * L
-        per = max(1, _PER_SAMPLE_BUDGET // per_img)
-        wv = w.reshape(groups, og, cg, K)
-        out = torch.zeros(groups, og, cg, dtype=torch.float64, device=self.device)
-        for a in range(0, n, per):
-            xs = x[a : a + per]
-            b = xs.shape[0]
-            if K == 1 and _is_zero(pad):
-                # a 1x1 conv reads each position once: strided view instead of an im2col copy
-                st = (stride, stride) if isinstance(stride, int) else tuple(stride)
-                U = xs[:, :, :: st[0], :: st[1]].reshape(b, groups, cg, L)
-            else:
-                U = F.unfold(xs, k, dilation=dil, padding=pad, stride=stride).reshape(b, groups, cg * K, L)
-            G = gz[a : a + per].reshape(b, groups, og, L)
-            P = torch.einsum("ngol,ngkl->ngok", G, U).reshape(b, groups, og, cg, K)
-            E = torch.einsum("ngock,gock->ngoc", P, wv)
-            out += E.abs().sum(0, dtype=torch.float64)
-        return out.reshape(o, cg)
+        return dense.of_spec(s).per_sample_abs(s.call, s.groups, s.operands[0].group, w, x.to(gz.dtype), gz,
+                                               self.device)
 
     # ------------------------------------------------------------------ results
 
@@ -648,24 +609,3 @@ class _Run(RunContext):
             if isinstance(n, fx.Node) and n.name == op.input_node:
                 return kwargs[k]
         return args[0]
-
-
-def _is_zero(pad: Any) -> bool:
-    return pad == 0 or pad == "valid" or (isinstance(pad, (tuple, list)) and all(p == 0 for p in pad))
-
-
-def _explicit_pad(x: torch.Tensor, call: dict[str, Any], k: tuple[int, ...]) -> tuple[torch.Tensor, int]:
-    pad = call["padding"]
-    dil = call["dilation"]
-    dil = (dil, dil) if isinstance(dil, int) else tuple(dil)
-    if pad == "valid":
-        return x, 0
-    if pad == "same":
-        tot = [d * (kk - 1) for d, kk in zip(dil, k)]
-        p = (tot[1] // 2, tot[1] - tot[1] // 2, tot[0] // 2, tot[0] - tot[0] // 2)
-    else:
-        pad = (pad, pad) if isinstance(pad, int) else tuple(pad)
-        p = (pad[1], pad[1], pad[0], pad[0])
-    mode = call.get("padding_mode", "zeros")
-    mode = "constant" if mode == "zeros" else mode
-    return F.pad(x, p, mode=mode), 0

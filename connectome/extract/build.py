@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from connectome.extract import dense
 from connectome.extract.trace import UnitGraph
 from connectome.graph import Connectome, Layer, is_canonical
 from connectome.kinds import DENSE, IDENTITY, KINDS, Kind
@@ -61,7 +62,7 @@ def edge_shapes(ug: UnitGraph) -> list[Any]:
         edges = KINDS[s.kind].edges if s.kind in KINDS else None
         if edges == DENSE:
             op = s.operands[0]
-            out.append((s.size, op.width // s.groups if s.kind == Kind.CONV else op.width))
+            out.append((s.size, dense.of_spec(s).in_width(op.width, s.groups)))
         elif edges == IDENTITY:
             out.append([(op.width,) for op in s.operands])
         else:

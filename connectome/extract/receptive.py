@@ -30,7 +30,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from connectome.extract import ops
+from connectome.extract import dense, ops
 from connectome.extract.ops import Receptive
 
 __all__ = ["Box", "receptive_fields"]
@@ -84,7 +84,7 @@ def _union(boxes: list[Box]) -> Box | None:
 
 
 def _node_box(node: fx.Node, inputs: list[tuple[fx.Node, Box]], shapes: dict[str, tuple[int, ...]],
-              modules: dict[str, nn.Module], conv_calls: dict[str, dict[str, Any]]) -> Box | None:
+              modules: dict[str, nn.Module], windows: dict[str, tuple[Any, Any, Any, Any]]) -> Box | None:
     """The box of ``node``'s value from its data inputs' boxes; None: the whole image."""
     first_node, b = inputs[0]
     out = shapes.get(node.name)
@@ -94,11 +94,10 @@ def _node_box(node: fx.Node, inputs: list[tuple[fx.Node, Box]], shapes: dict[str
     # operands of the output's own grid: a residual add's branches (a broadcast gate left out)
     signal = [bb for a, bb in inputs if spatial(shapes.get(a.name)) == spatial(out)]
     t = node.target
-    if node.name in conv_calls:
-        c = conv_calls[node.name]
+    if node.name in windows:  # a dense layer that is a window over the image grid (its strategy's geometry)
         if b.dims != (len(src) - 2, len(src) - 1):
             return None
-        return _window(b, c["kernel_size"], c["stride"], c["padding"], c["dilation"])
+        return _window(b, *windows[node.name])
     module = modules[t] if node.op == "call_module" else None
     if isinstance(module, nn.Linear) or (node.op == "call_function" and t is F.linear):
         # a dense layer over the last dim: per position when the positions are not that dim
@@ -198,7 +197,7 @@ def receptive_fields(ug: Any) -> tuple[dict[str, list[int] | None], list[int] | 
     gm = ug.gm
     shapes = ug.shapes
     modules = dict(gm.named_modules())
-    conv_calls = {s.node: s.call for s in ug.layers if s.call and "kernel_size" in s.call}
+    windows = {s.node: g for s in ug.layers if s.dense and (g := dense.of_spec(s).geometry(s.call)) is not None}
     boxes: dict[str, Box | None] = {}
     data: set[str] = set()
     input_size = None
@@ -213,6 +212,8 @@ def receptive_fields(ug: Any) -> tuple[dict[str, list[int] | None], list[int] | 
                 boxes[node.name] = None
             continue
         ins = [a for a in node.all_input_nodes if a.name in data]
+        if node.op == "call_method" and node.target == "expand_as" and isinstance(node.args[0], fx.Node):
+            ins = ins[:1] if node.args[0].name in data else []  # the other tensor gives only its shape
         if not ins or node.op in ("output", "placeholder", "get_attr"):
             continue
         data.add(node.name)
@@ -222,6 +223,8 @@ def receptive_fields(ug: Any) -> tuple[dict[str, list[int] | None], list[int] | 
         for a in ins:
             ba = boxes.get(a.name)
             sa = shapes.get(a.name)
+            if a.op == "call_method" and a.target in ("expand", "expand_as") and isinstance(a.args[0], fx.Node):
+                sa = shapes.get(a.args[0].name, sa)  # a gate written broadcast out (ECA's y.expand_as(x))
             if ba is None:
                 # an operand broadcast over the positions (a gate) is context, not signal
                 if sa is not None and out is not None and len(sa) == len(out) and sa != out and \
@@ -236,7 +239,7 @@ def receptive_fields(ug: Any) -> tuple[dict[str, list[int] | None], list[int] | 
         # the operand that carries the signal first (a gate multiplies it, a residual adds to it)
         known.sort(key=lambda t: 0 if shapes.get(t[0].name) == out else 1)
         try:
-            boxes[node.name] = _node_box(node, known, shapes, modules, conv_calls)
+            boxes[node.name] = _node_box(node, known, shapes, modules, windows)
         except (TypeError, ValueError, IndexError):  # arguments we cannot read statically
             boxes[node.name] = None
     fields: dict[str, list[int] | None] = {}

@@ -41,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from connectome.errors import ExtractionError
+from connectome.extract import dense
 from connectome.extract.attention import attend
 from connectome.extract.fx_root import real_target
 from connectome.extract.tracer import trace_graph
@@ -51,8 +52,7 @@ from connectome.kinds import Kind
 
 __all__ = ["UnitGraph", "LayerSpec", "Operand", "ChainOp", "Units", "trace_units", "run_nodes"]
 
-# dense layers (the op registry, connectome.extract.ops, holds every other op)
-_CONV_MODULES = (nn.Conv2d, nn.Linear)
+# dense layers are strategies of connectome.extract.dense; the op registry, connectome.extract.ops, holds every other op
 
 
 # ----------------------------------------------------------------------------- tracing
@@ -274,15 +274,15 @@ def _registered(op: ops.Op, node: Any, c: _Ctx, module: nn.Module | None = None)
 
 
 def _classify_module(node: Any, m: nn.Module, c: _Ctx) -> tuple[str, Any]:
-    if isinstance(m, nn.Conv2d) and type(m).forward is nn.Conv2d.forward:
-        return ("layer", Kind.CONV)
-    if isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward:
-        return ("layer", Kind.LINEAR)
+    d = dense.of_module(m)
+    if d is not None:
+        return ("layer", d)
     op = ops.op_for_module(m)
     if op is not None:
         return _registered(op, node, c, m)
-    if isinstance(m, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose2d)):
-        return ("unsupported", f"{type(m).__name__} layers are not supported yet (Conv2d and Linear are)")
+    if isinstance(m, (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose3d)):
+        return ("unsupported", f"{type(m).__name__} layers are not supported yet (Conv1d, Conv2d, ConvTranspose2d "
+                               "and Linear are)")
     if isinstance(m, (nn.Softmax, nn.LogSoftmax, nn.Softmin)):
         return ("unsupported", f"{type(m).__name__} mixes units (it normalises across them); no rule fits it "
                                "outside attention (softmax(...) @ v), where the attention rule holds the pattern constant")
@@ -292,10 +292,9 @@ def _classify_module(node: Any, m: nn.Module, c: _Ctx) -> tuple[str, Any]:
 
 def _classify_function(node: Any, c: _Ctx) -> tuple[str, Any]:
     t = node.target
-    if t in (F.conv2d, torch.conv2d):
-        return ("layer", Kind.CONV)
-    if t in (F.linear,):
-        return ("layer", Kind.LINEAR)
+    d = dense.of_function(t)
+    if d is not None:
+        return ("layer", d)
     op = ops.op_for_function(t)
     if op is not None:
         return _registered(op, node, c)
@@ -442,7 +441,7 @@ def _classify_product(node: Any, c: _Ctx) -> tuple[str, Any]:
     if len(targs) == 2 and not is_div:
         a, b = targs
         sa, sb = c.shapes[a.name], c.shapes[b.name]
-        na, nb = math.prod(sa), math.prod(sb)
+        na, nb = _unexpanded_numel(a, c), _unexpanded_numel(b, c)
         gate = None
         if sa == out_shape and nb < na:
             gate = 1
@@ -469,6 +468,15 @@ def _classify_product(node: Any, c: _Ctx) -> tuple[str, Any]:
 _CONSTRUCTS: dict[str, Callable[[Any, _Ctx], tuple[str, Any]]] = {
     "sum": _classify_sum, "product": _classify_product, "concat": _classify_cat,
 }
+
+
+def _unexpanded_numel(n: fx.Node, c: _Ctx) -> int:
+    """Elements of ``n``'s value before an ``expand``/``expand_as`` (a gate written broadcast out:
+    ECA's ``x * y.expand_as(x)``)."""
+    if n.op == "call_method" and n.target in ("expand", "expand_as") and isinstance(n.args[0], fx.Node) \
+            and n.args[0].name in c.shapes:
+        return math.prod(c.shapes[n.args[0].name])
+    return math.prod(c.shapes[n.name])
 
 
 def _const_cat(node: fx.Node, dim: int, c: _Ctx, units: dict[str, Units], layers: list[LayerSpec]) -> bool:
@@ -558,8 +566,8 @@ def _attention_products(nodes: list[fx.Node], c: "_Ctx") -> tuple[dict[str, tupl
 
     def is_layer(n: fx.Node) -> bool:  # q and k projections stay layers (dead ends that carry no flow)
         if n.op == "call_module":
-            return isinstance(c.modules[n.target], _CONV_MODULES)
-        return n.op == "call_function" and n.target in (F.linear, F.conv2d, torch.conv2d)
+            return isinstance(c.modules[n.target], dense.DENSE_MODULES)
+        return n.op == "call_function" and n.target in dense.DENSE_FUNCTIONS
 
     for n in reversed(nodes):
         if n.name in pattern or n.name not in c.data or not n.users or is_layer(n):
@@ -813,21 +821,28 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                 raise ExtractionError(f"{_where(node)} has no tensor input")
             u = source(node, x)
             s_in, s_out = shapes[x.name], shapes[node.name]
+            if info is dense.CONV1D and len(s_in) == 3 and s_in[1] == 1 and s_out[1] == 1 and u.batch == 0 \
+                    and u.dims == (2,):
+                info = dense.CONV1D_UNITS  # one channel convolved across the units (ECA attention)
+            dim_in = info.units_dim(len(s_in))
+            if info.grouped_input and len(s_in) > 2 and u.batch == 0 and len(u.dims) == 1 \
+                    and 0 < u.dims[0] < len(s_in) - 1:
+                # a Linear over positions (token mixing): the units stay, each mixed over its positions
+                _positions_linear(node, x, u, info, ctx, gm, layers, units, kinds)
+                continue
             if node.op == "call_module":
                 m = ctx.modules[node.target]
                 module_name = _module_path(node)
+                if len(node.args) > 1 or node.kwargs:
+                    raise ExtractionError(f"{_where(node)} is called with more than its input (output_size?); "
+                                          "call it with the input alone")
                 if module_name in seen_modules:
                     raise ExtractionError(
                         f"module {module_name!r} is called twice (shared weights); a unit graph needs one layer "
                         "per weight tensor - give each call its own module"
                     )
                 seen_modules[module_name] = node.name
-                groups = getattr(m, "groups", 1)
-                in_feat = m.in_channels if info == Kind.CONV else m.in_features
-                call = {}
-                if info == Kind.CONV:
-                    call = dict(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups,
-                                padding_mode=m.padding_mode, kernel_size=m.kernel_size)
+                groups, in_feat, call = info.module_call(m)
                 wnode = None
             else:
                 wnode = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
@@ -837,30 +852,30 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                 module_name = node.meta.get("connectome_name") or (
                     _module_path(node, wnode.target).rsplit(".", 1)[0] if wnode.op == "get_attr"
                     else (_scope(node) or node.name))
-                if info == Kind.CONV:
-                    groups = int(_const(node, 6, "groups", 1))
-                    in_feat = wshape[1] * groups
-                    call = dict(stride=_const(node, 3, "stride", 1), padding=_const(node, 4, "padding", 0),
-                                dilation=_const(node, 5, "dilation", 1), groups=groups, padding_mode="zeros",
-                                kernel_size=tuple(wshape[2:]))
-                else:
-                    groups, in_feat, call = 1, wshape[1], {}
-            dim_in = 1 if info == Kind.CONV or len(s_in) == 2 else len(s_in) - 1
+                groups, in_feat, call = info.function_call(lambda i, k, d: _const(node, i, k, d), wshape)
+            if info.units_along:
+                in_feat = s_in[dim_in]  # its positions are the units it reads
             idx = u.along(dim_in, s_in[dim_in], size_of(u))
             if idx is None:
+                if info is dense.CONV1D and len(s_in) == 3 and u.batch == 0 and u.dims == (2,):
+                    raise ExtractionError(
+                        f"cannot map {_where(node)} to units: it convolves along the units with {s_in[1]} input "
+                        f"and {s_out[1]} output channels; a Conv1d across units maps with one channel in and out "
+                        "(as in ECA attention)"
+                    )
                 raise ExtractionError(
                     f"{_where(node)} reads a tensor whose units are not along its "
-                    + ("channel dim" if info == Kind.CONV else "last dim") + "; units cannot be followed"
+                    + ("last dim" if info.grouped_input else "channel dim") + "; units cannot be followed"
                 )
             group, cols = _split_group(idx, size_of(u))
-            if info == Kind.CONV and group != 1:
+            if not info.grouped_input and group != 1:
                 raise ExtractionError(f"{_where(node)} convolves a flattened tensor; units cannot be followed")
             if idx.size != in_feat:
                 raise ExtractionError(
                     f"{_where(node)} expects {in_feat} input features but its input carries {idx.size}"
                 )
             name = unique(module_name)
-            dim_out = 1 if info == Kind.CONV else len(s_out) - 1
+            dim_out = info.units_dim(len(s_out))
             if wnode is not None and wnode.op != "get_attr":
                 bnode = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
                 wv = ctx.const(wnode)
@@ -868,9 +883,10 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                     raise ExtractionError(f"{_where(node)}: the weight is computed from the data; no unit graph maps it")
                 call["weight_value"] = (wv, ctx.const(bnode) if isinstance(bnode, fx.Node) else None)
             layers.append(LayerSpec(
-                name=name, kind=info, size=s_out[dim_out], node=node.name, module=module_name,
+                name=name, kind=info.kind, size=s_out[dim_out], node=node.name, module=module_name,
                 operands=[Operand(layer=u.layer, node=x.name, group=group, cols=cols, width=idx.size // group)],
                 groups=groups, weight_node=wnode.name if wnode is not None else None, call=call, dim=dim_out,
+                dense=info.name,
             ))
             units[node.name] = Units(len(layers) - 1, (dim_out,), None)
             if node.meta.get("connectome_heads"):  # q, k, v of nn.MultiheadAttention: heads side by side
@@ -1019,6 +1035,32 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                      rules=sorted(rules))
 
 
+def _positions_linear(node: fx.Node, x: fx.Node, u: Units, d: dense.Dense, ctx: _Ctx, gm: fx.GraphModule,
+                      layers: list[LayerSpec], units: dict[str, Units], kinds: dict[str, tuple[str, Any]]) -> None:
+    """A Linear over positions of units along another dim (MLP-Mixer's token mixing): a per-unit op.
+
+    Every unit's positions are mixed by the same weights and no unit reads another, so the units
+    stay; the map is linear (exact as it is) and its bias, broadcast over the units, is a
+    constant part (the ``shift`` rule)."""
+    s_in, s_out = ctx.shapes[x.name], ctx.shapes[node.name]
+    if s_in[0] != s_out[0] or s_in[u.dims[0]] != s_out[u.dims[0]]:
+        raise ExtractionError(f"{_where(node)} changes the units' dims ({s_in} -> {s_out}) in a way that mixes units")
+    if node.op == "call_module":
+        bias = ctx.modules[node.target].bias
+    else:
+        bnode = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        bias = ctx.const(bnode) if isinstance(bnode, fx.Node) else None
+        wnode = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        if not isinstance(wnode, fx.Node) or ctx.const(wnode) is None:
+            raise ExtractionError(f"{_where(node)}: the weight is computed from the data; no unit graph maps it")
+    units[node.name] = u
+    b = dense.positions_bias(bias, len(s_out), len(s_out) - 1)
+    op = ChainOp(node.name, "shift", x.name, (b,)) if b is not None else None
+    kinds[node.name] = ("chain", op)
+    if op is not None:
+        layers[u.layer].bias_ops.append(op)
+
+
 def _attr_value(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
     value: Any = gm
     for part in str(node.target).split("."):
@@ -1029,7 +1071,7 @@ def _attr_value(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
 def layer_weight(ug: UnitGraph, spec: LayerSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The weight and bias tensors of a conv/linear layer (detached)."""
     node = next(n for n in ug.gm.graph.nodes if n.name == spec.node)
-    if node.op == "call_module":
+    if node.op == "call_module":  # a stock dense module (see connectome.extract.dense)
         m = ug.gm.get_submodule(node.target)
         return m.weight.detach(), (m.bias.detach() if m.bias is not None else None)
     wnode = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]

@@ -10,14 +10,11 @@ import torch.nn.functional as F
 
 from connectome.errors import ExtractionError
 from connectome.extract._model import check_model
-from connectome.extract import ops, windows
+from connectome.extract import dense, ops, windows
 from connectome.extract.attention import attend
 from connectome.extract.fx_root import alias_targets, traced_root
 
 __all__ = ["trace_graph"]
-
-# dense modules traced as leaves when they run their stock forward
-DENSE_MODULES = (nn.Conv2d, nn.Linear)
 
 
 class _Tracer(fx.Tracer):
@@ -29,10 +26,10 @@ class _Tracer(fx.Tracer):
     """
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, DENSE_MODULES):
+        if isinstance(m, dense.DENSE_MODULES):
             # Subclasses with their own forward (TF "same" padding) are traced through: the
             # F.conv2d call inside becomes the layer.
-            return type(m).forward in (nn.Conv2d.forward, nn.Linear.forward)
+            return dense.of_module(m) is not None
         if ops.is_leaf_module(m):  # a users' module registered with register_op: one op
             return True
         return super().is_leaf_module(m, qualname)

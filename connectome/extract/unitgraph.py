@@ -82,6 +82,7 @@ class LayerSpec:
     weight_node: str | None = None  # for F.conv2d/F.linear calls: the node giving the weight
     call: dict[str, Any] = field(default_factory=dict)  # conv hyper-parameters
     dim: int = 1  # the dim of the defining value that holds the units
+    dense: str = ""  # dense layers: the name of their strategy in connectome.extract.dense.STRATEGIES
 
 
 @dataclass

@@ -13,6 +13,7 @@ from connectome._version import versions
 from connectome.errors import ExtractionError
 from connectome.extract._model import check_model, eval_mode, model_device, model_dtype
 from connectome.extract.build import assemble, graph_layers
+from connectome.extract import dense
 from connectome.extract.trace import LayerSpec, UnitGraph, layer_weight, trace_units
 from connectome.extract.rules import RULES
 from connectome.graph import Connectome
@@ -170,7 +171,7 @@ def weights(
                     )
                 # Reduce in the model's dtype first: a float64 copy of every kernel costs more
                 # than the reduction (the graph stores float32 weights anyway).
-                w = w.detach().reshape(w.shape[0], -1, op.group) if spec.kind == Kind.LINEAR else w.detach().reshape(w.shape[0], w.shape[1], -1)
+                w = dense.of_spec(spec).blocks(w.detach(), spec)
                 if reduce == "sum":
                     r = w.sum(-1)
                 elif reduce == "l1":

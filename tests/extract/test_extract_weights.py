@@ -385,7 +385,8 @@ class Shared(nn.Module):
     "model, shape, phrase",
     [
         (Shared(), (2, 4, 4), "module 'c' is called twice"),
-        (nn.Sequential(nn.Conv1d(2, 3, 1), nn.Flatten(), nn.Linear(12, 2)), (2, 4), "Conv1d layers are not supported"),
+        (nn.Sequential(nn.ConvTranspose1d(2, 3, 1), nn.Flatten(), nn.Linear(12, 2)), (2, 4),
+         "ConvTranspose1d layers are not supported"),
         (nn.Sequential(nn.Conv2d(2, 3, 1), nn.Softmax(dim=1), nn.Flatten(), nn.Linear(12, 2)), (2, 2, 2),
          "Softmax mixes units.*attention rule"),
         (nn.Sequential(nn.Conv2d(2, 3, 1)), (2, 2, 2), "expected \\(batch, classes\\)"),
