@@ -42,6 +42,16 @@ def logits_of(out: Any) -> Any:
     return out if logits is None else logits
 
 
+def _shallow(v: dict[Any, Any] | list[Any]) -> dict[Any, Any] | list[Any]:
+    return type(v).copy(v) if isinstance(v, dict) else list(v)
+
+
+def _changed(v: Any, old: Any) -> bool:
+    if isinstance(v, dict):
+        return v.keys() != old.keys() or any(v[k] is not old[k] for k in old)
+    return len(v) != len(old) or any(a is not b for a, b in zip(v, old))
+
+
 class _Concrete:
     """What a proxy answers with the example's value: ``len``, ``int``, ``float``, ``index``."""
 
@@ -91,8 +101,12 @@ class ConcreteValues:
             if node.op != "get_attr":
                 raise ExtractionError(f"tracing lost the value of fx node {node.name!r} ({node.op} {node.target})")
             v: Any = self.root
-            for part in str(node.target).split("."):
-                v = getattr(v, part)
+            self._running += 1  # nn.Module.__getattr__ is fx's while tracing: read the tensor itself
+            try:
+                for part in str(node.target).split("."):
+                    v = getattr(v, part)
+            finally:
+                self._running -= 1
             self.values[node] = v
         return self.values[node]
 
@@ -141,6 +155,24 @@ class ConcreteValues:
                 "tensor ops (torch.where) or move it into a module registered with torch.fx.wrap"
             )
         return fn(value)
+
+    def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
+        # forward may store what it computes on its modules (Swin's window size, LeViT's
+        # attention-bias cache): proxies there would outlive the trace, in the caller's model
+        saved = [(m, dict(m.__dict__), {k: _shallow(v) for k, v in m.__dict__.items() if isinstance(v, (dict, list))})
+                 for m in root.modules()]
+        try:
+            return super().trace(root, concrete_args)  # type: ignore[misc]
+        finally:
+            for m, attrs, inner in saved:
+                for k in set(m.__dict__) - set(attrs):
+                    del m.__dict__[k]
+                for k, v in attrs.items():
+                    if m.__dict__.get(k) is not v:
+                        m.__dict__[k] = v
+                    if k in inner and _changed(v, inner[k]):
+                        v.clear()
+                        v.update(inner[k]) if isinstance(v, dict) else v.extend(inner[k])
 
     # ------------------------------------------------------------------ tracer hooks
     def proxy(self, node: fx.Node) -> fx.Proxy:
