@@ -15,6 +15,7 @@ hold one image's branch, silently wrong for the next image).
 from __future__ import annotations
 
 import inspect
+import operator
 from typing import Any, Callable, Iterator
 
 import torch
@@ -25,6 +26,8 @@ from connectome.errors import ExtractionError
 
 __all__ = ["ConcreteValues", "logits_of"]
 
+# a tensor's attributes that no batch size changes: read off the example, not recorded
+_BAKED_ATTRS = frozenset({"device", "dtype", "layout", "is_cuda", "is_sparse", "is_quantized", "is_meta", "ndim"})
 # attributes and methods whose result describes a tensor's shape, never its contents
 _SHAPE_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "layout", "requires_grad", "is_sparse",
                           "is_quantized", "is_meta", "is_nested"})
@@ -42,23 +45,18 @@ def logits_of(out: Any) -> Any:
     return out if logits is None else logits
 
 
-def _shallow(v: dict[Any, Any] | list[Any]) -> dict[Any, Any] | list[Any]:
-    return type(v).copy(v) if isinstance(v, dict) else list(v)
-
-
-def _changed(v: Any, old: Any) -> bool:
-    if isinstance(v, dict):
-        return v.keys() != old.keys() or any(v[k] is not old[k] for k in old)
-    return len(v) != len(old) or any(a is not b for a, b in zip(v, old))
-
-
 class _Concrete:
     """What a proxy answers with the example's value: ``len``, ``int``, ``float``, ``index``."""
 
     tracer: Any
 
     def __getattr__(self, k: str) -> Any:
+        if k in _BAKED_ATTRS:  # torch.autocast(x.device.type) and the like want the value itself
+            return getattr(self.tracer.value(self.node), k)  # type: ignore[attr-defined]
         return _Attribute(self, k)  # type: ignore[arg-type]
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
 
     def __len__(self) -> int:
         return self.tracer.concrete(self, len, "len()")
@@ -155,24 +153,6 @@ class ConcreteValues:
                 "tensor ops (torch.where) or move it into a module registered with torch.fx.wrap"
             )
         return fn(value)
-
-    def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
-        # forward may store what it computes on its modules (Swin's window size, LeViT's
-        # attention-bias cache): proxies there would outlive the trace, in the caller's model
-        saved = [(m, dict(m.__dict__), {k: _shallow(v) for k, v in m.__dict__.items() if isinstance(v, (dict, list))})
-                 for m in root.modules()]
-        try:
-            return super().trace(root, concrete_args)  # type: ignore[misc]
-        finally:
-            for m, attrs, inner in saved:
-                for k in set(m.__dict__) - set(attrs):
-                    del m.__dict__[k]
-                for k, v in attrs.items():
-                    if m.__dict__.get(k) is not v:
-                        m.__dict__[k] = v
-                    if k in inner and _changed(v, inner[k]):
-                        v.clear()
-                        v.update(inner[k]) if isinstance(v, dict) else v.extend(inner[k])
 
     # ------------------------------------------------------------------ tracer hooks
     def proxy(self, node: fx.Node) -> fx.Proxy:

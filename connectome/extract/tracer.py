@@ -23,7 +23,7 @@ from connectome.extract._model import check_model
 from connectome.extract import windows
 from connectome.extract.attention import attend
 from connectome.extract.concrete import ConcreteValues, logits_of
-from connectome.extract.fx_root import alias_targets, traced_root
+from connectome.extract.fx_root import alias_targets, kept_attributes, traced_root
 
 __all__ = ["trace_graph", "graph_for"]
 
@@ -126,8 +126,10 @@ def _module(tracer: fx.Tracer, graph: fx.Graph, model: nn.Module) -> fx.GraphMod
 
 def _concrete(model: nn.Module, example: torch.Tensor, symbolic_error: str) -> fx.GraphModule:
     tracer = _ConcreteTracer(example)
+    root = traced_root(model)
     try:
-        graph = tracer.trace(traced_root(model))
+        with kept_attributes(root):
+            graph = tracer.trace(root)
     except ExtractionError:
         raise
     except Exception as exc:
@@ -165,8 +167,10 @@ def trace_graph(model: nn.Module, example: torch.Tensor | None = None) -> fx.Gra
     """
     check_model(model)  # hooks included
     tracer = _Tracer()
+    root = traced_root(model)
     try:
-        graph = tracer.trace(traced_root(model))
+        with kept_attributes(root):
+            graph = tracer.trace(root)
     except ExtractionError:
         raise  # our own, from a module written out while tracing (attention)
     except Exception as exc:  # fx raises many kinds (TraceError, TypeError, RuntimeError ...)
