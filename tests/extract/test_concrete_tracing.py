@@ -200,3 +200,39 @@ def test_the_callers_model_keeps_its_attributes():
     assert m.inner.cache in ({}, {"w": 8}) and all(type(v) is int for v in m.inner.cache.values())
     with torch.no_grad():
         assert torch.equal(gm(x), m(x))
+
+
+# ----------------------------------------------------------------------------- timm and transformers, as they are
+def test_timm_twins_svt_extracts_exactly():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    m = timm.create_model("twins_svt_small", pretrained=False, num_classes=5, img_size=32, embed_dims=(8, 16, 16, 16),
+                          num_heads=(1, 1, 1, 1), depths=(1, 1, 1, 1), wss=(2, 2, 2, 2)).double().eval()
+    with pytest.raises(Exception):
+        fx.symbolic_trace(m)  # reads the feature map's size in Python
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = m(x)
+    _check_exact(m, x, torch.tensor([0, 1, 4]), logits, batch_size=2)
+
+
+def _hf(name: str) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if name == "vit":  # sdpa: F.scaled_dot_product_attention is the attention rule's
+        cfg = transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
+                                     image_size=32, patch_size=8, num_labels=5)
+        m = transformers.AutoModelForImageClassification.from_config(cfg, attn_implementation="sdpa")
+    else:
+        cfg = transformers.PoolFormerConfig(hidden_sizes=[8, 8, 16, 16], depths=[1, 1, 1, 1], num_labels=5)
+        m = transformers.AutoModelForImageClassification.from_config(cfg)
+    return m.double().eval()
+
+
+@pytest.mark.parametrize("name", ["vit", "poolformer"])
+def test_hugging_face_classifier_extracts_exactly_as_it_is(name):
+    m = _hf(name)
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = m(x)  # pixel_values positionally; a ModelOutput with .logits
+    _check_exact(m, x, torch.tensor([0, 1, 4]), out.logits, batch_size=2)
