@@ -12,6 +12,10 @@
   in which the weight is the tensor the hook computes, a plain parameter, as
   ``prune.remove`` would leave it (:func:`traced_root`). The caller's modules are not
   touched; the copies share every other tensor.
+- **What forward stores on its modules.** Tracing runs the model's Python on proxies: a
+  module that keeps what it computed (Swin's window size, LeViT's attention-bias cache) would
+  keep a proxy; every module attribute, and the dicts and lists held there, is put back after
+  the trace (:func:`kept_attributes`).
 - **Names fx cannot write into code.** A module named after a Python keyword (``class``)
   or holding a quote, backslash or line break makes fx's generated code a SyntaxError:
   those graph targets are renamed to aliases (:func:`alias_targets`) and the real module
@@ -20,10 +24,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import keyword
 from collections import OrderedDict
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx as fx
@@ -31,7 +36,7 @@ import torch.nn as nn
 
 from connectome.errors import ExtractionError
 
-__all__ = ["check_hooks", "traced_root", "alias_targets", "real_target"]
+__all__ = ["check_hooks", "traced_root", "kept_attributes", "alias_targets", "real_target"]
 
 _GLOBAL_HOOKS = (("_global_forward_pre_hooks", "forward pre-hook"), ("_global_forward_hooks", "forward hook"),
                  ("_global_backward_pre_hooks", "backward pre-hook"), ("_global_backward_hooks", "backward hook"))
@@ -147,6 +152,39 @@ def traced_root(model: nn.Module) -> nn.Module:
     if root is model:  # fx stores the tensor constants it meets as attributes of the root: not on the caller's
         root = copy.copy(model)
     return root
+
+
+@contextlib.contextmanager
+def kept_attributes(root: nn.Module) -> Iterator[None]:
+    """Put back every attribute of the modules under ``root`` on leaving (and the items of the
+    dicts and lists held there), as they were on entry: what forward stored while being traced.
+
+    ``root`` itself is left alone: it is :func:`traced_root`'s copy, where fx stores the
+    tensor constants it meets."""
+    saved = [(m, dict(m.__dict__), {k: _shallow(v) for k, v in m.__dict__.items() if isinstance(v, (dict, list))})
+             for m in root.modules() if m is not root]
+    try:
+        yield
+    finally:
+        for m, attrs, inner in saved:
+            for k in set(m.__dict__) - set(attrs):
+                del m.__dict__[k]
+            for k, v in attrs.items():
+                if m.__dict__.get(k) is not v:
+                    m.__dict__[k] = v
+                if k in inner and _changed(v, inner[k]):
+                    v.clear()
+                    v.update(inner[k]) if isinstance(v, dict) else v.extend(inner[k])
+
+
+def _shallow(v: dict[Any, Any] | list[Any]) -> dict[Any, Any] | list[Any]:
+    return type(v).copy(v) if isinstance(v, dict) else list(v)
+
+
+def _changed(v: Any, old: Any) -> bool:
+    if isinstance(v, dict):
+        return v.keys() != old.keys() or any(v[k] is not old[k] for k in old)
+    return len(v) != len(old) or any(a is not b for a, b in zip(v, old))
 
 
 # ----------------------------------------------------------------------------- names in fx code

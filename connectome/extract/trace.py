@@ -44,7 +44,7 @@ from connectome.errors import ExtractionError
 from connectome.extract import dense
 from connectome.extract.attention import attend
 from connectome.extract.fx_root import real_target
-from connectome.extract.tracer import trace_graph
+from connectome.extract.tracer import graph_for, trace_graph
 from connectome.extract.unitgraph import LayerSpec, Operand, UnitGraph, Units
 from connectome.extract import ops
 from connectome.extract.rules import RULES, ChainOp
@@ -92,6 +92,7 @@ def run_nodes(
     Values of nodes in ``keep`` are returned; others are freed once their last user ran.
     A failure names the module where it happened.
     """
+    gm = graph_for(gm, inputs[0]) if inputs else gm  # the same nodes, traced for this input shape
     env: dict[str, Any] = {}
     kept: dict[str, Any] = {}
     modules = dict(gm.named_modules())
@@ -694,10 +695,10 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
     ExtractionError
         The model is untraceable, fails on the example, or uses an op that fits no rule.
     """
-    gm = trace_graph(model)
     if example.dim() >= 1 and example.shape[0] == 1:
         # a batch of two, so that a squeeze() cannot be mistaken for a change of batch size
         example = example.repeat(2, *([1] * (example.dim() - 1)))
+    gm = trace_graph(model, example)
     batch = int(example.shape[0])
     shapes, values, consts, data = _record(gm, example)
     ctx = _Ctx(dict(gm.named_modules()), shapes, values, consts, data)

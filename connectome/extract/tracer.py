@@ -1,20 +1,31 @@
-"""torch.fx tracing of a model, with ``nn.MultiheadAttention`` written out as its parts."""
+"""torch.fx tracing of a model, with ``nn.MultiheadAttention`` written out as its parts.
+
+Symbolic tracing first; a model whose Python reads shapes (``if H != 8``, ``len(x)``, "same"
+padding from the input size) or looks at its outputs (Hugging Face's checks and output
+wrappers) is traced again with the example's values along (:mod:`connectome.extract.concrete`).
+Such a graph holds the branches of the example's shape: :func:`graph_for` gives the graph of
+another input shape (a smaller last batch), traced once per shape and checked to have the same
+nodes, unless two batch sizes gave the same graph.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._pytree import tree_leaves
 
 from connectome.errors import ExtractionError
 from connectome.extract._model import check_model
 from connectome.extract import dense, ops, windows
 from connectome.extract.attention import attend
-from connectome.extract.fx_root import alias_targets, traced_root
+from connectome.extract.concrete import ConcreteValues, logits_of
+from connectome.extract.fx_root import alias_targets, kept_attributes, traced_root
 
-__all__ = ["trace_graph"]
+__all__ = ["trace_graph", "graph_for"]
 
 
 class _Tracer(fx.Tracer):
@@ -46,6 +57,14 @@ class _Tracer(fx.Tracer):
             out.node.meta["connectome_expanded"] = True
             return out
         return super().create_proxy(kind, target, args, kwargs, *a, **kw)
+
+    def create_args_for_root(self, root_fn: Any, is_module: bool, concrete_args: Any = None) -> tuple[Any, Any]:
+        fn, args = super().create_args_for_root(root_fn, is_module, concrete_args)
+
+        def logits(*a: Any) -> Any:  # a ModelOutput's or dataclass's .logits is the output
+            return logits_of(fn(*a))
+
+        return logits, args
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if isinstance(m, nn.MultiheadAttention):
@@ -86,21 +105,15 @@ class _Tracer(fx.Tracer):
         return o, None
 
 
-def trace_graph(model: nn.Module) -> fx.GraphModule:
-    check_model(model)  # hooks included
-    tracer = _Tracer()
-    try:
-        with ops.leaf_functions(tracer):  # users' autograd functions: one call each
-            graph = tracer.trace(traced_root(model))
-    except ExtractionError:
-        raise  # our own, from a module written out while tracing (attention)
-    except Exception as exc:  # fx raises many kinds (TraceError, TypeError, RuntimeError ...)
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExtractionError(
-            f"torch.fx cannot trace {type(model).__name__}: {msg}. Make forward free of "
-            "data-dependent Python control flow (if/for on tensor values), or wrap the untraceable "
-            "part in a module and register it with torch.fx.wrap"
-        ) from None
+class _ConcreteTracer(ConcreteValues, _Tracer):
+    """:class:`_Tracer` running the example input along (:class:`ConcreteValues`)."""
+
+
+def _message(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _module(tracer: fx.Tracer, graph: fx.Graph, model: nn.Module) -> fx.GraphModule:
     for n in graph.nodes:
         if n.meta.pop("connectome_expanded", False):
             n.meta.pop("is_wrapped", None)
@@ -108,3 +121,106 @@ def trace_graph(model: nn.Module) -> fx.GraphModule:
     gm = fx.GraphModule(root, graph, type(model).__name__)
     gm.meta["connectome_aliases"] = aliases
     return gm
+
+
+def _concrete(model: nn.Module, example: torch.Tensor, symbolic_error: str) -> fx.GraphModule:
+    tracer = _ConcreteTracer(example)
+    root = traced_root(model)
+    try:
+        with kept_attributes(root), ops.leaf_functions(tracer):  # users' autograd functions: one call each
+            graph = tracer.trace(root)
+    except ExtractionError:
+        raise
+    except Exception as exc:
+        raise ExtractionError(
+            f"torch.fx cannot trace {type(model).__name__}: {symbolic_error}; traced with the example's values, "
+            f"it failed too: {_message(exc)}"
+        ) from None
+    finally:
+        tracer.values.clear()  # the example's intermediate tensors
+    gm = _module(tracer, graph, model)
+    with torch.no_grad():
+        want = logits_of(model(example))
+        got = gm(example)
+    if not _same(want, got):
+        raise ExtractionError(
+            f"the graph traced from {type(model).__name__} with the example's values does not give the model's "
+            "output on that example; its forward has effects or branches the trace cannot see"
+        )
+    return gm
+
+
+def _same(a: Any, b: Any) -> bool:
+    la, lb = tree_leaves(a), tree_leaves(b)
+    return len(la) == len(lb) and all(
+        torch.equal(x, y) if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) else type(x) is type(y)
+        for x, y in zip(la, lb))
+
+
+def trace_graph(model: nn.Module, example: torch.Tensor | None = None) -> fx.GraphModule:
+    """The fx graph of ``model``: symbolic, else (given ``example``) traced with its values.
+
+    A graph traced with values holds the branches of the example's shape; when a batch of
+    another size traces to other code, the graph keeps the means to trace each input shape
+    it meets (:func:`graph_for`, which :func:`~connectome.extract.trace.run_nodes` calls).
+    """
+    check_model(model)  # hooks included
+    tracer = _Tracer()
+    root = traced_root(model)
+    try:
+        with kept_attributes(root), ops.leaf_functions(tracer):  # users' autograd functions: one call each
+            graph = tracer.trace(root)
+    except ExtractionError:
+        raise  # our own, from a module written out while tracing (attention)
+    except Exception as exc:  # fx raises many kinds (TraceError, TypeError, RuntimeError ...)
+        if example is None:
+            raise ExtractionError(
+                f"torch.fx cannot trace {type(model).__name__}: {_message(exc)}. Make forward free of "
+                "data-dependent Python control flow (if/for on tensor values), or wrap the untraceable "
+                "part in a module and register it with torch.fx.wrap"
+            ) from None
+        return _batch_checked(model, example, _message(exc))
+    return _module(tracer, graph, model)
+
+
+def _batch_checked(model: nn.Module, example: torch.Tensor, symbolic_error: str) -> fx.GraphModule:
+    """The concrete graph of ``example``, and whether it serves every batch size: traced again on
+    one more image, the same code proves it; else each input shape gets its own trace."""
+    gm = _concrete(model, example, symbolic_error)
+    more = torch.cat([example, example[:1]]) if example.dim() >= 1 and example.shape[0] >= 1 else example
+    if more is not example and _concrete(model, more, symbolic_error).code == gm.code:
+        return gm
+    gm.meta["connectome_retrace"] = lambda x: _concrete(model, x, symbolic_error)
+    gm.meta["connectome_graphs"] = {tuple(example.shape): gm}
+    return gm
+
+
+def graph_for(gm: fx.GraphModule, x: Any) -> fx.GraphModule:
+    """The graph to run on input ``x``: ``gm`` itself, or, when ``gm`` holds the branches of the
+    example's shape only, ``gm`` traced again on ``x``'s shape (once per shape), with the same nodes.
+
+    Raises
+    ------
+    ExtractionError
+        The model takes other ops for this input shape (a different graph, not only other sizes).
+    """
+    retrace = gm.meta.get("connectome_retrace")
+    if retrace is None or not isinstance(x, torch.Tensor):
+        return gm
+    graphs = gm.meta["connectome_graphs"]
+    key = tuple(x.shape)
+    if key not in graphs:
+        with torch.no_grad():
+            other = retrace(x.detach())
+        if _skeleton(other) != _skeleton(gm):
+            raise ExtractionError(
+                f"{gm.__class__.__name__} runs other ops on an input of shape {key} than on the example of shape "
+                f"{next(iter(graphs))}: its Python branches on the batch size; use batches of one size "
+                "(drop_last=True) or make forward's branches independent of the batch size"
+            )
+        graphs[key] = other
+    return graphs[key]
+
+
+def _skeleton(gm: fx.GraphModule) -> list[tuple[str, str, str]]:
+    return [(n.name, n.op, str(n.target)) for n in gm.graph.nodes]
