@@ -31,7 +31,7 @@ from connectome.errors import BadFileError, ConnectomeError, DataError, Extracti
 from connectome.extract._model import no_inplace
 from connectome.extract.build import assemble, edge_shapes, graph_layers, layout, prefetch_skeleton
 from connectome.extract.rules import (DETACHED_OPERAND, FIXED_CONSTANT, NAMED_INPUT, RULES, ChainOp, RunContext,
-                                      Terms, attention_forward)
+                                      Terms, attention_forward, product_forward)
 from connectome.extract.trace import LayerSpec, UnitGraph, run_nodes
 from connectome.extract.unit_sums import UnitView, _acc_dtype
 from connectome.graph import Connectome
@@ -292,6 +292,9 @@ class FlowAccumulator:
                     b = kwargs["bias"]
                 leaves[li] = (w, b)
                 return node.target(*args, **kwargs)
+            if hit is not None and hit[1].kind == Kind.PRODUCT:
+                a, b = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
+                return product_forward(a, b)
             op = rule_ops.get(node.name)
             if op is not None:
                 if op.kind in DETACHED_OPERAND:
@@ -445,7 +448,8 @@ class FlowAccumulator:
                     continue
                 vals, absv = [], []
                 for op in s.operands:
-                    xo = kept[op.node]
+                    # a product's operands each pass on half its flow (rules.product_forward)
+                    xo = 0.5 * kept[s.node] if s.kind == Kind.PRODUCT else kept[op.node]
                     gs = go.narrow(op.dim, op.offset, op.width) if s.kind == Kind.CONCAT else go
                     prod = (xo * gs).movedim(op.dim, 1)
                     per = prod.reshape(prod.shape[0], op.width, -1).sum(2).double()

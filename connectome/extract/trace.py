@@ -566,6 +566,10 @@ def _classify_product(node: Any, c: _Ctx) -> tuple[str, Any]:
         if gate is not None:
             data = targs[1 - gate]
             return ("chain", ChainOp(node.name, "gate", data.name, (targs[gate].name,)))
+        if sa == sb == out_shape:
+            # two full-size factors, neither computed from the other (starnet's act(x1) * x2, a
+            # gated MLP): a layer of its own, each operand linearised with the other held constant
+            return ("product", None)
     return ("unsupported", "a product of two tensors of full size (attention, or a gate that is not broadcast "
                            "over positions) fits no rule: the gate rule needs one factor broadcast over positions, "
                            "attention needs the attention rule")
@@ -997,10 +1001,10 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
             rules.add(RULES["window"].name)
         elif what == "concat" and _const_cat(node, info, ctx, units, layers):
             pass  # constants (a class token) joined to data along positions: a per-unit op
-        elif what in ("residual", "concat"):
-            targs = ctx.data_args(node) if what == "residual" else list(node.args[0])
+        elif what in ("residual", "concat", "product"):
+            targs = ctx.data_args(node) if what != "concat" else list(node.args[0])
             nd = len(shapes[node.name])
-            if what == "residual":
+            if what != "concat":
                 us = [source(node, a) for a in targs]
                 one = [v.dims for v in us if len(v.dims) == 1]
                 dim = one[0][0] if one else 1
@@ -1026,6 +1030,9 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
             if what == "residual":
                 base = f"{scope}.{'sub' if info[1] < 0 else 'add'}" if scope else ("sub" if info[1] < 0 else "add")
                 kind = Kind.RESIDUAL
+            elif what == "product":
+                base, kind = (f"{scope}.mul" if scope else "mul"), Kind.PRODUCT
+                rules.add(RULES["product"].name)
             else:
                 base, kind = (f"{scope}.cat" if scope else "cat"), Kind.CONCAT
             layers.append(LayerSpec(name=unique(base), kind=kind, size=shapes[node.name][dim], node=node.name,
@@ -1065,8 +1072,6 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
             if info is not None:
                 info.input_node = x.name
                 layers[u.layer].bias_ops.append(info)
-                from connectome.extract.rules import RULES
-
                 if RULES[info.kind].name:
                     rules.add(RULES[info.kind].name)
                 if info.kind == "smooth":
