@@ -265,6 +265,14 @@ class FlowAccumulator:
 
         def override(node: fx.Node, args: list[Any], kwargs: dict[str, Any]) -> Any:
             hit = spec_of.get(node.name)
+            if hit is not None and hit[1].kind == Kind.MIX:
+                # the per-image pattern held constant, as the leaf whose A * dT/dA are the edges
+                li, spec = hit
+                i = next(i for i, a in enumerate(node.args) if isinstance(a, fx.Node) and a.name == spec.call["pattern"])
+                args = list(args)
+                args[i] = args[i].detach().requires_grad_(True)
+                leaves[li] = (args[i], None)
+                return run_plain(node, args, kwargs)
             if hit is not None and KINDS[hit[1].kind].edges == DENSE:
                 li, spec = hit
                 if node.op == "call_module":
@@ -376,6 +384,11 @@ class FlowAccumulator:
                     # in place: the gradient of this run's own weight leaf is read nowhere else,
                     # so W * dW needs no temporary the size of the weights
                     prod = gr.mul_(tensor) if gr.dtype == tensor.dtype and gr.is_contiguous() else tensor * gr
+                    if spec.kind == Kind.MIX:  # per image: (batch, heads..., rows, cols) of the pattern
+                        self.edges[key] += _mix_edges(spec, prod.sum(0, dtype=torch.float64))
+                        if self.per_sample:
+                            self.abs_edges[key] += _mix_edges(spec, prod.abs().sum(0, dtype=torch.float64))
+                        continue
                     if spec.kind == Kind.LINEAR:
                         e = prod.reshape(prod.shape[0], -1, spec.operands[0].group)
                     else:
@@ -461,7 +474,7 @@ class FlowAccumulator:
                 self.edges[li] = [a + b for a, b in zip(self.edges[li], vals)]
                 if self.per_sample:
                     self.abs_edges[li] = [a + b for a, b in zip(self.abs_edges[li], absv)]
-            elif edges == DENSE and self.per_sample:
+            elif edges == DENSE and self.per_sample and s.kind != Kind.MIX:
                 gz = g.get(s.node)
                 if gz is not None:
                     self.abs_edges[li] += self._per_sample_abs(li, s, kept[s.operands[0].node], gz)
@@ -655,6 +668,13 @@ class _Run(RunContext):
             if isinstance(n, fx.Node) and n.name == op.input_node:
                 return kwargs[k]
         return args[0]
+
+
+def _mix_edges(spec: LayerSpec, e: torch.Tensor) -> torch.Tensor:
+    """``A * dT/dA`` of a per-image pattern summed over images, as the layer's ``(out, in/groups)`` block."""
+    if spec.call["right"]:  # v @ pattern: the pattern's columns are the output units
+        e = e.transpose(-1, -2)
+    return e.reshape(spec.size, -1)
 
 
 def _is_zero(pad: Any) -> bool:

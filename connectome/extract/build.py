@@ -61,7 +61,7 @@ def edge_shapes(ug: UnitGraph) -> list[Any]:
         edges = KINDS[s.kind].edges if s.kind in KINDS else None
         if edges == DENSE:
             op = s.operands[0]
-            out.append((s.size, op.width // s.groups if s.kind == Kind.CONV else op.width))
+            out.append((s.size, op.width // s.groups if s.kind in (Kind.CONV, Kind.MIX) else op.width))
         elif edges == IDENTITY:
             out.append([(op.width,) for op in s.operands])
         else:
