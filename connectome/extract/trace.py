@@ -566,9 +566,10 @@ def _classify_product(node: Any, c: _Ctx) -> tuple[str, Any]:
         if gate is not None:
             data = targs[1 - gate]
             return ("chain", ChainOp(node.name, "gate", data.name, (targs[gate].name,)))
-        if sa == sb == out_shape:
-            # two full-size factors, neither computed from the other (starnet's act(x1) * x2, a
-            # gated MLP): a layer of its own, each operand linearised with the other held constant
+        if len(sa) == len(sb) == len(out_shape) and tuple(torch.broadcast_shapes(sa, sb)) == out_shape:
+            # two factors, neither computed from the other nor a gate of the other (starnet's
+            # act(x1) * x2, a gated MLP, focalnet's global context times a per-position gate):
+            # a layer of its own, each operand linearised with the other held constant
             return ("product", None)
     return ("unsupported", "a product of two tensors of full size (attention, or a gate that is not broadcast "
                            "over positions) fits no rule: the gate rule needs one factor broadcast over positions, "
@@ -1093,7 +1094,7 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                     raise ExtractionError(f"{_where(node)} concatenates a constant; units cannot be followed "
                                           "(a class token needs the transformer rules)")
                 u = source(node, a)
-                width = shapes[a.name][dim]
+                width = shapes[a.name][dim] if what != "product" else shapes[node.name][dim]  # a factor broadcast
                 idx = u.along(dim, width, size_of(u))
                 if idx is None:
                     raise ExtractionError(f"{_where(node)} combines tensors along a dim that does not hold their units")

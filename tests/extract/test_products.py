@@ -89,6 +89,41 @@ def test_product_of_two_data_tensors_against_hand_linearisation(square, exact_gr
         _close(_dense(g, "f2", "mul").diagonal(), 0.5 * a)
 
 
+class Focal(nn.Module):
+    """FocalNet's modulation: a global context per channel times a per-position gate (both
+    broadcast), summed with a gated local context, then ``q * h(context)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.f, self.h, self.fc = nn.Conv2d(3, 6, 1), nn.Conv2d(2, 2, 1), nn.Linear(2, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x, hand=False)
+
+    def run(self, x: torch.Tensor, hand: bool) -> torch.Tensor:
+        product = (lambda a, b: 0.5 * (a.detach() * b + a * b.detach())) if hand else (lambda a, b: a * b)  # noqa: E731
+        gate = (lambda s: s.detach()) if hand else (lambda s: s)  # noqa: E731  the gate rule: signal takes all
+        q, ctx, gates = torch.split(self.f(x), (2, 2, 2), 1)
+        context = product(F.relu(ctx.mean((2, 3), keepdim=True)), gates[:, 1:2]) + ctx * gate(gates[:, :1])
+        return self.fc(product(q, self.h(context)).mean((2, 3)))
+
+
+def test_product_of_two_broadcast_factors_against_hand_linearisation(exact_graph):
+    torch.manual_seed(4)
+    m = Focal().double().eval()
+    x, y = _data(5)
+    g = exact_graph(m, x, y, conservation=True)
+    expect, _ = _hand(m, x, y)
+    _close(g.node_attr("attribution")[g.layer_slice("input")], expect)
+    # (batch, 2, 1, 1) times (batch, 1, H, W): the context's channels 2, 3 of f each reach one
+    # unit, the gate (channel 5 of f) reaches both; each carries half of the product's flow
+    half = 0.5 * g.node_attr("attribution", "mul")
+    block = _dense(g, "f", "mul")
+    _close(block[:, 2:4].diagonal(), half)
+    _close(block[:, 5], half)
+    assert not block[:, [0, 1, 4]].any()
+
+
 # ---------------------------------------------------------------------- attention in its written forms
 class Forms(nn.Module):
     """Hand-written attention over 9 tokens and 2 heads: class attention (only the class token
