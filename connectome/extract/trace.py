@@ -8,7 +8,9 @@ belong to, which dimensions of the tensor index the units, and which unit each i
 - layer-defining ops start a new layer (their kinds are in :mod:`connectome.kinds`): the
   input, ``Conv2d`` / ``Linear`` modules and ``F.conv2d`` / ``F.linear`` calls (a Linear over
   the last dim of a channels-last tensor is a layer like a 1x1 conv), residual ``add``/``sub``
-  of two data tensors, and ``torch.cat`` along the units;
+  of two data tensors, ``torch.cat`` along the units, a product of two data tensors that is
+  neither a gate nor attention (a product layer), and attention across channels (XCA: a mix
+  layer, the per-image pattern a dense map between units);
 - per-unit ops keep the units of their input; each is a rule of :mod:`.rules` (BatchNorm
   folded, clamps, gates, smooth activations, normalisations, products and sums with
   parameters) or needs none (ReLU-likes, pooling, dropout, padding);
@@ -21,8 +23,7 @@ belong to, which dimensions of the tensor index the units, and which unit each i
 Subclasses that compute their padding from the input's shape at run time (timm's
 ``Conv2dSame``) cannot be traced by fx; fixed padding (``F.pad`` then ``F.conv2d``) can.
 
-Anything else (a product of two full-size data tensors such as attention, a softmax over
-units) raises an :class:`~connectome.errors.ExtractionError` naming the op, its module and
+Anything else (a softmax over units outside attention) raises an :class:`~connectome.errors.ExtractionError` naming the op, its module and
 the rule it would need.
 """
 
