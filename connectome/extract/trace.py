@@ -572,9 +572,11 @@ def _classify_product(node: Any, c: _Ctx) -> tuple[str, Any]:
             # act(x1) * x2, a gated MLP, focalnet's global context times a per-position gate):
             # a layer of its own, each operand linearised with the other held constant
             return ("product", None)
-    return ("unsupported", "a product of two tensors of full size (attention, or a gate that is not broadcast "
-                           "over positions) fits no rule: the gate rule needs one factor broadcast over positions, "
-                           "attention needs the attention rule")
+    if is_div and len(targs) == 2:
+        return ("unsupported", "a division of two data tensors fits no rule (1/x is not linear in the data; "
+                               "the product rule maps a * b)")
+    return ("unsupported", "a product of data tensors that neither broadcast to its output nor gate one "
+                           "another fits no rule (the product rule needs two factors of the output's rank)")
 
 
 def _const_cat(node: fx.Node, dim: int, c: _Ctx, units: dict[str, Units], layers: list[LayerSpec]) -> bool:
