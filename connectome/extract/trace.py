@@ -660,7 +660,7 @@ def _mix_layer(node: fx.Node, v: fx.Node, u: Units, pattern: str, shapes: dict[s
     nd = len(shapes[v.name])
     mixed = _mixed_dims(node, v, nd)
     right = node.args[0] is v  # v @ pattern: v's units on its last dim
-    if not _is_matmul(node) or len(mixed) != 1 or u.batch != 0 or len(u.dims) != nd - 2:
+    if not _is_matmul(node) or node.target is torch.einsum or len(mixed) != 1 or u.batch != 0 or len(u.dims) != nd - 2:
         raise ExtractionError(
             f"cannot map {_where(node)}: its pattern mixes the units of v in a form we cannot follow (attention "
             "across channels is mapped for pattern @ v with v shaped (batch, heads..., channels, tokens))")
