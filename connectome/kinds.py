@@ -10,6 +10,9 @@ conv     output channels of a conv            ``(out, in/groups)``  ``sum_k W * 
 linear   output features of a Linear          ``(out, in)``         ``W * dT/dW``
 residual the sum of its operands (add, sub)   identity, per operand ``x * dT/dx`` of the operand
 concat   its operands side by side            identity, per operand ``x * dT/dx`` of the operand
+product  the product of two data tensors      identity, per operand half the product's flow (AttnLRP)
+mix      units mixed by a per-image matrix    ``(out, in/groups)``  ``sum_n A * dT/dA`` of the matrix
+         (attention across channels, XCA)
 output   the logits (any dense kind, renamed) as its defining kind  as its defining kind
 ======== ==================================== ===================== ===============================
 
@@ -39,6 +42,8 @@ class Kind:
     LINEAR = "linear"
     RESIDUAL = "residual"
     CONCAT = "concat"
+    PRODUCT = "product"
+    MIX = "mix"
     OUTPUT = "output"
 
 
@@ -66,6 +71,8 @@ KINDS: dict[str, KindInfo] = {
         KindInfo(Kind.LINEAR, DENSE, True, 0.75),
         KindInfo(Kind.RESIDUAL, IDENTITY, True, 0.33),
         KindInfo(Kind.CONCAT, IDENTITY, True, 0.12),
+        KindInfo(Kind.PRODUCT, IDENTITY, True, 0.45),
+        KindInfo(Kind.MIX, DENSE, True, 0.05),
         KindInfo(Kind.OUTPUT, DENSE, False, 0.95),
     )
 }

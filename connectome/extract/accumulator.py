@@ -29,7 +29,7 @@ from connectome.errors import BadFileError, ConnectomeError, DataError, Extracti
 from connectome.extract._model import no_inplace
 from connectome.extract.build import assemble, edge_shapes, graph_layers, layout, prefetch_skeleton
 from connectome.extract import dense, ops
-from connectome.extract.rules import RULES, ChainOp, RunContext, Terms, attention_forward
+from connectome.extract.rules import RULES, ChainOp, RunContext, Terms, attention_forward, product_forward
 from connectome.extract.trace import LayerSpec, UnitGraph, layer_weight, run_nodes
 from connectome.extract.unit_sums import UnitView, _acc_dtype
 from connectome.graph import Connectome
@@ -265,6 +265,14 @@ class FlowAccumulator:
 
         def override(node: fx.Node, args: list[Any], kwargs: dict[str, Any]) -> Any:
             hit = spec_of.get(node.name)
+            if hit is not None and hit[1].kind == Kind.MIX:
+                # the per-image pattern held constant, as the leaf whose A * dT/dA are the edges
+                li, spec = hit
+                i = next(i for i, a in enumerate(node.args) if isinstance(a, fx.Node) and a.name == spec.call["pattern"])
+                args = list(args)
+                args[i] = args[i].detach().requires_grad_(True)
+                leaves[li] = (args[i], None)
+                return run_plain(node, args, kwargs)
             if hit is not None and KINDS[hit[1].kind].edges == DENSE:
                 li, spec = hit
                 if node.op == "call_module":
@@ -290,6 +298,9 @@ class FlowAccumulator:
                     b = kwargs["bias"]
                 leaves[li] = (w, b)
                 return node.target(*args, **kwargs)
+            if hit is not None and hit[1].kind == Kind.PRODUCT:
+                a, b = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
+                return product_forward(a, b)
             op = rule_ops.get(node.name)
             if op is not None:
                 if RULES[op.kind].detached_operand:
@@ -372,6 +383,11 @@ class FlowAccumulator:
                     # in place: the gradient of this run's own weight leaf is read nowhere else,
                     # so W * dW needs no temporary the size of the weights
                     prod = gr.mul_(tensor) if gr.dtype == tensor.dtype and gr.is_contiguous() else tensor * gr
+                    if spec.kind == Kind.MIX:  # per image: (batch, heads..., rows, cols) of the pattern
+                        self.edges[key] += _mix_edges(spec, prod.sum(0, dtype=torch.float64))
+                        if self.per_sample:
+                            self.abs_edges[key] += _mix_edges(spec, prod.abs().sum(0, dtype=torch.float64))
+                        continue
                     e = dense.of_spec(spec).blocks(prod, spec)
                     # summed over the kernel in its own dtype (not at all for 1x1 kernels), widened by
                     # the float64 accumulation itself: no float64 copy of every edge per batch
@@ -441,7 +457,8 @@ class FlowAccumulator:
                     continue
                 vals, absv = [], []
                 for op in s.operands:
-                    xo = kept[op.node]
+                    # a product's operands each pass on half its flow (rules.product_forward)
+                    xo = 0.5 * kept[s.node] if s.kind == Kind.PRODUCT else kept[op.node]
                     gs = go.narrow(op.dim, op.offset, op.width) if s.kind == Kind.CONCAT else go
                     prod = (xo * gs).movedim(op.dim, 1)
                     per = prod.reshape(prod.shape[0], op.width, -1).sum(2).double()
@@ -453,7 +470,7 @@ class FlowAccumulator:
                 self.edges[li] = [a + b for a, b in zip(self.edges[li], vals)]
                 if self.per_sample:
                     self.abs_edges[li] = [a + b for a, b in zip(self.abs_edges[li], absv)]
-            elif edges == DENSE:
+            elif edges == DENSE and s.kind != Kind.MIX:
                 gz = g.get(s.node)
                 if gz is not None and li in self._io_layers:
                     w, b = self._io_layers[li]
@@ -609,3 +626,10 @@ class _Run(RunContext):
             if isinstance(n, fx.Node) and n.name == op.input_node:
                 return kwargs[k]
         return args[0]
+
+
+def _mix_edges(spec: LayerSpec, e: torch.Tensor) -> torch.Tensor:
+    """``A * dT/dA`` of a per-image pattern summed over images, as the layer's ``(out, in/groups)`` block."""
+    if spec.call["right"]:  # v @ pattern: the pattern's columns are the output units
+        e = e.transpose(-1, -2)
+    return e.reshape(spec.size, -1)

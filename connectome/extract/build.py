@@ -62,7 +62,7 @@ def edge_shapes(ug: UnitGraph) -> list[Any]:
         edges = KINDS[s.kind].edges if s.kind in KINDS else None
         if edges == DENSE:
             op = s.operands[0]
-            out.append((s.size, dense.of_spec(s).in_width(op.width, s.groups)))
+            out.append((s.size, op.width // s.groups if s.kind == Kind.MIX else dense.of_spec(s).in_width(op.width, s.groups)))
         elif edges == IDENTITY:
             out.append([(op.width,) for op in s.operands])
         else:

@@ -35,7 +35,16 @@ norm                 LayerNorm, GroupNorm                             mean and s
                      RMSNorm (``F.rms_norm``), ``F.normalize``        the root mean square / norm
 attention            ``softmax(q k^T / sqrt(d)) v``                   the pattern (CP-LRP)
 pattern              hand-written ``softmax(...) @ v`` (einsum, bmm)  the pattern (CP-LRP)
+product              ``a * b``, two full-size data tensors (a layer)  for ``a``'s half ``b``, for
+                                                                      ``b``'s half ``a`` (AttnLRP
+                                                                      uniform rule)
+mix                  ``softmax(...) @ v`` over v's units (XCA; a      the per-image matrix
+                     layer: a per-image dense map between units)      (CP-LRP)
 ==================== ================================================ ==========================
+
+The product rule writes ``a * b`` as ``0.5 * (a * b.detach()) + 0.5 * (a.detach() * b)``: the
+same value to the last bit, and each operand passes on half of the product's flow,
+``a * dT/da = b * dT/db = 0.5 * a * b * dT/dy``; its two identity edges carry those halves.
 
 References
 ----------
@@ -56,7 +65,7 @@ import torch.nn.functional as F
 
 from connectome.extract.attention import attend
 
-__all__ = ["ChainOp", "Rule", "RULES", "Terms", "frozen"]
+__all__ = ["ChainOp", "Rule", "RULES", "Terms", "frozen", "product_forward"]
 
 
 @dataclass
@@ -256,6 +265,13 @@ def attention_forward(op: ChainOp, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     return y + (lin - lin.detach())
 
 
+def product_forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The product rule (AttnLRP's uniform rule): ``a * b`` with each operand linearised while
+    the other is held constant, half the product to each. The value is ``a * b`` exactly (two
+    equal halves add up without rounding)."""
+    return 0.5 * (a * b.detach()) + 0.5 * (a.detach() * b)
+
+
 def _pattern(q: torch.Tensor, k: torch.Tensor, mask: Any, causal: bool, scale: float | None) -> torch.Tensor:
     """softmax(q k^T * scale + mask), computed from detached q and k: a constant."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -299,6 +315,10 @@ RULES: dict[str, Rule] = {
              named_input=True),
         Rule("norm", "normalisation: mean and standard deviation held constant", constant=_stashed,
              forward=_norm_forward, weight_note="statistics depend on data: not folded"),
+        Rule("product", "product: each operand linearised with the other held constant, half the flow to each "
+                        "(AttnLRP uniform rule)", weight_note="identity edges of weight 1"),
+        Rule("mix", "attention across channels: the per-image pattern held constant (CP-LRP), a dense map "
+                    "between units", weight_note="a per-image matrix: no weights, uniform 1/width"),
     )
 }
 

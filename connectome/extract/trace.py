@@ -8,7 +8,9 @@ belong to, which dimensions of the tensor index the units, and which unit each i
 - layer-defining ops start a new layer (their kinds are in :mod:`connectome.kinds`): the
   input, ``Conv2d`` / ``Linear`` modules and ``F.conv2d`` / ``F.linear`` calls (a Linear over
   the last dim of a channels-last tensor is a layer like a 1x1 conv), residual ``add``/``sub``
-  of two data tensors, and ``torch.cat`` along the units;
+  of two data tensors, ``torch.cat`` along the units, a product of two data tensors that is
+  neither a gate nor attention (a product layer), and attention across channels (XCA: a mix
+  layer, the per-image pattern a dense map between units);
 - per-unit ops keep the units of their input; each is a rule of :mod:`.rules` (BatchNorm
   folded, clamps, gates, smooth activations, normalisations, products and sums with
   parameters) or needs none (ReLU-likes, pooling, dropout, padding);
@@ -21,8 +23,7 @@ belong to, which dimensions of the tensor index the units, and which unit each i
 Subclasses that compute their padding from the input's shape at run time (timm's
 ``Conv2dSame``) cannot be traced by fx; fixed padding (``F.pad`` then ``F.conv2d``) can.
 
-Anything else (a product of two full-size data tensors such as attention, a softmax over
-units) raises an :class:`~connectome.errors.ExtractionError` naming the op, its module and
+Anything else (a softmax over units outside attention) raises an :class:`~connectome.errors.ExtractionError` naming the op, its module and
 the rule it would need.
 """
 
@@ -460,9 +461,16 @@ def _classify_product(node: Any, c: _Ctx) -> tuple[str, Any]:
         if gate is not None:
             data = targs[1 - gate]
             return ("chain", ChainOp(node.name, "gate", data.name, (targs[gate].name,)))
-    return ("unsupported", "a product of two tensors of full size (attention, or a gate that is not broadcast "
-                           "over positions) fits no rule: the gate rule needs one factor broadcast over positions, "
-                           "attention needs the attention rule")
+        if len(sa) == len(sb) == len(out_shape) and tuple(torch.broadcast_shapes(sa, sb)) == out_shape:
+            # two factors, neither computed from the other nor a gate of the other (starnet's
+            # act(x1) * x2, a gated MLP, focalnet's global context times a per-position gate):
+            # a layer of its own, each operand linearised with the other held constant
+            return ("product", None)
+    if is_div and len(targs) == 2:
+        return ("unsupported", "a division of two data tensors fits no rule (1/x is not linear in the data; "
+                               "the product rule maps a * b)")
+    return ("unsupported", "a product of data tensors that neither broadcast to its output nor gate one "
+                           "another fits no rule (the product rule needs two factors of the output's rank)")
 
 
 #: The registry's constructs (``Op.construct``): mapped by code of their own.
@@ -535,37 +543,114 @@ def _mixed_dims(node: fx.Node, v: fx.Node, nd: int) -> set[int]:
             return set(range(nd))  # not parsed: refuse rather than guess
         sv = subs[pos[0]]
         return {d for d, ch in enumerate(sv) if ch not in out}
+    if _is_matmul(node) and node.args and node.args[0] is v and v is not node.args[1]:
+        return {nd - 1}  # matmul(v, pattern^T): v's tokens are its last dim
     return {nd - 2}  # matmul(pattern, v), attention functions: the token dim of v
 
 
-def _attention_products(nodes: list[fx.Node], c: "_Ctx") -> tuple[dict[str, tuple[str, str]], set[str]]:
-    """Products ``softmax(...) @ v`` (matmul, bmm, einsum) of a hand-written attention, and the
-    nodes that only compute their patterns.
+def _mix_layer(node: fx.Node, v: fx.Node, u: Units, pattern: str, shapes: dict[str, tuple[int, ...]], index: int,
+               v_size: int) -> tuple[LayerSpec, Units]:
+    """The layer of ``pattern @ v`` (or ``v @ pattern``) when the pattern mixes v's units (XCA).
 
+    v holds the batch, its units on every other dim but one (heads and the channels the
+    pattern mixes), and the tokens; each head is a group, as in a grouped convolution, and the
+    per-image pattern is the weight of the group (:data:`connectome.kinds.Kind.MIX`).
+    """
+    nd = len(shapes[v.name])
+    mixed = _mixed_dims(node, v, nd)
+    right = node.args[0] is v  # v @ pattern: v's units on its last dim
+    if not _is_matmul(node) or node.target is torch.einsum or len(mixed) != 1 or u.batch != 0 or len(u.dims) != nd - 2:
+        raise ExtractionError(
+            f"cannot map {_where(node)}: its pattern mixes the units of v in a form we cannot follow (attention "
+            "across channels is mapped for pattern @ v with v shaped (batch, heads..., channels, tokens))")
+    k = next(iter(mixed))
+    out_shape = shapes[node.name]
+    p_shape = shapes[pattern]
+    if len(out_shape) != nd or out_shape[:k] != shapes[v.name][:k] or p_shape[:-2] != out_shape[:-2]:
+        raise ExtractionError(f"cannot map {_where(node)}: its per-image pattern broadcasts over heads or images")
+    sizes = [shapes[v.name][d] for d in u.dims]
+    idx = np.arange(v_size, dtype=np.int64) if u.index is None else np.asarray(u.index, np.int64)
+    idx = np.moveaxis(idx.reshape(sizes), u.dims.index(k), -1)  # (heads..., channels mixed)
+    groups, width = int(np.prod(idx.shape[:-1], dtype=np.int64)), int(idx.size)
+    rows = out_shape[k]
+    out_index = np.moveaxis(np.arange(groups * rows, dtype=np.int64).reshape(*idx.shape[:-1], rows), -1,
+                            u.dims.index(k))
+    cols = idx.reshape(-1)
+    if np.array_equal(cols, np.arange(v_size)):
+        cols = None
+    scope = _scope(node)
+    spec = LayerSpec(name=f"{scope}.mix" if scope else "mix", kind=Kind.MIX, size=groups * rows, node=node.name,
+                     module=scope or None, groups=groups, dim=k,
+                     operands=[Operand(layer=u.layer, node=v.name, cols=cols, width=width)],
+                     call={"pattern": pattern, "right": right})
+    return spec, Units(index, u.dims, out_index)
+
+
+def _is_matmul(n: fx.Node) -> bool:
+    return (n.op == "call_function" and n.target in _MATMUL) or (n.op == "call_method" and n.target in ("matmul", "bmm"))
+
+
+# Ops a pattern may pass through between its softmax and the product with v: dropout, layout
+# (transposes, head reshapes), and mixes over heads (talking heads: a Linear or a 1x1 conv).
+_PATTERN_STEP_METHODS = {"transpose", "permute", "reshape", "view", "contiguous", "flatten", "unflatten",
+                         "swapaxes", "movedim", "masked_fill", "float", "double", "to", "type_as"}
+_PATTERN_STEP_FUNCS = {F.dropout, torch.transpose, torch.permute, torch.reshape, torch.flatten, torch.swapaxes,
+                       torch.movedim, torch.masked_fill, F.linear, F.conv2d, torch.conv2d}
+_PATTERN_STEP_MODULES = (nn.Dropout, nn.Identity, nn.Linear, nn.Conv2d)
+
+
+def _pattern_step(n: fx.Node, c: "_Ctx") -> fx.Node | None:
+    """The one data input of ``n`` when ``n`` is an op a pattern may pass through, else None."""
+    ins = [a for a in n.all_input_nodes if c.is_data(a)]
+    if len(ins) != 1:
+        return None
+    if n.op == "call_module" and isinstance(c.modules[n.target], _PATTERN_STEP_MODULES) or \
+            n.op == "call_function" and n.target in _PATTERN_STEP_FUNCS or \
+            n.op == "call_method" and n.target in _PATTERN_STEP_METHODS:
+        return ins[0]
+    return None
+
+
+def _attention_products(nodes: list[fx.Node], c: "_Ctx") -> tuple[dict[str, tuple[str, str]], set[str]]:
+    """Products ``softmax(...) @ v`` (matmul, bmm, einsum, either side) of a hand-written
+    attention, and the nodes that only compute their patterns.
+
+    Between its softmax and the product a pattern may pass through dropout, layout ops and a
+    mix over heads (talking heads); before the softmax anything (scale, biases, masks).
     Returns ``{product: (pattern node, value node)}`` and the set of pattern-only nodes: the
     attention rule holds the pattern constant, so those nodes need no units.
     """
     products: dict[str, tuple[str, str]] = {}
     for n in nodes:
-        is_mm = (n.op == "call_function" and n.target in _MATMUL) or (n.op == "call_method" and n.target in ("matmul", "bmm"))
-        if not is_mm or n.name not in c.data:
+        if not _is_matmul(n) or n.name not in c.data:
             continue
         ops = [a for a in n.args if c.is_data(a)]
         if len(ops) != 2:
             continue
         for s_, v_ in ((ops[0], ops[1]), (ops[1], ops[0])):
-            cur = s_
-            while cur.op in ("call_module", "call_function") and not _is_softmax(cur) and len(
-                    [a for a in cur.all_input_nodes if c.is_data(a)]) == 1 and (
-                    cur.op == "call_module" and isinstance(c.modules[cur.target], nn.Dropout)
-                    or cur.op == "call_function" and cur.target in (F.dropout,)):
-                cur = [a for a in cur.all_input_nodes if c.is_data(a)][0]
-            if _is_softmax(cur):
+            cur: fx.Node | None = s_
+            for _ in range(12):
+                if cur is None or _is_softmax(cur):
+                    break
+                cur = _pattern_step(cur, c)
+            if cur is not None and _is_softmax(cur):
                 products[n.name] = (s_.name, v_.name)
                 break
     pattern: set[str] = {p for p, _ in products.values()}
+    # Nodes computed from a product of two data tensors that is not an attention product (the
+    # scores q k^T): layers among them (talking heads) belong to the pattern, while q's and k's
+    # own projections stay layers (dead ends that carry no flow).
+    scores: set[str] = set()
+    for n in nodes:
+        if n.name in products or n.name not in c.data:
+            continue
+        if _is_matmul(n) and len([a for a in n.args if c.is_data(a)]) == 2 or \
+                any(a.name in scores for a in n.all_input_nodes):
+            scores.add(n.name)
 
-    def is_layer(n: fx.Node) -> bool:  # q and k projections stay layers (dead ends that carry no flow)
+    def is_layer(n: fx.Node) -> bool:
+        if n.name in scores:
+            return False
         if n.op == "call_module":
             return isinstance(c.modules[n.target], dense.DENSE_MODULES)
         return n.op == "call_function" and n.target in dense.DENSE_FUNCTIONS
@@ -904,10 +989,10 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
             rules.add(RULES["window"].name)
         elif what == "concat" and _const_cat(node, info, ctx, units, layers):
             pass  # constants (a class token) joined to data along positions: a per-unit op
-        elif what in ("residual", "concat"):
-            targs = ctx.data_args(node) if what == "residual" else list(node.args[0])
+        elif what in ("residual", "concat", "product"):
+            targs = ctx.data_args(node) if what != "concat" else list(node.args[0])
             nd = len(shapes[node.name])
-            if what == "residual":
+            if what != "concat":
                 us = [source(node, a) for a in targs]
                 one = [v.dims for v in us if len(v.dims) == 1]
                 dim = one[0][0] if one else 1
@@ -919,7 +1004,7 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                     raise ExtractionError(f"{_where(node)} concatenates a constant; units cannot be followed "
                                           "(a class token needs the transformer rules)")
                 u = source(node, a)
-                width = shapes[a.name][dim]
+                width = shapes[a.name][dim] if what != "product" else shapes[node.name][dim]  # a factor broadcast
                 idx = u.along(dim, width, size_of(u))
                 if idx is None:
                     raise ExtractionError(f"{_where(node)} combines tensors along a dim that does not hold their units")
@@ -933,6 +1018,9 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
             if what == "residual":
                 base = f"{scope}.{'sub' if info[1] < 0 else 'add'}" if scope else ("sub" if info[1] < 0 else "add")
                 kind = Kind.RESIDUAL
+            elif what == "product":
+                base, kind = (f"{scope}.mul" if scope else "mul"), Kind.PRODUCT
+                rules.add(RULES["product"].name)
             else:
                 base, kind = (f"{scope}.cat" if scope else "cat"), Kind.CONCAT
             layers.append(LayerSpec(name=unique(base), kind=kind, size=shapes[node.name][dim], node=node.name,
@@ -950,10 +1038,15 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
             s_in, s_out = shapes[x.name], shapes[node.name]
             if isinstance(info, ChainOp) and RULES[info.kind].attention and \
                     set(u.dims) & _mixed_dims(node, x, len(s_in)):
-                raise ExtractionError(
-                    f"cannot map {_where(node)}: its pattern mixes the dim that holds the units of v (attention "
-                    "across channels, as in cross-covariance attention); the attention rule needs v's units kept"
-                )
+                # attention across channels (XCA): the pattern, held constant, is a per-image
+                # dense map between the units of v and those of a layer of its own
+                spec, out_units = _mix_layer(node, x, u, info.params[0], shapes, len(layers), size_of(u))
+                spec.name = unique(spec.name)
+                layers.append(spec)
+                units[node.name] = out_units
+                kinds[node.name] = ("layer", Kind.MIX)
+                rules.add(RULES["mix"].name)
+                continue
             pooled = _pooled_dims(node, ctx, len(s_in))
             if pooled & set(u.dims):
                 raise ExtractionError(f"cannot map {_where(node)}: it pools over the dim that holds the units "
@@ -1071,6 +1164,9 @@ def _attr_value(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
 
 def layer_weight(ug: UnitGraph, spec: LayerSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The weight and bias tensors of a conv/linear layer (detached)."""
+    if spec.kind == Kind.MIX:  # a per-image pattern, no weights: a uniform one stands for it (rows sum to 1)
+        width = spec.operands[0].width // spec.groups
+        return torch.full((spec.size, width), 1.0 / width, dtype=torch.float64), None
     node = next(n for n in ug.gm.graph.nodes if n.name == spec.node)
     if node.op == "call_module":  # a stock dense module (see connectome.extract.dense)
         m = ug.gm.get_submodule(node.target)

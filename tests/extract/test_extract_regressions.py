@@ -318,13 +318,14 @@ def test_unit_mixing_ops_are_refused_in_one_line():
             t = self.pe(x).flatten(2).transpose(1, 2)
             n, T, C = t.shape
             q, k, v = self.qkv(t).reshape(n, T, 3, 1, C).permute(2, 0, 3, 4, 1).unbind(0)
-            return self.fc(((q @ k.transpose(-2, -1)).softmax(-1) @ v).permute(0, 3, 1, 2).reshape(n, T, C).mean(1))
+            mixed = torch.einsum("bhij,bhjt->bhit", (q @ k.transpose(-2, -1)).softmax(-1), v)  # matmul is mapped
+            return self.fc(mixed.permute(0, 3, 1, 2).reshape(n, T, C).mean(1))
 
     pool = Fn(lambda s, x: s.fc(nn.functional.avg_pool2d(s.a(x).permute(0, 2, 3, 1), 3, 1, 1).mean((1, 2))),
               a=nn.Conv2d(3, 4, 1), fc=nn.Linear(4, 2))
     clamp = Fn(lambda s, x: s.fc(torch.clamp(s.a(x), min=s.lo).mean((2, 3))), a=nn.Conv2d(3, 4, 1), fc=nn.Linear(4, 2))
     clamp.register_buffer("lo", torch.zeros(1, 4, 1, 1))
-    for m, phrase in ((XCA(), "mixes the dim that holds the units of v"), (pool, "pools over the dim that holds the units"),
+    for m, phrase in ((XCA(), "mixes the units of v in a form we cannot follow"), (pool, "pools over the dim that holds the units"),
                       (clamp, "clamp with tensor bounds")):
         with pytest.raises(ExtractionError, match=phrase) as info:
             _flows(m, torch.randn(2, 3, 4, 4), 2)

@@ -365,10 +365,12 @@ class Gate(nn.Module):
         return self.fc((self.a(x) * torch.sigmoid(self.b(x))).mean((2, 3)))
 
 
-def test_product_of_two_tensors_is_unsupported():
-    with pytest.raises(ExtractionError, match="cannot map fx node 'mul'.*product of two tensors") as info:
-        weights(Gate(), (2, 4, 4))
-    one_line(info.value)
+def test_product_of_two_tensors_has_identity_edges_of_weight_one():
+    g = weights(Gate(), (2, 4, 4))
+    assert g.layer("mul").kind == "product"
+    for src in ("a", "b"):
+        i, j, w = g.edge_block(src, "mul")
+        assert i.tolist() == j.tolist() == [0, 1, 2] and np.all(w == 1.0)
 
 
 class Shared(nn.Module):
@@ -417,8 +419,13 @@ def test_model_left_as_found():
         assert not s._forward_hooks and not s._forward_pre_hooks and not s._backward_hooks
 
 
+class Quotient(Gate):
+    def forward(self, x):
+        return self.fc((self.a(x) / torch.sigmoid(self.b(x))).mean((2, 3)))  # no rule for 1/x
+
+
 def test_model_left_as_found_when_extraction_fails():
-    m = Gate().train()
+    m = Quotient().train()
     with pytest.raises(ConnectomeError):
         weights(m, (2, 4, 4))
     assert all(s.training for s in m.modules())

@@ -131,7 +131,7 @@ def test_gate_on_a_one_by_one_map_is_still_a_gate():
         assert np.all(g.node_attr("attribution")[g.layer_slice(layer)] == 0.0)
 
 
-def test_two_branch_product_is_refused():
+def test_two_branch_product_is_a_product_layer():
     class Two(nn.Module):
         def __init__(self):
             super().__init__()
@@ -140,8 +140,21 @@ def test_two_branch_product_is_refused():
         def forward(self, x):
             return self.fc((self.a(x) * torch.sigmoid(self.b(x))).mean((2, 3)))
 
-    with pytest.raises(ExtractionError, match=r"fx node 'mul'.*product of two tensors.*gate rule.*attention rule") as info:
-        cn.extract.weights(Two(), (2, 4, 4))
+    g = cn.extract.weights(Two(), (2, 4, 4))
+    assert g.layer("mul").kind == "product"
+
+
+def test_quotient_of_two_data_tensors_is_refused():
+    class Quotient(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.fc = nn.Conv2d(2, 3, 1), nn.Conv2d(2, 3, 1), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.fc((self.a(x) / torch.sigmoid(self.b(x))).mean((2, 3)))
+
+    with pytest.raises(ExtractionError, match=r"fx node 'truediv'.*division of two data tensors.*1/x") as info:
+        cn.extract.weights(Quotient(), (2, 4, 4))
     assert "\n" not in str(info.value)
 
 

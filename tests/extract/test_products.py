@@ -1,0 +1,263 @@
+"""Products of two data tensors, attention in its written forms, and attention across channels.
+
+Each small model is compared with a hand-written copy with the rule spelled out: the product
+as ``0.5 * (a.detach() * b + a * b.detach())``, the attention pattern ``.detach()``ed; flows of
+a layer by hand are ``W * dT/dW`` of that copy (for attention across channels, ``A * dT/dA`` of
+the per-image pattern ``A``, summed over images).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import connectome as cn
+
+
+def _data(seed: int, n: int = 3, size: int = 6, classes: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=gen, dtype=torch.float64), torch.randint(0, classes, (n,), generator=gen)
+
+
+def _hand(m: nn.Module, x: torch.Tensor, y: torch.Tensor, leaf: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Input attribution per channel of the hand copy ``m.run(x, hand=True)``, and ``leaf * dT/dleaf``."""
+    x = x.clone().requires_grad_(True)
+    wrt = [x] + ([leaf] if leaf is not None else [])
+    grads = torch.autograd.grad(m.run(x, hand=True).gather(1, y[:, None]).sum(), wrt)
+    per_leaf = (leaf * grads[1]).detach() if leaf is not None else None
+    return (x * grads[0]).sum((0, 2, 3)).detach().numpy(), per_leaf
+
+
+def _close(got: np.ndarray, expect: np.ndarray) -> None:
+    np.testing.assert_allclose(got, expect, rtol=1e-10, atol=1e-10 * max(1.0, np.abs(expect).max()))
+
+
+def _dense(g: cn.Connectome, src: str, dst: str) -> np.ndarray:
+    i, j, w = g.edge_block(src, dst)
+    out = np.zeros((g.layer(dst).size, g.layer(src).size))
+    out[j, i] = w
+    return out
+
+
+# ---------------------------------------------------------------------- products of two data tensors
+class Star(nn.Module):
+    """StarNet's block: ``act(f1(x)) * f2(x)``, or a square ``act(f1(x)) ** 2`` written as a product."""
+
+    def __init__(self, square: bool):
+        super().__init__()
+        self.square = square
+        self.embed = nn.Conv2d(3, 4, 3, padding=1)
+        self.f1, self.f2, self.g = nn.Conv2d(4, 6, 1), nn.Conv2d(4, 6, 1), nn.Conv2d(6, 4, 1)
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x, hand=False)
+
+    def run(self, x: torch.Tensor, hand: bool) -> torch.Tensor:
+        x = self.embed(x)
+        a = F.relu(self.f1(x))
+        b = a if self.square else self.f2(x)
+        if hand:  # the product rule: each operand with the other held constant, half to each
+            p = 0.5 * (a.detach() * b + a * b.detach())
+        else:
+            p = a * b
+        return self.fc((x + self.g(p)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("square", [False, True], ids=["two operands", "square"])
+def test_product_of_two_data_tensors_against_hand_linearisation(square, exact_graph):
+    torch.manual_seed(3)
+    m = Star(square).double().eval()
+    x, y = _data(4)
+    with torch.no_grad():
+        torch.testing.assert_close(m.run(x, hand=True), m(x), rtol=0, atol=0)
+    g = exact_graph(m, x, y, conservation=True)
+    assert g.layer("mul").kind == "product"
+    assert any(r.startswith("product") for r in g.meta["rules"])
+    expect, e = _hand(m, x, y, m.f1.weight)  # the flows of f1 by hand: W * dT/dW, summed over the kernel
+    _close(g.node_attr("attribution")[g.layer_slice("input")], expect)
+    _close(_dense(g, "embed", "f1"), e.sum((2, 3)).numpy())
+    # each operand's edge carries half the product's flow: 0.5 * sum(y * dT/dy) per unit
+    a = g.node_attr("attribution", "mul")
+    _close(_dense(g, "f1", "mul").diagonal(), a if square else 0.5 * a)
+    if not square:
+        _close(_dense(g, "f2", "mul").diagonal(), 0.5 * a)
+
+
+class Focal(nn.Module):
+    """FocalNet's modulation: a global context per channel times a per-position gate (both
+    broadcast), summed with a gated local context, then ``q * h(context)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.f, self.h, self.fc = nn.Conv2d(3, 6, 1), nn.Conv2d(2, 2, 1), nn.Linear(2, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x, hand=False)
+
+    def run(self, x: torch.Tensor, hand: bool) -> torch.Tensor:
+        product = (lambda a, b: 0.5 * (a.detach() * b + a * b.detach())) if hand else (lambda a, b: a * b)  # noqa: E731
+        gate = (lambda s: s.detach()) if hand else (lambda s: s)  # noqa: E731  the gate rule: signal takes all
+        q, ctx, gates = torch.split(self.f(x), (2, 2, 2), 1)
+        context = product(F.relu(ctx.mean((2, 3), keepdim=True)), gates[:, 1:2]) + ctx * gate(gates[:, :1])
+        return self.fc(product(q, self.h(context)).mean((2, 3)))
+
+
+def test_product_of_two_broadcast_factors_against_hand_linearisation(exact_graph):
+    torch.manual_seed(4)
+    m = Focal().double().eval()
+    x, y = _data(5)
+    g = exact_graph(m, x, y, conservation=True)
+    expect, _ = _hand(m, x, y)
+    _close(g.node_attr("attribution")[g.layer_slice("input")], expect)
+    # (batch, 2, 1, 1) times (batch, 1, H, W): the context's channels 2, 3 of f each reach one
+    # unit, the gate (channel 5 of f) reaches both; each carries half of the product's flow
+    half = 0.5 * g.node_attr("attribution", "mul")
+    block = _dense(g, "f", "mul")
+    _close(block[:, 2:4].diagonal(), half)
+    _close(block[:, 5], half)
+    assert not block[:, [0, 1, 4]].any()
+
+
+# ---------------------------------------------------------------------- attention in its written forms
+class Forms(nn.Module):
+    """Hand-written attention over 9 tokens and 2 heads: class attention (only the class token
+    queries), talking heads with attention biases, and ``v @ attn^T`` on channels-first tokens."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.form = form
+        self.embed = nn.Conv2d(3, 8, 2, stride=2)  # 6x6 -> 9 tokens
+        self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.talk1, self.talk2 = nn.Linear(2, 2), nn.Conv2d(2, 2, 1)  # mixes over heads, before and after softmax
+        self.bias = nn.Parameter(torch.randn(2, 9, 9))
+        self.drop = nn.Dropout(0.1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x, hand=False)
+
+    def run(self, x: torch.Tensor, hand: bool) -> torch.Tensor:
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        n, tokens, c = t.shape
+        heads = lambda z: z.reshape(n, -1, 2, 4).transpose(1, 2)  # noqa: E731
+        pattern = (lambda a: a.detach()) if hand else (lambda a: a)  # noqa: E731  the rule: held constant
+        if self.form == "class":
+            q, k, v = heads(self.q(t[:, 0]).unsqueeze(1)), heads(self.k(t)), heads(self.v(t))
+            a = self.drop((q * 0.5 @ k.transpose(-2, -1)).softmax(-1))
+            return self.fc((pattern(a) @ v).transpose(1, 2).reshape(n, c))
+        if self.form == "talking":
+            q, k, v = heads(self.q(t)), heads(self.k(t)), heads(self.v(t))
+            s = q @ k.transpose(-2, -1) * 0.5 + self.bias
+            a = self.talk1(s.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).softmax(-1)
+            a = self.drop(self.talk2(a))
+            return self.fc((pattern(a) @ v).transpose(1, 2).reshape(n, tokens, c).mean(1))
+        q, k, v = (f(t).transpose(1, 2) for f in (self.q, self.k, self.v))  # (batch, channels, tokens)
+        a = (q.transpose(-2, -1) @ k * 0.3).softmax(-1)
+        return self.fc((v @ pattern(a).transpose(-2, -1)).mean(2))
+
+
+@pytest.mark.parametrize("form", ["class", "talking", "right"])
+def test_written_attention_forms_against_hand_linearisation(form, exact_graph):
+    torch.manual_seed(5)
+    m = Forms(form).double().eval()
+    x, y = _data(6)
+    g = exact_graph(m, x, y, conservation=True)
+    assert any(r.startswith("attention") for r in g.meta["rules"])
+    assert [l.name for l in g.layers] == ["input", "embed", "q", "k", "v", "logits"]  # talking heads: in the pattern
+    expect, e = _hand(m, x, y, m.v.weight)
+    _close(g.node_attr("attribution")[g.layer_slice("input")], expect)
+    _close(_dense(g, "embed", "v"), e.numpy())
+    a = g.node_attr("attribution")
+    assert np.all(a[g.layer_slice("q")] == 0) and np.all(a[g.layer_slice("k")] == 0)
+
+
+# ---------------------------------------------------------------------- attention across channels
+class XCA(nn.Module):
+    """Cross-covariance attention (XCiT): q and k normalised along tokens, a pattern over the
+    4 channels of each of 2 heads, applied to v's channels at every token."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 2, stride=2)
+        self.qkv = nn.Linear(8, 24)
+        self.temperature = nn.Parameter(torch.rand(2, 1, 1) + 0.5)
+        self.proj, self.fc = nn.Linear(8, 8), nn.Linear(8, 4)
+        self.leaf: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x, hand=False)
+
+    def run(self, x: torch.Tensor, hand: bool) -> torch.Tensor:
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        n, tokens, c = t.shape
+        q, k, v = self.qkv(t).reshape(n, tokens, 3, 2, 4).permute(2, 0, 3, 4, 1).unbind(0)  # (batch, heads, 4, tokens)
+        a = (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1) * self.temperature).softmax(-1)
+        if hand:  # the per-image pattern held constant: a leaf, so that A * dT/dA gives its flows
+            a = self.leaf = a.detach().requires_grad_(True)
+        return self.fc(self.proj((a @ v).permute(0, 3, 1, 2).reshape(n, tokens, c)).mean(1))
+
+
+def test_attention_across_channels_is_a_per_image_dense_map(exact_graph):
+    torch.manual_seed(7)
+    m = XCA().double().eval()
+    x, y = _data(8)
+    g = exact_graph(m, x, y, conservation=True)
+    assert g.layer("mix").kind == "mix" and g.layer("mix").size == 8
+    assert any(r.startswith("attention across channels") for r in g.meta["rules"])
+    xx = x.clone().requires_grad_(True)
+    out = m.run(xx, hand=True).gather(1, y[:, None]).sum()
+    gx, ga = torch.autograd.grad(out, [xx, m.leaf])
+    _close(g.node_attr("attribution")[g.layer_slice("input")], (xx * gx).sum((0, 2, 3)).detach().numpy())
+    # edge v-unit (head h, channel j) -> mix unit (h, i): sum over images of A[h, i, j] * dT/dA[h, i, j];
+    # v's channel (h, j) is qkv unit 16 + 4h + j
+    per = (m.leaf * ga).sum(0).detach().numpy()
+    expect = np.zeros((8, 24))
+    for h in range(2):
+        expect[4 * h:4 * h + 4, 16 + 4 * h:16 + 4 * h + 4] = per[h]
+    _close(_dense(g, "qkv", "mix"), expect)
+    # the weight graph has the same edges: a uniform pattern (rows sum to one) stands for A
+    wg = cn.extract.weights(m, (3, 6, 6))
+    _, _, w = wg.edge_block("qkv", "mix")
+    np.testing.assert_allclose(w, 0.25, rtol=1e-6)
+
+
+def test_attention_across_channels_per_sample_edges_sum_absolute_flows_per_image():
+    torch.manual_seed(7)
+    m = XCA().double().eval()
+    x, y = _data(8)
+    g = cn.extract.attribution(m, (x, y), progress=False, per_sample=True)
+    per_image = []
+    for i in range(x.shape[0]):
+        gi = cn.extract.attribution(m, (x[i:i + 1], y[i:i + 1]), progress=False)
+        per_image.append(_dense(gi, "qkv", "mix"))
+    i, j, w = g.edge_block("qkv", "mix", attr="abs_weight")
+    got = np.zeros((8, 24))
+    got[j, i] = w
+    _close(got, np.abs(np.stack(per_image)).sum(0))
+
+
+# ---------------------------------------------------------------------- timm
+_TIMM = ["starnet_s050", "mambaout_femto", "focalnet_tiny_srf", "cait_xxs24_224", "efficientformerv2_s0",
+         "shvit_s1", "xcit_nano_12_p16_224", "edgenext_xx_small"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("CONNECTOME_HEAVY"), reason="full-size timm models: set CONNECTOME_HEAVY=1")
+@pytest.mark.parametrize("name", _TIMM)
+def test_timm_families_with_products_and_written_attention_are_exact(name):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    m = timm.create_model(name, pretrained=False, num_classes=10).double().eval()
+    x = torch.randn(2, *m.pretrained_cfg.get("input_size", (3, 224, 224)), dtype=torch.float64)
+    y = torch.tensor([1, 2])
+    g = cn.extract.attribution(m, (x, y), progress=False)
+    with torch.no_grad():
+        T = m(x).gather(1, y[:, None]).sum().item()
+    assert g.meta["target_total"] == pytest.approx(T, rel=1e-12)
+    assert g.meta["completeness_relative"] <= 1e-9
