@@ -129,8 +129,8 @@ def _concrete(model: nn.Module, example: torch.Tensor, symbolic_error: str) -> f
     try:
         with kept_attributes(root), ops.leaf_functions(tracer):  # users' autograd functions: one call each
             graph = tracer.trace(root)
-    except ExtractionError:
-        raise
+    except ExtractionError as exc:  # a branch on the data: say which model
+        raise ExtractionError(f"cannot trace {type(model).__name__} with the example's values: {exc}") from None
     except Exception as exc:
         raise ExtractionError(
             f"torch.fx cannot trace {type(model).__name__}: {symbolic_error}; traced with the example's values, "

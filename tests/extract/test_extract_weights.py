@@ -340,7 +340,7 @@ class DataDependent(nn.Module):
 
 
 def test_untraceable_model():
-    with pytest.raises(ExtractionError, match="cannot trace DataDependent.*data-dependent") as info:
+    with pytest.raises(ExtractionError, match="cannot trace DataDependent.*computed from the input's contents") as info:
         weights(DataDependent(), (3,))
     one_line(info.value)
 
