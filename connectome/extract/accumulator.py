@@ -444,11 +444,14 @@ class FlowAccumulator:
                 if go is None:
                     continue
                 vals, absv = [], []
+                w = ug.units[s.node].windows if self.per_sample else 1
                 for op in s.operands:
                     xo = kept[op.node]
                     gs = go.narrow(op.dim, op.offset, op.width) if s.kind == Kind.CONCAT else go
                     prod = (xo * gs).movedim(op.dim, 1)
                     per = prod.reshape(prod.shape[0], op.width, -1).sum(2).double()
+                    if w > 1:  # positions folded into the batch: an image's rows are one sample
+                        per = per.reshape(-1, w, op.width).sum(1)
                     if op.sign != 1.0:  # the subtracted operand of a residual `a - b`
                         per = per * op.sign
                     vals.append(per.sum(0))
@@ -510,18 +513,22 @@ class FlowAccumulator:
         w = self._weight(s).to(gz.dtype)
         n = x.shape[0]
         x = x.to(gz.dtype)
+        # positions folded into the batch: the rows of one image (its windows) are one sample
+        rows = self.ug.units[s.operands[0].node].windows
         if s.kind == Kind.LINEAR:
             grp = s.operands[0].group
             o = w.shape[0]
             c = w.shape[1] // grp
             wv = w.reshape(o, c, grp)
-            # positions of a channels-last or token tensor are summed like a conv's
-            p = max(1, x[:1].numel() // (c * grp))
+            # positions of a channels-last or token tensor are summed like a conv's; an image's
+            # rows are consecutive, so its windows are positions too
+            p = max(1, x[:rows].numel() // (c * grp))
+            n //= rows
             per = max(1, _PER_SAMPLE_BUDGET // max(1, o * c * p))
             out = torch.zeros(o, c, dtype=torch.float64, device=self.device)
             for a in range(0, n, per):
-                xs = x[a : a + per].reshape(-1, p, c, grp)
-                gs = gz[a : a + per].reshape(-1, p, o)
+                xs = x[a * rows : (a + per) * rows].reshape(-1, p, c, grp)
+                gs = gz[a * rows : (a + per) * rows].reshape(-1, p, o)
                 e = torch.einsum("npcs,ocs,npo->noc", xs, wv, gs)
                 out += e.abs().sum(0, dtype=torch.float64)
             return out
@@ -536,7 +543,7 @@ class FlowAccumulator:
         K = int(np.prod(k))
         L = gz.shape[2] * gz.shape[3]
         per_img = o * cg * K + x.shape[1] * K * L
-        per = max(1, _PER_SAMPLE_BUDGET // per_img)
+        per = max(rows, _PER_SAMPLE_BUDGET // per_img // rows * rows)
         wv = w.reshape(groups, og, cg, K)
         out = torch.zeros(groups, og, cg, dtype=torch.float64, device=self.device)
         for a in range(0, n, per):
@@ -551,6 +558,8 @@ class FlowAccumulator:
             G = gz[a : a + per].reshape(b, groups, og, L)
             P = torch.einsum("ngol,ngkl->ngok", G, U).reshape(b, groups, og, cg, K)
             E = torch.einsum("ngock,gock->ngoc", P, wv)
+            if rows > 1:
+                E = E.reshape(-1, rows, *E.shape[1:]).sum(1)
             out += E.abs().sum(0, dtype=torch.float64)
         return out.reshape(o, cg)
 

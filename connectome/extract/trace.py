@@ -79,10 +79,11 @@ _SMOOTH_METHODS = {"sigmoid", "tanh", "sigmoid_", "tanh_", "erf"}
 _CLAMP_METHODS = {"clamp", "clamp_", "clip", "clip_"}
 # Ops that move or select units; run on a tensor of unit numbers to see where each unit goes.
 _LAYOUT_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
-                   "chunk", "split", "narrow", "movedim", "mean", "unflatten", "expand_as", "swapaxes", "unbind"}
+                   "chunk", "split", "narrow", "movedim", "mean", "unflatten", "expand_as", "swapaxes", "unbind",
+                   "reshape_as", "view_as", "roll"}
 _LAYOUT_FUNCS: set[Any] = {torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
                            torch.unsqueeze, torch.chunk, torch.split, torch.narrow, torch.movedim, torch.mean,
-                           operator.getitem, torch.swapaxes, torch.unbind}
+                           operator.getitem, torch.swapaxes, torch.unbind, torch.roll}
 _LAYOUT_MODULES = (nn.Flatten, nn.Unflatten)
 
 
@@ -724,25 +725,33 @@ def _unit_tensor(u: Units, shape: tuple[int, ...], layer_size: int) -> torch.Ten
         t = idx.reshape(view).expand(shape)
     view = [1] * len(shape)
     view[u.batch] = shape[u.batch]
-    return t + float(layer_size) * torch.arange(shape[u.batch], dtype=torch.float64).reshape(view)
+    image = torch.div(torch.arange(shape[u.batch]), u.windows, rounding_mode="floor").to(torch.float64)
+    return t + float(layer_size) * image.reshape(view)
 
 
 def _units_from(U: torch.Tensor, layer: int, layer_size: int, batch: int, where: str) -> Units:
     """Read back where the units (and the batch) went from a tensor that went through layout ops."""
     shape = tuple(U.shape)
-    bdim = None
+    mixed = (f"{where} mixes the images of a batch (its batch dim does not hold whole images, one after "
+             "another); units cannot be followed")
+    # the image of every element: unit numbers are below layer_size, images add layer_size each
+    image = torch.div(U, float(layer_size), rounding_mode="floor")
+    bdim, windows = None, 1
     for d in range(len(shape)):
-        if shape[d] == batch and batch > 1 and torch.equal(U.narrow(d, 1, 1) - U.narrow(d, 0, 1),
-                                                            torch.full_like(U.narrow(d, 0, 1), float(layer_size))):
-            bdim = d
-            break
+        if batch > 1 and shape[d] % batch == 0:
+            # whole images one after another along d: row r of d belongs to image r // windows
+            w = shape[d] // batch
+            view = [1] * len(shape)
+            view[d] = shape[d]
+            rows = torch.div(torch.arange(shape[d]), w, rounding_mode="floor").to(torch.float64).reshape(view)
+            if torch.equal(image, rows.expand_as(image)):
+                bdim, windows = d, w
+                break
     if bdim is None:
-        raise ExtractionError(f"{where} mixes the images of a batch; units cannot be followed")
-    view = [1] * len(shape)
-    view[bdim] = batch
-    U = U - float(layer_size) * torch.arange(batch, dtype=torch.float64).reshape(view)
+        raise ExtractionError(mixed)
+    U = U - float(layer_size) * image
     if not torch.equal(U, U.narrow(bdim, 0, 1).expand_as(U)):
-        raise ExtractionError(f"{where} mixes the images of a batch; units cannot be followed")
+        raise ExtractionError(mixed)
     varying = [d for d in range(len(shape)) if d != bdim and shape[d] > 1
                and not torch.equal(U, U.narrow(d, 0, 1).expand_as(U))]
     base = U
@@ -756,10 +765,10 @@ def _units_from(U: torch.Tensor, layer: int, layer_size: int, batch: int, where:
         raise ExtractionError(f"{where} averages over units (a mean or pooling across channels mixes units)")
     index = idx.to(torch.int64).numpy()
     if len(varying) == 1 and index.shape[0] == layer_size and np.array_equal(index, np.arange(layer_size)):
-        return Units(layer, (varying[0],), None, bdim)
+        return Units(layer, (varying[0],), None, bdim, windows)
     if not varying:
-        return Units(layer, (), index.reshape(()), bdim)
-    return Units(layer, tuple(varying), index, bdim)
+        return Units(layer, (), index.reshape(()), bdim, windows)
+    return Units(layer, tuple(varying), index, bdim, windows)
 
 
 def _split_group(idx: np.ndarray, layer_size: int) -> tuple[int, np.ndarray | None]:
@@ -982,7 +991,7 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                 operands=[Operand(layer=u.layer, node=x.name, group=group, cols=cols, width=idx.size // group)],
                 groups=groups, weight_node=wnode.name if wnode is not None else None, call=call, dim=dim_out,
             ))
-            units[node.name] = Units(len(layers) - 1, (dim_out,), None)
+            units[node.name] = Units(len(layers) - 1, (dim_out,), None, windows=u.windows)
             if node.meta.get("connectome_heads"):  # q, k, v of nn.MultiheadAttention: heads side by side
                 h = int(node.meta["connectome_heads"])
                 layers[-1].call["head_of"] = np.arange(layers[-1].size) // (layers[-1].size // h)
@@ -1007,6 +1016,10 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
             else:
                 dim = info
             ops, offset = [], 0
+            windows = {source(node, a).windows for a in targs if isinstance(a, fx.Node) and a.name in units}
+            if len(windows) > 1:
+                raise ExtractionError(f"{_where(node)} combines tensors whose batch dims hold different numbers "
+                                      "of windows per image; units cannot be followed")
             for k, a in enumerate(targs):
                 if not isinstance(a, fx.Node) or a.name not in data:
                     raise ExtractionError(f"{_where(node)} concatenates a constant; units cannot be followed "
@@ -1030,7 +1043,7 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                 base, kind = (f"{scope}.cat" if scope else "cat"), Kind.CONCAT
             layers.append(LayerSpec(name=unique(base), kind=kind, size=shapes[node.name][dim], node=node.name,
                                     module=scope or None, operands=ops, dim=dim % nd))
-            units[node.name] = Units(len(layers) - 1, (dim % nd,), None)
+            units[node.name] = Units(len(layers) - 1, (dim % nd,), None, windows=windows.pop() if windows else 1)
         else:  # chain: keeps the units of its data input
             if isinstance(info, ChainOp) and info.kind in NAMED_INPUT:
                 x = by_name[info.input_node]

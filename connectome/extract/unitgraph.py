@@ -27,10 +27,13 @@ class Units:
     dims: tuple[int, ...] = (1,)
     index: np.ndarray | None = None
     batch: int = 0  # the batch dim (a layout op may move it for a while: timm's qkv permute)
+    # rows of the batch dim per image: positions folded into the batch (a window partition,
+    # LeViT's flatten(0, 1)) make row r of the batch dim part of image r // windows
+    windows: int = 1
 
     @property
     def natural(self) -> bool:
-        return self.index is None and len(self.dims) == 1 and self.batch == 0
+        return self.index is None and len(self.dims) == 1 and self.batch == 0 and self.windows == 1
 
     def along(self, dim: int, size: int, layer_size: int) -> np.ndarray | None:
         """Unit of each index of ``dim`` when units lie along that one dim, else None."""
