@@ -447,7 +447,11 @@ class FlowAccumulator:
                 w = ug.units[s.node].windows if self.per_sample else 1
                 for op in s.operands:
                     xo = kept[op.node]
-                    gs = go.narrow(op.dim, op.offset, op.width) if s.kind == Kind.CONCAT else go
+                    if op.span is not None:  # joined along positions: the positions it fills
+                        gs = go.narrow(op.span[0], op.span[1], op.span[2])
+                        gs = gs.squeeze(op.span[0]) if op.span[3] else gs
+                    else:
+                        gs = go.narrow(op.dim, op.offset, op.width) if s.kind == Kind.CONCAT else go
                     prod = (xo * gs).movedim(op.dim, 1)
                     per = prod.reshape(prod.shape[0], op.width, -1).sum(2).double()
                     if w > 1:  # positions folded into the batch: an image's rows are one sample

@@ -80,10 +80,10 @@ _CLAMP_METHODS = {"clamp", "clamp_", "clip", "clip_"}
 # Ops that move or select units; run on a tensor of unit numbers to see where each unit goes.
 _LAYOUT_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
                    "chunk", "split", "narrow", "movedim", "mean", "unflatten", "expand_as", "swapaxes", "unbind",
-                   "reshape_as", "view_as", "roll"}
+                   "reshape_as", "view_as", "roll", "sum"}
 _LAYOUT_FUNCS: set[Any] = {torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
                            torch.unsqueeze, torch.chunk, torch.split, torch.narrow, torch.movedim, torch.mean,
-                           operator.getitem, torch.swapaxes, torch.unbind, torch.roll}
+                           operator.getitem, torch.swapaxes, torch.unbind, torch.roll, torch.sum}
 _LAYOUT_MODULES = (nn.Flatten, nn.Unflatten)
 
 
@@ -356,11 +356,11 @@ def _classify_function(node: Any, c: _Ctx) -> tuple[str, Any]:
         return _classify_sum(node, c)
     if t in (operator.mul, operator.imul, torch.mul, operator.truediv, operator.itruediv, torch.div):
         return _classify_product(node, c)
-    if t in (torch.cat, torch.concat):
+    if t in (torch.cat, torch.concat, torch.stack):
         dim = _const(node, 1, "dim", 0)
         if not isinstance(dim, int) or not isinstance(node.args[0], (list, tuple)):
-            return ("unsupported", "torch.cat with a computed dim")
-        return ("concat", dim % len(c.shapes[node.name]))
+            return ("unsupported", f"{t.__name__} with a computed dim")
+        return ("stack" if t is torch.stack else "concat", dim % len(c.shapes[node.name]))
     if t in _CLAMP_FUNCS:
         if t is F.relu6:
             lo, hi = 0.0, 6.0
@@ -858,18 +858,23 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                 return consts[n.name].detach().cpu()
             raise ExtractionError(f"{_where(node)} reads {n.name!r}, which is neither mapped data nor a constant")
 
-        if node.op == "call_method" and node.target == "mean" or node.op == "call_function" and node.target is torch.mean:
+        is_sum = node.op == "call_method" and node.target == "sum" or node.op == "call_function" and node.target is torch.sum
+        if is_sum or node.op == "call_method" and node.target == "mean" or \
+                node.op == "call_function" and node.target is torch.mean:
             dims = _const(node, 1, "dim", None)
             u = units.get(src[0].name)
             nd = len(shapes[src[0].name])
             dims = (dims,) if isinstance(dims, int) else dims
-            if dims is None or u is None or any(d % nd == 0 or d % nd in u.dims for d in dims):
-                raise ExtractionError(f"cannot map {_where(node)} to units: a mean over the units or the batch mixes units")
+            if dims is None or u is None or any(d % nd in (0, u.batch) or d % nd in u.dims for d in dims):
+                raise ExtractionError(f"cannot map {_where(node)} to units: a {'sum' if is_sum else 'mean'} over the "
+                                      "units or the batch mixes units (over positions it maps)")
         args = fx.node.map_arg(node.args, arg)
         kwargs = fx.node.map_arg(node.kwargs, arg)
         try:
             with torch.no_grad():
-                if node.op == "call_method":
+                if is_sum:  # a sum over positions keeps each unit: the mean of unit numbers says where they went
+                    out = torch.mean(args[0], dim=tuple(dims), keepdim=bool(_const(node, 2, "keepdim", False)))
+                elif node.op == "call_method":
                     out = getattr(args[0], node.target)(*args[1:], **kwargs)
                 elif node.op == "call_module":
                     out = ctx.modules[node.target](*args, **kwargs)
@@ -890,6 +895,51 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                 shapes[f"{node.name}#{i}"] = tuple(o.shape)
         else:
             raise ExtractionError(f"cannot follow units through {where}")
+
+    def join_positions(node: fx.Node, stacked: bool, dim: int) -> bool:
+        """``torch.cat`` along a dim that does not hold the units, or ``torch.stack``: each unit
+        of the result holds the values of that unit of every operand, at different positions.
+        Operands of one layer make a layout op; of several layers, a concat layer whose
+        operands each fill all its units (identity edges) at their own positions. Returns
+        False for a cat along the units (a concat of units, handled by the caller)."""
+        parts = list(node.args[0])
+        if not all(isinstance(a, fx.Node) and a.name in units for a in parts):
+            if stacked:
+                raise ExtractionError(f"cannot map {_where(node)}: torch.stack of a constant with data "
+                                      "(stack data tensors only, or cat the constant along positions)")
+            return False
+        us = [units[a.name] for a in parts]
+        if not stacked and any(dim in u.dims for u in us):
+            return False
+        if len({u.layer for u in us}) == 1:
+            layout(node)
+            kinds[node.name] = ("layout", None)
+            return True
+        nd = len(shapes[node.name])
+        ops, start = [], 0
+        for a, u in zip(parts, us):
+            if len(u.dims) != 1 or u.batch != 0:
+                raise ExtractionError(f"{_where(node)} joins tensors whose units are not along one dim; "
+                                      "units cannot be followed")
+            d = u.dims[0] % len(shapes[a.name])
+            idx = u.along(d, shapes[a.name][d], size_of(u))
+            cols = None if (idx.size == size_of(u) and np.array_equal(idx, np.arange(idx.size))) else idx
+            length = 1 if stacked else shapes[a.name][dim]
+            ops.append(Operand(layer=u.layer, node=a.name, cols=cols, width=idx.size, dim=d,
+                               span=(dim, start, length, stacked)))
+            start += length
+        out_dims = {o.dim + (1 if stacked and o.dim >= dim else 0) for o in ops}
+        windows = {u.windows for u in us}
+        if len(out_dims) != 1 or len(windows) != 1 or len({o.width for o in ops}) != 1:
+            raise ExtractionError(f"{_where(node)} joins tensors whose units lie along different dims; "
+                                  "units cannot be followed")
+        scope = _scope(node)
+        base = "stack" if stacked else "cat"
+        out_dim = out_dims.pop()
+        layers.append(LayerSpec(name=unique(f"{scope}.{base}" if scope else base), kind=Kind.CONCAT,
+                                size=ops[0].width, node=node.name, module=scope or None, operands=ops, dim=out_dim))
+        units[node.name] = Units(len(layers) - 1, (out_dim,), None, windows=windows.pop())
+        return True
 
     output_node = None
     kinds: dict[str, tuple[str, Any]] = {}
@@ -1006,6 +1056,8 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
             rules.add(RULES["window"].name)
         elif what == "concat" and _const_cat(node, info, ctx, units, layers):
             pass  # constants (a class token) joined to data along positions: a per-unit op
+        elif what in ("concat", "stack") and join_positions(node, what == "stack", info):
+            pass  # data joined along positions (a class token, the branches of a selective kernel)
         elif what in ("residual", "concat"):
             targs = ctx.data_args(node) if what == "residual" else list(node.args[0])
             nd = len(shapes[node.name])

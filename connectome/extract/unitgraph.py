@@ -64,7 +64,11 @@ class Operand:
     path: list[str] = field(default_factory=list)  # per-unit ops between the source's value and this read
     cols: np.ndarray | None = None
     width: int = 0  # channels read (columns of the edge block after grouping)
-    dim: int = 1  # the dim of the destination's value holding its units
+    dim: int = 1  # the dim of the destination's value holding its units (of this operand's value with a span)
+    # positions of the destination this operand fills, (dim, start, length, stacked), when
+    # operands are joined along positions (torch.cat along tokens, torch.stack: `stacked`, the
+    # operand lacks that dim); each then fills all the units, from `offset` 0
+    span: tuple[int, int, int, bool] | None = None
 
 
 @dataclass
