@@ -85,6 +85,9 @@ _LAYOUT_FUNCS: set[Any] = {torch.flatten, torch.reshape, torch.permute, torch.tr
                            torch.unsqueeze, torch.chunk, torch.split, torch.narrow, torch.movedim, torch.mean,
                            operator.getitem, torch.swapaxes, torch.unbind, torch.roll, torch.sum}
 _LAYOUT_MODULES = (nn.Flatten, nn.Unflatten)
+# Resizing (nearest, linear, bilinear, bicubic, area): each output position a fixed linear
+# combination of the input positions of the same channel (nn.Upsample calls F.interpolate).
+_RESIZE_FUNCS: set[Any] = {F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear}
 
 
 def _stochastic_depth() -> Any:
@@ -326,6 +329,8 @@ def _classify_module(node: Any, m: nn.Module, c: _Ctx) -> tuple[str, Any]:
         return ("chain", ChainOp(node.name, "smooth", "", (_f0(m),)))
     if isinstance(m, _LAYOUT_MODULES):
         return ("layout", None)
+    if isinstance(m, nn.Upsample):
+        return ("chain", None)  # linear in the positions of each channel, no constant: exact as it is
     if isinstance(m, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose2d)):
         return ("unsupported", f"{type(m).__name__} layers are not supported yet (Conv2d and Linear are)")
     if isinstance(m, (nn.Softmax, nn.LogSoftmax, nn.Softmin)):
@@ -408,6 +413,8 @@ def _classify_function(node: Any, c: _Ctx) -> tuple[str, Any]:
         return ("chain", None)  # the identity in eval mode
     if t in _LAYOUT_FUNCS:
         return ("layout", None)
+    if t in _RESIZE_FUNCS:
+        return ("chain", None)  # linear in the positions of each channel, no constant: exact as it is
     if t in _PL_FUNCS:
         return ("chain", None)
     if t in _SMOOTH_FUNCS:
@@ -615,14 +622,20 @@ _POOL1_FUNCS = {F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d, F.adaptive_ma
 _POOL2_FUNCS = {F.max_pool2d, torch.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
 
 
+def _is_resize(node: fx.Node, c: "_Ctx") -> bool:
+    return node.op == "call_function" and node.target in _RESIZE_FUNCS or \
+        node.op == "call_module" and isinstance(c.modules[node.target], nn.Upsample)
+
+
 def _pooled_dims(node: fx.Node, c: "_Ctx", nd: int) -> set[int]:
-    """The dims a pooling (or padding) op works over: the last one or two."""
+    """The dims a pooling, padding or resizing op works over: the last one or two (all after the channels)."""
     k = 0
     if node.op == "call_module":
         m = c.modules[node.target]
-        k = 1 if isinstance(m, _POOL1) else 2 if isinstance(m, _POOL2) else 0
+        k = 1 if isinstance(m, _POOL1) else 2 if isinstance(m, _POOL2) else nd - 2 if isinstance(m, nn.Upsample) else 0
     elif node.op == "call_function":
         k = 1 if node.target in _POOL1_FUNCS else 2 if node.target in _POOL2_FUNCS else 0
+        k = nd - 2 if node.target in _RESIZE_FUNCS else k  # every dim after (batch, channels)
     return set(range(nd - k, nd)) if k else set()
 
 
@@ -1159,7 +1172,10 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
     def keeps(name: str, layer: int) -> bool:
         kind = kinds.get(name, ("skip", None))[0]
         u = units.get(name)
-        return kind in ("chain", "layout") and u is not None and u.layer == layer and u.natural
+        # a resize ends the chain: the units pass on their own grid (their receptive fields),
+        # and the resized values reach the consumer through its read
+        return kind in ("chain", "layout") and u is not None and u.layer == layer and u.natural and \
+            not _is_resize(by_name[name], ctx)
 
     # The value a unit passes on: follow single-user per-unit ops from the defining node.
     for li, spec in enumerate(layers):
