@@ -83,8 +83,9 @@ _LAYOUT_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contig
                    "reshape_as", "view_as", "roll", "sum"}
 _LAYOUT_FUNCS: set[Any] = {torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
                            torch.unsqueeze, torch.chunk, torch.split, torch.narrow, torch.movedim, torch.mean,
-                           operator.getitem, torch.swapaxes, torch.unbind, torch.roll, torch.sum}
-_LAYOUT_MODULES = (nn.Flatten, nn.Unflatten)
+                           operator.getitem, torch.swapaxes, torch.unbind, torch.roll, torch.sum,
+                           F.unfold, F.fold}
+_LAYOUT_MODULES = (nn.Flatten, nn.Unflatten, nn.Unfold, nn.Fold)
 # Resizing (nearest, linear, bilinear, bicubic, area): each output position a fixed linear
 # combination of the input positions of the same channel (nn.Upsample calls F.interpolate).
 _RESIZE_FUNCS: set[Any] = {F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear}
@@ -622,6 +623,48 @@ _POOL1_FUNCS = {F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d, F.adaptive_ma
 _POOL2_FUNCS = {F.max_pool2d, torch.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
 
 
+def _patches(node: fx.Node, c: "_Ctx") -> tuple[str, int] | None:
+    """("unfold" | "fold", kernel offsets per channel) for an im2col op or its inverse, else None."""
+    m = c.modules.get(node.target) if node.op == "call_module" else None
+    if isinstance(m, (nn.Unfold, nn.Fold)):
+        return type(m).__name__.lower(), math.prod(_pair(m.kernel_size))
+    if node.op == "call_function" and node.target is F.unfold:
+        return "unfold", math.prod(_pair(_const(node, 1, "kernel_size", 1)))
+    if node.op == "call_function" and node.target is F.fold:
+        return "fold", math.prod(_pair(_const(node, 2, "kernel_size", 1)))
+    return None
+
+
+def _pair(v: Any) -> tuple[int, ...]:
+    return tuple(int(a) for a in v) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+def _patch_units(node: fx.Node, patches: tuple[str, int], u: Units | None, shape: tuple[int, ...],
+                 size_of: Callable[[Units], int]) -> Units:
+    """Units after ``unfold`` (im2col) or ``fold`` (col2im).
+
+    ``unfold`` copies each channel's values at the ``K`` kernel offsets of every patch into
+    ``K`` consecutive slots of dim 1 (``C * K`` of them, channel-major): the units stay the
+    channels, each now over ``K`` slots and the patches; a Linear that reads those ``C * K``
+    features reads each unit through ``K`` columns (``group = K``) and is a convolution.
+    ``fold`` adds the ``K`` slots of each channel back into its positions: a sum over positions
+    of one unit. Neither holds anything constant (zero padding adds no flow).
+    """
+    kind, k = patches
+    if u is None or len(u.dims) != 1 or u.dims[0] != 1 or u.batch != 0:
+        raise ExtractionError(f"cannot map {_where(node)}: {kind} of a tensor whose units are not along dim 1")
+    idx = u.along(1, shape[1], size_of(u))
+    if kind == "unfold":
+        return Units(u.layer, (1,), np.repeat(idx, k), 0, u.windows)
+    per = idx.reshape(-1, k) if idx.size % k == 0 else None
+    if per is None or not np.all(per == per[:, :1]):
+        raise ExtractionError(f"cannot map {_where(node)}: fold adds slots of different units (each channel's "
+                              f"{k} kernel offsets must be consecutive, as unfold leaves them)")
+    chans = per[:, 0]
+    natural = chans.size == size_of(u) and np.array_equal(chans, np.arange(chans.size))
+    return Units(u.layer, (1,), None if natural else chans, 0, u.windows)
+
+
 def _is_resize(node: fx.Node, c: "_Ctx") -> bool:
     return node.op == "call_function" and node.target in _RESIZE_FUNCS or \
         node.op == "call_module" and isinstance(c.modules[node.target], nn.Upsample)
@@ -871,6 +914,10 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                 return consts[n.name].detach().cpu()
             raise ExtractionError(f"{_where(node)} reads {n.name!r}, which is neither mapped data nor a constant")
 
+        patches = _patches(node, ctx)
+        if patches is not None:
+            units[node.name] = _patch_units(node, patches, units.get(src[0].name), shapes[src[0].name], size_of)
+            return
         is_sum = node.op == "call_method" and node.target == "sum" or node.op == "call_function" and node.target is torch.sum
         if is_sum or node.op == "call_method" and node.target == "mean" or \
                 node.op == "call_function" and node.target is torch.mean:
