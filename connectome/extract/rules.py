@@ -35,6 +35,14 @@ attention            ``softmax(q k^T / sqrt(d)) v``                   the patter
 pattern              hand-written ``softmax(...) @ v`` (einsum, bmm)  the pattern (CP-LRP)
 ==================== ================================================ ==========================
 
+Ops that are linear in the data with no constant need no rule: they keep or move units and
+``x * dT/dx`` passes through them exactly, holding nothing constant. Besides the layout ops
+(permute, view, ...): positions folded into the batch dim and back (a window partition:
+``Units.windows`` rows per image, summed into their image per sample), ``torch.cat`` along
+positions and ``torch.stack`` (a concat layer whose operands fill all its units at their own
+positions), ``unfold`` (units = channels, each over its kernel offsets) and ``fold``,
+``F.interpolate`` / ``nn.Upsample`` and sums over positions.
+
 References
 ----------
 Ali, A. et al. (2022). XAI for Transformers: Better Explanations through Conservative
