@@ -1,5 +1,5 @@
 """timm models whose positions are folded into the batch (windows, LeViT's flatten(0, 1)),
-joined along positions (PiT's class token): float64, random weights, two images, exact.
+joined along positions (PiT's class token) or unfolded (TNT): float64, random weights, two images, exact.
 Slow on a CPU (one to six minutes each): they run with ``CONNECTOME_HEAVY=1``."""
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ pytestmark = pytest.mark.skipif(os.environ.get("CONNECTOME_HEAVY") != "1", reaso
 
 # the smallest model of each family that the window and join constructs let through; Swin's
 # hand-written attention uses nn.Softmax, so the fused (F.scaled_dot_product_attention) form is built
-MODELS = ["swin_tiny_patch4_window7_224", "swinv2_cr_tiny_ns_224", "gcvit_xxtiny", "levit_128s", "pit_ti_224"]
+MODELS = ["swin_tiny_patch4_window7_224", "swinv2_cr_tiny_ns_224", "gcvit_xxtiny", "levit_128s", "pit_ti_224",
+          "tnt_s_patch16_224"]
 
 
 @pytest.mark.parametrize("name", MODELS)
