@@ -456,12 +456,19 @@ class FlowAccumulator:
                 if go is None:
                     continue
                 vals, absv = [], []
+                w = ug.units[s.node].windows if self.per_sample else 1
                 for op in s.operands:
                     # a product's operands each pass on half its flow (rules.product_forward)
                     xo = 0.5 * kept[s.node] if s.kind == Kind.PRODUCT else kept[op.node]
-                    gs = go.narrow(op.dim, op.offset, op.width) if s.kind == Kind.CONCAT else go
+                    if op.span is not None:  # joined along positions: the positions it fills
+                        gs = go.narrow(op.span[0], op.span[1], op.span[2])
+                        gs = gs.squeeze(op.span[0]) if op.span[3] else gs
+                    else:
+                        gs = go.narrow(op.dim, op.offset, op.width) if s.kind == Kind.CONCAT else go
                     prod = (xo * gs).movedim(op.dim, 1)
                     per = prod.reshape(prod.shape[0], op.width, -1).sum(2).double()
+                    if w > 1:  # positions folded into the batch: an image's rows are one sample
+                        per = per.reshape(-1, w, op.width).sum(1)
                     if op.sign != 1.0:  # the subtracted operand of a residual `a - b`
                         per = per * op.sign
                     vals.append(per.sum(0))
@@ -526,8 +533,10 @@ class FlowAccumulator:
     def _per_sample_abs(self, li: int, s: LayerSpec, x: torch.Tensor, gz: torch.Tensor) -> torch.Tensor:
         """sum over images of |E_n| for a dense layer (its strategy's, chunked to bound memory)."""
         w = self._weight(s).to(gz.dtype)
+        # positions folded into the batch: the rows of one image (its windows) are one sample
+        rows = self.ug.units[s.operands[0].node].windows
         return dense.of_spec(s).per_sample_abs(s.call, s.groups, s.operands[0].group, w, x.to(gz.dtype), gz,
-                                               self.device)
+                                               self.device, rows)
 
     # ------------------------------------------------------------------ results
 

@@ -48,6 +48,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from connectome.errors import ExtractionError
 from connectome.kinds import Kind
 
 __all__ = ["Dense", "STRATEGIES", "CONV1D", "CONV1D_UNITS", "DENSE_MODULES", "DENSE_FUNCTIONS", "of_module", "of_function", "of_spec",
@@ -108,12 +109,17 @@ class Dense:
         return width if self.grouped_input else width // groups
 
     def per_sample_abs(self, call: dict[str, Any], groups: int, group: int, w: torch.Tensor, x: torch.Tensor,
-                       gz: torch.Tensor, device: torch.device) -> torch.Tensor:
+                       gz: torch.Tensor, device: torch.device, rows: int = 1) -> torch.Tensor:
         """``sum_n |E_n|`` of a batch: per image, ``W * dT/dW`` reduced to edges, ``(O, I/g)`` float64.
 
-        ``x`` is the layer's input, ``gz`` the gradient of the target at its output."""
+        ``x`` is the layer's input, ``gz`` the gradient of the target at its output. ``rows``
+        consecutive batch rows are one image (positions folded into the batch: its windows),
+        summed before the absolute value."""
         if self.per_sample is not None:
-            return self.per_sample(call, groups, group, w, x, gz, device)
+            return self.per_sample(call, groups, group, w, x, gz, device, rows)
+        if self.io_edges and rows > 1:
+            raise ExtractionError(f"per_sample=True: a {self.name} layer over positions folded into the batch is not "
+                                  "supported; use per_sample=False")
         if self.io_edges:  # E_n = W o outer(gz_n, x_n): |E_n| = |W| o outer(|gz_n|, |x_n|)
             m = self.unit_matrix(call, w, x.shape[-1]).abs()
             return m.double() * (gz.abs().flatten(0, 1).T.double() @ x.abs().flatten(0, 1).double())
@@ -125,11 +131,12 @@ class Dense:
 
         per_image = vmap(grad(inner), in_dims=(None, 0, 0))
         n = x.shape[0]
-        per = max(1, _PER_SAMPLE_BUDGET // max(1, w.numel() + x[:1].numel() + gz[:1].numel()))
+        per = max(1, _PER_SAMPLE_BUDGET // max(1, w.numel() + x[:1].numel() + gz[:1].numel())) // rows * rows or rows
         out = None
         for a in range(0, n, per):
             gw = per_image(w, x[a : a + per], gz[a : a + per])
             e = torch.stack([self.regroup(gi * w, groups).sum(-1) for gi in gw])
+            e = e.reshape(-1, rows, *e.shape[1:]).sum(1)  # an image's rows are one sample
             part = e.abs().sum(0, dtype=torch.float64)
             out = part if out is None else out + part
         return out
@@ -167,7 +174,7 @@ def _conv_regroup(w: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def _conv2d_per_sample(call: dict[str, Any], groups: int, group: int, w: torch.Tensor, x: torch.Tensor,
-                       gz: torch.Tensor, device: torch.device) -> torch.Tensor:
+                       gz: torch.Tensor, device: torch.device, rows: int = 1) -> torch.Tensor:
     n = x.shape[0]
     k = tuple(call["kernel_size"])
     pad, stride, dil = call["padding"], call["stride"], call["dilation"]
@@ -178,7 +185,7 @@ def _conv2d_per_sample(call: dict[str, Any], groups: int, group: int, w: torch.T
     K = int(np.prod(k))
     L = gz.shape[2] * gz.shape[3]
     per_img = o * cg * K + x.shape[1] * K * L
-    per = max(1, _PER_SAMPLE_BUDGET // per_img)
+    per = max(rows, _PER_SAMPLE_BUDGET // per_img // rows * rows)  # whole images (rows each) per chunk
     wv = w.reshape(groups, og, cg, K)
     out = torch.zeros(groups, og, cg, dtype=torch.float64, device=device)
     for a in range(0, n, per):
@@ -193,6 +200,8 @@ def _conv2d_per_sample(call: dict[str, Any], groups: int, group: int, w: torch.T
         G = gz[a : a + per].reshape(b, groups, og, L)
         P = torch.einsum("ngol,ngkl->ngok", G, U).reshape(b, groups, og, cg, K)
         E = torch.einsum("ngock,gock->ngoc", P, wv)
+        if rows > 1:  # positions folded into the batch: an image's rows are one sample
+            E = E.reshape(-1, rows, *E.shape[1:]).sum(1)
         out += E.abs().sum(0, dtype=torch.float64)
     return out.reshape(o, cg)
 
@@ -307,18 +316,19 @@ CONV_T2D = Dense(
 
 # ----------------------------------------------------------------------------- linear
 def _linear_per_sample(call: dict[str, Any], groups: int, grp: int, w: torch.Tensor, x: torch.Tensor,
-                       gz: torch.Tensor, device: torch.device) -> torch.Tensor:
-    n = x.shape[0]
+                       gz: torch.Tensor, device: torch.device, rows: int = 1) -> torch.Tensor:
+    n = x.shape[0] // rows
     o = w.shape[0]
     c = w.shape[1] // grp
     wv = w.reshape(o, c, grp)
-    # positions of a channels-last or token tensor are summed like a conv's
-    p = max(1, x[:1].numel() // (c * grp))
+    # positions of a channels-last or token tensor are summed like a conv's; an image's rows
+    # (positions folded into the batch) are consecutive, so its windows are positions too
+    p = max(1, x[:rows].numel() // (c * grp))
     per = max(1, _PER_SAMPLE_BUDGET // max(1, o * c * p))
     out = torch.zeros(o, c, dtype=torch.float64, device=device)
     for a in range(0, n, per):
-        xs = x[a : a + per].reshape(-1, p, c, grp)
-        gs = gz[a : a + per].reshape(-1, p, o)
+        xs = x[a * rows : (a + per) * rows].reshape(-1, p, c, grp)
+        gs = gz[a * rows : (a + per) * rows].reshape(-1, p, o)
         e = torch.einsum("npcs,ocs,npo->noc", xs, wv, gs)
         out += e.abs().sum(0, dtype=torch.float64)
     return out

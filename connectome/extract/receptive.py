@@ -248,7 +248,8 @@ def receptive_fields(ug: Any) -> tuple[dict[str, list[int] | None], list[int] | 
         b = boxes.get(node)
         u = ug.units.get(node)
         shape = shapes.get(node)
-        ok = b is not None and u is not None and u.index is None and len(u.dims) == 1 and u.batch == 0
+        ok = b is not None and u is not None and u.index is None and len(u.dims) == 1 and u.batch == 0 \
+            and u.windows == 1
         if ok:
             rest = [d for d in range(1, len(shape)) if d != u.dims[0]]
             ok = tuple(rest) == b.dims

@@ -46,6 +46,14 @@ The product rule writes ``a * b`` as ``0.5 * (a * b.detach()) + 0.5 * (a.detach(
 same value to the last bit, and each operand passes on half of the product's flow,
 ``a * dT/da = b * dT/db = 0.5 * a * b * dT/dy``; its two identity edges carry those halves.
 
+Ops that are linear in the data with no constant need no rule: they keep or move units and
+``x * dT/dx`` passes through them exactly, holding nothing constant. Besides the layout ops
+(permute, view, ...): positions folded into the batch dim and back (a window partition:
+``Units.windows`` rows per image, summed into their image per sample), ``torch.cat`` along
+positions and ``torch.stack`` (a concat layer whose operands fill all its units at their own
+positions), ``unfold`` (units = channels, each over its kernel offsets) and ``fold``,
+``F.interpolate`` / ``nn.Upsample`` and sums over positions.
+
 References
 ----------
 Ali, A. et al. (2022). XAI for Transformers: Better Explanations through Conservative

@@ -345,9 +345,10 @@ def _classify_function(node: Any, c: _Ctx) -> tuple[str, Any]:
 
 def _classify_cat(node: Any, c: _Ctx) -> tuple[str, Any]:
     dim = _const(node, 1, "dim", 0)
+    t = node.target
     if not isinstance(dim, int) or not isinstance(node.args[0], (list, tuple)):
-        return ("unsupported", "torch.cat with a computed dim")
-    return ("concat", dim % len(c.shapes[node.name]))
+        return ("unsupported", f"{getattr(t, '__name__', t)} with a computed dim")
+    return ("stack" if t is torch.stack else "concat", dim % len(c.shapes[node.name]))
 
 
 def _batchless(v: Any, data_shape: tuple[int, ...]) -> Any:
@@ -525,10 +526,59 @@ def _is_softmax(n: fx.Node) -> bool:
     return (n.op == "call_function" and n.target in _SOFTMAX) or (n.op == "call_method" and n.target == "softmax")
 
 
+def _patches(node: fx.Node, c: "_Ctx") -> tuple[str, int] | None:
+    """("unfold" | "fold", kernel offsets per channel) for an im2col op or its inverse, else None."""
+    m = c.modules.get(node.target) if node.op == "call_module" else None
+    if isinstance(m, (nn.Unfold, nn.Fold)):
+        return type(m).__name__.lower(), math.prod(_pair(m.kernel_size))
+    if node.op == "call_function" and node.target is F.unfold:
+        return "unfold", math.prod(_pair(_const(node, 1, "kernel_size", 1)))
+    if node.op == "call_function" and node.target is F.fold:
+        return "fold", math.prod(_pair(_const(node, 2, "kernel_size", 1)))
+    return None
+
+
+def _pair(v: Any) -> tuple[int, ...]:
+    return tuple(int(a) for a in v) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+def _patch_units(node: fx.Node, patches: tuple[str, int], u: Units | None, shape: tuple[int, ...],
+                 size_of: Callable[[Units], int]) -> Units:
+    """Units after ``unfold`` (im2col) or ``fold`` (col2im).
+
+    ``unfold`` copies each channel's values at the ``K`` kernel offsets of every patch into
+    ``K`` consecutive slots of dim 1 (``C * K`` of them, channel-major): the units stay the
+    channels, each now over ``K`` slots and the patches; a Linear that reads those ``C * K``
+    features reads each unit through ``K`` columns (``group = K``) and is a convolution.
+    ``fold`` adds the ``K`` slots of each channel back into its positions: a sum over positions
+    of one unit. Neither holds anything constant (zero padding adds no flow).
+    """
+    kind, k = patches
+    if u is None or len(u.dims) != 1 or u.dims[0] != 1 or u.batch != 0:
+        raise ExtractionError(f"cannot map {_where(node)}: {kind} of a tensor whose units are not along dim 1")
+    idx = u.along(1, shape[1], size_of(u))
+    if kind == "unfold":
+        return Units(u.layer, (1,), np.repeat(idx, k), 0, u.windows)
+    per = idx.reshape(-1, k) if idx.size % k == 0 else None
+    if per is None or not np.all(per == per[:, :1]):
+        raise ExtractionError(f"cannot map {_where(node)}: fold adds slots of different units (each channel's "
+                              f"{k} kernel offsets must be consecutive, as unfold leaves them)")
+    chans = per[:, 0]
+    natural = chans.size == size_of(u) and np.array_equal(chans, np.arange(chans.size))
+    return Units(u.layer, (1,), None if natural else chans, 0, u.windows)
+
+
+def _is_resize(node: fx.Node, c: "_Ctx") -> bool:
+    op = _op_of(node, c)
+    return op is not None and op.name == "resize"
+
+
 def _pooled_dims(node: fx.Node, c: "_Ctx", nd: int) -> set[int]:
-    """The dims a pooling (or padding) op works over: the last one or two."""
+    """The dims a pooling, padding or resizing op works over: the last one or two (a resize: all after the channels)."""
     op = _op_of(node, c) if node.op != "call_method" else None
     k = op.pooled if op is not None else 0
+    if op is not None and op.name == "resize":
+        k = nd - 2  # every dim after (batch, channels)
     return set(range(nd - k, nd)) if k else set()
 
 
@@ -707,25 +757,33 @@ def _unit_tensor(u: Units, shape: tuple[int, ...], layer_size: int) -> torch.Ten
         t = idx.reshape(view).expand(shape)
     view = [1] * len(shape)
     view[u.batch] = shape[u.batch]
-    return t + float(layer_size) * torch.arange(shape[u.batch], dtype=torch.float64).reshape(view)
+    image = torch.div(torch.arange(shape[u.batch]), u.windows, rounding_mode="floor").to(torch.float64)
+    return t + float(layer_size) * image.reshape(view)
 
 
 def _units_from(U: torch.Tensor, layer: int, layer_size: int, batch: int, where: str) -> Units:
     """Read back where the units (and the batch) went from a tensor that went through layout ops."""
     shape = tuple(U.shape)
-    bdim = None
+    mixed = (f"{where} mixes the images of a batch (its batch dim does not hold whole images, one after "
+             "another); units cannot be followed")
+    # the image of every element: unit numbers are below layer_size, images add layer_size each
+    image = torch.div(U, float(layer_size), rounding_mode="floor")
+    bdim, windows = None, 1
     for d in range(len(shape)):
-        if shape[d] == batch and batch > 1 and torch.equal(U.narrow(d, 1, 1) - U.narrow(d, 0, 1),
-                                                            torch.full_like(U.narrow(d, 0, 1), float(layer_size))):
-            bdim = d
-            break
+        if batch > 1 and shape[d] % batch == 0:
+            # whole images one after another along d: row r of d belongs to image r // windows
+            w = shape[d] // batch
+            view = [1] * len(shape)
+            view[d] = shape[d]
+            rows = torch.div(torch.arange(shape[d]), w, rounding_mode="floor").to(torch.float64).reshape(view)
+            if torch.equal(image, rows.expand_as(image)):
+                bdim, windows = d, w
+                break
     if bdim is None:
-        raise ExtractionError(f"{where} mixes the images of a batch; units cannot be followed")
-    view = [1] * len(shape)
-    view[bdim] = batch
-    U = U - float(layer_size) * torch.arange(batch, dtype=torch.float64).reshape(view)
+        raise ExtractionError(mixed)
+    U = U - float(layer_size) * image
     if not torch.equal(U, U.narrow(bdim, 0, 1).expand_as(U)):
-        raise ExtractionError(f"{where} mixes the images of a batch; units cannot be followed")
+        raise ExtractionError(mixed)
     varying = [d for d in range(len(shape)) if d != bdim and shape[d] > 1
                and not torch.equal(U, U.narrow(d, 0, 1).expand_as(U))]
     base = U
@@ -739,10 +797,10 @@ def _units_from(U: torch.Tensor, layer: int, layer_size: int, batch: int, where:
         raise ExtractionError(f"{where} averages over units (a mean or pooling across channels mixes units)")
     index = idx.to(torch.int64).numpy()
     if len(varying) == 1 and index.shape[0] == layer_size and np.array_equal(index, np.arange(layer_size)):
-        return Units(layer, (varying[0],), None, bdim)
+        return Units(layer, (varying[0],), None, bdim, windows)
     if not varying:
-        return Units(layer, (), index.reshape(()), bdim)
-    return Units(layer, tuple(varying), index, bdim)
+        return Units(layer, (), index.reshape(()), bdim, windows)
+    return Units(layer, tuple(varying), index, bdim, windows)
 
 
 def _split_group(idx: np.ndarray, layer_size: int) -> tuple[int, np.ndarray | None]:
@@ -832,19 +890,27 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                 return consts[n.name].detach().cpu()
             raise ExtractionError(f"{_where(node)} reads {n.name!r}, which is neither mapped data nor a constant")
 
+        patches = _patches(node, ctx)
+        if patches is not None:
+            units[node.name] = _patch_units(node, patches, units.get(src[0].name), shapes[src[0].name], size_of)
+            return
         op = _op_of(node, ctx)
+        is_sum = op is not None and op.name == "sum"
         if op is not None and op.reduces:
             dims = _const(node, 1, "dim", None)
             u = units.get(src[0].name)
             nd = len(shapes[src[0].name])
             dims = (dims,) if isinstance(dims, int) else dims
-            if dims is None or u is None or any(d % nd == 0 or d % nd in u.dims for d in dims):
-                raise ExtractionError(f"cannot map {_where(node)} to units: a mean over the units or the batch mixes units")
+            if dims is None or u is None or any(d % nd in (0, u.batch) or d % nd in u.dims for d in dims):
+                raise ExtractionError(f"cannot map {_where(node)} to units: a {'sum' if is_sum else 'mean'} over the "
+                                      "units or the batch mixes units (over positions it maps)")
         args = fx.node.map_arg(node.args, arg)
         kwargs = fx.node.map_arg(node.kwargs, arg)
         try:
             with torch.no_grad():
-                if node.op == "call_method":
+                if is_sum:  # a sum over positions keeps each unit: the mean of unit numbers says where they went
+                    out = torch.mean(args[0], dim=tuple(dims), keepdim=bool(_const(node, 2, "keepdim", False)))
+                elif node.op == "call_method":
                     out = getattr(args[0], node.target)(*args[1:], **kwargs)
                 elif node.op == "call_module":
                     out = ctx.modules[node.target](*args, **kwargs)
@@ -865,6 +931,50 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                 shapes[f"{node.name}#{i}"] = tuple(o.shape)
         else:
             raise ExtractionError(f"cannot follow units through {where}")
+
+    def join_positions(node: fx.Node, stacked: bool, dim: int) -> bool:
+        """``torch.cat`` along a dim that does not hold the units, or ``torch.stack``: each unit
+        of the result holds the values of that unit of every operand, at different positions.
+        Operands of one layer make a layout op; of several layers, a concat layer whose
+        operands each fill all its units (identity edges) at their own positions. Returns
+        False for a cat along the units (a concat of units, handled by the caller)."""
+        parts = list(node.args[0])
+        if not all(isinstance(a, fx.Node) and a.name in units for a in parts):
+            if stacked:
+                raise ExtractionError(f"cannot map {_where(node)}: torch.stack of a constant with data "
+                                      "(stack data tensors only, or cat the constant along positions)")
+            return False
+        us = [units[a.name] for a in parts]
+        if not stacked and any(dim in u.dims for u in us):
+            return False
+        if len({u.layer for u in us}) == 1:
+            layout(node)
+            kinds[node.name] = ("layout", None)
+            return True
+        ops, start = [], 0
+        for a, u in zip(parts, us):
+            if len(u.dims) != 1 or u.batch != 0:
+                raise ExtractionError(f"{_where(node)} joins tensors whose units are not along one dim; "
+                                      "units cannot be followed")
+            d = u.dims[0] % len(shapes[a.name])
+            idx = u.along(d, shapes[a.name][d], size_of(u))
+            cols = None if (idx.size == size_of(u) and np.array_equal(idx, np.arange(idx.size))) else idx
+            length = 1 if stacked else shapes[a.name][dim]
+            ops.append(Operand(layer=u.layer, node=a.name, cols=cols, width=idx.size, dim=d,
+                               span=(dim, start, length, stacked)))
+            start += length
+        out_dims = {o.dim + (1 if stacked and o.dim >= dim else 0) for o in ops}
+        windows = {u.windows for u in us}
+        if len(out_dims) != 1 or len(windows) != 1 or len({o.width for o in ops}) != 1:
+            raise ExtractionError(f"{_where(node)} joins tensors whose units lie along different dims; "
+                                  "units cannot be followed")
+        scope = _scope(node)
+        base = "stack" if stacked else "cat"
+        out_dim = out_dims.pop()
+        layers.append(LayerSpec(name=unique(f"{scope}.{base}" if scope else base), kind=Kind.CONCAT,
+                                size=ops[0].width, node=node.name, module=scope or None, operands=ops, dim=out_dim))
+        units[node.name] = Units(len(layers) - 1, (out_dim,), None, windows=windows.pop())
+        return True
 
     output_node = None
     kinds: dict[str, tuple[str, Any]] = {}
@@ -974,7 +1084,7 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                 groups=groups, weight_node=wnode.name if wnode is not None else None, call=call, dim=dim_out,
                 dense=info.name,
             ))
-            units[node.name] = Units(len(layers) - 1, (dim_out,), None)
+            units[node.name] = Units(len(layers) - 1, (dim_out,), None, windows=u.windows)
             if node.meta.get("connectome_heads"):  # q, k, v of nn.MultiheadAttention: heads side by side
                 h = int(node.meta["connectome_heads"])
                 layers[-1].call["head_of"] = np.arange(layers[-1].size) // (layers[-1].size // h)
@@ -989,6 +1099,8 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
             rules.add(RULES["window"].name)
         elif what == "concat" and _const_cat(node, info, ctx, units, layers):
             pass  # constants (a class token) joined to data along positions: a per-unit op
+        elif what in ("concat", "stack") and join_positions(node, what == "stack", info):
+            pass  # data joined along positions (a class token, the branches of a selective kernel)
         elif what in ("residual", "concat", "product"):
             targs = ctx.data_args(node) if what != "concat" else list(node.args[0])
             nd = len(shapes[node.name])
@@ -998,7 +1110,11 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                 dim = one[0][0] if one else 1
             else:
                 dim = info
-            ops, offset = [], 0
+            operands, offset = [], 0
+            folds = {source(node, a).windows for a in targs if isinstance(a, fx.Node) and a.name in units}
+            if len(folds) > 1:
+                raise ExtractionError(f"{_where(node)} combines tensors whose batch dims hold different numbers "
+                                      "of windows per image; units cannot be followed")
             for k, a in enumerate(targs):
                 if not isinstance(a, fx.Node) or a.name not in data:
                     raise ExtractionError(f"{_where(node)} concatenates a constant; units cannot be followed "
@@ -1010,8 +1126,8 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                     raise ExtractionError(f"{_where(node)} combines tensors along a dim that does not hold their units")
                 cols = None if (idx.size == size_of(u) and np.array_equal(idx, np.arange(idx.size))) else idx
                 sign = info[k] if what == "residual" else 1.0
-                ops.append(Operand(layer=u.layer, node=a.name, offset=offset, sign=sign, cols=cols, width=width,
-                                   dim=dim))
+                operands.append(Operand(layer=u.layer, node=a.name, offset=offset, sign=sign, cols=cols, width=width,
+                                        dim=dim))
                 if what == "concat":
                     offset += width
             scope = _scope(node)
@@ -1024,8 +1140,8 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
             else:
                 base, kind = (f"{scope}.cat" if scope else "cat"), Kind.CONCAT
             layers.append(LayerSpec(name=unique(base), kind=kind, size=shapes[node.name][dim], node=node.name,
-                                    module=scope or None, operands=ops, dim=dim % nd))
-            units[node.name] = Units(len(layers) - 1, (dim % nd,), None)
+                                    module=scope or None, operands=operands, dim=dim % nd))
+            units[node.name] = Units(len(layers) - 1, (dim % nd,), None, windows=folds.pop() if folds else 1)
         else:  # chain: keeps the units of its data input
             if isinstance(info, ChainOp) and RULES[info.kind].named_input:
                 x = by_name[info.input_node]
@@ -1092,7 +1208,10 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
     def keeps(name: str, layer: int) -> bool:
         kind = kinds.get(name, ("skip", None))[0]
         u = units.get(name)
-        return kind in ("chain", "layout") and u is not None and u.layer == layer and u.natural
+        # a resize ends the chain: the units pass on their own grid (their receptive fields),
+        # and the resized values reach the consumer through its read
+        return kind in ("chain", "layout") and u is not None and u.layer == layer and u.natural and \
+            not _is_resize(by_name[name], ctx)
 
     # The value a unit passes on: follow single-user per-unit ops from the defining node.
     for li, spec in enumerate(layers):

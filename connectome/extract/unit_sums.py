@@ -27,7 +27,10 @@ class UnitView:
 
     def __init__(self, u: Units, layer_size: int, device: torch.device):
         self.dims, self.size = u.dims, layer_size
-        self.natural1 = u.dims == (1,) and u.index is None
+        # rows of the batch dim per image (positions folded into the batch): the rows of one
+        # image are summed into it, as positions of that image
+        self.windows = u.windows if u.batch == 0 else 1
+        self.natural1 = u.dims == (1,) and u.index is None and self.windows == 1
         self.index = None
         if u.dims == ():
             self.index = torch.full((1,), int(np.asarray(u.index)), dtype=torch.long, device=device)
@@ -35,14 +38,19 @@ class UnitView:
             self.index = torch.as_tensor(np.asarray(u.index).reshape(-1), dtype=torch.long, device=device)
 
     def _rows(self, t: torch.Tensor) -> torch.Tensor:
-        """(N, K, P): K unit slots (channels), P positions."""
+        """(N, K, P): N images, K unit slots (channels), P positions (with the windows, if any)."""
         n = t.shape[0]
         if self.natural1:
             return t.reshape(n, t.shape[1], -1)
         if self.dims == ():
-            return t.reshape(n, 1, -1)
-        t = t.movedim(self.dims, tuple(range(1, 1 + len(self.dims))))
-        k = math.prod(t.shape[1 : 1 + len(self.dims)])
+            return t.reshape(n // self.windows if n % self.windows == 0 else n, 1, -1)
+        dims = self.dims
+        if self.windows > 1 and n % self.windows == 0:  # a constant's one row is not folded
+            n //= self.windows
+            t = t.reshape(n, self.windows, *t.shape[1:])
+            dims = tuple(d % (t.dim() - 1) + 1 for d in dims)
+        t = t.movedim(dims, tuple(range(1, 1 + len(dims))))
+        k = math.prod(t.shape[1 : 1 + len(dims)])
         return t.reshape(n, k, -1)
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
@@ -102,10 +110,11 @@ class UnitView:
             rows = self._rows(t)  # (N, K, P)
             if all(m.shape[d] == 1 for d in units):  # per image and position: (N,K,P) @ (N,P,1)
                 mm = m.expand([1 if d in units else shape[d] for d in range(len(shape))])
-                mr = self._rows(mm).reshape(shape[0], 1, -1).transpose(1, 2)
+                mr = self._rows(mm).reshape(rows.shape[0], 1, -1).transpose(1, 2)
                 if mr.shape[1] == rows.shape[2]:
                     return torch.bmm(rows, mr).sum(dim=(0, 2)).double()
-            if all(m.shape[d] == 1 for d in range(1, len(shape)) if d not in units):  # per image and unit
+            if self.windows == 1 and all(m.shape[d] == 1 for d in range(1, len(shape)) if d not in units):
+                # per image and unit
                 mm = m.expand([shape[d] if d in units or d == 0 else 1 for d in range(len(shape))])
                 mr = self._rows(mm)[..., 0]  # (N, K)
                 return (rows.sum(-1) * mr).sum(0).double()

@@ -27,10 +27,13 @@ class Units:
     dims: tuple[int, ...] = (1,)
     index: np.ndarray | None = None
     batch: int = 0  # the batch dim (a layout op may move it for a while: timm's qkv permute)
+    # rows of the batch dim per image: positions folded into the batch (a window partition,
+    # LeViT's flatten(0, 1)) make row r of the batch dim part of image r // windows
+    windows: int = 1
 
     @property
     def natural(self) -> bool:
-        return self.index is None and len(self.dims) == 1 and self.batch == 0
+        return self.index is None and len(self.dims) == 1 and self.batch == 0 and self.windows == 1
 
     def along(self, dim: int, size: int, layer_size: int) -> np.ndarray | None:
         """Unit of each index of ``dim`` when units lie along that one dim, else None."""
@@ -61,7 +64,11 @@ class Operand:
     path: list[str] = field(default_factory=list)  # per-unit ops between the source's value and this read
     cols: np.ndarray | None = None
     width: int = 0  # channels read (columns of the edge block after grouping)
-    dim: int = 1  # the dim of the destination's value holding its units
+    dim: int = 1  # the dim of the destination's value holding its units (of this operand's value with a span)
+    # positions of the destination this operand fills, (dim, start, length, stacked), when
+    # operands are joined along positions (torch.cat along tokens, torch.stack: `stacked`, the
+    # operand lacks that dim); each then fills all the units, from `offset` 0
+    span: tuple[int, int, int, bool] | None = None
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""Layout ops: they move or select units (views, permutes, splits, indexing, means over
-positions) and are followed by running them on a tensor of unit numbers; and ``torch.cat``."""
+"""Layout ops: they move or select units (views, permutes, splits, indexing, means and sums over
+positions, rolls, im2col) and are followed by running them on a tensor of unit numbers; resizing
+over positions; and ``torch.cat`` / ``torch.stack``."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from connectome.extract.ops._core import CONSTRUCT, LAYOUT, Call, Op, Receptive, add
+from connectome.extract.ops._core import CONSTRUCT, LAYOUT, NONE, Call, Op, Receptive, add
 
 
 def _permute_dims(call: Call) -> dict[str, Any]:
@@ -21,7 +23,7 @@ def _permute_dims(call: Call) -> dict[str, Any]:
 
 
 add(Op("reshape", LAYOUT, Receptive.RESHAPE, modules=(nn.Flatten, nn.Unflatten), functions=(torch.flatten, torch.reshape),
-       methods=("view", "reshape", "flatten"),
+       methods=("view", "reshape", "flatten", "reshape_as", "view_as"),
        examples=(lambda: lambda x: x.view(x.shape[0], 2, 2, 8, 8).flatten(1, 2),
                  lambda: nn.Sequential(nn.Unflatten(1, (2, 2)), nn.Flatten(1, 2)))))
 add(Op("permute", LAYOUT, Receptive.PERMUTE, functions=(torch.permute,), methods=("permute",), geometry=_permute_dims,
@@ -45,6 +47,22 @@ add(Op("getitem", LAYOUT, Receptive.SPLIT, functions=(operator.getitem,), multi_
        examples=(lambda: lambda x: x[:, 1:3],)))
 add(Op("mean", LAYOUT, Receptive.GLOBAL, functions=(torch.mean,), methods=("mean",), reduces=True,
        examples=(lambda: lambda x: x.mean(3, keepdim=True),)))
+add(Op("sum", LAYOUT, Receptive.GLOBAL, functions=(torch.sum,), methods=("sum",), reduces=True,
+       examples=(lambda: lambda x: x.sum(3, keepdim=True),)))
+# positions moved around (a shifted window): units stay, the box of a position is not followed
+add(Op("roll", LAYOUT, Receptive.GLOBAL, functions=(torch.roll,), methods=("roll",),
+       examples=(lambda: lambda x: torch.roll(x, 1, 3), lambda: lambda x: x.roll((1, 2), (2, 3)))))
+# im2col and back: each unit over its kernel offsets (tracing's own code follows the units)
+add(Op("unfold", LAYOUT, Receptive.GLOBAL, modules=(nn.Unfold, nn.Fold), functions=(F.unfold, F.fold),
+       examples=(lambda: lambda x: F.fold(F.unfold(x, 2, stride=2), (8, 8), 2, stride=2),
+                 lambda: nn.Sequential(nn.Unfold(2, stride=2), nn.Fold((8, 8), 2, stride=2)))))
+# each output position a fixed linear combination of the same channel's input positions: exact
+# as it is; fractional jumps fit no integer box, so the box is the whole image
+add(Op("resize", NONE, Receptive.GLOBAL, modules=(nn.Upsample,),
+       functions=(F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear),
+       examples=(lambda: nn.Upsample(scale_factor=2), lambda: lambda x: F.interpolate(x, size=(4, 4), mode="bilinear"))))
+add(Op("stack", CONSTRUCT, Receptive.GLOBAL, functions=(torch.stack,), construct="concat",
+       examples=(lambda: lambda x: torch.stack([x, x.relu()], 2).sum(2),)))
 add(Op("cat", CONSTRUCT, Receptive.CONCAT, functions=(torch.cat, torch.concat), construct="concat",
        geometry=lambda call: {"dim": call.arg(1, "dim", 0)},
        examples=(lambda: lambda x: torch.cat([x, x.relu()], 1),)))
