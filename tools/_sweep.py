@@ -26,7 +26,6 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -139,13 +138,26 @@ def one(run_one: Callable[[str], dict[str, Any]], name: str) -> dict[str, Any]:
 
 # -- many models, from the parent process -----------------------------------------------------
 
-def serve(run_one: Callable[[str], dict[str, Any]], preload: Callable[[], None], timeout: float) -> int:
+def _limit_memory(gib: float) -> None:
+    """Let this process's address space grow by at most ``gib`` GiB: an allocation beyond fails (MemoryError or
+    torch's "can't allocate memory") instead of pushing the shared machine into its out-of-memory killer."""
+    import resource
+
+    with open("/proc/self/status") as f:
+        vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    limit = vm + int(gib * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def serve(run_one: Callable[[str], dict[str, Any]], preload: Callable[[], None], timeout: float,
+          memory: float = 6.0, describe: Callable[[str], dict[str, Any]] = lambda name: {}) -> int:
     """Answer family names read from stdin, each run in a process forked for it, with one result line each.
 
     The imports (torch, timm or transformers, connectome: minutes of CPU on a loaded machine)
     happen once, here, before any fork; each model still runs alone in its own process, killed
-    after ``timeout`` seconds, so that a hang, a crash or a model that eats memory costs only
-    its own result.
+    after ``timeout`` seconds and held to ``memory`` GiB more than the server, so that a hang, a
+    crash or a model that eats memory costs only its own result. ``describe(name)`` gives what is
+    known of a family before its model runs (its model's name), for the result of one that dies.
     """
     import signal
     import tempfile
@@ -168,6 +180,8 @@ def serve(run_one: Callable[[str], dict[str, Any]], preload: Callable[[], None],
         if pid == 0:  # the model's own process
             code = 1
             try:
+                if memory > 0 and sys.platform == "linux":
+                    _limit_memory(memory)
                 res = one(run_one, name)
                 out.write_text(json.dumps(res))
                 code = 0
@@ -184,26 +198,30 @@ def serve(run_one: Callable[[str], dict[str, Any]], preload: Callable[[], None],
             os.waitpid(pid, 0)
         seconds = round(time.perf_counter() - t0, 1)
         if status is None:
-            res = {"result": "error", "reason": f"timed out after {timeout:.0f} s", "seconds": seconds}
+            res = {**describe(name), "result": "error", "reason": f"timed out after {timeout:.0f} s",
+                   "seconds": seconds}
         elif out.stat().st_size:
             res = json.loads(out.read_text())
         else:
             how = f"killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else \
                 f"exit status {os.WEXITSTATUS(status)}"
-            res = {"result": "error", "reason": f"the model's process died ({how})", "seconds": seconds}
+            res = {**describe(name), "result": "error", "reason": f"the model's process died ({how})",
+                   "seconds": seconds}
         out.unlink()
         print(_CHILD_MARK + json.dumps({"name": name, **res}), flush=True)
     return 0
 
 
-def _server(script: Path, timeout: float) -> subprocess.Popen:
+def _server(script: Path, timeout: float, memory: float) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, str(script), "--serve", "--timeout", str(timeout)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=ROOT)
+    argv = [sys.executable, str(script), "--serve", "--timeout", str(timeout), "--memory", str(memory)]
+    return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env=env, cwd=ROOT)
 
 
-def run_all(script: Path, names: Iterable[str], jobs: int = 1, timeout: float = 600.0) -> Iterator[tuple[str, dict]]:
+def run_all(script: Path, names: Iterable[str], jobs: int = 1, timeout: float = 600.0,
+            memory: float = 6.0) -> Iterator[tuple[str, dict]]:
     """Run every family through ``jobs`` servers (``script --serve``); yield results as they finish."""
     import queue
     import threading
@@ -221,7 +239,7 @@ def run_all(script: Path, names: Iterable[str], jobs: int = 1, timeout: float = 
                     name = todo.get_nowait()
                 except queue.Empty:
                     return
-                srv = srv if srv is not None and srv.poll() is None else _server(script, timeout)
+                srv = srv if srv is not None and srv.poll() is None else _server(script, timeout, memory)
                 srv.stdin.write(name + "\n")
                 srv.stdin.flush()
                 res = None
@@ -351,7 +369,8 @@ def git_commit() -> str:
 def sweep_main(argv: list[str] | None, *, doc: str, script: Path, name: str, what: str,
                families: Callable[[], list[str]], run_one: Callable[[str], dict[str, Any]],
                versions: Callable[[], dict[str, str]], default_json: Path,
-               preload: Callable[[], None] = lambda: None) -> int:
+               preload: Callable[[], None] = lambda: None, after: Callable[[Path], None] | None = None,
+               describe: Callable[[str], dict[str, Any]] = lambda name: {}) -> int:
     """The command line shared by the sweeps: ``[--only a,b] [--jobs N] [--timeout S] [--json P] [--readme P]``."""
     import argparse
 
@@ -359,13 +378,15 @@ def sweep_main(argv: list[str] | None, *, doc: str, script: Path, name: str, wha
     ap.add_argument("--only", help="comma-separated families to (re)run, merged into the existing --json file")
     ap.add_argument("--jobs", type=int, default=1, help="models at a time (default 1)")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per model before it counts as an error")
+    ap.add_argument("--memory", type=float, default=6.0,
+                    help="GiB a model's process may allocate (0: no limit); beyond, it counts as an error")
     ap.add_argument("--json", type=Path, default=default_json, help=f"results file (default {default_json})")
     ap.add_argument("--readme", type=Path, help="regenerate this README's table from the results file")
     ap.add_argument("--no-run", action="store_true", help="only regenerate the README table")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.serve:
-        return serve(run_one, preload, args.timeout)
+        return serve(run_one, preload, args.timeout, args.memory, describe)
     data = load(args.json)
     if not args.no_run:
         every = families()
@@ -377,7 +398,7 @@ def sweep_main(argv: list[str] | None, *, doc: str, script: Path, name: str, wha
         info = {"versions": versions(), "commit": git_commit()}
         t0 = time.perf_counter()
         new: dict[str, dict] = {}
-        for i, (fam, res) in enumerate(run_all(script, names, args.jobs, args.timeout), 1):
+        for i, (fam, res) in enumerate(run_all(script, names, args.jobs, args.timeout, args.memory), 1):
             res["commit"] = info["commit"]
             new[fam] = res
             print(f"[{i}/{len(names)}] {fam:28s} {res.get('model', ''):40s} {res['result']:8s} {res['seconds']:7.1f} s "
@@ -387,6 +408,8 @@ def sweep_main(argv: list[str] | None, *, doc: str, script: Path, name: str, wha
         c = counts(data)
         print(f"{c['ok']} of {sum(c.values())} {what} exact ({', '.join(f'{v} {k}' for k, v in c.items())}); "
               f"this run: {len(names)} in {time.perf_counter() - t0:.0f} s", flush=True)
+        if after is not None:
+            after(args.json.resolve())
     if args.readme:
         write_readme(args.readme, name, data, what)
     return 0

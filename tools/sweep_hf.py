@@ -40,7 +40,8 @@ SMALL: dict[str, tuple[dict[str, Any], int]] = {
     "clip": (dict(vision_config=_TOWER, text_config=_TEXT), 32),
     "convnext": (dict(num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], image_size=32), 32),
     "convnextv2": (dict(num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], image_size=32), 32),
-    "cvt": (dict(embed_dim=[16, 32, 48], num_heads=[1, 2, 3], depth=[1, 2, 3]), 64),  # CvT indexes its per-block drop rates by stage
+    # CvT indexes its per-block drop rates by stage: each stage needs more blocks than the one before
+    "cvt": (dict(embed_dim=[16, 32, 48], num_heads=[1, 2, 3], depth=[1, 2, 3]), 64),
     "data2vec-vision": (_VIT, 32),
     "deit": (_VIT, 32),
     "dinat": (dict(embed_dim=16, depths=[1, 1], num_heads=[1, 2], kernel_size=3), 32),
@@ -111,7 +112,7 @@ def preload() -> None:
     """The imports every model needs, made once in the sweep server before it forks: each type's modeling module."""
     import transformers
 
-    import connectome.extract  # noqa: F401
+    import connectome.extract  # noqa: F401  (imported once, before the forks)
 
     for name in _mapping().values():
         try:
@@ -172,7 +173,8 @@ def run_one(model_type: str) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     return _sweep.sweep_main(argv, doc=__doc__, script=Path(__file__).resolve(), name=NAME,
                              what=WHAT, families=families, run_one=run_one,
-                             versions=versions, default_json=JSON, preload=preload)
+                             versions=versions, default_json=JSON, preload=preload,
+                             describe=lambda model_type: {"model": _mapping()[model_type]})
 
 
 if __name__ == "__main__":

@@ -77,6 +77,11 @@ def smallest(module: str) -> tuple[str | None, int, int, int]:
     return (best[1] if best else None), (best[0] if best else 0), len(names), failed
 
 
+def recorded(module: str) -> str | None:
+    """The recorded smallest model of a family, if any."""
+    return _sweep.load(SMALLEST)["results"].get(module, {}).get("model")
+
+
 def choice(module: str) -> dict[str, Any]:
     """The recorded smallest model of a family (``SMALLEST``), chosen now where none is recorded for this timm."""
     import timm
@@ -143,15 +148,25 @@ def select(path: Path = SMALLEST) -> None:
     _sweep.save(path, {"versions": versions(), "results": out})
 
 
+def record_choices(results: Path = JSON, path: Path = SMALLEST) -> None:
+    """Add the choices a sweep made itself (where none was recorded) to the record of the smallest models."""
+    data = _sweep.load(results)
+    made = {fam: {k: r[k] for k in ("model", "params", "candidates", "meta_unbuilt")}
+            for fam, r in data["results"].items() if "select_seconds" in r}
+    if made:
+        _sweep.save(path, _sweep.merge(_sweep.load(path), made, versions={"timm": data["versions"]["timm"]}))
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     if argv[:1] == ["--select"]:
         select()
         return 0
-    return _sweep.sweep_main(argv, doc=__doc__, script=Path(__file__).resolve(), name=NAME,
-                             what=WHAT, families=families, run_one=run_one, versions=versions,
-                             default_json=JSON, preload=preload)
+    return _sweep.sweep_main(argv, doc=__doc__, script=Path(__file__).resolve(), name=NAME, what=WHAT,
+                             families=families, run_one=run_one, versions=versions, default_json=JSON,
+                             preload=preload, after=lambda path: record_choices(path) if path == JSON else None,
+                             describe=lambda module: {"model": recorded(module)})
 
 
 if __name__ == "__main__":

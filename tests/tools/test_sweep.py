@@ -92,7 +92,7 @@ def test_only_reruns_and_merges_into_the_file(tmp_path, monkeypatch):
                                                      "b": {"result": "ok", "reason": "", "seconds": 2.0}}})
     ran = []
 
-    def fake_run_all(script, names, jobs, timeout):
+    def fake_run_all(script, names, jobs, timeout, memory):
         for n in names:
             ran.append(n)
             yield n, {"result": "ok", "reason": "", "seconds": 3.0}
@@ -158,12 +158,12 @@ def test_timm_results_cover_every_recorded_family():
 def test_timm_sweep_on_small_models(tmp_path):
     pytest.importorskip("timm")
     path = tmp_path / "timm.json"
-    fams = ["mobilenetv3", "resnet", "vgg"]
+    fams = ["convnext", "cspnet", "convit"]  # two that extract, one refused today (fx cannot trace ConViT)
     assert sweep_timm.main(["--only", ",".join(fams), "--json", str(path), "--timeout", "900"]) == 0
     res = json.loads(path.read_text())["results"]
     assert set(res) == set(fams)
-    assert res["mobilenetv3"]["result"] == "ok" and res["resnet"]["result"] == "ok"
-    assert res["mobilenetv3"]["target_total"] == pytest.approx(res["mobilenetv3"]["logits_total"], rel=1e-12)
+    assert res["convnext"]["result"] == "ok" and res["cspnet"]["result"] == "ok"
+    assert res["cspnet"]["target_total"] == pytest.approx(res["cspnet"]["logits_total"], rel=1e-12)
     for r in res.values():
         assert r["result"] in ("ok", "refused"), r  # no bug, no wrong graph
         assert r["model"] and r["seconds"] > 0
