@@ -320,10 +320,12 @@ def table(data: dict[str, Any], what: str) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in data.get("versions", {}).items())
     rest = ", ".join(f"{c[k]} {k}" for k in RESULTS[1:] if c[k])
     lines = [f"**{c['ok']} of {n} {what} extract exactly** ({rest}; {versions}).", "",
-             "| family | model | result | reason | s |", "| --- | --- | --- | --- | ---: |"]
+             "| family | model | image | result | reason | s |", "| --- | --- | --- | --- | --- | ---: |"]
     for fam, r in data["results"].items():
-        lines.append(f"| {_cell(fam)} | `{_cell(r.get('model', ''))}` | {r['result']} | {_cell(r.get('reason', ''))} "
-                     f"| {r.get('seconds', '')} |")
+        size = r.get("input_size")
+        image = f"{size[-2]}x{size[-1]}" if size else ""
+        lines.append(f"| {_cell(fam)} | `{_cell(r.get('model') or '')}` | {image} | {r['result']} "
+                     f"| {_cell(r.get('reason', ''))} | {r.get('seconds', '')} |")
     return "\n".join(lines)
 
 

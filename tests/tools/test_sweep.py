@@ -112,15 +112,15 @@ def test_only_reruns_and_merges_into_the_file(tmp_path, monkeypatch):
 
 def test_table_counts_and_rows():
     data = {"versions": {"timm": "1.0"}, "results": {
-        "a": {"model": "a_tiny", "result": "ok", "reason": "", "seconds": 1.5},
+        "a": {"model": "a_tiny", "result": "ok", "reason": "", "seconds": 1.5, "input_size": [3, 64, 48]},
         "b": {"model": "b_tiny", "result": "refused", "reason": "op x | y", "seconds": 2.0},
         "c": {"model": "c_tiny", "result": "skipped", "reason": "needs natten", "seconds": 0.1}}}
     t = _sweep.table(data, "families")
     lines = t.splitlines()
     assert lines[0] == "**1 of 3 families extract exactly** (1 refused, 1 skipped; timm 1.0)."
-    assert lines[2] == "| family | model | result | reason | s |"
-    assert lines[4] == "| a | `a_tiny` | ok |  | 1.5 |"
-    assert lines[5] == "| b | `b_tiny` | refused | op x \\| y | 2.0 |"  # a | in a reason stays in its cell
+    assert lines[2] == "| family | model | image | result | reason | s |"
+    assert lines[4] == "| a | `a_tiny` | 64x48 | ok |  | 1.5 |"
+    assert lines[5] == "| b | `b_tiny` |  | refused | op x \\| y | 2.0 |"  # a | in a reason stays in its cell
     assert len(lines) == 7
 
 
