@@ -114,6 +114,8 @@ class Rule:
     reads_input: bool = False
     #: element-wise non-linear: listed in ``meta["nonlinear_ops"]``
     nonlinear: bool = False
+    #: its scale is a vector along dim 1 of the value (per channel, or per feature of a flattened map)
+    channel_scale: bool = False
 
 
 class _Frozen(torch.autograd.Function):
@@ -303,7 +305,7 @@ _ATTENTION_RULE = "attention: the pattern softmax(q k^T / sqrt(d)) held constant
 RULES: dict[str, Rule] = {
     r.kind: r
     for r in (
-        Rule("bn", "", scale=_vector_scale, constant=_bn_constant, fixed_constant=True),
+        Rule("bn", "", scale=_vector_scale, constant=_bn_constant, fixed_constant=True, channel_scale=True),
         Rule("affine", "", scale=_vector_scale, constant=lambda op, ctx, like: op.params[1], fixed_constant=True),
         Rule("shift", "", constant=lambda op, ctx, like: op.params[0], fixed_constant=True),
         Rule("scale", "", scale=_vector_scale),

@@ -66,7 +66,7 @@ def _per_unit(ug: UnitGraph, op: Any, factor: Any, spec: LayerSpec) -> torch.Ten
     f = factor.detach().double().cpu()
     shape = ug.shapes[op.node]
     u = ug.units[op.node]
-    if op.kind == "bn":  # a vector along dim 1 of the value: per channel, or per feature of a flattened map
+    if RULES[op.kind].channel_scale:  # a vector along dim 1 of the value: per channel, or per feature of a flattened map
         idx = u.along(1, shape[1], spec.size) if len(shape) > 1 else None
         per_unit = idx is not None and f.numel() == idx.size
         if per_unit:

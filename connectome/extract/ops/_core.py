@@ -30,7 +30,7 @@ import contextlib
 import dataclasses
 import enum
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
@@ -414,6 +414,8 @@ def register_op(target: Any, rule: str = "smooth", *, name: str | None = None, n
             f"register_op({what}): expected an nn.Module subclass or a torch.autograd.Function subclass (or its "
             "apply); wrap a plain function in a module to register it"
         )
+    if is_function and any(cls is target for cls, _ in _AUTOGRAD.values()):
+        raise ExtractionError(f"register_op({what}): registered already; unregister_op it first to replace it")
     if is_function and rule in ("norm", "affine"):
         raise ExtractionError(f"register_op({what}, rule={rule!r}): {rule} ops read module attributes; register "
                               "the module that calls the function instead")

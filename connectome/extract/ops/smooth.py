@@ -51,5 +51,6 @@ _smooth("logsigmoid", (nn.LogSigmoid,), (F.logsigmoid,))
 _smooth("softsign", (nn.Softsign,), (F.softsign,))
 _smooth("tanhshrink", (nn.Tanhshrink,), (F.tanhshrink,))
 _smooth("erf", (), (torch.erf,), ("erf", "erf_"))
+_smooth("softshrink", (nn.Softshrink,), (F.softshrink,))
 add(Op("pow", "smooth", P, functions=(torch.pow, operator.pow), methods=("pow", "pow_"), params=_pow_params,
        examples=(lambda: lambda x: x ** 2, lambda: lambda x: x.pow(3), lambda: lambda x: torch.pow(x, 2.0))))
