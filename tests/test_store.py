@@ -421,3 +421,19 @@ def test_cli_compare_of_a_store_writes_the_dendrogram(cli_store, tmp_path, capsy
     assert (tmp_path / "cmp" / "dendrogram.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["compare", f"{cli_store}:ring"]) == 2
     assert "one folder written by extract" in capsys.readouterr().err
+
+
+def test_the_stored_circuit_mask_is_the_circuit_of_each_category(tmp_path):
+    from connectome.extract.flow import circuit_mask
+
+    graphs = cn.extract.attribution_by_category(_model(8), _data(), progress=False, device="cpu")
+    store = _store(tmp_path / "s")
+    refs = cn.extract.attribution_by_category(_model(), _data(), progress=False, device="cpu")
+    for c, g in graphs.items():
+        for mass in (0.5, 0.8, 1.0):
+            want = np.zeros(g.num_nodes, dtype=np.int64)
+            want[g.index_of(cn.analysis.circuit(g, mass=mass).node_ids)] = 1
+            np.testing.assert_array_equal(circuit_mask(g, mass), want)
+        row = store.entry(c)["row"]
+        stored = np.asarray(store.array("circuit", "units")[row])
+        np.testing.assert_array_equal(stored, circuit_mask(refs[c]))
