@@ -39,6 +39,7 @@ import os
 import socket
 import time
 import warnings
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -414,7 +415,6 @@ class CategoryStore(Mapping[str, Connectome]):
         return self._topology
 
     def _row(self, kind: str, column: str, name: str, entry: dict[str, Any], meta: dict[str, Any]) -> np.ndarray:
-        import zlib
 
         arr = self.array(kind, column)
         what = f"store {str(self.path)!r}, category {name!r}, column {kind}/{column}"
@@ -434,7 +434,8 @@ class CategoryStore(Mapping[str, Connectome]):
         names = list(self) if names is None else list(names)
         return np.array([self._entry(n)["row"] for n in names], dtype=np.int64)
 
-    def block(self, kind: str, column: str, rows: np.ndarray, start: int = 0, stop: int | None = None) -> np.ndarray:
+    def block(self, kind: str, column: str, rows: np.ndarray, start: int = 0, stop: int | None = None,
+              crc: list[int] | None = None) -> np.ndarray:
         """``array(kind, column)[rows, start:stop]``: the rows of many categories over a range of columns.
 
         Each chunk is read and decompressed once, by a few threads, straight into the result:
@@ -452,6 +453,9 @@ class CategoryStore(Mapping[str, Connectome]):
             Array rows (:meth:`rows`).
         start, stop : int
             Column range (default: all).
+        crc : list of int, optional
+            Running CRC-32 of each row, updated in place with the values read (by the reading
+            threads): over consecutive ranges it ends as the CRC-32 of each whole row.
 
         Returns
         -------
@@ -466,6 +470,8 @@ class CategoryStore(Mapping[str, Connectome]):
         if layout is None:
             for i, r in enumerate(rows):
                 out[i] = arr[int(r), start:stop]
+                if crc is not None:
+                    crc[i] = zlib.crc32(out[i], crc[i])
             return out
         chunk, fill = layout
         folder = self.path / kind / column / "c"
@@ -473,21 +479,23 @@ class CategoryStore(Mapping[str, Connectome]):
 
         zstd = Zstd()
 
-        def read(job: tuple[int, int]) -> None:
-            i, j = job
-            a, b = max(start, j * chunk), min(stop, (j + 1) * chunk)
-            try:
-                raw = (folder / str(int(rows[i])) / str(j)).read_bytes()
-            except FileNotFoundError:
-                out[i, a - start:b - start] = fill
-                return
-            if a == j * chunk and b - a == chunk:  # a whole chunk (zarr writes the last one full size too)
-                zstd.decode(raw, out=out[i, a - start:b - start])
-            else:
-                whole = np.frombuffer(zstd.decode(raw), dtype=out.dtype)
-                out[i, a - start:b - start] = whole[a - j * chunk:b - j * chunk]
+        def read(i: int) -> None:  # row i, chunk by chunk
+            for j in range(start // chunk, -(-stop // chunk)):
+                a, b = max(start, j * chunk), min(stop, (j + 1) * chunk)
+                try:
+                    raw = (folder / str(int(rows[i])) / str(j)).read_bytes()
+                except FileNotFoundError:
+                    out[i, a - start:b - start] = fill
+                    continue
+                if a == j * chunk and b - a == chunk:  # a whole chunk (zarr writes the last one full size too)
+                    zstd.decode(raw, out=out[i, a - start:b - start])
+                else:
+                    whole = np.frombuffer(zstd.decode(raw), dtype=out.dtype)
+                    out[i, a - start:b - start] = whole[a - j * chunk:b - j * chunk]
+            if crc is not None:
+                crc[i] = zlib.crc32(out[i], crc[i])
 
-        jobs = [(i, j) for i in range(rows.size) for j in range(start // chunk, -(-stop // chunk))]
+        jobs = range(rows.size)
         if len(jobs) < 8:
             for job in jobs:
                 read(job)
@@ -691,8 +699,6 @@ class StoreWriter:
         ``circuit``: optional mask of ``g``'s units in its circuit, shape (n_nodes,);
         ``row``: the row to write (processes splitting a run agree on them beforehand).
         """
-        import zlib
-
         from connectome.io import atomic_write
 
         name = str(name)

@@ -93,6 +93,8 @@ def test_opening_reads_no_column(tmp_path):
 
 
 def test_reading_a_block_of_rows_equals_zarr_whole_and_partial_chunks_missing_and_damaged(tmp_path, monkeypatch):
+    import zlib
+
     import connectome.store as store_mod
 
     monkeypatch.setattr(store_mod, "EDGE_CHUNK", 5)  # many small chunks, the last one partial
@@ -104,6 +106,10 @@ def test_reading_a_block_of_rows_equals_zarr_whole_and_partial_chunks_missing_an
     full = np.asarray(arr[:])[rows]
     for a, b in [(0, n), (0, 5), (5, 15), (3, 11), (5, 6), (n - n % 5, n), (n - 2, n), (10, 10)]:
         np.testing.assert_array_equal(store.block("edge", "weight", rows, a, b), full[:, a:b])
+    crc = [0] * rows.size
+    for a, b in [(0, 12), (12, 13), (13, n)]:  # consecutive ranges: the CRC-32 of whole rows
+        store.block("edge", "weight", rows, a, b, crc=crc)
+    assert crc == [zlib.crc32(np.ascontiguousarray(r)) for r in full]
     node = np.asarray(store.array("node", "attribution")[:])[rows]
     np.testing.assert_array_equal(store.block("node", "attribution", rows), node)
     (tmp_path / "s" / "edge" / "weight" / "c" / str(rows[1]) / "1").unlink()  # a missing chunk: NaN, as zarr reads it

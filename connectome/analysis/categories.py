@@ -217,9 +217,7 @@ def compare_store(store: Any, attr: str = "attribution", *, generalist: float = 
     n_edges = int(src.size)
     for a in range(0, n_edges, w):
         b = min(n_edges, a + w)
-        X = _read(store, weight, rows, slice(a, b), names, "edge/weight")
-        for i in range(k):
-            crc[i] = zlib.crc32(X[i], crc[i])
+        X = _read(store, weight, rows, slice(a, b), names, "edge/weight", crc)
         for li in grams:
             s, e = max(a, int(bounds[li])), min(b, int(bounds[li + 1]))
             if e > s:
@@ -268,10 +266,12 @@ def compare_store(store: Any, attr: str = "attribution", *, generalist: float = 
     )
 
 
-def _read(store: Any, arr: Any, rows: np.ndarray, cols: slice, names: list[str], column: str) -> np.ndarray:
-    """``arr[rows, cols]``; a chunk that does not decode is a BadFileError naming its category."""
-    try:
-        return store.block(*column.split("/"), rows, cols.start, cols.stop)  # whole chunks, each decompressed once
+def _read(store: Any, arr: Any, rows: np.ndarray, cols: slice, names: list[str], column: str,
+          crc: list[int] | None = None) -> np.ndarray:
+    """``arr[rows, cols]`` (``crc``: running CRC-32 of the rows, updated); a chunk that does not decode
+    is a BadFileError naming its category."""
+    try:  # whole chunks, each decompressed once
+        return store.block(*column.split("/"), rows, cols.start, cols.stop, crc=crc)
     except Exception as exc:  # noqa: BLE001 - a chunk that does not decode: find whose
         for i, r in enumerate(rows):
             try:
