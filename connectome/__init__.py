@@ -22,9 +22,9 @@ from connectome.errors import (
     ExtractionError,
 )
 from connectome.graph import Connectome, Layer
+from connectome._version import __version__
 from connectome.io import load
 
-__version__ = "0.1.0"
 
 __all__ = [
     "Connectome",

@@ -272,7 +272,6 @@ def _extract(a: argparse.Namespace, rank: int) -> int:
     from connectome.extract import iter_attribution_by_category
     from connectome.extract.distributed import agree
     from connectome.modelspec import load_data_spec, load_model_spec
-    from connectome.reporting import printable
 
     _check_out_dir(a.out)
     if a.batch_size < 1:
@@ -363,7 +362,6 @@ def _extract_store(a: argparse.Namespace, rank: int, spec: Any, data: Any, optio
 
     from connectome.extract import iter_attribution_by_category
     from connectome.extract.flow import _shared_done, write_stream
-    from connectome.reporting import printable
     from connectome.store import StoreWriter
 
     run_info = {"model": spec.name, "weights": a.weights, "data": _data_path(a.data) or a.data, "target": a.target}
@@ -474,7 +472,6 @@ def _with_run_meta(g: Any, where: str | None, spec_meta: dict[str, Any]) -> Any:
 def _tell_written(cname: str, g: Any, units: list[str]) -> None:
     """Print one line for a written category; note in ``units`` which output unit it was mapped
     to (said once at the end)."""
-    from connectome.reporting import printable
 
     tc, labels = g.meta.get("target_class"), g.layers[-1].labels
     if isinstance(tc, int):
@@ -662,7 +659,7 @@ def _annotated(g: Any) -> Any:
     """``g`` with centralities, Leiden communities and the circuit as node columns."""
     from connectome import analysis as an
 
-    measures = ["strength", "pagerank"] + (["flow"] if "attribution" in g.node_attrs else [])
+    measures = an.default_measures(g, betweenness=False)
     c = an.centrality(g, measures)
     try:
         p = an.communities(g, seed=0)

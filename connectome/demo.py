@@ -86,7 +86,7 @@ def run_demo(out: str | Path = "demo_out", progress: bool = True, n_per_class: i
                           "logits up to float32 rounding.")
     for cname, g in main.items():
         # Gephi files carry the analysis: centralities, Leiden community (node colour), circuit
-        g = an.annotate(g, centrality=an.centrality(g, ["strength", "pagerank", "flow"]),
+        g = an.annotate(g, centrality=an.centrality(g, an.default_measures(g, betweenness=False)),
                         partition=an.communities(g, seed=0), circuit=an.circuit(g, mass=MASS))
         main[cname] = g
         pruned = g.prune(top_k=8, by="abs_weight")

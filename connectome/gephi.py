@@ -1,12 +1,14 @@
-"""Read GraphML and GEXF files back into a Connectome, as Gephi (or connectome) wrote them.
+"""GraphML and GEXF for Gephi: the writers, and the readers of what Gephi (or connectome) wrote.
 
+The writers stream blocks of edges formatted from the arrays (neither the document nor a
+Python list of a whole column ever exists in memory) to a temporary file renamed into place.
 Gephi users filter, edit and analyse a graph there and save it again. What comes back is
 the graph they saw: the nodes and edges left, Gephi's own columns (``modularity_class``,
 ``Degree`` ...) beside ours, positions and colours of its layout. This module keeps the
 wiring and every numeric column and drops the drawing:
 
 - node ids are ``"<layer>:<unit>"`` or carry ``layer`` and ``index`` columns (both as written
-  by :func:`connectome.io.write_graphml` / ``write_gexf``);
+  by :func:`write_graphml` / :func:`write_gexf`);
 - the order of the layers, which Gephi does not keep, is the order the edges impose (every
   edge goes forward), ties broken by the nodes' mean ``x`` (the exported layout puts layer
   ``i`` at ``x = 200 i``) and then by the order of first appearance;
@@ -26,17 +28,22 @@ import contextlib
 import gc
 import io
 import json
+import re
 from xml.etree import ElementTree
+from xml.sax.saxutils import escape, quoteattr
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Callable, Iterator
 
 import numpy as np
 
-from connectome.errors import BadFileError, ConnectomeError
+from connectome.errors import BadFileError, ConnectomeError, ExportError
 from connectome.graph import Connectome, Layer
-from connectome.io import _clip, check_examples, warn_non_finite  # _clip: an id or index may be megabytes long
+from connectome._files import atomic_write
+from connectome.drawing import layout, node_colors, node_sizes
+from connectome.npzformat import _clip, check_examples, warn_non_finite  # _clip: an id or index may be megabytes long
+from connectome.patches import top_example
 
-__all__ = ["read_graphml", "read_gexf", "read"]
+__all__ = ["read_graphml", "read_gexf", "read", "write_graphml", "write_gexf", "xml_safe"]
 
 #: Node keys that describe the drawing, not the unit.
 DRAWING_KEYS = frozenset({"x", "y", "z", "size", "r", "g", "b", "viz", "label", "Label", "id", "Id"})
@@ -429,3 +436,286 @@ def _layer_order(names: list[str], layer_row: np.ndarray, x: np.ndarray, src_lay
         raise ConnectomeError(f"{str(path)!r}: the edges between layers {stuck} form a cycle, so no layer order "
                               "makes every edge go forward")
     return order
+
+
+# ---------------------------------------------------------------------------- XML text
+# XML 1.0 cannot carry these characters, not even as character references: the C0 controls
+# other than tab, LF and CR; lone surrogates (Python's stand-ins for file-name bytes that are
+# not UTF-8); U+FFFE and U+FFFF. Writers put U+FFFD (the replacement character) in their place.
+_XML_ILLEGAL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def xml_safe(s: str) -> str:
+    """``s`` with each character that XML 1.0 forbids replaced by U+FFFD."""
+    return _XML_ILLEGAL.sub("\ufffd", s)
+
+
+def _text(v: Any) -> str:
+    """Element content; a CR as a reference, since parsers turn a literal one into LF."""
+    return escape(xml_safe(str(v)), {"\r": "&#13;"})
+
+
+def _attr(v: Any) -> str:
+    """A quoted attribute value (``quoteattr`` writes tab, LF and CR as references)."""
+    return quoteattr(xml_safe(str(v)))
+
+
+def _fmt(v: Any) -> str:
+    """A number as XML text (the spellings Gephi and networkx read for non-finite values)."""
+    if isinstance(v, (float, np.floating)):
+        return repr(float(v)) if np.isfinite(v) else ("NaN" if np.isnan(v) else ("INF" if v > 0 else "-INF"))
+    if isinstance(v, (bool, np.bool_)):
+        return "true" if v else "false"
+    return str(v)
+
+
+_BOOL_TEXT = np.array(["false", "true"], dtype=object)
+_NUMERIC = "biuf"
+
+
+def _number_texts(a: np.ndarray) -> list[str]:
+    """Text of each value of a numeric array, formatted in C in one call per block.
+
+    Floats take 17 significant digits, which read back as exactly the same double; that is
+    half the time of the shortest representation (``repr``).
+    """
+    if a.dtype.kind == "b":
+        return _BOOL_TEXT[a.astype(np.intp)].tolist()
+    if a.dtype.kind in "iu":
+        return (("%d\n" * a.size) % tuple(a.tolist())).split("\n")[:-1]
+    f = a.astype(np.float64, copy=False)
+    out = (("%.17g\n" * f.size) % tuple(f.tolist())).split("\n")[:-1]
+    bad = ~np.isfinite(f)
+    if bad.any():
+        for i in np.flatnonzero(bad).tolist():
+            out[i] = _fmt(f[i])
+    return out
+
+
+def _xml_type(arr: np.ndarray) -> str:
+    kind = arr.dtype.kind
+    if kind == "b":
+        return "boolean"
+    if kind in "iu":
+        return "long"
+    if kind == "f":
+        return "double"
+    return "string"
+
+
+class _Column:
+    """One attribute column of the export: how to spell a block of it, and its XML type."""
+
+    def __init__(self, values: np.ndarray, in_attribute: bool):
+        self.values = values
+        self.type = _xml_type(values)
+        self.numeric = values.dtype.kind in _NUMERIC
+        quote = _attr if in_attribute else _text
+        self._quote = quote
+        # numbers need no escaping; in an attribute they still need their quotes
+        self.slot = '"%s"' if (self.numeric and in_attribute) else "%s"
+
+    def texts(self, start: int, stop: int) -> list[str]:
+        block = self.values[start:stop]
+        if self.numeric:
+            return _number_texts(block)
+        return [self._quote(v) for v in block.tolist()]
+
+
+def _rows(fh: IO[str], n: int, row: str, cols: list[Callable[[int, int], list[str]]], block: int = 8192) -> None:
+    """Write ``n`` rows: ``row`` is a template with one ``%s`` per entry of ``cols``, each a
+    function giving the texts of rows ``start..stop``. A block of rows is one ``"".join`` of
+    the template's constant pieces interleaved with the columns: the per-row work stays in C."""
+    pieces: list[str | Callable[[int, int], list[str]]] = []
+    consts = row.split("%s")
+    if len(consts) != len(cols) + 1:
+        raise ValueError(f"row template has {len(consts) - 1} slots for {len(cols)} columns")
+    for j, const in enumerate(consts):
+        if const:
+            pieces.append(const)
+        if j < len(cols):
+            pieces.append(cols[j])
+    width = len(pieces)
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        k = stop - start
+        parts: list[str] = [""] * (k * width)
+        for j, piece in enumerate(pieces):
+            parts[j::width] = [piece] * k if isinstance(piece, str) else piece(start, stop)
+        fh.write("".join(parts))
+
+
+def _distinct(names: list[str], what: str) -> None:
+    seen: dict[str, str] = {}
+    for name in names:
+        safe = xml_safe(name)
+        if safe in seen and seen[safe] != name:
+            raise ExportError(
+                f"{what} {seen[safe]!r} and {name!r} differ only in characters XML 1.0 cannot carry; rename one"
+            )
+        seen[safe] = name
+
+
+def _export_columns(g: Connectome, in_attribute: bool) -> tuple[dict[str, _Column], dict[str, _Column]]:
+    """Node columns (Gephi's keys first, then every node attribute) and further edge columns."""
+    if not isinstance(g, Connectome):
+        raise ExportError(f"expected a Connectome, got {type(g).__name__}")
+    _distinct([l.name for l in g.layers], "layers")
+    _distinct(list(g.node_attrs), "node attributes")
+    _distinct(list(g.edge_attrs), "edge attributes")
+    x, y = layout(g)
+    rgb = node_colors(g)
+    sizes = np.array([l.size for l in g.layers], dtype=np.int64)  # int also when there are no layers
+    node_cols: dict[str, np.ndarray] = {
+        "label": g.node_labels,
+        "layer": np.repeat(np.array([l.name for l in g.layers], dtype=object), sizes),
+        "kind": np.repeat(np.array([l.kind for l in g.layers], dtype=object), sizes),
+        "index": g.node_units,
+        "x": x,
+        "y": y,
+        "size": node_sizes(g),
+        "r": rgb[:, 0],
+        "g": rgb[:, 1],
+        "b": rgb[:, 2],
+    }
+    for k, v in g.node_attrs.items():
+        if k in node_cols:
+            raise ExportError(f"node attribute {k!r} collides with a Gephi key; rename it with with_node_attrs")
+        node_cols[k] = v
+    if "example_index_0" in g.node_attrs and (g.meta.get("examples") or {}).get("paths") \
+            and "example_path" not in node_cols:  # each unit's top image, for a Gephi user to open
+        node_cols["example_path"] = np.asarray(top_example(g)[1], dtype=object)
+    for k in g.edge_attrs:
+        if k in ("weight", "signed_weight"):
+            raise ExportError(f"edge attribute {k!r} collides with a reserved key")
+    return ({k: _Column(v, in_attribute) for k, v in node_cols.items()},
+            {k: _Column(v, in_attribute) for k, v in g.edge_attrs.items()})
+
+
+class _Weights:
+    """``|w|`` and ``w`` of a block of edges from one formatting pass: ``w`` is a sign and ``|w|``."""
+
+    _SIGN = np.array(["", "-"], dtype=object)
+
+    def __init__(self, g: Connectome):
+        self.w = g.weight
+        self._cache: tuple[int, list[str], list[str]] | None = None
+
+    def _block(self, start: int, stop: int) -> tuple[list[str], list[str]]:
+        if self._cache is None or self._cache[0] != start:
+            w = self.w[start:stop].astype(np.float64)
+            neg = np.signbit(w) & ~np.isnan(w)
+            self._cache = (start, _number_texts(np.abs(w)), self._SIGN[neg.astype(np.intp)].tolist())
+        return self._cache[1], self._cache[2]
+
+    def magnitude(self, start: int, stop: int) -> list[str]:
+        return self._block(start, stop)[0]
+
+    def sign(self, start: int, stop: int) -> list[str]:
+        return self._block(start, stop)[1]
+
+
+def _ids(g: Connectome) -> np.ndarray:
+    """Each node id as a quoted attribute value, ready to be picked by edge endpoints."""
+    return np.array([_attr(i) for i in g.node_ids.tolist()], dtype=object)
+
+
+def write_graphml(g: Connectome, path: Any) -> None:
+    """Write GraphML that Gephi opens as a layered diagram.
+
+    Node keys ``label, x, y, size, r, g, b`` are read by Gephi as label, position, size and
+    colour; ``layer``, ``kind``, ``index`` and every node attribute travel too. Edge ``weight``
+    is ``|w|`` (Gephi wants positive weights); the signed value is ``signed_weight``.
+
+    The file is always well-formed XML 1.0: characters XML cannot carry (C0 controls other
+    than tab, LF and CR, lone surrogates, U+FFFE, U+FFFF) are written as U+FFFD, and CR is
+    written as a character reference so that it survives reading. Floats are written with
+    17 significant digits and read back exactly.
+
+    Parameters
+    ----------
+    g : Connectome
+    path : str or PathLike
+
+    Raises
+    ------
+    ExportError
+        The folder does not exist, an attribute name collides with a Gephi key, or two layer
+        or attribute names differ only in characters XML cannot carry.
+    """
+    node_cols, edge_cols = _export_columns(g, in_attribute=False)
+    ids = _ids(g)
+    weights = _Weights(g)
+    src, dst = g.src, g.dst
+    with atomic_write(path, "w") as fh:
+        fh.write('<?xml version="1.0" encoding="UTF-8"?>\n')
+        fh.write(
+            '<graphml xmlns="http://graphml.graphdrawing.org/xmlns" '
+            'xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" '
+            'xsi:schemaLocation="http://graphml.graphdrawing.org/xmlns '
+            'http://graphml.graphdrawing.org/xmlns/1.0/graphml.xsd">\n'
+        )
+        for i, (k, c) in enumerate(node_cols.items()):
+            fh.write(f'  <key id="n{i}" for="node" attr.name={_attr(k)} attr.type="{c.type}"/>\n')
+        fh.write('  <key id="e0" for="edge" attr.name="weight" attr.type="double"/>\n')
+        fh.write('  <key id="e1" for="edge" attr.name="signed_weight" attr.type="double"/>\n')
+        for i, (k, c) in enumerate(edge_cols.items(), start=2):
+            fh.write(f'  <key id="e{i}" for="edge" attr.name={_attr(k)} attr.type="{c.type}"/>\n')
+        fh.write('  <key id="g0" for="graph" attr.name="meta" attr.type="string"/>\n')
+        fh.write('  <graph id="G" edgedefault="directed">\n')
+        fh.write(f'    <data key="g0">{_text(json.dumps(g.meta))}</data>\n')
+        row = "    <node id=%s>" + "".join(f'<data key="n{i}">%s</data>' for i in range(len(node_cols))) + "</node>\n"
+        _rows(fh, g.num_nodes, row, [lambda a, b: ids[a:b].tolist()] + [c.texts for c in node_cols.values()])
+        row = ('    <edge source=%s target=%s><data key="e0">%s</data><data key="e1">%s%s</data>'
+               + "".join(f'<data key="e{i}">%s</data>' for i in range(2, 2 + len(edge_cols))) + "</edge>\n")
+        _rows(fh, g.num_edges, row, [lambda a, b: ids[src[a:b]].tolist(), lambda a, b: ids[dst[a:b]].tolist(),
+                                     weights.magnitude, weights.sign, weights.magnitude]
+              + [c.texts for c in edge_cols.values()])
+        fh.write("  </graph>\n</graphml>\n")
+
+
+def write_gexf(g: Connectome, path: Any) -> None:
+    """Write GEXF 1.2 with ``viz:position``, ``viz:color`` and ``viz:size`` for Gephi.
+
+    Carries the same attributes as :func:`write_graphml`; edge ``weight`` is ``|w|`` and the
+    signed value is the ``signed_weight`` attribute. Text is made XML-safe as there.
+    """
+    node_cols, edge_cols = _export_columns(g, in_attribute=True)
+    viz = ("label", "x", "y", "size", "r", "g", "b")
+    n_attrs = {k: c for k, c in node_cols.items() if k not in viz}
+    ids = _ids(g)
+    weights = _Weights(g)
+    src, dst = g.src, g.dst
+    with atomic_write(path, "w") as fh:
+        fh.write('<?xml version="1.0" encoding="UTF-8"?>\n')
+        fh.write(
+            '<gexf xmlns="http://www.gexf.net/1.2draft" xmlns:viz="http://www.gexf.net/1.2draft/viz" '
+            'version="1.2">\n'
+        )
+        fh.write(f"  <meta><description>{_text(json.dumps(g.meta))}</description></meta>\n")
+        fh.write('  <graph defaultedgetype="directed" mode="static">\n')
+        fh.write('    <attributes class="node" mode="static">\n')
+        for i, (k, c) in enumerate(n_attrs.items()):
+            fh.write(f'      <attribute id="{i}" title={_attr(k)} type="{c.type}"/>\n')
+        fh.write("    </attributes>\n")
+        fh.write('    <attributes class="edge" mode="static">\n')
+        fh.write('      <attribute id="0" title="signed_weight" type="double"/>\n')
+        for i, (k, c) in enumerate(edge_cols.items(), start=1):
+            fh.write(f'      <attribute id="{i}" title={_attr(k)} type="{c.type}"/>\n')
+        fh.write("    </attributes>\n")
+        fh.write("    <nodes>\n")
+        v = node_cols
+        row = ("      <node id=%s label=%s><attvalues>"
+               + "".join(f'<attvalue for="{i}" value={c.slot}/>' for i, c in enumerate(n_attrs.values()))
+               + f'</attvalues><viz:size value={v["size"].slot}/><viz:position x={v["x"].slot} y={v["y"].slot} '
+               f'z="0.0"/><viz:color r={v["r"].slot} g={v["g"].slot} b={v["b"].slot}/></node>\n')
+        _rows(fh, g.num_nodes, row, [lambda a, b: ids[a:b].tolist(), v["label"].texts]
+              + [c.texts for c in n_attrs.values()] + [v[k].texts for k in ("size", "x", "y", "r", "g", "b")])
+        fh.write("    </nodes>\n    <edges>\n")
+        row = ('      <edge id="%s" source=%s target=%s weight="%s"><attvalues><attvalue for="0" value="%s%s"/>'
+               + "".join(f'<attvalue for="{i}" value={c.slot}/>' for i, c in enumerate(edge_cols.values(), start=1))
+               + "</attvalues></edge>\n")
+        _rows(fh, g.num_edges, row, [lambda a, b: _number_texts(np.arange(a, b)), lambda a, b: ids[src[a:b]].tolist(),
+                                     lambda a, b: ids[dst[a:b]].tolist(), weights.magnitude, weights.sign,
+                                     weights.magnitude] + [c.texts for c in edge_cols.values()])
+        fh.write("    </edges>\n  </graph>\n</gexf>\n")

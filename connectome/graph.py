@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from connectome.errors import ConnectomeError, EmptyGraphError
+from connectome import npzformat
+from connectome.errors import BadFileError, ConnectomeError, EmptyGraphError
+from connectome.layer import Layer
 
 if TYPE_CHECKING:  # pragma: no cover
     import igraph
@@ -31,63 +33,6 @@ __all__ = ["Layer", "Connectome"]
 
 #: Above this many edges, to_networkx warns with the memory it will take first.
 NX_WARN_EDGES = 2_000_000
-
-@dataclass(frozen=True)
-class Layer:
-    """One layer of units.
-
-    Parameters
-    ----------
-    name : str
-        Module path (``"layer1.0.conv1"``) or a synthetic name (``"input"``, ``"logits"``).
-    kind : str
-        One of ``input, conv, linear, residual, concat, output, group, other``.
-    size : int
-        Number of units of this layer present in the graph.
-    labels : tuple of str, optional
-        One label per unit present (class names for the output layer).
-    module : str, optional
-        Module path in the model, when it differs from ``name``.
-    """
-
-    name: str
-    kind: str = "other"
-    size: int = 0
-    labels: tuple[str, ...] | None = None
-    module: str | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name or ":" in self.name:
-            raise ValueError(f"layer name must be a non-empty string without ':', got {self.name!r}")
-        if self.size < 0:
-            raise ValueError(f"layer {self.name!r}: size must be >= 0, got {self.size}")
-        if self.labels is not None:
-            object.__setattr__(self, "labels", tuple(str(s) for s in self.labels))
-            if len(self.labels) != self.size:
-                raise ValueError(
-                    f"layer {self.name!r}: {len(self.labels)} labels for {self.size} units"
-                )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "kind": self.kind,
-            "size": int(self.size),
-            "labels": list(self.labels) if self.labels is not None else None,
-            "module": self.module,
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Layer:
-        labels = d.get("labels")
-        return cls(
-            name=str(d["name"]),
-            kind=str(d.get("kind", "other")),
-            size=int(d["size"]),
-            labels=tuple(labels) if labels is not None else None,
-            module=d.get("module"),
-        )
-
 
 def _as_layer(spec: Layer | Sequence[Any] | Mapping[str, Any]) -> Layer:
     if isinstance(spec, Layer):
@@ -886,9 +831,28 @@ class Connectome:
     # ------------------------------------------------------------------ files
     def save(self, path: PathLike) -> None:
         """Write the graph to one ``.npz`` file, atomically (see :func:`connectome.io.save`)."""
-        from connectome import io
+        npzformat.save(self, path)
 
-        io.save(self, path)
+    @classmethod
+    def from_npz(cls, path: PathLike, *, stacklevel: int = 1) -> Connectome:
+        """The graph in one ``.npz`` file written by :meth:`save` (see :func:`connectome.io.load`).
+
+        ``stacklevel`` names the frame a warning about non-finite values points at: 1 is the
+        caller of this method, 2 its caller, and so on.
+
+        Raises
+        ------
+        BadFileError
+            The file is missing, not an ``.npz``, truncated, damaged, or not a connectome.
+        """
+        ps = str(path)
+        parts = npzformat.read_parts(path)
+        try:
+            g = cls(**parts)
+        except (ConnectomeError, TypeError, ValueError) as exc:
+            raise BadFileError(f"{ps!r} holds inconsistent arrays ({npzformat.one_line(exc)}); the file is damaged") from None
+        npzformat.warn_non_finite(g, ps, stacklevel=stacklevel + 2)
+        return g
 
     # ------------------------------------------------------------------ comparisons, repr
     def equals(self, other: Connectome, exact: bool = True) -> bool:

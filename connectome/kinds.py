@@ -50,24 +50,22 @@ class KindInfo:
     edges: str | None  # DENSE, IDENTITY, or None (no incoming edges)
     hidden: bool  # units that analyses may ablate, match and group (not the image, not the logits)
     hue: float  # HSV hue in Gephi files and figures coloured by kind
-    saturation: float = 0.55
-    doc: str = ""
+    saturation: float = 0.55  # HSV saturation there: 0 draws the kind grey (the image), lower is quieter
 
 
 KINDS: dict[str, KindInfo] = {
     k.name: k
     for k in (
-        KindInfo(Kind.INPUT, None, False, 0.0, 0.0, "the image's channels"),
-        KindInfo(Kind.CONV, DENSE, True, 0.58, doc="output channels of a convolution"),
-        KindInfo(Kind.LINEAR, DENSE, True, 0.75, doc="output features of a Linear (also over the last dim of a "
-                                                       "channels-last or token tensor)"),
-        KindInfo(Kind.RESIDUAL, IDENTITY, True, 0.33, doc="a residual add or sub of data tensors"),
-        KindInfo(Kind.CONCAT, IDENTITY, True, 0.12, doc="operands concatenated along the units"),
-        KindInfo(Kind.OUTPUT, DENSE, False, 0.95, doc="the logits"),
+        KindInfo(Kind.INPUT, None, False, 0.0, 0.0),
+        KindInfo(Kind.CONV, DENSE, True, 0.58),
+        KindInfo(Kind.LINEAR, DENSE, True, 0.75),
+        KindInfo(Kind.RESIDUAL, IDENTITY, True, 0.33),
+        KindInfo(Kind.CONCAT, IDENTITY, True, 0.12),
+        KindInfo(Kind.OUTPUT, DENSE, False, 0.95),
     )
 }
 
-_OTHER = KindInfo("other", None, True, 0.0, 0.3, "a kind outside the extraction vocabulary")
+_OTHER = KindInfo("other", None, True, 0.0, 0.3)  # a kind outside the extraction vocabulary: quieter
 
 
 def info(kind: str) -> KindInfo:

@@ -24,20 +24,21 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import re
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
 from connectome.errors import ConnectomeError, DataError
-from connectome.graph import Connectome
+from connectome.example_slots import COLUMN as _COLUMN
+from connectome.example_slots import LISTS
+
+if TYPE_CHECKING:
+    from connectome.graph import Connectome
 
 __all__ = ["LISTS", "example_columns", "has_examples", "example_arrays", "crop_box", "with_examples",
            "image_source", "unit_patches", "top_example", "examples_key"]
 
-LISTS = {"activation": "example", "attribution": "example_attr"}
-_COLUMN = re.compile(r"^(example|example_attr)_(index|value|pos)_(\d+)$")
 
 
 def example_columns(prefix: str, index: np.ndarray, value: np.ndarray, pos: np.ndarray) -> dict[str, np.ndarray]:

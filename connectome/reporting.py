@@ -14,10 +14,10 @@ from typing import Any, Iterator
 import numpy as np
 
 
-from connectome._text import printable
 from connectome.errors import ConnectomeError
 from connectome.graph import Connectome
 from connectome.kinds import is_hidden
+from connectome.viz.display import for_display
 
 __all__ = ["ReportResult", "graph_report", "compare_report", "graph_sections", "table"]
 
@@ -51,27 +51,6 @@ def _numeric(s: str) -> bool:
         return True
     except ValueError:
         return False
-
-
-def _printable_json(v: Any) -> Any:
-    if isinstance(v, str):
-        return printable(v)
-    if isinstance(v, dict):
-        return {k: _printable_json(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_printable_json(x) for x in v]
-    return v
-
-
-def for_display(g: Connectome) -> Connectome:
-    """``g`` with unit labels and ``meta`` made :func:`~connectome._text.printable`: control
-    characters shown as escapes, non-UTF-8 bytes of folder names as U+FFFD. The example
-    image paths (``meta["examples"]``) are kept as they are: they are read, not shown."""
-    for l in g.layers:
-        if l.labels is not None and any(printable(s) != s for s in l.labels):
-            g = g.with_labels(l.name, [printable(s) for s in l.labels])
-    meta = {k: v if k == "examples" else _printable_json(v) for k, v in g.meta.items()}
-    return g if meta == g.meta else g.with_meta(**meta)
 
 
 @contextmanager
@@ -116,7 +95,7 @@ def graph_sections(g: Connectome, top: int = 10, seed: int = 0, report: Any = No
     text: list[str] = [repr(g), ""]
     # hubs
     if measures is None:
-        measures = ["strength", "pagerank"] + (["flow"] if "attribution" in g.node_attrs else [])
+        measures = an.default_measures(g, betweenness=False)
     measures = list(dict.fromkeys([*measures, "pagerank"]))  # the hub table ranks by pagerank too
     c = an.centrality(g, measures, betweenness_samples=betweenness_samples, seed=seed)
     if "betweenness" in c:

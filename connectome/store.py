@@ -46,8 +46,10 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from connectome._files import _pid_alive, atomic_write
 from connectome.errors import BadFileError, ConnectomeError
 from connectome.graph import Connectome, Layer
+from connectome.npzformat import FORMAT, _check_header
 
 __all__ = ["CategoryStore", "StoreWriter", "FolderOfGraphs", "WriterLock", "open_folder", "is_store",
            "LOCK_NAME", "STORE_FORMAT", "STORE_VERSION"]
@@ -108,8 +110,6 @@ class WriterLock:
         return data if isinstance(data, dict) else {}
 
     def acquire(self) -> None:
-        from connectome.io import _pid_alive
-
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.folder / f".{LOCK_NAME}.{self.mine['pid']}.{int(self.mine['started'] * 1e6)}.tmp"
         tmp.write_text(json.dumps(self.mine), encoding="utf-8")
@@ -202,11 +202,9 @@ class FolderOfGraphs(Mapping[str, Connectome]):
                                "run extract again or pass the .npz files") from None
 
     def __getitem__(self, name: str) -> Connectome:
-        from connectome.io import load
-
         if name not in self.files:
             raise _unknown(name, list(self.files), repr(str(self.path)))
-        return load(self.path / self.files[name])
+        return Connectome.from_npz(self.path / self.files[name])
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.files)
@@ -378,8 +376,6 @@ class CategoryStore(Mapping[str, Connectome]):
 
     def layers(self) -> tuple[Layer, ...]:
         """The layers, from the group's attributes (no array read)."""
-        from connectome.io import FORMAT, _check_header
-
         header = {"format": FORMAT, "version": 1, "layers": self.info.get("layers"), "meta": {},
                   "node_attrs": [], "edge_attrs": []}
         return tuple(_check_header(header, f"store {str(self.path)}"))
@@ -699,8 +695,6 @@ class StoreWriter:
         ``circuit``: optional mask of ``g``'s units in its circuit, shape (n_nodes,);
         ``row``: the row to write (processes splitting a run agree on them beforehand).
         """
-        from connectome.io import atomic_write
-
         name = str(name)
         if self._topology is None:
             self._write_topology(g)
@@ -740,8 +734,6 @@ class StoreWriter:
         self._write_manifest()
 
     def _write_manifest(self) -> None:
-        from connectome.io import atomic_write
-
         name, entries = (MANIFEST, self.entries) if self.part is None else (f"manifest.rank{self.part}.json", self._mine)
         with atomic_write(self.path / name, "w") as fh:
             json.dump({"format": STORE_FORMAT, "version": STORE_VERSION, "categories": entries}, fh)

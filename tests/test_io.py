@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import connectome as cn
+from connectome import _files, gephi, npzformat
 from connectome import io as cio
 from connectome.errors import BadFileError, ExportError
 from connectome.graph import Connectome, Layer
@@ -92,7 +93,7 @@ def test_failed_save_leaves_nothing(g, tmp_path, monkeypatch):
         fh.write(b"PK\x03\x04 half a zip")
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(cio.np, "savez_compressed", broken)
+    monkeypatch.setattr(npzformat.np, "savez_compressed", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         g.save(tmp_path / "g.npz")
     assert listing(tmp_path) == []
@@ -107,7 +108,7 @@ def test_failed_overwrite_keeps_the_old_file(g, tmp_path, monkeypatch):
         fh.write(b"garbage")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cio.np, "savez_compressed", broken)
+    monkeypatch.setattr(npzformat.np, "savez_compressed", broken)
     with pytest.raises(KeyboardInterrupt):
         make_graph(1).save(p)
     assert p.read_bytes() == before
@@ -117,7 +118,7 @@ def test_failed_overwrite_keeps_the_old_file(g, tmp_path, monkeypatch):
 @pytest.mark.parametrize("writer", ["graphml", "gexf"])
 def test_failed_export_leaves_nothing(g, tmp_path, monkeypatch, writer):
     calls = {"n": 0}
-    real = cio._number_texts
+    real = gephi._number_texts
 
     def flaky(v):
         calls["n"] += 1
@@ -125,7 +126,7 @@ def test_failed_export_leaves_nothing(g, tmp_path, monkeypatch, writer):
             raise OSError("disk full")
         return real(v)
 
-    monkeypatch.setattr(cio, "_number_texts", flaky)
+    monkeypatch.setattr(gephi, "_number_texts", flaky)
     with pytest.raises(OSError, match="disk full"):
         getattr(cio, f"write_{writer}")(g, tmp_path / f"g.{writer}")
     assert calls["n"] > 3
@@ -679,7 +680,7 @@ def test_long_file_names_within_the_limit_can_be_written(g, tmp_path):
 
 
 def test_gephi_community_colours_are_the_figures_colours():
-    from connectome.viz.palette import community_rgb
+    from connectome.palette import community_rgb
 
     g = make_graph()
     labels = np.arange(g.num_nodes) % 4
@@ -688,16 +689,32 @@ def test_gephi_community_colours_are_the_figures_colours():
     np.testing.assert_array_equal(cio.node_colors(g), expect)
 
 
+def test_kind_colours_follow_the_kinds_table(monkeypatch):
+    """Hue and saturation both come from connectome/kinds.py (the saturation was a second,
+    hard-coded table: 0.55, or 0 for the image); a kind outside the table is drawn quieter."""
+    import colorsys
+
+    from connectome import kinds
+
+    g = Connectome.from_edges([("x", "input", 2), ("c", "conv", 2), ("grp", "group", 1), ("o", "output", 2)],
+                              [("x:0", "c:0", 1.0), ("c:1", "grp:0", 1.0), ("grp:0", "o:1", 1.0)])
+    hsv = {"input": (0.0, 0.0), "conv": (0.58, 0.55), "group": (0.0, 0.3), "output": (0.95, 0.55)}
+    expect = [colorsys.hsv_to_rgb(*hsv[l.kind], 0.85) for l in g.layers for _ in range(l.size)]
+    np.testing.assert_array_equal(cio.node_colors(g), np.round(np.asarray(expect) * 255).astype(np.int64))
+    monkeypatch.setitem(kinds.KINDS, "conv", kinds.KindInfo("conv", kinds.DENSE, True, 0.58, 1.0))
+    assert cio.node_colors(g)[2].tolist() == np.round(np.asarray(colorsys.hsv_to_rgb(0.58, 1.0, 0.85)) * 255).tolist()
+
+
 def test_a_folder_is_scanned_for_stale_temps_once_per_interval(g, tmp_path, monkeypatch):
     """Writing n files into one folder (export --examples: one per unit) scanned the whole folder
     per file, quadratic in n; now once per STALE_AFTER_S, the age a temp file needs to be stale."""
     scans = []
-    real = cio._remove_stale_temps
-    monkeypatch.setattr(cio, "_remove_stale_temps", lambda folder: scans.append(folder) or real(folder))
+    real = _files._remove_stale_temps
+    monkeypatch.setattr(_files, "_remove_stale_temps", lambda folder: scans.append(folder) or real(folder))
     for i in range(20):
         with cio.atomic_write(tmp_path / f"u{i}.bin", "wb") as fh:
             fh.write(b"x")
     assert len(scans) == 1
-    monkeypatch.setitem(cio._LAST_SCAN, str(tmp_path.resolve()), -cio.STALE_AFTER_S - 1.0)  # long ago
+    monkeypatch.setitem(_files._LAST_SCAN, str(tmp_path.resolve()), -cio.STALE_AFTER_S - 1.0)  # long ago
     g.save(tmp_path / "g.npz")
     assert len(scans) == 2

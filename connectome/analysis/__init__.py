@@ -13,7 +13,7 @@ import importlib
 from typing import Any
 
 from connectome.analysis.annotate import annotate
-from connectome.analysis.centrality import MEASURES, centrality, strength, top_nodes
+from connectome.analysis.centrality import MEASURES, centrality, default_measures, strength, top_nodes
 from connectome.analysis.circuits import GroupGraph, circuit, neuron_groups, relative_depth, top_contributors
 from connectome.analysis.circuits import flow_share
 from connectome.analysis.communities import Community, Partition, ResolutionSweep, SweepRow, communities, resolution_sweep
@@ -49,7 +49,8 @@ __all__ = sorted([
     "centrality", "strength", "top_nodes", "GroupGraph", "circuit", "neuron_groups", "relative_depth",
     "top_contributors", "flow_share", "Partition", "communities", "resolution_sweep", "CategoryCorrelation", "Comparison",
     "LayerComparison", "compare", "compare_categories", "Match", "MatchList", "find_analogous", "hub_roles",
-    "motif_counts", "null_models", "rich_club", "significance", "MEASURES", "Community", "ResolutionSweep",
+    "motif_counts", "null_models", "rich_club", "significance", "MEASURES", "default_measures", "Community",
+    "ResolutionSweep",
     "SweepRow", "NullStat", "Significance", "Trajectory", "trajectory", *_LAZY,
     "faithfulness", "FaithfulnessResult", "CategoryFaithfulness",
 ])

@@ -30,7 +30,8 @@ from connectome.analysis._util import seeded_igraph as _seeded_igraph
 from connectome.errors import ConnectomeError
 from connectome.graph import Connectome
 
-__all__ = ["centrality", "strength", "top_nodes", "MEASURES", "CentralityResult", "auto_betweenness_samples"]
+__all__ = ["centrality", "strength", "top_nodes", "MEASURES", "DEFAULT_MEASURES", "default_measures", "CentralityResult",
+           "auto_betweenness_samples"]
 
 #: Every measure :func:`centrality` knows, in the order results are returned.
 MEASURES = (
@@ -205,6 +206,15 @@ def _betweenness(
     return raw * scale
 
 
+def default_measures(g: Connectome, betweenness: bool = True) -> list[str]:
+    """The measures :func:`centrality` computes by default: :data:`DEFAULT_MEASURES`, ``flow``
+    only when ``g`` has node attribution, ``betweenness`` only when asked (the command line
+    and reports leave it out: it is the one that does not scale linearly with the edges).
+    """
+    return [m for m in DEFAULT_MEASURES
+            if (m != "flow" or "attribution" in g.node_attrs) and (m != "betweenness" or betweenness)]
+
+
 def centrality(
     g: Connectome,
     measures: Sequence[str] | str | None = None,
@@ -320,7 +330,7 @@ def centrality(
     """
     _check_nonempty(g, "centrality")
     if measures is None:
-        measures = [m for m in DEFAULT_MEASURES if m != "flow" or "attribution" in g.node_attrs]
+        measures = default_measures(g)
     elif isinstance(measures, str):
         measures = [measures]
     measures = list(dict.fromkeys(measures))

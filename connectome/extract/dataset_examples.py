@@ -32,27 +32,14 @@ import numpy as np
 import torch
 from torch.utils.data import Subset
 
+from connectome._version import versions
+from connectome.extract.labels import labels_for_output
+from connectome.extract.topk import INDEX, POS, VALUE
 from connectome.kinds import Kind
 from connectome.patches import LISTS, example_columns
 
-__all__ = ["ExampleTracker", "ImageOrder", "examples", "topk_merge"]
+__all__ = ["ExampleTracker", "ImageOrder", "examples"]
 
-VALUE, INDEX, POS = 0, 1, 2  # columns of a top-k state tensor (rows, k, 3)
-
-
-def topk_merge(cand: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k`` best of candidate triples ``(value, image index, position)`` per row.
-
-    ``cand`` has shape ``(rows, m, 3)``; the result ``(rows, k, 3)`` is ordered by value,
-    largest first, ties by the smaller image index; empty slots (index -1, value -inf) last.
-    Used to merge the top-k of several processes, whose image indices interleave.
-    """
-    idx = cand[..., INDEX]
-    # two stable sorts make a lexicographic one: by value descending, then index ascending
-    o1 = torch.sort(torch.where(idx < 0, math.inf, idx), dim=1, stable=True).indices
-    c = cand.gather(1, o1[..., None].expand_as(cand))
-    o2 = torch.sort(c[..., VALUE], dim=1, descending=True, stable=True).indices[:, :k]
-    return c.gather(1, o2[..., None].expand(-1, -1, cand.shape[2]))
 
 
 def _merge(old: torch.Tensor, vals: torch.Tensor, pos: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -341,7 +328,6 @@ def examples(
     from connectome.extract.unit_sums import UnitView
     from connectome.extract.build import graph_layers
     from connectome.extract.data import make_loader, no_images_error, unpack_batch, warn_skipped
-    from connectome.extract.flow import _labels_for_output, _versions
     from connectome.extract.trace import run_nodes, trace_units
     from connectome.extract.targets import as_layer_names
     from connectome.graph import Connectome
@@ -408,8 +394,8 @@ def examples(
     used = np.concatenate([v for c, v in cols.items() if c.startswith("example_index_")])
     meta = {"model": name or type(model).__name__, "method": "examples", "n_images": seen,
             "examples": {**tracker.meta(), "lists": ["activation"], **order.describe(used)},
-            "seconds": round(time.perf_counter() - t0, 3), "device": str(dev), "versions": _versions()}
-    layers_ = graph_layers(ug, _labels_for_output(labels, info.classes, n_out))
+            "seconds": round(time.perf_counter() - t0, 3), "device": str(dev), "versions": versions()}
+    layers_ = graph_layers(ug, labels_for_output(labels, info.classes, n_out))
     units = np.concatenate([np.arange(l.size, dtype=np.int64) for l in layers_])
     empty = np.zeros(0, dtype=np.int64)
     return Connectome(layers=tuple(layers_), node_units=units, src=empty, dst=empty, weight=np.zeros(0),

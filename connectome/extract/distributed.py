@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, Sampler, Subset
 
 from connectome._safety import safe_torch_load
 from connectome.errors import BadFileError, ConnectomeError, DataError, UnsafeDependencyError
+from connectome.extract.topk import topk_merge
 
 __all__ = [
     "ShardSampler",
@@ -200,8 +201,6 @@ def _reduce(tensors: list[torch.Tensor], op: Any, comm: torch.device) -> None:
 
 def _merge_topk(tensors: list[torch.Tensor], comm: torch.device, world: int) -> None:
     """Top-k lists ``(rows, k, 3)`` of every rank merged in place: one all_gather, then the k best."""
-    from connectome.extract.dataset_examples import topk_merge
-
     flat = torch.cat([t.reshape(-1).to(comm, torch.float64) for t in tensors])
     parts = [torch.empty_like(flat) for _ in range(world)]
     dist.all_gather(parts, flat)

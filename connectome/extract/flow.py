@@ -41,6 +41,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from connectome._version import versions
+from connectome.extract.labels import label_map, labels_for_output
 from connectome.errors import ConnectomeError, DataError
 from connectome.extract._model import (check_model, eval_mode, model_dtype, model_on, no_inplace, precision_meta,
                                        precision_mode, resolve_device, resolve_precision, run_precision)
@@ -59,48 +61,6 @@ def _target_fn(target: Any, n_out: int, classes: Sequence[str] | None) -> tuple[
 
     t = resolve_target(target, n_out, classes)
     return t.logit, t.index
-
-
-def _norm_name(s: str) -> str:
-    return " ".join(str(s).replace("_", " ").split()).lower()
-
-
-def _label_map(classes: Sequence[str] | None, out_labels: Sequence[str] | None, n_out: int) -> torch.Tensor | None:
-    """Dataset label -> output unit, when the dataset's classes are not the output's units.
-
-    A folder of two ImageNet classes has labels 0 and 1, which are not the model's units 0
-    and 1: classes are matched to the output labels by name (case, spaces and underscores
-    ignored), or read as unit numbers when they are digits ("281"). ``None``: labels are
-    output units as they are.
-    """
-    if not classes:
-        return None
-    classes = [str(c) for c in classes]
-    if out_labels is not None and list(out_labels) != classes:
-        index = {_norm_name(s): i for i, s in enumerate(out_labels)}
-        found = [index.get(_norm_name(c)) for c in classes]
-        if all(i is not None for i in found):
-            return torch.tensor(found, dtype=torch.long)
-        if not all(c.isdigit() for c in classes):
-            missing = [c for c, i in zip(classes, found) if i is None]
-            raise DataError(
-                f"categories {missing[:5]} are not among the model's {len(out_labels)} class names; name the folders "
-                "after the output classes (or their unit numbers, e.g. '281')"
-            )
-    if len(classes) != n_out and all(c.isdigit() for c in classes):
-        return torch.tensor([int(c) for c in classes], dtype=torch.long)
-    return None
-
-
-def _labels_for_output(labels: Sequence[str] | None, classes: Sequence[str] | None, n_out: int) -> list[str] | None:
-    if labels is not None:
-        labels = [str(s) for s in labels]
-        if len(labels) != n_out:
-            raise ValueError(f"labels has {len(labels)} names for {n_out} output units")
-        return labels
-    if classes is not None and len(classes) == n_out:
-        return [str(s) for s in classes]
-    return None
 
 
 # ----------------------------------------------------------------------------- public API
@@ -262,7 +222,7 @@ def _attribution(model: nn.Module, info: Any, target: Any = "label", *, per_samp
         "category": category,
         "seconds": round(t_info["seconds"], 3),
         "skipped_images": len(t_info["skipped"]),
-        "versions": _versions(),
+        "versions": versions(),
     })
     # float32 flows computed in TF32 or bfloat16, and a 16-bit model's, are approximations, whatever the ops
     # (precision_meta says exact=False for those)
@@ -334,10 +294,10 @@ def _accumulate(model, info, target, dev, per_sample, precision, progress, max_i
                 trace_cache.clear()
                 trace_cache[key] = ug
         n_out = ug.layers[ug.output_layer].size
-        t_info["labels"] = _labels_for_output(labels, info.classes, n_out)
+        t_info["labels"] = labels_for_output(labels, info.classes, n_out)
         fn, t_info["target_class"] = _target_fn(target, n_out, t_info["labels"] or info.classes)
         # labels index the dataset's classes (the torchvision convention); map them to output units
-        t_info["label_map"] = _label_map(info.classes, t_info["labels"], n_out) if target == "label" else None
+        t_info["label_map"] = label_map(info.classes, t_info["labels"], n_out) if target == "label" else None
         if category_label is not None and target == "label":
             lm = t_info["label_map"]
             t_info["category_unit"] = int(lm[category_label]) if lm is not None and category_label < len(lm) \
@@ -816,8 +776,3 @@ class CategoryRun:
                 g = g.with_meta(target_class=int(label))
             yield cname, g
 
-
-def _versions() -> dict[str, str]:
-    import connectome
-
-    return {"connectome": connectome.__version__, "torch": torch.__version__}

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from connectome._version import versions
 from connectome.errors import ExtractionError
 from connectome.extract._model import check_model, eval_mode, model_device, model_dtype
 from connectome.extract.build import assemble, graph_layers
@@ -216,12 +217,7 @@ def weights(
         "reduce": reduce,
         "input_shape": list(shape),
         "seconds": round(time.perf_counter() - t0, 3),
-        "versions": _versions(),
+        "versions": versions(),
     }
     return assemble(ug, graph_layers(ug, labels), values, meta=meta, dtype=np.float32)
 
-
-def _versions() -> dict[str, str]:
-    import connectome
-
-    return {"connectome": connectome.__version__, "torch": torch.__version__}

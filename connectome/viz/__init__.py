@@ -25,7 +25,7 @@ from connectome.viz.charts import (
     plot_similarity,
 )
 from connectome.viz.circuits import plot_circuit, plot_groups
-from connectome.viz.palette import community_rgb
+from connectome.palette import community_rgb
 from connectome.viz.report import Report
 from connectome.viz.units import unit_cards
 from connectome.viz.viewer import write_viewer

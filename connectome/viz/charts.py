@@ -17,7 +17,7 @@ from connectome.viz._mpl import axes as _axes
 from connectome.viz._mpl import category_colors as _category_colors
 from connectome.viz._mpl import empty as _empty
 from connectome.viz._mpl import grid as _grid
-from connectome.viz.palette import community_legend, community_rgb
+from connectome.palette import community_legend, community_rgb
 
 __all__ = [
     "plot_hubs",

@@ -16,7 +16,7 @@ from connectome.graph import Connectome
 from connectome.io import node_colors, node_sizes
 from connectome.viz._mpl import axes as _axes
 from connectome.viz._mpl import empty as _empty
-from connectome.viz.palette import community_legend, community_rgb
+from connectome.palette import community_legend, community_rgb
 
 __all__ = ["plot_circuit", "plot_groups"]
 

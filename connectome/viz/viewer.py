@@ -37,6 +37,7 @@ import numpy as np
 
 from connectome.errors import ConnectomeError
 from connectome.graph import Connectome
+from connectome.viz.display import for_display
 
 __all__ = ["viewer_html", "write_viewer", "circuit_levels", "inline_json", "content_security_policy"]
 
@@ -201,7 +202,6 @@ def viewer_html(graphs: Connectome | Mapping[str, Connectome], images: Any = Non
     if not 0 < mass <= 1:
         raise ValueError(f"mass must be in (0, 1], got {mass}")
     from connectome._text import printable
-    from connectome.reporting import for_display
 
     cats = []
     for name, g in graphs.items():

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import importlib
+
 import networkx as nx
 import numpy as np
 import pytest
@@ -237,6 +239,27 @@ def test_flow_is_attribution_and_default_measures():
     assert list(c) == ["strength", "pagerank", "betweenness", "flow"]
     np.testing.assert_array_equal(c["flow"], g.node_attrs["attribution"])
     assert list(centrality(layered(seed=4))) == ["strength", "pagerank", "betweenness"]
+
+
+def test_one_default_list_for_the_library_the_cli_and_reports(monkeypatch):
+    """The CLI's export and the report asked for their own copies of the list; now all read
+    default_measures, leaving out only betweenness (a changed DEFAULT_MEASURES reaches all)."""
+    from connectome import analysis as an
+    from connectome import cli, reporting
+
+    g = layered(seed=4, attribution=True)
+    assert an.default_measures(g) == list(centrality(g))
+    assert an.default_measures(g, betweenness=False) == ["strength", "pagerank", "flow"]
+    assert an.default_measures(layered(seed=4), betweenness=False) == ["strength", "pagerank"]
+    asked = []
+    real = an.centrality
+    monkeypatch.setattr(an, "centrality", lambda g, measures=None, **kw: asked.append(list(measures)) or real(g, measures, **kw))
+    module = importlib.import_module("connectome.analysis.centrality")  # the package's `centrality` is the function
+    monkeypatch.setattr(module, "DEFAULT_MEASURES", ("pagerank", "flow", "strength"))
+    cli._annotated(g)
+    reporting.graph_sections(g, max_cards=0)
+    assert asked[0] == ["pagerank", "flow", "strength"]
+    assert asked[1][:3] == ["pagerank", "flow", "strength"]
 
 
 def test_every_measure_has_the_right_shape_and_is_finite(g):

@@ -12,7 +12,7 @@ from PIL import Image
 
 import connectome as cn
 from connectome import patches
-from connectome.extract.dataset_examples import topk_merge
+from connectome.extract.topk import topk_merge
 from connectome.extract.trace import run_nodes, trace_units
 from connectome.kinds import Kind
 

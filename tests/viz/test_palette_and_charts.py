@@ -9,7 +9,7 @@ from matplotlib.colors import to_rgb
 from connectome import viz
 from connectome.analysis import circuit, communities, compare, find_analogous
 from connectome.analysis._toys import random_flow_graph, toy_attribution
-from connectome.viz.palette import COMMUNITY_COLOURS, NO_COMMUNITY, OTHER_COMMUNITY, community_legend, community_rgb
+from connectome.palette import COMMUNITY_COLOURS, NO_COMMUNITY, OTHER_COMMUNITY, community_legend, community_rgb
 
 
 def test_community_rgb_is_fixed_per_label():
