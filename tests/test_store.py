@@ -92,6 +92,35 @@ def test_opening_reads_no_column(tmp_path):
         store["2"]
 
 
+def test_reading_a_block_of_rows_equals_zarr_whole_and_partial_chunks_missing_and_damaged(tmp_path, monkeypatch):
+    import zlib
+
+    import connectome.store as store_mod
+
+    monkeypatch.setattr(store_mod, "EDGE_CHUNK", 5)  # many small chunks, the last one partial
+    store = _store(tmp_path / "s")
+    arr = store.array("edge", "weight")
+    n = arr.shape[1]
+    assert arr.chunks == (1, 5) and n % 5 and n > 20
+    rows = store.rows(["3", "0", "2"])  # any order, not consecutive
+    full = np.asarray(arr[:])[rows]
+    for a, b in [(0, n), (0, 5), (5, 15), (3, 11), (5, 6), (n - n % 5, n), (n - 2, n), (10, 10)]:
+        np.testing.assert_array_equal(store.block("edge", "weight", rows, a, b), full[:, a:b])
+    crc = [0] * rows.size
+    for a, b in [(0, 12), (12, 13), (13, n)]:  # consecutive ranges: the CRC-32 of whole rows
+        store.block("edge", "weight", rows, a, b, crc=crc)
+    assert crc == [zlib.crc32(np.ascontiguousarray(r)) for r in full]
+    node = np.asarray(store.array("node", "attribution")[:])[rows]
+    np.testing.assert_array_equal(store.block("node", "attribution", rows), node)
+    (tmp_path / "s" / "edge" / "weight" / "c" / str(rows[1]) / "1").unlink()  # a missing chunk: NaN, as zarr reads it
+    got = store.block("edge", "weight", rows, 0, n)
+    np.testing.assert_array_equal(got, np.asarray(CategoryStore(tmp_path / "s").array("edge", "weight")[:])[rows])
+    assert np.isnan(got[1, 5:10]).all() and not np.isnan(got[0]).any()
+    _damage(tmp_path / "s" / "edge" / "weight" / "c" / str(rows[2]) / "2")
+    with pytest.raises(RuntimeError):  # zstd's frame checksum
+        store.block("edge", "weight", rows, 0, n)
+
+
 def _chunk_files(root: Path) -> dict[str, bytes]:
     """Every array chunk of a store (not the meta files, which hold the time taken)."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
@@ -398,3 +427,19 @@ def test_cli_compare_of_a_store_writes_the_dendrogram(cli_store, tmp_path, capsy
     assert (tmp_path / "cmp" / "dendrogram.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["compare", f"{cli_store}:ring"]) == 2
     assert "one folder written by extract" in capsys.readouterr().err
+
+
+def test_the_stored_circuit_mask_is_the_circuit_of_each_category(tmp_path):
+    from connectome.extract.flow import circuit_mask
+
+    graphs = cn.extract.attribution_by_category(_model(8), _data(), progress=False, device="cpu")
+    store = _store(tmp_path / "s")
+    refs = cn.extract.attribution_by_category(_model(), _data(), progress=False, device="cpu")
+    for c, g in graphs.items():
+        for mass in (0.5, 0.8, 1.0):
+            want = np.zeros(g.num_nodes, dtype=np.int64)
+            want[g.index_of(cn.analysis.circuit(g, mass=mass).node_ids)] = 1
+            np.testing.assert_array_equal(circuit_mask(g, mass), want)
+        row = store.entry(c)["row"]
+        stored = np.asarray(store.array("circuit", "units")[row])
+        np.testing.assert_array_equal(stored, circuit_mask(refs[c]))

@@ -155,9 +155,10 @@ class StoreComparison:
 
 
 def _window(n_cat: int, memory: float, chunk: int) -> int:
-    """Edges per window: ``memory`` bytes of float32 for every category, in whole chunks when they fit."""
-    w = max(1024, int(memory // (4 * max(1, n_cat))))
-    return max(chunk, (w // chunk) * chunk) if w >= chunk else w
+    """Edges per window: ``memory`` bytes of float32 for every category, in whole chunks, at least one
+    (a chunk cut between two windows would be decompressed twice)."""
+    w = int(memory // (4 * max(1, n_cat)))
+    return max(1, w // chunk) * chunk
 
 
 def compare_store(store: Any, attr: str = "attribution", *, generalist: float = 0.5, memory: float = 256e6,
@@ -177,7 +178,8 @@ def compare_store(store: Any, attr: str = "attribution", *, generalist: float = 
     generalist : float, default 0.5
         A unit in the circuits of at least this fraction of the categories is a generalist.
     memory : float, default 256e6
-        Bytes of flows held at once (one window of edges for every category).
+        Bytes of flows held at once (one window of edges for every category); at least one
+        chunk of the store per category (512 KiB of float32).
     names : list of str, optional
         Only these categories (default: all, in store order).
     window : int, optional
@@ -215,14 +217,16 @@ def compare_store(store: Any, attr: str = "attribution", *, generalist: float = 
     n_edges = int(src.size)
     for a in range(0, n_edges, w):
         b = min(n_edges, a + w)
-        X = _read(store, weight, rows, slice(a, b), names, "edge/weight")
-        for i in range(k):
-            crc[i] = zlib.crc32(X[i], crc[i])
+        X = _read(store, weight, rows, slice(a, b), names, "edge/weight", crc)
         for li in grams:
             s, e = max(a, int(bounds[li])), min(b, int(bounds[li + 1]))
             if e > s:
                 part = X[:, s - a:e - a]
-                grams[li] += part @ part.T  # float32 stores: float32 products of a window, float64 sums
+                used = part.any(axis=0)  # edges with no flow in any category add nothing: leave them out
+                if not used.all():
+                    part = part[:, used]
+                # float32 stores: float32 products of a window (BLAS syrk: X @ X.T is symmetric), float64 sums
+                grams[li] += part @ part.T
                 sums[li] += part.sum(axis=1, dtype=np.float64)
         del X
     for i, n in enumerate(names):
@@ -262,26 +266,12 @@ def compare_store(store: Any, attr: str = "attribution", *, generalist: float = 
     )
 
 
-def _rows_block(arr: Any, rows: np.ndarray, cols: slice) -> np.ndarray:
-    """``arr[rows, cols]``, read as runs of consecutive rows (basic slices: zarr's fancy indexing
-    is many times slower)."""
-    n = arr.shape[1]
-    start, stop, _ = cols.indices(n)
-    out = np.empty((rows.size, stop - start), dtype=arr.dtype)
-    i = 0
-    while i < rows.size:
-        j = i + 1
-        while j < rows.size and rows[j] == rows[j - 1] + 1:
-            j += 1
-        out[i:j] = arr[int(rows[i]):int(rows[j - 1]) + 1, start:stop]
-        i = j
-    return out
-
-
-def _read(store: Any, arr: Any, rows: np.ndarray, cols: slice, names: list[str], column: str) -> np.ndarray:
-    """``arr[rows, cols]``; a chunk that does not decode is a BadFileError naming its category."""
-    try:
-        return _rows_block(arr, rows, cols)
+def _read(store: Any, arr: Any, rows: np.ndarray, cols: slice, names: list[str], column: str,
+          crc: list[int] | None = None) -> np.ndarray:
+    """``arr[rows, cols]`` (``crc``: running CRC-32 of the rows, updated); a chunk that does not decode
+    is a BadFileError naming its category."""
+    try:  # whole chunks, each decompressed once
+        return store.block(*column.split("/"), rows, cols.start, cols.stop, crc=crc)
     except Exception as exc:  # noqa: BLE001 - a chunk that does not decode: find whose
         for i, r in enumerate(rows):
             try:

@@ -328,11 +328,47 @@ def circuit(
     if select not in SELECTORS:
         raise ValueError(f"select must be one of {SELECTORS}, got {select!r}")
     t = target_node(g, target)
-    n = g.num_nodes
     flow = _flow(g, attr)
     if select == "global":
         kept, score = _select_global(g, t, flow, attr, mass, top_k, max_units)
         return _finish(g, t, kept, score, attr, mass, top_k, max_units, select, {}, {})
+    kept, score, coverage, capped = _select_layer(g, t, flow, mass, top_k, max_units)
+    return _finish(g, t, kept, score, attr, mass, top_k, max_units, select, coverage, capped)
+
+
+def circuit_units(g: Connectome, mass: float = 0.8) -> np.ndarray:
+    """The units of ``circuit(g, mass=mass)`` as a mask over ``g``'s nodes, without building the subgraph.
+
+    For many graphs at once (a category store keeps one per category): the selection alone,
+    a fraction of the cost of :func:`circuit`.
+
+    Parameters
+    ----------
+    g : Connectome
+    mass : float in (0, 1], default 0.8
+
+    Returns
+    -------
+    ndarray of bool, shape (n_nodes,)
+
+    Raises
+    ------
+    ConnectomeError, EmptyGraphError
+        As :func:`circuit`.
+    """
+    if not (0 < mass <= 1):
+        raise ValueError(f"mass must be in (0, 1], got {mass!r}")
+    t = target_node(g, None)
+    kept = _select_layer(g, t, _flow(g, "weight"), mass, None, None)[0]
+    if kept.sum() == 1:
+        raise EmptyGraphError(f"the circuit of {str(g.node_ids[t])!r} is empty: no flow reaches it")
+    return kept
+
+
+def _select_layer(g: Connectome, t: int, flow: np.ndarray, mass: float, top_k: int | None, max_units: int | None
+                  ) -> tuple[np.ndarray, np.ndarray, dict[str, float], dict[str, int]]:
+    """The per-layer rule of :func:`circuit`: (kept mask, score, coverage, capped)."""
+    n = g.num_nodes
     node_layer = g.node_layer
     src_layer = node_layer[g.src]
     # Edges grouped by source layer once, so each layer step touches only its own edges.
@@ -370,7 +406,7 @@ def circuit(
         kept[keep] = True
         score[keep] = vals[:n_keep]
         coverage[g.layers[li].name] = float(vals[:n_keep].sum() / vals.sum())
-    return _finish(g, t, kept, score, attr, mass, top_k, max_units, select, coverage, capped)
+    return kept, score, coverage, capped
 
 
 def _finish(g: Connectome, t: int, kept: np.ndarray, score: np.ndarray, attr: str, mass: float, top_k: int | None,

@@ -498,16 +498,14 @@ def _shared_done(writer: Any) -> list[str]:
 def circuit_mask(g: Connectome, mass: float | None = None) -> np.ndarray | None:
     """1 for the units of ``g``'s circuit (:func:`connectome.analysis.circuit` at ``mass``), 0 else;
     None when the graph has no circuit (no target, no flow)."""
-    from connectome.analysis.circuits import circuit
+    from connectome.analysis.circuits import circuit_units
     from connectome.store import CIRCUIT_MASS
 
     try:
-        c = circuit(g, mass=CIRCUIT_MASS if mass is None else mass)
+        kept = circuit_units(g, mass=CIRCUIT_MASS if mass is None else mass)
     except ConnectomeError:
         return None
-    mask = np.zeros(g.num_nodes, dtype=np.int64)
-    mask[np.asarray(g.index_of(c.node_ids), dtype=np.int64)] = 1
-    return mask
+    return kept.astype(np.int64)
 
 
 def write_stream(run: Any, writer: Any, prepare: Callable[[str, Connectome], Connectome] | None = None,
@@ -533,20 +531,71 @@ def write_stream(run: Any, writer: Any, prepare: Callable[[str, Connectome], Con
     rank, world = rank_world()
     if world > 1 and part is not None and len(run) >= world:
         return _write_split(run, writer, prepare, written, circuits, part)
-    n = 0
     writer.reserve(len(run)) if writer is not None else None
-    for cname, g in run:
-        error = None
-        if writer is not None:
-            try:
-                n += _write_one(writer, cname, g, prepare, written, circuits)
-            except BaseException as exc:  # noqa: BLE001 - re-raised by agree()
-                error = exc
-        del g  # one category's graph at a time
-        agree(error)
+    bg = _Background(lambda cname, g: _write_one(writer, cname, g, prepare, written, circuits)) \
+        if writer is not None else None
+    try:
+        for cname, g in run:
+            error = None
+            if bg is not None:
+                try:
+                    bg.put(cname, g)
+                except BaseException as exc:  # noqa: BLE001 - re-raised by agree()
+                    error = exc
+            del g  # one category's graph computed while the one before is written
+            agree(error)
+    finally:
+        error = bg.close() if bg is not None else None  # the categories finished are written, also on an error
+    agree(error)
     if writer is not None:
         writer.merge_parts()  # the parts an interrupted split run left
-    return n
+    return bg.done if bg is not None else 0
+
+
+class _Background:
+    """Runs ``fn(*args)`` for each :meth:`put` on one thread, in order, while the caller computes the
+    next: a category's circuit and compressed columns are made while the next category's images
+    run (on the CPU that work is a large part of a small category's time). At most one call runs
+    at a time and none waits in line: :meth:`put` first waits for the one before, so memory holds
+    one graph being written and one being computed. The first error is raised by the next
+    :meth:`put`; :meth:`close` waits for the last call and returns its error (None when all went
+    well)."""
+
+    def __init__(self, fn: Callable[..., int]):
+        import queue
+        import threading
+
+        self.fn, self.done = fn, 0
+        self.error: BaseException | None = None
+        self._q: Any = queue.Queue(maxsize=1)
+        self._thread = threading.Thread(target=self._work, name="connectome-store-writer", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while True:
+            args = self._q.get()
+            try:
+                if args is None:
+                    return
+                if self.error is None:
+                    self.done += self.fn(*args)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                self.error = exc
+            finally:
+                del args
+                self._q.task_done()
+
+    def put(self, *args: Any) -> None:
+        self._q.join()  # the call before has finished
+        if self.error is not None:
+            raise self.error
+        self._q.put(args)
+
+    def close(self) -> BaseException | None:
+        self._q.join()
+        self._q.put(None)
+        self._thread.join()
+        return self.error
 
 
 def _write_one(writer: Any, cname: str, g: Connectome, prepare: Any, written: Any, circuits: bool,
@@ -584,16 +633,22 @@ def _write_split(run: Any, writer: Any, prepare: Any, written: Any, circuits: bo
     except BaseException as exc:  # noqa: BLE001 - re-raised by agree()
         error = exc
     agree(error)
+    bg = None
     try:
         mine = writer if writer is not None else part(part=rank)
         if first is not None:
             n += _write_one(mine, *first, prepare, written, circuits, row=rows[first[0]])
             first = None
+        bg = _Background(lambda cname, g: _write_one(mine, cname, g, prepare, written, circuits, row=rows[cname]))
         for cname, g in it:
-            n += _write_one(mine, cname, g, prepare, written, circuits, row=rows[cname])
+            bg.put(cname, g)
             del g
     except BaseException as exc:  # noqa: BLE001 - re-raised by agree() once every process is done
         error = exc
+    if bg is not None:
+        late = bg.close()  # the categories finished are written, also after an error
+        error = error if error is not None else late
+        n += bg.done
     agree(error)
     total = torch.tensor([float(n)], dtype=torch.float64, device=_comm_device())
     dist.all_reduce(total)
