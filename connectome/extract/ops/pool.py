@@ -43,6 +43,11 @@ add(Op("adaptive_pool2d", NONE, Receptive.POINTWISE, modules=(nn.AdaptiveAvgPool
        examples=(lambda: nn.AdaptiveAvgPool2d(8), lambda: nn.AdaptiveMaxPool2d(3))))
 add(Op("zero_pad2d", NONE, Receptive.PAD, modules=(nn.ZeroPad2d,), geometry=lambda call: {"pad": call.module.padding},
        pooled=2, examples=(lambda: nn.ZeroPad2d((1, 0, 2, 1)),)))
+# (nn.ZeroPad2d is a ConstantPad2d: the most specific class wins, so it stays zero_pad2d)
+add(Op("constant_pad2d", "pad", Receptive.PAD, modules=(nn.ConstantPad2d,),
+       params=lambda call: (tuple(call.module.padding), float(call.module.value)) if call.module.value != 0 else None,
+       geometry=lambda call: {"pad": call.module.padding}, pooled=2,
+       examples=(lambda: nn.ConstantPad2d((1, 0, 2, 1), 0.5), lambda: nn.ConstantPad2d(1, 0.0))))
 add(Op("pad", "pad", Receptive.PAD, functions=(F.pad,), params=_pad_params,
        geometry=lambda call: {"pad": call.arg(1, "pad", ())},
        examples=(lambda: lambda x: F.pad(x, (1, 1, 0, 2), value=0.5), lambda: lambda x: F.pad(x, (2, 0, 1, 0)))))
