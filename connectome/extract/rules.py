@@ -192,7 +192,12 @@ def _clamp_constant(op: ChainOp, ctx: RunContext, like: torch.Tensor) -> torch.T
 
 def _pad_constant(op: ChainOp, ctx: RunContext, like: torch.Tensor) -> torch.Tensor:
     pad, value = op.params  # the padded border holds the constant `value`
-    return value * F.pad(torch.zeros_like(ctx.kept[op.input_node]), pad, value=1.0)
+    border = F.pad(torch.zeros_like(ctx.kept[op.input_node]), pad, value=1.0)
+    if math.isfinite(value):
+        return value * border
+    # an infinite border (timm pads with -inf before a max pool, which then never picks it): it
+    # carries flow only where the target's gradient reaches it; elsewhere 0, not inf * 0 = NaN
+    return torch.where((border != 0) & (like != 0), value, 0.0).to(border.dtype)
 
 
 def _const_cat_constant(op: ChainOp, ctx: RunContext, like: torch.Tensor) -> torch.Tensor:

@@ -236,3 +236,34 @@ def test_hugging_face_classifier_extracts_exactly_as_it_is(name):
     with torch.no_grad():
         out = m(x)  # pixel_values positionally; a ModelOutput with .logits
     _check_exact(m, x, torch.tensor([0, 1, 4]), out.logits, batch_size=2)
+
+
+class SamePoolInf(nn.Module):
+    """timm's MaxPool2dSame: "same" padding computed from the input's size, filled with -inf (the
+    pool never picks it). Under the value tracer the pad amounts are nodes of the graph; the
+    registry read them as they were (a TypeError inside torch), and -inf times a zero gradient
+    made completeness NaN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        if x.shape[-1] % 2:  # a branch on the shape: symbolic fx refuses it
+            x = x * 1.0
+        ih, iw = x.shape[-2:]
+        ph, pw = max((-(ih // -2) - 1) * 2 + 3 - ih, 0), max((-(iw // -2) - 1) * 2 + 3 - iw, 0)
+        x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=-float("inf"))
+        x = F.max_pool2d(x, 3, 2)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_same_padding_from_the_input_size_with_minus_inf_extracts_exactly():
+    m = _model(SamePoolInf)
+    x = torch.randn(3, 3, 10, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    y = torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        logits = m(x)
+    _check_exact(m, x, y, logits, batch_size=2)

@@ -95,7 +95,8 @@ class Call:
     def plain(self, i: int, name: str, default: Any = None) -> Any:
         """Argument ``i`` or ``name`` as a plain value (an fx node of a size read as its value)."""
         a = self.arg(i, name, default)
-        return self.value_of(a) if isinstance(a, fx.Node) else a
+        # also inside tuples and lists: "same" padding computed from the input's size (a value tracer's graph)
+        return fx.node.map_arg(a, self.value_of)
 
     def elementwise(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """The call as an element-wise function of its input, its other arguments kept."""

@@ -23,9 +23,9 @@ def _window(call: Call) -> dict[str, Any]:
 
 
 def _pad_params(call: Call) -> tuple[tuple[int, ...], float] | None:
-    value = call.arg(3, "value", None)
-    if call.arg(2, "mode", "constant") == "constant" and value not in (None, 0, 0.0):
-        return (tuple(call.arg(1, "pad", ())), float(value))
+    value = call.plain(3, "value", None)
+    if call.plain(2, "mode", "constant") == "constant" and value not in (None, 0, 0.0):
+        return (tuple(call.plain(1, "pad", ())), float(value))
     return None  # zeros, or a reflection of the data: exact as it is
 
 
@@ -49,5 +49,5 @@ add(Op("constant_pad2d", "pad", Receptive.PAD, modules=(nn.ConstantPad2d,),
        geometry=lambda call: {"pad": call.module.padding}, pooled=2,
        examples=(lambda: nn.ConstantPad2d((1, 0, 2, 1), 0.5), lambda: nn.ConstantPad2d(1, 0.0))))
 add(Op("pad", "pad", Receptive.PAD, functions=(F.pad,), params=_pad_params,
-       geometry=lambda call: {"pad": call.arg(1, "pad", ())},
+       geometry=lambda call: {"pad": call.plain(1, "pad", ())},
        examples=(lambda: lambda x: F.pad(x, (1, 1, 0, 2), value=0.5), lambda: lambda x: F.pad(x, (2, 0, 1, 0)))))
