@@ -101,7 +101,7 @@ class Rule:
     scale: Callable[[ChainOp], Any] | None = None
     constant: Callable[[ChainOp, RunContext, torch.Tensor], Any] | None = None
     forward: Callable[[ChainOp, torch.Tensor, torch.Tensor, RunContext], torch.Tensor] | None = None
-    weight_note: str = ""  # what the weight connectome does with it, when not folded
+    weight_note: str = ""  # what the weight connectome does with it, when not folded (its meta["not_folded"])
     #: its constant part is a parameter or number, the same every batch (computed once per run)
     fixed_constant: bool = False
     #: its data input is named by the rule (the other operands are held constant), not inferred

@@ -19,7 +19,7 @@ from connectome.extract.rules import RULES
 from connectome.graph import Connectome
 from connectome.kinds import DENSE, KINDS, Kind
 
-__all__ = ["weights", "chain_scale"]
+__all__ = ["weights", "chain_scale", "weight_notes"]
 
 _REDUCE = ("sum", "l1", "l2")
 
@@ -220,5 +220,16 @@ def weights(
         "seconds": round(time.perf_counter() - t0, 3),
         "versions": versions(),
     }
+    notes = weight_notes(ug)
+    if notes:
+        meta["not_folded"] = notes
     return assemble(ug, graph_layers(ug, labels), values, meta=meta, dtype=np.float32)
+
+
+def weight_notes(ug: UnitGraph) -> list[str]:
+    """What the weight connectome leaves out of its edges (``Rule.weight_note``): the data-dependent
+    parts of the model, which have no weights to fold (a gate, attention, a normalisation's
+    statistics, an element-wise non-linearity), one line per rule the model uses."""
+    kinds = {op.kind for s in ug.layers for op in s.bias_ops} | {s.kind for s in ug.layers}
+    return sorted({RULES[k].weight_note for k in kinds if k in RULES and RULES[k].weight_note})
 

@@ -533,3 +533,25 @@ def test_batchnorm_on_branches_grouped_conv_and_concat_by_hand(reduce):
     np.testing.assert_allclose(edges_of(g, "cat", "logits"), fc if reduce == "sum" else np.abs(fc), rtol=1e-6)
     if reduce != "sum":
         assert (g.weight >= 0).all()
+
+
+class _GatedGelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.g, self.fc = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 1), nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = self.c(x)
+        x = x * torch.sigmoid(self.g(x.mean((2, 3), keepdim=True)))  # a squeeze-excitation gate
+        return self.fc(nn.functional.gelu(x).mean((2, 3)))
+
+
+def test_meta_says_what_the_weight_graph_leaves_out():
+    """Rule.weight_note was set on every rule and read nowhere: a weight graph of a gated model
+    now says the gate and the smooth activation are not folded into its edges."""
+    from connectome.extract.rules import RULES
+
+    g = weights(_GatedGelu(), (3, 8, 8))
+    assert g.meta["not_folded"] == sorted([RULES["gate"].weight_note, RULES["smooth"].weight_note])
+    plain = weights(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 2)), (3, 8, 8))
+    assert "not_folded" not in plain.meta
