@@ -764,6 +764,9 @@ def _unit_tensor(u: Units, shape: tuple[int, ...], layer_size: int) -> torch.Ten
 def _units_from(U: torch.Tensor, layer: int, layer_size: int, batch: int, where: str) -> Units:
     """Read back where the units (and the batch) went from a tensor that went through layout ops."""
     shape = tuple(U.shape)
+    if U.numel() == 0:  # nothing to follow (narrow() of an empty dim was a RuntimeError inside torch)
+        raise ExtractionError(f"{where} gives an empty tensor {list(shape)} (a slice of no tokens or channels); "
+                              "units cannot be followed through it - build the model without the empty part")
     mixed = (f"{where} mixes the images of a batch (its batch dim does not hold whole images, one after "
              "another); units cannot be followed")
     # the image of every element: unit numbers are below layer_size, images add layer_size each

@@ -362,3 +362,24 @@ def test_one_layer_name_is_one_layer_not_its_letters():
     for col in ("example_index_0", "example_index_1"):
         np.testing.assert_array_equal(e1.node_attr(col), e2.node_attr(col))
     assert (e1.node_attr("example_index_0", "conv") >= 0).all()
+
+
+def test_an_empty_slice_is_refused_in_one_line():
+    """timm's qwen3_vit slices off zero prefix tokens: reading the units of the empty slice raised
+    "RuntimeError: start (0) + length (1) exceeds dimension size (0)" from inside torch."""
+    import torch.nn as nn
+
+    class EmptyPrefix(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            t = self.conv(x).flatten(2).transpose(1, 2)  # (batch, tokens, 4)
+            prefix, rest = t[:, :0], t[:, 0:]
+            return self.fc(torch.cat([prefix, rest], 1).mean(1))
+
+    with pytest.raises(ExtractionError, match="empty tensor") as info:
+        cn.extract.attribution(EmptyPrefix(), (torch.randn(2, 3, 4, 4), torch.tensor([0, 1])), progress=False)
+    assert "\n" not in str(info.value)
