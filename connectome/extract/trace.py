@@ -898,20 +898,20 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
             units[node.name] = _patch_units(node, patches, units.get(src[0].name), shapes[src[0].name], size_of)
             return
         op = _op_of(node, ctx)
-        is_sum = op is not None and op.name == "sum"
         if op is not None and op.reduces:
             dims = _const(node, 1, "dim", None)
             u = units.get(src[0].name)
             nd = len(shapes[src[0].name])
             dims = (dims,) if isinstance(dims, int) else dims
             if dims is None or u is None or any(d % nd in (0, u.batch) or d % nd in u.dims for d in dims):
-                raise ExtractionError(f"cannot map {_where(node)} to units: a {'sum' if is_sum else 'mean'} over the "
+                raise ExtractionError(f"cannot map {_where(node)} to units: a {op.name} over the "
                                       "units or the batch mixes units (over positions it maps)")
         args = fx.node.map_arg(node.args, arg)
         kwargs = fx.node.map_arg(node.kwargs, arg)
         try:
             with torch.no_grad():
-                if is_sum:  # a sum over positions keeps each unit: the mean of unit numbers says where they went
+                # a mean or a sum over positions keeps each unit: the mean of unit numbers says where they went
+                if op is not None and op.reduces:
                     out = torch.mean(args[0], dim=tuple(dims), keepdim=bool(_const(node, 2, "keepdim", False)))
                 elif node.op == "call_method":
                     out = getattr(args[0], node.target)(*args[1:], **kwargs)
@@ -954,7 +954,7 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
             layout(node)
             kinds[node.name] = ("layout", None)
             return True
-        ops, start = [], 0
+        operands, start = [], 0
         for a, u in zip(parts, us):
             if len(u.dims) != 1 or u.batch != 0:
                 raise ExtractionError(f"{_where(node)} joins tensors whose units are not along one dim; "
@@ -963,19 +963,19 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
             idx = u.along(d, shapes[a.name][d], size_of(u))
             cols = None if (idx.size == size_of(u) and np.array_equal(idx, np.arange(idx.size))) else idx
             length = 1 if stacked else shapes[a.name][dim]
-            ops.append(Operand(layer=u.layer, node=a.name, cols=cols, width=idx.size, dim=d,
+            operands.append(Operand(layer=u.layer, node=a.name, cols=cols, width=idx.size, dim=d,
                                span=(dim, start, length, stacked)))
             start += length
-        out_dims = {o.dim + (1 if stacked and o.dim >= dim else 0) for o in ops}
+        out_dims = {o.dim + (1 if stacked and o.dim >= dim else 0) for o in operands}
         windows = {u.windows for u in us}
-        if len(out_dims) != 1 or len(windows) != 1 or len({o.width for o in ops}) != 1:
+        if len(out_dims) != 1 or len(windows) != 1 or len({o.width for o in operands}) != 1:
             raise ExtractionError(f"{_where(node)} joins tensors whose units lie along different dims; "
                                   "units cannot be followed")
         scope = _scope(node)
         base = "stack" if stacked else "cat"
         out_dim = out_dims.pop()
         layers.append(LayerSpec(name=unique(f"{scope}.{base}" if scope else base), kind=Kind.CONCAT,
-                                size=ops[0].width, node=node.name, module=scope or None, operands=ops, dim=out_dim))
+                                size=operands[0].width, node=node.name, module=scope or None, operands=operands, dim=out_dim))
         units[node.name] = Units(len(layers) - 1, (out_dim,), None, windows=windows.pop())
         return True
 
