@@ -570,14 +570,14 @@ def _patch_units(node: fx.Node, patches: tuple[str, int], u: Units | None, shape
 
 def _is_resize(node: fx.Node, c: "_Ctx") -> bool:
     op = _op_of(node, c)
-    return op is not None and op.name == "resize"
+    return op is not None and op.resizes
 
 
 def _pooled_dims(node: fx.Node, c: "_Ctx", nd: int) -> set[int]:
     """The dims a pooling, padding or resizing op works over: the last one or two (a resize: all after the channels)."""
     op = _op_of(node, c) if node.op != "call_method" else None
     k = op.pooled if op is not None else 0
-    if op is not None and op.name == "resize":
+    if op is not None and op.resizes:
         k = nd - 2  # every dim after (batch, channels)
     return set(range(nd - k, nd)) if k else set()
 

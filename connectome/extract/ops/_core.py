@@ -129,7 +129,8 @@ class Op:
     inplace_variants: tuple[tuple[Any, Any], ...] = ()
     pooled: int = 0  # trailing dims a pool or a pad works over (they must not hold the units)
     multi_output: bool = False  # a layout op that may give a tuple of tensors
-    reduces: bool = False  # a layout op that averages over the dims of argument 1 (``mean``)
+    reduces: bool = False  # a layout op that averages or sums over the dims of argument 1 (``mean``, ``sum``)
+    resizes: bool = False  # works over every dim after (batch, channels) and ends its layer's chain (a resize)
     construct: str = ""  # for CONSTRUCT: which of tracing's constructs maps it
     family: str = ""  # the module that registered it
     leaf: bool = False  # a module traced as one call (users' modules), not through its forward

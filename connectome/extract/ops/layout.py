@@ -59,7 +59,7 @@ add(Op("unfold", LAYOUT, Receptive.GLOBAL, modules=(nn.Unfold, nn.Fold), functio
 # each output position a fixed linear combination of the same channel's input positions: exact
 # as it is; fractional jumps fit no integer box, so the box is the whole image
 add(Op("resize", NONE, Receptive.GLOBAL, modules=(nn.Upsample,),
-       functions=(F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear),
+       functions=(F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear), resizes=True,
        examples=(lambda: nn.Upsample(scale_factor=2), lambda: lambda x: F.interpolate(x, size=(4, 4), mode="bilinear"))))
 add(Op("stack", CONSTRUCT, Receptive.GLOBAL, functions=(torch.stack,), construct="concat",
        examples=(lambda: lambda x: torch.stack([x, x.relu()], 2).sum(2),)))
