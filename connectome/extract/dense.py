@@ -135,7 +135,7 @@ class Dense:
         out = None
         for a in range(0, n, per):
             gw = per_image(w, x[a : a + per], gz[a : a + per])
-            e = torch.stack([self.regroup(gi * w, groups).sum(-1) for gi in gw])
+            e = vmap(lambda gi: self.regroup(gi * w, groups).sum(-1))(gw)  # per image, no Python loop
             e = e.reshape(-1, rows, *e.shape[1:]).sum(1)  # an image's rows are one sample
             part = e.abs().sum(0, dtype=torch.float64)
             out = part if out is None else out + part
