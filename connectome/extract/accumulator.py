@@ -29,6 +29,7 @@ from connectome.errors import BadFileError, ConnectomeError, DataError, Extracti
 from connectome.extract._model import no_inplace
 from connectome.extract.build import assemble, edge_shapes, graph_layers, layout, prefetch_skeleton
 from connectome.extract import dense, ops
+from connectome.extract.batched import GroupedSums, units_dim
 from connectome.extract.rules import RULES, ChainOp, RunContext, Terms, attention_forward, product_forward
 from connectome.extract.trace import LayerSpec, UnitGraph, layer_weight, run_nodes
 from connectome.extract.unit_sums import UnitView, _acc_dtype
@@ -104,18 +105,33 @@ class FlowAccumulator:
         self._flat: dict[str, torch.Tensor] = {}  # per edge column: the buffer its dense blocks live in
         self._handed = False
 
+        # identity blocks (a list of per-operand blocks): views of one buffer per column, so that the
+        # flows of every operand of a batch are added in one op
+        own_at: dict[int, list[int]] = {}
+        pos = 0
+        for b in lay.blocks:
+            sh = self._shapes[b.li]
+            if b.order is not None and isinstance(sh, list):
+                widths = [int(w[0]) for w in sh]
+                own_at[b.li] = [pos + int(v) for v in np.cumsum([0, *widths[:-1]])]
+                pos += sum(widths)
+        self._own_at, own_total = own_at, pos
+
         def edge_zeros(column: str) -> list[Any]:
             # Each dense block is a view of one flat buffer at its place in the graph's column, so
             # that on the CPU the finished sums become the graph's column as they are (no copy);
             # sorted and identity blocks (merged at the end) get their own tensors.
             flat = self._flat[column] = z(lay.total)
+            own = self._flat[column + ":own"] = z(own_total)
             out: list[Any] = [None] * len(self._shapes)
             for b in lay.blocks:
                 sh = self._shapes[b.li]
                 if b.order is None:
                     out[b.li] = flat[b.pos:b.pos + b.size].view(sh)
+                elif isinstance(sh, list):
+                    out[b.li] = [own[a:a + int(w[0])] for a, w in zip(own_at[b.li], sh)]
                 else:
-                    out[b.li] = [z(w) for w in sh] if isinstance(sh, list) else z(sh)
+                    out[b.li] = z(sh)
             return out
 
         self.add_state("edges", edge_zeros("edges"), "sum")
@@ -137,6 +153,9 @@ class FlowAccumulator:
         self.add_state("act_max", node_views(torch.full((n_units,), -math.inf, dtype=torch.float64, device=device),
                                              "act_max"), "max")
         self._fixed: dict[str, tuple[Any, Any]] = {}  # constants of parameters, and their per-slot values
+        self._sums = GroupedSums()  # per-unit sums of many layers in a few ops
+        self._indices: dict[tuple, torch.Tensor | None] = {}  # where joined sums land, per set of layers
+        self._joined_constants: dict[tuple, Any] = {}
         self._zero_parts: dict[Any, torch.Tensor] = {}
         self.add_state("target_total", z(1), "sum")
         # images with NaN/inf pixels or targets: counted on the device (no host sync per batch)
@@ -371,6 +390,12 @@ class FlowAccumulator:
         g_node: dict[str, torch.Tensor] = {}
         g_x = None
         with torch.no_grad():
+            w_val: list[torch.Tensor] = []  # weights whose W * dW are taken together
+            w_grad: list[torch.Tensor] = []
+            w_li: list[int] = []
+            b_val: list[torch.Tensor] = []  # biases whose flows are taken together
+            b_grad: list[torch.Tensor] = []
+            b_li: list[int] = []
             for (kind, key), tensor, gr in zip(slots, wrt, grads):
                 if gr is None:
                     continue
@@ -380,22 +405,33 @@ class FlowAccumulator:
                     continue  # edges and bias from the layer's input and output gradient (_nodes)
                 elif kind == "w":
                     spec = ug.layers[key]
-                    # in place: the gradient of this run's own weight leaf is read nowhere else,
-                    # so W * dW needs no temporary the size of the weights
-                    prod = gr.mul_(tensor) if gr.dtype == tensor.dtype and gr.is_contiguous() else tensor * gr
                     if spec.kind == Kind.MIX:  # per image: (batch, heads..., rows, cols) of the pattern
+                        prod = tensor * gr
                         self.edges[key] += _mix_edges(spec, prod.sum(0, dtype=torch.float64))
                         if self.per_sample:
                             self.abs_edges[key] += _mix_edges(spec, prod.abs().sum(0, dtype=torch.float64))
-                        continue
-                    e = dense.of_spec(spec).blocks(prod, spec)
-                    # summed over the kernel in its own dtype (not at all for 1x1 kernels), widened by
-                    # the float64 accumulation itself: no float64 copy of every edge per batch
-                    self.edges[key] += e[..., 0] if e.shape[-1] == 1 else e.sum(-1, dtype=_acc_dtype(e))
+                    elif gr.dtype == tensor.dtype and gr.is_contiguous():
+                        w_val.append(tensor)
+                        w_grad.append(gr)
+                        w_li.append(key)
+                    else:
+                        self._add_weight_flows([key], [tensor * gr])
+                elif kind == "b" and tensor.dim() == 1 and tensor.numel() == ug.layers[key].size:
+                    b_val.append(tensor)
+                    b_grad.append(gr)
+                    b_li.append(key)
                 elif kind == "b":
                     self.bias[key] += tensor.double() * gr.double()
                 else:
                     g_node[key] = gr
+            if w_val:
+                # in place, one op for all layers: the gradient of this run's own weight leaf is
+                # read nowhere else, so W * dW needs no temporary the size of the weights
+                torch._foreach_mul_(w_grad, w_val)
+                self._add_weight_flows(w_li, w_grad)
+            if b_val:  # one product and one add for every bias
+                self._add_at(self._flat["bias"], ("layer bias", tuple(b_li)),
+                             torch.cat(b_val).double() * torch.cat(b_grad).double(), [(li,) for li in b_li])
             if self.examples is not None:
                 index = (torch.arange(x.shape[0], device=self.device, dtype=torch.float64) + self.n_images
                          if index is None else index.to(self.device, torch.float64))
@@ -413,39 +449,77 @@ class FlowAccumulator:
 
     def _nodes(self, x: torch.Tensor, g_x: torch.Tensor | None, kept: dict[str, Any], g: dict[str, torch.Tensor],
                ctx: RunContext) -> None:
+        """Per-unit sums of the batch: attribution, activation statistics, constant flows and
+        identity edges. Tensors of the common layouts are summed together (:mod:`batched`, a
+        few ops per batch); the others, and the dataset examples, per layer through their
+        :class:`UnitView`."""
         ug = self.ug
         n = x.shape[0]
-        attr_parts: list[torch.Tensor] = []  # per layer in order, (size,): one add for all layers
-        means: list[torch.Tensor] = []  # per layer in order, (N, size) spatial means per image
+        offsets = self._node_offsets
+        joined = self.examples is None  # the examples rank each layer's per-image sums: their own path
+        # per layer: A and dT/dA joined, or A * dT/dA summed per layer
+        a_x: list[torch.Tensor] = []
+        a_g: list[torch.Tensor | None] = []
+        a_dims: list[int] = []
+        a_li: list[int] = []
+        attr_parts: list[torch.Tensor] = []  # per-layer sums (float32 or wider), at attr_at
+        attr_at: list[int] = []
+        means: list[torch.Tensor] = []  # per-layer (N, size) spatial means per image, at means_at
+        means_at: list[int] = []
+        # per-unit constants: their gradients joined, times the constant per unit
+        c_g: list[torch.Tensor] = []
+        c_dims: list[int] = []
+        c_keys: list[tuple[str, int, bool]] = []
+        # identity edges: operand values and output gradients joined, into the identity buffer
+        e_x: list[torch.Tensor] = []
+        e_g: list[torch.Tensor] = []
+        e_dims: list[int] = []
+        e_keys: list[tuple[int, int, float]] = []
         for li, s in enumerate(ug.layers):
             node = s.node if s.kind == Kind.INPUT else s.out_node
             A = x if s.kind == Kind.INPUT else kept[s.out_node]
             gA = g_x if s.kind == Kind.INPUT else g.get(s.out_node)
             view = self._view(node)
-            part = None
-            if gA is not None:
-                prod = A * gA
-                if self.examples is not None:  # the per-image sums that rank the examples give the total too
-                    part = self.examples.observe(li, view, prod, by_sum=True)
-                elif view.index is None and view.dims != ():
-                    part = view.slot_sums(prod)  # in prod's dtype, widened with the others below
-                else:
-                    part = view.sum(prod)
-            attr_parts.append(part if part is not None else self._zeros32(s.size, A))
-            if self.examples is not None:
-                self.examples.observe(li, view, A)
-            # activation statistics: spatial mean per image
-            m = view.per_image_mean(A.detach(), widen=False)
-            means.append(m if m.shape[1] == s.size else m.expand(n, s.size))
+            d = units_dim(view, A) if joined else None
+            if d is not None and (gA is None or (gA.shape == A.shape and gA.dtype == A.dtype)):
+                a_x.append(A)
+                a_g.append(gA)
+                a_dims.append(d)
+                a_li.append(li)
+            else:
+                part = None
+                if gA is not None:
+                    prod = A * gA
+                    if self.examples is not None:  # the per-image sums that rank the examples give the total too
+                        part = self.examples.observe(li, view, prod, by_sum=True)
+                    elif view.index is None and view.dims != ():
+                        part = view.slot_sums(prod)  # in prod's dtype, widened with the others below
+                    else:
+                        part = view.sum(prod)
+                    attr_parts.append(part)
+                    attr_at.append(li)
+                if self.examples is not None:
+                    self.examples.observe(li, view, A)
+                m = view.per_image_mean(A.detach(), widen=False)
+                means.append(m if m.shape[1] == s.size else m.expand(n, s.size))
+                means_at.append(li)
             on_chain = set(s.chain)
             for op in s.bias_ops:
                 rule = RULES[op.kind]
                 gv = g.get(op.node)
                 if gv is None or rule.constant is None:
                     continue
-                term = self._constant_term(op, ctx, gv)
-                if term is None:
+                c, per_slot = self._constant(op, ctx, gv)
+                if c is None:
                     continue
+                d = units_dim(self._view(op.node), gv) if joined and per_slot is not None and rule.fixed_constant \
+                    else None
+                if d is not None:
+                    c_g.append(gv)
+                    c_dims.append(d)
+                    c_keys.append((op.node, li, op.node not in on_chain))
+                    continue
+                term = self._constant_sum(op, c, per_slot, gv)
                 self.bias[li] += term
                 if op.node not in on_chain:
                     # Constant parts after the unit's branch point reach its consumers too.
@@ -457,26 +531,33 @@ class FlowAccumulator:
                     continue
                 vals, absv = [], []
                 w = ug.units[s.node].windows if self.per_sample else 1
-                for op in s.operands:
+                for k, op in enumerate(s.operands):
                     # a product's operands each pass on half its flow (rules.product_forward)
-                    xo = 0.5 * kept[s.node] if s.kind == Kind.PRODUCT else kept[op.node]
+                    xo = kept[s.node] if s.kind == Kind.PRODUCT else kept[op.node]
+                    half = 0.5 if s.kind == Kind.PRODUCT else 1.0
                     if op.span is not None:  # joined along positions: the positions it fills
                         gs = go.narrow(op.span[0], op.span[1], op.span[2])
                         gs = gs.squeeze(op.span[0]) if op.span[3] else gs
                     else:
                         gs = go.narrow(op.dim, op.offset, op.width) if s.kind == Kind.CONCAT else go
-                    prod = (xo * gs).movedim(op.dim, 1)
+                    d = op.dim % xo.dim()
+                    d = 1 if d == 1 else (-1 if d == xo.dim() - 1 else None)
+                    if (joined and not self.per_sample and op.span is None and d is not None and xo.shape == gs.shape
+                            and xo.dtype == gs.dtype):
+                        e_x.append(xo)
+                        e_g.append(gs)
+                        e_dims.append(d)
+                        e_keys.append((li, k, half * op.sign))
+                        continue
+                    prod = ((half * xo if half != 1.0 else xo) * gs).movedim(op.dim, 1)
                     per = prod.reshape(prod.shape[0], op.width, -1).sum(2).double()
                     if w > 1:  # positions folded into the batch: an image's rows are one sample
                         per = per.reshape(-1, w, op.width).sum(1)
                     if op.sign != 1.0:  # the subtracted operand of a residual `a - b`
                         per = per * op.sign
-                    vals.append(per.sum(0))
+                    self.edges[li][k] += per.sum(0)
                     if self.per_sample:
-                        absv.append(per.abs().sum(0))
-                self.edges[li] = [a + b for a, b in zip(self.edges[li], vals)]
-                if self.per_sample:
-                    self.abs_edges[li] = [a + b for a, b in zip(self.abs_edges[li], absv)]
+                        self.abs_edges[li][k] += per.abs().sum(0)
             elif edges == DENSE and s.kind != Kind.MIX:
                 gz = g.get(s.node)
                 if gz is not None and li in self._io_layers:
@@ -487,27 +568,159 @@ class FlowAccumulator:
                         self.bias[li] += bias
                 if gz is not None and self.per_sample:
                     self.abs_edges[li] += self._per_sample_abs(li, s, kept[s.operands[0].node], gz)
+        if a_x:
+            with_grad = [i for i, t in enumerate(a_g) if t is not None]
+            if len(with_grad) == len(a_x):
+                m, a = self._sums(a_x, a_dims, a_g, means=True)
+            else:
+                m, _ = self._sums(a_x, a_dims, means=True)
+                a = None
+                if with_grad:
+                    _, a = self._sums([a_x[i] for i in with_grad], [a_dims[i] for i in with_grad],
+                                      [a_g[i] for i in with_grad])
+            means.insert(0, m)
+            means_at.insert(0, -1)
+            if a is not None:
+                attr_parts.insert(0, a.double().sum(0))
+                attr_at.insert(0, -1)
+            grouped = tuple(a_li[i] for i in with_grad), tuple(a_li)
+        else:
+            grouped = (), ()
         # every layer at once: a handful of ops over all units instead of a dozen per layer
-        self._flat["attr"] += torch.cat(attr_parts).double()
-        m = torch.cat(means, 1).double()
+        if attr_parts:
+            self._add_at(self._flat["attr"], ("attr", grouped[0], tuple(attr_at)), torch.cat(attr_parts).double(),
+                         [grouped[0] if li < 0 else (li,) for li in attr_at])
+        m = torch.cat(means, 1) if len(means) > 1 else means[0]
+        order = self._index(("means", grouped[1], tuple(means_at)),
+                            [grouped[1] if li < 0 else (li,) for li in means_at], inverse=True)
+        m = (m if order is None else m.index_select(1, order)).double()
         self._flat["act_sum"] += m.sum(0)
         self._flat["act_sq"] += (m * m).sum(0)
         torch.maximum(self._flat["act_max"], m.max(0).values, out=self._flat["act_max"])
         self._flat["active"] += (m > 0).sum(0, dtype=torch.float64)
+        if c_g:
+            _, cs = self._sums(c_g, c_dims)
+            key = tuple(c_keys)
+            per_unit = self._joined_constants.get(key)
+            if per_unit is None:  # the constants (parameters) per unit, joined once per run
+                per_unit = self._joined_constants[key] = (
+                    torch.cat([self._fixed[node][1] for node, _, _ in c_keys]),
+                    torch.cat([self._fixed[node][1] * float(off) for node, _, off in c_keys]))
+            flows = cs.double().sum(0)
+            where = [(li,) for _, li, _ in c_keys]
+            self._add_at(self._flat["bias"], ("bias", key), flows * per_unit[0], where)
+            if any(off for _, _, off in c_keys):
+                # Constant parts after the unit's branch point reach its consumers too.
+                self._add_at(self._flat["attr"], ("bias", key), flows * per_unit[1], where)
+        if e_x:
+            _, es = self._sums(e_x, e_dims, e_g)
+            key = tuple(e_keys)
+            if key not in self._joined_constants:  # the operands' signs (and halves), when not all 1
+                self._joined_constants[key] = None if all(v == 1.0 for _, _, v in e_keys) else torch.cat(
+                    [torch.full((ug.layers[li].operands[k].width,), v, dtype=torch.float64, device=es.device)
+                     for li, k, v in e_keys])
+            sign = self._joined_constants[key]
+            flows = es.double().sum(0)
+            self._add_identity(key, flows if sign is None else flows * sign)
 
-    def _constant_term(self, op: ChainOp, ctx: RunContext, gv: torch.Tensor) -> torch.Tensor | None:
-        """The flow of ``op``'s constant part, ``sum(c * dT/dy)`` per unit, or None."""
-        view = self._view(op.node)
+    def _add_weight_flows(self, lis: list[int], prods: list[torch.Tensor]) -> None:
+        """Add ``W * dT/dW`` of dense layers ``lis`` to their edges, summed over the kernel (in its
+        own dtype, widened by the float64 accumulation itself): one add for all layers, and one
+        sum per layer with a kernel larger than 1x1."""
+        targets: list[torch.Tensor] = []
+        values: list[torch.Tensor] = []
+        for li, p in zip(lis, prods):
+            how = self._edge_target(li, p)
+            if how is None:  # a regrouping that is no view of the weights (a transposed convolution)
+                e = dense.of_spec(self.ug.layers[li]).blocks(p, self.ug.layers[li])
+                self.edges[li] += e[..., 0] if e.shape[-1] == 1 else e.sum(-1, dtype=_acc_dtype(e))
+                continue
+            target, dims, shape = how
+            targets.append(target)
+            if shape is not None:
+                values.append(p.view(shape).sum(-1, dtype=_acc_dtype(p)))
+            elif dims is not None:
+                values.append(p.sum(dims, dtype=_acc_dtype(p)))
+            else:
+                values.append(p)
+        if targets:
+            torch._foreach_add_(targets, values)
+
+    def _edge_target(self, li: int, p: torch.Tensor) -> tuple[torch.Tensor, Any, Any] | None:
+        """How ``W * dT/dW`` of dense layer ``li`` (weight-shaped ``p``) adds to its edge block:
+        ``(target, kernel dims, shape)``: added as it is to ``target`` (a weight-shaped view of the
+        block, dims None), summed over ``dims``, or viewed as ``shape`` and summed over its last
+        axis; None when the layer's regrouping is no view of the weights. Made once per layer."""
+        cache = self.__dict__.setdefault("_edge_targets", {})
+        hit = cache.get(li)
+        block = self.edges[li]
+        if hit is not None and hit[0] is block:
+            return hit[1]
+        spec = self.ug.layers[li]
+        e = dense.of_spec(spec).blocks(p, spec)  # (out, in per group, kernel)
+        how: tuple[torch.Tensor, Any, Any] | None = None
+        if e.data_ptr() == p.data_ptr() and e.is_contiguous() and isinstance(block, torch.Tensor) \
+                and block.is_contiguous() and tuple(block.shape) == tuple(e.shape[:2]):
+            k = e.shape[-1]
+            if k == 1:
+                how = (block.view(p.shape), None, None)
+            elif tuple(p.shape[:2]) == tuple(e.shape[:2]):  # (out, in, kernel dims...)
+                how = (block, tuple(range(2, p.dim())), None)
+            else:
+                how = (block, None, tuple(e.shape))
+        cache[li] = (block, how)
+        return how
+
+    def _add_at(self, flat: torch.Tensor, key: tuple, values: torch.Tensor, where: list[tuple[int, ...]]) -> None:
+        """``flat[units of the layers in where, in order] += values``: one add."""
+        index = self._index(key, where)
+        if index is None:
+            flat += values
+        else:
+            flat.index_add_(0, index, values)
+
+    def _index(self, key: tuple, where: list[tuple[int, ...]], inverse: bool = False) -> torch.Tensor | None:
+        """The units of the layers ``where`` lists, in order, as an index into all units (None
+        when that is all of them in order); with ``inverse``, its inverse permutation."""
+        if key in self._indices:
+            return self._indices[key]
+        o = self._node_offsets
+        idx = np.concatenate([np.arange(o[li], o[li + 1]) for lis in where for li in lis]) if where else \
+            np.zeros(0, np.int64)
+        out = None
+        if idx.size != o[-1] or not np.array_equal(idx, np.arange(idx.size)):
+            if inverse:
+                inv = np.empty_like(idx)
+                inv[idx] = np.arange(idx.size)
+                idx = inv
+            out = torch.as_tensor(idx, dtype=torch.long, device=self.device)
+        self._indices[key] = out
+        return out
+
+    def _add_identity(self, key: tuple, flows: torch.Tensor) -> None:
+        """Identity edge flows of the operands ``key`` lists (layer, operand, sign), in order, added
+        to their blocks in the identity buffer of the edges column."""
+        index = self._indices.get(key)
+        if index is None:
+            index = self._indices[key] = torch.as_tensor(
+                np.concatenate([np.arange(self._own_at[li][k], self._own_at[li][k] + self.ug.layers[li].operands[k].width)
+                                for li, k, _ in key]), dtype=torch.long, device=self.device)
+        self._flat["edges:own"].index_add_(0, index, flows)
+
+    def _constant(self, op: ChainOp, ctx: RunContext, gv: torch.Tensor) -> tuple[Any, torch.Tensor | None]:
+        """``op``'s constant part and, when it varies with the unit only, its value per unit slot."""
         fixed = RULES[op.kind].fixed_constant
         if fixed and op.node in self._fixed:  # a parameter: its per-unit values, kept
-            c, per_slot = self._fixed[op.node]
-        else:
-            c = RULES[op.kind].constant(op, ctx, gv)
-            per_slot = view.per_slot(c, gv.shape) if isinstance(c, torch.Tensor) else None
-            if fixed:
-                self._fixed[op.node] = (c, per_slot)
-        if c is None:
-            return None
+            return self._fixed[op.node]
+        c = RULES[op.kind].constant(op, ctx, gv)
+        per_slot = self._view(op.node).per_slot(c, gv.shape) if isinstance(c, torch.Tensor) else None
+        if fixed:
+            self._fixed[op.node] = (c, per_slot)
+        return c, per_slot
+
+    def _constant_sum(self, op: ChainOp, c: Any, per_slot: torch.Tensor | None, gv: torch.Tensor) -> torch.Tensor:
+        """The flow of ``op``'s constant part ``c``, ``sum(c * dT/dy)`` per unit."""
+        view = self._view(op.node)
         if per_slot is not None:
             return view.scaled_sum(None, gv, per_slot=per_slot)
         if isinstance(c, Terms):
@@ -515,13 +728,6 @@ class FlowAccumulator:
         if isinstance(c, torch.Tensor):
             return view.scaled_sum(c, gv)
         return float(c) * view.sum(gv)
-
-    def _zeros32(self, size: int, like: torch.Tensor) -> torch.Tensor:
-        key = (size, like.device)
-        z = self._zero_parts.get(key)
-        if z is None:
-            z = self._zero_parts[key] = torch.zeros(size, dtype=torch.float32, device=like.device)
-        return z
 
     def _weight(self, s: LayerSpec) -> torch.Tensor:
         cache = self.__dict__.setdefault("_weights", {})

@@ -1,0 +1,155 @@
+"""Per-unit sums of many layers at once: a few ops per batch instead of several per layer.
+
+Most per-unit statistics of a batch (attribution ``A * dT/dA``, activation means, the flows
+of per-unit constants, identity edges) are sums over positions of tensors that hold their
+units along dim 1 (``NCHW``, ``(N, C)``) or along the last dim (tokens, channels-last).
+Tensors of one layout that share the rest of their shape are joined with one
+``torch._chunk_cat`` (a single kernel on a GPU) and reduced with one op, so a step dispatches
+a handful of ops per layout group instead of a few per layer: where a step is short, the host
+launching kernels is the limit (``benchmarks/bench_ops.py`` counts them).
+
+Written here rather than taken from a library: neither ``torch._foreach_*`` (no reductions
+along dims) nor ``torch.segment_reduce`` (a sequential sum, 13x slower than ``sum`` on a CPU
+and less accurate in float32) does it; a join and one ``sum`` keep torch's pairwise summation.
+
+Tensors of other layouts (units along several dims, an index of units, positions folded into
+the batch) are left to :class:`~connectome.extract.unit_sums.UnitView`; :func:`units_dim`
+says which.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from connectome.extract.unit_sums import UnitView, _acc_dtype
+
+__all__ = ["GroupedSums", "units_dim"]
+
+#: elements per joined buffer: the copy a join makes stays bounded (128 MiB in float32)
+_CAP = 1 << 25
+
+
+def units_dim(view: UnitView, t: torch.Tensor) -> int | None:
+    """1 when ``t`` holds its units along dim 1, -1 along its last dim (one unit per slot, no
+    windows), else None (the caller sums it with ``view``)."""
+    if view.index is not None or view.windows != 1 or len(view.dims) != 1 or t.dim() < 2:
+        return None
+    d = view.dims[0] % t.dim()
+    if d == 1:
+        return 1
+    return -1 if d == t.dim() - 1 else None
+
+
+@dataclass(frozen=True)
+class _Group:
+    members: tuple[int, ...]  # positions in the caller's list
+    dim: int  # 1 or -1
+    width: int  # units of all members together
+
+
+@dataclass(frozen=True)
+class _Plan:
+    groups: tuple[_Group, ...]
+    order: torch.Tensor | None  # columns of the joined results in the caller's order (None: already)
+
+
+class GroupedSums:
+    """Sums over positions, per image and unit, of many tensors in one op per layout group.
+
+    Plans (which tensors join) are made once per list of shapes and dtypes and kept.
+    """
+
+    def __init__(self) -> None:
+        self._plans: dict[tuple, _Plan] = {}
+
+    def __call__(self, xs: Sequence[torch.Tensor], dims: Sequence[int], ys: Sequence[torch.Tensor] | None = None,
+                 *, means: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Per image and unit, over positions: ``(mean of x, sum of x * y)``.
+
+        The mean only when ``means``; the sum of ``x * y`` when ``ys`` is given, of ``x`` when
+        neither is. Each result is ``(N, sum of units)``, its columns in the order of ``xs``, in
+        the tensors' dtype (float32 for bfloat16/float16). ``dims``: each tensor's
+        :func:`units_dim`; ``ys[i]`` has the shape and dtype of ``xs[i]``.
+        """
+        plan = self._plan(xs, dims)
+        mean_parts: list[torch.Tensor] = []
+        sum_parts: list[torch.Tensor] = []
+        for g in plan.groups:
+            xv = _joined([xs[i] for i in g.members], g)
+            axis = 2 if g.dim == 1 else 1
+            acc = _acc_dtype(xv)
+            if means:
+                mean_parts.append(xv.mean(axis, dtype=acc))
+            if ys is not None:
+                sum_parts.append((xv * _joined([ys[i] for i in g.members], g)).sum(axis, dtype=acc))
+            elif not means:
+                sum_parts.append(xv.sum(axis, dtype=acc))
+        return _in_order(mean_parts, plan), _in_order(sum_parts, plan)
+
+    def _plan(self, xs: Sequence[torch.Tensor], dims: Sequence[int]) -> _Plan:
+        key = tuple((tuple(x.shape), x.dtype, d) for x, d in zip(xs, dims))
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = _new_plan(xs, dims)
+        return plan
+
+
+def _new_plan(xs: Sequence[torch.Tensor], dims: Sequence[int]) -> _Plan:
+    by_key: dict[tuple, list[int]] = {}
+    for i, (x, d) in enumerate(zip(xs, dims)):
+        if d == 1:  # (N, K, positions...): joins with the same batch and number of positions
+            key = (x.dtype, 1, x.shape[0], int(np.prod(x.shape[2:], dtype=np.int64)))
+        elif d == -1:  # (N, positions..., K): joins with the same leading shape
+            key = (x.dtype, -1, tuple(x.shape[:-1]))
+        else:
+            raise ValueError(f"units dim must be 1 or -1, got {d}")
+        by_key.setdefault(key, []).append(i)
+    groups: list[_Group] = []
+    for key, members in by_key.items():
+        dim = key[1]
+        run: list[int] = []
+        size = 0
+        for i in members:  # split where a join would copy more than _CAP elements
+            if run and size + xs[i].numel() > _CAP:
+                groups.append(_Group(tuple(run), dim, sum(_width(xs[j], dim) for j in run)))
+                run, size = [], 0
+            run.append(i)
+            size += xs[i].numel()
+        groups.append(_Group(tuple(run), dim, sum(_width(xs[j], dim) for j in run)))
+    # where each input's columns land in the joined results
+    starts = np.concatenate([[0], np.cumsum([_width(x, d) for x, d in zip(xs, dims)])])
+    cols = np.concatenate([np.arange(starts[i], starts[i + 1]) for g in groups for i in g.members]) \
+        if len(xs) else np.zeros(0, np.int64)
+    order = None
+    if not np.array_equal(cols, np.arange(cols.size)):
+        inverse = np.empty_like(cols)
+        inverse[cols] = np.arange(cols.size)
+        order = torch.as_tensor(inverse, dtype=torch.long, device=xs[0].device)
+    return _Plan(tuple(groups), order)
+
+
+def _width(x: torch.Tensor, dim: int) -> int:
+    return int(x.shape[1] if dim == 1 else x.shape[-1])
+
+
+def _joined(ts: list[torch.Tensor], g: _Group) -> torch.Tensor:
+    """The group's tensors as one ``(N, units, positions)`` (dim 1) or ``(N, positions, units)``
+    (last dim) tensor: a view of a lone tensor, else one join."""
+    n = ts[0].shape[0]
+    if len(ts) == 1:
+        t = ts[0]
+        return t.reshape(n, g.width, -1) if g.dim == 1 else t.reshape(n, -1, g.width)
+    if g.dim == 1:
+        return torch._chunk_cat(ts, 1, 1).view(n, g.width, -1)
+    return torch._chunk_cat(ts, ts[0].dim() - 1, 1).view(n, -1, g.width)
+
+
+def _in_order(parts: list[torch.Tensor], plan: _Plan) -> torch.Tensor | None:
+    if not parts:
+        return None
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+    return out if plan.order is None else out.index_select(1, plan.order)
