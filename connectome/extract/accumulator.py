@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -91,6 +92,7 @@ class FlowAccumulator:
                 if RULES[op.kind].reads_input:
                     keep.add(op.input_node)
         self.keep = keep
+        self._sole = _sole_parameters(ug.gm, self.modules)
         self.grad_nodes = list(dict.fromkeys(grad))
         # dense layers whose edges come from their input and output gradient: their weight and bias
         self._io_layers = {li: tuple(None if t is None else t.detach().to(device) for t in layer_weight(ug, s))
@@ -263,7 +265,16 @@ class FlowAccumulator:
         return v
 
     def _override(self, leaves: dict[int, tuple[torch.Tensor, torch.Tensor | None]], ctx: RunContext):
-        spec_of, modules, rule_ops = self.spec_of, self.modules, self.rule_ops
+        spec_of, modules, rule_ops, sole = self.spec_of, self.modules, self.rule_ops, self._sole
+
+        def leaf(t: torch.Tensor) -> torch.Tensor:
+            # the gradient of a dense layer's weight (bias) for its W * dW: a parameter that only
+            # this layer reads is a leaf already (no op); a shared, frozen or computed one is
+            # detached, so that its gradient is this layer's alone
+            if t.is_leaf and t.requires_grad and id(t) in sole:
+                return t
+            return t.detach().requires_grad_(True)
+
 
         def run_plain(node: fx.Node, args: list[Any], kwargs: dict[str, Any]) -> Any:
             # Saved values must not be overwritten: run in-place ops out of place.
@@ -296,24 +307,24 @@ class FlowAccumulator:
                 li, spec = hit
                 if node.op == "call_module":
                     m = modules[node.target]
-                    w = m.weight.detach().requires_grad_(True)
-                    b = m.bias.detach().requires_grad_(True) if m.bias is not None else None
+                    w = leaf(m.weight)
+                    b = leaf(m.bias) if m.bias is not None else None
                     leaves[li] = (w, b)
                     return dense.of_spec(spec).forward(m, args[0], w, b)
                 args = list(args)
                 kwargs = dict(kwargs)
                 if len(args) > 1:
-                    args[1] = args[1].detach().requires_grad_(True)
+                    args[1] = leaf(args[1])
                     w = args[1]
                 else:
-                    kwargs["weight"] = kwargs["weight"].detach().requires_grad_(True)
+                    kwargs["weight"] = leaf(kwargs["weight"])
                     w = kwargs["weight"]
                 b = None
                 if len(args) > 2 and isinstance(args[2], torch.Tensor):
-                    args[2] = args[2].detach().requires_grad_(True)
+                    args[2] = leaf(args[2])
                     b = args[2]
                 elif isinstance(kwargs.get("bias"), torch.Tensor):
-                    kwargs["bias"] = kwargs["bias"].detach().requires_grad_(True)
+                    kwargs["bias"] = leaf(kwargs["bias"])
                     b = kwargs["bias"]
                 leaves[li] = (w, b)
                 return node.target(*args, **kwargs)
@@ -455,7 +466,6 @@ class FlowAccumulator:
         :class:`UnitView`."""
         ug = self.ug
         n = x.shape[0]
-        offsets = self._node_offsets
         joined = self.examples is None  # the examples rank each layer's per-image sums: their own path
         # per layer: A and dT/dA joined, or A * dT/dA summed per layer
         a_x: list[torch.Tensor] = []
@@ -466,10 +476,9 @@ class FlowAccumulator:
         attr_at: list[int] = []
         means: list[torch.Tensor] = []  # per-layer (N, size) spatial means per image, at means_at
         means_at: list[int] = []
-        # per-unit constants: their gradients joined, times the constant per unit
-        c_g: list[torch.Tensor] = []
-        c_dims: list[int] = []
-        c_keys: list[tuple[str, int, bool]] = []
+        # constants that vary with the unit (times a factor per token or image, for a norm's): their
+        # gradients joined, summed (weighted) per unit, times the constant per unit
+        consts: list[_ConstantPart] = []
         # identity edges: operand values and output gradients joined, into the identity buffer
         e_x: list[torch.Tensor] = []
         e_g: list[torch.Tensor] = []
@@ -515,10 +524,13 @@ class FlowAccumulator:
                 d = units_dim(self._view(op.node), gv) if joined and per_slot is not None and rule.fixed_constant \
                     else None
                 if d is not None:
-                    c_g.append(gv)
-                    c_dims.append(d)
-                    c_keys.append((op.node, li, op.node not in on_chain))
+                    consts.append(_ConstantPart(gv, d, None, per_slot, ("fixed", op.node), li, op.node not in on_chain))
                     continue
+                if joined and isinstance(c, Terms):
+                    parts = self._term_parts(op, c, gv, li, op.node not in on_chain)
+                    if parts is not None:
+                        consts.extend(parts)
+                        continue
                 term = self._constant_sum(op, c, per_slot, gv)
                 self.bias[li] += term
                 if op.node not in on_chain:
@@ -529,7 +541,6 @@ class FlowAccumulator:
                 go = g.get(s.node)
                 if go is None:
                     continue
-                vals, absv = [], []
                 w = ug.units[s.node].windows if self.per_sample else 1
                 for k, op in enumerate(s.operands):
                     # a product's operands each pass on half its flow (rules.product_forward)
@@ -598,20 +609,10 @@ class FlowAccumulator:
         self._flat["act_sq"] += (m * m).sum(0)
         torch.maximum(self._flat["act_max"], m.max(0).values, out=self._flat["act_max"])
         self._flat["active"] += (m > 0).sum(0, dtype=torch.float64)
-        if c_g:
-            _, cs = self._sums(c_g, c_dims)
-            key = tuple(c_keys)
-            per_unit = self._joined_constants.get(key)
-            if per_unit is None:  # the constants (parameters) per unit, joined once per run
-                per_unit = self._joined_constants[key] = (
-                    torch.cat([self._fixed[node][1] for node, _, _ in c_keys]),
-                    torch.cat([self._fixed[node][1] * float(off) for node, _, off in c_keys]))
-            flows = cs.double().sum(0)
-            where = [(li,) for _, li, _ in c_keys]
-            self._add_at(self._flat["bias"], ("bias", key), flows * per_unit[0], where)
-            if any(off for _, _, off in c_keys):
-                # Constant parts after the unit's branch point reach its consumers too.
-                self._add_at(self._flat["attr"], ("bias", key), flows * per_unit[1], where)
+        for weighted in (False, True):
+            sel = [c for c in consts if (c.weight is not None) == weighted]
+            if sel:
+                self._add_constant_flows(sel, weighted)
         if e_x:
             _, es = self._sums(e_x, e_dims, e_g)
             key = tuple(e_keys)
@@ -670,6 +671,84 @@ class FlowAccumulator:
                 how = (block, None, tuple(e.shape))
         cache[li] = (block, how)
         return how
+
+    def _term_parts(self, op: ChainOp, terms: Terms, gv: torch.Tensor, li: int, off: bool) -> list[_ConstantPart] | None:
+        """A constant written as :class:`Terms` (a norm's ``b + shift * w``) as parts to join: per
+        term, its factors per unit (joined into one vector) and at most one other factor (per
+        token, or per image and group), which weights the sum of the gradient. None where the
+        value's layout or a term does not fit (the caller sums it with its view)."""
+        d = units_dim(self._view(op.node), gv)
+        if d is None:
+            return None
+        ud = 1 if d == 1 else gv.dim() - 1
+        k = gv.shape[ud]
+        parts = []
+        for i, factors in enumerate(terms):
+            rest, units, params = [], [], True
+            for f in factors:
+                if f is None:
+                    continue
+                if not isinstance(f, torch.Tensor) or f.dim() > gv.dim():
+                    return None
+                shape = (1,) * (gv.dim() - f.dim()) + tuple(f.shape)
+                if all(n == 1 for j, n in enumerate(shape) if j != ud) and shape[ud] in (1, k):
+                    units.append(f)
+                    params = params and any(f is p for p in op.params)  # the same every batch
+                else:
+                    rest.append(f)
+            if len(rest) > 1 or (rest and rest[0].dtype != gv.dtype):
+                return None
+            try:
+                weight = rest[0].expand(gv.shape) if rest else None
+            except RuntimeError:
+                return None
+            key = ("term", op.node, i) if params else None
+            parts.append(_ConstantPart(gv, d, weight, self._unit_vector(key, units, k), key, li, off))
+        return parts
+
+    def _unit_vector(self, key: tuple | None, factors: list[torch.Tensor], k: int) -> torch.Tensor:
+        """The product of per-unit factors as a float64 vector of ``k`` units (kept under ``key``)."""
+        if key is not None and key in self._joined_constants:
+            return self._joined_constants[key]
+        vec = None
+        for f in factors:
+            v = f.reshape(-1).to(self.device, torch.float64)
+            vec = v if vec is None else vec * v
+        if vec is None:
+            vec = torch.ones(k, dtype=torch.float64, device=self.device)
+        elif vec.numel() != k:
+            vec = vec.expand(k)
+        if key is not None:
+            self._joined_constants[key] = vec
+        return vec
+
+    def _add_constant_flows(self, parts: list[_ConstantPart], weighted: bool) -> None:
+        """Flows of joined constant parts: their gradients' (weighted) sums per unit, times the
+        constant per unit, added to the bias (and to the attribution, off the unit's chain)."""
+        _, sums = self._sums([c.grad for c in parts], [c.dim for c in parts],
+                             [c.weight for c in parts] if weighted else None)
+        keys = tuple(c.key for c in parts)
+        if all(key is not None for key in keys):  # every constant the same each batch: joined once
+            vec = self._joined_constants.get(keys)
+            if vec is None:
+                vec = self._joined_constants[keys] = torch.cat([c.per_unit for c in parts])
+        else:
+            vec = torch.cat([c.per_unit for c in parts])
+        flows = sums.double().sum(0) * vec
+        where = [(c.layer,) for c in parts]
+        key = ("constants", tuple(c.layer for c in parts))
+        self._add_at(self._flat["bias"], key, flows, where)
+        offs = tuple(c.off_chain for c in parts)
+        if any(offs):
+            # Constant parts after the unit's branch point reach its consumers too.
+            if not all(offs):
+                mask = self._joined_constants.get(("off chain", key, offs))
+                if mask is None:
+                    mask = self._joined_constants[("off chain", key, offs)] = torch.cat(
+                        [torch.full((self.ug.layers[c.layer].size,), float(c.off_chain), dtype=torch.float64,
+                                    device=self.device) for c in parts])
+                flows = flows * mask
+            self._add_at(self._flat["attr"], key, flows, where)
 
     def _add_at(self, flat: torch.Tensor, key: tuple, values: torch.Tensor, where: list[tuple[int, ...]]) -> None:
         """``flat[units of the layers in where, in order] += values``: one add."""
@@ -830,6 +909,21 @@ class FlowAccumulator:
         return flat.numpy()
 
 
+@dataclass
+class _ConstantPart:
+    """A constant's part that varies with the unit, to join: the gradient at its op, the dim that
+    holds the units, a factor weighting the gradient (per token, or None), its value per unit,
+    the key it is kept under when that is the same every batch (or None), layer, off chain."""
+
+    grad: torch.Tensor
+    dim: int
+    weight: torch.Tensor | None
+    per_unit: torch.Tensor
+    key: tuple | None
+    layer: int
+    off_chain: bool
+
+
 class _Run(RunContext):
     """The run context of one batch, with the data input of a rule's op."""
 
@@ -841,6 +935,25 @@ class _Run(RunContext):
             if isinstance(n, fx.Node) and n.name == op.input_node:
                 return kwargs[k]
         return args[0]
+
+
+def _sole_parameters(gm: fx.GraphModule, modules: dict[str, torch.nn.Module]) -> set[int]:
+    """ids of the tensors that one node of the graph reads, alone: a module's parameter or an
+    attribute (a parameter that several nodes read, tied weights or a module called twice, has a
+    gradient summed over its uses)."""
+    uses: dict[int, int] = {}
+    for node in gm.graph.nodes:
+        found: list[Any] = []
+        if node.op == "call_module":
+            found = list(modules[node.target].parameters())
+        elif node.op == "get_attr":
+            v: Any = gm
+            for part in str(node.target).split("."):
+                v = getattr(v, part, None)
+            found = [v] if isinstance(v, torch.Tensor) else []
+        for t in found:
+            uses[id(t)] = uses.get(id(t), 0) + 1
+    return {k for k, n in uses.items() if n == 1}
 
 
 def _mix_edges(spec: LayerSpec, e: torch.Tensor) -> torch.Tensor:

@@ -162,7 +162,26 @@ def frozen(x: torch.Tensor, y: torch.Tensor, s: torch.Tensor, t: torch.Tensor | 
     function rather than ``y.detach() + (x*s - (x*s).detach())``, which builds three full-size
     temporaries per op in the forward pass.
     """
-    return _Frozen.apply(x, y.detach(), s.detach(), None if t is None else t.detach())
+    return _Frozen.apply(x, _held(y), _held(s), None if t is None else _held(t))
+
+
+def _held(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a constant: detached only where it has an autograd record (most held values are
+    computed without one: a detach per op is an op dispatched per op and batch)."""
+    return t.detach() if t.requires_grad else t
+
+
+class _ValueOf(torch.autograd.Function):
+    """Value ``y`` (held), gradient passed to ``lin`` as it is: ``y + (lin - lin.detach())`` in
+    one op rather than three (the same value to the last bit)."""
+
+    @staticmethod
+    def forward(ctx: Any, y: torch.Tensor, lin: torch.Tensor) -> torch.Tensor:
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[None, torch.Tensor]:
+        return None, g
 
 
 class Terms(tuple):
@@ -215,15 +234,23 @@ def _stashed(op: ChainOp, ctx: RunContext, like: torch.Tensor) -> torch.Tensor |
 # ----------------------------------------------------------------------------- linearised forwards
 def _smooth_forward(op: ChainOp, x: torch.Tensor, y: torch.Tensor, ctx: RunContext) -> torch.Tensor:
     # identity rule: f(x) = f(0) + x * r(x), r held constant (0/0 taken as 0)
-    return _Identity.apply(x, y.detach(), float(op.params[0]))
+    return _Identity.apply(x, _held(y), float(op.params[0]))
 
 
 def _norm_forward(op: ChainOp, x: torch.Tensor, y: torch.Tensor, ctx: RunContext) -> torch.Tensor:
     # statistics held constant: y = x * s * w + (b - mean * s * w), with s = 1 / std per token
     # (LayerNorm) or per image and group (GroupNorm), w and b the affine parameters per unit.
     # Both the slope and the constant stay factored: no tensor the size of x is built or kept.
+    with torch.no_grad():  # the statistics, held constant: no autograd record, nothing to detach
+        s, w = _norm_slope(op, x, ctx)
+    return frozen(x, y, s, w)
+
+
+def _norm_slope(op: ChainOp, xd: torch.Tensor, ctx: RunContext) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The norm's slope per token (or image and group) and its weight per unit; the constant part
+    stashed for the rule's ``constant``."""
     kind, shape_or_groups, weight, eps, bias = op.params
-    xd = x.detach()
+    x = xd
     if kind in ("rms", "lp"):
         # no mean taken out: y = x * s * w with s = 1 / rms over the normalised dims (RMSNorm)
         # or 1 / max(|x|_p, eps) along one dim (F.normalize); the constant part is 0
@@ -234,8 +261,7 @@ def _norm_forward(op: ChainOp, x: torch.Tensor, y: torch.Tensor, ctx: RunContext
         else:
             p, dim = shape_or_groups
             s = 1.0 / xd.norm(p, dim, keepdim=True).clamp_min(eps)
-        w = weight.to(x.device, s.dtype) if weight is not None else None
-        return frozen(x, y, s, w)
+        return s, (weight.to(x.device, s.dtype) if weight is not None else None)
     if kind == "layer":
         dims = tuple(range(xd.dim() - len(shape_or_groups), xd.dim()))
         var, mean = torch.var_mean(xd, dim=dims, unbiased=False, keepdim=True)
@@ -253,7 +279,7 @@ def _norm_forward(op: ChainOp, x: torch.Tensor, y: torch.Tensor, ctx: RunContext
         b = unit(bias) if bias is not None else None
     shift = -mean * s
     ctx.stash[op.node] = Terms(((b,), (shift, w)) if b is not None else ((shift, w),))
-    return frozen(x, y, s, w)
+    return s, w
 
 
 def attention_forward(op: ChainOp, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -272,12 +298,13 @@ def attention_forward(op: ChainOp, q: torch.Tensor, k: torch.Tensor, v: torch.Te
         d = e // heads
         split = lambda z: z.reshape(z.shape[0], z.shape[1], heads, d).transpose(1, 2)  # noqa: E731
         lin = (_pattern(split(q), split(k), None, False, None) @ split(v)).transpose(1, 2).reshape(n, t, v.shape[-1])
-        y = attend(q.detach(), k.detach(), v.detach(), heads)
+        with torch.no_grad():
+            y = attend(q, k, v, heads)
     else:
         lin = _pattern(q, k, how["attn_mask"], how["is_causal"], how["scale"]) @ v
-        y = F.scaled_dot_product_attention(q.detach(), k.detach(), v.detach(), **{kk: vv for kk, vv in how.items()
-                                                                               if vv is not None})
-    return y + (lin - lin.detach())
+        with torch.no_grad():
+            y = F.scaled_dot_product_attention(q, k, v, **{kk: vv for kk, vv in how.items() if vv is not None})
+    return _ValueOf.apply(y, lin)
 
 
 def product_forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -290,14 +317,15 @@ def product_forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _pattern(q: torch.Tensor, k: torch.Tensor, mask: Any, causal: bool, scale: float | None) -> torch.Tensor:
     """softmax(q k^T * scale + mask), computed from detached q and k: a constant."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    s = (q.detach() @ k.detach().transpose(-1, -2)) * scale
-    if causal:
-        keep = torch.ones(s.shape[-2], s.shape[-1], dtype=torch.bool, device=s.device).tril()
-        s = s.masked_fill(~keep, float("-inf"))
-    if mask is not None:
-        mask = mask.to(s.device)
-        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(s.dtype)
-    return torch.softmax(s, dim=-1).detach()
+    with torch.no_grad():  # no autograd record: nothing to detach
+        s = (q @ k.transpose(-1, -2)) * scale
+        if causal:
+            keep = torch.ones(s.shape[-2], s.shape[-1], dtype=torch.bool, device=s.device).tril()
+            s = s.masked_fill(~keep, float("-inf"))
+        if mask is not None:
+            mask = mask.to(s.device)
+            s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(s.dtype)
+        return torch.softmax(s, dim=-1)
 
 
 # ----------------------------------------------------------------------------- the table
