@@ -10,17 +10,27 @@ the number of ops a step dispatches predicts it without a GPU. Counted with a
 - a training step: forward, the target logits' sum, ``.backward()`` into the weights, over 1 and 3
   batches the same way.
 
-Prints the ratio per model; ``--time`` also times both end to end (best of ``--repeats``).
+Ops are counted twice: as a GPU runs the step, and as a CPU does. The two differ in one
+place only: which per-unit sums are joined into one op (:data:`connectome.extract.batched.JOIN_LIMIT`,
+tensors up to 2**22 elements on a GPU, 2**14 on a CPU, where a join's copy costs more than the
+ops it saves); the GPU count sets the CPU's limit to the GPU's while it counts.
+
+Prints the ratios per model; ``--time`` also times both end to end on the CPU, as the issue
+measured them: one batch of ``--time-batch`` images at ``--time-size`` px, one thread,
+tracing and graph building included, ``--repeats`` interleaved runs, medians (and the load).
 
 Usage: python benchmarks/bench_ops.py [--models resnet50,convnext_tiny,...] [--timm resnetv2_18,deit_tiny_patch16_224]
-       [--size 64] [--batch 4] [--time] [--out benchmarks/results/ops.json]
+       [--size 64] [--batch 4] [--time] [--time-size 224] [--time-batch 8] [--repeats 5]
+       [--out benchmarks/results/ops.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import statistics
 import time
 import warnings
 from pathlib import Path
@@ -30,6 +40,7 @@ import torchvision
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import connectome as cn
+from connectome.extract import batched
 
 
 class OpCounter(TorchDispatchMode):
@@ -84,14 +95,29 @@ def per_batch(fn, model, x, y, batch) -> tuple[float, float]:  # noqa: ANN001
     return step, one - step
 
 
-def best_of(fn, repeats: int, *args) -> float:  # noqa: ANN001
-    fn(*args)
-    best = float("inf")
+def per_batch_gpu(fn, model, x, y, batch) -> tuple[float, float]:  # noqa: ANN001
+    """:func:`per_batch` with the per-unit sums joined as on a GPU."""
+    saved = dict(batched.JOIN_LIMIT)
+    batched.JOIN_LIMIT["cpu"] = batched.JOIN_LIMIT["cuda"]
+    try:
+        return per_batch(fn, model, x, y, batch)
+    finally:
+        batched.JOIN_LIMIT.update(saved)
+
+
+def interleaved(a, b, repeats: int, *args) -> tuple[float, float]:  # noqa: ANN001
+    """Median seconds of ``a(*args)`` and ``b(*args)``, run in turn (after one warm-up each)."""
+    a(*args)
+    b(*args)
+    ta, tb = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        fn(*args)
-        best = min(best, time.perf_counter() - t0)
-    return best
+        a(*args)
+        ta.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        b(*args)
+        tb.append(time.perf_counter() - t0)
+    return statistics.median(ta), statistics.median(tb)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,16 +126,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timm", default="resnetv2_18,deit_tiny_patch16_224", help="timm models ('' for none)")
     ap.add_argument("--size", type=int, default=64, help="image side (vision transformers get their own)")
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--time", action="store_true", help="also time both end to end over 3 batches")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--time", action="store_true", help="also time both end to end on the CPU")
+    ap.add_argument("--time-size", type=int, default=224, help="image side for --time")
+    ap.add_argument("--time-batch", type=int, default=8, help="images (one batch) for --time")
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved runs for --time (medians)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "ops.json"))
     a = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     todo = [(m, "torchvision") for m in a.models.split(",") if m] + [(m, "timm") for m in a.timm.split(",") if m]
     rows = []
-    print(f"{'model':<26}{'attr/batch':>11}{'train/batch':>12}{'ratio':>7}{'attr fixed':>11}"
-          + (f"{'time ratio':>11}" if a.time else ""))
+    print(f"{'model':<24}{'GPU path':>9}{'CPU path':>9}{'training':>9}{'ratio':>7}{'CPU ratio':>10}{'fixed':>8}"
+          + (f"{'attr s':>8}{'train s':>8}{'time ratio':>11}" if a.time else ""))
     for name, source in todo:
         try:
             model = build(name, source)
@@ -120,16 +148,23 @@ def main(argv: list[str] | None = None) -> int:
         gen = torch.Generator().manual_seed(1)
         x = torch.randn(3 * a.batch, 3, size, size, generator=gen)
         y = torch.randint(0, 10, (3 * a.batch,), generator=gen)
-        attr, fixed = per_batch(attribution, model, x, y, a.batch)
+        attr, fixed = per_batch_gpu(attribution, model, x, y, a.batch)
+        attr_cpu, _ = per_batch(attribution, model, x, y, a.batch)
         train, _ = per_batch(training, model, x, y, a.batch)
-        row = {"model": name, "source": source, "ops_per_batch": attr, "train_ops_per_batch": train,
-               "ratio": round(attr / train, 3), "fixed_ops": fixed, "batch": a.batch, "size": size}
-        line = f"{name:<26}{attr:>11,.0f}{train:>12,.0f}{attr / train:>6.2f}x{fixed:>11,.0f}"
+        row = {"model": name, "source": source, "ops_per_batch": attr, "cpu_ops_per_batch": attr_cpu,
+               "train_ops_per_batch": train, "ratio": round(attr / train, 3), "cpu_ratio": round(attr_cpu / train, 3),
+               "fixed_ops": fixed, "batch": a.batch, "size": size}
+        line = (f"{name:<24}{attr:>9,.0f}{attr_cpu:>9,.0f}{train:>9,.0f}{attr / train:>6.2f}x{attr_cpu / train:>9.2f}x"
+                f"{fixed:>8,.0f}")
         if a.time:
-            ta = best_of(attribution, a.repeats, model, x, y, a.batch)
-            tt = best_of(training, a.repeats, model, x, y, a.batch)
-            row.update(seconds=ta, train_seconds=tt, time_ratio=round(ta / tt, 3))
-            line += f"{ta / tt:>10.2f}x"
+            tsize = 224 if name.startswith(("vit_", "deit", "swin")) else a.time_size
+            xt = torch.randn(a.time_batch, 3, tsize, tsize, generator=gen)
+            yt = torch.randint(0, 10, (a.time_batch,), generator=gen)
+            load = os.getloadavg()[0]
+            ta, tt = interleaved(attribution, training, a.repeats, model, xt, yt, a.time_batch)
+            row.update(seconds=ta, train_seconds=tt, time_ratio=round(ta / tt, 3), time_size=tsize,
+                       time_batch=a.time_batch, repeats=a.repeats, load=[load, os.getloadavg()[0]])
+            line += f"{ta:>8.2f}{tt:>8.2f}{ta / tt:>10.2f}x  (load {load:.1f})"
         print(line, flush=True)
         rows.append(row)
     out = Path(a.out)

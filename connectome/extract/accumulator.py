@@ -30,7 +30,7 @@ from connectome.errors import BadFileError, ConnectomeError, DataError, Extracti
 from connectome.extract._model import no_inplace
 from connectome.extract.build import assemble, edge_shapes, graph_layers, layout, prefetch_skeleton
 from connectome.extract import dense, ops
-from connectome.extract.batched import GroupedSums, units_dim
+from connectome.extract.batched import GroupedSums, join_limit, units_dim
 from connectome.extract.rules import RULES, ChainOp, RunContext, Terms, attention_forward, product_forward
 from connectome.extract.trace import LayerSpec, UnitGraph, layer_weight, run_nodes
 from connectome.extract.unit_sums import UnitView, _acc_dtype
@@ -155,7 +155,7 @@ class FlowAccumulator:
         self.add_state("act_max", node_views(torch.full((n_units,), -math.inf, dtype=torch.float64, device=device),
                                              "act_max"), "max")
         self._fixed: dict[str, tuple[Any, Any]] = {}  # constants of parameters, and their per-slot values
-        self._sums = GroupedSums()  # per-unit sums of many layers in a few ops
+        self._sums = GroupedSums(join_limit(device))  # per-unit sums of many layers in a few ops
         self._indices: dict[tuple, torch.Tensor | None] = {}  # where joined sums land, per set of layers
         self._joined_constants: dict[tuple, Any] = {}
         self._zero_parts: dict[Any, torch.Tensor] = {}
