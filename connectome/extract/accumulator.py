@@ -939,18 +939,18 @@ class _Run(RunContext):
 
 def _sole_parameters(gm: fx.GraphModule, modules: dict[str, torch.nn.Module]) -> set[int]:
     """ids of the tensors that one node of the graph reads, alone: a module's parameter or an
-    attribute (a parameter that several nodes read, tied weights or a module called twice, has a
-    gradient summed over its uses)."""
+    attribute (a parameter that several nodes read, tied weights or one ``get_attr`` node with
+    several users, has a gradient summed over its uses)."""
     uses: dict[int, int] = {}
     for node in gm.graph.nodes:
         found: list[Any] = []
         if node.op == "call_module":
             found = list(modules[node.target].parameters())
-        elif node.op == "get_attr":
+        elif node.op == "get_attr":  # one node for all its readers: each reader is a use
             v: Any = gm
             for part in str(node.target).split("."):
                 v = getattr(v, part, None)
-            found = [v] if isinstance(v, torch.Tensor) else []
+            found = [v] * max(1, len(node.users)) if isinstance(v, torch.Tensor) else []
         for t in found:
             uses[id(t)] = uses.get(id(t), 0) + 1
     return {k for k, n in uses.items() if n == 1}
