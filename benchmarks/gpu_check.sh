@@ -9,7 +9,9 @@
 #   4. a torch.profiler table of one ResNet-50 attribution step and of one plain step;
 #   5. modern convnets and transformers (efficientnet_b0, convnext_tiny, regnet_y_1_6gf, vit_b_16,
 #      swin_t) end to end as in 2, batch 64, 512 images, exact float32;
-#   6. host overhead: the time of a step on the host and on the device, tiny and at batch 128.
+#   6. host overhead: the time of a step on the host and on the device, tiny and at batch 128;
+#   7. ATen ops per batch, attribution against a training step, on the GPU path and the CPU path
+#      (benchmarks/bench_ops.py, counted on the CPU: the count is the same on any device).
 # Extraction only: nothing here imports igraph or leidenalg.
 #
 # Usage (from the repository root):  PYTHONPATH=. bash benchmarks/gpu_check.sh
@@ -200,6 +202,11 @@ for name in ["resnet18"] if small else ["resnet50", "resnet18"]:
               f"{tp*1e3:.1f} ms (host {hp*1e3:.1f}): x{ta/tp:.2f}", flush=True)
 EOF
 
+# 7. ops dispatched per batch (issue 26): the four torchvision models and two timm ones (when
+#    timm is installed), on the GPU path (per-unit sums joined) and the CPU path
+if [ "$SMALL" = "1" ]; then OPS=(--models resnet18 --timm ""); else OPS=(); fi
+part ops 240 $PY benchmarks/bench_ops.py "${OPS[@]}" --out "$OUT/ops.json"
+
 {
     echo "gpu_check: device $DEVICE, small=$SMALL, $(( $(date +%s) - T0 ))s in all; failed parts: ${FAILED[*]:-none}"
     grep -h "passed\|failed\|skipped\|error" "$OUT/tests_gpu.log" | tail -n 3
@@ -207,6 +214,7 @@ EOF
     grep -h "completeness\|reference" "$OUT/precision.log"
     grep -h " x[0-9]" "$OUT/rules.log"
     grep -h "training step" "$OUT/overhead.log"
+    grep -h "x " "$OUT/ops.log"
 } > "$OUT/summary.txt"
 echo "== summary ($OUT/summary.txt)"
 cat "$OUT/summary.txt"

@@ -29,6 +29,8 @@ the rule it would need.
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import operator
 import warnings
@@ -806,6 +808,48 @@ def _units_from(U: torch.Tensor, layer: int, layer_size: int, batch: int, where:
     return Units(layer, tuple(varying), index, bdim, windows)
 
 
+class _NoKey(Exception):
+    pass
+
+
+def _layout_key(node: fx.Node, units: dict[str, Units], values: dict[str, Any], shapes: dict[str, tuple[int, ...]],
+                size_of: Callable[[Units], int]) -> Any:
+    """What the units a layout op gives depend on: the op, its plain arguments (sizes read off
+    shapes included), and per data input its units (the layer as the order it first appears in)
+    and shape; None when an input is not one tensor of units or an argument is no plain value
+    (not remembered)."""
+    if node.op not in ("call_function", "call_method"):
+        return None
+    layers: dict[int, int] = {}
+
+    def part(a: Any) -> Any:
+        if isinstance(a, fx.Node) and a.name not in units and a.name in values:
+            return ("value", part(values[a.name]))  # a size read off a shape
+        if isinstance(a, fx.Node):
+            u = units.get(a.name)
+            if u is None:
+                raise _NoKey
+            index = None if u.index is None else (np.asarray(u.index).shape, np.asarray(u.index).tobytes())
+            return ("units", layers.setdefault(u.layer, len(layers)), u.dims, index, u.batch, u.windows,
+                    tuple(shapes[a.name]), size_of(u))
+        if isinstance(a, (tuple, list)):
+            return (type(a).__name__, tuple(part(x) for x in a))
+        if isinstance(a, dict):
+            return ("dict", tuple((k, part(v)) for k, v in sorted(a.items())))
+        if isinstance(a, slice):
+            return ("slice", part(a.start), part(a.stop), part(a.step))
+        if a is None or a is Ellipsis or isinstance(a, (bool, int, float, str, torch.dtype, torch.device)):
+            return (type(a).__name__, a)
+        raise _NoKey
+
+    try:
+        key = (node.op, node.target, part(node.args), part(node.kwargs))
+        hash(key)
+    except (_NoKey, TypeError):
+        return None
+    return key
+
+
 def _split_group(idx: np.ndarray, layer_size: int) -> tuple[int, np.ndarray | None]:
     """(positions per unit, unit of each group) for a flat index: runs of equal length P."""
     n = idx.size
@@ -875,6 +919,8 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
     def size_of(u: Units) -> int:
         return layers[u.layer].size
 
+    seen_layouts: dict[Any, Units] = {}
+
     def layout(node: fx.Node) -> None:
         src = [a for a in node.all_input_nodes if a.name in units or a.name in multi]
         if not src:
@@ -897,6 +943,17 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
         if patches is not None:
             units[node.name] = _patch_units(node, patches, units.get(src[0].name), shapes[src[0].name], size_of)
             return
+        key = _layout_key(node, units, values, shapes, size_of)
+        if key is not None and key in seen_layouts:
+            # the same op on units laid out the same way (the blocks of a transformer): the same
+            # result, in this node's layer, without running the op on unit numbers again
+            units[node.name] = dataclasses.replace(seen_layouts[key], layer=layer)
+            return
+        layout_op(node, src, layer, arg)
+        if key is not None and node.name in units:
+            seen_layouts[key] = units[node.name]
+
+    def layout_op(node: fx.Node, src: list[fx.Node], layer: int, arg: Callable[[fx.Node], Any]) -> None:
         op = _op_of(node, ctx)
         if op is not None and op.reduces:
             dims = _const(node, 1, "dim", None)

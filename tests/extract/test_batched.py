@@ -228,3 +228,53 @@ def test_ops_per_batch_do_not_grow_per_layer_on_the_gpu_path():
     # the 4 more blocks add their own convolution, batch norm and relu ops, forward and backward
     for op in ("sum", "mean", "mul", "_chunk_cat", "index_add_", "cat", "_to_copy", "view"):
         assert big[op] == small[op], (op, {k: (small[k], big[k]) for k in big if big[k] != small[k]})
+
+
+class _Blocks(nn.Module):
+    """Three identical blocks of layout ops by sizes read off x.shape: a channel shuffle
+    (units in another order) and a transpose, around a Linear over tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 12, 2, stride=2)
+        self.proj = nn.ModuleList(nn.Linear(12, 12) for _ in range(3))
+        self.mix = nn.ModuleList(nn.Linear(12, 12) for _ in range(3))
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.embed(x).flatten(2).transpose(1, 2)  # (N, 9 tokens, 12): patches, as a ViT's
+        for proj, mix in zip(self.proj, self.mix):
+            b, n, c = t.shape
+            h = proj(t).reshape(b, n, 3, c // 3).transpose(2, 3).reshape(b, n, c)  # shuffled channels
+            t = torch.relu(mix(h.transpose(1, 2).transpose(1, 2)))
+        return self.head(t.mean(1))
+
+
+def test_layout_ops_repeated_across_blocks_map_as_when_each_is_followed(monkeypatch: pytest.MonkeyPatch):
+    from connectome.extract import trace
+
+    torch.manual_seed(0)
+    m = _Blocks().double().eval()
+    x = torch.randn(1, 3, 6, 6, dtype=torch.float64)
+    keys: list = []
+    real = trace._layout_key
+
+    def counted(*a, **kw):  # noqa: ANN002, ANN003
+        k = real(*a, **kw)
+        keys.append(k)
+        return k
+
+    monkeypatch.setattr(trace, "_layout_key", counted)
+    remembered = trace.trace_units(m, x)
+    assert len([k for k in keys if k is not None]) > len({k for k in keys if k is not None})  # some ops were repeats
+    monkeypatch.setattr(trace, "_layout_key", lambda *a, **kw: None)
+    followed = trace.trace_units(m, x)
+    assert remembered.units.keys() == followed.units.keys()
+    for name, u in followed.units.items():
+        r = remembered.units[name]
+        assert (r.layer, r.dims, r.batch, r.windows) == (u.layer, u.dims, u.batch, u.windows), name
+        assert (r.index is None) == (u.index is None) and (u.index is None or np.array_equal(r.index, u.index)), name
+    gen = torch.Generator().manual_seed(5)
+    xs, ys = torch.randn(4, 3, 6, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (4,), generator=gen)
+    g = cn.extract.attribution(m, (xs, ys), progress=False, device="cpu")
+    assert g.meta["completeness_relative"] < 1e-12
