@@ -614,14 +614,14 @@ class FlowAccumulator:
             if sel:
                 self._add_constant_flows(sel, weighted)
         if e_x:
-            _, es = self._sums(e_x, e_dims, e_g)
+            _, es = self._sums(e_x, e_dims, e_g, total=True)
             key = tuple(e_keys)
             if key not in self._joined_constants:  # the operands' signs (and halves), when not all 1
                 self._joined_constants[key] = None if all(v == 1.0 for _, _, v in e_keys) else torch.cat(
                     [torch.full((ug.layers[li].operands[k].width,), v, dtype=torch.float64, device=es.device)
                      for li, k, v in e_keys])
             sign = self._joined_constants[key]
-            flows = es.double().sum(0)
+            flows = es
             self._add_identity(key, flows if sign is None else flows * sign)
 
     def _add_weight_flows(self, lis: list[int], prods: list[torch.Tensor]) -> None:
@@ -726,7 +726,7 @@ class FlowAccumulator:
         """Flows of joined constant parts: their gradients' (weighted) sums per unit, times the
         constant per unit, added to the bias (and to the attribution, off the unit's chain)."""
         _, sums = self._sums([c.grad for c in parts], [c.dim for c in parts],
-                             [c.weight for c in parts] if weighted else None)
+                             [c.weight for c in parts] if weighted else None, total=True)
         keys = tuple(c.key for c in parts)
         if all(key is not None for key in keys):  # every constant the same each batch: joined once
             vec = self._joined_constants.get(keys)
@@ -734,7 +734,7 @@ class FlowAccumulator:
                 vec = self._joined_constants[keys] = torch.cat([c.per_unit for c in parts])
         else:
             vec = torch.cat([c.per_unit for c in parts])
-        flows = sums.double().sum(0) * vec
+        flows = sums * vec
         where = [(c.layer,) for c in parts]
         key = ("constants", tuple(c.layer for c in parts))
         self._add_at(self._flat["bias"], key, flows, where)

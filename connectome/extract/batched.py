@@ -82,13 +82,15 @@ class GroupedSums:
         self._plans: dict[tuple, _Plan] = {}
 
     def __call__(self, xs: Sequence[torch.Tensor], dims: Sequence[int], ys: Sequence[torch.Tensor] | None = None,
-                 *, means: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                 *, means: bool = False, total: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Per image and unit, over positions: ``(mean of x, sum of x * y)``.
 
         The mean only when ``means``; the sum of ``x * y`` when ``ys`` is given, of ``x`` when
         neither is. Each result is ``(N, sum of units)``, its columns in the order of ``xs``, in
         the tensors' dtype (float32 for bfloat16/float16). ``dims``: each tensor's
-        :func:`units_dim`; ``ys[i]`` has the shape and dtype of ``xs[i]``.
+        :func:`units_dim`; ``ys[i]`` has the shape and dtype of ``xs[i]``. With ``total``, the sums
+        are also summed over the batch dim, in float64: ``(sum of units,)``, for tensors whose
+        batch dims differ (positions folded into the batch).
         """
         plan = self._plan(xs, dims)
         mean_parts: list[torch.Tensor] = []
@@ -103,6 +105,8 @@ class GroupedSums:
                 sum_parts.append((xv * _joined([ys[i] for i in g.members], g)).sum(axis, dtype=acc))
             elif not means:
                 sum_parts.append(xv.sum(axis, dtype=acc))
+        if total:
+            sum_parts = [p.double().sum(0) for p in sum_parts]
         return _in_order(mean_parts, plan), _in_order(sum_parts, plan)
 
     def _plan(self, xs: Sequence[torch.Tensor], dims: Sequence[int]) -> _Plan:
@@ -168,5 +172,6 @@ def _joined(ts: list[torch.Tensor], g: _Group) -> torch.Tensor:
 def _in_order(parts: list[torch.Tensor], plan: _Plan) -> torch.Tensor | None:
     if not parts:
         return None
-    out = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
-    return out if plan.order is None else out.index_select(1, plan.order)
+    axis = parts[0].dim() - 1  # (N, units), or (units,) summed over the batch
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, axis)
+    return out if plan.order is None else out.index_select(axis, plan.order)

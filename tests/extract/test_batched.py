@@ -278,3 +278,16 @@ def test_layout_ops_repeated_across_blocks_map_as_when_each_is_followed(monkeypa
     xs, ys = torch.randn(4, 3, 6, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (4,), generator=gen)
     g = cn.extract.attribution(m, (xs, ys), progress=False, device="cpu")
     assert g.meta["completeness_relative"] < 1e-12
+
+
+def test_grouped_totals_of_tensors_with_positions_folded_into_the_batch():
+    """Rows of a batch that hold windows (TNT's pixel tokens: (images x patches, pixels, units))
+    are summed with the others: per-image sums cannot be joined, totals over the batch can."""
+    gen = torch.Generator().manual_seed(6)
+    xs = [torch.randn(3, 4, 5, generator=gen, dtype=torch.float64), torch.randn(12, 7, 5, generator=gen, dtype=torch.float64),
+          torch.randn(12, 2, 3, 3, generator=gen, dtype=torch.float64)]
+    ys = [torch.randn(x.shape, generator=gen, dtype=torch.float64) for x in xs]
+    dims = [-1, -1, 1]
+    _, got = GroupedSums(1 << 20)(xs, dims, ys, total=True)
+    want = torch.cat([(x * y).movedim(d % x.dim(), -1).reshape(-1, x.shape[d]).sum(0) for x, y, d in zip(xs, ys, dims)])
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-12, atol=1e-12)
