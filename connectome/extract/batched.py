@@ -106,6 +106,9 @@ class GroupedSums:
             elif not means:
                 sum_parts.append(xv.sum(axis, dtype=acc))
         if total:
+            if len({p.shape[0] for p in sum_parts}) == 1:  # one batch: joined first, one sum over it
+                out = _in_order(sum_parts, plan)
+                return _in_order(mean_parts, plan), None if out is None else out.double().sum(0)
             sum_parts = [p.double().sum(0) for p in sum_parts]
         return _in_order(mean_parts, plan), _in_order(sum_parts, plan)
 
