@@ -621,8 +621,7 @@ class FlowAccumulator:
                     [torch.full((ug.layers[li].operands[k].width,), v, dtype=torch.float64, device=es.device)
                      for li, k, v in e_keys])
             sign = self._joined_constants[key]
-            flows = es
-            self._add_identity(key, flows if sign is None else flows * sign)
+            self._add_identity(key, es if sign is None else es * sign)
 
     def _add_weight_flows(self, lis: list[int], prods: list[torch.Tensor]) -> None:
         """Add ``W * dT/dW`` of dense layers ``lis`` to their edges, summed over the kernel (in its
@@ -822,8 +821,6 @@ class FlowAccumulator:
         rows = self.ug.units[s.operands[0].node].windows
         return dense.of_spec(s).per_sample_abs(s.call, s.groups, s.operands[0].group, w, x.to(gz.dtype), gz,
                                                self.device, rows)
-
-    # ------------------------------------------------------------------ results
 
     # ------------------------------------------------------------------ results
     def to_graph(self, labels: Sequence[str] | None, meta: dict[str, Any]) -> Connectome:
