@@ -270,8 +270,9 @@ class FlowAccumulator:
         def leaf(t: torch.Tensor) -> torch.Tensor:
             # the gradient of a dense layer's weight (bias) for its W * dW: a parameter that only
             # this layer reads is a leaf already (no op); a shared, frozen or computed one is
-            # detached, so that its gradient is this layer's alone
-            if t.is_leaf and t.requires_grad and id(t) in sole:
+            # detached, so that its gradient is this layer's alone, and so is one with hooks
+            # (training code's gradient masks would rewrite dW)
+            if t.is_leaf and t.requires_grad and id(t) in sole and not t._backward_hooks:
                 return t
             return t.detach().requires_grad_(True)
 

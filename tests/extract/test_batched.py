@@ -291,3 +291,20 @@ def test_grouped_totals_of_tensors_with_positions_folded_into_the_batch():
     _, got = GroupedSums(1 << 20)(xs, dims, ys, total=True)
     want = torch.cat([(x * y).movedim(d % x.dim(), -1).reshape(-1, x.shape[d]).sum(0) for x, y, d in zip(xs, ys, dims)])
     np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-12, atol=1e-12)
+
+
+def test_a_gradient_hook_on_a_weight_leaves_its_flows_alone():
+    """Hooks that training code leaves on a parameter (a gradient mask) must not reach W * dW."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).double().eval()
+    gen = torch.Generator().manual_seed(7)
+    x, y = torch.randn(5, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (5,), generator=gen)
+    plain = cn.extract.attribution(m, (x, y), progress=False, device="cpu")
+    handles = [m[0].weight.register_hook(lambda g: g * 0), m[2].bias.register_hook(lambda g: g * 3)]
+    hooked = cn.extract.attribution(m, (x, y), progress=False, device="cpu")
+    for h in handles:
+        h.remove()
+    assert np.abs(plain.weight).max() > 1e-3
+    np.testing.assert_allclose(hooked.weight, plain.weight, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(hooked.node_attr("bias_attribution"), plain.node_attr("bias_attribution"),
+                               rtol=1e-12, atol=1e-12)
