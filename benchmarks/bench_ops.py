@@ -97,12 +97,8 @@ def per_batch(fn, model, x, y, batch) -> tuple[float, float]:  # noqa: ANN001
 
 def per_batch_gpu(fn, model, x, y, batch) -> tuple[float, float]:  # noqa: ANN001
     """:func:`per_batch` with the per-unit sums joined as on a GPU."""
-    saved = dict(batched.JOIN_LIMIT)
-    batched.JOIN_LIMIT["cpu"] = batched.JOIN_LIMIT["cuda"]
-    try:
+    with batched.joining_on_cpu(batched.JOIN_LIMIT["cuda"]):
         return per_batch(fn, model, x, y, batch)
-    finally:
-        batched.JOIN_LIMIT.update(saved)
 
 
 def interleaved(a, b, repeats: int, *args) -> tuple[float, float]:  # noqa: ANN001

@@ -19,15 +19,16 @@ says which.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
 from connectome.extract.unit_sums import UnitView, _acc_dtype
 
-__all__ = ["GroupedSums", "JOIN_LIMIT", "join_limit", "units_dim"]
+__all__ = ["GroupedSums", "JOIN_LIMIT", "join_limit", "joining_on_cpu", "units_dim"]
 
 #: elements per joined buffer: the copy a join makes stays bounded (128 MiB in float32)
 _CAP = 1 << 25
@@ -44,6 +45,18 @@ _OTHER_DEVICES = 1 << 22
 def join_limit(device: torch.device) -> int:
     """The largest tensor :class:`GroupedSums` joins with others on ``device``."""
     return JOIN_LIMIT.get(device.type, _OTHER_DEVICES)
+
+
+@contextmanager
+def joining_on_cpu(limit: int) -> Iterator[None]:
+    """Accumulators made inside join up to ``limit`` elements on the CPU (``JOIN_LIMIT["cuda"]``:
+    the GPU's path, to count its ops without a GPU; 0: every tensor alone)."""
+    saved = JOIN_LIMIT["cpu"]
+    JOIN_LIMIT["cpu"] = limit
+    try:
+        yield
+    finally:
+        JOIN_LIMIT["cpu"] = saved
 
 
 def units_dim(view: UnitView, t: torch.Tensor) -> int | None:

@@ -27,7 +27,8 @@ def _reference(x: torch.Tensor, dim: int, y: torch.Tensor | None, mean: bool) ->
 def _tensors(seed: int) -> tuple[list[torch.Tensor], list[int], list[torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
     shapes = [((3, 4, 5, 5), 1), ((3, 6, 5, 5), 1), ((3, 7), 1), ((3, 2, 1, 1), 1), ((3, 5, 2, 2), 1),
-              ((3, 9, 8), -1), ((3, 9, 3), -1), ((3, 2, 2, 4), -1), ((3, 8, 4, 5), 1)]
+              ((3, 9, 8), -1), ((3, 9, 3), -1), ((3, 2, 2, 4), -1), ((3, 8, 4, 5), 1),
+              ((3, 3, 5, 5), 1)]  # the last joins the first group: its columns move back in place
     xs = [torch.randn(s, generator=gen, dtype=torch.float64) for s, _ in shapes]
     ys = [torch.randn(s, generator=gen, dtype=torch.float64) for s, _ in shapes]
     xs[1] = xs[1].transpose(2, 3)  # not contiguous: joined all the same
@@ -64,7 +65,7 @@ def test_grouped_sums_join_by_layout_and_leave_large_tensors_alone():
         return Count.n
 
     # dim-1 tensors with 25, 1 and 4 positions per unit, and last-dim ones led by (3, 9) and (3, 2, 2):
-    # the groups of more than one tensor are (25 positions: 2), (1 position: 2) and ((3, 9): 2)
+    # the groups of more than one tensor are (25 positions: 3), (1 position: 2) and ((3, 9): 2)
     assert joins(1 << 20) == 3
     assert joins(0) == 0  # every tensor above the limit: reduced alone, no copy
 
@@ -112,12 +113,8 @@ def _mixed() -> nn.Module:
 def _graph(model: nn.Module, limit: int, **kw) -> cn.Connectome:
     gen = torch.Generator().manual_seed(2)
     x, y = torch.randn(6, 3, 4, 4, generator=gen, dtype=torch.float64), torch.randint(0, 5, (6,), generator=gen)
-    saved = dict(batched.JOIN_LIMIT)
-    batched.JOIN_LIMIT["cpu"] = limit
-    try:
+    with batched.joining_on_cpu(limit):
         return cn.extract.attribution(model, (x, y), progress=False, device="cpu", batch_size=4, **kw)
-    finally:
-        batched.JOIN_LIMIT.update(saved)
 
 
 def _columns(g: cn.Connectome) -> dict[str, np.ndarray]:
@@ -212,13 +209,8 @@ def test_ops_per_batch_do_not_grow_per_layer_on_the_gpu_path():
                     c[func.overloadpacket.__name__] += 1
                     return func(*args, **(kwargs or {}))
 
-            saved = dict(batched.JOIN_LIMIT)
-            batched.JOIN_LIMIT["cpu"] = batched.JOIN_LIMIT["cuda"]
-            try:
-                with Count():
-                    cn.extract.attribution(model, (x[: 4 * n], y[: 4 * n]), progress=False, device="cpu", batch_size=4)
-            finally:
-                batched.JOIN_LIMIT.update(saved)
+            with batched.joining_on_cpu(batched.JOIN_LIMIT["cuda"]), Count():
+                cn.extract.attribution(model, (x[: 4 * n], y[: 4 * n]), progress=False, device="cpu", batch_size=4)
             return c
 
         one, three = count(1), count(3)
