@@ -524,8 +524,9 @@ _SOFTMAX = {F.softmax, torch.softmax}
 _MATMUL = {torch.matmul, torch.bmm, operator.matmul, torch.einsum}
 
 
-def _is_softmax(n: fx.Node) -> bool:
-    return (n.op == "call_function" and n.target in _SOFTMAX) or (n.op == "call_method" and n.target == "softmax")
+def _is_softmax(n: fx.Node, c: "_Ctx") -> bool:
+    return (n.op == "call_function" and n.target in _SOFTMAX) or (n.op == "call_method" and n.target == "softmax") \
+        or (n.op == "call_module" and isinstance(c.modules.get(n.target), nn.Softmax))
 
 
 def _patches(node: fx.Node, c: "_Ctx") -> tuple[str, int] | None:
@@ -682,10 +683,10 @@ def _attention_products(nodes: list[fx.Node], c: "_Ctx") -> tuple[dict[str, tupl
         for s_, v_ in ((ops[0], ops[1]), (ops[1], ops[0])):
             cur: fx.Node | None = s_
             for _ in range(12):
-                if cur is None or _is_softmax(cur):
+                if cur is None or _is_softmax(cur, c):
                     break
                 cur = _pattern_step(cur, c)
-            if cur is not None and _is_softmax(cur):
+            if cur is not None and _is_softmax(cur, c):
                 products[n.name] = (s_.name, v_.name)
                 break
     pattern: set[str] = {p for p, _ in products.values()}
@@ -700,19 +701,45 @@ def _attention_products(nodes: list[fx.Node], c: "_Ctx") -> tuple[dict[str, tupl
                 any(a.name in scores for a in n.all_input_nodes):
             scores.add(n.name)
 
-    def is_layer(n: fx.Node) -> bool:
-        if n.name in scores:
-            return False
-        if n.op == "call_module":
-            return isinstance(c.modules[n.target], dense.DENSE_MODULES)
-        return n.op == "call_function" and n.target in dense.DENSE_FUNCTIONS
-
     for n in reversed(nodes):
-        if n.name in pattern or n.name not in c.data or not n.users or is_layer(n):
+        if n.name in pattern or n.name not in c.data or not n.users or (n.name not in scores and _is_layer(n, c)):
             continue
         if all(u.name in pattern or (u.name in products and products[u.name][0] == n.name) for u in n.users):
             pattern.add(n.name)
     return products, pattern
+
+
+def _is_layer(n: fx.Node, c: "_Ctx") -> bool:
+    if n.op == "call_module":
+        return isinstance(c.modules[n.target], dense.DENSE_MODULES)
+    return n.op == "call_function" and n.target in dense.DENSE_FUNCTIONS
+
+
+def _signal_only(nodes: list[fx.Node], c: "_Ctx", pattern: set[str]) -> set[str]:
+    """Nodes that only compute the signal of a gate (``x * s``, ``s`` held constant) or the
+    queries and keys of an attention (its pattern held constant): a softmax over a selective
+    kernel's branches, a norm over channels in a gate, rotary embeddings of q and k. The gate rule needs their values, not their units, so they may be left unmapped when
+    they mix units. Layers on the way stay layers (dead ends that carry no flow)."""
+    signals: dict[str, set[str]] = {}  # op -> the operands it holds constant
+    for n in nodes:
+        if n.name not in c.data:
+            continue
+        op = _op_of(n, c)
+        product = op is not None and op.rule == ops.CONSTRUCT and op.construct == "product"
+        if not product and not (n.op == "call_function" and n.target in (F.scaled_dot_product_attention, attend)):
+            continue
+        what, info = _classify(n, c)
+        if what == "chain" and isinstance(info, ChainOp) and info.kind == "gate":
+            signals[n.name] = {info.params[0]}
+        elif what == "chain" and isinstance(info, ChainOp) and info.kind == "attention":
+            signals[n.name] = {info.params[0], info.params[1]} - {info.input_node}  # q and k, not v
+    out: set[str] = set()
+    for n in reversed(nodes):
+        if n.name not in c.data or not n.users or _is_layer(n, c):
+            continue
+        if all(u.name in out or u.name in pattern or n.name in signals.get(u.name, ()) for u in n.users):
+            out.add(n.name)
+    return out
 
 
 def _inplace_flag(n: fx.Node, pos: int | None) -> bool:
@@ -720,11 +747,59 @@ def _inplace_flag(n: fx.Node, pos: int | None) -> bool:
     return pos is not None and (n.kwargs.get("inplace") is True or (len(n.args) > pos and n.args[pos] is True))
 
 
-def _check_in_place(nodes: list[fx.Node], modules: dict[str, nn.Module]) -> None:
+def _views(a: fx.Node, modules: dict[str, nn.Module]) -> set[fx.Node] | None:
+    """The nodes that may share ``a``'s storage: back through ops that may return a view or
+    their input itself (layout ops, dropout, identity) to the tensor that owns it, then forward
+    through such ops again. None when the owner is not computed by the model (an input, a
+    parameter)."""
+    def view_of(n: fx.Node) -> fx.Node | None:
+        if n.op not in ("call_module", "call_function", "call_method"):
+            return None
+        op = ops.op_for_node(n, modules)
+        ins = [x for x in n.all_input_nodes if x.op != "get_attr"]
+        return ins[0] if op is not None and op.rule in (ops.NONE, ops.LAYOUT) and len(ins) == 1 else None
+
+    root = a
+    while (up := view_of(root)) is not None:
+        root = up
+    if root.op not in ("call_module", "call_function", "call_method"):
+        return None
+    seen, todo = {root}, [root]
+    while todo:
+        for u in todo.pop().users:
+            if u not in seen and view_of(u) is not None:
+                seen.add(u)
+                todo.append(u)
+    return seen
+
+
+def _functionalise(n: fx.Node, later: list[fx.Node], order: dict[fx.Node, int], modules: dict[str, nn.Module]) -> bool:
+    """Rewrite ``a.add_(b)`` as ``c = a.add(b)`` and let the later reads of ``a`` read ``c``, where
+    that is all they saw change: no other tensor that may share ``a``'s storage is read after it.
+    Returns whether it did."""
+    a = n.args[0]
+    if n.op != "call_method" or not hasattr(torch.Tensor, n.target[:-1]):
+        return False
+    aliases = _views(a, modules)
+    if aliases is None:
+        return False
+    for v in aliases - {a}:
+        if any(u is not n and order.get(u, -1) > order[n] for u in v.users):
+            return False  # a tensor that may share a's storage is read after the change
+    n.target = n.target[:-1]
+    for u in later:
+        u.replace_input_with(a, n)
+    return True
+
+
+def _check_in_place(nodes: list[fx.Node], modules: dict[str, nn.Module]) -> bool:
     """Refuse an in-place op whose input is read again after it: connectome runs in-place ops
     out of place (the values it keeps must not be overwritten), which would change what those
-    later reads see."""
+    later reads see. An in-place method on a tensor of its own (``x.add_(pos)`` on a norm's
+    output) is rewritten out of place, its later reads reading the result. Returns whether
+    the graph changed."""
     order = {n: i for i, n in enumerate(nodes)}
+    changed = False
     for n in nodes:
         t = n.target
         inplace = (
@@ -737,11 +812,14 @@ def _check_in_place(nodes: list[fx.Node], modules: dict[str, nn.Module]) -> None
         if not inplace or not n.args or not isinstance(n.args[0], fx.Node):
             continue
         later = [u for u in n.args[0].users if u is not n and order.get(u, -1) > order[n]]
-        if later:
+        if later and _functionalise(n, later, order, modules):
+            changed = True
+        elif later:
             raise ExtractionError(
                 f"{_where(n)} changes {n.args[0].name!r} in place and {later[0].name!r} reads it afterwards; "
                 "connectome runs in-place ops out of place, so write it out of place (y = f(x)) and read y"
             )
+    return changed
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -893,7 +971,8 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
     shapes, values, consts, data = _record(gm, example)
     ctx = _Ctx(dict(gm.named_modules()), shapes, values, consts, data)
     nodes = list(gm.graph.nodes)
-    _check_in_place(nodes, ctx.modules)
+    if _check_in_place(nodes, ctx.modules):
+        gm.recompile()
     by_name = {n.name: n for n in nodes}
     layers: list[LayerSpec] = []
     units: dict[str, Units] = {}
@@ -1039,23 +1118,26 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
     output_node = None
     kinds: dict[str, tuple[str, Any]] = {}
     products, pattern = _attention_products(nodes, ctx)
-    for node in nodes:
+    signal_only = _signal_only(nodes, ctx, pattern)
+
+    def map_node(node: fx.Node) -> None:
+        nonlocal output_node
         if node.op == "placeholder":
             if node.name not in shapes:
-                continue
+                return
             if any(l.kind == Kind.INPUT for l in layers):
                 raise ExtractionError("the model takes several tensor inputs; connectome maps single-input models")
             size = shapes[node.name][1] if len(shapes[node.name]) > 1 else 1
             layers.append(LayerSpec(name=unique("input"), kind=Kind.INPUT, size=size, node=node.name))
             units[node.name] = Units(0, (1,), None) if len(shapes[node.name]) > 1 else Units(0, (), np.array(0))
-            continue
+            return
         if node.op == "output":
             output_node = node
-            continue
+            return
         if node.op == "get_attr":
-            continue
+            return
         if node.name in pattern:
-            continue  # computes an attention pattern, which the attention rule holds constant
+            return  # computes an attention pattern, which the attention rule holds constant
         if node.name in products:
             pn, vn = products[node.name]
             what, info = "chain", ChainOp(node.name, "pattern", vn, (pn,))
@@ -1063,7 +1145,7 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
             what, info = _classify(node, ctx)
         kinds[node.name] = (what, info)
         if what == "skip":
-            continue
+            return
         if what == "unsupported":
             raise ExtractionError(
                 f"cannot map {_where(node)} to units: {info}. Pass a model (or a sub-model) that "
@@ -1085,7 +1167,7 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                     and 0 < u.dims[0] < len(s_in) - 1:
                 # a Linear over positions (token mixing): the units stay, each mixed over its positions
                 _positions_linear(node, x, u, info, ctx, gm, layers, units, kinds)
-                continue
+                return
             if node.op == "call_module":
                 m = ctx.modules[node.target]
                 module_name = _module_path(node)
@@ -1222,7 +1304,7 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                 units[node.name] = out_units
                 kinds[node.name] = ("layer", Kind.MIX)
                 rules.add(RULES["mix"].name)
-                continue
+                return
             pooled = _pooled_dims(node, ctx, len(s_in))
             if pooled & set(u.dims):
                 raise ExtractionError(f"cannot map {_where(node)}: it pools over the dim that holds the units "
@@ -1245,6 +1327,25 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                     rules.add(RULES[info.kind].name)
                 if RULES[info.kind].nonlinear:
                     layers[u.layer].nonlinear.append(_module_path(node) if node.op == "call_module" else _where(node))
+
+
+    skipped: set[str] = set()
+    for node in nodes:
+        if node.name in signal_only and any(a.name in skipped for a in node.all_input_nodes):
+            skipped.add(node.name)  # computes a gate signal from values that carry no units
+            continue
+        mark = (len(layers), set(rules))
+        try:
+            map_node(node)
+        except ExtractionError:
+            if node.name not in signal_only:
+                raise
+            # it only computes a gate signal, which the gate rule holds constant: it needs no units
+            del layers[mark[0]:]
+            rules.intersection_update(mark[1])
+            units.pop(node.name, None)
+            kinds.pop(node.name, None)
+            skipped.add(node.name)
 
     if output_node is None:
         raise ExtractionError("the traced model has no output")

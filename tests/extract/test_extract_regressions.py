@@ -267,6 +267,45 @@ def test_in_place_op_read_again_is_refused():
     _assert_exact(_flows(m, torch.randn(2, 3, 4, 4), 2))  # an in-place op read only through its result is fine
 
 
+class AddPosInPlace(nn.Module):
+    """naflexvit's embedding: ``x.add_(pos)`` on a norm's output, then x read again (or a view
+    of x taken before the change, read after it)."""
+
+    def __init__(self, in_place: bool, view_before: bool = False):
+        super().__init__()
+        self.in_place, self.view_before = in_place, view_before
+        self.pe, self.norm, self.fc = nn.Conv2d(3, 4, 2, stride=2), nn.LayerNorm(4), nn.Linear(4, 2)
+        self.pos = nn.Parameter(torch.randn(1, 4, 4))
+        self.cls = nn.Parameter(torch.randn(1, 1, 4))
+
+    def forward(self, x):
+        t = self.norm(self.pe(x).flatten(2).transpose(1, 2))
+        v = t.transpose(1, 2) if self.view_before else None
+        if self.in_place:
+            t.add_(self.pos)
+        else:
+            t = t + self.pos
+        out = self.fc(torch.cat([self.cls.expand(t.shape[0], -1, -1), t], dim=1).mean(1))
+        return out + v.mean((1, 2))[:, None] if v is not None else out
+
+
+def test_in_place_method_on_a_tensor_of_its_own_runs_out_of_place_with_its_later_reads():
+    torch.manual_seed(0)
+    m = AddPosInPlace(in_place=True)
+    plain = AddPosInPlace(in_place=False)
+    plain.load_state_dict(m.state_dict())
+    x = torch.randn(3, 3, 4, 4)
+    got, expect = _flows(m, x, 2), _flows(plain, x, 2)
+    _assert_exact(got)
+    np.testing.assert_array_equal(got.weight, expect.weight)
+    np.testing.assert_array_equal(got.node_attr("attribution"), expect.node_attr("attribution"))
+
+
+def test_in_place_method_whose_earlier_view_is_read_after_it_is_refused():
+    with pytest.raises(ExtractionError, match="changes 'norm' in place and '[a-z_0-9]+' reads it afterwards"):
+        _flows(AddPosInPlace(in_place=True, view_before=True), torch.randn(2, 3, 4, 4), 2)
+
+
 @pytest.mark.parametrize("n", [1, 3])
 def test_constant_expanded_over_the_batch(n):
     # traced at batch 2, an expanded position embedding was counted twice at batch 1 and crashed at 3

@@ -124,6 +124,60 @@ def test_product_of_two_broadcast_factors_against_hand_linearisation(exact_graph
     assert not block[:, [0, 1, 4]].any()
 
 
+# ---------------------------------------------------------------------- gates whose signal mixes units
+class Selective(nn.Module):
+    """A selective kernel (two branches weighted by a softmax across them, per channel) and a
+    hand-written RMS norm across channels (``x * rsqrt(mean(x ** 2, dim=1))``): both gates whose
+    signal mixes units, which the gate rule holds constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 4, 3, padding=1)
+        self.b1, self.b2 = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+        self.select = nn.Linear(4, 8)
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x, hand=False)
+
+    def run(self, x: torch.Tensor, hand: bool) -> torch.Tensor:
+        held = (lambda s: s.detach()) if hand else (lambda s: s)  # noqa: E731  the gate rule: signal takes all
+        x = self.embed(x)
+        x = x * held(torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + 1e-6))
+        branches = torch.stack([self.b1(x), self.b2(x)], dim=1)  # (batch, 2, channels, H, W)
+        s = self.select(branches.sum(1).mean((2, 3))).reshape(-1, 2, 4).softmax(dim=1)
+        return self.fc((branches * held(s[..., None, None])).sum(1).mean((2, 3)))
+
+
+def test_gate_whose_signal_mixes_units_against_hand_linearisation(exact_graph):
+    torch.manual_seed(6)
+    m = Selective().double().eval()
+    x, y = _data(7)
+    with torch.no_grad():
+        torch.testing.assert_close(m.run(x, hand=True), m(x), rtol=0, atol=0)
+    g = exact_graph(m, x, y, conservation=True)
+    expect, e = _hand(m, x, y, m.b1.weight)
+    _close(g.node_attr("attribution")[g.layer_slice("input")], expect)
+    _close(_dense(g, "embed", "b1"), e.sum((2, 3)).numpy())
+    # the signal's layer is a dead end: it carries no flow
+    assert not g.node_attr("attribution", "select").any()
+
+
+def test_a_softmax_across_units_that_is_not_a_gate_signal_is_still_refused():
+    class Mixer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.fc = nn.Conv2d(3, 4, 1), nn.Linear(4, 4)
+
+        def forward(self, x):
+            x = self.embed(x)
+            return self.fc((x * x.softmax(dim=1) + x.softmax(dim=1)).mean((2, 3)))
+
+    x, y = _data(8)
+    with pytest.raises(cn.ExtractionError, match="softmax"):
+        cn.extract.attribution(Mixer().double().eval(), (x, y), progress=False)
+
+
 # ---------------------------------------------------------------------- attention in its written forms
 class Forms(nn.Module):
     """Hand-written attention over 9 tokens and 2 heads: class attention (only the class token
@@ -137,6 +191,7 @@ class Forms(nn.Module):
         self.talk1, self.talk2 = nn.Linear(2, 2), nn.Conv2d(2, 2, 1)  # mixes over heads, before and after softmax
         self.bias = nn.Parameter(torch.randn(2, 9, 9))
         self.drop = nn.Dropout(0.1)
+        self.softmax = nn.Softmax(dim=-1)
         self.fc = nn.Linear(8, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -151,6 +206,10 @@ class Forms(nn.Module):
             q, k, v = heads(self.q(t[:, 0]).unsqueeze(1)), heads(self.k(t)), heads(self.v(t))
             a = self.drop((q * 0.5 @ k.transpose(-2, -1)).softmax(-1))
             return self.fc((pattern(a) @ v).transpose(1, 2).reshape(n, c))
+        if self.form == "module":  # the softmax as a module (timm's Swin)
+            q, k, v = heads(self.q(t)), heads(self.k(t)), heads(self.v(t))
+            a = self.drop(self.softmax((q * 0.5) @ k.transpose(-2, -1) + self.bias))
+            return self.fc((pattern(a) @ v).transpose(1, 2).reshape(n, tokens, c).mean(1))
         if self.form == "talking":
             q, k, v = heads(self.q(t)), heads(self.k(t)), heads(self.v(t))
             s = q @ k.transpose(-2, -1) * 0.5 + self.bias
@@ -162,7 +221,7 @@ class Forms(nn.Module):
         return self.fc((v @ pattern(a).transpose(-2, -1)).mean(2))
 
 
-@pytest.mark.parametrize("form", ["class", "talking", "right"])
+@pytest.mark.parametrize("form", ["class", "talking", "right", "module"])
 def test_written_attention_forms_against_hand_linearisation(form, exact_graph):
     torch.manual_seed(5)
     m = Forms(form).double().eval()
@@ -175,6 +234,50 @@ def test_written_attention_forms_against_hand_linearisation(form, exact_graph):
     _close(_dense(g, "embed", "v"), e.numpy())
     a = g.node_attr("attribution")
     assert np.all(a[g.layer_slice("q")] == 0) and np.all(a[g.layer_slice("k")] == 0)
+
+
+class Rotary(nn.Module):
+    """``F.scaled_dot_product_attention`` on queries and keys with rotary embeddings (the halves
+    of each head swapped and negated, a map between units): only the pattern reads them."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 2, stride=2)  # 6x6 -> 9 tokens
+        self.qkv = nn.Linear(8, 24)
+        self.fc = nn.Linear(8, 4)
+        angle = torch.rand(9, 4, generator=torch.Generator().manual_seed(1)) * 3  # float32 values: the weight check rounds to float32
+        self.register_buffer("cos", angle.cos())
+        self.register_buffer("sin", angle.sin())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x, hand=False)
+
+    def rope(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.cos + torch.cat([-z[..., 2:], z[..., :2]], dim=-1) * self.sin
+
+    def run(self, x: torch.Tensor, hand: bool) -> torch.Tensor:
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        n, tokens, _ = t.shape
+        q, k, v = self.qkv(t).reshape(n, tokens, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.rope(q), self.rope(k)
+        if hand:  # the attention rule: the pattern held constant
+            a = (q @ k.transpose(-2, -1) / 2.0).softmax(-1).detach()
+            out = a @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
+        return self.fc(out.transpose(1, 2).reshape(n, tokens, 8).mean(1))
+
+
+def test_attention_on_rotary_queries_and_keys_against_hand_linearisation(exact_graph):
+    torch.manual_seed(7)
+    m = Rotary().double().eval()
+    x, y = _data(9)
+    with torch.no_grad():
+        torch.testing.assert_close(m.run(x, hand=True), m(x), rtol=1e-12, atol=1e-12)
+    g = exact_graph(m, x, y, conservation=True)
+    expect, e = _hand(m, x, y, m.qkv.weight)
+    _close(g.node_attr("attribution")[g.layer_slice("input")], expect)
+    _close(_dense(g, "embed", "qkv"), e.numpy())
 
 
 # ---------------------------------------------------------------------- attention across channels
