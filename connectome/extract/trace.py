@@ -312,15 +312,16 @@ def _classify_function(node: Any, c: _Ctx) -> tuple[str, Any]:
         return ("window", None)
     if t is attend:
         q, k, v = (node.args + (None, None, None))[:3]
-        if not all(c.is_data(a) for a in (q, k, v)):
-            return ("unsupported", "attention on constant queries, keys or values")
+        if not c.is_data(v) or not all(isinstance(a, fx.Node) for a in (q, k)):
+            return ("unsupported", "attention on constant values")
+        # constant queries (an attention-pooling probe) or keys: the pattern is held constant anyway
         return ("chain", ChainOp(node.name, "attention", v.name, (q.name, k.name, int(node.kwargs["heads"]))))
     if t is F.scaled_dot_product_attention:
         q = _const(node, 0, "query", None)
         k = _const(node, 1, "key", None)
         v = _const(node, 2, "value", None)
-        if not all(c.is_data(a) for a in (q, k, v)):
-            return ("unsupported", "attention on constant queries, keys or values")
+        if not c.is_data(v) or not all(isinstance(a, fx.Node) for a in (q, k)):
+            return ("unsupported", "attention on constant values")
         mask = _const(node, 3, "attn_mask", None)
         if isinstance(mask, fx.Node):
             if mask.name in c.values:
@@ -491,22 +492,31 @@ def _unexpanded_numel(n: fx.Node, c: _Ctx) -> int:
     return math.prod(c.shapes[n.name])
 
 
+def _same_units(a: Units, b: Units) -> bool:
+    return (a.layer, a.dims, a.batch, a.windows) == (b.layer, b.dims, b.batch, b.windows) and (
+        a.index is b.index or (a.index is not None and b.index is not None and np.array_equal(a.index, b.index)))
+
+
 def _const_cat(node: fx.Node, dim: int, c: _Ctx, units: dict[str, Units], layers: list[LayerSpec]) -> bool:
-    """``torch.cat`` of one data tensor with constants along a dim that does not hold its units
-    (a ViT's class token joined to the patch tokens): the data keeps its units and the constant
-    positions are a constant part of them (a bias term). Returns whether it was that case."""
+    """``torch.cat`` of data with constants along a dim that does not hold the units (a ViT's
+    class token joined to the patch tokens; register tokens put between the class token and
+    the patches): the data keeps its units and the constant positions are a constant part of
+    them (a bias term). All data parts must lay out the same units (slices of one tensor).
+    Returns whether it was that case."""
     parts = list(node.args[0])
     data = [a for a in parts if c.is_data(a)]
-    if len(data) != 1 or data[0].name not in units or dim in units[data[0].name].dims:
+    if not data or any(a.name not in units for a in data) or dim in units[data[0].name].dims:
         return False
     x = data[0]
+    if len(data) == len(parts) or not all(_same_units(units[a.name], units[x.name]) for a in data[1:]):
+        return False  # data parts of several layouts (several layers): a concat layer's business
     batch = c.shapes[x.name][0]
     pieces, offset = [], 0
     for a in parts:
         width = c.shapes[a.name][dim] if isinstance(a, fx.Node) and a.name in c.shapes else None
         if width is None:
             return False
-        if a is not x:
+        if a not in data:
             v = c.const(a)
             if v is None:
                 return False

@@ -129,3 +129,43 @@ def test_cat_of_one_layer_along_positions_is_a_layout(exact_graph):
     g1, g2 = exact_graph(a, x, y), exact_graph(b, x, y)
     assert [l.name for l in g1.layers] == [l.name for l in g2.layers] == ["input", "embed", "logits"]
     _compare(g1, g2)
+
+
+class Registers(nn.Module):
+    """DINOv2 with registers: learned register tokens put between the class token and the
+    patches, ``cat((z[:, :1], registers, z[:, 1:]))``: two slices of one tensor and a constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, C, 2, stride=2)
+        self.cls = nn.Parameter(torch.randn(1, 1, C))
+        self.registers = nn.Parameter(torch.randn(1, 2, C))
+        self.mix = nn.Linear(C, C)
+        self.fc = nn.Linear(C, 4)
+        self.z = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        t = torch.cat((self.cls.expand(t.shape[0], -1, -1), t), dim=1)
+        z = torch.cat((t[:, :1], self.registers.expand(t.shape[0], -1, -1), t[:, 1:]), dim=1)
+        self.z = z
+        return self.fc(self.mix(z).mean(1))
+
+
+def test_constants_between_slices_of_one_tensor_are_a_bias_of_its_units(exact_graph):
+    torch.manual_seed(6)
+    m = Registers().double().eval()
+    x, y = _data(12)
+    g = exact_graph(m, x, y, conservation=True)
+    # the model is linear: the input's attribution is x * dT/dx, and the embedding's bias
+    # attribution holds its bias, the class token and the registers, each value * dT/dz
+    x1 = x.clone().requires_grad_(True)
+    out = m(x1)
+    m.z.retain_grad()
+    out.gather(1, y[:, None]).sum().backward()
+    np.testing.assert_allclose(g.node_attr("attribution", "input"), (x1 * x1.grad).sum((0, 2, 3)).detach().numpy(),
+                               rtol=1e-10, atol=1e-12)
+    gz = m.z.grad
+    expect = (gz[:, 0] * m.cls[0, 0]).sum(0) + (gz[:, 1:3] * m.registers[0]).sum((0, 1)) + \
+        (gz[:, 3:] * m.embed.bias).sum((0, 1))
+    np.testing.assert_allclose(g.node_attr("bias_attribution", "embed"), expect.detach().numpy(), rtol=1e-10, atol=1e-12)

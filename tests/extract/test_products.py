@@ -8,6 +8,7 @@ the per-image pattern ``A``, summed over images).
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -278,6 +279,44 @@ def test_attention_on_rotary_queries_and_keys_against_hand_linearisation(exact_g
     expect, e = _hand(m, x, y, m.qkv.weight)
     _close(g.node_attr("attribution")[g.layer_slice("input")], expect)
     _close(_dense(g, "embed", "qkv"), e.numpy())
+
+
+class Probe(nn.Module):
+    """Attention pooling (SigLIP's head): a learned query attends over the tokens."""
+
+    def __init__(self, module: bool):
+        super().__init__()
+        self.module = module
+        self.embed = nn.Conv2d(3, 8, 2, stride=2)
+        self.probe = nn.Parameter(torch.randn(1, 1, 8))
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x, hand=False)
+
+    def run(self, x: torch.Tensor, hand: bool) -> torch.Tensor:
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        q = self.probe.expand(t.shape[0], -1, -1)
+        if self.module:
+            return self.fc(self.attn(q, t, t, need_weights=False)[0][:, 0])
+        k, v = self.k(t), self.v(t)
+        if hand:  # the attention rule: the pattern held constant
+            return self.fc(((q @ k.transpose(1, 2) / math.sqrt(8)).softmax(-1).detach() @ v)[:, 0])
+        return self.fc(F.scaled_dot_product_attention(q, k, v)[:, 0])
+
+
+def test_attention_pooling_by_a_constant_query_against_hand_linearisation(exact_graph):
+    torch.manual_seed(8)
+    m = Probe(module=False).double().eval()
+    x, y = _data(10)
+    g = exact_graph(m, x, y, conservation=True)
+    expect, e = _hand(m, x, y, m.v.weight)
+    _close(g.node_attr("attribution")[g.layer_slice("input")], expect)
+    _close(_dense(g, "embed", "v"), e.numpy())
+    assert not g.node_attr("attribution", "k").any()  # keys only shape the pattern
+    exact_graph(Probe(module=True).double().eval(), x, y, conservation=True)  # nn.MultiheadAttention
 
 
 # ---------------------------------------------------------------------- attention across channels
