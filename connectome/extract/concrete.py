@@ -38,10 +38,16 @@ _SHAPE_FUNCTIONS = (torch.numel, torch.is_tensor, torch.is_floating_point, torch
 
 def logits_of(out: Any) -> Any:
     """The logits of a forward's output: ``out.logits`` of a ``ModelOutput`` or dataclass (Hugging
-    Face), else ``out`` itself (a tensor, or a tuple whose first element the caller takes)."""
+    Face; one without logits: its set fields, the first of them taken), else ``out`` itself (a
+    tensor, or a tuple whose first element the caller takes)."""
     if isinstance(out, (torch.Tensor, fx.Proxy, tuple, list)) or out is None:
         return out
     logits = getattr(out, "logits", None)
+    if logits is None and callable(getattr(out, "to_tuple", None)):
+        # a ModelOutput without logits (PP-LCNet's classifier names them last_hidden_state): its
+        # fields that are set, as a tuple whose first element is taken
+        fields = out.to_tuple()
+        return fields[0] if len(fields) == 1 else fields
     return out if logits is None else logits
 
 

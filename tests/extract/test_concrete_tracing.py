@@ -62,10 +62,22 @@ class Output:
     hidden: torch.Tensor | None = None
 
 
-class WrappedLogits(nn.Module):
-    """Returns its logits in a dataclass (as Hugging Face's ModelOutput) or a tuple."""
+@dataclasses.dataclass
+class Fields:
+    """A ModelOutput without logits (PP-LCNet's classifier puts them in last_hidden_state)."""
 
-    def __init__(self, as_tuple: bool) -> None:
+    last_hidden_state: torch.Tensor
+    hidden_states: torch.Tensor | None = None
+
+    def to_tuple(self) -> tuple:
+        return tuple(v for v in (self.last_hidden_state, self.hidden_states) if v is not None)
+
+
+class WrappedLogits(nn.Module):
+    """Returns its logits in a dataclass (as Hugging Face's ModelOutput), a tuple, or the first
+    field of a ModelOutput without logits."""
+
+    def __init__(self, as_tuple: bool | str) -> None:
         super().__init__()
         self.as_tuple = as_tuple
         self.fc1, self.fc2 = nn.Linear(6, 7), nn.Linear(7, 4)
@@ -75,6 +87,8 @@ class WrappedLogits(nn.Module):
         if x.shape[0] != len(h):  # symbolic fx cannot run this; the concrete trace can
             raise ValueError("never")
         out = self.fc2(h)
+        if self.as_tuple == "fields":
+            return Fields(out)
         return (out, h) if self.as_tuple else Output(logits=out, hidden=h)
 
 
@@ -171,13 +185,13 @@ def test_a_graph_that_reads_the_batch_size_serves_every_batch_size():
     _check_exact(m, x, torch.tensor([0, 1, 2, 0, 1]), m(x).detach(), batch_size=2)
 
 
-@pytest.mark.parametrize("as_tuple", [False, True], ids=["dataclass", "tuple"])
+@pytest.mark.parametrize("as_tuple", [False, True, "fields"], ids=["dataclass", "tuple", "fields"])
 def test_logits_wrapped_in_a_dataclass_or_a_tuple(as_tuple):
     m = _model(WrappedLogits, as_tuple)
     x = torch.randn(3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         out = m(x)
-    logits = out[0] if as_tuple else out.logits
+    logits = out[0] if as_tuple is True else out.last_hidden_state if as_tuple else out.logits
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a tuple: "takes the first as the logits"
         _check_exact(m, x, torch.tensor([0, 1, 3]), logits, batch_size=2)
