@@ -757,59 +757,12 @@ def _inplace_flag(n: fx.Node, pos: int | None) -> bool:
     return pos is not None and (n.kwargs.get("inplace") is True or (len(n.args) > pos and n.args[pos] is True))
 
 
-def _views(a: fx.Node, modules: dict[str, nn.Module]) -> set[fx.Node] | None:
-    """The nodes that may share ``a``'s storage: back through ops that may return a view or
-    their input itself (layout ops, dropout, identity) to the tensor that owns it, then forward
-    through such ops again. None when the owner is not computed by the model (an input, a
-    parameter)."""
-    def view_of(n: fx.Node) -> fx.Node | None:
-        if n.op not in ("call_module", "call_function", "call_method"):
-            return None
-        op = ops.op_for_node(n, modules)
-        ins = [x for x in n.all_input_nodes if x.op != "get_attr"]
-        return ins[0] if op is not None and op.rule in (ops.NONE, ops.LAYOUT) and len(ins) == 1 else None
-
-    root = a
-    while (up := view_of(root)) is not None:
-        root = up
-    if root.op not in ("call_module", "call_function", "call_method"):
-        return None
-    seen, todo = {root}, [root]
-    while todo:
-        for u in todo.pop().users:
-            if u not in seen and view_of(u) is not None:
-                seen.add(u)
-                todo.append(u)
-    return seen
-
-
-def _functionalise(n: fx.Node, later: list[fx.Node], order: dict[fx.Node, int], modules: dict[str, nn.Module]) -> bool:
-    """Rewrite ``a.add_(b)`` as ``c = a.add(b)`` and let the later reads of ``a`` read ``c``, where
-    that is all they saw change: no other tensor that may share ``a``'s storage is read after it.
-    Returns whether it did."""
-    a = n.args[0]
-    if n.op != "call_method" or not hasattr(torch.Tensor, n.target[:-1]):
-        return False
-    aliases = _views(a, modules)
-    if aliases is None:
-        return False
-    for v in aliases - {a}:
-        if any(u is not n and order.get(u, -1) > order[n] for u in v.users):
-            return False  # a tensor that may share a's storage is read after the change
-    n.target = n.target[:-1]
-    for u in later:
-        u.replace_input_with(a, n)
-    return True
-
-
-def _check_in_place(nodes: list[fx.Node], modules: dict[str, nn.Module]) -> bool:
+def _check_in_place(nodes: list[fx.Node], modules: dict[str, nn.Module]) -> None:
     """Refuse an in-place op whose input is read again after it: connectome runs in-place ops
     out of place (the values it keeps must not be overwritten), which would change what those
-    later reads see. An in-place method on a tensor of its own (``x.add_(pos)`` on a norm's
-    output) is rewritten out of place, its later reads reading the result. Returns whether
-    the graph changed."""
+    later reads see. (Tracing rewrote those it could out of place:
+    :func:`connectome.extract.graph_passes.functionalise`.)"""
     order = {n: i for i, n in enumerate(nodes)}
-    changed = False
     for n in nodes:
         t = n.target
         inplace = (
@@ -822,14 +775,11 @@ def _check_in_place(nodes: list[fx.Node], modules: dict[str, nn.Module]) -> bool
         if not inplace or not n.args or not isinstance(n.args[0], fx.Node):
             continue
         later = [u for u in n.args[0].users if u is not n and order.get(u, -1) > order[n]]
-        if later and _functionalise(n, later, order, modules):
-            changed = True
-        elif later:
+        if later:
             raise ExtractionError(
                 f"{_where(n)} changes {n.args[0].name!r} in place and {later[0].name!r} reads it afterwards; "
                 "connectome runs in-place ops out of place, so write it out of place (y = f(x)) and read y"
             )
-    return changed
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -981,8 +931,7 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
     shapes, values, consts, data = _record(gm, example)
     ctx = _Ctx(dict(gm.named_modules()), shapes, values, consts, data)
     nodes = list(gm.graph.nodes)
-    if _check_in_place(nodes, ctx.modules):
-        gm.recompile()
+    _check_in_place(nodes, ctx.modules)
     by_name = {n.name: n for n in nodes}
     layers: list[LayerSpec] = []
     units: dict[str, Units] = {}

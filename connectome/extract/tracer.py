@@ -24,6 +24,7 @@ from connectome.extract import dense, ops, windows
 from connectome.extract.attention import attend
 from connectome.extract.concrete import ConcreteValues, logits_of
 from connectome.extract.fx_root import alias_targets, kept_attributes, traced_root
+from connectome.extract.graph_passes import normalise
 
 __all__ = ["trace_graph", "graph_for"]
 
@@ -117,6 +118,7 @@ def _module(tracer: fx.Tracer, graph: fx.Graph, model: nn.Module) -> fx.GraphMod
     for n in graph.nodes:
         if n.meta.pop("connectome_expanded", False):
             n.meta.pop("is_wrapped", None)
+    normalise(graph, dict(tracer.root.named_modules()))
     root, aliases = alias_targets(graph, tracer.root)
     gm = fx.GraphModule(root, graph, type(model).__name__)
     gm.meta["connectome_aliases"] = aliases

@@ -301,6 +301,58 @@ def test_in_place_method_on_a_tensor_of_its_own_runs_out_of_place_with_its_later
     np.testing.assert_array_equal(got.node_attr("attribution"), expect.node_attr("attribution"))
 
 
+class AddPosPerShape(AddPosInPlace):
+    """The same, with Python that reads shapes (traced with the example's values, once per
+    batch size): the rewrite must hold in every graph."""
+
+    def forward(self, x):
+        if x.shape[-1] != 4:  # symbolic fx cannot run this
+            raise ValueError("4x4 images")
+        t = self.norm(self.pe(x).flatten(2).transpose(1, 2)).reshape(x.shape[0], 4, 4)  # bakes the batch size
+        if self.in_place:
+            t.add_(self.pos)
+        else:
+            t = t + self.pos
+        return self.fc(torch.cat([self.cls.expand(t.shape[0], -1, -1), t], dim=1).mean(1))
+
+
+def test_in_place_method_is_rewritten_in_every_graph_of_a_model_traced_per_batch_size():
+    torch.manual_seed(0)
+    m, plain = AddPosPerShape(in_place=True), AddPosPerShape(in_place=False)
+    plain.load_state_dict(m.state_dict())
+    x, y = torch.randn(5, 3, 4, 4, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1])
+    got = cn.extract.attribution(m.double().eval(), (x, y), progress=False, device="cpu", batch_size=2)
+    expect = cn.extract.attribution(plain.double().eval(), (x, y), progress=False, device="cpu", batch_size=2)
+    _assert_exact(got)
+    np.testing.assert_allclose(got.weight, expect.weight, rtol=1e-13, atol=1e-15)
+    with torch.no_grad():
+        assert got.meta["target_total"] == pytest.approx(m(x).gather(1, y[:, None]).sum().item(), rel=1e-12)
+
+
+def test_max_over_a_dim_by_hand_equals_a_max_pool():
+    class Pool(nn.Module):
+        def __init__(self, by_hand: bool):
+            super().__init__()
+            self.by_hand, self.c, self.fc = by_hand, nn.Conv2d(3, 4, 1), nn.Linear(4 * 4 * 8, 2)
+
+        def forward(self, x):
+            h = self.c(x)
+            if self.by_hand:  # Hiera's max pool: a view, then the values of a max over a dim
+                h = h.view(h.shape[0], 4, 4, 2, 8).max(dim=3).values
+            else:
+                h = F.max_pool2d(h, (2, 1))
+            return self.fc(h.flatten(1))
+
+    torch.manual_seed(0)
+    a, b = Pool(True), Pool(False)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(3, 3, 8, 8)
+    ga, gb = _flows(a, x, 2), _flows(b, x, 2)
+    _assert_exact(ga)
+    np.testing.assert_allclose(ga.weight, gb.weight, rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(ga.node_attr("attribution"), gb.node_attr("attribution"), rtol=1e-13, atol=1e-15)
+
+
 def test_in_place_method_whose_earlier_view_is_read_after_it_is_refused():
     with pytest.raises(ExtractionError, match="changes 'norm' in place and '[a-z_0-9]+' reads it afterwards"):
         _flows(AddPosInPlace(in_place=True, view_before=True), torch.randn(2, 3, 4, 4), 2)

@@ -49,6 +49,10 @@ add(Op("mean", LAYOUT, Receptive.GLOBAL, functions=(torch.mean,), methods=("mean
        examples=(lambda: lambda x: x.mean(3, keepdim=True),)))
 add(Op("sum", LAYOUT, Receptive.GLOBAL, functions=(torch.sum,), methods=("sum",), reduces=True,
        examples=(lambda: lambda x: x.sum(3, keepdim=True),)))
+# the largest (smallest) value over positions: each output one input of the same unit, exact as
+# it is, as a max pool (``x.max(dim).values`` becomes amax when traced)
+add(Op("amax", LAYOUT, Receptive.GLOBAL, functions=(torch.amax, torch.amin), methods=("amax", "amin"), reduces=True,
+       examples=(lambda: lambda x: x.amax(3, keepdim=True), lambda: lambda x: x.view(x.shape[0], 4, 2, 4, 8).max(2).values)))
 # positions moved around (a shifted window): units stay, the box of a position is not followed
 add(Op("roll", LAYOUT, Receptive.GLOBAL, functions=(torch.roll,), methods=("roll",),
        examples=(lambda: lambda x: torch.roll(x, 1, 3), lambda: lambda x: x.roll((1, 2), (2, 3)))))

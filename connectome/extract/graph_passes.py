@@ -1,0 +1,122 @@
+"""Rewrites of a traced graph into the forms tracing maps, each keeping the forward's values.
+
+Run on every graph tracing makes (one per input shape, when a model is traced per shape):
+
+- :func:`functionalise`: an in-place method on a tensor of its own whose tensor is read again
+  (naflexvit's ``x.add_(pos)`` on a norm's output) becomes ``y = x.add(pos)``, the later reads
+  reading ``y``;
+- :func:`max_values`: the values of a max or min over a dim (``x.max(dim=1).values``, a max
+  pool written by hand in Hiera) become ``x.amax(dim=1)``, one op with one output.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from connectome.extract import ops
+
+__all__ = ["normalise", "functionalise", "max_values"]
+
+
+def normalise(graph: fx.Graph, modules: dict[str, nn.Module]) -> None:
+    """Every rewrite of this module, in place."""
+    max_values(graph)
+    functionalise(graph, modules)
+
+
+_REDUCED = {"max": torch.amax, "min": torch.amin}
+
+
+def max_values(graph: fx.Graph) -> None:
+    """``x.max(dim)`` / ``torch.max(x, dim)`` (or min) read only through ``.values`` or ``[0]``:
+    ``x.amax(dim)``."""
+    for n in list(graph.nodes):
+        if n.op == "call_method":
+            fn = _REDUCED.get(n.target)
+        else:
+            fn = _REDUCED.get({torch.max: "max", torch.min: "min"}.get(n.target)) if n.op == "call_function" else None
+        if fn is None or not isinstance(n.args[0] if n.args else None, fx.Node):
+            continue
+        dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+        if not isinstance(dim, int) or isinstance(dim, bool):
+            continue  # a max over everything, or of two tensors: not this form
+        keepdim = n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)
+        reads = list(n.users)
+        if not reads or not all(_reads_values(u) for u in reads):
+            continue
+        with graph.inserting_after(n):
+            new = graph.call_function(fn, (n.args[0],), {"dim": dim, "keepdim": keepdim})
+        new.meta = dict(n.meta)
+        for u in reads:
+            u.replace_all_uses_with(new)
+            graph.erase_node(u)
+        graph.erase_node(n)
+
+
+def _reads_values(u: fx.Node) -> bool:
+    return (u.op == "call_function" and u.target is getattr and u.args[1:] == ("values",)) or \
+        (u.op == "call_function" and u.target is operator.getitem and u.args[1:] == (0,))
+
+
+def functionalise(graph: fx.Graph, modules: dict[str, nn.Module]) -> None:
+    """In-place methods whose tensor is read again, rewritten out of place where that keeps
+    what every read sees (see :func:`_out_of_place`)."""
+    nodes = list(graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    for n in nodes:
+        t = n.target
+        if n.op != "call_method" or not isinstance(t, str) or not t.endswith("_") or t.startswith("_") \
+                or not n.args or not isinstance(n.args[0], fx.Node):
+            continue
+        later = [u for u in n.args[0].users if u is not n and order.get(u, -1) > order[n]]
+        if later:
+            _out_of_place(n, later, order, modules)
+
+
+def _views(a: fx.Node, modules: dict[str, nn.Module]) -> set[fx.Node] | None:
+    """The nodes that may share ``a``'s storage: back through ops that may return a view or
+    their input itself (layout ops, dropout, identity) to the tensor that owns it, then forward
+    through such ops again. None when the owner is not computed by the model (an input, a
+    parameter)."""
+    def view_of(n: fx.Node) -> fx.Node | None:
+        if n.op not in ("call_module", "call_function", "call_method"):
+            return None
+        op = ops.op_for_node(n, modules)
+        ins = [x for x in n.all_input_nodes if x.op != "get_attr"]
+        return ins[0] if op is not None and op.rule in (ops.NONE, ops.LAYOUT) and len(ins) == 1 else None
+
+    root = a
+    while (up := view_of(root)) is not None:
+        root = up
+    if root.op not in ("call_module", "call_function", "call_method"):
+        return None
+    seen, todo = {root}, [root]
+    while todo:
+        for u in todo.pop().users:
+            if u not in seen and view_of(u) is not None:
+                seen.add(u)
+                todo.append(u)
+    return seen
+
+
+def _out_of_place(n: fx.Node, later: list[fx.Node], order: dict[fx.Node, int], modules: dict[str, nn.Module]) -> bool:
+    """Rewrite ``a.add_(b)`` as ``c = a.add(b)`` and let the later reads of ``a`` read ``c``, where
+    that is all they saw change: no other tensor that may share ``a``'s storage is read after it.
+    Returns whether it did."""
+    a = n.args[0]
+    if n.op != "call_method" or not hasattr(torch.Tensor, n.target[:-1]):
+        return False
+    aliases = _views(a, modules)
+    if aliases is None:
+        return False
+    for v in aliases - {a}:
+        if any(u is not n and order.get(u, -1) > order[n] for u in v.users):
+            return False  # a tensor that may share a's storage is read after the change
+    n.target = n.target[:-1]
+    for u in later:
+        u.replace_input_with(a, n)
+    return True
