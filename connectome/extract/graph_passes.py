@@ -6,7 +6,11 @@ Run on every graph tracing makes (one per input shape, when a model is traced pe
   (naflexvit's ``x.add_(pos)`` on a norm's output) becomes ``y = x.add(pos)``, the later reads
   reading ``y``;
 - :func:`max_values`: the values of a max or min over a dim (``x.max(dim=1).values``, a max
-  pool written by hand in Hiera) become ``x.amax(dim=1)``, one op with one output.
+  pool written by hand in Hiera) become ``x.amax(dim=1)``, one op with one output;
+- :func:`stacked_sums`: the mean or sum over the dim of a ``torch.stack`` that nothing else
+  reads (CrossViT's mean of its heads' logits) becomes the sum of the stacked tensors (divided
+  by their number): an add of units, where the stack would put the units of two layers on one
+  dim beside the batch.
 """
 
 from __future__ import annotations
@@ -19,12 +23,13 @@ import torch.nn as nn
 
 from connectome.extract import ops
 
-__all__ = ["normalise", "functionalise", "max_values"]
+__all__ = ["normalise", "functionalise", "max_values", "stacked_sums"]
 
 
 def normalise(graph: fx.Graph, modules: dict[str, nn.Module]) -> None:
     """Every rewrite of this module, in place."""
     max_values(graph)
+    stacked_sums(graph)
     functionalise(graph, modules)
 
 
@@ -55,6 +60,39 @@ def max_values(graph: fx.Graph) -> None:
             u.replace_all_uses_with(new)
             graph.erase_node(u)
         graph.erase_node(n)
+
+
+_REDUCTIONS = {torch.mean: "mean", torch.sum: "sum"}
+
+
+def stacked_sums(graph: fx.Graph) -> None:
+    """``torch.stack(ts, dim=d).mean(d)`` (or ``.sum(d)``) of a stack read by nothing else:
+    ``(t0 + t1 + ...) / len(ts)``, in the order of ``ts``."""
+    for n in list(graph.nodes):
+        kind = n.target if n.op == "call_method" else _REDUCTIONS.get(n.target) if n.op == "call_function" else None
+        if kind not in ("mean", "sum") or not n.args or not isinstance(n.args[0], fx.Node):
+            continue
+        s = n.args[0]
+        if s.op != "call_function" or s.target is not torch.stack or len(s.users) != 1:
+            continue
+        parts = s.args[0] if s.args else s.kwargs.get("tensors")
+        d_stack = s.args[1] if len(s.args) > 1 else s.kwargs.get("dim", 0)
+        d_red = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+        keepdim = n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)
+        if not isinstance(parts, (list, tuple)) or not parts or keepdim or len(n.args) > 3 or \
+                set(n.kwargs) - {"dim", "keepdim"} or not isinstance(d_stack, int) or d_red != d_stack:
+            continue
+        with graph.inserting_before(n):
+            acc = parts[0]
+            for p in parts[1:]:
+                acc = graph.call_function(operator.add, (acc, p))
+                acc.meta = dict(n.meta)
+            if kind == "mean":
+                acc = graph.call_function(operator.truediv, (acc, len(parts)))
+                acc.meta = dict(n.meta)
+        n.replace_all_uses_with(acc)
+        graph.erase_node(n)
+        graph.erase_node(s)
 
 
 def _reads_values(u: fx.Node) -> bool:

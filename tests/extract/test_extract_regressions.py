@@ -353,6 +353,30 @@ def test_max_over_a_dim_by_hand_equals_a_max_pool():
     np.testing.assert_allclose(ga.node_attr("attribution"), gb.node_attr("attribution"), rtol=1e-13, atol=1e-15)
 
 
+def test_mean_over_a_stack_of_heads_equals_their_average():
+    class Heads(nn.Module):
+        """CrossViT's output: the mean over a stack of two heads' logits, or (a + b) / 2."""
+
+        def __init__(self, stacked: bool):
+            super().__init__()
+            self.stacked, self.c, self.h1, self.h2 = stacked, nn.Conv2d(3, 4, 1), nn.Linear(4, 3), nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.c(x)).mean((2, 3))
+            a, b = self.h1(h), self.h2(h)
+            return torch.mean(torch.stack([a, b], dim=0), dim=0) if self.stacked else (a + b) / 2
+
+    torch.manual_seed(0)
+    s, p = Heads(True), Heads(False)
+    p.load_state_dict(s.state_dict())
+    x = torch.randn(3, 3, 4, 4)
+    gs, gp = _flows(s, x, 3), _flows(p, x, 3)
+    _assert_exact(gs)
+    assert [l.name for l in gs.layers] == [l.name for l in gp.layers]
+    np.testing.assert_array_equal(gs.weight, gp.weight)
+    np.testing.assert_array_equal(gs.node_attr("attribution"), gp.node_attr("attribution"))
+
+
 def test_in_place_method_whose_earlier_view_is_read_after_it_is_refused():
     with pytest.raises(ExtractionError, match="changes 'norm' in place and '[a-z_0-9]+' reads it afterwards"):
         _flows(AddPosInPlace(in_place=True, view_before=True), torch.randn(2, 3, 4, 4), 2)
