@@ -52,7 +52,13 @@ Ops that are linear in the data with no constant need no rule: they keep or move
 ``Units.windows`` rows per image, summed into their image per sample), ``torch.cat`` along
 positions and ``torch.stack`` (a concat layer whose operands fill all its units at their own
 positions), ``unfold`` (units = channels, each over its kernel offsets) and ``fold``,
-``F.interpolate`` / ``nn.Upsample`` and sums over positions.
+``F.interpolate`` / ``nn.Upsample``, sums over positions, and maxima over positions
+(``amax``; ``x.max(dim).values`` is traced as one, a max pool written by hand).
+
+What a rule holds constant needs no units: the ops that only compute a gate's signal or an
+attention's queries and keys are left unmapped when they mix units (a softmax across a
+selective kernel's branches, an RMS norm across channels written by hand, rotary embeddings
+of q and k), and the queries or keys may be constants (an attention-pooling probe).
 
 References
 ----------

@@ -53,6 +53,10 @@ add(Op("sum", LAYOUT, Receptive.GLOBAL, functions=(torch.sum,), methods=("sum",)
 # it is, as a max pool (``x.max(dim).values`` becomes amax when traced)
 add(Op("amax", LAYOUT, Receptive.GLOBAL, functions=(torch.amax, torch.amin), methods=("amax", "amin"), reduces=True,
        examples=(lambda: lambda x: x.amax(3, keepdim=True), lambda: lambda x: x.view(x.shape[0], 4, 2, 4, 8).max(2).values)))
+# copies along positions (SwiftFormer's global query repeated over the tokens): each copy is the
+# same unit; the box of a copied position is not followed
+add(Op("repeat", LAYOUT, Receptive.GLOBAL, functions=(torch.tile,), methods=("repeat", "tile"),
+       examples=(lambda: lambda x: x.repeat(1, 1, 2, 1)[:, :, 4:12], lambda: lambda x: torch.tile(x, (1, 1, 1, 2))[..., 3:11])))
 # positions moved around (a shifted window): units stay, the box of a position is not followed
 add(Op("roll", LAYOUT, Receptive.GLOBAL, functions=(torch.roll,), methods=("roll",),
        examples=(lambda: lambda x: torch.roll(x, 1, 3), lambda: lambda x: x.roll((1, 2), (2, 3)))))
@@ -66,7 +70,7 @@ add(Op("resize", NONE, Receptive.GLOBAL, modules=(nn.Upsample,),
        functions=(F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear), resizes=True,
        examples=(lambda: nn.Upsample(scale_factor=2), lambda: lambda x: F.interpolate(x, size=(4, 4), mode="bilinear"))))
 add(Op("stack", CONSTRUCT, Receptive.GLOBAL, functions=(torch.stack,), construct="concat",
-       examples=(lambda: lambda x: torch.stack([x, x.relu()], 2).sum(2),)))
+       examples=(lambda: lambda x: torch.stack([x, x.relu()], 2).amax(2),)))
 add(Op("cat", CONSTRUCT, Receptive.CONCAT, functions=(torch.cat, torch.concat), construct="concat",
        geometry=lambda call: {"dim": call.arg(1, "dim", 0)},
        examples=(lambda: lambda x: torch.cat([x, x.relu()], 1),)))
