@@ -242,6 +242,9 @@ def _classify(node: Any, c: _Ctx) -> tuple[str, Any]:
         op = _op_of(node, c)
         if op is not None and op.multi_output and node.name in c.data:
             return ("layout", None)  # may give a tuple of tensors: not in shapes
+    if node.op == "call_module" and isinstance(c.modules.get(t), nn.RNNBase) and node.name in c.data:
+        return ("unsupported", f"recurrent layers ({type(c.modules[t]).__name__}) are not supported: their gates "
+                               "multiply data by data over the steps of a sequence")
     if node.name not in c.shapes or node.name not in c.data:
         return ("skip", None)  # not a tensor (sizes, tuples of sizes ...), or a constant
     if node.op == "call_module":
@@ -252,6 +255,8 @@ def _classify(node: Any, c: _Ctx) -> tuple[str, Any]:
         op = ops.op_for_method(t)
         if op is not None:
             return _registered(op, node, c)
+        if t in ("softmax", "log_softmax", "matmul", "bmm"):
+            return _classify_function(_shadow(node, "call_function", getattr(torch, t)), c)
         return ("unsupported", f"method .{t}() is not a per-unit op we can map (no entry in connectome.extract.ops; "
                                "register a module that calls it with connectome.extract.register_op)")
     return ("skip", None)
@@ -338,7 +343,11 @@ def _classify_function(node: Any, c: _Ctx) -> tuple[str, Any]:
         kw = {"attn_mask": mask, "is_causal": bool(plain(_const(node, 5, "is_causal", False))),
               "scale": plain(_const(node, 6, "scale", None))}
         return ("chain", ChainOp(node.name, "attention", v.name, (q.name, k.name, kw)))
-    if t in (torch.softmax, F.softmax, torch.matmul, torch.bmm):
+    if t in (torch.matmul, torch.bmm, operator.matmul) and len(c.data_args(node)) == 2:
+        return ("unsupported", "a matrix product of two data tensors outside an attention form (no softmax(...) @ v "
+                               "whose pattern the attention rule could hold constant: linear, factorised or "
+                               "state-space attention)")
+    if t in (torch.softmax, F.softmax, torch.matmul, torch.bmm, operator.matmul):
         return ("unsupported", f"{getattr(t, '__name__', t)} mixes units outside an attention form (the attention "
                                "rule maps softmax(...) @ v, F.scaled_dot_product_attention and nn.MultiheadAttention)")
     return ("unsupported", f"function {getattr(t, '__name__', t)!s} is not a per-unit op we can map (no entry in "
@@ -959,13 +968,21 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
 
     seen_layouts: dict[Any, Units] = {}
 
+    # Layout steps whose result no Units can say (channels folded into the batch on the way to
+    # MobileViT's patches), followed by one more layout step: their tensors of unit numbers,
+    # read by that step, whose result may be followable again.
+    pending: dict[str, tuple[int, torch.Tensor]] = {}
+
     def layout(node: fx.Node) -> None:
-        src = [a for a in node.all_input_nodes if a.name in units or a.name in multi]
+        src = [a for a in node.all_input_nodes if a.name in units or a.name in multi or a.name in pending]
         if not src:
             raise ExtractionError(f"{_where(node)} reads no mapped tensor")
-        layer = (units[src[0].name] if src[0].name in units else multi[src[0].name][0]).layer
+        first = src[0].name
+        layer = units[first].layer if first in units else multi[first][0].layer if first in multi else pending[first][0]
 
         def arg(n: fx.Node) -> Any:
+            if n.name in pending:
+                return pending[n.name][1]
             if n.name in units:
                 u = units[n.name]
                 return _unit_tensor(u, shapes[n.name], size_of(u))
@@ -981,7 +998,7 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
         if patches is not None:
             units[node.name] = _patch_units(node, patches, units.get(src[0].name), shapes[src[0].name], size_of)
             return
-        key = _layout_key(node, units, values, shapes, size_of)
+        key = None if any(a.name in pending for a in src) else _layout_key(node, units, values, shapes, size_of)
         if key is not None and key in seen_layouts:
             # the same op on units laid out the same way (the blocks of a transformer): the same
             # result, in this node's layer, without running the op on unit numbers again
@@ -1022,7 +1039,15 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
         if isinstance(out, torch.Tensor):
             if out.dtype != torch.float64:
                 raise ExtractionError(f"cannot follow units through {where}")
-            units[node.name] = _units_from(out, layer, layers[layer].size, batch, where)
+            try:
+                units[node.name] = _units_from(out, layer, layers[layer].size, batch, where)
+            except ExtractionError:
+                users = list(node.users)
+                nxt = _op_of(users[0], ctx) if len(users) == 1 else None
+                if nxt is None or nxt.rule != ops.LAYOUT or nxt.multi_output or nxt.reduces or \
+                        [a for a in users[0].all_input_nodes if ctx.is_data(a)] != [node]:
+                    raise
+                pending[node.name] = (layer, out)  # the next layout step may make it followable
         elif isinstance(out, (tuple, list)) and all(isinstance(o, torch.Tensor) for o in out):
             multi[node.name] = [_units_from(o, layer, layers[layer].size, batch, where) for o in out]
             for i, o in enumerate(out):

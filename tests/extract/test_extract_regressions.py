@@ -498,3 +498,38 @@ def test_an_empty_slice_is_refused_in_one_line():
     with pytest.raises(ExtractionError, match="empty tensor") as info:
         cn.extract.attribution(EmptyPrefix(), (torch.randn(2, 3, 4, 4), torch.tensor([0, 1])), progress=False)
     assert "\n" not in str(info.value)
+
+
+def test_refusals_name_the_construct():
+    class Linear(nn.Module):  # linear attention: (k^T v) then q @ that, no softmax pattern
+        def __init__(self):
+            super().__init__()
+            self.c, self.fc = nn.Conv2d(3, 4, 1), nn.Linear(4, 2)
+
+        def forward(self, x):
+            t = self.c(x).flatten(2).transpose(1, 2)
+            return self.fc((t @ (t.transpose(1, 2) @ t)).mean(1))
+
+    class Recurrent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.rnn, self.fc = nn.Conv2d(3, 4, 1), nn.LSTM(4, 4, batch_first=True), nn.Linear(4, 2)
+
+        def forward(self, x):
+            t, _ = self.rnn(self.c(x).flatten(2).transpose(1, 2))
+            return self.fc(t.mean(1))
+
+    class Soft(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.fc = nn.Conv2d(3, 4, 1), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.c(x).softmax(1).mean((2, 3)))
+
+    for m, why in ((Linear(), "a matrix product of two data tensors outside an attention form"),
+                   (Recurrent(), r"recurrent layers \(LSTM\) are not supported"),
+                   (Soft(), "softmax mixes units outside an attention form")):
+        with pytest.raises(ExtractionError, match=why) as info:
+            _flows(m, torch.randn(2, 3, 4, 4), 2)
+        assert "\n" not in str(info.value)

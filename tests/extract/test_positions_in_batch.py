@@ -159,3 +159,57 @@ def test_a_roll_over_the_batch_is_refused():
     x, y = _data(9)
     with pytest.raises(ExtractionError, match="mixes the images of a batch"):
         cn.extract.attribution(Mixer().double().eval(), (x, y), progress=False, device="cpu")
+
+
+class Patches(nn.Module):
+    """MobileViT's unfold into patches: the pixels of each 2x2 patch folded into the batch, the
+    patches as tokens, channels last, a Linear over them, and back. ``via_channels=True`` goes
+    as timm does, through a reshape that folds the channels into the batch for a step
+    (``(B * C * nh, ph, nw, pw)``); ``False`` goes there by one permute."""
+
+    def __init__(self, via_channels: bool):
+        super().__init__()
+        self.via_channels = via_channels
+        self.embed, self.mix, self.fc = nn.Conv2d(3, C, 1), nn.Linear(C, C), nn.Linear(C, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        b, c, hh, ww = h.shape
+        nh, nw = hh // 2, ww // 2
+        if self.via_channels:
+            t = h.reshape(b * c * nh, 2, nw, 2).transpose(1, 2)
+            t = t.reshape(b, c, nh * nw, 4).transpose(1, 3).reshape(b * 4, nh * nw, c)
+        else:
+            t = h.reshape(b, c, nh, 2, nw, 2).permute(0, 3, 5, 2, 4, 1).reshape(b * 4, nh * nw, c)
+        t = torch.relu(self.mix(t))
+        h = t.reshape(b, 2, 2, nh, nw, c).permute(0, 5, 3, 1, 4, 2).reshape(b, c, hh, ww)
+        return self.fc(h.mean((2, 3)))
+
+
+def test_channels_folded_into_the_batch_for_a_step_are_followed_to_the_patches(exact_graph):
+    torch.manual_seed(3)
+    a, b = Patches(True).double().eval(), Patches(False).double().eval()
+    b.load_state_dict(a.state_dict())
+    x, y = _data(4)
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+    ga, gb = exact_graph(a, x, y, conservation=True), exact_graph(b, x, y, conservation=True)
+    np.testing.assert_array_equal(ga.src, gb.src)
+    np.testing.assert_array_equal(ga.weight, gb.weight)
+    np.testing.assert_array_equal(ga.node_attr("attribution"), gb.node_attr("attribution"))
+
+
+def test_channels_left_in_the_batch_are_refused():
+    class Left(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.fc = nn.Conv2d(3, C, 1), nn.Linear(4, 4)
+
+        def forward(self, x):
+            h = self.embed(x)
+            t = h.reshape(h.shape[0] * C, -1)[:, :4]  # channels stay in the batch
+            return self.fc(t).reshape(h.shape[0], C, 4).mean(1)
+
+    x, y = _data(5)
+    with pytest.raises(ExtractionError, match="mixes the images of a batch"):
+        cn.extract.attribution(Left().double().eval(), (x, y), progress=False)
