@@ -546,6 +546,8 @@ class FlowAccumulator:
                 for k, op in enumerate(s.operands):
                     # a product's operands each pass on half its flow (rules.product_forward)
                     xo = kept[s.node] if s.kind == Kind.PRODUCT else kept[op.node]
+                    if op.select is not None:  # a slice of a sum over a dim that holds units
+                        xo = xo.select(*op.select)
                     half = 0.5 if s.kind == Kind.PRODUCT else 1.0
                     if op.span is not None:  # joined along positions: the positions it fills
                         gs = go.narrow(op.span[0], op.span[1], op.span[2])

@@ -53,7 +53,8 @@ Ops that are linear in the data with no constant need no rule: they keep or move
 positions and ``torch.stack`` (a concat layer whose operands fill all its units at their own
 positions), ``unfold`` (units = channels, each over its kernel offsets) and ``fold``,
 ``F.interpolate`` / ``nn.Upsample``, sums over positions, and maxima over positions
-(``amax``; ``x.max(dim).values`` is traced as one, a max pool written by hand).
+(``amax``; ``x.max(dim).values`` is traced as one, a max pool written by hand), and sums
+over a dim that holds units beside another (ResNeSt's radix groups: an add layer of the slices).
 
 What a rule holds constant needs no units: the ops that only compute a gate's signal or an
 attention's queries and keys are left unmapped when they mix units (a softmax across a

@@ -1005,7 +1005,7 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
             units[node.name] = dataclasses.replace(seen_layouts[key], layer=layer)
             return
         layout_op(node, src, layer, arg)
-        if key is not None and node.name in units:
+        if key is not None and node.name in units and kinds.get(node.name, ("",))[0] == "layout":
             seen_layouts[key] = units[node.name]
 
     def layout_op(node: fx.Node, src: list[fx.Node], layer: int, arg: Callable[[fx.Node], Any]) -> None:
@@ -1015,6 +1015,9 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
             u = units.get(src[0].name)
             nd = len(shapes[src[0].name])
             dims = (dims,) if isinstance(dims, int) else dims
+            if dims is not None and u is not None and len(dims) == 1 and dims[0] % nd in u.dims \
+                    and dims[0] % nd not in (0, u.batch) and op.name in ("sum", "mean") and sum_of_slices(node, src[0], u, dims[0] % nd, op.name):
+                return
             if dims is None or u is None or any(d % nd in (0, u.batch) or d % nd in u.dims for d in dims):
                 raise ExtractionError(f"cannot map {_where(node)} to units: a {op.name} over the "
                                       "units or the batch mixes units (over positions it maps)")
@@ -1054,6 +1057,27 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                 shapes[f"{node.name}#{i}"] = tuple(o.shape)
         else:
             raise ExtractionError(f"cannot follow units through {where}")
+
+    def sum_of_slices(node: fx.Node, x: fx.Node, u: Units, d: int, how: str) -> bool:
+        """A sum (mean) over dim ``d`` of a tensor whose units lie along ``d`` and one more dim
+        (ResNeSt's radix groups, ``(B, R, C, H, W).sum(1)``): an add layer of the ``R`` slices,
+        unit ``c`` of the result reading unit ``(r, c)`` of each. Returns False for other layouts."""
+        keepdim = bool(_const(node, 2, "keepdim", False))
+        if len(u.dims) != 2 or u.windows != 1 or u.batch != 0 or u.index is None:
+            return False
+        other = next(dd for dd in u.dims if dd != d)
+        index = np.moveaxis(np.asarray(u.index), u.dims.index(d), 0)  # (R, C)
+        r, width = index.shape
+        out_dim = other - 1 if other > d and not keepdim else other
+        scope = _scope(node)
+        operands = [Operand(layer=u.layer, node=x.name, sign=1.0 / r if how == "mean" else 1.0,
+                            cols=None if np.array_equal(index[k], np.arange(size_of(u))) else index[k],
+                            width=width, dim=out_dim, select=(d, k)) for k in range(r)]
+        layers.append(LayerSpec(name=unique(f"{scope}.sum" if scope else "sum"), kind=Kind.RESIDUAL, size=width,
+                                node=node.name, module=scope or None, operands=operands, dim=out_dim))
+        units[node.name] = Units(len(layers) - 1, (out_dim,), None)
+        kinds[node.name] = ("residual", None)
+        return True
 
     def join_positions(node: fx.Node, stacked: bool, dim: int) -> bool:
         """``torch.cat`` along a dim that does not hold the units, or ``torch.stack``: each unit

@@ -69,6 +69,9 @@ class Operand:
     # operands are joined along positions (torch.cat along tokens, torch.stack: `stacked`, the
     # operand lacks that dim); each then fills all the units, from `offset` 0
     span: tuple[int, int, int, bool] | None = None
+    # (dim, index): the slice of this operand's value it reads, when a sum over a dim that holds
+    # units adds its slices (ResNeSt's radix groups); the slice holds its units along `dim`
+    select: tuple[int, int] | None = None
 
 
 @dataclass

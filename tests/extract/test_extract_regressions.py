@@ -533,3 +533,43 @@ def test_refusals_name_the_construct():
         with pytest.raises(ExtractionError, match=why) as info:
             _flows(m, torch.randn(2, 3, 4, 4), 2)
         assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("how", ["sum", "mean"])
+def test_sum_over_a_dim_that_holds_units_equals_adding_the_slices(how):
+    class Radix(nn.Module):
+        """ResNeSt's split attention: (B, 2 * C, H, W) viewed as (B, 2, C, H, W), gated per
+        radix and channel, reduced over the radix dim; or the same with the slices added."""
+
+        def __init__(self, by_dim: bool):
+            super().__init__()
+            self.by_dim, self.c, self.fc = by_dim, nn.Conv2d(3, 8, 3, padding=1), nn.Linear(4, 2)
+            self.attn = nn.Conv2d(4, 8, 1)
+
+        def forward(self, x):
+            h = torch.relu(self.c(x))
+            if self.by_dim:
+                r = h.reshape(h.shape[0], 2, 4, 4, 4)
+                gap = getattr(r, how)(dim=1).mean((2, 3), keepdim=True)
+                a = torch.sigmoid(self.attn(gap)).reshape(h.shape[0], 2, 4, 1, 1)
+                out = getattr(r * a, how)(dim=1)
+            else:
+                k = 2.0 if how == "mean" else 1.0
+                gap = ((h[:, :4] + h[:, 4:]) / k).mean((2, 3), keepdim=True)
+                a = torch.sigmoid(self.attn(gap))
+                g = h * a
+                out = (g[:, :4] + g[:, 4:]) / k
+            return self.fc(out.mean((2, 3)))
+
+    torch.manual_seed(0)
+    a, b = Radix(True), Radix(False)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(3, 3, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(a.double()(x.double()), b.double()(x.double()), rtol=1e-13, atol=1e-14)
+    ga, gb = _flows(a, x, 2), _flows(b, x, 2)
+    _assert_exact(ga)
+    assert [l.size for l in ga.layers] == [l.size for l in gb.layers]
+    np.testing.assert_array_equal(ga.src, gb.src)
+    np.testing.assert_allclose(ga.weight, gb.weight, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(ga.node_attr("attribution"), gb.node_attr("attribution"), rtol=1e-12, atol=1e-14)
