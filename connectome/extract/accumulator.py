@@ -522,20 +522,23 @@ class FlowAccumulator:
                 c, per_slot = self._constant(op, ctx, gv)
                 if c is None:
                     continue
+                # Constant parts after the unit's branch point reach its consumers too (in its
+                # attribution); the input's attribution is the image's own x * dT/dx, whose
+                # constants (a normalisation after a patchify) are bias terms only.
+                off = op.node not in on_chain and s.kind != Kind.INPUT
                 d = units_dim(self._view(op.node), gv) if joined and per_slot is not None and rule.fixed_constant \
                     else None
                 if d is not None:
-                    consts.append(_ConstantPart(gv, d, None, per_slot, ("fixed", op.node), li, op.node not in on_chain))
+                    consts.append(_ConstantPart(gv, d, None, per_slot, ("fixed", op.node), li, off))
                     continue
                 if joined and isinstance(c, Terms):
-                    parts = self._term_parts(op, c, gv, li, op.node not in on_chain)
+                    parts = self._term_parts(op, c, gv, li, off)
                     if parts is not None:
                         consts.extend(parts)
                         continue
                 term = self._constant_sum(op, c, per_slot, gv)
                 self.bias[li] += term
-                if op.node not in on_chain:
-                    # Constant parts after the unit's branch point reach its consumers too.
+                if off:
                     self.attr[li] += term
             edges = KINDS[s.kind].edges
             if edges == IDENTITY:

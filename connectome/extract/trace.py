@@ -683,6 +683,22 @@ def _pattern_step(n: fx.Node, c: "_Ctx") -> fx.Node | None:
     return None
 
 
+def _of_softmaxes(n: fx.Node, c: "_Ctx", memo: dict[str, bool], depth: int = 24) -> bool:
+    """Whether ``n`` is computed from softmaxes and constants only, by ops that are not layers
+    (ConViT's gated sum of a content and a position softmax, renormalised)."""
+    if n.name in memo:
+        return memo[n.name]
+    if _is_softmax(n, c):
+        out = True
+    elif depth == 0 or _is_layer(n, c) or n.op not in ("call_function", "call_method", "call_module"):
+        out = False
+    else:
+        ins = [a for a in n.all_input_nodes if c.is_data(a)]
+        out = bool(ins) and all(_of_softmaxes(a, c, memo, depth - 1) for a in ins)
+    memo[n.name] = out
+    return out
+
+
 def _attention_products(nodes: list[fx.Node], c: "_Ctx") -> tuple[dict[str, tuple[str, str]], set[str]]:
     """Products ``softmax(...) @ v`` (matmul, bmm, einsum, either side) of a hand-written
     attention, and the nodes that only compute their patterns.
@@ -705,7 +721,7 @@ def _attention_products(nodes: list[fx.Node], c: "_Ctx") -> tuple[dict[str, tupl
                 if cur is None or _is_softmax(cur, c):
                     break
                 cur = _pattern_step(cur, c)
-            if cur is not None and _is_softmax(cur, c):
+            if cur is not None and _is_softmax(cur, c) or _of_softmaxes(s_, c, {}) and not _of_softmaxes(v_, c, {}):
                 products[n.name] = (s_.name, v_.name)
                 break
     pattern: set[str] = {p for p, _ in products.values()}

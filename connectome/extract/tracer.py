@@ -10,7 +10,8 @@ nodes, unless two batch sizes gave the same graph.
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import torch
 import torch.fx as fx
@@ -114,6 +115,52 @@ def _message(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
+# Tensor factories: given a size read off a traced tensor (``torch.ones(x.shape[0], n)``), they
+# see no tensor among their arguments, so fx never hears of the call and torch refuses the proxy
+# as a size. While tracing, such a call becomes a node (its size then follows the batch).
+_FACTORIES = ("ones", "zeros", "empty", "full", "arange", "rand", "randn", "eye", "linspace")
+# the same for methods of a tensor that is not traced (a buffer) given a traced size:
+# ``self.rel_pos.expand(x.shape[0], -1, -1)``
+_SIZE_METHODS = ("expand", "repeat", "view", "reshape", "tile", "new_zeros", "new_ones", "new_empty", "new_full")
+
+
+@contextlib.contextmanager
+def factory_calls(tracer: fx.Tracer) -> Iterator[None]:
+    """Calls of torch's tensor factories with a traced size become call nodes while tracing."""
+    saved = {name: getattr(torch, name) for name in _FACTORIES}
+    # (defined on the C base class: set on torch.Tensor while tracing, deleted again after)
+    methods = {name: torch.Tensor.__dict__.get(name) for name in _SIZE_METHODS}
+
+    def node_of(fn: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if any(isinstance(a, fx.Proxy) for a in tree_leaves((args, kwargs))):
+                return tracer.create_proxy("call_function", fn, args, kwargs)
+            return fn(*args, **kwargs)
+        return call
+
+    def method_node(name: str, fn: Any) -> Any:
+        def call(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if any(isinstance(a, fx.Proxy) for a in tree_leaves((args, kwargs))):
+                return tracer.create_proxy("call_method", name, (self, *args), kwargs)
+            return fn(self, *args, **kwargs)
+        return call
+
+    try:
+        for name, fn in saved.items():
+            setattr(torch, name, node_of(fn))
+        for name in methods:
+            setattr(torch.Tensor, name, method_node(name, getattr(torch.Tensor, name)))
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch, name, fn)
+        for name, fn in methods.items():
+            if fn is not None:
+                setattr(torch.Tensor, name, fn)
+            elif name in torch.Tensor.__dict__:
+                delattr(torch.Tensor, name)
+
+
 def _module(tracer: fx.Tracer, graph: fx.Graph, model: nn.Module) -> fx.GraphModule:
     for n in graph.nodes:
         if n.meta.pop("connectome_expanded", False):
@@ -129,7 +176,7 @@ def _concrete(model: nn.Module, example: torch.Tensor, symbolic_error: str) -> f
     tracer = _ConcreteTracer(example)
     root = traced_root(model)
     try:
-        with kept_attributes(root), ops.leaf_functions(tracer):  # users' autograd functions: one call each
+        with kept_attributes(root), ops.leaf_functions(tracer), factory_calls(tracer):  # users' autograd functions: one call each
             graph = tracer.trace(root)
     except ExtractionError as exc:  # a branch on the data: say which model
         raise ExtractionError(f"cannot trace {type(model).__name__} with the example's values: {exc}") from None
@@ -170,7 +217,7 @@ def trace_graph(model: nn.Module, example: torch.Tensor | None = None) -> fx.Gra
     tracer = _Tracer()
     root = traced_root(model)
     try:
-        with kept_attributes(root), ops.leaf_functions(tracer):  # users' autograd functions: one call each
+        with kept_attributes(root), ops.leaf_functions(tracer), factory_calls(tracer):  # users' autograd functions: one call each
             graph = tracer.trace(root)
     except ExtractionError:
         raise  # our own, from a module written out while tracing (attention)

@@ -573,3 +573,54 @@ def test_sum_over_a_dim_that_holds_units_equals_adding_the_slices(how):
     np.testing.assert_array_equal(ga.src, gb.src)
     np.testing.assert_allclose(ga.weight, gb.weight, rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(ga.node_attr("attribution"), gb.node_attr("attribution"), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["P-P-C", "C-P-P"])
+def test_constants_on_the_input_after_a_patchify_are_counted_once(channels_last):
+    # Gemma 4 patchifies, then scales pixels by 2 * (x - 0.5): the shift was booked in the
+    # input's attribution and again as its bias (completeness off by 30-90%, silently)
+    class Patchify(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p, self.fc = nn.Linear(48, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            p = x.view(x.shape[0], 3, 2, 4, 2, 4)
+            p = p.permute(0, 2, 4, 3, 5, 1) if channels_last else p.permute(0, 2, 4, 1, 3, 5)
+            return self.fc(self.p(2 * (p.reshape(x.shape[0], 4, 48) - 0.5)).mean(1))
+
+    torch.manual_seed(0)
+    m = Patchify()
+    x = torch.randn(3, 3, 8, 8)
+    g = _flows(m, x, 2)
+    _assert_exact(g)
+    xd = x.double().requires_grad_(True)
+    torch.manual_seed(1)
+    y = torch.randint(0, 2, (3,))
+    m(xd).gather(1, y[:, None]).sum().backward()
+    np.testing.assert_allclose(g.node_attr("attribution", "input"), (xd * xd.grad).sum((0, 2, 3)).detach().numpy(),
+                               rtol=1e-12, atol=1e-14)
+
+
+def test_sizes_read_off_the_input_reach_factories_and_buffers():
+    # torch.ones(x.shape[0], n) and buffer.expand(x.shape[0], ...) refuse a traced size
+    # (ConViT, Gemma 4): they are traced as calls, and follow the batch size
+    class Sizes(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.fc = nn.Conv2d(3, 4, 1), nn.Linear(4, 2)
+            self.register_buffer("pos", torch.randn(1, 4, 16))
+
+        def forward(self, x):
+            b = x.shape[0]
+            m = torch.ones(b, 16, dtype=x.dtype, device=x.device)
+            h = self.c(x).flatten(2) * m[:, None, :] + self.pos.expand(b, -1, -1)
+            return self.fc(h.mean(2))
+
+    torch.manual_seed(0)
+    m = Sizes()
+    x = torch.randn(5, 3, 4, 4)
+    g = cn.extract.attribution(m.double().eval(), (x.double(), torch.tensor([0, 1, 1, 0, 1])), progress=False,
+                               device="cpu", batch_size=2)  # a last batch of 1
+    _assert_exact(g)
+    assert "expand" not in torch.Tensor.__dict__ and torch.ones is torch._C._VariableFunctions.ones

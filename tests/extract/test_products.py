@@ -207,6 +207,12 @@ class Forms(nn.Module):
             q, k, v = heads(self.q(t[:, 0]).unsqueeze(1)), heads(self.k(t)), heads(self.v(t))
             a = self.drop((q * 0.5 @ k.transpose(-2, -1)).softmax(-1))
             return self.fc((pattern(a) @ v).transpose(1, 2).reshape(n, c))
+        if self.form == "gated":  # ConViT: a gated sum of a content and a position softmax, renormalised
+            q, k, v = heads(self.q(t)), heads(self.k(t)), heads(self.v(t))
+            g = torch.sigmoid(self.bias[:, :1, :1])
+            a = (1.0 - g) * (q @ k.transpose(-2, -1) * 0.5).softmax(-1) + g * self.bias.softmax(-1)
+            a = a / a.sum(-1).unsqueeze(-1)
+            return self.fc((pattern(a) @ v).transpose(1, 2).reshape(n, tokens, c).mean(1))
         if self.form == "module":  # the softmax as a module (timm's Swin)
             q, k, v = heads(self.q(t)), heads(self.k(t)), heads(self.v(t))
             a = self.drop(self.softmax((q * 0.5) @ k.transpose(-2, -1) + self.bias))
@@ -222,7 +228,7 @@ class Forms(nn.Module):
         return self.fc((v @ pattern(a).transpose(-2, -1)).mean(2))
 
 
-@pytest.mark.parametrize("form", ["class", "talking", "right", "module"])
+@pytest.mark.parametrize("form", ["class", "talking", "right", "module", "gated"])
 def test_written_attention_forms_against_hand_linearisation(form, exact_graph):
     torch.manual_seed(5)
     m = Forms(form).double().eval()

@@ -18,10 +18,28 @@ from connectome.extract.ops._core import NONE, Call, Op, Receptive, Unsupported,
 P = Receptive.POINTWISE
 
 
-def _bounds(lo: Any, hi: Any) -> tuple[Any, Any]:
-    if any(isinstance(b, (fx.Node, torch.Tensor)) for b in (lo, hi)):
-        raise Unsupported("a clamp with tensor bounds (only number bounds map)")
-    return (lo, hi)
+def _bounds(lo: Any, hi: Any, call: Call | None = None) -> tuple[Any, Any]:
+    def number(b: Any) -> Any:
+        # a bound held in a one-element buffer (Gemma 4's clipped linears) is a number
+        v = call.const_of(b) if call is not None and isinstance(b, fx.Node) else b
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            return float(v.reshape(()))
+        if isinstance(b, (fx.Node, torch.Tensor)):
+            raise Unsupported("a clamp with tensor bounds (only number bounds, or one-element constants, map)")
+        return b
+    return (number(lo), number(hi))
+
+
+class _BufferBounds(nn.Module):
+    """A clamp whose bounds are one-element buffers (Gemma 4's clipped linears)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("lo", torch.tensor(-0.3))
+        self.register_buffer("hi", torch.tensor(0.4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp(self.lo, self.hi)
 
 
 def _hardtanh(call: Call) -> tuple[Any, Any]:
@@ -53,8 +71,9 @@ add(Op("relu6", "clamp", P, modules=(nn.ReLU6,), functions=(F.relu6,), params=la
 add(Op("hardtanh", "clamp", P, modules=(nn.Hardtanh,), functions=(F.hardtanh,), params=_hardtanh, inplace_arg=3,
        examples=(lambda: nn.Hardtanh(-0.5, 0.5), lambda: lambda x: F.hardtanh(x, -0.2, 0.3))))
 add(Op("clamp", "clamp", P, functions=(torch.clamp, torch.clip), methods=("clamp", "clamp_", "clip", "clip_"),
-       params=lambda call: _bounds(call.arg(1, "min", None), call.arg(2, "max", None)),
-       examples=(lambda: lambda x: x.clamp(-0.3, 0.4), lambda: lambda x: torch.clamp(x, min=-0.2))))
+       params=lambda call: _bounds(call.arg(1, "min", None), call.arg(2, "max", None), call),
+       examples=(lambda: lambda x: x.clamp(-0.3, 0.4), lambda: lambda x: torch.clamp(x, min=-0.2),
+                 lambda: _BufferBounds())))
 add(Op("dropout", NONE, P, modules=(nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout),
        functions=(F.dropout, F.dropout1d, F.dropout2d, torch.dropout), inplace_arg=3,
        examples=(lambda: nn.Dropout(0.5), lambda: lambda x: F.dropout2d(x, 0.5, False))))
