@@ -117,22 +117,31 @@ def functionalise(graph: fx.Graph, modules: dict[str, nn.Module]) -> None:
 
 def _views(a: fx.Node, modules: dict[str, nn.Module]) -> set[fx.Node] | None:
     """The nodes that may share ``a``'s storage: back through ops that may return a view or
-    their input itself (layout ops, dropout, identity) to the tensor that owns it, then forward
-    through such ops again. None when the owner is not computed by the model (an input, a
-    parameter)."""
-    def view_of(n: fx.Node) -> fx.Node | None:
+    their input itself (layout ops, dropout, identity, ``to``) to the tensors that own it, then
+    forward through such ops again. Every node input of such an op counts as a possible source
+    (a view's size may be a node: ``y.view(y.size(0), -1)``). None when an owner is not
+    computed by the model (an input, a parameter)."""
+    def view_of(n: fx.Node) -> list[fx.Node] | None:
         if n.op not in ("call_module", "call_function", "call_method"):
             return None
         op = ops.op_for_node(n, modules)
         ins = [x for x in n.all_input_nodes if x.op != "get_attr"]
-        return ins[0] if op is not None and op.rule in (ops.NONE, ops.LAYOUT) and len(ins) == 1 else None
+        return ins if op is not None and op.rule in (ops.NONE, ops.LAYOUT) and ins else None
 
-    root = a
-    while (up := view_of(root)) is not None:
-        root = up
-    if root.op not in ("call_module", "call_function", "call_method"):
+    seen, todo, owners = {a}, [a], []
+    while todo:
+        cur = todo.pop()
+        ups = view_of(cur)
+        if ups is None:
+            owners.append(cur)
+            continue
+        for up in ups:
+            if up not in seen:
+                seen.add(up)
+                todo.append(up)
+    if any(o.op not in ("call_module", "call_function", "call_method") for o in owners):
         return None
-    seen, todo = {root}, [root]
+    todo = list(seen)
     while todo:
         for u in todo.pop().users:
             if u not in seen and view_of(u) is not None:
@@ -146,7 +155,7 @@ def _out_of_place(n: fx.Node, later: list[fx.Node], order: dict[fx.Node, int], m
     that is all they saw change: no other tensor that may share ``a``'s storage is read after it.
     Returns whether it did."""
     a = n.args[0]
-    if n.op != "call_method" or not hasattr(torch.Tensor, n.target[:-1]):
+    if n.op != "call_method" or not callable(getattr(torch.Tensor, n.target[:-1], None)):
         return False
     aliases = _views(a, modules)
     if aliases is None:

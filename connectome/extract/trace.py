@@ -1078,13 +1078,14 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
         """A sum (mean) over dim ``d`` of a tensor whose units lie along ``d`` and one more dim
         (ResNeSt's radix groups, ``(B, R, C, H, W).sum(1)``): an add layer of the ``R`` slices,
         unit ``c`` of the result reading unit ``(r, c)`` of each. Returns False for other layouts."""
-        keepdim = bool(_const(node, 2, "keepdim", False))
+        if bool(_const(node, 2, "keepdim", False)):
+            return False  # (its slices would keep the summed dim)
         if len(u.dims) != 2 or u.windows != 1 or u.batch != 0 or u.index is None:
             return False
         other = next(dd for dd in u.dims if dd != d)
         index = np.moveaxis(np.asarray(u.index), u.dims.index(d), 0)  # (R, C)
         r, width = index.shape
-        out_dim = other - 1 if other > d and not keepdim else other
+        out_dim = other - 1 if other > d else other
         scope = _scope(node)
         operands = [Operand(layer=u.layer, node=x.name, sign=1.0 / r if how == "mean" else 1.0,
                             cols=None if np.array_equal(index[k], np.arange(size_of(u))) else index[k],
@@ -1368,6 +1369,8 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
             del layers[mark[0]:]
             rules.intersection_update(mark[1])
             units.pop(node.name, None)
+            multi.pop(node.name, None)
+            pending.pop(node.name, None)
             kinds.pop(node.name, None)
             skipped.add(node.name)
 

@@ -31,6 +31,17 @@ def _flows(m: nn.Module, x: torch.Tensor, classes: int) -> cn.Connectome:
     return cn.extract.attribution(m.double().eval(), (x.double(), y), progress=False, device="cpu")
 
 
+def _same_flows(a: nn.Module, b: nn.Module, x: torch.Tensor, classes: int, rtol: float = 0.0) -> cn.Connectome:
+    """``b`` given ``a``'s weights: both extract exactly, with the same edges and flows (to ``rtol``)."""
+    b.load_state_dict(a.state_dict())
+    ga, gb = _flows(a, x, classes), _flows(b, x, classes)
+    _assert_exact(ga)
+    np.testing.assert_array_equal(ga.src, gb.src)
+    np.testing.assert_allclose(ga.weight, gb.weight, rtol=rtol, atol=rtol * 1e-2)
+    np.testing.assert_allclose(ga.node_attr("attribution"), gb.node_attr("attribution"), rtol=rtol, atol=rtol * 1e-2)
+    return ga
+
+
 def _assert_exact(g: cn.Connectome) -> None:
     src, dst, w = g.edge_arrays()
     a, b = g.node_attr("attribution"), g.node_attr("bias_attribution")
@@ -291,14 +302,7 @@ class AddPosInPlace(nn.Module):
 
 def test_in_place_method_on_a_tensor_of_its_own_runs_out_of_place_with_its_later_reads():
     torch.manual_seed(0)
-    m = AddPosInPlace(in_place=True)
-    plain = AddPosInPlace(in_place=False)
-    plain.load_state_dict(m.state_dict())
-    x = torch.randn(3, 3, 4, 4)
-    got, expect = _flows(m, x, 2), _flows(plain, x, 2)
-    _assert_exact(got)
-    np.testing.assert_array_equal(got.weight, expect.weight)
-    np.testing.assert_array_equal(got.node_attr("attribution"), expect.node_attr("attribution"))
+    _same_flows(AddPosInPlace(in_place=True), AddPosInPlace(in_place=False), torch.randn(3, 3, 4, 4), 2)
 
 
 class AddPosPerShape(AddPosInPlace):
@@ -344,13 +348,7 @@ def test_max_over_a_dim_by_hand_equals_a_max_pool():
             return self.fc(h.flatten(1))
 
     torch.manual_seed(0)
-    a, b = Pool(True), Pool(False)
-    b.load_state_dict(a.state_dict())
-    x = torch.randn(3, 3, 8, 8)
-    ga, gb = _flows(a, x, 2), _flows(b, x, 2)
-    _assert_exact(ga)
-    np.testing.assert_allclose(ga.weight, gb.weight, rtol=1e-13, atol=1e-15)
-    np.testing.assert_allclose(ga.node_attr("attribution"), gb.node_attr("attribution"), rtol=1e-13, atol=1e-15)
+    _same_flows(Pool(True), Pool(False), torch.randn(3, 3, 8, 8), 2, rtol=1e-13)
 
 
 def test_mean_over_a_stack_of_heads_equals_their_average():
@@ -367,14 +365,7 @@ def test_mean_over_a_stack_of_heads_equals_their_average():
             return torch.mean(torch.stack([a, b], dim=0), dim=0) if self.stacked else (a + b) / 2
 
     torch.manual_seed(0)
-    s, p = Heads(True), Heads(False)
-    p.load_state_dict(s.state_dict())
-    x = torch.randn(3, 3, 4, 4)
-    gs, gp = _flows(s, x, 3), _flows(p, x, 3)
-    _assert_exact(gs)
-    assert [l.name for l in gs.layers] == [l.name for l in gp.layers]
-    np.testing.assert_array_equal(gs.weight, gp.weight)
-    np.testing.assert_array_equal(gs.node_attr("attribution"), gp.node_attr("attribution"))
+    _same_flows(Heads(True), Heads(False), torch.randn(3, 3, 4, 4), 3)
 
 
 def test_in_place_method_whose_earlier_view_is_read_after_it_is_refused():
@@ -562,17 +553,8 @@ def test_sum_over_a_dim_that_holds_units_equals_adding_the_slices(how):
             return self.fc(out.mean((2, 3)))
 
     torch.manual_seed(0)
-    a, b = Radix(True), Radix(False)
-    b.load_state_dict(a.state_dict())
-    x = torch.randn(3, 3, 4, 4)
-    with torch.no_grad():
-        torch.testing.assert_close(a.double()(x.double()), b.double()(x.double()), rtol=1e-13, atol=1e-14)
-    ga, gb = _flows(a, x, 2), _flows(b, x, 2)
-    _assert_exact(ga)
-    assert [l.size for l in ga.layers] == [l.size for l in gb.layers]
-    np.testing.assert_array_equal(ga.src, gb.src)
-    np.testing.assert_allclose(ga.weight, gb.weight, rtol=1e-12, atol=1e-14)
-    np.testing.assert_allclose(ga.node_attr("attribution"), gb.node_attr("attribution"), rtol=1e-12, atol=1e-14)
+    g = _same_flows(Radix(True), Radix(False), torch.randn(3, 3, 4, 4), 2, rtol=1e-12)
+    assert any(l.name.endswith("sum") for l in g.layers)
 
 
 @pytest.mark.parametrize("channels_last", [True, False], ids=["P-P-C", "C-P-P"])
@@ -624,3 +606,38 @@ def test_sizes_read_off_the_input_reach_factories_and_buffers():
                                device="cpu", batch_size=2)  # a last batch of 1
     _assert_exact(g)
     assert "expand" not in torch.Tensor.__dict__ and torch.ones is torch._C._VariableFunctions.ones
+
+
+@pytest.mark.parametrize("view", ["size", "shape", "view_as", "to"])
+def test_in_place_change_of_a_view_whose_size_is_a_node_is_refused(view):
+    # found by an independent review: a view with its size from the graph was not seen as an
+    # alias, and the rewrite out of place changed what the later read of its base saw
+    class Alias(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l, self.h = nn.Linear(6, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            y = self.l(x)
+            v = {"size": lambda: y.view(y.size(0), -1), "shape": lambda: y.reshape(y.shape),
+                 "view_as": lambda: y.view_as(x), "to": lambda: y.to(x.dtype)}[view]()
+            v.add_(1.0)
+            return self.h(v + y)
+
+    with pytest.raises(ExtractionError, match="in place and '[a-z_0-9]+' reads it afterwards"):
+        cn.extract.attribution(Alias().double().eval(), (torch.randn(3, 6, dtype=torch.float64),
+                                                         torch.tensor([0, 1, 2])), progress=False)
+
+
+def test_sum_over_a_unit_dim_with_keepdim_is_refused_not_mixed_across_images():
+    class Keep(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.fc = nn.Conv2d(3, 8, 1), nn.Linear(4, 2)
+
+        def forward(self, x):
+            r = self.c(x).view(x.shape[0], 2, 4, 4, 4).sum(1, keepdim=True).squeeze(1)
+            return self.fc(r.mean((2, 3)))
+
+    with pytest.raises(ExtractionError, match="a sum over the units"):
+        _flows(Keep(), torch.randn(3, 3, 4, 4), 2)
