@@ -18,6 +18,7 @@ import inspect
 import operator
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -59,7 +60,19 @@ class _Concrete:
     def __getattr__(self, k: str) -> Any:
         if k in _BAKED_ATTRS:  # torch.autocast(x.device.type) and the like want the value itself
             return getattr(self.tracer.value(self.node), k)  # type: ignore[attr-defined]
+        if k.startswith("__") and k.endswith("__"):
+            # a protocol probe (NumPy's __array_function__ on np.prod(x.shape[1:])): not an
+            # attribute of the value, so NumPy converts the proxy with __array__ instead
+            raise AttributeError(k)
+        node = self.node  # type: ignore[attr-defined]
+        if node in self.tracer.values and not hasattr(self.tracer.values[node], k):
+            # (numpy's np.prod(size) asks the size for .prod first, then converts it)
+            raise AttributeError(f"{type(self.tracer.values[node]).__name__!r} value of {node.name!r} has no {k!r}")
         return _Attribute(self, k)  # type: ignore[arg-type]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        # np.prod(x.shape[1:-1]) (Perceiver): the value of a shape, never of the data
+        return np.asarray(self.tracer.concrete(self, lambda v: v, "a NumPy conversion"), dtype=dtype)
 
     def __setitem__(self, key: Any, value: Any) -> None:
         self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
@@ -184,6 +197,11 @@ class ConcreteValues:
 
     def keys(self, obj: fx.Proxy) -> Any:
         return self.concrete(obj, lambda v: v.keys(), ".keys()")
+
+    def create_arg(self, a: Any) -> Any:
+        if isinstance(a, np.generic):  # np.prod of a shape gives a NumPy integer
+            return a.item()
+        return super().create_arg(a)  # type: ignore[misc]
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
         if self._running:

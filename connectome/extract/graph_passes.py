@@ -26,11 +26,12 @@ from connectome.extract import ops
 __all__ = ["normalise", "functionalise", "max_values", "stacked_sums"]
 
 
-def normalise(graph: fx.Graph, modules: dict[str, nn.Module]) -> None:
-    """Every rewrite of this module, in place."""
+def normalise(graph: fx.Graph, modules: dict[str, nn.Module]) -> bool:
+    """Every rewrite of this module, in place. Returns whether an in-place op was rewritten
+    (the caller checks the forward against the model's where it has an example)."""
     max_values(graph)
     stacked_sums(graph)
-    functionalise(graph, modules)
+    return functionalise(graph, modules)
 
 
 _REDUCED = {"max": torch.amax, "min": torch.amin}
@@ -100,11 +101,12 @@ def _reads_values(u: fx.Node) -> bool:
         (u.op == "call_function" and u.target is operator.getitem and u.args[1:] == (0,))
 
 
-def functionalise(graph: fx.Graph, modules: dict[str, nn.Module]) -> None:
+def functionalise(graph: fx.Graph, modules: dict[str, nn.Module]) -> bool:
     """In-place methods whose tensor is read again, rewritten out of place where that keeps
-    what every read sees (see :func:`_out_of_place`)."""
+    what every read sees (see :func:`_out_of_place`). Returns whether one was."""
     nodes = list(graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
+    changed = False
     for n in nodes:
         t = n.target
         if n.op != "call_method" or not isinstance(t, str) or not t.endswith("_") or t.startswith("_") \
@@ -112,7 +114,8 @@ def functionalise(graph: fx.Graph, modules: dict[str, nn.Module]) -> None:
             continue
         later = [u for u in n.args[0].users if u is not n and order.get(u, -1) > order[n]]
         if later:
-            _out_of_place(n, later, order, modules)
+            changed = _out_of_place(n, later, order, modules) or changed
+    return changed
 
 
 def _views(a: fx.Node, modules: dict[str, nn.Module]) -> set[fx.Node] | None:

@@ -71,6 +71,13 @@ class _Tracer(fx.Tracer):
     def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if isinstance(m, nn.MultiheadAttention):
             return self._attention(m, self.path_of_module(m), args, kwargs)
+        installed = self.__dict__.get("_installed")
+        if installed is None or installed[0] is not self.root:
+            installed = self.__dict__["_installed"] = (self.root, {id(sub) for sub in self.root.modules()})
+        if id(m) not in installed[1]:
+            # made while forward runs (Perceiver's nn.Softmax(dim=-1)(scores)): no parameters
+            # of the model's own, so its forward is traced into (F.softmax)
+            return forward(*args, **kwargs)
         return super().call_module(m, forward, args, kwargs)
 
     def _attention(self, m: nn.MultiheadAttention, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -165,10 +172,11 @@ def _module(tracer: fx.Tracer, graph: fx.Graph, model: nn.Module) -> fx.GraphMod
     for n in graph.nodes:
         if n.meta.pop("connectome_expanded", False):
             n.meta.pop("is_wrapped", None)
-    normalise(graph, dict(tracer.root.named_modules()))
+    rewritten = normalise(graph, dict(tracer.root.named_modules()))
     root, aliases = alias_targets(graph, tracer.root)
     gm = fx.GraphModule(root, graph, type(model).__name__)
     gm.meta["connectome_aliases"] = aliases
+    gm.meta["connectome_rewritten"] = rewritten
     return gm
 
 
@@ -229,7 +237,16 @@ def trace_graph(model: nn.Module, example: torch.Tensor | None = None) -> fx.Gra
                 "part in a module and register it with torch.fx.wrap"
             ) from None
         return _batch_checked(model, example, _message(exc))
-    return _module(tracer, graph, model)
+    gm = _module(tracer, graph, model)
+    if gm.meta["connectome_rewritten"] and example is not None:
+        with torch.no_grad():  # in-place ops rewritten out of place: the forward must not change
+            same = _same(logits_of(model(example)), gm(example))
+        if not same:
+            raise ExtractionError(
+                f"{type(model).__name__} changes a tensor in place that another tensor shares; run out of place, "
+                "its graph does not give the model's output. Write the op out of place (y = f(x)) and read y"
+            )
+    return gm
 
 
 def _batch_checked(model: nn.Module, example: torch.Tensor, symbolic_error: str) -> fx.GraphModule:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.fx as fx
@@ -281,3 +282,31 @@ def test_same_padding_from_the_input_size_with_minus_inf_extracts_exactly():
     with torch.no_grad():
         logits = m(x)
     _check_exact(m, x, y, logits, batch_size=2)
+
+
+class NumpySizes(nn.Module):
+    """Perceiver's Python: ``np.prod`` of a traced shape, and an ``nn.Softmax`` made while
+    forward runs (not a submodule of the model); traced with the example's values (symbolic fx
+    records ``.prod()`` of a size, which does not run)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.q, self.k, self.v = nn.Conv2d(3, 4, 1), nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != 4:  # symbolic fx cannot run this
+            raise ValueError("4x4 images")
+        h = self.embed(x).permute(0, 2, 3, 1)
+        t = torch.reshape(h, [h.shape[0], np.prod(h.shape[1:-1]), h.shape[-1]])
+        a = nn.Softmax(dim=-1)(self.q(t) @ self.k(t).transpose(1, 2))
+        return self.fc((a @ self.v(t)).mean(1))
+
+
+def test_numpy_sizes_and_modules_made_in_forward_extract_exactly():
+    m = _model(NumpySizes)
+    x = torch.randn(3, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits = m(x)
+    g = _check_exact(m, x, torch.tensor([0, 1, 2]), logits, batch_size=2)
+    assert any(r.startswith("attention") for r in g.meta["rules"])

@@ -641,3 +641,25 @@ def test_sum_over_a_unit_dim_with_keepdim_is_refused_not_mixed_across_images():
 
     with pytest.raises(ExtractionError, match="a sum over the units"):
         _flows(Keep(), torch.randn(3, 3, 4, 4), 2)
+
+
+def test_a_rewrite_out_of_place_that_changes_the_forward_is_caught(monkeypatch):
+    # the safety net under the alias analysis: were it to miss an alias, the rewritten graph's
+    # output differs from the model's and the model is refused, not mapped wrongly
+    import connectome.extract.graph_passes as passes
+
+    class Alias(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l, self.h = nn.Linear(6, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            y = self.l(x)
+            v = y.view(y.size(0), -1)
+            v.add_(1.0)
+            return self.h(v + y)
+
+    monkeypatch.setattr(passes, "_views", lambda a, modules: {a})  # an analysis that sees no alias
+    with pytest.raises(ExtractionError, match="changes a tensor in place that another tensor shares"):
+        cn.extract.attribution(Alias().double().eval(), (torch.randn(3, 6, dtype=torch.float64),
+                                                         torch.tensor([0, 1, 2])), progress=False)
