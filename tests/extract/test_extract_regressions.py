@@ -608,25 +608,32 @@ def test_sizes_read_off_the_input_reach_factories_and_buffers():
     assert "expand" not in torch.Tensor.__dict__ and torch.ones is torch._C._VariableFunctions.ones
 
 
+class Alias(nn.Module):
+    """``v``, a view of ``y`` whose size comes from the graph, changed in place; ``y`` read after."""
+
+    def __init__(self, view: str):
+        super().__init__()
+        self.view, self.l, self.h = view, nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        y = self.l(x)
+        v = {"size": lambda: y.view(y.size(0), -1), "shape": lambda: y.reshape(y.shape),
+             "view_as": lambda: y.view_as(x), "to": lambda: y.to(x.dtype)}[self.view]()
+        v.add_(1.0)
+        return self.h(v + y)
+
+
+def _alias_flows(view: str) -> cn.Connectome:
+    return cn.extract.attribution(Alias(view).double().eval(), (torch.randn(3, 6, dtype=torch.float64),
+                                                                torch.tensor([0, 1, 2])), progress=False)
+
+
 @pytest.mark.parametrize("view", ["size", "shape", "view_as", "to"])
 def test_in_place_change_of_a_view_whose_size_is_a_node_is_refused(view):
     # found by an independent review: a view with its size from the graph was not seen as an
     # alias, and the rewrite out of place changed what the later read of its base saw
-    class Alias(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.l, self.h = nn.Linear(6, 6), nn.Linear(6, 3)
-
-        def forward(self, x):
-            y = self.l(x)
-            v = {"size": lambda: y.view(y.size(0), -1), "shape": lambda: y.reshape(y.shape),
-                 "view_as": lambda: y.view_as(x), "to": lambda: y.to(x.dtype)}[view]()
-            v.add_(1.0)
-            return self.h(v + y)
-
     with pytest.raises(ExtractionError, match="in place and '[a-z_0-9]+' reads it afterwards"):
-        cn.extract.attribution(Alias().double().eval(), (torch.randn(3, 6, dtype=torch.float64),
-                                                         torch.tensor([0, 1, 2])), progress=False)
+        _alias_flows(view)
 
 
 def test_sum_over_a_unit_dim_with_keepdim_is_refused_not_mixed_across_images():
@@ -648,18 +655,6 @@ def test_a_rewrite_out_of_place_that_changes_the_forward_is_caught(monkeypatch):
     # output differs from the model's and the model is refused, not mapped wrongly
     import connectome.extract.graph_passes as passes
 
-    class Alias(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.l, self.h = nn.Linear(6, 6), nn.Linear(6, 3)
-
-        def forward(self, x):
-            y = self.l(x)
-            v = y.view(y.size(0), -1)
-            v.add_(1.0)
-            return self.h(v + y)
-
     monkeypatch.setattr(passes, "_views", lambda a, modules: {a})  # an analysis that sees no alias
     with pytest.raises(ExtractionError, match="changes a tensor in place that another tensor shares"):
-        cn.extract.attribution(Alias().double().eval(), (torch.randn(3, 6, dtype=torch.float64),
-                                                         torch.tensor([0, 1, 2])), progress=False)
+        _alias_flows("size")
