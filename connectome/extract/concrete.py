@@ -64,7 +64,7 @@ class _Concrete:
             # a protocol probe (NumPy's __array_function__ on np.prod(x.shape[1:])): not an
             # attribute of the value, so NumPy converts the proxy with __array__ instead
             raise AttributeError(k)
-        node = self.node  # type: ignore[attr-defined]
+        node = self.__dict__.get("node")  # (an attribute of an attribute has no node yet: none made here)
         if node in self.tracer.values and not hasattr(self.tracer.values[node], k):
             # (numpy's np.prod(size) asks the size for .prod first, then converts it)
             raise AttributeError(f"{type(self.tracer.values[node]).__name__!r} value of {node.name!r} has no {k!r}")

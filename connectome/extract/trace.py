@@ -30,7 +30,6 @@ the rule it would need.
 from __future__ import annotations
 
 import dataclasses
-
 import math
 import operator
 import warnings
@@ -709,6 +708,7 @@ def _attention_products(nodes: list[fx.Node], c: "_Ctx") -> tuple[dict[str, tupl
     attention rule holds the pattern constant, so those nodes need no units.
     """
     products: dict[str, tuple[str, str]] = {}
+    made: dict[str, bool] = {}  # _of_softmaxes, per node
     for n in nodes:
         if not _is_matmul(n) or n.name not in c.data:
             continue
@@ -721,7 +721,8 @@ def _attention_products(nodes: list[fx.Node], c: "_Ctx") -> tuple[dict[str, tupl
                 if cur is None or _is_softmax(cur, c):
                     break
                 cur = _pattern_step(cur, c)
-            if cur is not None and _is_softmax(cur, c) or _of_softmaxes(s_, c, {}) and not _of_softmaxes(v_, c, {}):
+            stepped = cur is not None and _is_softmax(cur, c)
+            if stepped or (_of_softmaxes(s_, c, made) and not _of_softmaxes(v_, c, made)):
                 products[n.name] = (s_.name, v_.name)
                 break
     pattern: set[str] = {p for p, _ in products.values()}
@@ -750,11 +751,14 @@ def _is_layer(n: fx.Node, c: "_Ctx") -> bool:
     return n.op == "call_function" and n.target in dense.DENSE_FUNCTIONS
 
 
-def _signal_only(nodes: list[fx.Node], c: "_Ctx", pattern: set[str]) -> set[str]:
+def _signal_only(nodes: list[fx.Node], c: "_Ctx", pattern: set[str],
+                 classified: dict[str, tuple[str, Any]]) -> set[str]:
     """Nodes that only compute the signal of a gate (``x * s``, ``s`` held constant) or the
     queries and keys of an attention (its pattern held constant): a softmax over a selective
-    kernel's branches, a norm over channels in a gate, rotary embeddings of q and k. The gate rule needs their values, not their units, so they may be left unmapped when
-    they mix units. Layers on the way stay layers (dead ends that carry no flow)."""
+    kernel's branches, a norm over channels in a gate, rotary embeddings of q and k. The rules
+    need their values, not their units, so they may be left unmapped when they mix units.
+    Layers on the way stay layers (dead ends that carry no flow). The products and attentions
+    it classifies are put in ``classified`` (for the mapping, which needs them again)."""
     signals: dict[str, set[str]] = {}  # op -> the operands it holds constant
     for n in nodes:
         if n.name not in c.data:
@@ -763,7 +767,7 @@ def _signal_only(nodes: list[fx.Node], c: "_Ctx", pattern: set[str]) -> set[str]
         product = op is not None and op.rule == ops.CONSTRUCT and op.construct == "product"
         if not product and not (n.op == "call_function" and n.target in (F.scaled_dot_product_attention, attend)):
             continue
-        what, info = _classify(n, c)
+        what, info = classified[n.name] = _classify(n, c)
         if what == "chain" and isinstance(info, ChainOp) and info.kind == "gate":
             signals[n.name] = {info.params[0]}
         elif what == "chain" and isinstance(info, ChainOp) and info.kind == "attention":
@@ -1031,8 +1035,8 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
             u = units.get(src[0].name)
             nd = len(shapes[src[0].name])
             dims = (dims,) if isinstance(dims, int) else dims
-            if dims is not None and u is not None and len(dims) == 1 and dims[0] % nd in u.dims \
-                    and dims[0] % nd not in (0, u.batch) and op.name in ("sum", "mean") and sum_of_slices(node, src[0], u, dims[0] % nd, op.name):
+            if op.name in ("sum", "mean") and u is not None and dims is not None and len(dims) == 1 \
+                    and sum_of_slices(node, src[0], u, dims[0] % nd, op.name):
                 return
             if dims is None or u is None or any(d % nd in (0, u.batch) or d % nd in u.dims for d in dims):
                 raise ExtractionError(f"cannot map {_where(node)} to units: a {op.name} over the "
@@ -1080,7 +1084,7 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
         unit ``c`` of the result reading unit ``(r, c)`` of each. Returns False for other layouts."""
         if bool(_const(node, 2, "keepdim", False)):
             return False  # (its slices would keep the summed dim)
-        if len(u.dims) != 2 or u.windows != 1 or u.batch != 0 or u.index is None:
+        if len(u.dims) != 2 or d not in u.dims or u.windows != 1 or u.batch != 0 or u.index is None:
             return False
         other = next(dd for dd in u.dims if dd != d)
         index = np.moveaxis(np.asarray(u.index), u.dims.index(d), 0)  # (R, C)
@@ -1143,7 +1147,8 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
     output_node = None
     kinds: dict[str, tuple[str, Any]] = {}
     products, pattern = _attention_products(nodes, ctx)
-    signal_only = _signal_only(nodes, ctx, pattern)
+    classified: dict[str, tuple[str, Any]] = {}
+    signal_only = _signal_only(nodes, ctx, pattern, classified)
 
     def map_node(node: fx.Node) -> None:
         nonlocal output_node
@@ -1167,7 +1172,7 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
             pn, vn = products[node.name]
             what, info = "chain", ChainOp(node.name, "pattern", vn, (pn,))
         else:
-            what, info = _classify(node, ctx)
+            what, info = classified.pop(node.name, None) or _classify(node, ctx)
         kinds[node.name] = (what, info)
         if what == "skip":
             return
@@ -1352,7 +1357,6 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                     rules.add(RULES[info.kind].name)
                 if RULES[info.kind].nonlinear:
                     layers[u.layer].nonlinear.append(_module_path(node) if node.op == "call_module" else _where(node))
-
 
     skipped: set[str] = set()
     for node in nodes:

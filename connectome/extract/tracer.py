@@ -71,10 +71,7 @@ class _Tracer(fx.Tracer):
     def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if isinstance(m, nn.MultiheadAttention):
             return self._attention(m, self.path_of_module(m), args, kwargs)
-        installed = self.__dict__.get("_installed")
-        if installed is None or installed[0] is not self.root:
-            installed = self.__dict__["_installed"] = (self.root, {id(sub) for sub in self.root.modules()})
-        if id(m) not in installed[1]:
+        if self.submodule_paths is not None and m not in self.submodule_paths:
             # made while forward runs (Perceiver's nn.Softmax(dim=-1)(scores)): no parameters
             # of the model's own, so its forward is traced into (F.softmax)
             return forward(*args, **kwargs)
@@ -138,25 +135,18 @@ def factory_calls(tracer: fx.Tracer) -> Iterator[None]:
     # (defined on the C base class: set on torch.Tensor while tracing, deleted again after)
     methods = {name: torch.Tensor.__dict__.get(name) for name in _SIZE_METHODS}
 
-    def node_of(fn: Any) -> Any:
+    def traced(kind: str, target: Any, fn: Any) -> Any:
         def call(*args: Any, **kwargs: Any) -> Any:
             if any(isinstance(a, fx.Proxy) for a in tree_leaves((args, kwargs))):
-                return tracer.create_proxy("call_function", fn, args, kwargs)
+                return tracer.create_proxy(kind, target, args, kwargs)
             return fn(*args, **kwargs)
-        return call
-
-    def method_node(name: str, fn: Any) -> Any:
-        def call(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            if any(isinstance(a, fx.Proxy) for a in tree_leaves((args, kwargs))):
-                return tracer.create_proxy("call_method", name, (self, *args), kwargs)
-            return fn(self, *args, **kwargs)
         return call
 
     try:
         for name, fn in saved.items():
-            setattr(torch, name, node_of(fn))
-        for name in methods:
-            setattr(torch.Tensor, name, method_node(name, getattr(torch.Tensor, name)))
+            setattr(torch, name, traced("call_function", fn, fn))
+        for name in methods:  # (a method's args start with the tensor: call_method's too)
+            setattr(torch.Tensor, name, traced("call_method", name, getattr(torch.Tensor, name)))
         yield
     finally:
         for name, fn in saved.items():
@@ -184,7 +174,8 @@ def _concrete(model: nn.Module, example: torch.Tensor, symbolic_error: str) -> f
     tracer = _ConcreteTracer(example)
     root = traced_root(model)
     try:
-        with kept_attributes(root), ops.leaf_functions(tracer), factory_calls(tracer):  # users' autograd functions: one call each
+        # users' autograd functions, and factories given traced sizes: one call each
+        with kept_attributes(root), ops.leaf_functions(tracer), factory_calls(tracer):
             graph = tracer.trace(root)
     except ExtractionError as exc:  # a branch on the data: say which model
         raise ExtractionError(f"cannot trace {type(model).__name__} with the example's values: {exc}") from None
@@ -225,7 +216,8 @@ def trace_graph(model: nn.Module, example: torch.Tensor | None = None) -> fx.Gra
     tracer = _Tracer()
     root = traced_root(model)
     try:
-        with kept_attributes(root), ops.leaf_functions(tracer), factory_calls(tracer):  # users' autograd functions: one call each
+        # users' autograd functions, and factories given traced sizes: one call each
+        with kept_attributes(root), ops.leaf_functions(tracer), factory_calls(tracer):
             graph = tracer.trace(root)
     except ExtractionError:
         raise  # our own, from a module written out while tracing (attention)

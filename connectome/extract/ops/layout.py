@@ -52,11 +52,13 @@ add(Op("sum", LAYOUT, Receptive.GLOBAL, functions=(torch.sum,), methods=("sum",)
 # the largest (smallest) value over positions: each output one input of the same unit, exact as
 # it is, as a max pool (``x.max(dim).values`` becomes amax when traced)
 add(Op("amax", LAYOUT, Receptive.GLOBAL, functions=(torch.amax, torch.amin), methods=("amax", "amin"), reduces=True,
-       examples=(lambda: lambda x: x.amax(3, keepdim=True), lambda: lambda x: x.view(x.shape[0], 4, 2, 4, 8).max(2).values)))
+       examples=(lambda: lambda x: x.amax(3, keepdim=True),
+                 lambda: lambda x: x.view(x.shape[0], 4, 2, 4, 8).max(2).values)))
 # copies along positions (SwiftFormer's global query repeated over the tokens): each copy is the
 # same unit; the box of a copied position is not followed
 add(Op("repeat", LAYOUT, Receptive.GLOBAL, functions=(torch.tile,), methods=("repeat", "tile"),
-       examples=(lambda: lambda x: x.repeat(1, 1, 2, 1)[:, :, 4:12], lambda: lambda x: torch.tile(x, (1, 1, 1, 2))[..., 3:11])))
+       examples=(lambda: lambda x: x.repeat(1, 1, 2, 1)[:, :, 4:12],
+                 lambda: lambda x: torch.tile(x, (1, 1, 1, 2))[..., 3:11])))
 # positions moved around (a shifted window): units stay, the box of a position is not followed
 add(Op("roll", LAYOUT, Receptive.GLOBAL, functions=(torch.roll,), methods=("roll",),
        examples=(lambda: lambda x: torch.roll(x, 1, 3), lambda: lambda x: x.roll((1, 2), (2, 3)))))
