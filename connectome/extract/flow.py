@@ -47,7 +47,8 @@ from connectome.errors import ConnectomeError, DataError
 from connectome.extract._model import (check_model, eval_mode, model_dtype, model_on, no_inplace, precision_meta,
                                        precision_mode, resolve_device, resolve_precision, run_precision)
 from connectome.extract.accumulator import FlowAccumulator
-from connectome.extract.data import dataset_targets, make_loader, no_images_error, subset_loader, unpack_batch, warn_skipped
+from connectome.extract.data import (CategoryBatches, TensorLoader, dataset_targets, make_loader, no_images_error,
+                                     subset_loader, unpack_batch, warn_skipped)
 from connectome.extract.targets import as_layer_names, check_labels
 from connectome.extract.trace import trace_units
 from connectome.graph import Connectome
@@ -758,21 +759,37 @@ class CategoryRun:
         kwargs, target = self._kwargs, self._target
         cache: dict[Any, Any] = {}
         mine = set(self.split_across_processes()) if self.split else None
-        for cname, label in self.labels.items():
-            if mine is not None and cname not in mine:
-                continue
-            sub_info = subset_loader(self._info, self._by_label[label], self._batch_size,
-                                     num_workers=kwargs.get("num_workers"),
-                                     pin_memory=resolve_device(kwargs.get("device")).type == "cuda")
-            ck = None if self._checkpoint is None or self.split else Path(self._checkpoint) / category_folder(label, cname)
-            try:
-                g = _attribution(self._model, sub_info, target, progress=self._progress and rank_world()[0] == 0,
-                                 category=cname, checkpoint=ck, category_label=int(label),
-                                 checkpoint_every=self._checkpoint_every, trace_cache=cache, local=self.split,
-                                 **{k: v for k, v in kwargs.items() if k != "num_workers"})
-            except DataError as exc:
-                raise DataError(f"category {cname!r}: {exc}") from None
-            if g.meta.get("target_class") is None and target == "label":
-                g = g.with_meta(target_class=int(label))
-            yield cname, g
+        todo = [(c, label) for c, label in self.labels.items() if mine is None or c in mine]
+        pin = resolve_device(kwargs.get("device")).type == "cuda"
+        # one loader for every category read whole by this process (not for checkpointed or
+        # image-split runs, which read each category's shard with a loader of their own)
+        shared = None
+        if self._checkpoint is None and (self.split or rank_world()[1] == 1) and \
+                not isinstance(self._info.loader, TensorLoader):
+            shared = CategoryBatches(self._info, [self._by_label[label] for _, label in todo], self._batch_size,
+                                     num_workers=kwargs.get("num_workers"), pin_memory=pin)
+        try:
+            for cname, label in todo:
+                if shared is not None:
+                    sub_info = shared.category(self._by_label[label])
+                else:
+                    sub_info = subset_loader(self._info, self._by_label[label], self._batch_size,
+                                             num_workers=kwargs.get("num_workers"), pin_memory=pin)
+                ck = None if self._checkpoint is None or self.split else \
+                    Path(self._checkpoint) / category_folder(label, cname)
+                try:
+                    g = _attribution(self._model, sub_info, target, progress=self._progress and rank_world()[0] == 0,
+                                     category=cname, checkpoint=ck, category_label=int(label),
+                                     checkpoint_every=self._checkpoint_every, trace_cache=cache, local=self.split,
+                                     **{k: v for k, v in kwargs.items() if k != "num_workers"})
+                except DataError as exc:
+                    raise DataError(f"category {cname!r}: {exc}") from None
+                if shared is not None:
+                    sub_info.loader.finish()  # batches a max_images left unread
+                if g.meta.get("target_class") is None and target == "label":
+                    g = g.with_meta(target_class=int(label))
+                yield cname, g
+        finally:
+            if shared is not None:
+                shared.close()
 

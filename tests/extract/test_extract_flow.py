@@ -659,6 +659,24 @@ def test_attribution_by_category(image_folder, folder_model):
     assert sum(g.meta["target_total"] for g in graphs.values()) == pytest.approx(whole.meta["target_total"], rel=1e-9)
 
 
+def test_categories_are_read_by_one_loader_in_turn(image_folder, folder_model, monkeypatch):
+    """The categories of a run share one loader (its decoding processes start once, not once
+    per category); a category cut short by max_images leaves no batch to the next one."""
+    from torch.utils.data import DataLoader
+
+    starts = []
+    iter_ = DataLoader.__iter__
+    monkeypatch.setattr(DataLoader, "__iter__", lambda self: starts.append(1) or iter_(self))
+    kw = dict(transform=transform32(), batch_size=1, max_images=1, num_workers=1, progress=False)
+    graphs = attribution_by_category(folder_model, image_folder, **kw)
+    assert len(starts) == 1
+    for name, g in graphs.items():
+        assert g.meta["n_images"] == 1
+        alone = attribution_by_category(folder_model, image_folder, categories=[name], **kw)[name]
+        np.testing.assert_array_equal(g.weight, alone.weight)
+        np.testing.assert_array_equal(g.node_attr("attribution"), alone.node_attr("attribution"))
+
+
 def test_attribution_by_category_subset_and_kwargs(image_folder, folder_model):
     graphs = attribution_by_category(folder_model, image_folder, transform=transform32(), categories=["cow"],
                                      per_sample=True, progress=False)
