@@ -560,13 +560,15 @@ class FlowAccumulator:
                     d = op.dim % xo.dim()
                     d = 1 if d == 1 else (-1 if d == xo.dim() - 1 else None)
                     if (joined and not self.per_sample and op.span is None and d is not None and xo.shape == gs.shape
-                            and xo.dtype == gs.dtype):
+                            and xo.dtype == gs.dtype and not op.dims):
                         e_x.append(xo)
                         e_g.append(gs)
                         e_dims.append(d)
                         e_keys.append((li, k, half * op.sign))
                         continue
-                    prod = ((half * xo if half != 1.0 else xo) * gs).movedim(op.dim, 1)
+                    prod = (half * xo if half != 1.0 else xo) * gs
+                    # units on one dim, or on several (heads and channels), moved after the batch
+                    prod = prod.movedim(op.dims, tuple(range(1, len(op.dims) + 1))) if op.dims else prod.movedim(op.dim, 1)
                     per = prod.reshape(prod.shape[0], op.width, -1).sum(2).double()
                     if w > 1:  # positions folded into the batch: an image's rows are one sample
                         per = per.reshape(-1, w, op.width).sum(1)

@@ -343,9 +343,9 @@ def _classify_function(node: Any, c: _Ctx) -> tuple[str, Any]:
               "scale": plain(_const(node, 6, "scale", None))}
         return ("chain", ChainOp(node.name, "attention", v.name, (q.name, k.name, kw)))
     if t in (torch.matmul, torch.bmm, operator.matmul) and len(c.data_args(node)) == 2:
-        return ("unsupported", "a matrix product of two data tensors outside an attention form (no softmax(...) @ v "
-                               "whose pattern the attention rule could hold constant: linear, factorised or "
-                               "state-space attention)")
+        return ("unsupported", "a matrix product of two data tensors that sums over the units of both (a Gram "
+                               "matrix): neither can be held constant as a pattern while the units of the other "
+                               "pass through, as in attention, linear or state-space attention")
     if t in (torch.softmax, F.softmax, torch.matmul, torch.bmm, operator.matmul):
         return ("unsupported", f"{getattr(t, '__name__', t)} mixes units outside an attention form (the attention "
                                "rule maps softmax(...) @ v, F.scaled_dot_product_attention and nn.MultiheadAttention)")
@@ -745,6 +745,47 @@ def _attention_products(nodes: list[fx.Node], c: "_Ctx") -> tuple[dict[str, tupl
     return products, pattern
 
 
+def _data_products(nodes: list[fx.Node], c: "_Ctx", products: dict[str, tuple[str, str]],
+                   pattern: set[str]) -> tuple[set[str], set[str]]:
+    """Matrix products of two data tensors that no softmax makes an attention (linear, factorised
+    and state-space attention: ``q @ (k^T @ v)``, ``x @ (a * b)^T``), and the nodes that only
+    compute their operands. Which operand is the pattern (held constant) is decided when the
+    product is mapped, by where the units of each are (:func:`_pattern_operand`); until then the
+    nodes that only feed such operands may fail to map (a softmax over positions of the state's
+    channels) and be left without units, as the signal of a gate is."""
+    candidates = {n.name for n in nodes if _is_matmul(n) and n.name in c.data and n.name not in products
+                  and len([a for a in n.args if c.is_data(a)]) == 2}
+    feeds: set[str] = set()
+    for n in reversed(nodes):
+        if n.name in pattern or n.name not in c.data or not n.users or _is_layer(n, c):
+            continue
+        if all(u.name in feeds or u.name in pattern or u.name in candidates for u in n.users):
+            feeds.add(n.name)
+    return candidates, feeds
+
+
+def _contracted(node: fx.Node, a: fx.Node, nd: int) -> int:
+    """The dim of operand ``a`` that the matrix product ``node`` sums over."""
+    return nd - 1 if node.args[0] is a else nd - 2
+
+
+def _pattern_operand(node: fx.Node, units: dict[str, Units], shapes: dict[str, tuple[int, ...]]) -> tuple[str, str] | None:
+    """``(pattern, value)`` for a matrix product of two data tensors: the value is an operand
+    whose units lie off the dim summed over (its positions are mixed, as v's by an attention
+    pattern); the other is held constant. When both could be the value, the right operand is
+    (``pattern @ value``, as attention is written); an operand without units (it failed to map)
+    can only be the pattern. None when neither can be the value."""
+    a, b = node.args[0], node.args[1]
+    if not isinstance(a, fx.Node) or not isinstance(b, fx.Node) or a is b:
+        return None
+    for v, p in ((b, a), (a, b)):
+        u = units.get(v.name)
+        if u is not None and u.batch == 0 and u.windows == 1 and \
+                _contracted(node, v, len(shapes[v.name])) not in u.dims:
+            return p.name, v.name
+    return None
+
+
 def _is_layer(n: fx.Node, c: "_Ctx") -> bool:
     if n.op == "call_module":
         return isinstance(c.modules[n.target], dense.DENSE_MODULES)
@@ -966,7 +1007,6 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
     units: dict[str, Units] = {}
     multi: dict[str, list[Units]] = {}  # layout ops that give several tensors (chunk, split)
     used_names: dict[str, int] = {}
-    seen_modules: dict[str, str] = {}
     rules: set[str] = set()
 
     def unique(name: str) -> str:
@@ -1149,6 +1189,9 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
     products, pattern = _attention_products(nodes, ctx)
     classified: dict[str, tuple[str, Any]] = {}
     signal_only = _signal_only(nodes, ctx, pattern, classified)
+    data_products, feeds = _data_products(nodes, ctx, products, pattern)
+    tolerant = signal_only | feeds  # may be left without units when they fail to map
+    failed: dict[str, ExtractionError] = {}  # why a tolerant node was left without units
 
     def map_node(node: fx.Node) -> None:
         nonlocal output_node
@@ -1168,6 +1211,14 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
             return
         if node.name in pattern:
             return  # computes an attention pattern, which the attention rule holds constant
+        if node.name in data_products and node.name not in products:
+            choice = _pattern_operand(node, units, shapes)
+            if choice is None:
+                for a in node.all_input_nodes:
+                    if a.name in failed:
+                        raise failed[a.name]
+            else:
+                products[node.name] = choice
         if node.name in products:
             pn, vn = products[node.name]
             what, info = "chain", ChainOp(node.name, "pattern", vn, (pn,))
@@ -1192,6 +1243,12 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
             if info is dense.CONV1D and len(s_in) == 3 and s_in[1] == 1 and s_out[1] == 1 and u.batch == 0 \
                     and u.dims == (2,):
                 info = dense.CONV1D_UNITS  # one channel convolved across the units (ECA attention)
+            elif info is dense.CONV1D and len(s_in) == 3 and u.batch == 0 and u.dims == (2,) and \
+                    s_in[2] == s_out[2] and _pointwise_conv1d(node, ctx):
+                # a 1x1 Conv1d whose channels are positions and whose length holds the units (CoaT's
+                # head mixing the class tokens of three scales): a Linear over positions
+                _positions_linear(node, x, u, info, ctx, gm, layers, units, kinds, bias_dim=1)
+                return
             dim_in = info.units_dim(len(s_in))
             if info.grouped_input and len(s_in) > 2 and u.batch == 0 and len(u.dims) == 1 \
                     and 0 < u.dims[0] < len(s_in) - 1:
@@ -1204,12 +1261,9 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                 if len(node.args) > 1 or node.kwargs:
                     raise ExtractionError(f"{_where(node)} is called with more than its input (output_size?); "
                                           "call it with the input alone")
-                if module_name in seen_modules:
-                    raise ExtractionError(
-                        f"module {module_name!r} is called twice (shared weights); a unit graph needs one layer "
-                        "per weight tensor - give each call its own module"
-                    )
-                seen_modules[module_name] = node.name
+                # a module called again (CoaT's position encoding shared by a stage's blocks) is a
+                # layer per call, with the same weights: each call's W * dW is its own (the
+                # accumulator gives a weight read by several nodes a leaf per node)
                 groups, in_feat, call = info.module_call(m)
                 wnode = None
             else:
@@ -1276,10 +1330,15 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
         elif what in ("residual", "concat", "product"):
             targs = ctx.data_args(node) if what != "concat" else list(node.args[0])
             nd = len(shapes[node.name])
+            several: tuple[int, ...] = ()  # units on several dims of every operand (heads and channels)
             if what != "concat":
                 us = [source(node, a) for a in targs]
                 one = [v.dims for v in us if len(v.dims) == 1]
                 dim = one[0][0] if one else 1
+                if not one and len(us[0].dims) > 1 and all(v.dims == us[0].dims and v.batch == 0 for v in us) \
+                        and all(shapes[a.name][d] == shapes[node.name][d] for a in targs for d in us[0].dims):
+                    several = tuple(d % nd for d in us[0].dims)
+                    dim = several[0]
             else:
                 dim = info
             operands, offset = [], 0
@@ -1294,12 +1353,15 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                 u = source(node, a)
                 width = shapes[a.name][dim] if what != "product" else shapes[node.name][dim]  # a factor broadcast
                 idx = u.along(dim, width, size_of(u))
+                if several:  # the unit at each place along those dims, in the order of the layer's units
+                    idx = np.asarray(u.index, dtype=np.int64).reshape(-1)
+                    width = idx.size
                 if idx is None:
                     raise ExtractionError(f"{_where(node)} combines tensors along a dim that does not hold their units")
                 cols = None if (idx.size == size_of(u) and np.array_equal(idx, np.arange(idx.size))) else idx
                 sign = info[k] if what == "residual" else 1.0
                 operands.append(Operand(layer=u.layer, node=a.name, offset=offset, sign=sign, cols=cols, width=width,
-                                        dim=dim))
+                                        dim=dim, dims=several))
                 if what == "concat":
                     offset += width
             scope = _scope(node)
@@ -1311,9 +1373,12 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                 rules.add(RULES["product"].name)
             else:
                 base, kind = (f"{scope}.cat" if scope else "cat"), Kind.CONCAT
-            layers.append(LayerSpec(name=unique(base), kind=kind, size=shapes[node.name][dim], node=node.name,
+            size = math.prod(shapes[node.name][d] for d in several) if several else shapes[node.name][dim]
+            layers.append(LayerSpec(name=unique(base), kind=kind, size=size, node=node.name,
                                     module=scope or None, operands=operands, dim=dim % nd))
-            units[node.name] = Units(len(layers) - 1, (dim % nd,), None, windows=folds.pop() if folds else 1)
+            units[node.name] = Units(len(layers) - 1, several or (dim % nd,),
+                                     np.arange(size).reshape([shapes[node.name][d] for d in several]) if several else None,
+                                     windows=folds.pop() if folds else 1)
         else:  # chain: keeps the units of its data input
             if isinstance(info, ChainOp) and RULES[info.kind].named_input:
                 x = by_name[info.input_node]
@@ -1360,15 +1425,21 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
 
     skipped: set[str] = set()
     for node in nodes:
-        if node.name in signal_only and any(a.name in skipped for a in node.all_input_nodes):
+        if node.name in tolerant and any(a.name in skipped for a in node.all_input_nodes):
             skipped.add(node.name)  # computes a gate signal from values that carry no units
+            failed.update({node.name: failed[a.name] for a in node.all_input_nodes if a.name in failed})
             continue
         mark = (len(layers), set(rules))
         try:
             map_node(node)
-        except ExtractionError:
-            if node.name not in signal_only:
+        except ExtractionError as exc:
+            if node.name not in tolerant:
+                # a value that needed units from one left without them: the reason is that one's
+                reason = next((failed[a.name] for a in node.all_input_nodes if a.name in failed), None)
+                if reason is not None:
+                    raise reason from None
                 raise
+            failed[node.name] = exc
             # it only computes a gate signal, which the gate rule holds constant: it needs no units
             del layers[mark[0]:]
             rules.intersection_update(mark[1])
@@ -1440,8 +1511,21 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                      rules=sorted(rules))
 
 
+def _pointwise_conv1d(node: fx.Node, c: _Ctx) -> bool:
+    """Whether a Conv1d call has kernel size 1, stride 1, no padding and one group."""
+    if node.op == "call_module":
+        m = c.modules[node.target]
+        return tuple(m.kernel_size) == (1,) and tuple(m.stride) == (1,) and m.groups == 1 and \
+            (m.padding == "valid" or tuple(m.padding) == (0,))
+    w = c.const(node.args[1] if len(node.args) > 1 else node.kwargs.get("weight"))
+    stride, pad, groups = (_const(node, i, k, d) for i, k, d in ((3, "stride", 1), (4, "padding", 0), (6, "groups", 1)))
+    return w is not None and w.shape[-1] == 1 and stride in (1, (1,), [1]) and groups == 1 and \
+        pad in (0, (0,), [0], "valid")
+
+
 def _positions_linear(node: fx.Node, x: fx.Node, u: Units, d: dense.Dense, ctx: _Ctx, gm: fx.GraphModule,
-                      layers: list[LayerSpec], units: dict[str, Units], kinds: dict[str, tuple[str, Any]]) -> None:
+                      layers: list[LayerSpec], units: dict[str, Units], kinds: dict[str, tuple[str, Any]],
+                      bias_dim: int = -1) -> None:
     """A Linear over positions of units along another dim (MLP-Mixer's token mixing): a per-unit op.
 
     Every unit's positions are mixed by the same weights and no unit reads another, so the units
@@ -1459,7 +1543,7 @@ def _positions_linear(node: fx.Node, x: fx.Node, u: Units, d: dense.Dense, ctx: 
         if not isinstance(wnode, fx.Node) or ctx.const(wnode) is None:
             raise ExtractionError(f"{_where(node)}: the weight is computed from the data; no unit graph maps it")
     units[node.name] = u
-    b = dense.positions_bias(bias, len(s_out), len(s_out) - 1)
+    b = dense.positions_bias(bias, len(s_out), bias_dim % len(s_out))
     op = ChainOp(node.name, "shift", x.name, (b,)) if b is not None else None
     kinds[node.name] = ("chain", op)
     if op is not None:

@@ -72,6 +72,9 @@ class Operand:
     # (dim, index): the slice of this operand's value it reads, when a sum over a dim that holds
     # units adds its slices (ResNeSt's radix groups); the slice holds its units along `dim`
     select: tuple[int, int] | None = None
+    # units on several dims of the destination's value (heads and channels of a product or a sum
+    # before the heads are merged): ``cols`` then lists the unit at each place along them, in order
+    dims: tuple[int, ...] = ()
 
 
 @dataclass

@@ -492,14 +492,14 @@ def test_an_empty_slice_is_refused_in_one_line():
 
 
 def test_refusals_name_the_construct():
-    class Linear(nn.Module):  # linear attention: (k^T v) then q @ that, no softmax pattern
+    class Gram(nn.Module):  # t t^T sums over the units of both operands: neither can be the pattern
         def __init__(self):
             super().__init__()
-            self.c, self.fc = nn.Conv2d(3, 4, 1), nn.Linear(4, 2)
+            self.c, self.fc = nn.Conv2d(3, 4, 1), nn.Linear(16, 2)
 
         def forward(self, x):
             t = self.c(x).flatten(2).transpose(1, 2)
-            return self.fc((t @ (t.transpose(1, 2) @ t)).mean(1))
+            return self.fc((t @ t.transpose(1, 2)).mean(1))
 
     class Recurrent(nn.Module):
         def __init__(self):
@@ -518,7 +518,7 @@ def test_refusals_name_the_construct():
         def forward(self, x):
             return self.fc(self.c(x).softmax(1).mean((2, 3)))
 
-    for m, why in ((Linear(), "a matrix product of two data tensors outside an attention form"),
+    for m, why in ((Gram(), "a matrix product of two data tensors that sums over the units of both"),
                    (Recurrent(), r"recurrent layers \(LSTM\) are not supported"),
                    (Soft(), "softmax mixes units outside an attention form")):
         with pytest.raises(ExtractionError, match=why) as info:
@@ -658,3 +658,66 @@ def test_a_rewrite_out_of_place_that_changes_the_forward_is_caught(monkeypatch):
     monkeypatch.setattr(passes, "_views", lambda a, modules: {a})  # an analysis that sees no alias
     with pytest.raises(ExtractionError, match="changes a tensor in place that another tensor shares"):
         _alias_flows("size")
+
+
+def test_a_module_called_twice_is_a_layer_per_call():
+    """A module called again (CoaT's position encoding, shared by a stage's blocks) is a layer
+    per call: the flows of the same model with a copy of the module for each call."""
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.fc = nn.Conv2d(3, 3, 3, padding=1), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.fc(self.c(F.relu(self.c(x))).mean((2, 3)))
+
+    class Copies(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.c_1, self.fc = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 3, 3, padding=1), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.fc(self.c_1(F.relu(self.c(x))).mean((2, 3)))
+
+    torch.manual_seed(3)
+    a, b = Shared(), Copies()
+    b.load_state_dict({**a.state_dict(), **{k.replace("c.", "c_1."): v for k, v in a.state_dict().items()
+                                            if k.startswith("c.")}})
+    x = torch.randn(3, 3, 5, 5)
+    ga, gb = _flows(a, x, 2), _flows(b, x, 2)
+    _assert_exact(ga)
+    assert [l.name for l in ga.layers] == [l.name for l in gb.layers] == ["input", "c", "c_1", "logits"]
+    np.testing.assert_array_equal(ga.src, gb.src)
+    np.testing.assert_allclose(ga.weight, gb.weight, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(ga.node_attr("attribution"), gb.node_attr("attribution"), rtol=1e-12, atol=1e-14)
+    wa, wb = cn.extract.weights(a, (3, 5, 5)), cn.extract.weights(b, (3, 5, 5))
+    np.testing.assert_array_equal(wa.weight, wb.weight)
+
+
+def test_a_pointwise_conv1d_over_positions_is_a_linear_over_positions():
+    """CoaT's head: a 1x1 Conv1d whose channels are the class tokens of three scales and whose
+    length holds the units: the same flows as a Linear over those positions."""
+
+    class Head(nn.Module):
+        def __init__(self, conv: bool):
+            super().__init__()
+            self.conv = conv
+            self.c, self.fc = nn.Conv2d(3, 4, 2, stride=2), nn.Linear(4, 2)
+            self.agg = nn.Conv1d(3, 1, 1) if conv else nn.Linear(3, 1)
+
+        def forward(self, x):
+            t = self.c(x).flatten(2).transpose(1, 2)[:, :3]  # (batch, 3 tokens, 4 units)
+            z = self.agg(t) if self.conv else self.agg(t.transpose(1, 2)).transpose(1, 2)
+            return self.fc(z.squeeze(1))
+
+    torch.manual_seed(4)
+    a, b = Head(True), Head(False)
+    sd = a.state_dict()
+    b.load_state_dict({**sd, "agg.weight": sd["agg.weight"][..., 0]})
+    x = torch.randn(3, 3, 4, 4)
+    ga, gb = _flows(a, x, 2), _flows(b, x, 2)
+    _assert_exact(ga)
+    np.testing.assert_array_equal(ga.src, gb.src)
+    np.testing.assert_allclose(ga.weight, gb.weight, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(ga.node_attr("attribution"), gb.node_attr("attribution"), rtol=1e-12, atol=1e-14)

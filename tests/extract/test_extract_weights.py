@@ -373,20 +373,9 @@ def test_product_of_two_tensors_has_identity_edges_of_weight_one():
         assert i.tolist() == j.tolist() == [0, 1, 2] and np.all(w == 1.0)
 
 
-class Shared(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.c = nn.Conv2d(2, 2, 1)
-        self.fc = nn.Linear(2, 2)
-
-    def forward(self, x):
-        return self.fc(self.c(F.relu(self.c(x))).mean((2, 3)))
-
-
 @pytest.mark.parametrize(
     "model, shape, phrase",
     [
-        (Shared(), (2, 4, 4), "module 'c' is called twice"),
         (nn.Sequential(nn.ConvTranspose1d(2, 3, 1), nn.Flatten(), nn.Linear(12, 2)), (2, 4),
          "ConvTranspose1d layers are not supported"),
         (nn.Sequential(nn.Conv2d(2, 3, 1), nn.Softmax(dim=1), nn.Flatten(), nn.Linear(12, 2)), (2, 2, 2),

@@ -243,6 +243,91 @@ def test_written_attention_forms_against_hand_linearisation(form, exact_graph):
     assert np.all(a[g.layer_slice("q")] == 0) and np.all(a[g.layer_slice("k")] == 0)
 
 
+class StateSpace(nn.Module):
+    """Matrix products of two data tensors with no softmax before them: EfficientViM's
+    state-space mixer (``x @ (softmax(a) * b)^T``, then ``h @ c``) and linear attention
+    (``q @ (k^T @ v)``). The rule holds the operand whose units are summed over (or, when
+    both could carry the flow, the left one) constant, as it holds an attention pattern."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.form = form
+        self.embed = nn.Conv2d(3, 8, 2, stride=2)  # 6x6 -> 9 positions
+        self.bcd = nn.Conv1d(8, 12, 1)  # b, c and dt: 4 states each
+        self.A = nn.Parameter(torch.randn(4))
+        self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.proj = nn.Conv1d(8, 8, 1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x, hand=False)
+
+    def run(self, x: torch.Tensor, hand: bool) -> torch.Tensor:
+        t = self.embed(x).flatten(2)  # (batch, channels, positions)
+        held = (lambda a: a.detach()) if hand else (lambda a: a)  # noqa: E731  the rule: held constant
+        if self.form == "ssd":
+            b, c, dt = self.bcd(t).split(4, dim=1)
+            a = (dt + self.A.view(1, -1, 1)).softmax(-1)  # over positions, per state
+            h = self.proj(t @ held(a * b).transpose(-2, -1))  # (batch, channels, states)
+            return self.fc((h @ held(c)).mean(2))
+        tt = t.transpose(1, 2)  # (batch, positions, channels)
+        q, k, v = F.relu(self.q(tt)), F.relu(self.k(tt)), self.v(tt)
+        kv = held(k).transpose(-2, -1) @ v  # (batch, k's channels, v's channels)
+        return self.fc((held(q) @ kv).mean(1))
+
+
+@pytest.mark.parametrize("form", ["ssd", "linear"])
+def test_products_of_data_without_softmax_hold_one_operand_against_hand_linearisation(form, exact_graph):
+    torch.manual_seed(7)
+    m = StateSpace(form).double().eval()
+    x, y = _data(8)
+    g = exact_graph(m, x, y, conservation=True)
+    leaf = m.proj.weight if form == "ssd" else m.v.weight
+    expect, e = _hand(m, x, y, leaf)
+    _close(g.node_attr("attribution")[g.layer_slice("input")], expect)
+    _close(_dense(g, "embed", "proj" if form == "ssd" else "v"), e.sum(-1).numpy() if form == "ssd" else e.numpy())
+    a = g.node_attr("attribution")
+    held = ["bcd"] if form == "ssd" else ["q", "k"]
+    assert all(np.all(a[g.layer_slice(n)] == 0) for n in held)
+
+
+class Factorised(nn.Module):
+    """CoaT's factorised attention and convolutional position encoding on (batch, heads,
+    tokens, channels), before the heads are merged: ``q @ (softmax_tokens(k)^T @ v)``, the
+    product ``q * conv(v)`` and the sum of both (units on two dims: heads and channels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 2, stride=2)  # 6x6 -> 9 tokens
+        self.qkv = nn.Linear(8, 24)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x, hand=False)
+
+    def run(self, x: torch.Tensor, hand: bool) -> torch.Tensor:
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        n = t.shape[0]
+        q, k, v = self.qkv(t).reshape(n, 9, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)  # (batch, heads, tokens, 4)
+        held = (lambda a: a.detach()) if hand else (lambda a: a)  # noqa: E731  the rule: held constant
+        att = held(q) @ (held(k.softmax(dim=2)).transpose(-1, -2) @ v)
+        cv = self.conv(v.transpose(-1, -2).reshape(n, 8, 3, 3)).reshape(n, 2, 4, 9).transpose(-1, -2)
+        prod = 0.5 * (q.detach() * cv + q * cv.detach()) if hand else q * cv  # the product rule
+        return self.fc((0.5 * att + prod).transpose(1, 2).reshape(n, 9, 8).mean(1))
+
+
+def test_products_and_sums_on_heads_and_channels_against_hand_linearisation(exact_graph):
+    torch.manual_seed(9)
+    m = Factorised().double().eval()
+    x, y = _data(10)
+    g = exact_graph(m, x, y, conservation=True)
+    expect, e = _hand(m, x, y, m.qkv.weight)
+    _close(g.node_attr("attribution")[g.layer_slice("input")], expect)
+    _close(_dense(g, "embed", "qkv"), e.numpy())
+    assert g.layer("mul").size == g.layer("add").size == 8  # 2 heads x 4 channels
+
+
 class Rotary(nn.Module):
     """``F.scaled_dot_product_attention`` on queries and keys with rotary embeddings (the halves
     of each head swapped and negated, a map between units): only the pattern reads them."""
