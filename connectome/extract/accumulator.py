@@ -557,10 +557,12 @@ class FlowAccumulator:
                         gs = gs.squeeze(op.span[0]) if op.span[3] else gs
                     else:
                         gs = go.narrow(op.dim, op.offset, op.width) if s.kind == Kind.CONCAT else go
+                        if op.dims == () and gs.dim() == xo.dim() + 1:  # one unit stacked along a new dim
+                            gs = gs.squeeze(op.dim)
                     d = op.dim % xo.dim()
                     d = 1 if d == 1 else (-1 if d == xo.dim() - 1 else None)
                     if (joined and not self.per_sample and op.span is None and d is not None and xo.shape == gs.shape
-                            and xo.dtype == gs.dtype and not op.dims):
+                            and xo.dtype == gs.dtype and op.dims is None):
                         e_x.append(xo)
                         e_g.append(gs)
                         e_dims.append(d)
@@ -568,7 +570,8 @@ class FlowAccumulator:
                         continue
                     prod = (half * xo if half != 1.0 else xo) * gs
                     # units on one dim, or on several (heads and channels), moved after the batch
-                    prod = prod.movedim(op.dims, tuple(range(1, len(op.dims) + 1))) if op.dims else prod.movedim(op.dim, 1)
+                    prod = prod.movedim(op.dim, 1) if op.dims is None else \
+                        prod.movedim(op.dims, tuple(range(1, len(op.dims) + 1)))
                     per = prod.reshape(prod.shape[0], op.width, -1).sum(2).double()
                     if w > 1:  # positions folded into the batch: an image's rows are one sample
                         per = per.reshape(-1, w, op.width).sum(1)

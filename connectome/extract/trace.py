@@ -1155,6 +1155,21 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
         us = [units[a.name] for a in parts]
         if not stacked and any(dim in u.dims for u in us):
             return False
+        if stacked and all(u.dims == () and u.batch == 0 for u in us):
+            # one unit each (the Y, Cb and Cr channels computed from RGB): stacked, they are the
+            # units of a concat layer along the new dim, one operand per unit
+            folds = {u.windows for u in us}
+            if len(folds) > 1:
+                raise ExtractionError(f"{_where(node)} stacks tensors whose batch dims hold different numbers "
+                                      "of windows per image; units cannot be followed")
+            scope = _scope(node)
+            operands = [Operand(layer=u.layer, node=a.name, offset=k, cols=np.array([int(u.index)]), width=1, dim=dim,
+                                dims=()) for k, (a, u) in enumerate(zip(parts, us))]
+            layers.append(LayerSpec(name=unique(f"{scope}.stack" if scope else "stack"), kind=Kind.CONCAT,
+                                    size=len(parts), node=node.name, module=scope or None, operands=operands, dim=dim))
+            units[node.name] = Units(len(layers) - 1, (dim,), None, windows=folds.pop())
+            kinds[node.name] = ("concat", dim)
+            return True
         if len({u.layer for u in us}) == 1:
             layout(node)
             kinds[node.name] = ("layout", None)
@@ -1330,15 +1345,16 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
         elif what in ("residual", "concat", "product"):
             targs = ctx.data_args(node) if what != "concat" else list(node.args[0])
             nd = len(shapes[node.name])
-            several: tuple[int, ...] = ()  # units on several dims of every operand (heads and channels)
+            # units on several dims of every operand (heads and channels), or on none (one unit each)
+            several: tuple[int, ...] | None = None
             if what != "concat":
                 us = [source(node, a) for a in targs]
                 one = [v.dims for v in us if len(v.dims) == 1]
                 dim = one[0][0] if one else 1
-                if not one and len(us[0].dims) > 1 and all(v.dims == us[0].dims and v.batch == 0 for v in us) \
+                if not one and all(v.dims == us[0].dims and v.batch == 0 for v in us) \
                         and all(shapes[a.name][d] == shapes[node.name][d] for a in targs for d in us[0].dims):
                     several = tuple(d % nd for d in us[0].dims)
-                    dim = several[0]
+                    dim = several[0] if several else 1
             else:
                 dim = info
             operands, offset = [], 0
@@ -1353,7 +1369,7 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                 u = source(node, a)
                 width = shapes[a.name][dim] if what != "product" else shapes[node.name][dim]  # a factor broadcast
                 idx = u.along(dim, width, size_of(u))
-                if several:  # the unit at each place along those dims, in the order of the layer's units
+                if several is not None:  # the unit at each place along those dims, in the order of the layer's units
                     idx = np.asarray(u.index, dtype=np.int64).reshape(-1)
                     width = idx.size
                 if idx is None:
@@ -1373,12 +1389,13 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                 rules.add(RULES["product"].name)
             else:
                 base, kind = (f"{scope}.cat" if scope else "cat"), Kind.CONCAT
-            size = math.prod(shapes[node.name][d] for d in several) if several else shapes[node.name][dim]
+            size = math.prod(shapes[node.name][d] for d in several) if several is not None else shapes[node.name][dim]
             layers.append(LayerSpec(name=unique(base), kind=kind, size=size, node=node.name,
                                     module=scope or None, operands=operands, dim=dim % nd))
-            units[node.name] = Units(len(layers) - 1, several or (dim % nd,),
-                                     np.arange(size).reshape([shapes[node.name][d] for d in several]) if several else None,
-                                     windows=folds.pop() if folds else 1)
+            units[node.name] = Units(len(layers) - 1, (dim % nd,), None, windows=folds.pop() if folds else 1) \
+                if several is None else Units(len(layers) - 1, several,
+                                              np.arange(size).reshape([shapes[node.name][d] for d in several]),
+                                              windows=folds.pop() if folds else 1)
         else:  # chain: keeps the units of its data input
             if isinstance(info, ChainOp) and RULES[info.kind].named_input:
                 x = by_name[info.input_node]

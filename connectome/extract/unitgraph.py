@@ -73,8 +73,9 @@ class Operand:
     # units adds its slices (ResNeSt's radix groups); the slice holds its units along `dim`
     select: tuple[int, int] | None = None
     # units on several dims of the destination's value (heads and channels of a product or a sum
-    # before the heads are merged): ``cols`` then lists the unit at each place along them, in order
-    dims: tuple[int, ...] = ()
+    # before the heads are merged), or on none (``()``: one unit per tensor); ``cols`` then lists
+    # the unit at each place along them, in order. None: the units lie along ``dim``
+    dims: tuple[int, ...] | None = None
 
 
 @dataclass

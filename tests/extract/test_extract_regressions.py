@@ -721,3 +721,33 @@ def test_a_pointwise_conv1d_over_positions_is_a_linear_over_positions():
     np.testing.assert_array_equal(ga.src, gb.src)
     np.testing.assert_allclose(ga.weight, gb.weight, rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(ga.node_attr("attribution"), gb.node_attr("attribution"), rtol=1e-12, atol=1e-14)
+
+
+def test_sums_of_single_channels_are_one_unit_and_stack_into_a_layer():
+    """RGB to YCbCr written by hand (CSATv2's stem): a sum of single channels is one unit (not a
+    unit per image row, as before), and stacking such units gives a layer of them; the input
+    attribution is x * dT/dx (everything is linear before the ReLU)."""
+
+    class YCbCr(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 2)
+
+        def forward(self, x):
+            r, g, b = x[:, 0], x[:, 1], x[:, 2]
+            y = r * 0.299 + g * 0.587 + b * 0.114
+            z = torch.stack([y, 0.564 * (b - y) + 0.5, 0.713 * (r - y) - 0.5], dim=1)
+            return self.fc(F.relu(self.c(z)).mean((2, 3)))
+
+    torch.manual_seed(6)
+    m = YCbCr().double().eval()
+    x = torch.randn(3, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    g = _flows(m, x.detach(), 2)
+    _assert_exact(g)
+    torch.manual_seed(1)
+    y = torch.randint(0, 2, (3,))
+    (grad,) = torch.autograd.grad(m(x).gather(1, y[:, None]).sum(), x)
+    np.testing.assert_allclose(g.node_attr("attribution")[g.layer_slice("input")],
+                               (x * grad).sum((0, 2, 3)).detach().numpy(), rtol=1e-10, atol=1e-12)
+    sizes = {l.name: l.size for l in g.layers}
+    assert sizes["stack"] == 3 and all(sizes[n] == 1 for n in sizes if n.startswith(("add", "sub")))
