@@ -127,6 +127,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="fraction of the flow per layer the compared circuits carry (default 0.8)")
     c.add_argument("--time-budget", type=float, default=5.0, metavar="SECONDS",
                    help="seconds for the search of A's circuit skeleton in B's graph (default 5)")
+    c.add_argument("--dask", default=None, metavar="ADDRESS",
+                   help="all categories of a store: compute the flow correlations with dask, on the cluster whose "
+                        "scheduler is at ADDRESS (tcp://host:8786; the store on storage every worker reads), or "
+                        "'local' for dask's threads here (needs pip install 'connectome[dask]')")
 
     x = add("export", "Export a graph to GraphML or GEXF for Gephi.")
     x.add_argument("graph", metavar="GRAPH", help="a .npz graph, or DIR:CATEGORY of a folder written by extract")
@@ -590,7 +594,26 @@ def _compare_store(a: argparse.Namespace) -> int:
     if not isinstance(store, CategoryStore):
         raise ConnectomeError(f"{a.a!r} is an older folder of .npz files; compare all categories of a category store "
                               "(extract writes one), or name two graphs")
-    r = compare_categories(store)
+    if not a.dask:
+        r = compare_categories(store)
+    else:
+        import importlib.util
+
+        if importlib.util.find_spec("dask") is None or importlib.util.find_spec("distributed") is None:
+            raise ConnectomeError("--dask needs dask: pip install 'connectome[dask]'")
+        if a.dask == "local":
+            r = compare_categories(store, use_dask=True)
+        else:
+            from distributed import Client
+
+            try:
+                client = Client(a.dask, timeout="5s")
+            except (OSError, TimeoutError) as exc:
+                raise ConnectomeError(f"--dask {a.dask!r}: no dask scheduler answers there ({type(exc).__name__}); "
+                                      "start one (`dask scheduler`, and workers that see the store), or pass "
+                                      "--dask local") from None
+            with client:
+                r = compare_categories(store, use_dask=True)
     if a.json:
         print(json.dumps(r.to_dict(), default=_json_default))
     else:

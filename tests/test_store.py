@@ -429,6 +429,20 @@ def test_cli_compare_of_a_store_writes_the_dendrogram(cli_store, tmp_path, capsy
     assert "one folder written by extract" in capsys.readouterr().err
 
 
+def test_cli_compare_of_a_store_with_dask(cli_store, capsys):
+    pytest.importorskip("distributed")
+    assert main(["compare", str(cli_store), "--json"]) == 0
+    here = json.loads(capsys.readouterr().out)
+    assert main(["compare", str(cli_store), "--json", "--dask", "local"]) == 0
+    there = json.loads(capsys.readouterr().out)
+    assert there["classes"] == here["classes"] and there["jaccard"] == here["jaccard"]
+    for name, m in here["flow"].items():
+        np.testing.assert_allclose(np.array(there["flow"][name], dtype=float), np.array(m, dtype=float), atol=1e-5)
+    assert main(["compare", str(cli_store), "--dask", "tcp://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err
+    assert "--dask 'tcp://127.0.0.1:9': no dask scheduler answers there" in err and err.count("\n") == 1
+
+
 def test_the_stored_circuit_mask_is_the_circuit_of_each_category(tmp_path):
     from connectome.extract.flow import circuit_mask
 

@@ -162,7 +162,7 @@ def _window(n_cat: int, memory: float, chunk: int) -> int:
 
 
 def compare_store(store: Any, attr: str = "attribution", *, generalist: float = 0.5, memory: float = 256e6,
-                  names: list[str] | None = None, window: int | None = None) -> StoreComparison:
+                  names: list[str] | None = None, window: int | None = None, use_dask: bool = False) -> StoreComparison:
     """Compare every category of a store with every other, streamed over windows of edges.
 
     Per layer, the Pearson correlation across categories of the flows on the edges into the
@@ -184,6 +184,11 @@ def compare_store(store: Any, attr: str = "attribution", *, generalist: float = 
         Only these categories (default: all, in store order).
     window : int, optional
         Edges per window (default: from ``memory``, in whole chunks of the store when they fit).
+    use_dask : bool, default False
+        Compute the flow correlations with dask (an optional extra: ``pip install
+        connectome[dask]``) on the store's chunks as they lie (``dask.array.from_zarr``): on the
+        scheduler in use, a ``dask.distributed`` cluster when a ``Client`` is open (the store
+        then on storage every worker reads), else dask's threads. Products in float64.
 
     Returns
     -------
@@ -213,8 +218,18 @@ def compare_store(store: Any, attr: str = "attribution", *, generalist: float = 
     grams = {li: np.zeros((k, k)) for li in range(len(layers)) if bounds[li + 1] > bounds[li]}
     sums = {li: np.zeros(k) for li in grams}
     crc = [0] * k
+    if use_dask:
+        _dask_grams(store, names, bounds, grams, sums)
+        # a chunk that does not decode failed its zstd frame checksum; a missing one read as NaN:
+        # the CRC-32 of the rows with a non-finite sum is checked below, the others are taken as read
+        bad = ~np.isfinite(sum(np.diag(g) for g in grams.values())) if grams else np.zeros(k, bool)
+        crc = [m["crc32"].get("edge/weight") for m in metas]
+        for i in np.flatnonzero(bad):
+            one = [0]
+            _read(store, weight, rows[i:i + 1], slice(None), names[i:i + 1], "edge/weight", one)
+            crc[i] = one[0]
     w = int(window) if window else _window(k, memory, weight.chunks[1])
-    n_edges = int(src.size)
+    n_edges = 0 if use_dask else int(src.size)
     for a in range(0, n_edges, w):
         b = min(n_edges, a + w)
         X = _read(store, weight, rows, slice(a, b), names, "edge/weight", crc)
@@ -264,6 +279,25 @@ def compare_store(store: Any, attr: str = "attribution", *, generalist: float = 
         layers=tuple((l.name, int(offsets[i]), l.size) for i, l in enumerate(layers)), node_ids=ids,
         generalist=generalist, circuit_mass=float(store.info.get("circuit_mass", 0.8)),
     )
+
+
+def _dask_grams(store: Any, names: list[str], bounds: np.ndarray, grams: dict[int, np.ndarray],
+                sums: dict[int, np.ndarray]) -> None:
+    """Fill ``grams`` and ``sums`` per layer from the store's flows as a dask array."""
+    try:
+        import dask
+    except ImportError:
+        raise ConnectomeError("use_dask needs dask: pip install 'connectome[dask]'") from None
+    X = store.dask("weight", names=names).astype(np.float64)
+    parts = {li: X[:, int(bounds[li]):int(bounds[li + 1])] for li in grams}
+    try:
+        done = dask.compute({li: (p @ p.T, p.sum(axis=1)) for li, p in parts.items()})[0]
+    except Exception as exc:  # noqa: BLE001 - a chunk that does not decode: find whose
+        _read(store, store.array("edge", "weight"), store.rows(names), slice(None), names, "edge/weight")
+        raise BadFileError(f"store {str(store.path)!r}: column edge/weight cannot be read ({exc})") from None
+    for li, (g, t) in done.items():
+        grams[li] += g
+        sums[li] += t
 
 
 def _read(store: Any, arr: Any, rows: np.ndarray, cols: slice, names: list[str], column: str,

@@ -125,9 +125,43 @@ def test_the_store_as_a_dask_array(made):
     distributed = pytest.importorskip("distributed")
     path, graphs = made
     store = cn.load(path)
-    with distributed.Client(distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False)):
+    with distributed.Client(distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None)):
         X = store.dask().compute()
     np.testing.assert_array_equal(X, np.vstack([store[c].weight for c in graphs]))
+
+
+def test_compare_on_a_dask_cluster_equals_the_streamed_comparison(made):
+    pytest.importorskip("dask")
+    distributed = pytest.importorskip("distributed")
+    store = cn.load(made[0])
+    local = cn.analysis.compare_categories(store, window=10)
+    with distributed.Client(distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None)):
+        r = cn.analysis.compare_categories(store, use_dask=True)
+    assert r.classes == local.classes and set(r.flow) == set(local.flow)
+    for name in local.flow:  # float64 products on the cluster, float32 products of windows here
+        np.testing.assert_allclose(r.flow[name], local.flow[name], atol=1e-5)
+    for name in local.node:
+        np.testing.assert_array_equal(r.node[name], local.node[name])
+    np.testing.assert_array_equal(r.jaccard, local.jaccard)
+    np.testing.assert_array_equal(r.sharing, local.sharing)
+
+
+@pytest.mark.parametrize("how", ["damaged", "missing"])
+def test_a_damaged_or_missing_flow_chunk_on_dask_names_the_category(made, tmp_path, how):
+    import shutil
+
+    pytest.importorskip("dask")
+    path = tmp_path / "s"
+    shutil.copytree(made[0], path)
+    f = path / "edge" / "weight" / "c" / str(cn.load(path).entry("3")["row"]) / "0"
+    if how == "missing":
+        f.unlink()
+    else:
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        f.write_bytes(bytes(data))
+    with pytest.raises(BadFileError, match="category '3', column edge/weight is damaged"):
+        cn.analysis.compare_categories(cn.load(path), use_dask=True)
 
 
 def test_a_store_without_circuits_has_no_overlaps(tmp_path):
