@@ -525,7 +525,8 @@ class FlowAccumulator:
                 # Constant parts after the unit's branch point reach its consumers too (in its
                 # attribution); the input's attribution is the image's own x * dT/dx, whose
                 # constants (a normalisation after a patchify) are bias terms only.
-                off = op.node not in on_chain and s.kind != Kind.INPUT
+                # (a constant of the layer's own node, the padded units of a pad, is in A already)
+                off = op.node not in on_chain and op.node != s.node and s.kind != Kind.INPUT
                 d = units_dim(self._view(op.node), gv) if joined and per_slot is not None and rule.fixed_constant \
                     else None
                 if d is not None:
@@ -556,7 +557,8 @@ class FlowAccumulator:
                         gs = go.narrow(op.span[0], op.span[1], op.span[2])
                         gs = gs.squeeze(op.span[0]) if op.span[3] else gs
                     else:
-                        gs = go.narrow(op.dim, op.offset, op.width) if s.kind == Kind.CONCAT else go
+                        length = op.width if not op.dims else xo.shape[op.dim]  # units on several dims: its places
+                        gs = go.narrow(op.dim, op.offset, length) if s.kind == Kind.CONCAT else go
                         if op.dims == () and gs.dim() == xo.dim() + 1:  # one unit stacked along a new dim
                             gs = gs.squeeze(op.dim)
                     d = op.dim % xo.dim()
@@ -879,13 +881,15 @@ class FlowAccumulator:
             "target_total": total,
             "completeness_residual": residual,
             "completeness_relative": abs(residual) / max(abs(total), 1e-300),
-            "exact": not self.amp,
+            "exact": not self.amp and not ug.casts,
             "rules": list(ug.rules),
             "nonlinear_ops": nonlinear,
             "per_sample": self.per_sample,
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
         }
+        if ug.casts:  # the model computes part of its data in a less precise type than the run's
+            meta["lower_precision"] = list(ug.casts[:5])
         if self.examples is not None:
             node_attrs.update(self.examples.columns(self.examples_act, "activation"))
             node_attrs.update(self.examples.columns(self.examples_attr, "attribution"))

@@ -151,12 +151,16 @@ def run_nodes(
 
 
 def _record(gm: fx.GraphModule, example: torch.Tensor) -> tuple[dict[str, tuple[int, ...]], dict[str, Any],
-                                                               dict[str, torch.Tensor], set[str]]:
-    """Run once: tensor shapes, plain values (sizes), constant tensors, and which nodes carry data."""
+                                                               dict[str, torch.Tensor], set[str], list[str]]:
+    """Run once: tensor shapes, plain values (sizes), constant tensors, which nodes carry data,
+    and where the data is cast to a floating type of less precision than the input's."""
     shapes: dict[str, tuple[int, ...]] = {}
     values: dict[str, Any] = {}
     consts: dict[str, torch.Tensor] = {}
     data: set[str] = set()  # tensors computed from the input (sizes read off it are plain values)
+    fine: set[str] = set()  # data of the input's precision
+    eps = torch.finfo(example.dtype).eps if example.dtype.is_floating_point else None
+    casts: list[str] = []
 
     def record(node: fx.Node, value: Any) -> Any:
         from_data = node.op == "placeholder" or any(a.name in data for a in node.all_input_nodes)
@@ -166,13 +170,18 @@ def _record(gm: fx.GraphModule, example: torch.Tensor) -> tuple[dict[str, tuple[
             shapes[node.name] = tuple(value.shape)
             if node.name not in data:
                 consts[node.name] = value.detach()
+            elif eps is not None and value.dtype.is_floating_point:
+                if torch.finfo(value.dtype).eps <= eps:
+                    fine.add(node.name)
+                elif any(a.name in fine for a in node.all_input_nodes):
+                    casts.append(node.name)
         elif not _holds_tensor(value):
             values[node.name] = value
         return value
 
     with torch.inference_mode():
         run_nodes(gm, (example,), on_value=record)
-    return shapes, values, consts, data
+    return shapes, values, consts, data, casts
 
 
 def _holds_tensor(v: Any) -> bool:
@@ -479,8 +488,13 @@ def _classify_product(node: Any, c: _Ctx) -> tuple[str, Any]:
             # a layer of its own, each operand linearised with the other held constant
             return ("product", None)
     if is_div and len(targs) == 2:
+        a, b = targs
+        if first is a and c.shapes[a.name] == out_shape and _unexpanded_numel(b, c) < _unexpanded_numel(a, c):
+            # data over a smaller data tensor (a normaliser: linear attention's q k^T 1, a hand-written
+            # x / |x|): a gate whose signal, the divisor, is held constant
+            return ("chain", ChainOp(node.name, "gate", a.name, (b.name,)))
         return ("unsupported", "a division of two data tensors fits no rule (1/x is not linear in the data; "
-                               "the product rule maps a * b)")
+                               "the product rule maps a * b, and a divisor smaller than the data is held constant)")
     return ("unsupported", "a product of data tensors that neither broadcast to its output nor gate one "
                            "another fits no rule (the product rule needs two factors of the output's rank)")
 
@@ -998,7 +1012,7 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
         example = example.repeat(2, *([1] * (example.dim() - 1)))
     gm = trace_graph(model, example)
     batch = int(example.shape[0])
-    shapes, values, consts, data = _record(gm, example)
+    shapes, values, consts, data, casts = _record(gm, example)
     ctx = _Ctx(dict(gm.named_modules()), shapes, values, consts, data)
     nodes = list(gm.graph.nodes)
     _check_in_place(nodes, ctx.modules)
@@ -1197,6 +1211,50 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
         layers.append(LayerSpec(name=unique(f"{scope}.{base}" if scope else base), kind=Kind.CONCAT,
                                 size=operands[0].width, node=node.name, module=scope or None, operands=operands, dim=out_dim))
         units[node.name] = Units(len(layers) - 1, (out_dim,), None, windows=windows.pop())
+        return True
+
+    def pad_units(node: fx.Node, x: fx.Node, u: Units, op: ChainOp) -> bool:
+        """``F.pad`` along a dim of the units with a constant (EfficientViT's column of ones beside
+        v, whose product with the keys is linear attention's normaliser): a layer of the units and
+        the padded ones, which hold the constant (a bias, the ``pad`` rule's constant). With units
+        on several dims (heads and channels) the padded ones come after all the others, and only
+        a pad after the data is mapped. Returns False for a pad of positions."""
+        s_in, s_out = shapes[x.name], shapes[node.name]
+        nd = len(s_in)
+        dims = tuple(d % nd for d in u.dims)
+        changed = [d for d in range(nd) if d >= len(s_out) or s_in[d] != s_out[d]]
+        if len(s_out) != nd or u.batch != 0 or len(changed) != 1 or changed[0] not in dims:
+            return False
+        d = changed[0]
+        pad, value = op.params
+        k = nd - 1 - d  # F.pad lists (before, after) from the last dim back
+        front, back = (int(pad[2 * k]), int(pad[2 * k + 1])) if len(pad) > 2 * k + 1 else (0, 0)
+        if front < 0 or back < 0 or not math.isfinite(value) or (len(dims) > 1 and front):
+            return False
+        scope = _scope(node)
+        if len(dims) == 1:
+            idx = u.along(d, s_in[d], size_of(u))
+            if idx is None:
+                return False
+            cols, width, size, out = idx, s_in[d], s_out[d], Units(0, (d,), None, windows=u.windows)
+        else:  # the data's places first, in order along the dims, then the padded ones
+            cols = np.asarray(u.index, dtype=np.int64).reshape(-1)
+            width = cols.size
+            index = np.full([s_out[e] for e in dims], -1, dtype=np.int64)
+            data = tuple(slice(0, s_in[e]) for e in dims)
+            index[data] = np.arange(width).reshape([s_in[e] for e in dims])
+            rest = index < 0
+            index[rest] = width + np.arange(int(rest.sum()))
+            size, out = index.size, Units(0, dims, index, windows=u.windows)
+        if cols is not None and cols.size == size_of(u) and np.array_equal(cols, np.arange(cols.size)):
+            cols = None
+        op.input_node = x.name
+        layers.append(LayerSpec(name=unique(f"{scope}.pad" if scope else "pad"), kind=Kind.CONCAT, size=size,
+                                node=node.name, module=scope or None, dim=d, bias_ops=[op],
+                                operands=[Operand(layer=u.layer, node=x.name, offset=front, cols=cols, width=width,
+                                                  dim=d, dims=dims if len(dims) > 1 else None)]))
+        out.layer = len(layers) - 1
+        units[node.name] = out
         return True
 
     output_node = None
@@ -1421,6 +1479,8 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
             if pooled & set(u.dims):
                 raise ExtractionError(f"cannot map {_where(node)}: it pools over the dim that holds the units "
                                       f"(shape {s_in}); pool over positions, with the units on dim 1")
+            if isinstance(info, ChainOp) and info.kind == "pad" and pad_units(node, x, u, info):
+                return
             if len(s_in) != len(s_out) or any(s_in[d] != s_out[d] for d in u.dims) or s_in[0] != s_out[0]:
                 raise ExtractionError(f"{_where(node)} changes the units' dims ({s_in} -> {s_out}) in a way that mixes units")
             units[node.name] = u
@@ -1524,7 +1584,15 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                     break
                 cur = nxt[0]
             op.path = path[::-1]
+    # casts on the way of the flows (not those of a pattern or a gate's signal, held constant)
+    held = set(signal_only) | pattern | {p for p, _ in products.values()}
+    for n in reversed(nodes):
+        if n.name in feeds and n.users and all(u.name in held or (u.name in products and products[u.name][0] == n.name)
+                                               for u in n.users):
+            held.add(n.name)
+    casts = [_where(by_name[n]) for n in casts if n in units and n not in held]
     return UnitGraph(gm=gm, layers=layers, units=units, output_layer=out_layer, output_node=out.name, shapes=shapes,
+                     casts=casts,
                      rules=sorted(rules))
 
 

@@ -110,6 +110,9 @@ class UnitGraph:
     output_node: str
     shapes: dict[str, tuple[int, ...]]
     rules: list[str] = field(default_factory=list)  # names of the linearisation rules used
+    # ops that cast the data to a floating type less precise than the input's (a float64 run of a
+    # model that computes its attention in float32): flows there are as exact as that type
+    casts: list[str] = field(default_factory=list)
 
     def unit_dim(self, node: str) -> int:
         """The one dim that holds the units of ``node``'s value (1 for NCHW, -1 for channels-last)."""

@@ -751,3 +751,62 @@ def test_sums_of_single_channels_are_one_unit_and_stack_into_a_layer():
                                (x * grad).sum((0, 2, 3)).detach().numpy(), rtol=1e-10, atol=1e-12)
     sizes = {l.name: l.size for l in g.layers}
     assert sizes["stack"] == 3 and all(sizes[n] == 1 for n in sizes if n.startswith(("add", "sub")))
+
+
+def test_a_float64_run_of_a_model_that_computes_in_float32_inside_is_not_called_exact():
+    """EfficientViT computes its linear attention in float32 whatever the model's type: in a
+    float64 run the flows there are float32-exact, and the graph says so (``exact`` False,
+    ``lower_precision`` names the cast); a cast inside a gate's signal, held constant, is not
+    on the way of the flows and leaves the run exact."""
+
+    class Cast(nn.Module):
+        def __init__(self, where: str):
+            super().__init__()
+            self.where = where
+            self.c, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.c(x)
+            if self.where == "value":
+                h = F.relu(h.float()).to(x.dtype)
+            else:
+                h = h * torch.sigmoid(h.mean((2, 3), keepdim=True).float()).to(x.dtype)
+            return self.fc(h.mean((2, 3)))
+
+    x = torch.randn(3, 3, 6, 6)
+    value, signal = _flows(Cast("value"), x, 2), _flows(Cast("signal"), x, 2)
+    assert value.meta["exact"] is False and len(value.meta["lower_precision"]) == 1
+    assert value.meta["lower_precision"][0].startswith("fx node 'float")
+    assert signal.meta["exact"] is True and "lower_precision" not in signal.meta
+    _assert_exact(signal)
+
+
+def test_constant_channels_padded_beside_the_units_are_bias_units():
+    """``F.pad`` along the channels adds units that hold a constant: a layer of the channels and
+    the padded ones, whose flow is a bias; the input attribution is x * dT/dx."""
+
+    class PadUnits(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2, self.fc = nn.Conv2d(3, 4, 3), nn.Conv2d(7, 3, 1), nn.Linear(3, 2)
+
+        def forward(self, x):
+            h = F.pad(self.c1(x), (0, 0, 0, 0, 1, 2), value=0.5)  # one channel before, two after
+            return self.fc(F.relu(self.c2(F.relu(h))).mean((2, 3)))
+
+    torch.manual_seed(8)
+    m = PadUnits().double().eval()
+    x = torch.randn(3, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    g = _flows(m, x.detach(), 2)
+    _assert_exact(g)
+    torch.manual_seed(1)
+    y = torch.randint(0, 2, (3,))
+    (grad,) = torch.autograd.grad(m(x).gather(1, y[:, None]).sum(), x)
+    np.testing.assert_allclose(g.node_attr("attribution")[g.layer_slice("input")],
+                               (x * grad).sum((0, 2, 3)).detach().numpy(), rtol=1e-10, atol=1e-12)
+    pad = g.layer("pad")
+    assert pad.size == 7
+    i, j, _ = g.edge_block("c1", "pad")
+    np.testing.assert_array_equal(np.sort(j), [1, 2, 3, 4])  # c1's channels land after the one padded before
+    b = g.node_attr("bias_attribution")[g.layer_slice("pad")]
+    assert np.all(b[[1, 2, 3, 4]] == 0) and np.any(b[[0, 5, 6]] != 0)

@@ -272,11 +272,16 @@ class StateSpace(nn.Module):
             return self.fc((h @ held(c)).mean(2))
         tt = t.transpose(1, 2)  # (batch, positions, channels)
         q, k, v = F.relu(self.q(tt)), F.relu(self.k(tt)), self.v(tt)
+        if self.form == "lite":  # EfficientViT: 2 heads, a column of ones beside v gives the normaliser
+            q, k, v = (z.reshape(z.shape[0], 9, 2, 4).transpose(1, 2) for z in (q, k, v))
+            out = held(q) @ (held(k).transpose(-2, -1) @ F.pad(v, (0, 1), value=1.0))
+            out = out[..., :-1] / held(out[..., -1:] + 0.1)
+            return self.fc(out.transpose(1, 2).reshape(out.shape[0], 9, 8).mean(1))
         kv = held(k).transpose(-2, -1) @ v  # (batch, k's channels, v's channels)
         return self.fc((held(q) @ kv).mean(1))
 
 
-@pytest.mark.parametrize("form", ["ssd", "linear"])
+@pytest.mark.parametrize("form", ["ssd", "linear", "lite"])
 def test_products_of_data_without_softmax_hold_one_operand_against_hand_linearisation(form, exact_graph):
     torch.manual_seed(7)
     m = StateSpace(form).double().eval()
@@ -289,6 +294,35 @@ def test_products_of_data_without_softmax_hold_one_operand_against_hand_linearis
     a = g.node_attr("attribution")
     held = ["bcd"] if form == "ssd" else ["q", "k"]
     assert all(np.all(a[g.layer_slice(n)] == 0) for n in held)
+
+
+class Divided(nn.Module):
+    """Data divided by a smaller data tensor computed from it: a hand-written ``x / |x|`` over
+    the channels of each token. The divisor is a gate's signal, held constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 2, stride=2)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x, hand=False)
+
+    def run(self, x: torch.Tensor, hand: bool) -> torch.Tensor:
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        norm = t.norm(dim=-1, keepdim=True) + 0.1
+        return self.fc((t / (norm.detach() if hand else norm)).mean(1))
+
+
+def test_data_divided_by_a_smaller_data_tensor_against_hand_linearisation(exact_graph):
+    torch.manual_seed(11)
+    m = Divided().double().eval()
+    x, y = _data(12)
+    g = exact_graph(m, x, y, conservation=True)
+    expect, e = _hand(m, x, y, m.fc.weight)
+    _close(g.node_attr("attribution")[g.layer_slice("input")], expect)
+    _close(_dense(g, "embed", "logits"), e.numpy())
+    assert any(r.startswith("gate") for r in g.meta["rules"])
 
 
 class Factorised(nn.Module):
