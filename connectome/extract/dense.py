@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from connectome.errors import ExtractionError
 from connectome.kinds import Kind
 
-__all__ = ["Dense", "STRATEGIES", "CONV1D", "CONV1D_UNITS", "DENSE_MODULES", "DENSE_FUNCTIONS", "of_module", "of_function", "of_spec",
+__all__ = ["Dense", "STRATEGIES", "CONV1D", "CONV1D_UNITS", "CONV2D_ONE_UNIT", "DENSE_MODULES", "DENSE_FUNCTIONS", "of_module", "of_function", "of_spec",
            "positions_bias"]
 
 _PER_SAMPLE_BUDGET = 1 << 26  # elements of scratch per chunk (~256 MB in float32)
@@ -235,6 +235,16 @@ CONV2D = Dense(
 )
 
 
+# A convolution whose input channels are the positions of one unit (CSATv2's stem: the 64 DCT
+# frequencies of the Y channel of every 8x8 block, read by a 1x1 convolution): one edge from that
+# unit to each output channel, summed over the input channels and the kernel.
+CONV2D_ONE_UNIT = Dense(
+    "conv2d_one_unit", Kind.CONV, (), (), _conv2d_module, _conv_function,
+    forward=lambda m, x, w, b: m._conv_forward(x, w, b), regroup=lambda w, groups: w.reshape(w.shape[0], 1, -1),
+    geometry=lambda call: (call["kernel_size"], call["stride"], call["padding"], call["dilation"]),
+)
+
+
 # ----------------------------------------------------------------------------- conv1d
 def _conv1d_module(m: nn.Module) -> tuple[int, int, dict[str, Any]]:
     groups, in_feat, call = _conv2d_module(m)
@@ -340,7 +350,7 @@ LINEAR = Dense(
     regroup=lambda w, groups: w.reshape(w.shape[0], -1, 1), per_sample=_linear_per_sample, grouped_input=True,
 )
 
-STRATEGIES: dict[str, Dense] = {d.name: d for d in (CONV2D, CONV1D, CONV1D_UNITS, CONV_T2D, LINEAR)}
+STRATEGIES: dict[str, Dense] = {d.name: d for d in (CONV2D, CONV2D_ONE_UNIT, CONV1D, CONV1D_UNITS, CONV_T2D, LINEAR)}
 #: dense modules, traced as leaves when they run their stock forward
 DENSE_MODULES: tuple[type, ...] = tuple(t for d in STRATEGIES.values() for t in d.modules)
 DENSE_FUNCTIONS: frozenset[Any] = frozenset(f for d in STRATEGIES.values() for f in d.functions)

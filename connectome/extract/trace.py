@@ -317,6 +317,8 @@ def _classify_function(node: Any, c: _Ctx) -> tuple[str, Any]:
         return _registered(op, node, c)
     from connectome.extract import windows
 
+    if t is torch.addcmul:
+        return _classify_addcmul(node, c)
     if t is windows.window_pad:
         return ("chain", None)  # zero padding of positions
     if t is windows.window_crop:
@@ -361,6 +363,31 @@ def _classify_function(node: Any, c: _Ctx) -> tuple[str, Any]:
     return ("unsupported", f"function {getattr(t, '__name__', t)!s} is not a per-unit op we can map (no entry in "
                            "connectome.extract.ops; register a module that calls it with "
                            "connectome.extract.register_op)")
+
+
+def _classify_addcmul(node: Any, c: _Ctx) -> tuple[str, Any]:
+    """``torch.addcmul(a, b, x, value=v)`` = ``a + v * b * x`` with data ``x`` and constants ``a``,
+    ``b`` (timm's GlobalResponseNorm: bias + weight * (x * Nx)): an affine op."""
+    args = list(node.args) + [None] * (3 - len(node.args))
+    a, b, x = (args[i] if args[i] is not None else node.kwargs.get(k) for i, k in enumerate(("input", "tensor1",
+                                                                                              "tensor2")))
+    v = node.kwargs.get("value", args[3] if len(args) > 3 else 1)
+    if c.is_data(a) or not c.is_data(x) and not c.is_data(b):
+        return ("unsupported", "addcmul with data in its first operand (a + b * x is mapped for constant a)")
+    if c.is_data(b):
+        b, x = x, b
+    if c.is_data(b) or not isinstance(v, (int, float)):
+        return ("unsupported", "addcmul of two data tensors (write the product, a * b, and the sum apart)")
+    shape = c.shapes[node.name]
+    if c.shapes[x.name] != shape:
+        return ("unsupported", "an addcmul that broadcasts the data to a larger shape mixes units")
+    scale = _batchless(c.const(b), shape) if isinstance(b, fx.Node) else b
+    shift = _batchless(c.const(a), shape) if isinstance(a, fx.Node) else a
+    if scale is None or shift is None:
+        return ("unsupported", "an addcmul with an operand that is neither data nor a constant")
+    scale = scale * v if v != 1 else scale
+    shift = torch.as_tensor(shift) if not isinstance(shift, torch.Tensor) else shift
+    return ("chain", ChainOp(node.name, "affine", x.name, (torch.as_tensor(scale), shift)))
 
 
 def _classify_cat(node: Any, c: _Ctx) -> tuple[str, Any]:
@@ -474,7 +501,8 @@ def _classify_product(node: Any, c: _Ctx) -> tuple[str, Any]:
             # A self-gate such as x * sigmoid(x) (hand-written SiLU), or a squeeze-and-excitation
             # gate on a 1x1 map (same shape as the signal, computed from it): the factor that is
             # computed from the other operand is the gate.
-            pooled = all(v == 1 for v in out_shape[2:]) and len(out_shape) > 2
+            # (a 1x1 map, channels first or last: one dim beside the batch larger than 1)
+            pooled = len(out_shape) > 2 and sum(v != 1 for v in out_shape[1:]) <= 1
             if _derives_from(b, a, c, elementwise=True) or (pooled and _derives_from(b, a, c, elementwise=False)):
                 gate = 1
             elif _derives_from(a, b, c, elementwise=True) or (pooled and _derives_from(a, b, c, elementwise=False)):
@@ -807,13 +835,16 @@ def _is_layer(n: fx.Node, c: "_Ctx") -> bool:
 
 
 def _signal_only(nodes: list[fx.Node], c: "_Ctx", pattern: set[str],
-                 classified: dict[str, tuple[str, Any]]) -> set[str]:
+                 classified: dict[str, tuple[str, Any]]) -> tuple[set[str], set[str]]:
     """Nodes that only compute the signal of a gate (``x * s``, ``s`` held constant) or the
     queries and keys of an attention (its pattern held constant): a softmax over a selective
     kernel's branches, a norm over channels in a gate, rotary embeddings of q and k. The rules
     need their values, not their units, so they may be left unmapped when they mix units.
     Layers on the way stay layers (dead ends that carry no flow). The products and attentions
-    it classifies are put in ``classified`` (for the mapping, which needs them again)."""
+    it classifies are put in ``classified`` (for the mapping, which needs them again). Also
+    returns the nodes that only compute such values through layers too: they may be left
+    without units when one before them fails to map (a signal computed from a mean over the
+    units), the layers with them."""
     signals: dict[str, set[str]] = {}  # op -> the operands it holds constant
     for n in nodes:
         if n.name not in c.data:
@@ -828,12 +859,18 @@ def _signal_only(nodes: list[fx.Node], c: "_Ctx", pattern: set[str],
         elif what == "chain" and isinstance(info, ChainOp) and info.kind == "attention":
             signals[n.name] = {info.params[0], info.params[1]} - {info.input_node}  # q and k, not v
     out: set[str] = set()
+    deep: set[str] = set()  # the same through layers (CSATv2's gate: a small transformer on channel means)
     for n in reversed(nodes):
-        if n.name not in c.data or not n.users or _is_layer(n, c):
+        if n.name not in c.data or not n.users:
             continue
-        if all(u.name in out or u.name in pattern or n.name in signals.get(u.name, ()) for u in n.users):
-            out.add(n.name)
-    return out
+        # (reads of its size, plain values, do not need its units)
+        if all(u.name in deep or u.name in pattern or n.name in signals.get(u.name, ())
+               or (u.name not in c.data and u.op != "output") for u in n.users):
+            deep.add(n.name)
+            if not _is_layer(n, c) and all(u.name in out or u.name in pattern or n.name in signals.get(u.name, ())
+                                           for u in n.users):
+                out.add(n.name)
+    return out, deep
 
 
 def _inplace_flag(n: fx.Node, pos: int | None) -> bool:
@@ -1261,9 +1298,9 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
     kinds: dict[str, tuple[str, Any]] = {}
     products, pattern = _attention_products(nodes, ctx)
     classified: dict[str, tuple[str, Any]] = {}
-    signal_only = _signal_only(nodes, ctx, pattern, classified)
+    signal_only, signal_deep = _signal_only(nodes, ctx, pattern, classified)
     data_products, feeds = _data_products(nodes, ctx, products, pattern)
-    tolerant = signal_only | feeds  # may be left without units when they fail to map
+    tolerant = signal_only | signal_deep | feeds  # may be left without units when they fail to map
     failed: dict[str, ExtractionError] = {}  # why a tolerant node was left without units
 
     def map_node(node: fx.Node) -> None:
@@ -1364,7 +1401,10 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                 )
             group, cols = _split_group(idx, size_of(u))
             if not info.grouped_input and group != 1:
-                raise ExtractionError(f"{_where(node)} convolves a flattened tensor; units cannot be followed")
+                if info is dense.CONV2D and u.dims == () and group == idx.size and groups == 1:
+                    info = dense.CONV2D_ONE_UNIT  # its channels are positions of one unit
+                else:
+                    raise ExtractionError(f"{_where(node)} convolves a flattened tensor; units cannot be followed")
             if idx.size != in_feat:
                 raise ExtractionError(
                     f"{_where(node)} expects {in_feat} input features but its input carries {idx.size}"

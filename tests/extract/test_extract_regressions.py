@@ -810,3 +810,54 @@ def test_constant_channels_padded_beside_the_units_are_bias_units():
     np.testing.assert_array_equal(np.sort(j), [1, 2, 3, 4])  # c1's channels land after the one padded before
     b = g.node_attr("bias_attribution")[g.layer_slice("pad")]
     assert np.all(b[[1, 2, 3, 4]] == 0) and np.any(b[[0, 5, 6]] != 0)
+
+
+class _DctStem(nn.Module):
+    """CSATv2's stem and gate in small: the luma of RGB, 2x2 blocks whose 4 pixels become the
+    channels of one unit, a 1x1 convolution over them (``one_unit``); a gate whose signal is a
+    conv of the mean and max over the channels (``deep``: the signal starts with a reduction over
+    the units, so the layers after it cannot be mapped and carry no flow); GRN's
+    ``addcmul(bias, weight, x * Nx)`` on a channels-last 1x1 map (``grn``)."""
+
+    def __init__(self, written: bool = False):
+        super().__init__()
+        self.written = written
+        self.conv = nn.Conv2d(4, 5, 1)
+        self.sig = nn.Conv2d(2, 1, 3, padding=1)
+        self.w, self.b = nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(5))
+        self.fc = nn.Linear(5, 2)
+
+    def forward(self, x, hand: bool = False):
+        held = (lambda a: a.detach()) if hand else (lambda a: a)  # noqa: E731
+        y = x[:, 0] * 0.299 + x[:, 1] * 0.587 + x[:, 2] * 0.114  # (n, 4, 4): one unit
+        n = y.shape[0]
+        blocks = y.reshape(n, 2, 2, 2, 2).permute(0, 2, 4, 1, 3).reshape(n, 4, 2, 2)  # block pixels as channels
+        h = F.relu(self.conv(blocks))  # (n, 5, 2, 2)
+        s = torch.sigmoid(self.sig(torch.cat([h.mean(1, keepdim=True), h.amax(1, keepdim=True)], 1)))
+        h = h * held(s)
+        t = h.mean((2, 3), keepdim=True).permute(0, 2, 3, 1)  # (n, 1, 1, 5) channels last
+        nx = t.abs() / (t.abs().mean(-1, keepdim=True) + 1.0)
+        g = self.b + self.w * (t * held(nx)) if self.written else torch.addcmul(self.b, self.w, t * held(nx))
+        return self.fc((t + g).flatten(1))
+
+
+def test_dct_stem_signal_through_layers_and_addcmul_against_hand_linearisation():
+    torch.manual_seed(12)
+    m = _DctStem().double().eval()
+    x = torch.randn(3, 3, 4, 4, dtype=torch.float64)
+    g = _flows(m, x, 2)
+    _assert_exact(g)
+    torch.manual_seed(1)
+    y = torch.randint(0, 2, (3,))
+    xr = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(m(xr, hand=True).gather(1, y[:, None]).sum(), xr)
+    np.testing.assert_allclose(g.node_attr("attribution")[g.layer_slice("input")],
+                               (xr * grad).sum((0, 2, 3)).detach().numpy(), rtol=1e-10, atol=1e-12)
+    assert "sig" not in [l.name for l in g.layers]  # the signal's layer after the reduction: no units, no flow
+    i, j, w = g.edge_block("add_1", "conv")  # from the luma (r * .299 + g * .587, + b * .114)
+    assert np.all(i == 0) and sorted(j) == list(range(5))  # one unit (the luma) feeds each output channel
+    (gw,) = torch.autograd.grad(m(xr, hand=True).gather(1, y[:, None]).sum(), m.conv.weight)
+    np.testing.assert_allclose(w[np.argsort(j)], (m.conv.weight * gw).sum((1, 2, 3)).detach().numpy(), rtol=1e-10)
+    written = _DctStem(written=True).double().eval()
+    written.load_state_dict(m.state_dict())
+    np.testing.assert_allclose(_flows(written, x, 2).weight, g.weight, rtol=1e-12, atol=1e-14)
