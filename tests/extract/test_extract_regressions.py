@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -53,6 +55,20 @@ def _assert_exact(g: cn.Connectome) -> None:
     np.testing.assert_allclose((inflow + b)[hidden], a[hidden], atol=1e-9 * scale)  # flows balance
     np.testing.assert_allclose(outflow[hidden], a[hidden], atol=1e-9 * scale)
     assert abs(g.meta["completeness_residual"]) <= 1e-9 * max(1.0, abs(g.meta["target_total"]))
+
+
+def _exact_against_x_times_grad(m: nn.Module, x: torch.Tensor, **hand: Any) -> cn.Connectome:
+    """The graph of ``m`` on ``x`` (2 classes) is exact and its input attribution is the hand
+    copy's ``x * dT/dx`` (``m(x, **hand)``: the model with its rules spelled out)."""
+    g = _flows(m, x, 2)
+    _assert_exact(g)
+    torch.manual_seed(1)  # the labels _flows draws
+    y = torch.randint(0, 2, (x.shape[0],))
+    xr = x.detach().clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(m(xr, **hand).gather(1, y[:, None]).sum(), xr)
+    np.testing.assert_allclose(g.node_attr("attribution")[g.layer_slice("input")],
+                               (xr * grad).sum((0, 2, 3)).detach().numpy(), rtol=1e-10, atol=1e-12)
+    return g
 
 
 @pytest.mark.parametrize("clamp", [lambda: nn.ReLU6(), lambda: nn.Hardtanh(-1, 1)])
@@ -740,15 +756,7 @@ def test_sums_of_single_channels_are_one_unit_and_stack_into_a_layer():
             return self.fc(F.relu(self.c(z)).mean((2, 3)))
 
     torch.manual_seed(6)
-    m = YCbCr().double().eval()
-    x = torch.randn(3, 3, 6, 6, dtype=torch.float64, requires_grad=True)
-    g = _flows(m, x.detach(), 2)
-    _assert_exact(g)
-    torch.manual_seed(1)
-    y = torch.randint(0, 2, (3,))
-    (grad,) = torch.autograd.grad(m(x).gather(1, y[:, None]).sum(), x)
-    np.testing.assert_allclose(g.node_attr("attribution")[g.layer_slice("input")],
-                               (x * grad).sum((0, 2, 3)).detach().numpy(), rtol=1e-10, atol=1e-12)
+    g = _exact_against_x_times_grad(YCbCr().double().eval(), torch.randn(3, 3, 6, 6, dtype=torch.float64))
     sizes = {l.name: l.size for l in g.layers}
     assert sizes["stack"] == 3 and all(sizes[n] == 1 for n in sizes if n.startswith(("add", "sub")))
 
@@ -795,15 +803,7 @@ def test_constant_channels_padded_beside_the_units_are_bias_units():
             return self.fc(F.relu(self.c2(F.relu(h))).mean((2, 3)))
 
     torch.manual_seed(8)
-    m = PadUnits().double().eval()
-    x = torch.randn(3, 3, 6, 6, dtype=torch.float64, requires_grad=True)
-    g = _flows(m, x.detach(), 2)
-    _assert_exact(g)
-    torch.manual_seed(1)
-    y = torch.randint(0, 2, (3,))
-    (grad,) = torch.autograd.grad(m(x).gather(1, y[:, None]).sum(), x)
-    np.testing.assert_allclose(g.node_attr("attribution")[g.layer_slice("input")],
-                               (x * grad).sum((0, 2, 3)).detach().numpy(), rtol=1e-10, atol=1e-12)
+    g = _exact_against_x_times_grad(PadUnits().double().eval(), torch.randn(3, 3, 6, 6, dtype=torch.float64))
     pad = g.layer("pad")
     assert pad.size == 7
     i, j, _ = g.edge_block("c1", "pad")
@@ -845,14 +845,10 @@ def test_dct_stem_signal_through_layers_and_addcmul_against_hand_linearisation()
     torch.manual_seed(12)
     m = _DctStem().double().eval()
     x = torch.randn(3, 3, 4, 4, dtype=torch.float64)
-    g = _flows(m, x, 2)
-    _assert_exact(g)
+    g = _exact_against_x_times_grad(m, x, hand=True)
     torch.manual_seed(1)
     y = torch.randint(0, 2, (3,))
     xr = x.clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(m(xr, hand=True).gather(1, y[:, None]).sum(), xr)
-    np.testing.assert_allclose(g.node_attr("attribution")[g.layer_slice("input")],
-                               (xr * grad).sum((0, 2, 3)).detach().numpy(), rtol=1e-10, atol=1e-12)
     assert "sig" not in [l.name for l in g.layers]  # the signal's layer after the reduction: no units, no flow
     i, j, w = g.edge_block("add_1", "conv")  # from the luma (r * .299 + g * .587, + b * .114)
     assert np.all(i == 0) and sorted(j) == list(range(5))  # one unit (the luma) feeds each output channel
