@@ -288,7 +288,11 @@ def _dask_grams(store: Any, names: list[str], bounds: np.ndarray, grams: dict[in
         import dask
     except ImportError:
         raise ConnectomeError("use_dask needs dask: pip install 'connectome[dask]'") from None
-    X = store.dask("weight", names=names).astype(np.float64)
+    X = store.dask("weight", names=names)
+    # the store's chunks hold one category each: blocks of rows (64 MB of float64 per block of a
+    # chunk's columns) keep the products' task graph from growing with categories squared
+    rows = max(1, min(len(names), int(64e6 // (8 * max(1, X.chunksize[1])))))
+    X = X.rechunk({0: rows}).astype(np.float64)
     parts = {li: X[:, int(bounds[li]):int(bounds[li + 1])] for li in grams}
     try:
         done = dask.compute({li: (p @ p.T, p.sum(axis=1)) for li, p in parts.items()})[0]

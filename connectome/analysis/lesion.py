@@ -369,8 +369,15 @@ def _edge_slices(model: Any, t: Any, graph: Connectome) -> tuple[list[tuple[str,
     keep: list[int] = []
     layers = graph.layers
     nl = graph.node_layer
+    # a module called twice is a layer per call with one weight: zeroing an edge of one call
+    # would remove it from both, so the edges into such layers are not lesioned
+    calls: dict[str, int] = {}
+    for l in layers:
+        calls[l.module or l.name] = calls.get(l.module or l.name, 0) + 1
     for e in range(graph.num_edges):
         ls, ld = layers[nl[graph.src[e]]], layers[nl[graph.dst[e]]]
+        if calls[ld.module or ld.name] > 1:
+            continue
         mod = modules.get(ld.module or ld.name)
         li = t.index(ls.name)
         if mod is None or li is None:

@@ -762,10 +762,11 @@ class CategoryRun:
         todo = [(c, label) for c, label in self.labels.items() if mine is None or c in mine]
         pin = resolve_device(kwargs.get("device")).type == "cuda"
         # one loader for every category read whole by this process (not for checkpointed or
-        # image-split runs, which read each category's shard with a loader of their own)
+        # image-split runs, which read each category's shard with a loader of their own, nor
+        # with max_images: a category cut short would leave the rest of its images to decode)
         shared = None
         if self._checkpoint is None and (self.split or rank_world()[1] == 1) and \
-                not isinstance(self._info.loader, TensorLoader):
+                not isinstance(self._info.loader, TensorLoader) and kwargs.get("max_images") is None:
             shared = CategoryBatches(self._info, [self._by_label[label] for _, label in todo], self._batch_size,
                                      num_workers=kwargs.get("num_workers"), pin_memory=pin)
         try:

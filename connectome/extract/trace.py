@@ -470,8 +470,11 @@ def _derives_from(a: fx.Node, b: fx.Node, c: _Ctx, elementwise: bool, limit: int
 
 def _classify_product(node: Any, c: _Ctx) -> tuple[str, Any]:
     t = node.target
-    is_div = t in (operator.truediv, operator.itruediv, torch.div)
+    is_div = t in (operator.truediv, operator.itruediv, torch.div) or (node.op == "call_method" and t in ("div", "divide"))
     targs = c.data_args(node)
+    if is_div and (node.kwargs.get("rounding_mode") is not None or (t is torch.div and len(node.args) > 2)):
+        return ("unsupported", "a division with rounding (rounding_mode='floor' or 'trunc') is not linear in "
+                               "the data; divide without rounding")
     out_shape = c.shapes[node.name]
     first = node.args[0] if node.args else node.kwargs.get("input")
     if len(targs) == 1:
@@ -820,10 +823,16 @@ def _pattern_operand(node: fx.Node, units: dict[str, Units], shapes: dict[str, t
     a, b = node.args[0], node.args[1]
     if not isinstance(a, fx.Node) or not isinstance(b, fx.Node) or a is b:
         return None
+    out = shapes[node.name]
+    for n in (a, b):  # both hold the images along dim 0, and neither sums over it
+        s = shapes[n.name]
+        u = units.get(n.name)
+        if len(s) < 3 or s[0] != out[0] or _contracted(node, n, len(s)) == 0 or \
+                (u is not None and (u.batch != 0 or u.windows != 1)):
+            return None
     for v, p in ((b, a), (a, b)):
         u = units.get(v.name)
-        if u is not None and u.batch == 0 and u.windows == 1 and \
-                _contracted(node, v, len(shapes[v.name])) not in u.dims:
+        if u is not None and _contracted(node, v, len(shapes[v.name])) not in u.dims:
             return p.name, v.name
     return None
 
@@ -1061,11 +1070,17 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
     rules: set[str] = set()
 
     def unique(name: str) -> str:
+        # a name given already (a module called again, or `c_1` after a second call of `c`) gets
+        # the next free suffix
         if name not in used_names:
             used_names[name] = 0
             return name
-        used_names[name] += 1
-        return f"{name}_{used_names[name]}"
+        while True:
+            used_names[name] += 1
+            out = f"{name}_{used_names[name]}"
+            if out not in used_names:
+                used_names[out] = 0
+                return out
 
     def source(node: fx.Node, arg: fx.Node) -> Units:
         if arg.name not in units:
@@ -1206,7 +1221,11 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
         us = [units[a.name] for a in parts]
         if not stacked and any(dim in u.dims for u in us):
             return False
-        if stacked and all(u.dims == () and u.batch == 0 for u in us):
+        if len({u.layer for u in us}) == 1:
+            layout(node)
+            kinds[node.name] = ("layout", None)
+            return True
+        if stacked and dim != 0 and all(u.dims == () and u.batch == 0 for u in us):
             # one unit each (the Y, Cb and Cr channels computed from RGB): stacked, they are the
             # units of a concat layer along the new dim, one operand per unit
             folds = {u.windows for u in us}
@@ -1220,10 +1239,6 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                                     size=len(parts), node=node.name, module=scope or None, operands=operands, dim=dim))
             units[node.name] = Units(len(layers) - 1, (dim,), None, windows=folds.pop())
             kinds[node.name] = ("concat", dim)
-            return True
-        if len({u.layer for u in us}) == 1:
-            layout(node)
-            kinds[node.name] = ("layout", None)
             return True
         operands, start = [], 0
         for a, u in zip(parts, us):
@@ -1327,6 +1342,9 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                 for a in node.all_input_nodes:
                     if a.name in failed:
                         raise failed[a.name]
+                if any(_contracted(node, a, len(shapes[a.name])) == 0 for a in node.args[:2] if isinstance(a, fx.Node)):
+                    raise ExtractionError(f"cannot map {_where(node)}: a matrix product that sums over the batch dim "
+                                          "mixes the images of a batch")
             else:
                 products[node.name] = choice
         if node.name in products:
@@ -1521,6 +1539,12 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                                       f"(shape {s_in}); pool over positions, with the units on dim 1")
             if isinstance(info, ChainOp) and info.kind == "pad" and pad_units(node, x, u, info):
                 return
+            if info is None and node.op == "call_function" and node.target is F.pad and \
+                    _const(node, 2, "mode", "constant") == "constant":  # zeros (CIFAR ResNets' option A)
+                pad = _const(node, 1, "pad", ())
+                if isinstance(pad, (tuple, list)) and all(isinstance(p, int) for p in pad) and \
+                        pad_units(node, x, u, ChainOp(node.name, "pad", x.name, (tuple(pad), 0.0))):
+                    return
             if len(s_in) != len(s_out) or any(s_in[d] != s_out[d] for d in u.dims) or s_in[0] != s_out[0]:
                 raise ExtractionError(f"{_where(node)} changes the units' dims ({s_in} -> {s_out}) in a way that mixes units")
             units[node.name] = u
@@ -1553,7 +1577,7 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
             if node.name not in tolerant:
                 # a value that needed units from one left without them: the reason is that one's
                 reason = next((failed[a.name] for a in node.all_input_nodes if a.name in failed), None)
-                if reason is not None:
+                if reason is not None and "does not come from the model input" in str(exc):
                     raise reason from None
                 raise
             failed[node.name] = exc
@@ -1625,7 +1649,7 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                 cur = nxt[0]
             op.path = path[::-1]
     # casts on the way of the flows (not those of a pattern or a gate's signal, held constant)
-    held = set(signal_only) | pattern | {p for p, _ in products.values()}
+    held = set(signal_only) | signal_deep | pattern | {p for p, _ in products.values()}
     for n in reversed(nodes):
         if n.name in feeds and n.users and all(u.name in held or (u.name in products and products[u.name][0] == n.name)
                                                for u in n.users):
@@ -1641,11 +1665,11 @@ def _pointwise_conv1d(node: fx.Node, c: _Ctx) -> bool:
     if node.op == "call_module":
         m = c.modules[node.target]
         return tuple(m.kernel_size) == (1,) and tuple(m.stride) == (1,) and m.groups == 1 and \
-            (m.padding == "valid" or tuple(m.padding) == (0,))
+            (m.padding in ("valid", "same") or tuple(m.padding) == (0,))
     w = c.const(node.args[1] if len(node.args) > 1 else node.kwargs.get("weight"))
     stride, pad, groups = (_const(node, i, k, d) for i, k, d in ((3, "stride", 1), (4, "padding", 0), (6, "groups", 1)))
     return w is not None and w.shape[-1] == 1 and stride in (1, (1,), [1]) and groups == 1 and \
-        pad in (0, (0,), [0], "valid")
+        pad in (0, (0,), [0], "valid", "same")
 
 
 def _positions_linear(node: fx.Node, x: fx.Node, u: Units, d: dense.Dense, ctx: _Ctx, gm: fx.GraphModule,

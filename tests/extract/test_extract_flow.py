@@ -659,19 +659,21 @@ def test_attribution_by_category(image_folder, folder_model):
     assert sum(g.meta["target_total"] for g in graphs.values()) == pytest.approx(whole.meta["target_total"], rel=1e-9)
 
 
-def test_categories_are_read_by_one_loader_in_turn(image_folder, folder_model, monkeypatch):
+@pytest.mark.parametrize("max_images", [None, 1])
+def test_categories_are_read_by_one_loader_in_turn(image_folder, folder_model, monkeypatch, max_images):
     """The categories of a run share one loader (its decoding processes start once, not once
-    per category); a category cut short by max_images leaves no batch to the next one."""
+    per category); with max_images each category has a loader of its own (the shared one would
+    decode the images left over); either way a category is the same as computed alone."""
     from torch.utils.data import DataLoader
 
     starts = []
     iter_ = DataLoader.__iter__
     monkeypatch.setattr(DataLoader, "__iter__", lambda self: starts.append(1) or iter_(self))
-    kw = dict(transform=transform32(), batch_size=1, max_images=1, num_workers=1, progress=False)
+    kw = dict(transform=transform32(), batch_size=1, max_images=max_images, num_workers=1, progress=False)
     graphs = attribution_by_category(folder_model, image_folder, **kw)
-    assert len(starts) == 1
-    for name, g in graphs.items():
-        assert g.meta["n_images"] == 1
+    assert len(starts) == (1 if max_images is None else len(graphs))
+    for k, (name, g) in enumerate(graphs.items()):
+        assert g.meta["n_images"] == (2 + k if max_images is None else 1)
         alone = attribution_by_category(folder_model, image_folder, categories=[name], **kw)[name]
         np.testing.assert_array_equal(g.weight, alone.weight)
         np.testing.assert_array_equal(g.node_attr("attribution"), alone.node_attr("attribution"))

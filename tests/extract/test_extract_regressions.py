@@ -857,3 +857,106 @@ def test_dct_stem_signal_through_layers_and_addcmul_against_hand_linearisation()
     written = _DctStem(written=True).double().eval()
     written.load_state_dict(m.state_dict())
     np.testing.assert_allclose(_flows(written, x, 2).weight, g.weight, rtol=1e-12, atol=1e-14)
+
+
+# ------------------------------------------------------------ found by a review of the constructs above
+def test_division_with_rounding_and_products_over_the_batch_are_refused():
+    class Floor(nn.Module):  # torch.div(..., rounding_mode="floor") is not linear: it was a gate, marked exact
+        def __init__(self, const: bool):
+            super().__init__()
+            self.const, self.c, self.fc = const, nn.Conv2d(3, 4, 1), nn.Linear(4, 2)
+
+        def forward(self, x):
+            t = self.c(x).flatten(2).transpose(1, 2)
+            d = 0.3 if self.const else t.mean(1, keepdim=True) + 2.0  # a divisor per channel, over positions
+            return self.fc(torch.div(t, d, rounding_mode="floor").mean(1))
+
+    class OverBatch(nn.Module):  # (2, N) @ (N, 5) sums over the images
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.fc = nn.Linear(3, 2), nn.Linear(3, 5), nn.Linear(5, 2)
+
+        def forward(self, x):
+            return self.fc(self.a(x.mean((2, 3))).transpose(0, 1) @ self.b(x.mean((2, 3))))
+
+    for m, why in ((Floor(True), "a division with rounding"), (Floor(False), "a division with rounding"),
+                   (OverBatch(), "sums over the batch dim mixes the images")):
+        with pytest.raises(ExtractionError, match=why) as info:
+            _flows(m, torch.randn(2, 3, 4, 4), 2)
+        assert "\n" not in str(info.value)
+
+
+def test_layer_names_stay_unique_and_lesions_leave_shared_weights_alone():
+    class Named(nn.Module):  # a second call of `c` and a module named `c_1`
+        def __init__(self):
+            super().__init__()
+            self.c, self.c_1, self.fc = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.fc(self.c_1(F.relu(self.c(F.relu(self.c(x))))).mean((2, 3)))
+
+    torch.manual_seed(2)
+    m = Named().double().eval()
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    g = _flows(m, x, 2)
+    _assert_exact(g)
+    names = [l.name for l in g.layers]
+    assert len(set(names)) == len(names) and [l.module for l in g.layers][1:4] == ["c", "c", "c_1"]
+    r = cn.analysis.lesion_edges(m, g, (x, torch.tensor([0, 1, 0, 1])), steps=1, fraction=1.0, device="cpu")
+    shared = {n for n, l in zip(names, g.layers) if l.module == "c"}
+    assert r.removed and not any(e.split("->")[1].split(":")[0] in shared for e in r.removed)
+
+
+def test_stack_of_channels_of_one_layer_is_a_layout_and_zero_padded_channels_are_units():
+    class Stacks(nn.Module):  # BGR from RGB, stacked on dim 1 or dim 0 and moved back
+        def __init__(self, dim: int):
+            super().__init__()
+            self.dim, self.c, self.fc = dim, nn.Conv2d(3, 4, 3), nn.Linear(4, 2)
+
+        def forward(self, x):
+            z = torch.stack([x[:, 2], x[:, 1], x[:, 0]], dim=self.dim)
+            z = z if self.dim == 1 else z.permute(1, 0, 2, 3)
+            return self.fc(F.relu(self.c(z)).mean((2, 3)))
+
+    class OptionA(nn.Module):  # CIFAR ResNets' shortcut: the channels padded with zeros
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 8, 3, stride=2, padding=1), \
+                nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = F.relu(self.c1(x))
+            return self.fc(F.relu(self.c2(h) + F.pad(h[:, :, ::2, ::2], (0, 0, 0, 0, 2, 2))).mean((2, 3)))
+
+    torch.manual_seed(3)
+    for dim in (1, 0):
+        g = _exact_against_x_times_grad(Stacks(dim).double().eval(), torch.randn(3, 3, 6, 6, dtype=torch.float64))
+        assert [l.name for l in g.layers] == ["input", "c", "logits"]
+    g = _exact_against_x_times_grad(OptionA().double().eval(), torch.randn(3, 3, 8, 8, dtype=torch.float64))
+    assert g.layer("pad").size == 8
+
+
+def test_a_float32_gate_signal_through_a_layer_leaves_the_run_exact_and_same_padding_conv1d_maps():
+    class SE(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.se, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.c(x)
+            w, b = self.se.weight.float(), self.se.bias.float()  # the gate's signal in float32
+            s = torch.sigmoid(F.linear(h.mean((2, 3)).float(), w, b)).to(x.dtype)
+            return self.fc((h * s[:, :, None, None]).mean((2, 3)))
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.agg, self.fc = nn.Conv2d(3, 4, 2, stride=2), nn.Conv1d(3, 1, 1, padding="same"), \
+                nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.agg(self.c(x).flatten(2).transpose(1, 2)[:, :3]).squeeze(1))
+
+    g = _flows(SE(), torch.randn(3, 3, 6, 6), 2)
+    assert g.meta["exact"] is True and "lower_precision" not in g.meta
+    _exact_against_x_times_grad(Head().double().eval(), torch.randn(3, 3, 4, 4, dtype=torch.float64))
