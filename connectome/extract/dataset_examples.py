@@ -233,9 +233,14 @@ class ImageOrder:
         return torch.from_numpy(ids[: n_kept if n_used is None else n_used].astype(np.float64))
 
     def _path_index(self, path: str) -> int:
+        """The index in the loader's dataset (its order's space) of the item at ``path``: for a
+        category (a ``Subset``), its position in the subset, found through the root's samples."""
         if self._paths is None:
-            samples = getattr(self.dataset, "samples", None) or []
-            self._paths = {str(p): i for i, (p, *_) in enumerate(samples)}
+            samples = getattr(self.root, "samples", None) or []
+            if self.map is None:
+                self._paths = {str(p): i for i, (p, *_) in enumerate(samples)}
+            else:
+                self._paths = {str(samples[int(r)][0]): i for i, r in enumerate(self.map) if int(r) < len(samples)}
         return self._paths.get(str(path), -1)
 
     def describe(self, used: np.ndarray) -> dict[str, Any]:

@@ -253,6 +253,7 @@ def test_image_folder_indices_name_the_right_files(tmp_path):
         for i in range(4):
             Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(tmp_path / c / f"{i}.png")
     (tmp_path / "a" / "2.png").write_bytes(b"not a png")  # skipped: the indices after it must not shift
+    (tmp_path / "b" / "0.png").write_bytes(b"not a png")  # first of its category (of its batch): found by path
     from torchvision import transforms
 
     tf = transforms.ToTensor()
