@@ -228,22 +228,9 @@ def compare_store(store: Any, attr: str = "attribution", *, generalist: float = 
             one = [0]
             _read(store, weight, rows[i:i + 1], slice(None), names[i:i + 1], "edge/weight", one)
             crc[i] = one[0]
-    w = int(window) if window else _window(k, memory, weight.chunks[1])
-    n_edges = 0 if use_dask else int(src.size)
-    for a in range(0, n_edges, w):
-        b = min(n_edges, a + w)
-        X = _read(store, weight, rows, slice(a, b), names, "edge/weight", crc)
-        for li in grams:
-            s, e = max(a, int(bounds[li])), min(b, int(bounds[li + 1]))
-            if e > s:
-                part = X[:, s - a:e - a]
-                used = part.any(axis=0)  # edges with no flow in any category add nothing: leave them out
-                if not used.all():
-                    part = part[:, used]
-                # float32 stores: float32 products of a window (BLAS syrk: X @ X.T is symmetric), float64 sums
-                grams[li] += part @ part.T
-                sums[li] += part.sum(axis=1, dtype=np.float64)
-        del X
+    else:
+        w = int(window) if window else _window(k, memory, weight.chunks[1])
+        _streamed_grams(store, weight, rows, names, bounds, grams, sums, crc, w)
     for i, n in enumerate(names):
         if crc[i] != metas[i]["crc32"].get("edge/weight"):
             raise BadFileError(f"store {str(store.path)!r}, category {n!r}, column edge/weight is damaged (its "
@@ -279,6 +266,27 @@ def compare_store(store: Any, attr: str = "attribution", *, generalist: float = 
         layers=tuple((l.name, int(offsets[i]), l.size) for i, l in enumerate(layers)), node_ids=ids,
         generalist=generalist, circuit_mass=float(store.info.get("circuit_mass", 0.8)),
     )
+
+
+def _streamed_grams(store: Any, weight: Any, rows: np.ndarray, names: list[str], bounds: np.ndarray,
+                    grams: dict[int, np.ndarray], sums: dict[int, np.ndarray], crc: list[int], w: int) -> None:
+    """Fill ``grams`` and ``sums`` per layer from windows of ``w`` edges read in turn (``crc``:
+    each row's running CRC-32)."""
+    n_edges = int(bounds[-1])
+    for a in range(0, n_edges, w):
+        b = min(n_edges, a + w)
+        X = _read(store, weight, rows, slice(a, b), names, "edge/weight", crc)
+        for li in grams:
+            s, e = max(a, int(bounds[li])), min(b, int(bounds[li + 1]))
+            if e > s:
+                part = X[:, s - a:e - a]
+                used = part.any(axis=0)  # edges with no flow in any category add nothing: leave them out
+                if not used.all():
+                    part = part[:, used]
+                # float32 stores: float32 products of a window (BLAS syrk: X @ X.T is symmetric), float64 sums
+                grams[li] += part @ part.T
+                sums[li] += part.sum(axis=1, dtype=np.float64)
+        del X
 
 
 def _dask_grams(store: Any, names: list[str], bounds: np.ndarray, grams: dict[int, np.ndarray],

@@ -20,6 +20,7 @@ Morcos, A. S. et al. (2018). On the importance of single directions for generali
 from __future__ import annotations
 
 import copy
+from collections import Counter
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -371,9 +372,7 @@ def _edge_slices(model: Any, t: Any, graph: Connectome) -> tuple[list[tuple[str,
     nl = graph.node_layer
     # a module called twice is a layer per call with one weight: zeroing an edge of one call
     # would remove it from both, so the edges into such layers are not lesioned
-    calls: dict[str, int] = {}
-    for l in layers:
-        calls[l.module or l.name] = calls.get(l.module or l.name, 0) + 1
+    calls = Counter(l.module or l.name for l in layers)
     for e in range(graph.num_edges):
         ls, ld = layers[nl[graph.src[e]]], layers[nl[graph.dst[e]]]
         if calls[ld.module or ld.name] > 1:

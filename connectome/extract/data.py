@@ -501,7 +501,7 @@ class CategoryBatches:
     A loader per category (:func:`subset_loader`) starts its worker processes again for every
     category; each start forks the whole process, and the copy-on-write faults that follow
     cost more than a small category's work (100 one-image categories of resnet18 at 32 px:
-    36 of 80 CPU seconds were the kernel's). :meth:`category` gives each category a loader
+    36 of 75 CPU seconds were the kernel's). :meth:`category` gives each category a loader
     that takes its batches from the shared one; categories must be read in the order given.
     """
 
@@ -550,17 +550,10 @@ class _CategoryLoader:
         self.num_workers = shared.loader.num_workers
         idx = list(subset.indices)
         self._batches = [idx[i : i + self.batch_size] for i in range(0, len(idx), self.batch_size)]
-        self._read = 0
 
     def __len__(self) -> int:
         return len(self._batches)
 
     def __iter__(self) -> Iterator[Any]:
-        while self._read < len(self._batches):
-            self._read += 1
-            yield self.shared.next_batch(self._batches[self._read - 1])
-
-    def finish(self) -> None:
-        """Read (and drop) the batches not asked for, so that the next category starts at its own."""
-        for _ in self:
-            pass
+        for batch in self._batches:  # read once, whole (a run with max_images has loaders of its own)
+            yield self.shared.next_batch(batch)

@@ -785,8 +785,6 @@ class CategoryRun:
                                      **{k: v for k, v in kwargs.items() if k != "num_workers"})
                 except DataError as exc:
                     raise DataError(f"category {cname!r}: {exc}") from None
-                if shared is not None:
-                    sub_info.loader.finish()  # batches a max_images left unread
                 if g.meta.get("target_class") is None and target == "label":
                     g = g.with_meta(target_class=int(label))
                 yield cname, g

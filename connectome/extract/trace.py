@@ -230,6 +230,10 @@ class _Ctx:
         return [a for a in args if self.is_data(a)]
 
 
+class _Unmapped(ExtractionError):
+    """A node reads a tensor that has no units (it failed to map, or comes from no mapped op)."""
+
+
 def _op_of(node: Any, c: _Ctx) -> ops.Op | None:
     return ops.op_for_node(node, c.modules) if node.op in ("call_module", "call_function", "call_method") else None
 
@@ -368,10 +372,8 @@ def _classify_function(node: Any, c: _Ctx) -> tuple[str, Any]:
 def _classify_addcmul(node: Any, c: _Ctx) -> tuple[str, Any]:
     """``torch.addcmul(a, b, x, value=v)`` = ``a + v * b * x`` with data ``x`` and constants ``a``,
     ``b`` (timm's GlobalResponseNorm: bias + weight * (x * Nx)): an affine op."""
-    args = list(node.args) + [None] * (3 - len(node.args))
-    a, b, x = (args[i] if args[i] is not None else node.kwargs.get(k) for i, k in enumerate(("input", "tensor1",
-                                                                                              "tensor2")))
-    v = node.kwargs.get("value", args[3] if len(args) > 3 else 1)
+    a, b, x = (_const(node, i, k, None) for i, k in enumerate(("input", "tensor1", "tensor2")))
+    v = _const(node, 3, "value", 1)
     if c.is_data(a) or not c.is_data(x) and not c.is_data(b):
         return ("unsupported", "addcmul with data in its first operand (a + b * x is mapped for constant a)")
     if c.is_data(b):
@@ -799,7 +801,7 @@ def _data_products(nodes: list[fx.Node], c: "_Ctx", products: dict[str, tuple[st
     nodes that only feed such operands may fail to map (a softmax over positions of the state's
     channels) and be left without units, as the signal of a gate is."""
     candidates = {n.name for n in nodes if _is_matmul(n) and n.name in c.data and n.name not in products
-                  and len([a for a in n.args if c.is_data(a)]) == 2}
+                  and len(c.data_args(n)) == 2}
     feeds: set[str] = set()
     for n in reversed(nodes):
         if n.name in pattern or n.name not in c.data or not n.users or _is_layer(n, c):
@@ -819,16 +821,19 @@ def _pattern_operand(node: fx.Node, units: dict[str, Units], shapes: dict[str, t
     whose units lie off the dim summed over (its positions are mixed, as v's by an attention
     pattern); the other is held constant. When both could be the value, the right operand is
     (``pattern @ value``, as attention is written); an operand without units (it failed to map)
-    can only be the pattern. None when neither can be the value."""
+    can only be the pattern. None when neither can be the value; an ExtractionError when the
+    product sums over the batch dim."""
     a, b = node.args[0], node.args[1]
     if not isinstance(a, fx.Node) or not isinstance(b, fx.Node) or a is b:
         return None
+    if any(_contracted(node, n, len(shapes[n.name])) == 0 for n in (a, b)):
+        raise ExtractionError(f"cannot map {_where(node)}: a matrix product that sums over the batch dim "
+                              "mixes the images of a batch")
     out = shapes[node.name]
-    for n in (a, b):  # both hold the images along dim 0, and neither sums over it
+    for n in (a, b):  # both hold the images along dim 0
         s = shapes[n.name]
         u = units.get(n.name)
-        if len(s) < 3 or s[0] != out[0] or _contracted(node, n, len(s)) == 0 or \
-                (u is not None and (u.batch != 0 or u.windows != 1)):
+        if len(s) < 3 or s[0] != out[0] or (u is not None and (u.batch != 0 or u.windows != 1)):
             return None
     for v, p in ((b, a), (a, b)):
         u = units.get(v.name)
@@ -1084,7 +1089,7 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
 
     def source(node: fx.Node, arg: fx.Node) -> Units:
         if arg.name not in units:
-            raise ExtractionError(
+            raise _Unmapped(
                 f"{_where(node)} reads {arg.name!r}, which does not come from the model input through ops we can map"
             )
         return units[arg.name]
@@ -1265,7 +1270,7 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
         units[node.name] = Units(len(layers) - 1, (out_dim,), None, windows=windows.pop())
         return True
 
-    def pad_units(node: fx.Node, x: fx.Node, u: Units, op: ChainOp) -> bool:
+    def pad_units(node: fx.Node, x: fx.Node, u: Units, pad: tuple[int, ...], value: float) -> bool:
         """``F.pad`` along a dim of the units with a constant (EfficientViT's column of ones beside
         v, whose product with the keys is linear attention's normaliser): a layer of the units and
         the padded ones, which hold the constant (a bias, the ``pad`` rule's constant). With units
@@ -1278,7 +1283,6 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
         if len(s_out) != nd or u.batch != 0 or len(changed) != 1 or changed[0] not in dims:
             return False
         d = changed[0]
-        pad, value = op.params
         k = nd - 1 - d  # F.pad lists (before, after) from the last dim back
         front, back = (int(pad[2 * k]), int(pad[2 * k + 1])) if len(pad) > 2 * k + 1 else (0, 0)
         if front < 0 or back < 0 or not math.isfinite(value) or (len(dims) > 1 and front):
@@ -1300,7 +1304,7 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
             size, out = index.size, Units(0, dims, index, windows=u.windows)
         if cols is not None and cols.size == size_of(u) and np.array_equal(cols, np.arange(cols.size)):
             cols = None
-        op.input_node = x.name
+        op = ChainOp(node.name, "pad", x.name, (pad, value))  # the padded units' constant, a bias
         layers.append(LayerSpec(name=unique(f"{scope}.pad" if scope else "pad"), kind=Kind.CONCAT, size=size,
                                 node=node.name, module=scope or None, dim=d, bias_ops=[op],
                                 operands=[Operand(layer=u.layer, node=x.name, offset=front, cols=cols, width=width,
@@ -1338,15 +1342,12 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
             return  # computes an attention pattern, which the attention rule holds constant
         if node.name in data_products and node.name not in products:
             choice = _pattern_operand(node, units, shapes)
-            if choice is None:
+            if choice is not None:
+                products[node.name] = choice
+            else:  # an operand left without units may say why
                 for a in node.all_input_nodes:
                     if a.name in failed:
                         raise failed[a.name]
-                if any(_contracted(node, a, len(shapes[a.name])) == 0 for a in node.args[:2] if isinstance(a, fx.Node)):
-                    raise ExtractionError(f"cannot map {_where(node)}: a matrix product that sums over the batch dim "
-                                          "mixes the images of a batch")
-            else:
-                products[node.name] = choice
         if node.name in products:
             pn, vn = products[node.name]
             what, info = "chain", ChainOp(node.name, "pattern", vn, (pn,))
@@ -1508,10 +1509,9 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
             size = math.prod(shapes[node.name][d] for d in several) if several is not None else shapes[node.name][dim]
             layers.append(LayerSpec(name=unique(base), kind=kind, size=size, node=node.name,
                                     module=scope or None, operands=operands, dim=dim % nd))
-            units[node.name] = Units(len(layers) - 1, (dim % nd,), None, windows=folds.pop() if folds else 1) \
-                if several is None else Units(len(layers) - 1, several,
-                                              np.arange(size).reshape([shapes[node.name][d] for d in several]),
-                                              windows=folds.pop() if folds else 1)
+            index = None if several is None else np.arange(size).reshape([shapes[node.name][d] for d in several])
+            units[node.name] = Units(len(layers) - 1, (dim % nd,) if several is None else several, index,
+                                     windows=folds.pop() if folds else 1)
         else:  # chain: keeps the units of its data input
             if isinstance(info, ChainOp) and RULES[info.kind].named_input:
                 x = by_name[info.input_node]
@@ -1537,14 +1537,9 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
             if pooled & set(u.dims):
                 raise ExtractionError(f"cannot map {_where(node)}: it pools over the dim that holds the units "
                                       f"(shape {s_in}); pool over positions, with the units on dim 1")
-            if isinstance(info, ChainOp) and info.kind == "pad" and pad_units(node, x, u, info):
+            padded = _constant_pad(node, info)
+            if padded is not None and pad_units(node, x, u, *padded):
                 return
-            if info is None and node.op == "call_function" and node.target is F.pad and \
-                    _const(node, 2, "mode", "constant") == "constant":  # zeros (CIFAR ResNets' option A)
-                pad = _const(node, 1, "pad", ())
-                if isinstance(pad, (tuple, list)) and all(isinstance(p, int) for p in pad) and \
-                        pad_units(node, x, u, ChainOp(node.name, "pad", x.name, (tuple(pad), 0.0))):
-                    return
             if len(s_in) != len(s_out) or any(s_in[d] != s_out[d] for d in u.dims) or s_in[0] != s_out[0]:
                 raise ExtractionError(f"{_where(node)} changes the units' dims ({s_in} -> {s_out}) in a way that mixes units")
             units[node.name] = u
@@ -1577,7 +1572,7 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
             if node.name not in tolerant:
                 # a value that needed units from one left without them: the reason is that one's
                 reason = next((failed[a.name] for a in node.all_input_nodes if a.name in failed), None)
-                if reason is not None and "does not come from the model input" in str(exc):
+                if reason is not None and isinstance(exc, _Unmapped):
                     raise reason from None
                 raise
             failed[node.name] = exc
@@ -1658,6 +1653,18 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
     return UnitGraph(gm=gm, layers=layers, units=units, output_layer=out_layer, output_node=out.name, shapes=shapes,
                      casts=casts,
                      rules=sorted(rules))
+
+
+def _constant_pad(node: fx.Node, info: Any) -> tuple[tuple[int, ...], float] | None:
+    """``(pad, value)`` of ``F.pad`` with a constant: the ``pad`` rule's params, or for zeros (which
+    the registry leaves without a rule: exact as they are) the call's own; None for other ops."""
+    if isinstance(info, ChainOp) and info.kind == "pad":
+        return tuple(info.params[0]), float(info.params[1])
+    if info is not None or node.op != "call_function" or node.target is not F.pad or \
+            _const(node, 2, "mode", "constant") != "constant":
+        return None  # not a pad, or a reflection of the data
+    pad = _const(node, 1, "pad", ())
+    return (tuple(pad), 0.0) if isinstance(pad, (tuple, list)) and all(isinstance(p, int) for p in pad) else None
 
 
 def _pointwise_conv1d(node: fx.Node, c: _Ctx) -> bool:
