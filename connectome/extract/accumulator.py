@@ -32,7 +32,7 @@ from connectome.extract.build import assemble, edge_shapes, graph_layers, layout
 from connectome.extract import dense, ops
 from connectome.extract.batched import GroupedSums, join_limit, units_dim
 from connectome.extract.rules import RULES, ChainOp, RunContext, Terms, attention_forward, product_forward
-from connectome.extract.trace import LayerSpec, UnitGraph, layer_weight, run_nodes
+from connectome.extract.trace import LayerSpec, UnitGraph, layer_weight, run_nodes, tile_heads
 from connectome.extract.unit_sums import UnitView, _acc_dtype
 from connectome.graph import Connectome
 from connectome.kinds import DENSE, IDENTITY, KINDS, Kind
@@ -308,6 +308,12 @@ class FlowAccumulator:
                 li, spec = hit
                 if node.op == "call_module":
                     m = modules[node.target]
+                    if "heads" in spec.call:  # heads folded into the batch: the weight tiled per head
+                        w, b = (None if t is None else t.detach().requires_grad_(True)
+                                for t in tile_heads(spec, m.weight, m.bias))
+                        leaves[li] = (w, b)
+                        return _per_head(spec.call["heads"], lambda x, w, b: dense.of_spec(spec).forward(m, x, w, b),
+                                         args[0], w, b)
                     w = leaf(m.weight)
                     b = leaf(m.bias) if m.bias is not None else None
                     leaves[li] = (w, b)
@@ -343,7 +349,8 @@ class FlowAccumulator:
                                   else v) for k, v in kwargs.items()}
                     return run_plain(node, args, kwargs)
                 if op.kind == "attention":
-                    return attention_forward(op, *args[:3])
+                    mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
+                    return attention_forward(op, *args[:3], mask=mask if isinstance(mask, torch.Tensor) else None)
                 if op.kind == "window":
                     return node.target(*args, **kwargs, frozen=True)  # pattern from detached q, k
                 x = ctx.kept_input(op, node, args, kwargs)
@@ -572,10 +579,17 @@ class FlowAccumulator:
                         continue
                     prod = (half * xo if half != 1.0 else xo) * gs
                     # units on one dim, or on several (heads and channels), moved after the batch
-                    prod = prod.movedim(op.dim, 1) if op.dims is None else \
-                        prod.movedim(op.dims, tuple(range(1, len(op.dims) + 1)))
+                    rows = ug.units[s.node].windows
+                    if op.dims and 0 in op.dims and rows > 1:
+                        # some of them along the rows of an image (heads folded into the batch)
+                        prod = prod.reshape(prod.shape[0] // rows, rows, *prod.shape[1:]).movedim(
+                            tuple(1 if d == 0 else d + 1 for d in op.dims), tuple(range(1, len(op.dims) + 1)))
+                    else:
+                        prod = prod.movedim(op.dim, 1) if op.dims is None else \
+                            prod.movedim(op.dims, tuple(range(1, len(op.dims) + 1)))
+                        rows = 1
                     per = prod.reshape(prod.shape[0], op.width, -1).sum(2).double()
-                    if w > 1:  # positions folded into the batch: an image's rows are one sample
+                    if w > 1 and rows == 1:  # positions folded into the batch: an image's rows are one sample
                         per = per.reshape(-1, w, op.width).sum(1)
                     if op.sign != 1.0:  # the subtracted operand of a residual `a - b`
                         per = per * op.sign
@@ -832,6 +846,9 @@ class FlowAccumulator:
         w = self._weight(s).to(gz.dtype)
         # positions folded into the batch: the rows of one image (its windows) are one sample
         rows = self.ug.units[s.operands[0].node].windows
+        if "heads" in s.call:  # heads folded into the batch: per image, a grouped conv over heads x channels
+            h = s.call["heads"]
+            x, gz, rows = x.reshape(x.shape[0] // h, -1, *x.shape[2:]), gz.reshape(gz.shape[0] // h, -1, *gz.shape[2:]), 1
         return dense.of_spec(s).per_sample_abs(s.call, s.groups, s.operands[0].group, w, x.to(gz.dtype), gz,
                                                self.device, rows)
 
@@ -973,3 +990,14 @@ def _mix_edges(spec: LayerSpec, e: torch.Tensor) -> torch.Tensor:
     if spec.call["right"]:  # v @ pattern: the pattern's columns are the output units
         e = e.transpose(-1, -2)
     return e.reshape(spec.size, -1)
+
+
+def _per_head(heads: int, forward: Callable[..., torch.Tensor], x: torch.Tensor, w: torch.Tensor,
+              b: torch.Tensor | None) -> torch.Tensor:
+    """A dense layer over heads folded into the batch (row ``r`` holds head ``r % heads``), run
+    once per head with that head's slice of the tiled weight (and bias): the same values as the
+    model's one call, and a gradient per head in the tiled leaf."""
+    o = w.shape[0] // heads
+    rows = x.unflatten(0, (-1, heads))
+    out = [forward(rows[:, k], w[k * o:(k + 1) * o], None if b is None else b[k * o:(k + 1) * o]) for k in range(heads)]
+    return torch.stack(out, 1).flatten(0, 1)

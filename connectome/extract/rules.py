@@ -49,7 +49,10 @@ same value to the last bit, and each operand passes on half of the product's flo
 Ops that are linear in the data with no constant need no rule: they keep or move units and
 ``x * dT/dx`` passes through them exactly, holding nothing constant. Besides the layout ops
 (permute, view, ...): positions folded into the batch dim and back (a window partition:
-``Units.windows`` rows per image, summed into their image per sample), ``torch.cat`` along
+``Units.windows`` rows per image, summed into their image per sample; heads folded into the
+batch, ``(B * heads, tokens, head_dim)``: the rows of an image are then unit slots, row ``r``
+holding head ``r % windows``), ``Tensor.unfold`` into sliding windows (HaloNet's halo blocks:
+copies of positions), ``torch.cat`` along
 positions and ``torch.stack`` (a concat layer whose operands fill all its units at their own
 positions), ``unfold`` (units = channels, each over its kernel offsets) and ``fold``,
 ``F.interpolate`` / ``nn.Upsample``, sums over positions, and maxima over positions
@@ -59,7 +62,8 @@ over a dim that holds units beside another (ResNeSt's radix groups: an add layer
 What a rule holds constant needs no units: the ops that only compute a gate's signal or an
 attention's queries and keys are left unmapped when they mix units (a softmax across a
 selective kernel's branches, an RMS norm across channels written by hand, rotary embeddings
-of q and k), and the queries or keys may be constants (an attention-pooling probe).
+of q and k, an attention mask computed from q: SAM's relative positions, part of the pattern),
+and the queries or keys may be constants (an attention-pooling probe).
 
 References
 ----------
@@ -291,14 +295,21 @@ def _norm_slope(op: ChainOp, xd: torch.Tensor, ctx: RunContext) -> tuple[torch.T
     return s, w
 
 
-def attention_forward(op: ChainOp, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+class DATA_MASK(str):
+    """An attention mask computed from the data (the name of its fx node): part of the pattern,
+    its value is read at each step."""
+
+
+def attention_forward(op: ChainOp, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
     """The attention rule (CP-LRP; AttnLRP's conservative variant): the pattern
     ``softmax(q k^T / sqrt(d))`` held constant, so the output is linear in ``v``: each channel
     of ``v`` is mixed over tokens by the constant pattern, and ``q``, ``k`` get no gradient.
 
     ``op.params[2]`` is the number of heads of (batch, tokens, dim) tensors
     (:func:`connectome.extract.attention.attend`), or the keyword arguments of
-    ``F.scaled_dot_product_attention`` on (..., tokens, head_dim) tensors.
+    ``F.scaled_dot_product_attention`` on (..., tokens, head_dim) tensors; ``mask``: the
+    mask's value at this step when it is computed from the data (:class:`DATA_MASK`).
     """
     how = op.params[2]
     if isinstance(how, int):
@@ -310,6 +321,7 @@ def attention_forward(op: ChainOp, q: torch.Tensor, k: torch.Tensor, v: torch.Te
         with torch.no_grad():
             y = attend(q, k, v, heads)
     else:
+        how = dict(how, attn_mask=mask.detach()) if isinstance(how["attn_mask"], DATA_MASK) else how
         lin = _pattern(q, k, how["attn_mask"], how["is_causal"], how["scale"]) @ v
         with torch.no_grad():
             y = F.scaled_dot_product_attention(q, k, v, **{kk: vv for kk, vv in how.items() if vv is not None})

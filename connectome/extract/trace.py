@@ -49,7 +49,7 @@ from connectome.extract.fx_root import real_target
 from connectome.extract.tracer import graph_for, trace_graph
 from connectome.extract.unitgraph import LayerSpec, Operand, UnitGraph, Units
 from connectome.extract import ops
-from connectome.extract.rules import RULES, ChainOp
+from connectome.extract.rules import DATA_MASK, RULES, ChainOp
 from connectome.kinds import Kind
 
 __all__ = ["UnitGraph", "LayerSpec", "Operand", "ChainOp", "Units", "trace_units", "run_nodes"]
@@ -348,7 +348,10 @@ def _classify_function(node: Any, c: _Ctx) -> tuple[str, Any]:
             elif c.const(mask) is not None:
                 mask = c.const(mask)
             else:
-                return ("unsupported", "attention with a mask computed from the data")
+                # computed from the data (SAM's relative positions from q): added to the scores
+                # before the softmax, it is part of the pattern, held constant with it; the rule
+                # reads its value at each step
+                mask = DATA_MASK(mask.name)
         dropout = _const(node, 4, "dropout_p", 0.0)
         dropout = c.values.get(dropout.name, 1.0) if isinstance(dropout, fx.Node) else dropout
         if dropout:
@@ -872,6 +875,8 @@ def _signal_only(nodes: list[fx.Node], c: "_Ctx", pattern: set[str],
             signals[n.name] = {info.params[0]}
         elif what == "chain" and isinstance(info, ChainOp) and info.kind == "attention":
             signals[n.name] = {info.params[0], info.params[1]} - {info.input_node}  # q and k, not v
+            if isinstance(info.params[2], dict) and isinstance(info.params[2]["attn_mask"], DATA_MASK):
+                signals[n.name].add(str(info.params[2]["attn_mask"]))
     out: set[str] = set()
     deep: set[str] = set()  # the same through layers (CSATv2's gate: a small transformer on channel means)
     for n in reversed(nodes):
@@ -929,7 +934,14 @@ def _unit_tensor(u: Units, shape: tuple[int, ...], layer_size: int) -> torch.Ten
         view = [1] * len(shape)
         for d, s in zip(u.dims, idx.shape):
             view[d] = s
-        t = idx.reshape(view).expand(shape)
+        if u.batch in u.dims:  # units that vary with the row of an image (heads folded into the batch)
+            rows = list(shape)
+            rows[u.batch] = u.windows
+            reps = [1] * len(shape)
+            reps[u.batch] = shape[u.batch] // u.windows
+            t = idx.reshape(view).expand(rows).repeat(reps)
+        else:
+            t = idx.reshape(view).expand(shape)
     view = [1] * len(shape)
     view[u.batch] = shape[u.batch]
     image = torch.div(torch.arange(shape[u.batch]), u.windows, rounding_mode="floor").to(torch.float64)
@@ -960,10 +972,17 @@ def _units_from(U: torch.Tensor, layer: int, layer_size: int, batch: int, where:
     if bdim is None:
         raise ExtractionError(mixed)
     U = U - float(layer_size) * image
-    if not torch.equal(U, U.narrow(bdim, 0, 1).expand_as(U)):
+    # every image's rows hold the same units; the rows of one image may hold different units
+    # (heads folded into the batch: row r holds head r % windows), then the units vary along
+    # the batch dim and its index has one entry per row of an image
+    reps = [1] * len(shape)
+    reps[bdim] = batch
+    first = U.narrow(bdim, 0, windows)
+    if not torch.equal(U, first.repeat(reps)):
         raise ExtractionError(mixed)
-    varying = [d for d in range(len(shape)) if d != bdim and shape[d] > 1
-               and not torch.equal(U, U.narrow(d, 0, 1).expand_as(U))]
+    U = first
+    shape = tuple(U.shape)
+    varying = [d for d in range(len(shape)) if shape[d] > 1 and not torch.equal(U, U.narrow(d, 0, 1).expand_as(U))]
     base = U
     for d in range(len(shape) - 1, -1, -1):
         if d not in varying:
@@ -1407,6 +1426,19 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
             if info.units_along:
                 in_feat = s_in[dim_in]  # its positions are the units it reads
             idx = u.along(dim_in, s_in[dim_in], size_of(u))
+            heads = 1
+            if idx is None and info is dense.CONV2D and node.op == "call_module" and u.batch == 0 and u.windows > 1 \
+                    and u.dims == (0, dim_in) and u.index is not None and call.get("padding_mode", "zeros") == "zeros":
+                # heads folded into the batch, the same weights for each (MViTv2's pooling of q, k
+                # and v): a grouped convolution over (batch, heads x channels), its weight tiled
+                # per head, so each head's W * dW is its own (the accumulator runs it per head)
+                heads = u.windows
+                idx = np.asarray(u.index, dtype=np.int64).reshape(-1)
+                if np.unique(idx).size != idx.size:
+                    raise ExtractionError(f"{_where(node)} reads heads folded into the batch with windows of positions "
+                                          "(the rows of an image repeat its units); units cannot be followed")
+                groups, in_feat = groups * heads, in_feat * heads
+                call = dict(call, heads=heads, groups=groups)
             if idx is None:
                 if info is dense.CONV1D and len(s_in) == 3 and u.batch == 0 and u.dims == (2,):
                     raise ExtractionError(
@@ -1414,6 +1446,11 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                         f"and {s_out[1]} output channels; a Conv1d across units maps with one channel in and out "
                         "(as in ECA attention)"
                     )
+                if u.batch in u.dims:
+                    raise ExtractionError(
+                        f"{_where(node)} reads a tensor whose units are partly in its batch dim (heads or channels "
+                        "folded into the batch, its weights shared by them); units cannot be followed - fold them "
+                        "back out of the batch before this layer")
                 raise ExtractionError(
                     f"{_where(node)} reads a tensor whose units are not along its "
                     + ("last dim" if info.grouped_input else "channel dim") + "; units cannot be followed"
@@ -1437,12 +1474,16 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                     raise ExtractionError(f"{_where(node)}: the weight is computed from the data; no unit graph maps it")
                 call["weight_value"] = (wv, ctx.const(bnode) if isinstance(bnode, fx.Node) else None)
             layers.append(LayerSpec(
-                name=name, kind=info.kind, size=s_out[dim_out], node=node.name, module=module_name,
+                name=name, kind=info.kind, size=s_out[dim_out] * heads, node=node.name, module=module_name,
                 operands=[Operand(layer=u.layer, node=x.name, group=group, cols=cols, width=idx.size // group)],
                 groups=groups, weight_node=wnode.name if wnode is not None else None, call=call, dim=dim_out,
                 dense=info.name,
             ))
-            units[node.name] = Units(len(layers) - 1, (dim_out,), None, windows=u.windows)
+            if heads > 1:  # unit h * O + o: output channel o of head h
+                units[node.name] = Units(len(layers) - 1, (0, dim_out),
+                                         np.arange(heads * s_out[dim_out]).reshape(heads, s_out[dim_out]), 0, heads)
+            else:
+                units[node.name] = Units(len(layers) - 1, (dim_out,), None, windows=u.windows)
             if node.meta.get("connectome_heads"):  # q, k, v of nn.MultiheadAttention: heads side by side
                 h = int(node.meta["connectome_heads"])
                 layers[-1].call["head_of"] = np.arange(layers[-1].size) // (layers[-1].size // h)
@@ -1506,12 +1547,21 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                 rules.add(RULES["product"].name)
             else:
                 base, kind = (f"{scope}.cat" if scope else "cat"), Kind.CONCAT
-            size = math.prod(shapes[node.name][d] for d in several) if several is not None else shapes[node.name][dim]
+            windows = folds.pop() if folds else 1
+            if several is not None and 0 in several and any(
+                    np.unique(np.asarray(o.cols)).size != np.asarray(o.cols).size for o in operands if o.cols is not None):
+                raise ExtractionError(f"{_where(node)} combines heads folded into the batch with windows of positions "
+                                      "(the rows of an image repeat its units); units cannot be followed")
+            if several is not None:  # (a unit per row of an image along the batch dim: heads folded into it)
+                extent = [windows if d == 0 else shapes[node.name][d] for d in several]
+                size = math.prod(extent)
+            else:
+                size = shapes[node.name][dim]
             layers.append(LayerSpec(name=unique(base), kind=kind, size=size, node=node.name,
                                     module=scope or None, operands=operands, dim=dim % nd))
-            index = None if several is None else np.arange(size).reshape([shapes[node.name][d] for d in several])
+            index = None if several is None else np.arange(size).reshape(extent)
             units[node.name] = Units(len(layers) - 1, (dim % nd,) if several is None else several, index,
-                                     windows=folds.pop() if folds else 1)
+                                     windows=windows)
         else:  # chain: keeps the units of its data input
             if isinstance(info, ChainOp) and RULES[info.kind].named_input:
                 x = by_name[info.input_node]
@@ -1713,8 +1763,7 @@ def _attr_value(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
     return value
 
 
-def layer_weight(ug: UnitGraph, spec: LayerSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The weight and bias tensors of a conv/linear layer (detached)."""
+def _own_weight(ug: UnitGraph, spec: LayerSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
     if spec.kind == Kind.MIX:  # a per-image pattern, no weights: a uniform one stands for it (rows sum to 1)
         width = spec.operands[0].width // spec.groups
         return torch.full((spec.size, width), 1.0 / width, dtype=torch.float64), None
@@ -1731,3 +1780,19 @@ def layer_weight(ug: UnitGraph, spec: LayerSpec) -> tuple[torch.Tensor, torch.Te
     w = _attr_value(ug.gm, wnode).detach()
     b = _attr_value(ug.gm, bnode).detach() if isinstance(bnode, fx.Node) and bnode.op == "get_attr" else None
     return w, b
+
+
+def layer_weight(ug: UnitGraph, spec: LayerSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weight and bias tensors of a conv/linear layer (detached); for a layer over heads
+    folded into the batch (``call["heads"]``), tiled once per head: the weight of the grouped
+    convolution over (batch, heads x channels) that it is."""
+    w, b = _own_weight(ug, spec)
+    return tile_heads(spec, w, b)
+
+
+def tile_heads(spec: LayerSpec, w: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``w`` and ``b`` repeated once per head for a layer over heads folded into the batch."""
+    h = int(spec.call.get("heads", 1)) if isinstance(spec.call, dict) else 1
+    if h == 1:
+        return w, b
+    return w.repeat(h, *([1] * (w.dim() - 1))), (b.repeat(h) if b is not None else None)

@@ -31,6 +31,9 @@ class UnitView:
         # image are summed into it, as positions of that image
         self.windows = u.windows if u.batch == 0 else 1
         self.natural1 = u.dims == (1,) and u.index is None and self.windows == 1
+        # the units vary with the row of an image (heads folded into the batch): the rows of an
+        # image are then unit slots, not positions, and a constant is summed at full size
+        self.row_units = self.windows > 1 and 0 in u.dims
         self.index = None
         if u.dims == ():
             self.index = torch.full((1,), int(np.asarray(u.index)), dtype=torch.long, device=device)
@@ -104,7 +107,7 @@ class UnitView:
     def _weighted(self, m: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Per slot ``sum(m * t)`` (K,) float64, ``m`` broadcasting against ``t``."""
         shape = t.shape
-        if m.dim() <= len(shape) and self.dims != ():
+        if m.dim() <= len(shape) and self.dims != () and not self.row_units:
             m = m.reshape((1,) * (len(shape) - m.dim()) + tuple(m.shape))
             units = {d % len(shape) for d in self.dims}
             rows = self._rows(t)  # (N, K, P)
@@ -122,7 +125,7 @@ class UnitView:
 
     def _per_slot(self, c: torch.Tensor, shape: torch.Size) -> torch.Tensor | None:
         """``c``'s value per unit slot (float64), or None when it also varies over images or positions."""
-        if c.dim() > len(shape) or self.dims == ():
+        if c.dim() > len(shape) or self.dims == () or self.row_units:
             return None
         c = c.reshape((1,) * (len(shape) - c.dim()) + tuple(c.shape))
         units = {d % len(shape) for d in self.dims}

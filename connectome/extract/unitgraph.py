@@ -28,7 +28,9 @@ class Units:
     index: np.ndarray | None = None
     batch: int = 0  # the batch dim (a layout op may move it for a while: timm's qkv permute)
     # rows of the batch dim per image: positions folded into the batch (a window partition,
-    # LeViT's flatten(0, 1)) make row r of the batch dim part of image r // windows
+    # LeViT's flatten(0, 1)) make row r of the batch dim part of image r // windows. When
+    # ``batch`` is also in ``dims`` (heads folded into the batch), the units vary with the row
+    # of an image: ``index`` has ``windows`` entries along it, row r holding entry r % windows
     windows: int = 1
 
     @property
@@ -37,7 +39,7 @@ class Units:
 
     def along(self, dim: int, size: int, layer_size: int) -> np.ndarray | None:
         """Unit of each index of ``dim`` when units lie along that one dim, else None."""
-        if self.batch != 0:
+        if self.batch != 0 or self.batch in self.dims:
             return None
         if self.dims == ():
             return np.full(size, int(self.index), dtype=np.int64)

@@ -211,5 +211,7 @@ def test_channels_left_in_the_batch_are_refused():
             return self.fc(t).reshape(h.shape[0], C, 4).mean(1)
 
     x, y = _data(5)
-    with pytest.raises(ExtractionError, match="mixes the images of a batch"):
+    # the batch rows of an image hold its channels (followed, as heads folded into the batch are);
+    # a Linear over them would share its weights between units
+    with pytest.raises(ExtractionError, match="module 'fc' reads a tensor whose units are partly in its batch dim"):
         cn.extract.attribution(Left().double().eval(), (x, y), progress=False)

@@ -113,3 +113,39 @@ def test_fold_of_mixed_units_is_refused():
     x, y = _data(20)
     with pytest.raises(ExtractionError, match="fold adds slots of different units"):
         cn.extract.attribution(BadFold().double().eval(), (x, y), progress=False, device="cpu")
+
+
+class Halo(nn.Module):
+    """``Tensor.unfold`` into overlapping windows (HaloNet's halo blocks: a zero pad, then
+    windows of 4 every 2 along each side), each window averaged; or the same average pool
+    (``windows=False``)."""
+
+    def __init__(self, windows: bool):
+        super().__init__()
+        self.windows = windows
+        self.a = nn.Conv2d(3, C, 3, padding=1)
+        self.b = nn.Conv2d(C, O, 1)
+        self.fc = nn.Linear(O, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = F.relu(self.a(x))  # (B, C, 7, 7)
+        if self.windows:
+            z = F.pad(z, (1, 2, 1, 2)).unfold(2, 4, 2).unfold(3, 4, 2).mean((-1, -2))
+        else:
+            z = F.avg_pool2d(F.pad(z, (1, 2, 1, 2)), 4, stride=2)
+        return self.fc(F.relu(self.b(z)).mean((2, 3)))
+
+
+def test_tensor_unfold_windows_equal_the_pool(exact_graph):
+    torch.manual_seed(12)
+    a, b = Halo(True).double().eval(), Halo(False).double().eval()
+    b.load_state_dict(a.state_dict())
+    x, y = _data(21)
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b(x), rtol=1e-12, atol=1e-12)
+    g1 = exact_graph(a, x, y, weights=False, conservation=True)
+    g2 = exact_graph(b, x, y, weights=False, conservation=True)
+    np.testing.assert_array_equal(g1.src, g2.src)
+    np.testing.assert_allclose(g1.weight, g2.weight, rtol=0, atol=1e-12 * float(np.abs(g2.weight).max()))
+    for name in ("attribution", "bias_attribution"):
+        np.testing.assert_allclose(g1.node_attr(name), g2.node_attr(name), rtol=0, atol=1e-12, err_msg=name)

@@ -66,6 +66,11 @@ add(Op("roll", LAYOUT, Receptive.GLOBAL, functions=(torch.roll,), methods=("roll
 add(Op("unfold", LAYOUT, Receptive.GLOBAL, modules=(nn.Unfold, nn.Fold), functions=(F.unfold, F.fold),
        examples=(lambda: lambda x: F.fold(F.unfold(x, 2, stride=2), (8, 8), 2, stride=2),
                  lambda: nn.Sequential(nn.Unfold(2, stride=2), nn.Fold((8, 8), 2, stride=2)))))
+# sliding windows along one dim, ``Tensor.unfold(dim, size, step)`` (HaloNet's halo blocks): each
+# copy of a position is the same unit, as with repeat
+add(Op("windows", LAYOUT, Receptive.GLOBAL, methods=("unfold",),
+       examples=(lambda: lambda x: x.unfold(3, 4, 4).flatten(3, 4),
+                 lambda: lambda x: x.unfold(2, 4, 2).unfold(3, 4, 2).mean((-1, -2)))))
 # each output position a fixed linear combination of the same channel's input positions: exact
 # as it is; fractional jumps fit no integer box, so the box is the whole image
 add(Op("resize", NONE, Receptive.GLOBAL, modules=(nn.Upsample,),
