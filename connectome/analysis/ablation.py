@@ -79,7 +79,7 @@ def _run_patterns(
             m = cur.get(node.name)
             if m is None or not isinstance(v, torch.Tensor):
                 return v
-            d = ug.unit_dim(node.name)
+            d = ug.one_unit_dim(node.name, "ablation")
             f = fills.get(node.name)
             if f is None:
                 return mask_units(v, m, unit_dim=d)
@@ -141,7 +141,7 @@ def reference_pass(
             elif value == "resample":
                 kept_all[li].append(v)
             if abs_mean:
-                mags[li].append(unit_abs_mean(v, ug.layers[li].size, ug.unit_dim(name)).double().cpu().numpy())
+                mags[li].append(unit_abs_mean(v, ug.layers[li].size, ug.one_unit_dim(name, "ablation")).double().cpu().numpy())
     mag = {li: np.concatenate(m) for li, m in mags.items()} if abs_mean else {}
     if value == "mean":
         return {li: (sm / n).to(t.dtype) for li, sm in sums.items()}, mag

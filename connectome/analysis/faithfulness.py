@@ -307,7 +307,7 @@ def _grad_scores(t: Traced, x: torch.Tensor, target: int, layers: Sequence[int],
                 li = nodes.get(node.name)
                 if li is None or not isinstance(v, torch.Tensor):
                     return v
-                d = ug.unit_dim(node.name)
+                d = ug.one_unit_dim(node.name, "faithfulness")
                 r = refs.get(li)
                 if r is None:
                     return mask_units(v, scales[li], unit_dim=d)

@@ -250,7 +250,7 @@ def _collect(model: Any, data: Any, layers: Sequence[str] | None, between: str, 
     from torch.utils.data import DataLoader
 
     from connectome.extract._model import check_model, eval_mode, model_dtype, model_on, resolve_device
-    from connectome.extract.activations import _read_node, _resolve_layers, traced_batches
+    from connectome.extract.activations import _read_node, _resolve_layers, traced_batches, unit_means
     from connectome.extract.build import graph_layers
     from connectome.extract.data import make_loader
     from connectome.extract.distributed import ShardSampler, _comm_device, agree, rank_device, rank_world
@@ -295,8 +295,7 @@ def _collect(model: Any, data: Any, layers: Sequence[str] | None, between: str, 
                 _, kept = run_nodes(ug.gm, (x,), keep=set(read.values()))
                 xs = {}
                 for i in picks:
-                    v = kept[read[i]].movedim(ug.unit_dim(read[i]), 1)
-                    xs[i] = v.reshape(v.shape[0], ug.layers[i].size, -1).mean(-1).double()
+                    xs[i] = unit_means(ug, read[i], ug.layers[i].size, kept[read[i]]).double()
                 if values is not None:
                     for i in picks:
                         values[i].append(xs[i].cpu().numpy())

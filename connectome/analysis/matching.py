@@ -31,6 +31,7 @@ import torch.nn as nn
 
 from connectome.analysis._util import nan_to_none as _nan_to_none
 from connectome.errors import ConnectomeError, EmptyGraphError, short_list
+from connectome.extract.activations import unit_means
 from connectome.extract.probe import IO_KINDS, Traced, load_probe, profile_node, traced
 from connectome.extract.trace import run_nodes
 from connectome.graph import Connectome
@@ -230,13 +231,13 @@ def _profiles(t: Traced, x: torch.Tensor, needs: Mapping[int, set[str]], batch_s
     def on_value(node: Any, v: Any) -> Any:
         for li in by_node.get(node.name, ()):
             units = t.ug.layers[li].size
-            # units first (a channels-last value keeps them on its last dim)
-            flat = v.movedim(t.ug.unit_dim(node.name), 1).reshape(v.shape[0], units, -1)
             for mode in needs[li]:
                 if mode == "positions" and v.dim() > 2:
-                    p = flat.transpose(1, 2).reshape(-1, units)
+                    # units first (a channels-last value keeps them on its last dim)
+                    d = t.ug.one_unit_dim(node.name, "matching over positions")
+                    p = v.movedim(d, 1).reshape(v.shape[0], units, -1).transpose(1, 2).reshape(-1, units)
                 else:
-                    p = flat.mean(-1)
+                    p = unit_means(t.ug, node.name, units, v)
                 parts.setdefault((li, mode), []).append(p.to(torch.float64, copy=True))
         return v
 

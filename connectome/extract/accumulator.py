@@ -517,7 +517,10 @@ class FlowAccumulator:
                     attr_at.append(li)
                 if self.examples is not None:
                     self.examples.observe(li, view, A)
-                m = view.per_image_mean(A.detach(), widen=False)
+                if view.index is not None and view.dims != ():  # units reordered or on several dims
+                    m = view.unit_means(A.detach())
+                else:
+                    m = view.per_image_mean(A.detach(), widen=False)
                 means.append(m if m.shape[1] == s.size else m.expand(n, s.size))
                 means_at.append(li)
             on_chain = set(s.chain)

@@ -14,6 +14,7 @@ from connectome.extract.build import graph_layers
 from connectome.extract.data import make_loader, unpack_batch
 from connectome.extract.targets import as_layer_names, resolve_layer
 from connectome.extract.trace import UnitGraph, run_nodes, trace_units
+from connectome.extract.unit_sums import UnitView
 
 __all__ = ["activations", "Activations", "traced_batches"]
 
@@ -131,12 +132,11 @@ def activations(
             _, kept = run_nodes(ug.gm, (x,), keep=keep)
             for i in picks:
                 s = ug.layers[i]
-                v = kept[read[i]].movedim(ug.unit_dim(read[i]), 1)  # units on dim 1, also for channels-last
-                n = v.shape[0]
-                if spatial and v.dim() > 2:
-                    arr = v
+                v = kept[read[i]]
+                if spatial and v.dim() > 2:  # units on dim 1, also for channels-last
+                    arr = v.movedim(ug.one_unit_dim(read[i], "activations(spatial=True)"), 1)
                 else:
-                    arr = v.reshape(n, s.size, -1).mean(-1)
+                    arr = unit_means(ug, read[i], s.size, v)
                 chunks.setdefault(glayers[i].name, []).append(arr.float().cpu().numpy())
             if y is not None:
                 labels.append(np.asarray(y.cpu()))
@@ -147,3 +147,9 @@ def activations(
     out.labels = np.concatenate(labels) if labels else None
     out.layers = [glayers[i] for i in picks]
     return out
+
+
+def unit_means(ug: UnitGraph, node: str, size: int, v: torch.Tensor) -> torch.Tensor:
+    """Per image and unit, the mean of ``node``'s value ``v`` over each unit's positions: (N, size),
+    wherever its units lie (channels-last, on several dims, heads or positions in the batch)."""
+    return UnitView(ug.units[node], size, v.device).unit_means(v)

@@ -62,7 +62,7 @@ def joining_on_cpu(limit: int) -> Iterator[None]:
 def units_dim(view: UnitView, t: torch.Tensor) -> int | None:
     """1 when ``t`` holds its units along dim 1, -1 along its last dim (one unit per slot, no
     windows), else None (the caller sums it with ``view``)."""
-    if view.index is not None or view.windows != 1 or len(view.dims) != 1 or t.dim() < 2:
+    if view.index is not None or view.windows != 1 or view.batch != 0 or len(view.dims) != 1 or t.dim() < 2:
         return None
     d = view.dims[0] % t.dim()
     if d == 1:

@@ -1315,9 +1315,13 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
         else:  # the data's places first, in order along the dims, then the padded ones
             cols = np.asarray(u.index, dtype=np.int64).reshape(-1)
             width = cols.size
-            index = np.full([s_out[e] for e in dims], -1, dtype=np.int64)
-            data = tuple(slice(0, s_in[e]) for e in dims)
-            index[data] = np.arange(width).reshape([s_in[e] for e in dims])
+            if 0 in dims and np.unique(cols).size != width:
+                raise ExtractionError(f"{_where(node)} pads heads folded into the batch with windows of positions "
+                                      "(the rows of an image repeat its units); units cannot be followed")
+            ext = lambda s, e: u.windows if e == 0 else s[e]  # noqa: E731  heads folded into the batch
+            index = np.full([ext(s_out, e) for e in dims], -1, dtype=np.int64)
+            data = tuple(slice(0, ext(s_in, e)) for e in dims)
+            index[data] = np.arange(width).reshape([ext(s_in, e) for e in dims])
             rest = index < 0
             index[rest] = width + np.arange(int(rest.sum()))
             size, out = index.size, Units(0, dims, index, windows=u.windows)
@@ -1659,7 +1663,11 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
         u = units.get(name)
         # a resize ends the chain: the units pass on their own grid (their receptive fields),
         # and the resized values reach the consumer through its read
-        return kind in ("chain", "layout") and u is not None and u.layer == layer and u.natural and \
+        d = units.get(layers[layer].node)
+        same = u is not None and d is not None and u.dims == d.dims and u.batch == d.batch and \
+            u.windows == d.windows and np.array_equal(np.asarray(u.index), np.asarray(d.index)) and \
+            shapes[name] == shapes[layers[layer].node]
+        return kind in ("chain", "layout") and u is not None and u.layer == layer and (u.natural or same) and \
             not _is_resize(by_name[name], ctx)
 
     # The value a unit passes on: follow single-user per-unit ops from the defining node.

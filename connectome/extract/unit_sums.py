@@ -27,13 +27,16 @@ class UnitView:
 
     def __init__(self, u: Units, layer_size: int, device: torch.device):
         self.dims, self.size = u.dims, layer_size
+        # the batch dim when a layout op moved it off dim 0 for a while (it is moved back first)
+        self.batch = u.batch
         # rows of the batch dim per image (positions folded into the batch): the rows of one
         # image are summed into it, as positions of that image
-        self.windows = u.windows if u.batch == 0 else 1
-        self.natural1 = u.dims == (1,) and u.index is None and self.windows == 1
+        self.windows = u.windows
+        self.natural1 = u.dims == (1,) and u.index is None and self.windows == 1 and u.batch == 0
         # the units vary with the row of an image (heads folded into the batch): the rows of an
-        # image are then unit slots, not positions, and a constant is summed at full size
-        self.row_units = self.windows > 1 and 0 in u.dims
+        # image are then unit slots, not positions; such values (and those with the batch off
+        # dim 0) are summed without the shortcuts for constants that vary per unit or per token
+        self.row_units = (self.windows > 1 and u.batch in u.dims) or u.batch != 0
         self.index = None
         if u.dims == ():
             self.index = torch.full((1,), int(np.asarray(u.index)), dtype=torch.long, device=device)
@@ -42,12 +45,17 @@ class UnitView:
 
     def _rows(self, t: torch.Tensor) -> torch.Tensor:
         """(N, K, P): N images, K unit slots (channels), P positions (with the windows, if any)."""
+        dims = self.dims
+        if self.batch != 0:
+            nd = t.dim()
+            b = self.batch % nd
+            t = t.movedim(b, 0)
+            dims = tuple(0 if d % nd == b else d % nd + 1 if d % nd < b else d % nd for d in dims)
         n = t.shape[0]
         if self.natural1:
             return t.reshape(n, t.shape[1], -1)
-        if self.dims == ():
+        if dims == ():
             return t.reshape(n // self.windows if n % self.windows == 0 else n, 1, -1)
-        dims = self.dims
         if self.windows > 1 and n % self.windows == 0:  # a constant's one row is not folded
             n //= self.windows
             t = t.reshape(n, self.windows, *t.shape[1:])
@@ -149,6 +157,19 @@ class UnitView:
     def per_image_mean(self, t: torch.Tensor, widen: bool = True) -> torch.Tensor:
         m = self._rows(t).mean(-1, dtype=_acc_dtype(t))
         return m.double() if widen else m
+
+    def unit_means(self, t: torch.Tensor) -> torch.Tensor:
+        """Per image and unit of the layer, the mean of the unit's values: (N, L) in ``t``'s
+        dtype, for units anywhere (channels-last, on several dims, heads or positions folded
+        into the batch)."""
+        rows = self._rows(t).to(_acc_dtype(t))  # (N, K, P)
+        if self.index is None:
+            return rows.mean(-1)
+        n, k, p = rows.shape
+        sums = torch.zeros(n, self.size, dtype=rows.dtype, device=rows.device).index_add_(1, self.index, rows.sum(-1))
+        count = torch.zeros(self.size, dtype=rows.dtype, device=rows.device).index_add_(
+            0, self.index, torch.full((k,), float(p), dtype=rows.dtype, device=rows.device))
+        return sums / count.clamp_min(1)
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:

@@ -121,6 +121,18 @@ class UnitGraph:
         u = self.units.get(node)
         return u.dims[0] if u is not None and len(u.dims) == 1 else 1
 
+    def one_unit_dim(self, node: str, what: str) -> int:
+        """:meth:`unit_dim`, for a use that reads or masks ``node``'s value per image and unit
+        (``what``): refused with a one-line error when its units are on several dims, in a
+        different order, or share the batch dim with positions or heads folded into it."""
+        u = self.units.get(node)
+        if u is not None and (len(u.dims) != 1 or u.index is not None or u.batch != 0 or u.windows != 1):
+            raise ExtractionError(
+                f"{what}: layer {self.layers[u.layer].name!r} holds its units on several dims of its value, "
+                "in another order, or with positions or heads folded into the batch; pick a layer whose "
+                "units are the channels (or the last dim) of its value")
+        return self.unit_dim(node)
+
     def layer_index(self, name: str) -> int:
         from connectome.extract.targets import resolve_layer
 

@@ -68,6 +68,11 @@ def _per_unit(ug: UnitGraph, op: Any, factor: Any, spec: LayerSpec) -> torch.Ten
     u = ug.units[op.node]
     if RULES[op.kind].channel_scale:  # a vector along dim 1 of the value: per channel, or per feature of a flattened map
         idx = u.along(1, shape[1], spec.size) if len(shape) > 1 else None
+        if idx is None and u.batch == 0 and u.dims == (0, 1) and u.index is not None:
+            # heads folded into the batch: the channel of each head's row (MViTv2's pooled q, k, v)
+            idx = np.asarray(u.index, dtype=np.int64)  # (heads, channels)
+            f = f.reshape(1, -1).expand(idx.shape[0], -1) if f.numel() == idx.shape[1] else f
+            idx = idx.reshape(-1)
         per_unit = idx is not None and f.numel() == idx.size
         if per_unit:
             # a channel of the value is unit idx[channel] (after a shuffle or a split): one factor per unit
@@ -84,11 +89,15 @@ def _per_unit(ug: UnitGraph, op: Any, factor: Any, spec: LayerSpec) -> torch.Ten
         return out
     if f.dim() > len(shape):
         raise ExtractionError(f"{op.node!r} multiplies by a tensor of shape {tuple(f.shape)} that is larger than the data")
-    full = f.reshape((1,) * (len(shape) - f.dim()) + tuple(f.shape)).expand((1, *shape[1:]))
-    if len(u.dims) != 1:
-        return None
-    d = u.dims[0]
-    first = full.narrow(0, 0, 1).movedim(d, 1).reshape(shape[d], -1)
+    if u.batch != 0:
+        raise ExtractionError(f"{op.node!r} scales a value whose batch dim is not its first; the weight graph "
+                              "cannot fold it into unit edges (attribution graphs handle it)")
+    # the factor over one image's rows (its heads, when they are folded into the batch)
+    dims = tuple(d % len(shape) for d in u.dims)
+    rows = u.windows if 0 in dims else 1
+    full = f.reshape((1,) * (len(shape) - f.dim()) + tuple(f.shape)).expand((rows, *shape[1:]))
+    slots = int(np.prod([rows if d == 0 else shape[d] for d in dims], dtype=np.int64))
+    first = full.movedim(dims, tuple(range(len(dims)))).reshape(slots, -1)
     if not torch.equal(first, first[:, :1].expand_as(first)):
         raise ExtractionError(
             f"{op.node!r} scales positions differently; a per-position factor cannot be folded into unit edges "
@@ -96,7 +105,10 @@ def _per_unit(ug: UnitGraph, op: Any, factor: Any, spec: LayerSpec) -> torch.Ten
         )
     col = first[:, 0]
     out = torch.ones(spec.size, dtype=torch.float64)
-    idx = torch.arange(shape[d]) if u.index is None else torch.as_tensor(np.asarray(u.index))
+    if dims == ():
+        idx = torch.as_tensor([int(np.asarray(u.index))])
+    else:
+        idx = torch.arange(shape[dims[0]]) if u.index is None else torch.as_tensor(np.asarray(u.index).reshape(-1))
     out[idx] = col
     return out
 

@@ -34,11 +34,12 @@ class Heads(nn.Module):
     ``hand``: the attention written out, ``softmax(q k^T * scale + bias) @ v``.
     """
 
-    def __init__(self, layout: str, mask: bool = False, hand: bool = False):
+    def __init__(self, layout: str, mask: bool = False, hand: bool = False, pad: bool = False, moved: bool = False):
         super().__init__()
-        self.layout, self.mask, self.hand = layout, mask, hand
+        self.layout, self.mask, self.hand, self.pad, self.moved = layout, mask, hand, pad, moved
         self.embed = nn.Conv2d(3, C, 2, stride=2)
-        self.qkv, self.proj = nn.Linear(C, 3 * C), nn.Linear(C, C)
+        self.qkv, self.proj = nn.Linear(C, 3 * C), nn.Linear(C + HEADS if pad else C, C)
+        self.beta = nn.Parameter(torch.randn(HD))
         self.rel = nn.Parameter(torch.randn(HD, N) * 0.5)
         self.norm = nn.LayerNorm(C)
         self.fc = nn.Linear(C, 4)
@@ -60,12 +61,19 @@ class Heads(nn.Module):
         else:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         o = o + v
-        if self.layout == "batch":
-            o = o.view(b, HEADS, N, HD).permute(0, 2, 1, 3).reshape(b, N, C)
-        elif self.layout == "interleaved":
-            o = o.view(HEADS, b, N, HD).permute(1, 2, 0, 3).reshape(b, N, C)
+        if self.moved:  # a constant added while the batch dim is off dim 0
+            o = (o.transpose(0, 1) + self.beta).transpose(0, 1)
         else:
-            o = o.transpose(1, 2).reshape(b, N, C)
+            o = o + self.beta
+        if self.pad:  # a column of ones beside each head's channels (EfficientViT's linear attention)
+            o = F.pad(o, (0, 1), value=1.0)
+        d = o.shape[-1]
+        if self.layout == "batch":
+            o = o.view(b, HEADS, N, d).permute(0, 2, 1, 3).reshape(b, N, HEADS * d)
+        elif self.layout == "interleaved":
+            o = o.view(HEADS, b, N, d).permute(1, 2, 0, 3).reshape(b, N, HEADS * d)
+        else:
+            o = o.transpose(1, 2).reshape(b, N, HEADS * d)
         y = self.norm(t + self.proj(o))
         return self.fc(y.mean(1))
 
@@ -89,9 +97,10 @@ def _compare(g1: cn.Connectome, g2: cn.Connectome, columns=("attribution", "bias
         np.testing.assert_allclose(a1, a2, rtol=0, atol=1e-12 * max(1.0, float(np.abs(a2).max())), err_msg=name)
 
 
-@pytest.mark.parametrize("mask", [False, True], ids=["no mask", "mask from q"])
-def test_heads_in_the_batch_equal_heads_on_a_dim(mask, exact_graph):
-    folded, plain = _pair(5, dict(layout="batch", mask=mask), dict(layout="dim", mask=mask))
+@pytest.mark.parametrize("kw", [{}, dict(mask=True), dict(pad=True), dict(moved=True)],
+                         ids=["plain", "mask from q", "padded heads", "batch moved off dim 0"])
+def test_heads_in_the_batch_equal_heads_on_a_dim(kw, exact_graph):
+    folded, plain = _pair(5, dict(layout="batch", **kw), dict(layout="dim", **kw))
     x, y = _data(6)
     with torch.no_grad():
         torch.testing.assert_close(folded(x), plain(x), rtol=1e-12, atol=1e-12)
@@ -143,6 +152,7 @@ class PoolHeads(nn.Module):
         self.qkv, self.proj = nn.Linear(C, 3 * C), nn.Linear(C, C)
         self.pool_k = nn.Conv2d(HD, HD, 3, stride=2, padding=1, groups=groups, bias=False)
         self.pool_v = nn.Conv2d(HD, HD, 3, stride=2, padding=1, groups=groups)
+        self.gamma = nn.Parameter(torch.rand(HD) + 0.5)  # a layer scale per channel of a head
         self.fc = nn.Linear(C, 4)
 
     def pool(self, t: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
@@ -154,6 +164,9 @@ class PoolHeads(nn.Module):
             w = conv.weight.repeat(HEADS, 1, 1, 1)
             bias = conv.bias.repeat(HEADS) if conv.bias is not None else None
             z = F.conv2d(t.permute(0, 1, 3, 2).reshape(b, HEADS * HD, 4, 4), w, bias, 2, 1, 1, self.groups * HEADS)
+        if conv is self.pool_v:  # per-unit ops after the layer: its values are the unit's
+            gamma = self.gamma if self.shared else self.gamma.repeat(HEADS)
+            z = F.gelu(z * gamma.view(1, -1, 1, 1))
         return z.reshape(b, HEADS, HD, 4).transpose(2, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -174,10 +187,21 @@ def test_a_convolution_shared_by_heads_in_the_batch_equals_the_grouped_one(group
         torch.testing.assert_close(shared(x), grouped(x), rtol=1e-12, atol=1e-12)
     g1 = exact_graph(shared, x, y, weights=False, conservation=True)
     g2 = exact_graph(grouped, x, y, weights=False, conservation=True)
-    _compare(g1, g2)
+    # the statistics of a unit are those of its value after the GELU, as for the grouped conv
+    _compare(g1, g2, columns=("attribution", "bias_attribution", "activation_mean", "activation_std", "frequency"))
     kw = dict(progress=False, device="cpu", per_sample=True)
     p1, p2 = (cn.extract.attribution(m, (x, y), **kw) for m in (shared, grouped))
     np.testing.assert_allclose(p1.edge_attr("abs_weight"), p2.edge_attr("abs_weight"), rtol=1e-12, atol=1e-12)
+    # activations per image and unit, read where the heads are in the batch
+    pool_v = next(l.name for l in g1.layers if l.name.startswith("pool_v"))
+    pool_v2 = g2.layers[[l.name for l in g1.layers].index(pool_v)].name
+    a1 = cn.extract.activations(shared, x, layers=[pool_v], device="cpu")[pool_v]
+    a2 = cn.extract.activations(grouped, x, layers=[pool_v2], device="cpu")[pool_v2]
+    assert a1.shape == (x.shape[0], HEADS * HD)
+    np.testing.assert_allclose(a1, a2, rtol=1e-6, atol=1e-6)
+    # masks per image and unit cannot be laid on rows of image x head: refused in one line
+    with pytest.raises(ExtractionError, match="holds its units on several dims"):
+        cn.analysis.ablate(shared, [f"{pool_v}:1"], (x, y), device="cpu")
     # the weight graph: each head's copy of the kernel
     w1, w2 = (cn.extract.weights(m.float(), (3, 8, 8)) for m in (shared, grouped))
     np.testing.assert_array_equal(w1.src, w2.src)
@@ -208,3 +232,18 @@ def test_heads_and_windows_in_the_batch_make_no_layer_of_windows():
     x, y = _data(14)
     with pytest.raises(ExtractionError, match="heads folded into the batch with windows of positions"):
         cn.extract.attribution(WindowHeads().double().eval(), (x, y), progress=False, device="cpu")
+
+
+@pytest.mark.parametrize("layout", ["batch", "dim"])
+def test_activations_of_a_layer_over_heads_are_per_image_and_unit(layout):
+    """The residual ``o + v`` inside the heads holds its units on two dims (heads and channels):
+    its activations are the per-image mean of each unit, as the attribution's statistics are
+    (they were read as if the units were on dim 1)."""
+    m, _ = _pair(15, dict(layout=layout), dict(layout=layout))
+    x, y = _data(16)
+    g = cn.extract.attribution(m, (x, y), progress=False, device="cpu")
+    li = next(i for i, l in enumerate(g.layers) if l.kind == "residual")  # o + v, the first
+    name = g.layers[li].name
+    a = cn.extract.activations(m, x, layers=[name], device="cpu")[name]
+    assert a.shape == (x.shape[0], C)
+    np.testing.assert_allclose(a.mean(0), g.node_attr("activation_mean")[g.node_layer == li], rtol=1e-5, atol=1e-6)
