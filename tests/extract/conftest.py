@@ -50,3 +50,34 @@ def _exact_graph(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, we
 def exact_graph():
     """``exact_graph(model, x, y, weights=True, conservation=False)``: the checks of an exact extraction."""
     return _exact_graph
+
+
+# the per-image columns of a graph (statistics, dataset examples) that two layouts of one model share
+PER_IMAGE_COLUMNS = ("attribution", "activation_mean", "activation_std", "activation_max", "frequency",
+                     "example_value_0", "example_value_1", "example_attr_value_0", "example_attr_value_1",
+                     "example_index_0", "example_attr_index_0")
+
+
+def _same_graph(g1: cn.Connectome, g2: cn.Connectome, columns=("attribution", "bias_attribution"),
+                names: bool = True) -> None:
+    """Two graphs of one function written two ways: the same layers (names, or sizes with
+    ``names=False``), edges, and node ``columns`` (``"per image"``: the statistics and dataset
+    examples too), to 1e-12 of their largest value."""
+    if columns == "per image":
+        columns = PER_IMAGE_COLUMNS
+    if names:
+        assert [l.name for l in g1.layers] == [l.name for l in g2.layers]
+    assert [l.size for l in g1.layers] == [l.size for l in g2.layers]
+    np.testing.assert_array_equal(g1.src, g2.src)
+    np.testing.assert_array_equal(g1.dst, g2.dst)
+    scale = max(1.0, float(np.abs(g1.weight).max()))
+    np.testing.assert_allclose(g1.weight, g2.weight, rtol=0, atol=1e-12 * scale)
+    for name in columns:
+        a1, a2 = g1.node_attr(name), g2.node_attr(name)
+        np.testing.assert_allclose(a1, a2, rtol=0, atol=1e-12 * max(1.0, float(np.abs(a2).max())), err_msg=name)
+
+
+@pytest.fixture
+def same_graph():
+    """``same_graph(g1, g2, columns=("attribution", "bias_attribution") or "per image", names=True)``."""
+    return _same_graph
