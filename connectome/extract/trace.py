@@ -1486,6 +1486,7 @@ def trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
             if heads > 1:  # unit h * O + o: output channel o of head h
                 units[node.name] = Units(len(layers) - 1, (0, dim_out),
                                          np.arange(heads * s_out[dim_out]).reshape(heads, s_out[dim_out]), 0, heads)
+                layers[-1].call["head_of"] = np.repeat(np.arange(heads), s_out[dim_out])
             else:
                 units[node.name] = Units(len(layers) - 1, (dim_out,), None, windows=u.windows)
             if node.meta.get("connectome_heads"):  # q, k, v of nn.MultiheadAttention: heads side by side

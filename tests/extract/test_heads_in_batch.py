@@ -183,6 +183,9 @@ def test_a_convolution_shared_by_heads_in_the_batch_equals_the_grouped_one(group
     np.testing.assert_allclose(p1.edge_attr("abs_weight"), p2.edge_attr("abs_weight"), rtol=1e-12, atol=1e-12)
     # activations per image and unit, read where the heads are in the batch
     pool_v = next(l.name for l in g1.layers if l.name.startswith("pool_v"))
+    # each unit of the shared convolution is in one head, as the graph's "head" column says
+    at = np.flatnonzero(g1.node_layer == [l.name for l in g1.layers].index(pool_v))
+    np.testing.assert_array_equal(g1.node_attr("head")[at], np.repeat(np.arange(HEADS), HD))
     pool_v2 = g2.layers[[l.name for l in g1.layers].index(pool_v)].name
     a1 = cn.extract.activations(shared, x, layers=[pool_v], device="cpu")[pool_v]
     a2 = cn.extract.activations(grouped, x, layers=[pool_v2], device="cpu")[pool_v2]
