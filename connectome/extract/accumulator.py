@@ -32,7 +32,7 @@ from connectome.extract.build import assemble, edge_shapes, graph_layers, layout
 from connectome.extract import dense, ops
 from connectome.extract.batched import GroupedSums, join_limit, units_dim
 from connectome.extract.rules import RULES, ChainOp, RunContext, Terms, attention_forward, product_forward
-from connectome.extract.trace import LayerSpec, UnitGraph, layer_weight, run_nodes, tile_heads
+from connectome.extract.trace import LayerSpec, UnitGraph, Units, layer_weight, run_nodes, tile_heads
 from connectome.extract.unit_sums import UnitView, _acc_dtype
 from connectome.graph import Connectome
 from connectome.kinds import DENSE, IDENTITY, KINDS, Kind
@@ -257,6 +257,17 @@ class FlowAccumulator:
         self.n_images = n
 
     # ------------------------------------------------------------------ running
+    def _operand_view(self, s: LayerSpec, k: int) -> UnitView:
+        """Where the units of identity operand ``k`` of ``s`` lie in its flow ``x * dT/dy``: along
+        ``op.dim``, or ``op.dims`` (with the rows of an image, when heads are folded into the batch)."""
+        views = self.__dict__.setdefault("_operand_views", {})
+        if (s.name, k) not in views:
+            op = s.operands[k]
+            dims = op.dims if op.dims is not None else (op.dim,)
+            rows = self.ug.units[s.node].windows if 0 in dims else 1
+            views[s.name, k] = UnitView(Units(0, dims, None, 0, rows), op.width, self.device)
+        return views[s.name, k]
+
     def _view(self, node: str) -> UnitView:
         v = self._views.get(node)
         if v is None:
@@ -581,18 +592,11 @@ class FlowAccumulator:
                         e_keys.append((li, k, half * op.sign))
                         continue
                     prod = (half * xo if half != 1.0 else xo) * gs
-                    # units on one dim, or on several (heads and channels), moved after the batch
-                    rows = ug.units[s.node].windows
-                    if op.dims and 0 in op.dims and rows > 1:
-                        # some of them along the rows of an image (heads folded into the batch)
-                        prod = prod.reshape(prod.shape[0] // rows, rows, *prod.shape[1:]).movedim(
-                            tuple(1 if d == 0 else d + 1 for d in op.dims), tuple(range(1, len(op.dims) + 1)))
-                    else:
-                        prod = prod.movedim(op.dim, 1) if op.dims is None else \
-                            prod.movedim(op.dims, tuple(range(1, len(op.dims) + 1)))
-                        rows = 1
-                    per = prod.reshape(prod.shape[0], op.width, -1).sum(2).double()
-                    if w > 1 and rows == 1:  # positions folded into the batch: an image's rows are one sample
+                    # per batch row (per image where the units vary along an image's rows: heads
+                    # folded into the batch) and unit: the units on one dim or on several, as a
+                    # node's value is summed per unit
+                    per = self._operand_view(s, k).sum_rows(prod).double()
+                    if w > 1 and not (op.dims and 0 in op.dims):  # positions folded into the batch: an image's rows are one sample
                         per = per.reshape(-1, w, op.width).sum(1)
                     if op.sign != 1.0:  # the subtracted operand of a residual `a - b`
                         per = per * op.sign

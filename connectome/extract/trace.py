@@ -551,6 +551,15 @@ def _unexpanded_numel(n: fx.Node, c: _Ctx) -> int:
     return math.prod(c.shapes[n.name])
 
 
+def _distinct_rows(node: fx.Node, cols: Any, what: str) -> None:
+    """Refuse a layer over heads folded into the batch whose rows repeat units (windows of
+    positions folded in as well): its units would be the windows."""
+    cols = np.asarray(cols).reshape(-1)
+    if np.unique(cols).size != cols.size:
+        raise ExtractionError(f"{_where(node)} {what} heads folded into the batch with windows of positions (the rows "
+                              "of an image repeat its units); units cannot be followed - fold the windows back first")
+
+
 def _same_units(a: Units, b: Units) -> bool:
     return (a.layer, a.dims, a.batch, a.windows) == (b.layer, b.dims, b.batch, b.windows) and (
         a.index is b.index or (a.index is not None and b.index is not None and np.array_equal(a.index, b.index)))
@@ -1345,9 +1354,8 @@ def _trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
         else:  # the data's places first, in order along the dims, then the padded ones
             cols = np.asarray(u.index, dtype=np.int64).reshape(-1)
             width = cols.size
-            if 0 in dims and np.unique(cols).size != width:
-                raise ExtractionError(f"{_where(node)} pads heads folded into the batch with windows of positions "
-                                      "(the rows of an image repeat its units); units cannot be followed")
+            if 0 in dims:
+                _distinct_rows(node, cols, "pads")
             ext = lambda s, e: u.windows if e == 0 else s[e]  # noqa: E731  heads folded into the batch
             index = np.full([ext(s_out, e) for e in dims], -1, dtype=np.int64)
             data = tuple(slice(0, ext(s_in, e)) for e in dims)
@@ -1468,9 +1476,7 @@ def _trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
                 # per head, so each head's W * dW is its own (the accumulator runs it per head)
                 heads = u.windows
                 idx = np.asarray(u.index, dtype=np.int64).reshape(-1)
-                if np.unique(idx).size != idx.size:
-                    raise ExtractionError(f"{_where(node)} reads heads folded into the batch with windows of positions "
-                                          "(the rows of an image repeat its units); units cannot be followed")
+                _distinct_rows(node, idx, "reads")
                 groups, in_feat = groups * heads, in_feat * heads
                 call = dict(call, heads=heads, groups=groups)
             if idx is None:
@@ -1583,11 +1589,10 @@ def _trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
             else:
                 base, kind = (f"{scope}.cat" if scope else "cat"), Kind.CONCAT
             windows = folds.pop() if folds else 1
-            if several is not None and 0 in several and any(
-                    np.unique(np.asarray(o.cols)).size != np.asarray(o.cols).size for o in operands if o.cols is not None):
-                raise ExtractionError(f"{_where(node)} combines heads folded into the batch with windows of positions "
-                                      "(the rows of an image repeat its units); units cannot be followed")
             if several is not None:  # (a unit per row of an image along the batch dim: heads folded into it)
+                for o in operands:
+                    if 0 in several and o.cols is not None:
+                        _distinct_rows(node, o.cols, "combines")
                 extent = [windows if d == 0 else shapes[node.name][d] for d in several]
                 size = math.prod(extent)
             else:
@@ -1694,10 +1699,9 @@ def _trace_units(model: nn.Module, example: torch.Tensor) -> UnitGraph:
         u = units.get(name)
         # a resize ends the chain: the units pass on their own grid (their receptive fields),
         # and the resized values reach the consumer through its read
+        # (units not natural: where the layer's own value has them, as laid out there)
         d = units.get(layers[layer].node)
-        same = u is not None and d is not None and u.dims == d.dims and u.batch == d.batch and \
-            u.windows == d.windows and np.array_equal(np.asarray(u.index), np.asarray(d.index)) and \
-            shapes[name] == shapes[layers[layer].node]
+        same = u is not None and d is not None and _same_units(u, d) and shapes[name] == shapes[layers[layer].node]
         return kind in ("chain", "layout") and u is not None and u.layer == layer and (u.natural or same) and \
             not _is_resize(by_name[name], ctx)
 
@@ -1831,7 +1835,7 @@ def layer_weight(ug: UnitGraph, spec: LayerSpec) -> tuple[torch.Tensor, torch.Te
 
 def tile_heads(spec: LayerSpec, w: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``w`` and ``b`` repeated once per head for a layer over heads folded into the batch."""
-    h = int(spec.call.get("heads", 1)) if isinstance(spec.call, dict) else 1
+    h = int(spec.call.get("heads", 1))
     if h == 1:
         return w, b
     return w.repeat(h, *([1] * (w.dim() - 1))), (b.repeat(h) if b is not None else None)

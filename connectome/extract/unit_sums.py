@@ -64,6 +64,11 @@ class UnitView:
         k = math.prod(t.shape[1 : 1 + len(dims)])
         return t.reshape(n, k, -1)
 
+    def sum_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """Per image (batch row, unless the units vary along an image's rows) and unit slot, the
+        sum over positions: (N, K) in ``t``'s dtype."""
+        return self._rows(t).sum(2)
+
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over batch and positions per unit of the layer: (L,) float64.
 
