@@ -265,7 +265,8 @@ class FlowAccumulator:
             op = s.operands[k]
             dims = op.dims if op.dims is not None else (op.dim,)
             rows = self.ug.units[s.node].windows if 0 in dims else 1
-            views[s.name, k] = UnitView(Units(0, dims, None, 0, rows), op.width, self.device)
+            one = np.array(0) if dims == () else None  # one unit (stacked along a new dim): slot 0
+            views[s.name, k] = UnitView(Units(0, dims, one, 0, rows), op.width, self.device)
         return views[s.name, k]
 
     def _view(self, node: str) -> UnitView:
